@@ -1,0 +1,12 @@
+"""VideoNSA: Qwen2.5-VL with learned Native Sparse Attention over video tokens.
+
+    >>> import videonsa
+    >>> o = videonsa.ops.nsa_attention(q, k, v, g_cmp, g_slc, g_swa)
+"""
+
+from videonsa import ops
+from videonsa.errors import UserError
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "UserError", "__version__"]

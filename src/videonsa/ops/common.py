@@ -1,0 +1,100 @@
+"""What every NSA implementation shares: the settings, input validation and the parts returned for analysis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class NSAConfig:
+    """Sparse-attention budget. Defaults are VideoNSA's (the NSA paper uses init_blocks=1, local_blocks=2)."""
+
+    block_size: int = 64
+    block_count: int = 32
+    window_size: int = 256
+    init_blocks: int = 0
+    local_blocks: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "block_count", "window_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"nsa_attention: {name} must be positive, got {getattr(self, name)}")
+        for name in ("init_blocks", "local_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"nsa_attention: {name} must be >= 0, got {getattr(self, name)}")
+        forced = self.init_blocks + self.local_blocks
+        if self.block_count < forced:
+            raise ValueError(
+                f"nsa_attention: block_count={self.block_count} is smaller than the forced blocks "
+                f"(init_blocks={self.init_blocks} + local_blocks={self.local_blocks} = {forced})"
+            )
+
+
+@dataclass
+class NSAParts:
+    """Everything one `nsa_attention` call computes, for analysis.
+
+    o, o_cmp, o_slc, o_swa: [B, T, HQ, D] in q's dtype; o is the gated sum of the three branch outputs.
+    block_indices: int32 [B, T, HKV, block_count], the blocks each query's KV group attended to in the
+        selection branch, ascending, padded with -1 where fewer blocks were available.
+    lse_cmp: float32 [B, T, HQ], log-sum-exp of the scaled compression scores (-inf where no block is visible);
+        exp(scale * q.K~_j - lse_cmp) is the compression softmax.
+    """
+
+    o: Tensor
+    o_cmp: Tensor
+    o_slc: Tensor
+    o_swa: Tensor
+    block_indices: Tensor
+    lse_cmp: Tensor
+
+
+def sequence_spans(cu_seqlens: Tensor | None, batch: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """(batch index, start, end) of every independent sequence; checks cu_seqlens on the way."""
+    if cu_seqlens is None:
+        return [(b, 0, seq_len) for b in range(batch)]
+    if batch != 1:
+        raise ValueError(f"nsa_attention: cu_seqlens needs batch size 1 (packed sequences), got B={batch}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"nsa_attention: cu_seqlens must be 1-D with at least 2 entries, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+        raise ValueError(f"nsa_attention: cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+    offsets = [int(x) for x in cu_seqlens.tolist()]
+    if offsets[0] != 0:
+        raise ValueError(f"nsa_attention: cu_seqlens must start at 0, got {offsets[0]}")
+    if any(b <= a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"nsa_attention: cu_seqlens must be strictly increasing, got {offsets}")
+    if offsets[-1] != seq_len:
+        raise ValueError(f"nsa_attention: cu_seqlens ends at {offsets[-1]} but the packed length is {seq_len}")
+    return [(0, a, b) for a, b in zip(offsets, offsets[1:])]
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, g_cmp: Tensor, g_slc: Tensor, g_swa: Tensor) -> None:
+    """Shapes, dtypes and devices of `nsa_attention`'s tensors; raises ValueError naming the first problem."""
+    if q.dim() != 4:
+        raise ValueError(f"nsa_attention: q must be [B, T, HQ, D], got shape {tuple(q.shape)}")
+    batch, seq_len, heads_q, head_dim = q.shape
+    for name, x in (("k", k), ("v", v)):
+        if x.dim() != 4 or x.shape[0] != batch or x.shape[1] != seq_len or x.shape[3] != head_dim:
+            raise ValueError(
+                f"nsa_attention: {name} must be [B={batch}, T={seq_len}, HKV, D={head_dim}], got {tuple(x.shape)}"
+            )
+    if k.shape != v.shape:
+        raise ValueError(f"nsa_attention: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    heads_kv = k.shape[2]
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(f"nsa_attention: HQ={heads_q} is not a multiple of HKV={heads_kv}")
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
+        if tuple(g.shape) != (batch, seq_len, heads_q):
+            raise ValueError(f"nsa_attention: {name} must be [B, T, HQ]={[batch, seq_len, heads_q]}, got {list(g.shape)}")
+    tensors = {"q": q, "k": k, "v": v, "g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa}
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"nsa_attention: q must be floating point, got {q.dtype}")
+    for name, x in tensors.items():
+        if x.dtype != q.dtype:
+            raise ValueError(f"nsa_attention: {name} has dtype {x.dtype} but q has {q.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"nsa_attention: {name} is on {x.device} but q is on {q.device}")

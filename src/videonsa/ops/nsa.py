@@ -1,0 +1,110 @@
+"""The public NSA entry points and the choice between the Triton kernels and the PyTorch reference."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+from torch import Tensor
+
+from videonsa.ops.common import NSAParts
+from videonsa.ops.reference import nsa_parts_reference
+
+BACKENDS = ("auto", "triton", "reference")
+_ENV_BACKEND = "VIDEONSA_NSA_BACKEND"
+
+
+@cache
+def _triton_module():
+    """The Triton implementation, or None where Triton (or the kernels) cannot be imported."""
+    try:
+        from videonsa.ops import triton_nsa
+    except ImportError:
+        return None
+    return triton_nsa
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process ("reference" always; "triton" where Triton and a kernel exist)."""
+    return ["reference"] + (["triton"] if _triton_module() is not None else [])
+
+
+def _resolve_backend(backend: str | None, q: Tensor) -> str:
+    backend = backend or os.environ.get(_ENV_BACKEND, "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"nsa_attention: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        use_triton = (q.is_cuda or interpret) and _triton_module() is not None
+        return "triton" if use_triton else "reference"
+    if backend == "triton" and _triton_module() is None:
+        raise ValueError("nsa_attention: backend='triton' requested but Triton kernels are not available")
+    return backend
+
+
+def nsa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g_cmp: Tensor,
+    g_slc: Tensor,
+    g_swa: Tensor,
+    *,
+    block_size: int = 64,
+    block_count: int = 32,
+    window_size: int = 256,
+    init_blocks: int = 0,
+    local_blocks: int = 1,
+    cu_seqlens: Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Native Sparse Attention: compression, top-k selection and sliding-window branches, gated.
+
+    Args:
+        q: [B, T, HQ, D]; k, v: [B, T, HKV, D] with HQ % HKV == 0 (any ratio).
+        g_cmp, g_slc, g_swa: [B, T, HQ] gates, already in [0, 1].
+        block_size, block_count, window_size: NSA budget (defaults 64, 32, 256).
+        init_blocks, local_blocks: blocks every query selects regardless of score (VideoNSA: 0 and 1).
+        cu_seqlens: int32 [N+1] offsets of sequences packed along T (then B must be 1).
+        scale: softmax scale, default D ** -0.5.
+        backend: "auto" (Triton on CUDA, else the reference), "triton" or "reference"; the environment
+            variable VIDEONSA_NSA_BACKEND sets the default.
+
+    Returns:
+        o: [B, T, HQ, D] in q's dtype.
+    """
+    kwargs = dict(
+        block_size=block_size, block_count=block_count, window_size=window_size,
+        init_blocks=init_blocks, local_blocks=local_blocks, cu_seqlens=cu_seqlens, scale=scale,
+    )
+    if _resolve_backend(backend, q) == "triton":
+        return _triton_module().nsa_attention_triton(q, k, v, g_cmp, g_slc, g_swa, **kwargs)
+    return nsa_parts_reference(q, k, v, g_cmp, g_slc, g_swa, **kwargs).o
+
+
+def nsa_attention_parts(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g_cmp: Tensor,
+    g_slc: Tensor,
+    g_swa: Tensor,
+    *,
+    block_size: int = 64,
+    block_count: int = 32,
+    window_size: int = 256,
+    init_blocks: int = 0,
+    local_blocks: int = 1,
+    cu_seqlens: Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> NSAParts:
+    """`nsa_attention` returning every part: branch outputs, selected blocks, compression lse (`NSAParts`)."""
+    kwargs = dict(
+        block_size=block_size, block_count=block_count, window_size=window_size,
+        init_blocks=init_blocks, local_blocks=local_blocks, cu_seqlens=cu_seqlens, scale=scale,
+    )
+    if _resolve_backend(backend, q) == "triton":
+        return _triton_module().nsa_parts_triton(q, k, v, g_cmp, g_slc, g_swa, **kwargs)
+    return nsa_parts_reference(q, k, v, g_cmp, g_slc, g_swa, **kwargs)
