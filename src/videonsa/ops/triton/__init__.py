@@ -1,0 +1,1 @@
+"""Triton kernels for the NSA operator; `videonsa.ops.triton_nsa` assembles them into an autograd function."""
