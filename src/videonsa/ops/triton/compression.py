@@ -1,0 +1,461 @@
+"""Compression branch of NSA in Triton: block mean pooling and attention over the compressed keys.
+
+All tensors are packed varlen (see `packing.py`): q [total_T, HQ, D], k/v [total_T, HKV, D], cu_seqlens int32
+[N+1]. Compressed keys are packed the same way: k_cmp/v_cmp [total_NB, HKV, D] where sequence s owns the rows
+cu_cmp[s]..cu_cmp[s+1]-1, one per complete block (L_s // block_size of them).
+
+Query t of a sequence sees compressed block j iff (j+1)*block_size <= t+1, i.e. j < (t+1) // block_size.
+
+The attention kernels give one program a tile of consecutive queries of one sequence with all G = HQ/HKV query
+heads of one KV head as the rows of the matrix product ("row r = token (r // G), head (r % G)"), so that 7:1
+grouping fills the tensor-core M dimension (18 tokens x 7 heads = 126 of 128 rows) without padding heads.
+Offsets into the token dimension are int64 so that packed lengths beyond 2^31 / (HQ*D) elements are safe.
+
+Backward is deterministic: dq comes from a query-tile kernel, dK~/dV~ from a key-tile kernel that loops over
+the queries of one segment of the sequence and writes a partial sum per segment, summed afterwards in a fixed
+order (no float atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from videonsa.ops.triton.packing import tile_map
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bookkeeping
+
+
+def compressed_cu_seqlens(cu_seqlens: Tensor, block_size: int) -> Tensor:
+    """int32 [N+1] offsets of each sequence's complete blocks in the packed compressed tensors."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    counts = torch.div(lengths, block_size, rounding_mode="floor")
+    out = torch.zeros(cu_seqlens.numel(), dtype=torch.int32, device=cu_seqlens.device)
+    out[1:] = counts.cumsum(0).to(torch.int32)
+    return out
+
+
+def _block_starts(cu_seqlens: Tensor, cu_cmp: Tensor, block_size: int, total_blocks: int) -> Tensor:
+    """int64 [total_NB]: packed token index of the first token of every complete block."""
+    counts = (cu_cmp[1:] - cu_cmp[:-1]).long()
+    seq = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=cu_seqlens.device), counts, output_size=total_blocks
+    )
+    local = torch.arange(total_blocks, device=cu_seqlens.device) - cu_cmp.long()[seq]
+    return cu_seqlens.long()[seq] + local * block_size
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs are checked against a float64 reference; tf32 would cost them three decimal digits.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mean pooling
+
+
+@triton.jit
+def _pool_fwd_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, starts_ptr,
+    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr, BB: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    start = tl.load(starts_ptr + n)
+    i = tl.arange(0, BB)
+    d = tl.arange(0, BD)
+    mask = (i[:, None] < BLOCK) & (d[None, :] < D)
+    offs = (start + i[:, None]).to(tl.int64) * (H * D) + h * D + d[None, :]
+    k_mean = tl.sum(tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32), axis=0) / BLOCK
+    v_mean = tl.sum(tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32), axis=0) / BLOCK
+    out = n * (H * D) + h * D + d
+    tl.store(kc_ptr + out, k_mean.to(kc_ptr.dtype.element_ty), mask=d < D)
+    tl.store(vc_ptr + out, v_mean.to(vc_ptr.dtype.element_ty), mask=d < D)
+
+
+@triton.jit
+def _pool_bwd_kernel(
+    dkc_ptr, dvc_ptr, dk_ptr, dv_ptr, starts_ptr,
+    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr, BB: tl.constexpr,
+):
+    # dk[t] += dK~[t // b] / b for every token of a complete block; dk already holds the other branches.
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    start = tl.load(starts_ptr + n)
+    i = tl.arange(0, BB)
+    d = tl.arange(0, BD)
+    src = n * (H * D) + h * D + d
+    dkc = tl.load(dkc_ptr + src, mask=d < D, other=0.0).to(tl.float32) / BLOCK
+    dvc = tl.load(dvc_ptr + src, mask=d < D, other=0.0).to(tl.float32) / BLOCK
+    mask = (i[:, None] < BLOCK) & (d[None, :] < D)
+    offs = (start + i[:, None]).to(tl.int64) * (H * D) + h * D + d[None, :]
+    dk = tl.load(dk_ptr + offs, mask=mask, other=0.0).to(tl.float32) + dkc[None, :]
+    dv = tl.load(dv_ptr + offs, mask=mask, other=0.0).to(tl.float32) + dvc[None, :]
+    tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty), mask=mask)
+    tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+def mean_pool_fwd(
+    k: Tensor, v: Tensor, cu_seqlens: Tensor, block_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean of every complete block of k and v.
+
+    Args:
+        k, v: [total_T, HKV, D] packed keys and values.
+        cu_seqlens: int32 [N+1].
+    Returns:
+        k_cmp, v_cmp: [total_NB, HKV, D] in k's dtype (accumulated in float32);
+        cu_cmp: int32 [N+1] offsets of each sequence's blocks.
+    """
+    cu_cmp = compressed_cu_seqlens(cu_seqlens, block_size)
+    total_blocks = int(cu_cmp[-1])
+    _, heads, head_dim = k.shape
+    k_cmp = k.new_empty(total_blocks, heads, head_dim)
+    v_cmp = v.new_empty(total_blocks, heads, head_dim)
+    if total_blocks:
+        starts = _block_starts(cu_seqlens, cu_cmp, block_size, total_blocks)
+        _pool_fwd_kernel[(total_blocks, heads)](
+            k, v, k_cmp, v_cmp, starts,
+            H=heads, D=head_dim, BD=_pow2(head_dim), BLOCK=block_size, BB=_pow2(block_size),
+            num_warps=4,
+        )
+    return k_cmp, v_cmp, cu_cmp
+
+
+def mean_pool_bwd(
+    dk_cmp: Tensor,
+    dv_cmp: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    cu_seqlens: Tensor,
+    cu_cmp: Tensor,
+    block_size: int,
+) -> None:
+    """Add the gradient of the mean pooling into dk, dv in place.
+
+    dk_cmp, dv_cmp: [total_NB, HKV, D] (any float dtype); dk, dv: [total_T, HKV, D] contiguous accumulators.
+    """
+    total_blocks, heads, head_dim = dk_cmp.shape
+    if not total_blocks:
+        return
+    starts = _block_starts(cu_seqlens, cu_cmp, block_size, total_blocks)
+    _pool_bwd_kernel[(total_blocks, heads)](
+        dk_cmp, dv_cmp, dk, dv, starts,
+        H=heads, D=head_dim, BD=_pow2(head_dim), BLOCK=block_size, BB=_pow2(block_size),
+        num_warps=4,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compressed attention
+
+
+@triton.jit
+def _cmp_fwd_kernel(
+    q_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr, cu_ptr, cuc_ptr, tiles_ptr, qk_scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BLOCK: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    g = tl.program_id(1)
+    seq = tl.load(tiles_ptr + 2 * tile)
+    start = tl.load(tiles_ptr + 2 * tile + 1)
+    bos = tl.load(cu_ptr + seq).to(tl.int64)
+    seq_len = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int32)
+    cbos = tl.load(cuc_ptr + seq).to(tl.int64)
+
+    r = tl.arange(0, BM)
+    pos = start + r // G  # position of row r's query within its sequence
+    head = g * G + r % G
+    row_ok = (r < BT * G) & (pos < seq_len)
+    d = tl.arange(0, BD)
+    d_ok = d < D
+    row_off = (bos + pos).to(tl.int64) * (HQ * D) + head * D
+    q = tl.load(q_ptr + row_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    n_visible = (pos + 1) // BLOCK  # row r sees blocks j < n_visible
+    n_loop = tl.minimum(start + BT, seq_len) // BLOCK  # blocks any row of the tile sees
+
+    m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    acc_l = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    for j0 in range(0, n_loop, BC):
+        j = j0 + tl.arange(0, BC)
+        kv_off = (cbos + j).to(tl.int64) * (HKV * D) + g * D
+        j_ok = j < n_loop
+        kt = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=j_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale  # log2 domain
+        s = tl.where(j[None, :] < n_visible[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        acc_l = acc_l * alpha + tl.sum(p, axis=1)
+        vc = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
+        m = m_new
+
+    seen = acc_l > 0.0
+    o = acc / tl.where(seen, acc_l, 1.0)[:, None]
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, acc_l, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(o_ptr + row_off[:, None] + d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + (bos + pos).to(tl.int64) * HQ + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _row_dot_kernel(a_ptr, b_ptr, out_ptr, n_rows, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    # out[row] = sum_d a[row, d] * b[row, d] in float32 (the softmax-backward "delta").
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    d = tl.arange(0, BD)
+    mask = (rows[:, None] < n_rows) & (d[None, :] < D)
+    offs = rows[:, None] * D + d[None, :]
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, tl.sum(a * b, axis=1), mask=rows < n_rows)
+
+
+@triton.jit
+def _cmp_bwd_dq_kernel(
+    q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr, cuc_ptr, tiles_ptr, qk_scale, scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BLOCK: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    g = tl.program_id(1)
+    seq = tl.load(tiles_ptr + 2 * tile)
+    start = tl.load(tiles_ptr + 2 * tile + 1)
+    bos = tl.load(cu_ptr + seq).to(tl.int64)
+    seq_len = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int32)
+    cbos = tl.load(cuc_ptr + seq).to(tl.int64)
+
+    r = tl.arange(0, BM)
+    pos = start + r // G
+    head = g * G + r % G
+    row_ok = (r < BT * G) & (pos < seq_len)
+    d = tl.arange(0, BD)
+    d_ok = d < D
+    row_off = (bos + pos).to(tl.int64) * (HQ * D) + head * D
+    tile_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + row_off[:, None] + d[None, :], mask=tile_mask, other=0.0)
+    do = tl.load(do_ptr + row_off[:, None] + d[None, :], mask=tile_mask, other=0.0)
+    stat_off = (bos + pos).to(tl.int64) * HQ + head
+    lse2 = tl.load(lse_ptr + stat_off, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + stat_off, mask=row_ok, other=0.0)
+    n_visible = tl.where(row_ok, (pos + 1) // BLOCK, 0)
+    n_loop = tl.minimum(start + BT, seq_len) // BLOCK
+
+    dq = tl.zeros([BM, BD], dtype=tl.float32)
+    for j0 in range(0, n_loop, BC):
+        j = j0 + tl.arange(0, BC)
+        kv_off = (cbos + j).to(tl.int64) * (HKV * D) + g * D
+        j_ok = j < n_loop
+        kt = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=j_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(vc_ptr + kv_off[None, :] + d[:, None], mask=j_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        p = tl.where(j[None, :] < n_visible[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+    dq = dq * scale
+    if ACCUMULATE:
+        dq += tl.load(dq_ptr + row_off[:, None] + d[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    tl.store(dq_ptr + row_off[:, None] + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _cmp_bwd_dkv_kernel(
+    q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dkc_ptr, dvc_ptr, cu_ptr, cuc_ptr, ktiles_ptr,
+    qk_scale, scale, seg_len, total_blocks,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BLOCK: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BKC: tl.constexpr, PREC: tl.constexpr,
+):
+    # One program: BKC compressed blocks of one sequence and KV head, against the queries of segment `seg`
+    # of that sequence; writes its partial dK~, dV~ to slot `seg` of the [n_seg, total_NB, HKV, D] buffers.
+    ktile = tl.program_id(0)
+    seg = tl.program_id(1)
+    g = tl.program_id(2)
+    seq = tl.load(ktiles_ptr + 2 * ktile)
+    jstart = tl.load(ktiles_ptr + 2 * ktile + 1)
+    bos = tl.load(cu_ptr + seq).to(tl.int64)
+    seq_len = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int32)
+    cbos = tl.load(cuc_ptr + seq).to(tl.int64)
+    n_blocks = (tl.load(cuc_ptr + seq + 1) - tl.load(cuc_ptr + seq)).to(tl.int32)
+
+    j = jstart + tl.arange(0, BKC)
+    j_ok = j < n_blocks
+    d = tl.arange(0, BD)
+    d_ok = d < D
+    kv_off = (cbos + j).to(tl.int64) * (HKV * D) + g * D
+    kv_mask = j_ok[:, None] & d_ok[None, :]
+    kc = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    vc = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BKC, BD], dtype=tl.float32)
+    dv = tl.zeros([BKC, BD], dtype=tl.float32)
+
+    # Queries before (jstart+1)*BLOCK - 1 see none of these blocks.
+    lo = tl.maximum(seg * seg_len, (jstart + 1) * BLOCK - 1)
+    hi = tl.minimum((seg + 1) * seg_len, seq_len)
+    r = tl.arange(0, BM)
+    for t0 in range(lo, hi, BT):
+        pos = t0 + r // G
+        head = g * G + r % G
+        row_ok = (r < BT * G) & (pos < hi)
+        row_off = (bos + pos).to(tl.int64) * (HQ * D) + head * D
+        tile_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + row_off[:, None] + d[None, :], mask=tile_mask, other=0.0)
+        do = tl.load(do_ptr + row_off[:, None] + d[None, :], mask=tile_mask, other=0.0)
+        stat_off = (bos + pos).to(tl.int64) * HQ + head
+        lse2 = tl.load(lse_ptr + stat_off, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + stat_off, mask=row_ok, other=0.0)
+        n_visible = tl.where(row_ok, (pos + 1) // BLOCK, 0)
+        st = tl.dot(kc, tl.trans(q), input_precision=PREC) * qk_scale  # [BKC, BM]
+        pt = tl.where(j[:, None] < n_visible[None, :], tl.exp2(st - lse2[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(vc, tl.trans(do), input_precision=PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+
+    out = (seg.to(tl.int64) * total_blocks + cbos + j) * (HKV * D) + g * D
+    tl.store(dkc_ptr + out[:, None] + d[None, :], dk * scale, mask=kv_mask)
+    tl.store(dvc_ptr + out[:, None] + d[None, :], dv, mask=kv_mask)
+
+
+def _query_tile(heads_per_group: int, rows: int) -> tuple[int, int]:
+    """(tokens per tile BT, rows per tile BM): BM rows hold BT tokens x G heads, BM a power of two >= 16."""
+    rows = max(rows, _pow2(heads_per_group), 16)
+    return max(1, rows // heads_per_group), rows
+
+
+def compressed_attention_fwd(
+    q: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    cu_seqlens: Tensor,
+    cu_cmp: Tensor,
+    block_size: int,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Attention of every query over the compressed blocks it can see.
+
+    Args:
+        q: [total_T, HQ, D]; k_cmp, v_cmp: [total_NB, HKV, D] from `mean_pool_fwd`.
+        cu_seqlens, cu_cmp: int32 [N+1] token and compressed-block offsets.
+    Returns:
+        o: [total_T, HQ, D] in q's dtype (zeros where no block is visible);
+        lse: float32 [total_T, HQ], natural log-sum-exp of the scaled scores (-inf where none is visible).
+    """
+    total, heads_q, head_dim = q.shape
+    heads_kv = k_cmp.shape[1]
+    group = heads_q // heads_kv
+    o = torch.empty_like(q)
+    lse = torch.empty(total, heads_q, dtype=torch.float32, device=q.device)
+    bt, bm = _query_tile(group, 128 if head_dim <= 128 else 64)
+    tiles = tile_map(cu_seqlens, bt)
+    _cmp_fwd_kernel[(tiles.shape[0], heads_kv)](
+        q, k_cmp, v_cmp, o, lse, cu_seqlens, cu_cmp, tiles, scale * LOG2E,
+        HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=_pow2(max(head_dim, 16)),
+        BLOCK=block_size, BT=bt, BM=bm, BC=64, PREC=_dot_precision(q.dtype),
+        num_warps=8, num_stages=2,
+    )
+    return o, lse
+
+
+def row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """float32 [total_T, H]: sum over the last dim of a * b for a, b [total_T, H, D] (contiguous)."""
+    total, heads, head_dim = a.shape
+    out = torch.empty(total, heads, dtype=torch.float32, device=a.device)
+    n_rows = total * heads
+    if n_rows:
+        br = 64
+        _row_dot_kernel[(triton.cdiv(n_rows, br),)](
+            a, b, out, n_rows, D=head_dim, BD=_pow2(head_dim), BR=br, num_warps=4
+        )
+    return out
+
+
+def compressed_attention_bwd(
+    q: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    cu_seqlens: Tensor,
+    cu_cmp: Tensor,
+    block_size: int,
+    scale: float,
+    dq: Tensor | None = None,
+    delta: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `compressed_attention_fwd`.
+
+    Args:
+        q, o, do: [total_T, HQ, D]; k_cmp, v_cmp: [total_NB, HKV, D]; lse: float32 [total_T, HQ].
+        dq: optional [total_T, HQ, D] accumulator; dq_cmp is added in place (float32 sum), and it is returned.
+        delta: optional float32 [total_T, HQ] = sum_d do * o when the caller already has it.
+    Returns:
+        dq [total_T, HQ, D] (q's dtype unless `dq` was given), dk_cmp and dv_cmp float32 [total_NB, HKV, D].
+    """
+    total, heads_q, head_dim = q.shape
+    total_blocks, heads_kv, _ = k_cmp.shape
+    group = heads_q // heads_kv
+    if delta is None:
+        delta = row_dot(do, o)
+    accumulate = dq is not None
+    if dq is None:
+        dq = torch.empty_like(q)
+    prec = _dot_precision(q.dtype)
+    bd = _pow2(max(head_dim, 16))
+    bt, bm = _query_tile(group, 64 if head_dim > 64 else 128)
+    tiles = tile_map(cu_seqlens, bt)
+    _cmp_bwd_dq_kernel[(tiles.shape[0], heads_kv)](
+        q, k_cmp, v_cmp, do, lse, delta, dq, cu_seqlens, cu_cmp, tiles, scale * LOG2E, scale,
+        HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=bd,
+        BLOCK=block_size, BT=bt, BM=bm, BC=64, PREC=prec, ACCUMULATE=accumulate,
+        num_warps=8, num_stages=2,
+    )
+
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    # Query segments bound each dK~/dV~ program's loop (load balance across the causal triangle) and the
+    # partial-sum buffer: n_seg * total_NB * HKV * D float32 each for dk and dv.
+    max_len = max(lengths)
+    bt_kv, bm_kv = _query_tile(group, 64)
+    seg_len = max(4096, triton.cdiv(max_len, 16))
+    seg_len = triton.cdiv(seg_len, bt_kv) * bt_kv
+    n_seg = triton.cdiv(max_len, seg_len)
+    dk_parts = torch.zeros(n_seg, total_blocks, heads_kv, head_dim, dtype=torch.float32, device=q.device)
+    dv_parts = torch.zeros_like(dk_parts)
+    if total_blocks:
+        bkc = 64
+        ktiles = tile_map(cu_cmp, bkc)
+        _cmp_bwd_dkv_kernel[(ktiles.shape[0], n_seg, heads_kv)](
+            q, k_cmp, v_cmp, do, lse, delta, dk_parts, dv_parts, cu_seqlens, cu_cmp, ktiles,
+            scale * LOG2E, scale, seg_len, total_blocks,
+            HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=bd,
+            BLOCK=block_size, BT=bt_kv, BM=bm_kv, BKC=bkc, PREC=prec,
+            num_warps=8, num_stages=2,
+        )
+    if n_seg == 1:
+        return dq, dk_parts[0], dv_parts[0]
+    return dq, dk_parts.sum(0), dv_parts.sum(0)
+
+
+__all__ = [
+    "compressed_attention_bwd",
+    "compressed_attention_fwd",
+    "compressed_cu_seqlens",
+    "mean_pool_bwd",
+    "mean_pool_fwd",
+    "row_dot",
+]
