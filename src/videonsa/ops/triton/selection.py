@@ -1,0 +1,556 @@
+"""Attention over the selected key blocks (NSA's selection branch): Triton forward and backward.
+
+All tensors are packed varlen: q [total_T, HQ, D], k/v [total_T, HKV, D], cu_seqlens int32 [N+1]. The
+G = HQ // HKV query heads of a KV group share one selection: block_indices int32 [total_T, HKV, S] lists, per
+token and group, the chosen block ids of the token's own sequence (ascending, -1 = unused). Query t attends to
+the keys of its selected blocks with key position <= t.
+
+Work layout (why it looks like this):
+
+* Forward and dq run one program per (query tile, KV group). A tile is BT consecutive tokens of one sequence
+  times the G heads of the group, flattened into BLOCK_M = BT * G (+ padding) rows, so a 7:1 ratio fills
+  the tensor-core tile without padding query heads. The program walks the *union* of the blocks its BT tokens
+  selected (built once per call by `_union_blocks`), loads each key block once and masks, per row, whether
+  that row's token chose the block (a bitmask per union entry) and causality. Neighbouring tokens mostly pick
+  the same blocks in real models, so big tiles load far fewer key blocks than per-token programs. When
+  selections barely overlap (random inputs), big tiles waste rows on masked blocks; `_choose_rows` then falls
+  back to small tiles (BLOCK_M = 16: two tokens of a 7:1 group), which behave like per-token programs.
+* dk/dv run one program per (key block, KV group) over the inverse index (`_inverse_lists`): the sorted list
+  of tokens that selected the block. Each program owns its keys, so dk/dv need no atomics and are
+  deterministic; the tokens' query rows are gathered in chunks of BT tokens x G heads.
+
+Softmax statistics: lse is the natural-log log-sum-exp of scale * q.k over the allowed keys (float32), -inf
+for rows with nothing allowed (their output is 0). Kernels work in base 2 internally (exp2, scale * log2(e)).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Rows per program for the big-tile and small-tile layouts (see the module docstring).
+BIG_ROWS = 128
+SMALL_ROWS = 16
+# The small-tile layout moves more key bytes per useful row (it is L2-bound), so its row count is weighted by
+# this factor when the two layouts are compared; measured on an H100 (benchmarks/NOTES.md).
+SMALL_ROWS_PENALTY = 1.5
+
+
+def next_pow2(x: int) -> int:
+    """Smallest power of two >= x (>= 1)."""
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def kernel_input(x: Tensor) -> Tensor:
+    """x with a unit stride in its last dim (the kernels take the other strides as arguments)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def tiles_of(cu_seqlens: Tensor, tokens_per_tile: int) -> Tensor:
+    """Split every sequence into tiles of `tokens_per_tile` consecutive tokens (the last one may be shorter).
+
+    cu_seqlens: int [N+1] on the kernels' device.
+    Returns int32 [n_tiles, 4]: (packed row of the tile's first token, tokens in the tile, packed row where
+    the tile's sequence starts, packed row where it ends). Built on the device; one host sync (tile count).
+    """
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    per_seq = (lengths + tokens_per_tile - 1) // tokens_per_tile
+    total = int(per_seq.sum())
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), per_seq, output_size=total)
+    first_tile = torch.cumsum(per_seq, 0) - per_seq
+    local = torch.arange(total, device=cu.device) - first_tile[seq]
+    row0 = cu[seq] + local * tokens_per_tile
+    count = torch.clamp(cu[seq + 1] - row0, max=tokens_per_tile)
+    return torch.stack([row0, count, cu[seq], cu[seq + 1]], dim=1).to(torch.int32).contiguous()
+
+
+def row_dot(o: Tensor, do: Tensor) -> Tensor:
+    """delta [T, H] float32 = sum_d o * do, for o, do [T, H, D] (the softmax backward's row term)."""
+    o, do = o.contiguous(), do.contiguous()
+    rows = o.shape[0] * o.shape[1]
+    delta = torch.empty(o.shape[:2], dtype=torch.float32, device=o.device)
+    if rows == 0:
+        return delta
+    block_r = 64
+    _row_dot_kernel[(triton.cdiv(rows, block_r),)](
+        o, do, delta, rows, o.shape[2], BLOCK_R=block_r, BLOCK_D=max(16, next_pow2(o.shape[2]))
+    )
+    return delta
+
+
+@triton.jit
+def _row_dot_kernel(o_ptr, do_ptr, delta_ptr, rows, head_dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    mask = (r < rows)[:, None] & (d < head_dim)[None, :]
+    offs = r.to(tl.int64)[:, None] * head_dim + d[None, :]
+    o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + r, tl.sum(o * do, axis=1), mask=r < rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host-side index structures
+
+
+def _union_blocks(
+    block_indices: Tensor, tiles: Tensor, tokens_per_tile: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The blocks selected by any token of each tile, with a per-token bitmask.
+
+    block_indices: int32 [T, HKV, S]; tiles: int32 [n_tiles, 4] from `tiles_of`.
+    Returns (blocks int32 [n_tiles, HKV, L], count int32 [n_tiles, HKV], bits int32 [n_tiles, HKV, L, W]) with
+    L = tokens_per_tile * S and W = ceil(tokens_per_tile / 32): for tile i and group g, blocks[i, g, :count]
+    are the distinct selected block ids ascending, and bit (tau % 32) of bits[i, g, u, tau // 32] says whether
+    the tile's token tau selected blocks[i, g, u].
+    """
+    total, heads_kv, slots = block_indices.shape
+    n_tiles = tiles.shape[0]
+    bt = tokens_per_tile
+    width = bt * slots
+    words = (bt + 31) // 32
+    device = block_indices.device
+    tau = torch.arange(bt, device=device)
+    token = tiles[:, :1].long() + tau  # [n_tiles, bt]
+    in_tile = tau < tiles[:, 1:2]
+    chosen = block_indices[token.clamp(max=total - 1)].long()  # [n_tiles, bt, HKV, S]
+    chosen = torch.where(in_tile[:, :, None, None] & (chosen >= 0), chosen, -1)
+    # Sort key block * bt + tau groups a tile's entries by block; unused entries (-1) go last.
+    sentinel = torch.iinfo(torch.int64).max
+    code = torch.where(chosen >= 0, chosen * bt + tau[None, :, None, None], sentinel)
+    code = code.permute(0, 2, 1, 3).reshape(n_tiles, heads_kv, width).sort(dim=-1).values
+    valid = code != sentinel
+    block = torch.where(valid, code // bt, -1)
+    token_in_tile = torch.where(valid, code % bt, 0)
+    previous = torch.nn.functional.pad(block[..., :-1], (1, 0), value=-1)
+    first = valid & (block != previous)
+    slot = torch.cumsum(first, dim=-1) - 1
+    slot = torch.where(valid, slot, width)  # unused entries land in a spare column, dropped below
+    blocks = torch.full((n_tiles, heads_kv, width + 1), -1, dtype=torch.int64, device=device)
+    blocks.scatter_(-1, slot, block)  # every entry of one slot writes the same block id
+    flat_word = slot * words + token_in_tile // 32
+    bits = torch.zeros((n_tiles, heads_kv, (width + 1) * words), dtype=torch.int64, device=device)
+    bits.scatter_add_(-1, flat_word, torch.where(valid, 1 << (token_in_tile % 32), 0))
+    bits = bits.view(n_tiles, heads_kv, width + 1, words)[:, :, :width]
+    count = first.sum(dim=-1).to(torch.int32)
+    # int64 -> int32 keeps the low 32 bits (two's complement), which is what the kernel shifts through.
+    blocks = blocks[..., :width].to(torch.int32).contiguous()
+    return blocks, count.contiguous(), bits.to(torch.int32).contiguous()
+
+
+def _inverse_lists(
+    block_indices: Tensor, cu_seqlens: Tensor, key_blocks: Tensor
+) -> tuple[Tensor, Tensor]:
+    """For every (key block, KV group): the tokens that selected it, ascending.
+
+    block_indices: int32 [T, HKV, S]; key_blocks: int32 [n_blocks, 4], `tiles_of(cu_seqlens, block_size)`, so
+    global block id = first block of the token's sequence + its block id within the sequence.
+    Returns (offsets int64 [n_blocks * HKV + 1], tokens int32 [E]): the tokens of (block j, group g) are
+    tokens[offsets[j * HKV + g] : offsets[j * HKV + g + 1]] (packed rows).
+    """
+    total, heads_kv, slots = block_indices.shape
+    device = block_indices.device
+    n_blocks = key_blocks.shape[0]
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=total)
+    # First global block of each sequence: key_blocks rows are ordered by sequence.
+    first_block = torch.searchsorted(key_blocks[:, 0].long().contiguous(), cu[:-1].contiguous())
+    chosen = block_indices.long()
+    group = torch.arange(heads_kv, device=device)[None, :, None]
+    key = (first_block[seq][:, None, None] + chosen) * heads_kv + group
+    key = torch.where(chosen >= 0, key, n_blocks * heads_kv).reshape(-1)
+    order = torch.sort(key, stable=True).indices  # stable: tokens stay ascending within a key
+    counts = torch.bincount(key, minlength=n_blocks * heads_kv + 1)[: n_blocks * heads_kv]
+    offsets = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+    n_used = int(offsets[-1])
+    tokens = (order[:n_used] // (heads_kv * slots)).to(torch.int32)
+    return offsets, tokens
+
+
+def _tile_rows(group: int, rows: int) -> tuple[int, int]:
+    """(BLOCK_M, tokens per tile) for about `rows` rows: tokens * group <= BLOCK_M, a power of two."""
+    block_m = max(rows, next_pow2(group), 16)
+    return block_m, block_m // group
+
+
+def _choose_rows(block_indices: Tensor, cu_seqlens: Tensor, group: int) -> int:
+    """Pick the tile height (BIG_ROWS or SMALL_ROWS) that costs fewer matrix rows x key blocks.
+
+    The union sizes are estimated on a sample of tiles (every 8th) so the choice stays cheap.
+    """
+    costs = []
+    for rows in (BIG_ROWS, SMALL_ROWS):
+        block_m, bt = _tile_rows(group, rows)
+        tiles = tiles_of(cu_seqlens, bt)
+        sample = tiles[:: max(1, min(8, tiles.shape[0] // 64))]
+        _, count, _ = _union_blocks(block_indices, sample, bt)
+        tokens = sample[:, 1].sum()
+        cost = count.sum().float() * block_m / tokens.clamp(min=1).float()
+        costs.append(cost * (SMALL_ROWS_PENALTY if rows == SMALL_ROWS else 1.0))
+    return BIG_ROWS if bool(costs[0] <= costs[1]) else SMALL_ROWS
+
+
+def _launch_config(block_m: int, head_dim: int) -> tuple[int, int]:
+    """(num_warps, num_stages) for a program with block_m rows and head dim head_dim."""
+    if block_m >= 128:
+        return (8 if head_dim > 64 else 4), 2
+    if block_m >= 64:
+        return 4, 2
+    return 4, 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _slc_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    tiles_ptr, ublocks_ptr, ucount_ptr, ubits_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    n_slots, head_dim, qk_scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, WORDS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    g = tl.program_id(1)
+    row0 = tl.load(tiles_ptr + tile * 4)
+    n_tok = tl.load(tiles_ptr + tile * 4 + 1)
+    seq0 = tl.load(tiles_ptr + tile * 4 + 2)
+    seq_end = tl.load(tiles_ptr + tile * 4 + 3)
+
+    r = tl.arange(0, BLOCK_M)
+    tok = r // G
+    head = g * G + r % G
+    row_ok = tok < n_tok
+    t_row = row0 + tok
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    q = tl.load(
+        q_ptr + t_row.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    word = tok // 32
+    bit = tok % 32
+    n = tl.arange(0, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    slot0 = (tile * HKV + g).to(tl.int64) * n_slots
+    count = tl.load(ucount_ptr + tile * HKV + g)
+    for u in range(count):
+        blk = tl.load(ublocks_ptr + slot0 + u)
+        bits = tl.load(ubits_ptr + (slot0 + u) * WORDS + word)
+        hit = (((bits >> bit) & 1) != 0) & row_ok
+        for c in tl.static_range(BLOCK_SIZE // BLOCK_N):
+            k_row = seq0 + blk * BLOCK_SIZE + c * BLOCK_N + n
+            k_ok = k_row < seq_end
+            kv_off = k_row.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
+            kb = tl.load(k_ptr + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(kb)) * qk_scale
+            allowed = hit[:, None] & k_ok[None, :] & (k_row[None, :] <= t_row[:, None])
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_off = k_row.to(tl.int64)[:, None] * stride_vt + g * stride_vh + d[None, :]
+            vb = tl.load(v_ptr + v_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+            m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_off = t_row.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + t_row.to(tl.int64) * HQ + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _slc_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    tiles_ptr, ublocks_ptr, ucount_ptr, ubits_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    n_slots, head_dim, qk_scale, scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, WORDS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    g = tl.program_id(1)
+    row0 = tl.load(tiles_ptr + tile * 4)
+    n_tok = tl.load(tiles_ptr + tile * 4 + 1)
+    seq0 = tl.load(tiles_ptr + tile * 4 + 2)
+    seq_end = tl.load(tiles_ptr + tile * 4 + 3)
+
+    r = tl.arange(0, BLOCK_M)
+    tok = r // G
+    head = g * G + r % G
+    row_ok = tok < n_tok
+    t_row = row0 + tok
+    t_row64 = t_row.to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    q_off = t_row64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=qd_mask, other=0.0)
+    do_off = t_row64[:, None] * stride_dot + head[:, None] * stride_doh + d[None, :]
+    do = tl.load(do_ptr + do_off, mask=qd_mask, other=0.0)
+    lse2 = tl.load(lse_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0)
+    word = tok // 32
+    bit = tok % 32
+    n = tl.arange(0, BLOCK_N)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    slot0 = (tile * HKV + g).to(tl.int64) * n_slots
+    count = tl.load(ucount_ptr + tile * HKV + g)
+    for u in range(count):
+        blk = tl.load(ublocks_ptr + slot0 + u)
+        bits = tl.load(ubits_ptr + (slot0 + u) * WORDS + word)
+        hit = (((bits >> bit) & 1) != 0) & row_ok
+        for c in tl.static_range(BLOCK_SIZE // BLOCK_N):
+            k_row = seq0 + blk * BLOCK_SIZE + c * BLOCK_N + n
+            k_ok = k_row < seq_end
+            kb = tl.load(
+                k_ptr + k_row.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :],
+                mask=k_ok[:, None] & d_ok[None, :], other=0.0,
+            )
+            vb = tl.load(
+                v_ptr + k_row.to(tl.int64)[:, None] * stride_vt + g * stride_vh + d[None, :],
+                mask=k_ok[:, None] & d_ok[None, :], other=0.0,
+            )
+            s = tl.dot(q, tl.trans(kb)) * qk_scale
+            allowed = hit[:, None] & k_ok[None, :] & (k_row[None, :] <= t_row[:, None])
+            p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(vb))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kb.dtype), kb)
+
+    dq_off = t_row64[:, None] * stride_dqt + head[:, None] * stride_dqh + d[None, :]
+    tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def _slc_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    key_blocks_ptr, offsets_ptr, tokens_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh,
+    head_dim, qk_scale, scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    g = tl.program_id(1)
+    sub = tl.program_id(2)  # which BLOCK_N slice of the key block
+    k_row0 = tl.load(key_blocks_ptr + blk * 4)
+    n_keys = tl.load(key_blocks_ptr + blk * 4 + 1)
+    n = tl.arange(0, BLOCK_N)
+    k_row = k_row0 + sub * BLOCK_N + n
+    k_ok = sub * BLOCK_N + n < n_keys
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    kd_mask = k_ok[:, None] & d_ok[None, :]
+    k_row64 = k_row.to(tl.int64)
+    kb = tl.load(k_ptr + k_row64[:, None] * stride_kt + g * stride_kh + d[None, :], mask=kd_mask, other=0.0)
+    vb = tl.load(v_ptr + k_row64[:, None] * stride_vt + g * stride_vh + d[None, :], mask=kd_mask, other=0.0)
+
+    r = tl.arange(0, BLOCK_M)
+    tok = r // G
+    head = g * G + r % G
+    start = tl.load(offsets_ptr + blk * HKV + g)
+    end = tl.load(offsets_ptr + blk * HKV + g + 1)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for c0 in range(start, end, BT):
+        idx = c0 + tok
+        row_ok = (tok < BT) & (idx < end)
+        t_row = tl.load(tokens_ptr + idx, mask=row_ok, other=0)
+        t_row64 = t_row.to(tl.int64)
+        qd_mask = row_ok[None, :] & d_ok[:, None]
+        # Query rows loaded transposed ([D, rows]) so that every product below is a plain dot.
+        q_off = t_row64[None, :] * stride_qt + head[None, :] * stride_qh + d[:, None]
+        q_t = tl.load(q_ptr + q_off, mask=qd_mask, other=0.0)
+        do = tl.load(
+            do_ptr + t_row64[:, None] * stride_dot + head[:, None] * stride_doh + d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        lse2 = tl.load(lse_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0)
+        s_t = tl.dot(kb, q_t) * qk_scale  # [BLOCK_N, BLOCK_M]
+        allowed = row_ok[None, :] & k_ok[:, None] & (k_row[:, None] <= t_row[None, :])
+        p_t = tl.where(allowed, tl.exp2(s_t - lse2[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(vb, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
+
+    # dk and dv share one contiguous layout.
+    out_off = k_row64[:, None] * stride_dkt + g * stride_dkh + d[None, :]
+    tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kd_mask)
+    tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kd_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(
+            f"selected attention: q [T,HQ,D], k/v [T,HKV,D] expected, got {q.shape}, {k.shape}, {v.shape}"
+        )
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"selected attention: incompatible q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if block_indices.shape[:2] != k.shape[:2] or block_indices.dim() != 3:
+        raise ValueError(
+            f"selected attention: block_indices must be [T, HKV, S], got {tuple(block_indices.shape)}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("selected attention: cu_seqlens must be 1-D with at least 2 entries")
+
+
+def _block_n(block_size: int) -> int:
+    """Keys per inner step: the whole block up to 64 keys, else 64-key slices of it."""
+    if block_size & (block_size - 1) != 0:
+        raise ValueError(f"selected attention: block_size must be a power of two, got {block_size}")
+    if block_size < 16:
+        raise ValueError(f"selected attention: block_size must be >= 16 (tensor-core tile), got {block_size}")
+    return min(block_size, 64)
+
+
+def selected_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_indices: Tensor,
+    cu_seqlens: Tensor,
+    block_size: int,
+    scale: float,
+    *,
+    tile_rows: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Causal attention of each query over the keys of its selected blocks.
+
+    Args:
+        q: [T, HQ, D]; k, v: [T, HKV, D] (packed; bf16, fp16 or fp32).
+        block_indices: int32 [T, HKV, S], block ids within the token's sequence, ascending, -1 = unused.
+        cu_seqlens: int32 [N+1] sequence offsets.
+        block_size: keys per block (power of two, >= 16).
+        scale: softmax scale.
+        tile_rows: matrix rows per program (128 or 16, say); None picks by the selections' overlap.
+
+    Returns:
+        o [T, HQ, D] in q's dtype (0 for rows with no allowed key) and lse float32 [T, HQ] (-inf there).
+    """
+    _check(q, k, v, block_indices, cu_seqlens)
+    q, k, v = kernel_input(q), kernel_input(k), kernel_input(v)
+    block_indices = block_indices.to(torch.int32).contiguous()
+    total, heads_q, head_dim = q.shape
+    heads_kv = k.shape[1]
+    group = heads_q // heads_kv
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
+    if total == 0:
+        return o, lse
+    rows = tile_rows or _choose_rows(block_indices, cu_seqlens, group)
+    block_m, bt = _tile_rows(group, rows)
+    tiles = tiles_of(cu_seqlens, bt)
+    ublocks, ucount, ubits = _union_blocks(block_indices, tiles, bt)
+    num_warps, num_stages = _launch_config(block_m, head_dim)
+    _slc_fwd_kernel[(tiles.shape[0], heads_kv)](
+        q, k, v, o, lse, tiles, ublocks, ucount, ubits,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        o.stride(0), o.stride(1), ublocks.shape[-1], head_dim, scale * LOG2E,
+        HQ=heads_q, HKV=heads_kv, G=group, WORDS=ubits.shape[-1],
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=_block_n(block_size),
+        BLOCK_D=max(16, next_pow2(head_dim)), num_warps=num_warps, num_stages=num_stages,
+    )
+    return o, lse
+
+
+def selected_attention_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    block_indices: Tensor,
+    cu_seqlens: Tensor,
+    block_size: int,
+    scale: float,
+    *,
+    tile_rows: int | None = None,
+    dkdv_rows: int = 128,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `selected_attention_fwd`.
+
+    Args:
+        q, k, v, block_indices, cu_seqlens, block_size, scale: as in the forward.
+        o: [T, HQ, D] and lse float32 [T, HQ], the forward's outputs; do: [T, HQ, D], gradient of o.
+        tile_rows: rows per dq program (None: chosen like the forward); dkdv_rows: query rows per dk/dv step.
+
+    Returns:
+        dq [T, HQ, D] (q's dtype), dk, dv [T, HKV, D] (k's dtype), summed over the G heads of each group and
+        all queries that selected each block. Deterministic: no atomics.
+    """
+    _check(q, k, v, block_indices, cu_seqlens)
+    q, k, v, do = kernel_input(q), kernel_input(k), kernel_input(v), kernel_input(do)
+    block_indices = block_indices.to(torch.int32).contiguous()
+    lse = lse.float().contiguous()
+    total, heads_q, head_dim = q.shape
+    heads_kv = k.shape[1]
+    group = heads_q // heads_kv
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if total == 0:
+        return dq, dk, dv
+    delta = row_dot(o, do)
+    block_d = max(16, next_pow2(head_dim))
+    block_n = _block_n(block_size)
+
+    rows = tile_rows or _choose_rows(block_indices, cu_seqlens, group)
+    block_m, bt = _tile_rows(group, rows)
+    tiles = tiles_of(cu_seqlens, bt)
+    ublocks, ucount, ubits = _union_blocks(block_indices, tiles, bt)
+    num_warps, num_stages = _launch_config(block_m, head_dim)
+    _slc_bwd_dq_kernel[(tiles.shape[0], heads_kv)](
+        q, k, v, do, lse, delta, dq, tiles, ublocks, ucount, ubits,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1),
+        dq.stride(0), dq.stride(1), ublocks.shape[-1], head_dim, scale * LOG2E, scale,
+        HQ=heads_q, HKV=heads_kv, G=group, WORDS=ubits.shape[-1],
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    del ublocks, ucount, ubits
+
+    key_blocks = tiles_of(cu_seqlens, block_size)
+    offsets, tokens = _inverse_lists(block_indices, cu_seqlens, key_blocks)
+    block_m, bt = _tile_rows(group, dkdv_rows)
+    num_warps, num_stages = _launch_config(block_m, head_dim)
+    _slc_bwd_dkdv_kernel[(key_blocks.shape[0], heads_kv, block_size // block_n)](
+        q, k, v, do, lse, delta, dk, dv, key_blocks, offsets, tokens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1),
+        dk.stride(0), dk.stride(1), head_dim, scale * LOG2E, scale,
+        HQ=heads_q, HKV=heads_kv, G=group, BT=bt,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return dq, dk, dv
+
+
+__all__ = ["next_pow2", "row_dot", "selected_attention_bwd", "selected_attention_fwd", "tiles_of"]
