@@ -59,7 +59,8 @@ def sequence_spans(cu_seqlens: Tensor | None, batch: int, seq_len: int) -> list[
     if batch != 1:
         raise ValueError(f"nsa_attention: cu_seqlens needs batch size 1 (packed sequences), got B={batch}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"nsa_attention: cu_seqlens must be 1-D with at least 2 entries, got {tuple(cu_seqlens.shape)}")
+        shape = tuple(cu_seqlens.shape)
+        raise ValueError(f"nsa_attention: cu_seqlens must be 1-D with at least 2 entries, got shape {shape}")
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
         raise ValueError(f"nsa_attention: cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
     offsets = [int(x) for x in cu_seqlens.tolist()]
@@ -89,7 +90,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, g_cmp: Tensor, g_slc: Tensor, 
         raise ValueError(f"nsa_attention: HQ={heads_q} is not a multiple of HKV={heads_kv}")
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
         if tuple(g.shape) != (batch, seq_len, heads_q):
-            raise ValueError(f"nsa_attention: {name} must be [B, T, HQ]={[batch, seq_len, heads_q]}, got {list(g.shape)}")
+            expected = [batch, seq_len, heads_q]
+            raise ValueError(f"nsa_attention: {name} must be [B, T, HQ]={expected}, got {list(g.shape)}")
     tensors = {"q": q, "k": k, "v": v, "g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa}
     if not q.dtype.is_floating_point:
         raise ValueError(f"nsa_attention: q must be floating point, got {q.dtype}")
