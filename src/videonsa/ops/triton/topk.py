@@ -1,0 +1,180 @@
+"""Top-k block selection of NSA in Triton, without materialising the [HKV, T, T/block] importance tensor.
+
+For query t (position within its sequence) and KV head g, with b = block_size and c = t // b:
+
+    importance[t, g, j] = sum over the G query heads h of g of exp(scale * q[t, h] . K~_j - lse_cmp[t, h])
+
+for the visible compressed blocks j < (t+1) // b. The selected set is the forced blocks (0..init_blocks-1 and
+c-local_blocks+1..c, those that exist) plus the highest-importance visible blocks, block_count in all; equal
+scores go to the earlier block. The output lists the chosen blocks ascending, padded with -1.
+
+One program takes a tile of BT consecutive queries of one sequence and one KV head. Its rows are BT tokens x
+GP (G rounded up to a power of two) heads, so the per-token sum over heads is a reshape and a reduction. It
+recomputes the scores chunk by chunk (BC blocks at a time) and keeps, per token, the best KP = next power of
+two >= block_count candidates in registers:
+
+* each candidate is one int64 key, (float bits of the score + 1) << 32 | (2^31 - 1 - j): integer order equals
+  score order (scores are >= 0), and among equal scores the earlier block has the larger key. Forced blocks get
+  a high word above any finite float, unusable blocks the key 0.
+* merging a chunk: sort the chunk ascending and keep its top KP (the last KP columns); the element-wise maximum
+  of that ascending run and the descending buffer holds exactly the top KP of both (the first step of a bitonic
+  merge); a descending sort makes it the next buffer.
+
+Only the final [total_T, HKV, block_count] int32 indices reach memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from videonsa.ops.triton.compression import LOG2E, _dot_precision, _pow2
+from videonsa.ops.triton.packing import tile_map
+
+
+@triton.jit
+def _indicator(N_LOG: tl.constexpr, BIT: tl.constexpr):
+    # 0/1 along hypercube axis N_LOG - BIT of a [rows, 2, ..., 2] tensor: bit BIT of the element's column.
+    return tl.reshape(tl.arange(0, 2), [1] * (N_LOG - BIT) + [2] + [1] * BIT)
+
+
+@triton.jit
+def _compare_swap(h, flip, N_LOG: tl.constexpr, BIT: tl.constexpr):
+    # The partner of each element (its column with bit BIT flipped) is the pair's sum minus itself; integer
+    # sums wrap identically on the GPU and in the interpreter, so this is exact for any int64 key, and unlike
+    # tl.sort's xor-reduction it maps to a plain numpy sum under TRITON_INTERPRET (fast CPU tests).
+    partner = tl.sum(h, axis=N_LOG - BIT, keep_dims=True) - h
+    right = _indicator(N_LOG, BIT)
+    return tl.where((h > partner) != ((flip ^ right) != 0), partner, h)
+
+
+@triton.jit
+def _sort_rows(x, ROWS: tl.constexpr, N_LOG: tl.constexpr, DESCENDING: tl.constexpr):
+    """Bitonic sort of an integer [ROWS, 2**N_LOG] tensor along its last dim."""
+    h = tl.reshape(x, [ROWS] + [2] * N_LOG)
+    for stage in tl.static_range(1, N_LOG + 1):
+        if stage < N_LOG:  # noqa: SIM108 (a compile-time branch inside a Triton kernel)
+            flip = _indicator(N_LOG, stage)  # alternate direction between runs of 2**stage columns
+        else:
+            flip = tl.full([1] * (N_LOG + 1), DESCENDING, tl.int32)
+        for i in tl.static_range(stage):
+            h = _compare_swap(h, flip, N_LOG, stage - 1 - i)
+    return tl.reshape(h, [ROWS, 2**N_LOG])
+
+
+
+@triton.jit
+def _topk_kernel(
+    q_ptr, kc_ptr, lse_ptr, idx_ptr, cu_ptr, cuc_ptr, tiles_ptr, qk_scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BLOCK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr, S: tl.constexpr,
+    INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr,
+):
+    BM: tl.constexpr = BT * GP
+    BC_LOG: tl.constexpr = tl.constexpr(BC.bit_length() - 1)
+    KP_LOG: tl.constexpr = tl.constexpr(KP.bit_length() - 1)
+    tile = tl.program_id(0)
+    g = tl.program_id(1)
+    seq = tl.load(tiles_ptr + 2 * tile)
+    start = tl.load(tiles_ptr + 2 * tile + 1)
+    bos = tl.load(cu_ptr + seq).to(tl.int64)
+    seq_len = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int32)
+    cbos = tl.load(cuc_ptr + seq).to(tl.int64)
+    n_complete = (tl.load(cuc_ptr + seq + 1) - tl.load(cuc_ptr + seq)).to(tl.int32)
+
+    # Rows: token r // GP of the tile, head r % GP of the group (rows with r % GP >= G are padding).
+    r = tl.arange(0, BM)
+    pos = start + r // GP
+    head_in_group = r % GP
+    row_ok = (head_in_group < G) & (pos < seq_len)
+    d = tl.arange(0, BD)
+    d_ok = d < D
+    row_off = (bos + pos).to(tl.int64) * (HQ * D) + (g * G + head_in_group) * D
+    q = tl.load(q_ptr + row_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    stat_off = (bos + pos).to(tl.int64) * HQ + g * G + head_in_group
+    lse2 = tl.load(lse_ptr + stat_off, mask=row_ok, other=0.0) * 1.4426950408889634
+    row_visible = tl.where(row_ok, (pos + 1) // BLOCK, 0)
+
+    # Per token of the tile.
+    tt = tl.arange(0, BT)
+    tpos = start + tt
+    t_ok = tpos < seq_len
+    t_visible = tl.where(t_ok, (tpos + 1) // BLOCK, 0)
+    current = tpos // BLOCK
+    # Up to and including the current block of the tile's last token (forced even while incomplete).
+    n_loop = (tl.minimum(start + BT, seq_len) - 1) // BLOCK + 1
+
+    best = tl.zeros([BT, KP], dtype=tl.int64)  # sorted descending; key 0 = empty
+    for j0 in range(0, n_loop, BC):
+        j = j0 + tl.arange(0, BC)
+        k_off = (cbos + j).to(tl.int64) * (HKV * D) + g * D
+        kt = tl.load(kc_ptr + k_off[None, :] + d[:, None], mask=(j < n_complete)[None, :] & d_ok[:, None],
+                     other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        p = tl.where(j[None, :] < row_visible[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+        score = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)  # [BT, BC]
+
+        jj = j[None, :]
+        forced = t_ok[:, None] & (jj <= current[:, None]) & ((jj < INIT) | (jj > current[:, None] - LOCAL))
+        visible = jj < t_visible[:, None]
+        high = tl.where(forced, 0x7F800001, score.to(tl.int32, bitcast=True) + 1)
+        key = (high.to(tl.int64) << 32) | (0x7FFFFFFF - jj).to(tl.int64)
+        key = tl.where(forced | visible, key, 0)
+        ascending = _sort_rows(key, BT, BC_LOG, 0)
+        chunk_top = tl.max(tl.reshape(ascending, [BT, BC // KP, KP]), axis=1)  # its KP largest, ascending
+        best = _sort_rows(tl.maximum(best, chunk_top), BT, KP_LOG, 1)
+
+    rank = tl.arange(0, KP)
+    valid = (best > 0) & (rank[None, :] < S)
+    block = (0x7FFFFFFF - (best & 0x7FFFFFFF)).to(tl.int32)
+    order = _sort_rows(tl.where(valid, block, 0x7FFFFFFF), BT, KP_LOG, 0)  # chosen blocks ascending, empty slots last
+    out = tl.where(order == 0x7FFFFFFF, -1, order)
+    out_off = (bos + tpos).to(tl.int64)[:, None] * (HKV * S) + g * S + rank[None, :]
+    tl.store(idx_ptr + out_off, out, mask=t_ok[:, None] & (rank[None, :] < S))
+
+
+def select_blocks_topk(
+    q: Tensor,
+    k_cmp: Tensor,
+    lse_cmp: Tensor,
+    cu_seqlens: Tensor,
+    cu_cmp: Tensor,
+    *,
+    block_size: int,
+    block_count: int,
+    init_blocks: int,
+    local_blocks: int,
+    scale: float,
+) -> Tensor:
+    """Blocks each query's KV group attends to in the selection branch.
+
+    Args:
+        q: [total_T, HQ, D]; k_cmp: [total_NB, HKV, D] (`mean_pool_fwd`); lse_cmp: float32 [total_T, HQ] from
+            `compressed_attention_fwd` with the same scale.
+        cu_seqlens, cu_cmp: int32 [N+1] token and compressed-block offsets.
+    Returns:
+        int32 [total_T, HKV, block_count]: chosen block ids (within the sequence) ascending, -1 padded.
+    """
+    total, heads_q, head_dim = q.shape
+    heads_kv = k_cmp.shape[1]
+    group = heads_q // heads_kv
+    group_pow2 = _pow2(group)
+    kp = _pow2(block_count)
+    tokens = min(16, max(1, 128 // group_pow2))
+    tokens = max(tokens, triton.cdiv(16, group_pow2))  # tl.dot needs M >= 16
+    chunk = max(64, kp)
+    indices = torch.empty(total, heads_kv, block_count, dtype=torch.int32, device=q.device)
+    tiles = tile_map(cu_seqlens, tokens)
+    _topk_kernel[(tiles.shape[0], heads_kv)](
+        q, k_cmp, lse_cmp, indices, cu_seqlens, cu_cmp, tiles, scale * LOG2E,
+        HQ=heads_q, HKV=heads_kv, G=group, GP=group_pow2, D=head_dim, BD=_pow2(max(head_dim, 16)),
+        BLOCK=block_size, BT=tokens, BC=chunk, KP=kp, S=block_count,
+        INIT=init_blocks, LOCAL=local_blocks, PREC=_dot_precision(q.dtype),
+        num_warps=8 if tokens * group_pow2 >= 128 else 4, num_stages=2,
+    )
+    return indices
+
+
+__all__ = ["select_blocks_topk"]
