@@ -1,0 +1,270 @@
+"""NSA with Triton kernels: one autograd function over compression, top-k selection, selection, window, gating.
+
+Same signature and semantics as `videonsa.ops.reference.nsa_parts_reference` (see DESIGN.md section 1). Inputs
+are packed into varlen form ([B*T, H, D] with cu_seqlens, see `triton/packing.py`) so that batches and packed
+sequences take one code path. Forward, for b = block_size:
+
+1. `mean_pool_fwd`: K~, V~ [total_NB, HKV, D], the means of complete blocks.
+2. `compressed_attention_fwd`: o_cmp and lse_cmp.
+3. `select_blocks_topk`: block_indices [total_T, HKV, block_count] from the compression softmax (recomputed
+   tile by tile with lse_cmp; no score tensor in memory).
+4. `selected_attention_fwd`, `window_attention_fwd`: o_slc, o_swa (and their lse, kept for backward).
+5. `_gate_fwd_kernel`: o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa.
+
+Backward runs the same steps in reverse: `_gate_bwd_kernel` splits do into the three branch gradients and the
+gate gradients dg_x = sum_d do * o_x (plus the compression branch's softmax "delta"), then each branch's
+kernels add their dq, dk, dv; the choice of blocks gets no gradient. Every kernel is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from videonsa.ops.common import NSAConfig, NSAParts, check_inputs, sequence_spans
+from videonsa.ops.triton.compression import (
+    _pow2,
+    compressed_attention_bwd,
+    compressed_attention_fwd,
+    mean_pool_bwd,
+    mean_pool_fwd,
+)
+from videonsa.ops.triton.packing import pack
+from videonsa.ops.triton.selection import selected_attention_bwd, selected_attention_fwd
+from videonsa.ops.triton.topk import select_blocks_topk
+from videonsa.ops.triton.window import window_attention_bwd, window_attention_fwd
+
+# ----------------------------------------------------------------------------------------------------------
+# Gated sum
+
+
+@triton.jit
+def _gate_fwd_kernel(
+    oc_ptr, os_ptr, ow_ptr, gc_ptr, gs_ptr, gw_ptr, o_ptr, n_rows,
+    D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    d = tl.arange(0, BD)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (d[None, :] < D)
+    offs = rows[:, None] * D + d[None, :]
+    gc = tl.load(gc_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    gs = tl.load(gs_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    gw = tl.load(gw_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    o = gc[:, None] * tl.load(oc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    o += gs[:, None] * tl.load(os_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    o += gw[:, None] * tl.load(ow_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(o_ptr + offs, o.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_bwd_kernel(
+    do_ptr, oc_ptr, os_ptr, ow_ptr, gc_ptr, gs_ptr, gw_ptr,
+    doc_ptr, dos_ptr, dow_ptr, dgc_ptr, dgs_ptr, dgw_ptr, delta_ptr, n_rows,
+    D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    d = tl.arange(0, BD)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (d[None, :] < D)
+    offs = rows[:, None] * D + d[None, :]
+    do = tl.load(do_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    oc = tl.load(oc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    os = tl.load(os_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    ow = tl.load(ow_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gc = tl.load(gc_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    gs = tl.load(gs_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    gw = tl.load(gw_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(dgc_ptr + rows, tl.sum(do * oc, axis=1).to(dgc_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(dgs_ptr + rows, tl.sum(do * os, axis=1).to(dgs_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(dgw_ptr + rows, tl.sum(do * ow, axis=1).to(dgw_ptr.dtype.element_ty), mask=row_ok)
+    doc = (gc[:, None] * do).to(doc_ptr.dtype.element_ty)
+    tl.store(doc_ptr + offs, doc, mask=mask)
+    tl.store(dos_ptr + offs, (gs[:, None] * do).to(dos_ptr.dtype.element_ty), mask=mask)
+    tl.store(dow_ptr + offs, (gw[:, None] * do).to(dow_ptr.dtype.element_ty), mask=mask)
+    # The compression backward's softmax delta, from the rounded do_cmp it will read (as if computed there).
+    tl.store(delta_ptr + rows, tl.sum(doc.to(tl.float32) * oc, axis=1), mask=row_ok)
+
+
+def _gate_rows(head_dim: int) -> int:
+    return max(1, 4096 // _pow2(head_dim))
+
+
+def gate_fwd(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, g_cmp: Tensor, g_slc: Tensor, g_swa: Tensor) -> Tensor:
+    """o [total_T, HQ, D] = sum of g_x[..., None] * o_x over the branches; o_x [total_T, HQ, D], g_x [total_T, HQ]."""
+    total, heads, head_dim = o_cmp.shape
+    o = torch.empty_like(o_cmp)
+    n_rows = total * heads
+    if n_rows:
+        br = _gate_rows(head_dim)
+        _gate_fwd_kernel[(triton.cdiv(n_rows, br),)](
+            o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa, o, n_rows,
+            D=head_dim, BD=_pow2(head_dim), BR=br, num_warps=4,
+        )
+    return o
+
+
+def gate_bwd(
+    do: Tensor, o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, g_cmp: Tensor, g_slc: Tensor, g_swa: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of `gate_fwd`.
+
+    Returns do_cmp, do_slc, do_swa [total_T, HQ, D] (do's dtype), dg_cmp, dg_slc, dg_swa [total_T, HQ] (the
+    gates' dtype) and delta_cmp float32 [total_T, HQ] = sum_d do_cmp * o_cmp.
+    """
+    total, heads, head_dim = do.shape
+    grads = [torch.empty_like(do) for _ in range(3)]
+    gate_grads = [torch.empty_like(g) for g in (g_cmp, g_slc, g_swa)]
+    delta = torch.empty(total, heads, dtype=torch.float32, device=do.device)
+    n_rows = total * heads
+    if n_rows:
+        br = _gate_rows(head_dim)
+        _gate_bwd_kernel[(triton.cdiv(n_rows, br),)](
+            do, o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa, *grads, *gate_grads, delta, n_rows,
+            D=head_dim, BD=_pow2(head_dim), BR=br, num_warps=4,
+        )
+    return (*grads, *gate_grads, delta)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd
+
+
+def _add_(acc: Tensor, x: Tensor) -> Tensor:
+    """acc += x, in acc's dtype (float32 when acc is)."""
+    return acc.add_(x.to(acc.dtype))
+
+
+class _NSAFunction(torch.autograd.Function):
+    """Packed NSA: q [total_T, HQ, D], k/v [total_T, HKV, D], gates [total_T, HQ].
+
+    Outputs o, o_cmp, o_slc, o_swa (differentiable) and block_indices, lse_cmp (not).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, config: NSAConfig, scale: float):
+        b = config.block_size
+        k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, v, cu_seqlens, b)
+        o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, b, scale)
+        indices = select_blocks_topk(
+            q, k_cmp, lse_cmp, cu_seqlens, cu_cmp, block_size=b, block_count=config.block_count,
+            init_blocks=config.init_blocks, local_blocks=config.local_blocks, scale=scale,
+        )
+        o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale)
+        o_swa, lse_swa = window_attention_fwd(q, k, v, cu_seqlens, config.window_size, scale)
+        o = gate_fwd(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
+        ctx.save_for_backward(
+            q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, k_cmp, v_cmp, cu_cmp,
+            o_cmp, lse_cmp, indices, o_slc, lse_slc, o_swa, lse_swa,
+        )
+        ctx.config, ctx.scale = config, scale
+        ctx.mark_non_differentiable(indices, lse_cmp)
+        ctx.set_materialize_grads(False)
+        return o, o_cmp, o_slc, o_swa, indices, lse_cmp
+
+    @staticmethod
+    def backward(ctx, do, do_cmp_extra, do_slc_extra, do_swa_extra, _indices, _lse):
+        (q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, k_cmp, v_cmp, cu_cmp,
+         o_cmp, lse_cmp, indices, o_slc, lse_slc, o_swa, lse_swa) = ctx.saved_tensors
+        config, scale = ctx.config, ctx.scale
+        b = config.block_size
+        if do is None:
+            do_cmp, do_slc, do_swa = (torch.zeros_like(q) for _ in range(3))
+            dg_cmp, dg_slc, dg_swa = (torch.zeros_like(g) for g in (g_cmp, g_slc, g_swa))
+            delta_cmp = None
+        else:
+            do_cmp, do_slc, do_swa, dg_cmp, dg_slc, dg_swa, delta_cmp = gate_bwd(
+                do.contiguous(), o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa
+            )
+        # Gradients that reach the branch outputs directly (nsa_parts_triton's o_cmp etc.).
+        if do_cmp_extra is not None:
+            _add_(do_cmp, do_cmp_extra)
+            delta_cmp = None  # recomputed from the summed gradient
+        if do_slc_extra is not None:
+            _add_(do_slc, do_slc_extra)
+        if do_swa_extra is not None:
+            _add_(do_swa, do_swa_extra)
+
+        dq, dk, dv = selected_attention_bwd(q, k, v, o_slc, lse_slc, do_slc, indices, cu_seqlens, b, scale)
+        dq_w, dk_w, dv_w = window_attention_bwd(
+            q, k, v, o_swa, lse_swa, do_swa, cu_seqlens, config.window_size, scale
+        )
+        _add_(dq, dq_w)
+        _add_(dk, dk_w)
+        _add_(dv, dv_w)
+        del dq_w, dk_w, dv_w
+        dq, dk_cmp, dv_cmp = compressed_attention_bwd(
+            q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, cu_seqlens, cu_cmp, b, scale, dq=dq, delta=delta_cmp
+        )
+        mean_pool_bwd(dk_cmp, dv_cmp, dk, dv, cu_seqlens, cu_cmp, b)
+        return dq, dk, dv, dg_cmp, dg_slc, dg_swa, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def nsa_parts_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g_cmp: Tensor,
+    g_slc: Tensor,
+    g_swa: Tensor,
+    *,
+    block_size: int = 64,
+    block_count: int = 32,
+    window_size: int = 256,
+    init_blocks: int = 0,
+    local_blocks: int = 1,
+    cu_seqlens: Tensor | None = None,
+    scale: float | None = None,
+) -> NSAParts:
+    """NSA over q [B, T, HQ, D], k/v [B, T, HKV, D], gates [B, T, HQ] with Triton kernels; every part returned.
+
+    Returns `NSAParts`: o, o_cmp, o_slc, o_swa [B, T, HQ, D] in q's dtype (all differentiable),
+    block_indices int32 [B, T, HKV, block_count] and lse_cmp float32 [B, T, HQ].
+    """
+    check_inputs(q, k, v, g_cmp, g_slc, g_swa)
+    config = NSAConfig(block_size, block_count, window_size, init_blocks, local_blocks)
+    batch, seq_len, heads_q, head_dim = q.shape
+    sequence_spans(cu_seqlens, batch, seq_len)  # validates cu_seqlens
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"nsa_attention: the Triton kernels need a power-of-two block_size >= 16, got {block_size}")
+    scale = head_dim**-0.5 if scale is None else float(scale)
+
+    qp, cu = pack(q.contiguous(), cu_seqlens)
+    kp, _ = pack(k.contiguous(), cu_seqlens)
+    vp, _ = pack(v.contiguous(), cu_seqlens)
+    gates = [pack(g.contiguous(), cu_seqlens)[0] for g in (g_cmp, g_slc, g_swa)]
+    o, o_cmp, o_slc, o_swa, indices, lse_cmp = _NSAFunction.apply(qp, kp, vp, *gates, cu, config, scale)
+    out = lambda x: x.view(batch, seq_len, *x.shape[1:])  # noqa: E731
+    return NSAParts(out(o), out(o_cmp), out(o_slc), out(o_swa), out(indices), out(lse_cmp))
+
+
+def nsa_attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g_cmp: Tensor,
+    g_slc: Tensor,
+    g_swa: Tensor,
+    *,
+    block_size: int = 64,
+    block_count: int = 32,
+    window_size: int = 256,
+    init_blocks: int = 0,
+    local_blocks: int = 1,
+    cu_seqlens: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """NSA with Triton kernels: o [B, T, HQ, D] in q's dtype (see `videonsa.ops.nsa_attention`)."""
+    return nsa_parts_triton(
+        q, k, v, g_cmp, g_slc, g_swa, block_size=block_size, block_count=block_count, window_size=window_size,
+        init_blocks=init_blocks, local_blocks=local_blocks, cu_seqlens=cu_seqlens, scale=scale,
+    ).o
+
+
+__all__ = ["gate_bwd", "gate_fwd", "nsa_attention_triton", "nsa_parts_triton"]
