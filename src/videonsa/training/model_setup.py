@@ -1,0 +1,124 @@
+"""Loading the model to train and choosing which of its parts learn.
+
+Parts, told apart by parameter name (both the current transformers layout and the legacy flat one):
+``gates`` (each layer's ``g_proj_1`` / ``g_proj_2``), ``projector`` (``visual.merger``), ``vision_tower`` (the rest
+of ``visual``), ``language_model`` (everything else: embeddings, decoder layers, final norm, ``lm_head``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from videonsa.errors import UserError
+from videonsa.training.config import TRAINABLE_PARTS, ModelSettings, TrainableSettings
+
+logger = logging.getLogger("videonsa.training")
+
+GATE_MARKERS = (".g_proj_1.", ".g_proj_2.")
+
+
+def part_of(parameter_name: str) -> str:
+    """Which trainable part a parameter belongs to (see the module docstring)."""
+    name = f".{parameter_name}"
+    if any(marker in name for marker in GATE_MARKERS):
+        return "gates"
+    if ".visual.merger." in name:
+        return "projector"
+    if ".visual." in name:
+        return "vision_tower"
+    return "language_model"
+
+
+def set_trainable(model: torch.nn.Module, trainable: TrainableSettings) -> dict[str, dict[str, int]]:
+    """Freeze the parts `trainable` turns off; return parameter counts per part, trained and total.
+
+    Raises `UserError` when nothing would be trained (for example gates only on a model without gates).
+    """
+    counts = {part: {"trained": 0, "total": 0} for part in TRAINABLE_PARTS}
+    for name, parameter in model.named_parameters():
+        part = part_of(name)
+        parameter.requires_grad_(bool(getattr(trainable, part)))
+        counts[part]["total"] += parameter.numel()
+        counts[part]["trained"] += parameter.numel() if parameter.requires_grad else 0
+    if not any(count["trained"] for count in counts.values()):
+        raise UserError("no parameter is left to train with the chosen trainable parts "
+                        f"(frozen: {', '.join(trainable.frozen()) or 'none'}; a model without gates?)")
+    for part, count in counts.items():
+        state = "trained" if count["trained"] else "frozen"
+        logger.info("%-15s %12s parameters, %s", part, f"{count['total']:,}", state)
+    return counts
+
+
+def load_model(settings: ModelSettings) -> Any:
+    """Load the checkpoint at `settings.path` as the model to train.
+
+    ``architecture: videonsa`` loads a VideoNSA checkpoint as is, or a plain Qwen2.5-VL checkpoint with new gates
+    (`settings.sparse` overrides the sparse-attention settings either way). ``qwen2_5_vl`` loads transformers'
+    stock model, the dense baseline.
+    """
+    path = _checkpoint_dir(settings.path)
+    dtype = getattr(torch, settings.dtype)
+    if settings.architecture == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        if settings.sparse:
+            raise UserError("model.sparse is set but model.architecture is qwen2_5_vl (dense, no sparse settings)")
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation=settings.attn_implementation
+        )
+    from videonsa.models import NSA_CONFIG_DEFAULTS, VideoNSAForConditionalGeneration
+
+    for key in settings.sparse:
+        if key not in NSA_CONFIG_DEFAULTS:
+            raise UserError(f"unknown setting model.sparse.{key} (known: {', '.join(NSA_CONFIG_DEFAULTS)})")
+    return VideoNSAForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, attn_implementation=settings.attn_implementation, **settings.sparse
+    )
+
+
+def _checkpoint_dir(path: str | None) -> Path:
+    if not path:
+        raise UserError("model.path is not set")
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise UserError(f"model.path {directory} is not a checkpoint folder")
+    if not (directory / "config.json").is_file():
+        raise UserError(f"model.path {directory} has no config.json")
+    try:
+        json.loads((directory / "config.json").read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{directory / 'config.json'} is not valid JSON ({error.msg})") from None
+    return directory
+
+
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer with its chat template; the template may also sit in chat_template.jinja / .json."""
+    from transformers import AutoTokenizer
+
+    directory = Path(path).expanduser()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load a tokenizer from {directory}: {error}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = _chat_template_file(directory)
+    if not tokenizer.chat_template:
+        raise UserError(f"the tokenizer in {directory} has no chat template (expected Qwen2.5-VL's)")
+    if tokenizer.pad_token_id is None:
+        raise UserError(f"the tokenizer in {directory} has no padding token")
+    return tokenizer
+
+
+def _chat_template_file(directory: Path) -> str | None:
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    legacy = directory / "chat_template.json"
+    if legacy.is_file():
+        return json.loads(legacy.read_text(encoding="utf-8")).get("chat_template")
+    return None

@@ -1,0 +1,141 @@
+"""Frames to Qwen2.5-VL vision inputs (`pixel_values` + `grid_thw`), without transformers' image processors.
+
+Qwen2.5-VL resizes a frame so both sides are multiples of 28 (patch 14 x merge 2) within a pixel range, normalises
+it with the CLIP mean and standard deviation, and cuts it into 14 x 14 patches spanning 2 frames in time (a still
+image is repeated to fill both). Patches are ordered so that each 2 x 2 group the merger fuses is contiguous.
+One language-model token covers one such group: a 224 x 224 frame gives 16 x 16 patches, 64 tokens.
+
+This is done here rather than through transformers' processors because their interface and their dependency on
+torchvision change between the transformers versions this package supports; the tests check this module against
+transformers' own image processor wherever it can be built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+SIZE_FACTOR = PATCH_SIZE * MERGE_SIZE
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE
+
+
+@dataclass(frozen=True)
+class PixelRange:
+    """Bounds on a frame's pixel count after resizing. The paper's recipe: at most 50,176 (224 x 224)."""
+
+    min_pixels: int = 4 * SIZE_FACTOR**2
+    max_pixels: int = 224 * 224
+
+    def __post_init__(self) -> None:
+        if not SIZE_FACTOR**2 <= self.min_pixels <= self.max_pixels:
+            raise ValueError(f"pixel range [{self.min_pixels}, {self.max_pixels}] must be ordered and at least "
+                             f"{SIZE_FACTOR**2} (one token)")
+
+
+def resized_frame_size(height: int, width: int, pixels: PixelRange) -> tuple[int, int]:
+    """(height, width) a frame is resized to: multiples of 28, aspect ratio kept as well as the rounding allows,
+    area within the pixel range."""
+    if min(height, width) <= 0 or max(height, width) / min(height, width) > 200:
+        raise ValueError(f"frame of {width}x{height} pixels has an unusable aspect ratio")
+    new_height = max(SIZE_FACTOR, round(height / SIZE_FACTOR) * SIZE_FACTOR)
+    new_width = max(SIZE_FACTOR, round(width / SIZE_FACTOR) * SIZE_FACTOR)
+    if new_height * new_width > pixels.max_pixels:
+        shrink = math.sqrt(height * width / pixels.max_pixels)
+        new_height = max(SIZE_FACTOR, math.floor(height / shrink / SIZE_FACTOR) * SIZE_FACTOR)
+        new_width = max(SIZE_FACTOR, math.floor(width / shrink / SIZE_FACTOR) * SIZE_FACTOR)
+    elif new_height * new_width < pixels.min_pixels:
+        grow = math.sqrt(pixels.min_pixels / (height * width))
+        new_height = math.ceil(height * grow / SIZE_FACTOR) * SIZE_FACTOR
+        new_width = math.ceil(width * grow / SIZE_FACTOR) * SIZE_FACTOR
+    return new_height, new_width
+
+
+def tokens_per_frame(height: int, width: int, pixels: PixelRange) -> int:
+    """Language-model tokens of one image (or one 2-frame temporal patch of a video) of this size."""
+    new_height, new_width = resized_frame_size(height, width, pixels)
+    return (new_height // SIZE_FACTOR) * (new_width // SIZE_FACTOR)
+
+
+def video_tokens(frame_count: int, height: int, width: int, pixels: PixelRange) -> int:
+    """Tokens of `frame_count` frames fed as one video (pairs of frames share a temporal patch)."""
+    return math.ceil(frame_count / TEMPORAL_PATCH_SIZE) * tokens_per_frame(height, width, pixels)
+
+
+def frames_to_vision_inputs(
+    frames: Sequence[np.ndarray | Image.Image], pixels: PixelRange, *, as_video: bool
+) -> tuple[Tensor, Tensor]:
+    """Resize, normalise and patchify frames: `resize_frames` then `patchify_frames`."""
+    return patchify_frames(torch.from_numpy(resize_frames(frames, pixels)), as_video=as_video)
+
+
+def resize_frames(frames: Sequence[np.ndarray | Image.Image], pixels: PixelRange) -> np.ndarray:
+    """Frames (RGB uint8 [H, W, 3] arrays or PIL images, all of one size) resized for the vision tower.
+
+    Returns uint8 [T, H', W', 3], H' and W' from `resized_frame_size`. Kept in uint8 so that a 550-frame clip
+    crosses from dataloader workers to the trainer as 80 MB rather than 660 MB of float32 patches.
+    """
+    if not len(frames):
+        raise ValueError("no frames to resize")
+    height, width = np.asarray(frames[0]).shape[:2]
+    new_height, new_width = resized_frame_size(height, width, pixels)
+    out = np.empty((len(frames), new_height, new_width, 3), dtype=np.uint8)
+    for index, frame in enumerate(frames):
+        image = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, np.uint8))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if image.size != (width, height):
+            raise ValueError(f"frames differ in size: {image.size} vs {(width, height)}")
+        if image.size != (new_width, new_height):
+            image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+        out[index] = np.asarray(image)
+    return out
+
+
+def patchify_frames(frames: Tensor, *, as_video: bool) -> tuple[Tensor, Tensor]:
+    """Normalise and patchify resized frames on whatever device they are on.
+
+    frames: uint8 [T, H, W, 3] with H and W multiples of 28.
+    Returns pixel_values float32 [patches, 3 * 2 * 14 * 14] and grid_thw int64 [items, 3] (in patches): one
+    row per frame when `as_video` is False (each frame an image), else one row for the whole clip (an odd
+    frame count repeats the last frame to fill the final temporal patch).
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise ValueError(f"expected frames [T, H, W, 3], got {tuple(frames.shape)}")
+    if frames.shape[1] % SIZE_FACTOR or frames.shape[2] % SIZE_FACTOR:
+        raise ValueError(f"frame size {tuple(frames.shape[1:3])} is not a multiple of {SIZE_FACTOR}")
+    clip = frames.permute(0, 3, 1, 2).float().div_(255.0)  # [T, 3, H, W]
+    mean = torch.tensor(CLIP_MEAN, device=clip.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=clip.device).view(1, 3, 1, 1)
+    clip = (clip - mean) / std
+    if as_video:
+        missing = -clip.shape[0] % TEMPORAL_PATCH_SIZE
+        if missing:
+            clip = torch.cat([clip, clip[-1:].expand(missing, -1, -1, -1)])
+        groups = clip.view(-1, TEMPORAL_PATCH_SIZE, *clip.shape[1:])  # [T/2, 2, 3, H, W]
+    else:
+        groups = clip.unsqueeze(1).expand(-1, TEMPORAL_PATCH_SIZE, -1, -1, -1)  # each image twice in time
+    patches, (count, grid_h, grid_w) = _patchify(groups)
+    rows = [[count, grid_h, grid_w]] if as_video else [[1, grid_h, grid_w]] * count
+    return patches, torch.tensor(rows, dtype=torch.long, device=frames.device)
+
+
+def _patchify(groups: Tensor) -> tuple[Tensor, list[int]]:
+    """[G, 2, 3, H, W] -> ([G * H/14 * W/14, 3 * 2 * 14 * 14], [G, H/14, W/14]) in merge-group order."""
+    count, temporal, channels, height, width = groups.shape
+    grid_h, grid_w = height // PATCH_SIZE, width // PATCH_SIZE
+    blocks = groups.reshape(count, temporal, channels, grid_h // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE,
+                            grid_w // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE)
+    # -> [G, merged rows, merged cols, row in group, col in group, channel, time, patch row, patch col]
+    blocks = blocks.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return blocks.reshape(count * grid_h * grid_w, PATCH_DIM), [count, grid_h, grid_w]
