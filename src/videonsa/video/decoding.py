@@ -78,20 +78,14 @@ def probe_video(
         if isinstance(video, Sequence):
             paths = _as_path_list(video)
             name = f"{paths[0].parent / '*'} ({len(paths)} images)"
-            return image_reader.probe_images(
-                name, paths, frames_fps=frames_fps, max_source_pixels=max_source_pixels
-            )
-        raise UserError(
-            f"a video must be a file path, a folder of frames or a list of image paths, got {video!r}"
-        )
+            return image_reader.probe_images(name, paths, frames_fps=frames_fps, max_source_pixels=max_source_pixels)
+        raise UserError(f"a video must be a file path, a folder of frames or a list of image paths, got {video!r}")
     path = Path(video).expanduser()
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     if path.is_dir():
         paths = image_reader.frame_images_in(path)
-        return image_reader.probe_images(
-            str(path), paths, frames_fps=frames_fps, max_source_pixels=max_source_pixels
-        )
+        return image_reader.probe_images(str(path), paths, frames_fps=frames_fps, max_source_pixels=max_source_pixels)
     if backend == "decord":
         decord_reader.import_decord()
     info = pyav_reader.probe_file(path, max_source_pixels=max_source_pixels)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -41,10 +42,13 @@ def frame_images_in(folder: Path) -> tuple[Path, ...]:
 def _image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the image header, without decoding the pixels."""
     try:
-        with Image.open(path) as image:
-            return image.size
-    except Image.DecompressionBombError:
-        raise UserError(f"{path}: image resolution is enormous (PIL refuses to open it)") from None
+        with warnings.catch_warnings():
+            # Sizes are judged by `check_frame_dimensions`, with a message of ours.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except Image.DecompressionBombError as error:
+        raise UserError(f"{path}: image resolution is enormous ({error})") from None
     except (UnidentifiedImageError, OSError) as error:
         raise UserError(f"{path}: not a readable image ({error})") from None
 

@@ -35,13 +35,8 @@ class VideoInfo:
     def describe(self) -> str:
         """One line for people: name, size, duration, frame rate, frame count."""
         frames = (
-            "unknown"
-            if self.frame_count is None
-            else f"{'' if self.frame_count_is_exact else '~'}{self.frame_count:,}"
+            "unknown" if self.frame_count is None else f"{'' if self.frame_count_is_exact else '~'}{self.frame_count:,}"
         )
         rate = "unknown" if self.average_fps is None else f"{self.average_fps:.3g}"
         codec = f", {self.codec}" if self.codec else ""
-        return (
-            f"{self.name}: {self.width}x{self.height}{codec}, {self.duration:.2f}s, {rate} fps, "
-            f"{frames} frames"
-        )
+        return f"{self.name}: {self.width}x{self.height}{codec}, {self.duration:.2f}s, {rate} fps, {frames} frames"

@@ -138,9 +138,7 @@ class VideoPlan:
         )
 
 
-def frame_size(
-    height: int, width: int, *, max_pixels: int, min_pixels: int, factor: int = 28
-) -> tuple[int, int]:
+def frame_size(height: int, width: int, *, max_pixels: int, min_pixels: int, factor: int = 28) -> tuple[int, int]:
     """Qwen2.5-VL's "smart resize": the (height, width) a `height` x `width` frame is scaled to.
 
     Both sides become multiples of `factor`, as close to the original as rounding allows; if that area is
@@ -183,21 +181,22 @@ def evenly_spaced_times(info: VideoInfo, count: int) -> tuple[float, ...]:
 def _largest_size_within(
     info: VideoInfo, max_tokens: int, settings: SamplingSettings, geometry: VisionGeometry
 ) -> tuple[int, int]:
-    """The largest rounded frame size with at most `max_tokens` tokens per patch and `pixels_per_frame`."""
+    """The largest rounded frame size with at most `max_tokens` tokens per patch and `pixels_per_frame`.
+
+    Rounding is not monotonic (a lower pixel cap can round both sides down), so this lowers the cap one
+    token's area at a time from the largest that could help and keeps the first size that fits.
+    """
     side = geometry.pixels_per_token_side
-    max_pixels = min(settings.pixels_per_frame, max_tokens * side * side)
-    while True:
-        height, width = frame_size(
-            info.height,
-            info.width,
-            max_pixels=max_pixels,
-            min_pixels=min(settings.min_pixels_per_frame, max_pixels),
-            factor=side,
-        )
-        # Rounding up (an elongated or tiny frame) can overshoot `max_tokens`; shrink until it fits.
-        if geometry.tokens_per_patch(height, width) <= max_tokens or max_pixels <= side * side:
+    unit = side * side
+    # Floor rounding loses at most one token row and column, so caps above 4x the target never fit better.
+    max_pixels = min(settings.pixels_per_frame, 4 * (max_tokens + 1) * unit)
+    while max_pixels > unit:
+        min_pixels = min(settings.min_pixels_per_frame, max_pixels)
+        height, width = frame_size(info.height, info.width, max_pixels=max_pixels, min_pixels=min_pixels, factor=side)
+        if geometry.tokens_per_patch(height, width) <= max_tokens:
             return height, width
-        max_pixels -= side * side
+        max_pixels -= unit
+    return side, side
 
 
 def _smallest_size(info: VideoInfo, settings: SamplingSettings, geometry: VisionGeometry) -> tuple[int, int]:

@@ -33,7 +33,7 @@ def _open(path: Path):
         return av.open(str(path))
     except (av.FFmpegError, OSError) as error:
         reason = getattr(error, "strerror", None) or str(error)
-        raise UserError(f"{path}: not a readable video file ({reason})") from None
+        raise UserError(f"{path}: cannot be opened as a video ({reason}); not a video, or truncated?") from None
 
 
 def _video_stream(container, path: Path):
@@ -41,7 +41,7 @@ def _video_stream(container, path: Path):
         return container.streams.video[0]
     if container.streams.audio:
         raise UserError(f"{path}: has audio but no video stream")
-    raise UserError(f"{path}: has no video stream")
+    raise UserError(f"{path}: has no video stream (not a video, or truncated?)")
 
 
 def _first_frames(container, stream, path: Path, count: int) -> list:
@@ -54,15 +54,11 @@ def _first_frames(container, stream, path: Path, count: int) -> list:
                 break
     except av.FFmpegError as error:
         if not frames:
-            raise UserError(
-                f"{path}: its video stream cannot be decoded ({error.strerror}); corrupt file?"
-            ) from None
+            raise UserError(f"{path}: its video stream cannot be decoded ({error.strerror}); corrupt file?") from None
     if not frames:
         raise UserError(f"{path}: its video stream has no decodable frames (corrupt or empty file?)")
     if frames[0].pts is None:
-        raise UserError(
-            f"{path}: its frames carry no timestamps; remux it (e.g. ffmpeg -i IN -c copy OUT.mkv)"
-        )
+        raise UserError(f"{path}: its frames carry no timestamps; remux it (e.g. ffmpeg -i IN -c copy OUT.mkv)")
     return frames
 
 
@@ -94,9 +90,7 @@ def probe_file(path: Path, *, max_source_pixels: int) -> VideoInfo:
     """
     with _open(path) as container:
         stream = _video_stream(container, path)
-        check_frame_dimensions(
-            str(path), stream.codec_context.width, stream.codec_context.height, max_source_pixels
-        )
+        check_frame_dimensions(str(path), stream.codec_context.width, stream.codec_context.height, max_source_pixels)
         first = _first_frames(container, stream, path, count=2)
         if len(first) < 2:
             raise UserError(f"{path}: has a single video frame; at least 2 are needed (one temporal patch)")
@@ -151,14 +145,10 @@ class SeekingFrameReader:
             self._exhausted = True
             return None
         except av.FFmpegError as error:
-            raise UserError(
-                f"{self.path}: decoding failed ({error.strerror}); the file looks corrupt"
-            ) from None
+            raise UserError(f"{self.path}: decoding failed ({error.strerror}); the file looks corrupt") from None
         self.frames_decoded += 1
         if frame.pts is None:
-            raise UserError(
-                f"{self.path}: a frame carries no timestamp; remux it (e.g. ffmpeg -i IN -c copy OUT.mkv)"
-            )
+            raise UserError(f"{self.path}: a frame carries no timestamp; remux it (e.g. ffmpeg -i IN -c copy OUT.mkv)")
         if frame.key_frame:
             if self._last_keyframe_time is not None and frame.time > self._last_keyframe_time:
                 # The longest interval seen: encoders add keyframes at scene cuts, which say nothing about
@@ -258,9 +248,7 @@ def read_frames(
         for index, time in enumerate(timestamps):
             frame = reader.frame_at(time)
             _check_reached(path, frame, time, info, reader.exhausted)
-            frames[index] = frame.to_ndarray(
-                format="rgb24", width=width, height=height, interpolation="BICUBIC"
-            )
+            frames[index] = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BICUBIC")
             times.append(float(frame.time))
             if progress is not None:
                 progress(index + 1, len(timestamps))

@@ -77,9 +77,9 @@ def synthetic_frame(index: int, width: int, height: int) -> np.ndarray:
         image[top:bottom, left:right] = 255 if is_set else 0
     shapes = shape_positions(index, width, height)
     (square_x, square_y), half = shapes.square_centre, shapes.square_side / 2
-    image[
-        round(square_y - half) : round(square_y + half), round(square_x - half) : round(square_x + half)
-    ] = SQUARE_COLOUR
+    image[round(square_y - half) : round(square_y + half), round(square_x - half) : round(square_x + half)] = (
+        SQUARE_COLOUR
+    )
     rows, columns = np.mgrid[0:height, 0:width]
     disc_x, disc_y = shapes.disc_centre
     image[(columns - disc_x) ** 2 + (rows - disc_y) ** 2 <= shapes.disc_radius**2] = DISC_COLOUR
@@ -161,10 +161,7 @@ def write_variable_frame_rate_video(
     the last frame stops showing (the file's duration).
     """
     times_ms = [round(t * 1000) for t in timestamps]
-    if (
-        any(b <= a for a, b in zip(times_ms, times_ms[1:], strict=False))
-        or round(end_time * 1000) <= times_ms[-1]
-    ):
+    if any(b <= a for a, b in zip(times_ms, times_ms[1:], strict=False)) or round(end_time * 1000) <= times_ms[-1]:
         raise ValueError("timestamps must increase by at least 1 ms and end before end_time")
     path = Path(path)
     with av.open(str(path), "w", format="matroska") as container:
@@ -227,9 +224,7 @@ def truncated_copy(source: str | Path, destination: str | Path, keep_fraction: f
     return destination
 
 
-def corrupted_copy(
-    source: str | Path, destination: str | Path, *, start_fraction: float = 0.3, seed: int = 0
-) -> Path:
+def corrupted_copy(source: str | Path, destination: str | Path, *, start_fraction: float = 0.3, seed: int = 0) -> Path:
     """Copy `source` to `destination`, overwriting every byte from `start_fraction` of the file on with noise.
 
     The header survives, so the file still opens, but no packet after that point holds valid data.
