@@ -1,0 +1,29 @@
+"""The VideoNSA attention glue, independent of any particular model: gates, vision/text split, packing."""
+
+from videonsa.layers.attention import (
+    ATTENTION_MODES,
+    DenseAttend,
+    SparseSettings,
+    dense_text_attention,
+    sdpa_attend,
+    videonsa_attention,
+    vision_nsa_attention,
+)
+from videonsa.layers.gates import GATE_INIT_STD, branch_gates, init_gate_projections_, make_gate_projections
+from videonsa.layers.split import TokenSplit, build_token_split
+
+__all__ = [
+    "ATTENTION_MODES",
+    "GATE_INIT_STD",
+    "DenseAttend",
+    "SparseSettings",
+    "TokenSplit",
+    "branch_gates",
+    "build_token_split",
+    "dense_text_attention",
+    "init_gate_projections_",
+    "make_gate_projections",
+    "sdpa_attend",
+    "videonsa_attention",
+    "vision_nsa_attention",
+]

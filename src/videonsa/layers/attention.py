@@ -1,0 +1,138 @@
+"""VideoNSA attention over a split batch: NSA on the packed vision streams, dense causal attention for text.
+
+Nothing here knows Qwen: the model file computes q, k, v (rotary positions applied) and the gates, and hands
+over a function that runs dense attention through the model's own backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from videonsa.errors import UserError
+from videonsa.layers.split import TokenSplit
+from videonsa.ops import NSAConfig, nsa_attention
+
+ATTENTION_MODES = ("nsa", "dense")
+
+# Dense attention of gathered text queries: q [B, HQ, L, D], k/v [B, HKV, T, D], mask bool [B, 1, L, T]
+# (True = may attend) -> [B, L, HQ, D].
+DenseAttend = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class SparseSettings:
+    """How the vision path runs: the NSA budget, the gate temperature and the attention mode.
+
+    mode "nsa" sends vision tokens through NSA; "dense" runs every token dense and causal (Dense-NSA).
+    """
+
+    block_size: int = 64
+    block_count: int = 32
+    window_size: int = 256
+    init_blocks: int = 0
+    local_blocks: int = 1
+    gate_temperature: float = 0.3
+    mode: str = "nsa"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ATTENTION_MODES:
+            raise UserError(f"attention_mode must be one of {ATTENTION_MODES}, got {self.mode!r}")
+        for name in ("block_size", "block_count", "window_size", "init_blocks", "local_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{name} must be an integer, got {value!r}")
+        if not isinstance(self.gate_temperature, (int, float)) or not self.gate_temperature > 0:
+            raise UserError(f"gate_temperature must be a positive number, got {self.gate_temperature!r}")
+        try:
+            NSAConfig(self.block_size, self.block_count, self.window_size, self.init_blocks, self.local_blocks)
+        except ValueError as error:
+            raise UserError(str(error).removeprefix("nsa_attention: ")) from None
+
+    def nsa_kwargs(self) -> dict[str, int]:
+        """The budget as keyword arguments of `videonsa.ops.nsa_attention`."""
+        settings = asdict(self)
+        del settings["gate_temperature"], settings["mode"]
+        return settings
+
+
+def vision_nsa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gates: tuple[Tensor, Tensor, Tensor],
+    split: TokenSplit,
+    settings: SparseSettings,
+    scale: float | None = None,
+) -> Tensor:
+    """NSA over each sample's vision stream, the streams packed with `split.cu_seqlens`.
+
+    Args:
+        q: [B, T, HQ, D]; k, v: [B, T, HKV, D] (rotary positions already applied).
+        gates: (g_cmp, g_slc, g_swa), each [1, N, HQ], for the packed vision tokens.
+
+    Returns:
+        [1, N, HQ, D], the vision tokens' attention outputs in packed order.
+    """
+    q_vis, k_vis, v_vis = (split.gather_vision(x) for x in (q, k, v))
+    g_cmp, g_slc, g_swa = (g.to(q.dtype) for g in gates)
+    return nsa_attention(
+        q_vis, k_vis, v_vis, g_cmp, g_slc, g_swa,
+        cu_seqlens=split.cu_seqlens, scale=scale, **settings.nsa_kwargs(),
+    )
+
+
+def dense_text_attention(q: Tensor, k: Tensor, v: Tensor, split: TokenSplit, attend: DenseAttend) -> Tensor:
+    """Dense causal attention of each sample's text queries over all earlier real tokens, vision and text.
+
+    Args:
+        q: [B, T, HQ, D]; k, v: [B, T, HKV, D].
+        attend: runs the attention (see `DenseAttend`); `sdpa_attend` is a plain-PyTorch choice.
+
+    Returns:
+        [B, L, HQ, D] for the text slots of `split` (invalid slots hold values to be discarded).
+    """
+    q_text = split.gather_text(q).transpose(1, 2)
+    return attend(q_text, k.transpose(1, 2), v.transpose(1, 2), split.text_attention_mask())
+
+
+def sdpa_attend(scale: float | None = None) -> DenseAttend:
+    """A `DenseAttend` on torch's scaled_dot_product_attention (GQA by repeating key/value heads)."""
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        groups = q.shape[1] // k.shape[1]
+        k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
+
+    return attend
+
+
+def videonsa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gates: tuple[Tensor, Tensor, Tensor],
+    split: TokenSplit,
+    settings: SparseSettings,
+    attend: DenseAttend,
+    scale: float | None = None,
+) -> Tensor:
+    """The VideoNSA attention of a split batch: vision queries through NSA over their own stream, text queries
+    dense and causal over everything before them, outputs merged back in place.
+
+    Args:
+        q: [B, T, HQ, D]; k, v: [B, T, HKV, D] (rotary positions already applied).
+        gates: (g_cmp, g_slc, g_swa), each [1, N, HQ], for the packed vision tokens of `split`.
+
+    Returns:
+        [B, T, HQ, D].
+    """
+    if split.shape != tuple(q.shape[:2]):
+        raise ValueError(f"token split is for {split.shape} tokens but q is {tuple(q.shape)}")
+    vision_out = vision_nsa_attention(q, k, v, gates, split, settings, scale)
+    text_out = dense_text_attention(q, k, v, split, attend)
+    return split.merge(vision_out, text_out)
+

@@ -1,0 +1,175 @@
+"""Turn a Qwen2.5-VL checkpoint into a VideoNSA one, and write checkpoints in the legacy flat layout.
+
+The legacy layout is the released Enxin/VideoNSA checkpoint's: weights under `model.*` (text), `visual.*` and
+`lm_head.*`, config with `model_type: qwen2_5_vl` and `architectures: ["VideoNSAForConditionalGeneration"]`.
+Everything is written to temporary names first and renamed into place, so a failure leaves no half-written
+checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from videonsa.errors import UserError
+from videonsa.models.checkpoints import to_legacy_key
+
+# Shards of at most this many bytes, as transformers writes them by default.
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# Files of a checkpoint folder that hold the model itself; everything else (tokenizer, processor, chat
+# template, generation config) is copied unchanged by `convert_checkpoint`.
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+_MODEL_FILE_NAMES = ("config.json",)
+
+
+def save_legacy_layout(
+    model: nn.Module, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> None:
+    """Save `model` (a Qwen2.5-VL or VideoNSA model) with legacy flat key names and a `qwen2_5_vl` config.
+
+    Writes config.json, generation_config.json and model.safetensors (or shards plus an index) into `path`.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = _unique_tensors(model.state_dict())
+    legacy = {to_legacy_key(name): tensor.detach().contiguous() for name, tensor in tensors.items()}
+    shards = _shard(legacy, max_shard_bytes)
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards, strict=True):
+        _write_atomic(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in legacy.values())},
+            "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key in shard},
+        }
+        _write_json(path / "model.safetensors.index.json", index)
+
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config["model_type"] = "qwen2_5_vl"
+    config["architectures"] = [type(model).__name__]
+    _write_json(path / "config.json", config)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        _write_json(path / "generation_config.json", json.loads(generation_config.to_json_string()))
+
+
+def convert_checkpoint(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    legacy_layout: bool = False,
+    dtype: str = "auto",
+    seed: int = 0,
+    **settings: Any,
+) -> Path:
+    """Write a VideoNSA checkpoint made from the Qwen2.5-VL (or VideoNSA) checkpoint folder `source`.
+
+    Weights are kept; gates missing from `source` are initialised fresh (N(0, 0.02), bias 0, seeded by `seed`).
+    Tokenizer, processor and other non-weight files are copied. `settings` (block_size, block_counts,
+    window_size, init_blocks, local_blocks, gate_temperature, attention_mode) are recorded in the new config.
+
+    Args:
+        legacy_layout: write the released checkpoint's flat layout instead of transformers' current one.
+        dtype: "auto" (as stored), "bfloat16", "float16" or "float32".
+    """
+    from videonsa.models.modeling_videonsa import VideoNSAForConditionalGeneration
+
+    source, destination = Path(source), Path(destination)
+    if not (source / "config.json").is_file():
+        raise UserError(f"{source}: not a checkpoint folder (no config.json)")
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise UserError(f"{destination}: already exists and is not an empty folder")
+    torch_dtype = _parse_dtype(dtype)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = VideoNSAForConditionalGeneration.from_pretrained(source, dtype=torch_dtype, **settings)
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.partial-"))
+    try:
+        if legacy_layout:
+            save_legacy_layout(model, staging)
+        else:
+            model.save_pretrained(staging)
+        for item in source.iterdir():
+            if item.is_file() and not _is_model_file(item.name) and not (staging / item.name).exists():
+                shutil.copy2(item, staging / item.name)
+        if destination.exists():
+            destination.rmdir()  # empty, checked above
+        os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return destination
+
+
+def _parse_dtype(name: str) -> str | torch.dtype:
+    choices = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if name not in choices:
+        raise UserError(f"dtype must be one of {sorted(choices)}, got {name!r}")
+    return choices[name]
+
+
+def _is_model_file(name: str) -> bool:
+    return name in _MODEL_FILE_NAMES or name.endswith(_MODEL_FILE_SUFFIXES)
+
+
+def _unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop names that share storage with an earlier one (tied embeddings): safetensors stores each once, and
+    loading re-ties them from the config."""
+    seen: set[tuple[int, int]] = set()
+    unique = {}
+    for name, tensor in state_dict.items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if identity in seen:
+            continue
+        seen.add(identity)
+        unique[name] = tensor
+    return unique
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """Run write(temporary_path) and rename the result to `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, data: dict) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+
+    _write_atomic(path, write)

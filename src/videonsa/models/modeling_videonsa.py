@@ -1,0 +1,373 @@
+"""VideoNSA on Qwen2.5-VL: the transformers model classes with VideoNSA attention in every text layer.
+
+Everything but the text attention is Qwen2.5-VL as transformers implements it (vision tower, M-RoPE, MLPs,
+generation). `VideoNSAAttention` replaces `Qwen2_5_VLAttention`: q/k/v projections and rotary positions as
+before, then
+
+- vision tokens (image/video placeholders) attend through NSA over their own sample's vision stream,
+- text tokens attend densely and causally to every earlier token of their sample, vision and text,
+
+with the gates computed from the layer input. Which tokens are vision tokens comes from `mm_token_type_ids`
+or the placeholder token ids, computed once per forward in `VideoNSAModel.forward` and handed to the layers.
+
+In `attention_mode="dense"`, and for chunks without vision tokens (text prompts, decoding steps), the layer
+runs exactly the stock Qwen2.5-VL attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import initialization as hf_init
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+from transformers.utils import logging
+
+from videonsa.errors import UserError
+from videonsa.layers import (
+    GATE_INIT_STD,
+    SparseSettings,
+    TokenSplit,
+    branch_gates,
+    build_token_split,
+    make_gate_projections,
+    videonsa_attention,
+)
+from videonsa.models.checkpoints import LEGACY_KEY_MAPPING, checkpoint_has_gates
+from videonsa.models.configuration_videonsa import NSA_CONFIG_DEFAULTS, VideoNSAConfig
+
+logger = logging.get_logger(__name__)
+
+# Keyword under which the token split travels from the text model to its attention layers.
+SPLIT_KWARG = "videonsa_split"
+# The split of the forward pass in progress, set by VideoNSAModel.forward for its text model. A context
+# variable rather than a forward argument because Qwen2.5-VL passes its extra arguments to the vision tower too.
+_CURRENT_SPLIT: contextvars.ContextVar[TokenSplit | None] = contextvars.ContextVar("videonsa_split", default=None)
+_GATE_KEY_PATTERN = r"\.self_attn\.g_proj_[12]\.(weight|bias)$"
+# set_sparsity's knobs: config names -> SparseSettings fields.
+_KNOB_FIELDS = {
+    "block_size": "block_size",
+    "block_counts": "block_count",
+    "window_size": "window_size",
+    "init_blocks": "init_blocks",
+    "local_blocks": "local_blocks",
+    "gate_temperature": "gate_temperature",
+}
+
+
+def settings_from_text_config(text_config: Any) -> SparseSettings:
+    """The sparse settings a text config records (defaults where it records none, e.g. plain Qwen2.5-VL)."""
+    value = lambda key: getattr(text_config, key, NSA_CONFIG_DEFAULTS[key])  # noqa: E731
+    return SparseSettings(
+        block_size=value("block_size"),
+        block_count=value("block_counts"),
+        window_size=value("window_size"),
+        init_blocks=value("init_blocks"),
+        local_blocks=value("local_blocks"),
+        gate_temperature=value("gate_temperature"),
+        mode=value("attention_mode"),
+    )
+
+
+class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
+    """Qwen2.5-VL text attention with the VideoNSA vision path and gates (`g_proj_1`, `g_proj_2`).
+
+    `settings` (a SparseSettings) holds the mode and budget; `set_attention_mode` / `set_sparsity` change it
+    on a loaded model.
+    """
+
+    def __init__(self, config: Any, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.g_proj_1, self.g_proj_2 = make_gate_projections(config.hidden_size, self.num_heads)
+        self.settings = settings_from_text_config(config)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: Any = None,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        *,
+        cache: Any = None,
+        videonsa_split: TokenSplit | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor | None]:
+        """hidden_states [B, T, hidden] (after input_layernorm) -> ([B, T, hidden], attention weights or None).
+
+        The KV cache arrives as `cache` (transformers >= 5.2x) or `past_key_values` (older 5.x).
+        """
+        cache = cache if cache is not None else past_key_values
+        batch, seq_len, _ = hidden_states.shape
+        shape = (batch, seq_len, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = qwen.apply_rotary_pos_emb(query, key, cos, sin)
+
+        if self.settings.mode == "nsa":
+            if videonsa_split is None:
+                raise UserError(
+                    "VideoNSA attention got no vision/text token split: run it through VideoNSAModel or "
+                    "VideoNSAForConditionalGeneration, or switch to attention_mode='dense'"
+                )
+            if videonsa_split.has_vision:
+                output = self._split_forward(hidden_states, query, key, value, cache, videonsa_split)
+                return self.o_proj(output.reshape(batch, seq_len, -1)), None
+
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        attention_interface = qwen.ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, qwen.eager_attention_forward
+        )
+        output, weights = attention_interface(
+            self, query, key, value, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            position_ids=position_ids,
+            **kwargs,
+        )
+        return self.o_proj(output.reshape(batch, seq_len, -1).contiguous()), weights
+
+    def _split_forward(
+        self, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor, cache: Any, split: TokenSplit
+    ) -> Tensor:
+        """VideoNSA attention of a chunk holding vision tokens; q [B, HQ, T, D], k/v [B, HKV, T, D] ->
+        [B, T, HQ, D]. Such a chunk must start the sequence: the vision streams need all of their keys."""
+        if cache is not None:
+            cached = cache.get_seq_length(self.layer_idx)
+            if cached:
+                raise UserError(
+                    f"vision tokens arrived while the KV cache already holds {cached} tokens; VideoNSA needs all "
+                    "of a conversation's images and videos in its first forward pass (start a new cache and "
+                    "pass the whole conversation, or use attention_mode='dense')"
+                )
+            # Later decoding steps attend densely to these keys.
+            cache.update(key, value, self.layer_idx)
+        gates = branch_gates(
+            split.gather_vision(hidden_states), self.g_proj_1, self.g_proj_2,
+            self.num_heads, self.settings.gate_temperature,
+        )
+        return videonsa_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), gates, split, self.settings,
+            attend=self._dense_attend, scale=self.scaling,
+        )
+
+    def _dense_attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
+        """Text queries through the model's attention backend with an explicit mask: q [B, HQ, L, D],
+        k/v [B, HKV, T, D], mask bool [B, 1, L, T] -> [B, L, HQ, D]. Backends that take no arbitrary mask
+        (flash attention) use SDPA here; text queries are few, so this costs little."""
+        if self.config._attn_implementation == "eager":
+            attend = qwen.eager_attention_forward
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min
+            )
+        else:
+            attend = qwen.ALL_ATTENTION_FUNCTIONS["sdpa"]
+        dropout = 0.0 if not self.training else self.attention_dropout
+        output, _ = attend(self, query, key, value, mask, dropout=dropout, scaling=self.scaling)
+        return output
+
+
+class _GateInitMixin:
+    """Initialises new gates as N(0, GATE_INIT_STD) weights and zero biases, whatever initializer_range says."""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, VideoNSAAttention):
+            for proj in (module.g_proj_1, module.g_proj_2):
+                hf_init.normal_(proj.weight, mean=0.0, std=GATE_INIT_STD)
+                hf_init.zeros_(proj.bias)
+
+
+class VideoNSATextModel(_GateInitMixin, qwen.Qwen2_5_VLTextModel):
+    """The Qwen2.5-VL text model with VideoNSAAttention layers; it hands the token split to every layer."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        for layer_idx, layer in enumerate(self.layers):
+            layer.self_attn = VideoNSAAttention(config, layer_idx)
+        # Initialises the new attention modules only: the others are marked initialised already.
+        self.post_init()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault(SPLIT_KWARG, _CURRENT_SPLIT.get())
+        return super().forward(*args, **kwargs)
+
+
+class VideoNSAModel(_GateInitMixin, qwen.Qwen2_5_VLModel):
+    """Qwen2.5-VL base model (vision tower + text model) with VideoNSA attention."""
+
+    config_class = VideoNSAConfig
+
+    def __init__(self, config: VideoNSAConfig) -> None:
+        # Qwen2_5_VLModel.__init__ with the VideoNSA text model in place of the stock one.
+        qwen.Qwen2_5_VLPreTrainedModel.__init__(self, config)
+        self.visual = qwen.Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.language_model = VideoNSATextModel._from_config(config.text_config)
+        self.rope_deltas = None
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *args: Any,
+        mm_token_type_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Qwen2_5_VLModel.forward, with the vision/text split of the tokens computed first (nsa mode)."""
+        split = None
+        if self.language_model.layers[0].self_attn.settings.mode == "nsa":
+            split = self.token_split(input_ids, mm_token_type_ids, attention_mask, inputs_embeds)
+        with _current_split(split):
+            return super().forward(
+                input_ids, attention_mask, *args,
+                mm_token_type_ids=mm_token_type_ids, inputs_embeds=inputs_embeds, **kwargs,
+            )
+
+    def token_split(
+        self,
+        input_ids: Tensor | None,
+        mm_token_type_ids: Tensor | None,
+        attention_mask: Tensor | None,
+        inputs_embeds: Tensor | None = None,
+    ) -> TokenSplit:
+        """Split the tokens of a forward pass into vision and text (never from rotary positions).
+
+        Vision tokens are those with `mm_token_type_ids` 1 (image) or 2 (video), or else those whose
+        `input_ids` are the image/video placeholder ids. input_ids, mm_token_type_ids: [B, T];
+        attention_mask: [B, T] or [B, P + T] padding mask.
+        """
+        if mm_token_type_ids is not None:
+            vision_mask = mm_token_type_ids > 0
+        elif input_ids is not None:
+            placeholders = torch.tensor(
+                [self.config.image_token_id, self.config.video_token_id], device=input_ids.device
+            )
+            vision_mask = torch.isin(input_ids, placeholders)
+        else:
+            raise UserError(
+                "VideoNSA needs input_ids or mm_token_type_ids to tell vision tokens from text "
+                "(got only inputs_embeds); pass mm_token_type_ids"
+            )
+        if inputs_embeds is not None and tuple(vision_mask.shape) != tuple(inputs_embeds.shape[:2]):
+            raise UserError(
+                f"mm_token_type_ids has shape {tuple(vision_mask.shape)} but inputs_embeds is "
+                f"{tuple(inputs_embeds.shape[:2])} tokens"
+            )
+        return build_token_split(vision_mask, attention_mask)
+
+
+class VideoNSAForConditionalGeneration(_GateInitMixin, qwen.Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL for generation with VideoNSA attention (video tokens sparse, text dense).
+
+    Example:
+        >>> model = VideoNSAForConditionalGeneration.from_pretrained("Enxin/VideoNSA", dtype=torch.bfloat16)
+        >>> model.set_attention_mode("dense")       # Dense-NSA, no reload
+        >>> model.set_sparsity(block_counts=16)     # budget knobs, no reload
+    """
+
+    config_class = VideoNSAConfig
+    _keys_to_ignore_on_load_missing = [_GATE_KEY_PATTERN]  # reported once, by from_pretrained, not per key
+
+    def __init__(self, config: VideoNSAConfig) -> None:
+        # Qwen2_5_VLForConditionalGeneration.__init__ with the VideoNSA base model.
+        qwen.Qwen2_5_VLPreTrainedModel.__init__(self, config)
+        self.model = VideoNSAModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any
+    ) -> Any:
+        """Load a VideoNSA checkpoint (this package's layout or the released flat one) or a plain Qwen2.5-VL
+        checkpoint (gates initialised fresh, with one warning).
+
+        VideoNSA settings can be given as keyword arguments and override the checkpoint's: `attention_mode`,
+        `block_size`, `block_counts`, `window_size`, `init_blocks`, `local_blocks`, `gate_temperature`.
+        Everything else goes to transformers' `from_pretrained`.
+        """
+        settings = {key: kwargs.pop(key) for key in NSA_CONFIG_DEFAULTS if key in kwargs}
+        wants_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("key_mapping", LEGACY_KEY_MAPPING)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "token", "revision", "local_files_only") if k in kwargs}
+        if checkpoint_has_gates(pretrained_model_name_or_path, kwargs.get("subfolder", ""), **hub_kwargs) is False:
+            layers = model.config.text_config.num_hidden_layers
+            logger.warning(
+                f"{pretrained_model_name_or_path} has no VideoNSA gates: initialised g_proj_1/g_proj_2 of all "
+                f"{layers} layers fresh (weights N(0, {GATE_INIT_STD}), biases 0); fine-tune before use"
+            )
+        mode = settings.pop("attention_mode", None)
+        if settings:
+            model.set_sparsity(**settings)
+        if mode is not None:
+            model.set_attention_mode(mode)
+        return (model, info) if wants_info else model
+
+    def set_attention_mode(self, mode: str) -> None:
+        """"nsa" (vision tokens sparse) or "dense" (every token dense causal, gates unused); no reload."""
+        set_attention_mode(self, mode)
+
+    def set_sparsity(self, **knobs: Any) -> None:
+        """Change the budget on the loaded model: block_size, block_counts, window_size, init_blocks,
+        local_blocks, gate_temperature."""
+        set_sparsity(self, **knobs)
+
+    @property
+    def sparse_settings(self) -> SparseSettings:
+        """The settings every VideoNSA layer runs with now."""
+        return _attention_layers(self)[0].settings
+
+
+def set_attention_mode(model: nn.Module, mode: str) -> None:
+    """Switch every VideoNSA layer of `model` to attention mode "nsa" or "dense", and record it in the config."""
+    _apply_settings(model, mode=mode)
+
+
+def set_sparsity(model: nn.Module, **knobs: Any) -> None:
+    """Change the sparse budget of every VideoNSA layer of `model` (block_size, block_counts, window_size,
+    init_blocks, local_blocks, gate_temperature), and record it in the config."""
+    unknown = sorted(set(knobs) - set(_KNOB_FIELDS))
+    if unknown:
+        raise UserError(f"unknown sparsity setting(s) {unknown}; known: {sorted(_KNOB_FIELDS)}")
+    _apply_settings(model, **{_KNOB_FIELDS[name]: value for name, value in knobs.items()})
+
+
+def _apply_settings(model: nn.Module, **changes: Any) -> None:
+    layers = _attention_layers(model)
+    settings = dataclasses.replace(layers[0].settings, **changes)  # validates
+    for layer in layers:
+        layer.settings = settings
+    config = getattr(model, "config", None)
+    if isinstance(config, VideoNSAConfig):
+        config.record_sparse_settings(settings)
+
+
+def _attention_layers(model: nn.Module) -> list[VideoNSAAttention]:
+    layers = [module for module in model.modules() if isinstance(module, VideoNSAAttention)]
+    if not layers:
+        raise UserError(f"{type(model).__name__} has no VideoNSA attention layers")
+    return layers
+
+
+@contextlib.contextmanager
+def _current_split(split: TokenSplit | None) -> Iterator[None]:
+    token = _CURRENT_SPLIT.set(split)
+    try:
+        yield
+    finally:
+        _CURRENT_SPLIT.reset(token)
