@@ -16,7 +16,7 @@ from videonsa.errors import UserError
 
 # Modules that provide subcommands, in the order `--help` lists them. Imported lazily so that
 # `videonsa --help` does not pay for importing transformers.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("videonsa.commands.data", "videonsa.commands.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
