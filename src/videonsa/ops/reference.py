@@ -243,6 +243,8 @@ def _masked_softmax(scores: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
     Written with a detached max shift instead of torch.logsumexp so that all-masked rows have finite
     gradients (zero) rather than NaN.
     """
+    if scores.shape[-1] == 0:  # nothing to attend to at all, e.g. no complete block in a short sequence
+        return scores.new_zeros(scores.shape), scores.new_full(scores.shape[:-1], -math.inf)
     scores = scores.masked_fill(~allowed, -math.inf)
     row_max = scores.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
