@@ -1,0 +1,190 @@
+"""Load once, ask many: `videonsa.load(...)` returns a `VideoQA` whose `ask` answers questions about videos.
+
+>>> import videonsa
+>>> model = videonsa.load("Enxin/VideoNSA")                       # or a local directory
+>>> answer = model.ask("talk.mp4", "What is written on the board?", budget_tokens=65_536)
+>>> answer.text, answer.report.describe()
+>>> model.ask("talk.mp4", "Who speaks first?", options=["the host", "the guest"]).choice   # "A" or "B"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from videonsa.inference.generation import Answer, GenerationSettings, TextCallback, generate_answer
+from videonsa.inference.model_files import (
+    ModelFiles,
+    check_attention,
+    load_weights,
+    open_model_files,
+    resolve_device,
+    resolve_dtype,
+)
+from videonsa.inference.prompt import QuestionPrompt, build_prompt
+from videonsa.video import DEFAULT_FPS, SamplingSettings, VideoInput, VideoPlan, plan_video, probe_video
+from videonsa.video.decoding import Progress, decode_video
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingSettings)}
+_GENERATION_FIELDS = {f.name for f in dataclasses.fields(GenerationSettings)}
+
+
+@dataclass(frozen=True)
+class PlannedQuestion:
+    """A question checked and planned, before any frame is decoded: its prompt and its video plan."""
+
+    prompt: QuestionPrompt
+    plan: VideoPlan
+    generation: GenerationSettings
+
+
+def plan_question(
+    files: ModelFiles,
+    video: VideoInput,
+    question: str,
+    *,
+    options: Sequence[str] | None = None,
+    sampling: SamplingSettings | None = None,
+    generation: GenerationSettings | None = None,
+    backend: str = "pyav",
+    frames_fps: float = DEFAULT_FPS,
+) -> PlannedQuestion:
+    """Check every input (settings, question, options, video) and plan the frames; loads no weights.
+
+    The budget covers the prompt, the video and the answer (max_new_tokens, or one letter for options).
+    """
+    sampling = (sampling or SamplingSettings()).validate()
+    generation = (generation or GenerationSettings()).validate()
+    prompt = build_prompt(files, question, options)
+    info = probe_video(video, backend=backend, frames_fps=frames_fps)
+    text_tokens = prompt.text_tokens + generation.answer_tokens(bool(prompt.letters))
+    plan = plan_video(info, sampling, text_tokens=text_tokens, geometry=files.geometry)
+    return PlannedQuestion(prompt=prompt, plan=plan, generation=generation)
+
+
+def split_settings(
+    overrides: dict[str, Any], sampling: SamplingSettings | None, generation: GenerationSettings | None
+) -> tuple[SamplingSettings, GenerationSettings]:
+    """Apply keyword overrides (fields of either settings class) on top of the given or default settings."""
+    unknown = sorted(set(overrides) - _SAMPLING_FIELDS - _GENERATION_FIELDS)
+    if unknown:
+        known = ", ".join(sorted(_SAMPLING_FIELDS | _GENERATION_FIELDS))
+        raise TypeError(f"unknown setting(s) {', '.join(unknown)}; known: {known}")
+    sampling = dataclasses.replace(
+        sampling or SamplingSettings(), **{k: v for k, v in overrides.items() if k in _SAMPLING_FIELDS}
+    )
+    generation = dataclasses.replace(
+        generation or GenerationSettings(), **{k: v for k, v in overrides.items() if k in _GENERATION_FIELDS}
+    )
+    return sampling, generation
+
+
+class VideoQA:
+    """A loaded VideoNSA (or Qwen2.5-VL) model that answers questions about videos.
+
+    Use `videonsa.load` to make one. `ask` plans the frames within the token budget, decodes them, and
+    generates; `attention` switches between "nsa" and "dense" without reloading.
+    """
+
+    def __init__(self, files: ModelFiles, model: torch.nn.Module) -> None:
+        self.files = files
+        self.model = model
+
+    @property
+    def attention(self) -> str:
+        """The attention mode in use: "nsa" or "dense"."""
+        return self.model.config.text_config.attention_mode
+
+    @attention.setter
+    def attention(self, mode: str) -> None:
+        self.model.set_attention_mode(check_attention(mode))
+
+    def plan(
+        self,
+        video: VideoInput,
+        question: str,
+        *,
+        options: Sequence[str] | None = None,
+        backend: str = "pyav",
+        frames_fps: float = DEFAULT_FPS,
+        sampling: SamplingSettings | None = None,
+        generation: GenerationSettings | None = None,
+        **settings: Any,
+    ) -> VideoPlan:
+        """The frames `ask` would use for this question, without decoding them (see `ask` for arguments)."""
+        sampling, generation = split_settings(settings, sampling, generation)
+        return plan_question(
+            self.files,
+            video,
+            question,
+            options=options,
+            sampling=sampling,
+            generation=generation,
+            backend=backend,
+            frames_fps=frames_fps,
+        ).plan
+
+    def ask(
+        self,
+        video: VideoInput,
+        question: str,
+        *,
+        options: Sequence[str] | None = None,
+        on_text: TextCallback | None = None,
+        progress: Progress | None = None,
+        backend: str = "pyav",
+        frames_fps: float = DEFAULT_FPS,
+        sampling: SamplingSettings | None = None,
+        generation: GenerationSettings | None = None,
+        **settings: Any,
+    ) -> Answer:
+        """Answer `question` about `video` (a file, a folder of frames or a list of image paths).
+
+        options: multiple-choice answers; the answer's `choice` is then the chosen letter.
+        on_text: called with each piece of the answer as it is generated (e.g. `print`, with end="").
+        progress: called as `progress(done, total)` while frames decode.
+        settings: fields of `SamplingSettings` (fps, max_frames, pixels_per_frame, min_pixels_per_frame,
+            budget_tokens, prefer) or `GenerationSettings` (max_new_tokens, temperature, top_p, top_k, seed),
+            applied over `sampling` / `generation`.
+        """
+        sampling, generation = split_settings(settings, sampling, generation)
+        planned = plan_question(
+            self.files,
+            video,
+            question,
+            options=options,
+            sampling=sampling,
+            generation=generation,
+            backend=backend,
+            frames_fps=frames_fps,
+        )
+        decoded = decode_video(planned.plan, progress=progress)
+        return generate_answer(self.model, self.files, planned.prompt, decoded, planned.generation, on_text=on_text)
+
+
+def load(
+    model: str,
+    *,
+    attention: str = "nsa",
+    device: str = "auto",
+    dtype: str = "auto",
+) -> VideoQA:
+    """Load a model from a local directory or a Hugging Face Hub id, ready to `ask`.
+
+    attention: "nsa" (sparse attention over video tokens) or "dense". device: "auto", "cpu", "cuda" or
+    "cuda:N". dtype: "auto" (bfloat16 on GPU, float32 on CPU), "bfloat16", "float16" or "float32".
+    Raises `UserError` with one line for a missing directory, an unreachable hub id or a bad setting.
+    """
+    check_attention(attention)
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    files = open_model_files(model)
+    weights = load_weights(files, attention=attention, device=resolved_device, dtype=resolved_dtype)
+    return VideoQA(files, weights)
+
+
+__all__ = ["PlannedQuestion", "VideoQA", "load", "plan_question", "split_settings"]

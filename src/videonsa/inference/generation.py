@@ -1,0 +1,213 @@
+"""Generating the answer: sampling settings, streaming with timings, multiple-choice letters, the report."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig, TextStreamer
+
+from videonsa.errors import UserError
+from videonsa.inference.model_files import ModelFiles
+from videonsa.inference.prompt import QuestionPrompt, model_inputs
+from videonsa.video import DecodedVideo, VideoPlan
+
+TextCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to generate: greedy when temperature is 0, else sampling with temperature / top_p / top_k."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def validate(self) -> GenerationSettings:
+        """Return self, or raise `UserError` naming the first bad setting."""
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        return self
+
+    def answer_tokens(self, multiple_choice: bool) -> int:
+        """Tokens the answer may take: one letter for a multiple-choice question, else max_new_tokens."""
+        return 1 if multiple_choice else self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class AskReport:
+    """What one question cost: frames and tokens, time to decode the video, prefill and decode speed."""
+
+    frames: int
+    frame_height: int
+    frame_width: int
+    video_tokens: int
+    prompt_tokens: int
+    generated_tokens: int
+    video_seconds: float
+    prefill_seconds: float
+    decode_seconds: float
+    attention: str
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """Tokens per second after the first one (None when only one token was generated)."""
+        if self.generated_tokens < 2 or self.decode_seconds <= 0:
+            return None
+        return (self.generated_tokens - 1) / self.decode_seconds
+
+    def describe(self) -> str:
+        """A short line for people."""
+        speed = self.decode_tokens_per_second
+        decode = "n/a" if speed is None else f"{speed:.1f} tokens/s"
+        return (
+            f"{self.frames} frames at {self.frame_width}x{self.frame_height}, {self.prompt_tokens:,} prompt tokens "
+            f"({self.video_tokens:,} video), {self.generated_tokens} generated; video decoding "
+            f"{self.video_seconds:.2f}s, prefill {self.prefill_seconds:.2f}s, decode {decode} "
+            f"[attention {self.attention}]"
+        )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The model's answer. `choice` is the option letter for a multiple-choice question, else None;
+    `choice_probabilities` gives each letter's probability among the letters."""
+
+    text: str
+    plan: VideoPlan
+    report: AskReport
+    choice: str | None = None
+    choice_probabilities: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class TimingStreamer(TextStreamer):
+    """transformers' TextStreamer that hands text to a callback and notes when the first new token arrives."""
+
+    def __init__(self, tokenizer, on_text: TextCallback | None) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        # The first call carries the prompt; the next one is the first generated token, which ends prefill.
+        if not self.next_tokens_are_prompt and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        super().put(value)
+
+    def end(self) -> None:
+        self.finished_at = time.perf_counter()
+        super().end()
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if self.on_text is not None and text:
+            self.on_text(text)
+
+
+def _generation_config(model, settings: GenerationSettings, multiple_choice: bool) -> GenerationConfig:
+    """The model's stop and pad tokens with our sampling settings (nothing else carried over from the checkpoint).
+
+    A multiple-choice answer is one token, whose raw logits are kept to report the letters' probabilities.
+    """
+    base = model.generation_config
+    sampling = settings.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=settings.answer_tokens(multiple_choice),
+        return_dict_in_generate=True,
+        output_logits=multiple_choice,
+        do_sample=sampling,
+        temperature=settings.temperature if sampling else None,
+        top_p=settings.top_p if sampling else None,
+        top_k=(settings.top_k or None) if sampling else None,
+        eos_token_id=base.eos_token_id,
+        pad_token_id=base.pad_token_id if base.pad_token_id is not None else base.eos_token_id,
+        bos_token_id=base.bos_token_id,
+    )
+
+
+def _choice(prompt: QuestionPrompt, token_id: int, first_logits: torch.Tensor) -> tuple[str, dict[str, float]]:
+    """The option letter generated (token `token_id`) and each letter's probability among the letters.
+
+    Generation was restricted to the letters, so the token is one of them: the most probable when greedy,
+    a draw when sampling. The probabilities come from the raw logits, before temperature.
+    """
+    letter_logits = first_logits[0, list(prompt.letter_token_ids)].float()
+    probabilities = torch.softmax(letter_logits, dim=-1).tolist()
+    letter = prompt.letters[prompt.letter_token_ids.index(token_id)]
+    return letter, dict(zip(prompt.letters, probabilities, strict=True))
+
+
+def generate_answer(
+    model,
+    files: ModelFiles,
+    prompt: QuestionPrompt,
+    video: DecodedVideo,
+    settings: GenerationSettings,
+    *,
+    on_text: TextCallback | None = None,
+) -> Answer:
+    """Run the model on the prompt and video and return the answer with its report.
+
+    A multiple-choice prompt generates one token restricted to the option letters; its `choice` is that
+    letter. Text is passed to `on_text` as it is generated.
+    """
+    settings = settings.validate()
+    multiple_choice = bool(prompt.letters)
+    device = next(model.parameters()).device
+    inputs = {name: tensor.to(device) for name, tensor in model_inputs(prompt, video, files).items()}
+    prompt_tokens = inputs["input_ids"].shape[1]
+    streamer = TimingStreamer(files.tokenizer, on_text)
+    extra = {}
+    if multiple_choice:
+        allowed = list(prompt.letter_token_ids)
+        extra = {"prefix_allowed_tokens_fn": lambda batch, ids: allowed}
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs,
+            generation_config=_generation_config(model, settings, multiple_choice),
+            streamer=streamer,
+            **extra,
+        )
+    new_tokens = output.sequences[0, prompt_tokens:]
+    text = files.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    choice, probabilities = None, {}
+    if multiple_choice:
+        choice, probabilities = _choice(prompt, int(new_tokens[0]), output.logits[0])
+    first = streamer.first_token_at or streamer.finished_at or time.perf_counter()
+    finished = streamer.finished_at or time.perf_counter()
+    plan = video.plan
+    report = AskReport(
+        frames=plan.frame_count,
+        frame_height=plan.frame_height,
+        frame_width=plan.frame_width,
+        video_tokens=plan.video_tokens,
+        prompt_tokens=prompt_tokens,
+        generated_tokens=int(new_tokens.numel()),
+        video_seconds=video.seconds,
+        prefill_seconds=first - streamer.started,
+        decode_seconds=finished - first,
+        attention=_attention_mode(model),
+    )
+    return Answer(text=text, plan=plan, report=report, choice=choice, choice_probabilities=probabilities)
+
+
+def _attention_mode(model) -> str:
+    text_config = getattr(model.config, "text_config", model.config)
+    return getattr(text_config, "attention_mode", "dense")
