@@ -16,7 +16,12 @@ from videonsa.errors import UserError
 
 # Modules that provide subcommands, in the order `--help` lists them. Imported lazily so that
 # `videonsa --help` does not pay for importing transformers.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("videonsa.commands.data", "videonsa.commands.train")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "videonsa.commands.ask",
+    "videonsa.commands.data",
+    "videonsa.commands.train",
+    "videonsa.commands.convert",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from videonsa.errors import UserError
-from videonsa.models.checkpoints import to_legacy_key
+from videonsa.models.checkpoints import to_current_key, to_legacy_key
 
 # Shards of at most this many bytes, as transformers writes them by default.
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -32,17 +32,30 @@ _MODEL_FILE_NAMES = ("config.json",)
 def save_legacy_layout(
     model: nn.Module, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 ) -> None:
-    """Save `model` (a Qwen2.5-VL or VideoNSA model) with legacy flat key names and a `qwen2_5_vl` config.
+    """Save `model` (a Qwen2.5-VL or VideoNSA model) with legacy flat key names and a `qwen2_5_vl` config,
+    as the released Enxin/VideoNSA checkpoint is stored.
 
     Writes config.json, generation_config.json and model.safetensors (or shards plus an index) into `path`.
     """
+    _save(model, path, legacy=True, max_shard_bytes=max_shard_bytes)
+
+
+def save_current_layout(
+    model: nn.Module, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> None:
+    """Save `model` with transformers' current key names (`model.language_model.*`, `model.visual.*`)
+    whatever layout it was loaded from (`save_pretrained` keeps the layout of a legacy checkpoint)."""
+    _save(model, path, legacy=False, max_shard_bytes=max_shard_bytes)
+
+
+def _save(model: nn.Module, path: str | os.PathLike, *, legacy: bool, max_shard_bytes: int) -> None:
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = _unique_tensors(model.state_dict())
-    legacy = {to_legacy_key(name): tensor.detach().contiguous() for name, tensor in tensors.items()}
-    shards = _shard(legacy, max_shard_bytes)
+    rename = to_legacy_key if legacy else to_current_key
+    tensors = {rename(name): t.detach().contiguous() for name, t in _unique_tensors(model.state_dict()).items()}
+    shards = _shard(tensors, max_shard_bytes)
     if len(shards) == 1:
         names = ["model.safetensors"]
     else:
@@ -51,13 +64,14 @@ def save_legacy_layout(
         _write_atomic(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in legacy.values())},
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
             "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key in shard},
         }
         _write_json(path / "model.safetensors.index.json", index)
 
     config = json.loads(model.config.to_json_string(use_diff=False))
-    config["model_type"] = "qwen2_5_vl"
+    if legacy:
+        config["model_type"] = "qwen2_5_vl"
     config["architectures"] = [type(model).__name__]
     _write_json(path / "config.json", config)
     generation_config = getattr(model, "generation_config", None)
@@ -100,10 +114,7 @@ def convert_checkpoint(
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.partial-"))
     try:
-        if legacy_layout:
-            save_legacy_layout(model, staging)
-        else:
-            model.save_pretrained(staging)
+        _save(model, staging, legacy=legacy_layout, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES)
         for item in source.iterdir():
             if item.is_file() and not _is_model_file(item.name) and not (staging / item.name).exists():
                 shutil.copy2(item, staging / item.name)

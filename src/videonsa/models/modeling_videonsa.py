@@ -248,8 +248,15 @@ class VideoNSAModel(_GateInitMixin, qwen.Qwen2_5_VLModel):
         `input_ids` are the image/video placeholder ids. input_ids, mm_token_type_ids: [B, T];
         attention_mask: [B, T] or [B, P + T] padding mask.
         """
+        tokens = input_ids if input_ids is not None else inputs_embeds
         if mm_token_type_ids is not None:
-            vision_mask = mm_token_type_ids > 0
+            # Some transformers versions pass the whole sequence's types while decoding: keep this chunk's.
+            seq_len = mm_token_type_ids.shape[1] if tokens is None else tokens.shape[1]
+            if mm_token_type_ids.shape[1] < seq_len:
+                raise UserError(
+                    f"mm_token_type_ids covers {mm_token_type_ids.shape[1]} tokens but the input has {seq_len}"
+                )
+            vision_mask = mm_token_type_ids[:, mm_token_type_ids.shape[1] - seq_len :] > 0
         elif input_ids is not None:
             placeholders = torch.tensor(
                 [self.config.image_token_id, self.config.video_token_id], device=input_ids.device
@@ -259,11 +266,6 @@ class VideoNSAModel(_GateInitMixin, qwen.Qwen2_5_VLModel):
             raise UserError(
                 "VideoNSA needs input_ids or mm_token_type_ids to tell vision tokens from text "
                 "(got only inputs_embeds); pass mm_token_type_ids"
-            )
-        if inputs_embeds is not None and tuple(vision_mask.shape) != tuple(inputs_embeds.shape[:2]):
-            raise UserError(
-                f"mm_token_type_ids has shape {tuple(vision_mask.shape)} but inputs_embeds is "
-                f"{tuple(inputs_embeds.shape[:2])} tokens"
             )
         return build_token_split(vision_mask, attention_mask)
 

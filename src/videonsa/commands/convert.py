@@ -1,0 +1,52 @@
+"""`videonsa convert SOURCE DESTINATION`: a Qwen2.5-VL checkpoint folder -> a VideoNSA checkpoint folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from videonsa.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `convert` to the CLI."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="turn a Qwen2.5-VL checkpoint into a VideoNSA checkpoint",
+        description="Load SOURCE (a plain Qwen2.5-VL or a VideoNSA checkpoint folder, either key layout), add "
+        "fresh gates where it has none (N(0, 0.02) weights, zero biases), record the sparse-attention settings "
+        "and write DESTINATION with the tokenizer and processor files copied.",
+    )
+    parser.add_argument("source", help="checkpoint folder to read (with config.json)")
+    parser.add_argument("destination", help="folder to write (must not exist or be empty)")
+    parser.add_argument("--legacy-layout", action="store_true",
+                        help="write the released Enxin/VideoNSA layout: flat keys (model.layers.*, visual.*, "
+                        "lm_head.*) and model_type qwen2_5_vl")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                        help="weight dtype to write (default: as stored)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new gates' initialisation (default 0)")
+    parser.add_argument("--block-size", type=int, help="vision tokens per NSA block (default 64)")
+    parser.add_argument("--block-counts", type=int, help="blocks each query selects (default 32)")
+    parser.add_argument("--window-size", type=int, help="sliding-window length in vision tokens (default 256)")
+    parser.add_argument("--init-blocks", type=int, help="leading blocks always selected (default 0)")
+    parser.add_argument("--local-blocks", type=int, help="blocks ending at the query always selected (default 1)")
+    parser.add_argument("--gate-temperature", type=float, help="gate sigmoid temperature (default 0.3)")
+    parser.add_argument("--attention-mode", choices=("nsa", "dense"), help="mode recorded in the config")
+    parser.set_defaults(func=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert and print where the checkpoint went."""
+    from videonsa.models.convert import convert_checkpoint
+
+    names = ("block_size", "block_counts", "window_size", "init_blocks", "local_blocks", "gate_temperature",
+             "attention_mode")
+    settings = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.source == args.destination:
+        raise UserError("source and destination must be different folders")
+    destination = convert_checkpoint(
+        args.source, args.destination, legacy_layout=args.legacy_layout, dtype=args.dtype, seed=args.seed,
+        **settings,
+    )
+    layout = "legacy flat" if args.legacy_layout else "current transformers"
+    print(f"wrote VideoNSA checkpoint ({layout} layout) to {destination}")
+    return 0
