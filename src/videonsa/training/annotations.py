@@ -258,6 +258,8 @@ def _checked(sample: Sample) -> Sample:
         raise MalformedRecord("no assistant turn to learn from")
     if "user" not in roles:
         raise MalformedRecord("no user turn")
+    if [role for role in roles if role != "system"][0] != "user":
+        raise MalformedRecord("the first turn after any system prompt must be the user's")
     for turn in sample.turns:
         if turn.role != "user" and PLACEHOLDER_PATTERN.search(turn.text):
             raise MalformedRecord(f"media placeholder in a {turn.role} turn (only user turns may hold the clip)")

@@ -100,6 +100,8 @@ def load_tokenizer(path: str) -> Any:
     """The tokenizer with its chat template; the template may also sit in chat_template.jinja / .json."""
     from transformers import AutoTokenizer
 
+    import videonsa.models  # noqa: F401  (registers model_type "videonsa", which AutoTokenizer reads)
+
     directory = Path(path).expanduser()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -243,7 +243,9 @@ def run_training(
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.path)
     dataset = build_dataset(config, tokenizer)
     model = load_model(config.model)
-    model.config.use_cache = False
+    for config_part in (model.config, getattr(model.config, "text_config", None)):
+        if config_part is not None:
+            config_part.use_cache = False  # no KV cache in training (and none with gradient checkpointing)
     set_trainable(model, config.trainable)
     resumed_from = resolve_resume(resume, args.output_dir)
     if args.process_index == 0:

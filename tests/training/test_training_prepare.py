@@ -1,0 +1,148 @@
+"""`videonsa data prepare`: probing, the filter's counts and reasons, manifest and report files, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from videonsa.cli import main
+from videonsa.errors import UserError
+from videonsa.training.prepare import ClipFilter, prepare_manifest, read_manifest
+from videonsa.training.probe import ClipInfo, frames_at_rate, probe_clip
+from videonsa.video.synthetic import write_image_folder, write_video
+
+# Frames are counted at 4 fps; keep 8 to 16 of them (2 to 4 seconds of video).
+SMALL_FILTER = ClipFilter(sample_fps=4.0, min_frames=8, max_frames=16)
+
+
+def llava(record_id: str, video: str) -> dict:
+    return {"id": record_id, "video": video, "conversations": [
+        {"from": "human", "value": "<image>\nWhat moves?"}, {"from": "gpt", "value": "A square."}]}
+
+
+def frames_record(record_id: str, paths: list[str]) -> dict:
+    return {"id": record_id, "messages": [
+        {"role": "user", "content": "<video>What moves?"}, {"role": "assistant", "content": "A disc."}],
+        "images": paths}
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    """Videos and frame folders of known lengths and rates, one of each kind the filter must sort."""
+    root = tmp_path_factory.mktemp("media")
+    small = {"width": 56, "height": 56}
+    write_video(root / "short.mp4", frame_count=15, fps=10, **small)  # 1.5 s -> 6 frames at 4 fps
+    write_video(root / "good.mp4", frame_count=30, fps=10, **small)  # 3 s -> 12 frames
+    write_video(root / "long.mp4", frame_count=50, fps=10, **small)  # 5 s -> 20 frames
+    write_video(root / "slow.mp4", frame_count=6, fps=2, **small)  # 3 s at 2 fps: below 4 fps
+    (root / "garbage.mp4").write_bytes(b"\x00\x01not a video" * 64)
+    write_image_folder(root / "frames10", frame_count=10, width=56, height=56, suffix=".png")
+    write_image_folder(root / "frames3", frame_count=3, width=56, height=56, suffix=".png")
+    return root
+
+
+def annotation_file(root: Path) -> Path:
+    frames10 = [f"frames10/frame_{i}.png" for i in range(1, 11)]
+    frames3 = [f"frames3/frame_{i}.png" for i in range(1, 4)]
+    lines = [
+        llava("short", "short.mp4"),
+        llava("good_a", "good.mp4"),
+        llava("good_b", "good.mp4"),  # a second question on the same clip, probed once
+        llava("long", "long.mp4"),
+        llava("slow", "slow.mp4"),
+        llava("garbage", "garbage.mp4"),
+        llava("absent", "absent.mp4"),
+        frames_record("frames_ok", frames10),
+        frames_record("frames_few", frames3),
+        frames_record("frames_gone", [*frames10[:9], "frames10/frame_99.png"]),
+        {"id": "broken", "video": "good.mp4"},
+    ]
+    path = root / "annotations.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+EXPECTED_DROPS = {
+    "short": "too_few_frames",
+    "long": "too_many_frames",
+    "slow": "fps",
+    "garbage": "unreadable",
+    "absent": "missing",
+    "frames_few": "too_few_frames",
+    "frames_gone": "missing",
+    "broken": "malformed",
+}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_filter_keeps_and_drops_the_right_samples(media, tmp_path, workers):
+    summary = prepare_manifest(annotation_file(media), tmp_path / "train.jsonl", clip_filter=SMALL_FILTER,
+                               workers=workers, progress=False)
+    entries = read_manifest(summary.manifest)
+    assert sorted(entry.sample.id for entry in entries) == ["frames_ok", "good_a", "good_b"]
+    assert summary.kept == 3
+    assert summary.total == 11
+    report = json.loads(summary.report.read_text())
+    assert report["kept"] == 3 and report["dropped"] == 8 and report["total"] == 11
+    assert report["dropped_by_reason"] == {
+        "malformed": 1, "missing": 2, "unreadable": 1, "fps": 1, "too_few_frames": 2, "too_many_frames": 1}
+    assert {item["id"]: item["reason"] for item in report["dropped_samples"]} == EXPECTED_DROPS
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_manifest_records_what_probing_found(media, tmp_path):
+    summary = prepare_manifest(annotation_file(media), tmp_path / "m.jsonl", clip_filter=SMALL_FILTER,
+                               workers=0, progress=False)
+    by_id = {entry.sample.id: entry for entry in read_manifest(summary.manifest)}
+    video = by_id["good_a"].clip
+    assert (video.num_frames, video.width, video.height, video.fps) == (30, 56, 56, 10.0)
+    assert video.duration == pytest.approx(3.0)
+    assert frames_at_rate(video, 4.0) == 12
+    frames = by_id["frames_ok"].clip
+    assert (frames.num_frames, frames.fps) == (10, None)
+    assert by_id["good_a"].sample.video == str(media / "good.mp4")
+
+
+def test_each_clip_is_probed_once(media, tmp_path):
+    probed = []
+
+    def counting_probe(paths, is_video):
+        probed.append(paths)
+        return probe_clip(paths, is_video)
+
+    prepare_manifest(annotation_file(media), tmp_path / "m.jsonl", clip_filter=SMALL_FILTER, workers=0,
+                     prober=counting_probe, progress=False)
+    assert len(probed) == len(set(probed)) == 9  # 10 clip references, good.mp4 twice; the broken record none
+
+
+def test_frames_at_rate_counts_the_sampled_frames():
+    assert frames_at_rate(ClipInfo(num_frames=3000, width=1, height=1, fps=30.0, duration=100.0), 4.0) == 400
+    assert frames_at_rate(ClipInfo(num_frames=200, width=1, height=1, fps=2.0, duration=100.0), 4.0) == 200
+    assert frames_at_rate(ClipInfo(num_frames=37, width=1, height=1), 4.0) == 37  # frame lists: as given
+
+
+def test_filter_settings_are_checked():
+    with pytest.raises(UserError, match="max_frames"):
+        ClipFilter(min_frames=10, max_frames=5)
+    with pytest.raises(UserError, match="sampling rate"):
+        ClipFilter(sample_fps=0)
+
+
+def test_cli_prepare_writes_manifest_and_report(media, tmp_path, capsys):
+    manifest = tmp_path / "out" / "train.jsonl"
+    code = main(["data", "prepare", str(annotation_file(media)), "-o", str(manifest), "--min-frames", "8",
+                 "--max-frames", "16", "--workers", "0", "--quiet"])
+    assert code == 0
+    assert len(read_manifest(manifest)) == 3
+    assert (tmp_path / "out" / "train.report.json").is_file()
+    assert "kept" in capsys.readouterr().out
+
+
+def test_cli_prepare_reports_user_mistakes_in_one_line(tmp_path, capsys):
+    code = main(["data", "prepare", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "m.jsonl")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "does not exist" in error and "Traceback" not in error and error.count("\n") == 1
+    assert not (tmp_path / "m.jsonl").exists()
