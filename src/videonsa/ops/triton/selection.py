@@ -10,12 +10,12 @@ Work layout (why it looks like this):
 * Forward and dq run one program per (query tile, KV group). A tile is BT consecutive tokens of one sequence
   times the G heads of the group, flattened into BLOCK_M = BT * G (+ padding) rows, so a 7:1 ratio fills
   the tensor-core tile without padding query heads. The program walks the *union* of the blocks its BT tokens
-  selected (built once per call by `_union_blocks`), loads each key block once and masks, per row, whether
+  selected (built once per call by `union_blocks`), loads each key block once and masks, per row, whether
   that row's token chose the block (a bitmask per union entry) and causality. Neighbouring tokens mostly pick
   the same blocks in real models, so big tiles load far fewer key blocks than per-token programs. When
-  selections barely overlap (random inputs), big tiles waste rows on masked blocks; `_choose_rows` then falls
+  selections barely overlap (random inputs), big tiles waste rows on masked blocks; `plan_tiles` then falls
   back to small tiles (BLOCK_M = 16: two tokens of a 7:1 group), which behave like per-token programs.
-* dk/dv run one program per (key block, KV group) over the inverse index (`_inverse_lists`): the sorted list
+* dk/dv run one program per (key block, KV group) over the inverse index (`inverse_lists`): the sorted list
   of tokens that selected the block. Each program owns its keys, so dk/dv need no atomics and are
   deterministic; the tokens' query rows are gathered in chunks of BT tokens x G heads.
 
@@ -23,6 +23,8 @@ Softmax statistics: lse is the natural-log log-sum-exp of scale * q.k over the a
 for rows with nothing allowed (their output is 0). Kernels work in base 2 internally (exp2, scale * log2(e)).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -32,12 +34,13 @@ from torch import Tensor
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-# Rows per program for the big-tile and small-tile layouts (see the module docstring).
-BIG_ROWS = 128
-SMALL_ROWS = 16
-# The small-tile layout moves more key bytes per useful row (it is L2-bound), so its row count is weighted by
-# this factor when the two layouts are compared; measured on an H100 (benchmarks/NOTES.md).
-SMALL_ROWS_PENALTY = 1.5
+# Candidate tile heights (matrix rows per forward / dq program) and the measured time of one program step
+# (one union block of one tile) at each height: H100, bf16, D=128, 7:1, T=32K-128K (benchmarks/NOTES.md,
+# K2 section). `_plan` multiplies them by the union sizes to pick the height; small tiles win when the
+# tokens of a tile share few blocks (random selections), tall ones when they share most (trained models).
+TILE_STEP_COST = {128: 15.0, 64: 8.2, 16: 4.5}
+# Query rows per dk/dv step (64 measured twice as fast as 128 on an H100).
+DKDV_ROWS = 64
 
 
 def next_pow2(x: int) -> int:
@@ -98,10 +101,11 @@ def _row_dot_kernel(o_ptr, do_ptr, delta_ptr, rows, head_dim, BLOCK_R: tl.conste
 # Host-side index structures
 
 
-def _union_blocks(
+def union_blocks_torch(
     block_indices: Tensor, tiles: Tensor, tokens_per_tile: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The blocks selected by any token of each tile, with a per-token bitmask.
+    """The blocks selected by any token of each tile, with a per-token bitmask (plain PyTorch version of
+    `union_blocks`, kept as its test oracle).
 
     block_indices: int32 [T, HKV, S]; tiles: int32 [n_tiles, 4] from `tiles_of`.
     Returns (blocks int32 [n_tiles, HKV, L], count int32 [n_tiles, HKV], bits int32 [n_tiles, HKV, L, W]) with
@@ -143,7 +147,7 @@ def _union_blocks(
     return blocks, count.contiguous(), bits.to(torch.int32).contiguous()
 
 
-def _inverse_lists(
+def inverse_lists(
     block_indices: Tensor, cu_seqlens: Tensor, key_blocks: Tensor
 ) -> tuple[Tensor, Tensor]:
     """For every (key block, KV group): the tokens that selected it, ascending.
@@ -161,9 +165,10 @@ def _inverse_lists(
     seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=total)
     # First global block of each sequence: key_blocks rows are ordered by sequence.
     first_block = torch.searchsorted(key_blocks[:, 0].long().contiguous(), cu[:-1].contiguous())
-    chosen = block_indices.long()
-    group = torch.arange(heads_kv, device=device)[None, :, None]
-    key = (first_block[seq][:, None, None] + chosen) * heads_kv + group
+    chosen = block_indices
+    group = torch.arange(heads_kv, device=device, dtype=torch.int32)[None, :, None]
+    # int32 keys (n_blocks * HKV < 2^31 for any realistic T) make the radix sort half as long as int64 ones.
+    key = (first_block[seq].to(torch.int32)[:, None, None] + chosen) * heads_kv + group
     key = torch.where(chosen >= 0, key, n_blocks * heads_kv).reshape(-1)
     order = torch.sort(key, stable=True).indices  # stable: tokens stay ascending within a key
     counts = torch.bincount(key, minlength=n_blocks * heads_kv + 1)[: n_blocks * heads_kv]
@@ -179,21 +184,86 @@ def _tile_rows(group: int, rows: int) -> tuple[int, int]:
     return block_m, block_m // group
 
 
-def _choose_rows(block_indices: Tensor, cu_seqlens: Tensor, group: int) -> int:
-    """Pick the tile height (BIG_ROWS or SMALL_ROWS) that costs fewer matrix rows x key blocks.
+def union_blocks(block_indices: Tensor, tiles: Tensor, tokens_per_tile: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Same result as `union_blocks_torch` (blocks past count are unspecified), one program per (tile, group).
 
-    The union sizes are estimated on a sample of tiles (every 8th) so the choice stays cheap.
+    Each program sorts its tile's tokens_per_tile * S entries (block * BT + token) in registers, keeps the first
+    entry of each block and ORs the token bits together.
     """
-    costs = []
-    for rows in (BIG_ROWS, SMALL_ROWS):
+    total, heads_kv, slots = block_indices.shape
+    n_tiles = tiles.shape[0]
+    width = tokens_per_tile * slots
+    words = (tokens_per_tile + 31) // 32
+    device = block_indices.device
+    blocks = torch.empty((n_tiles, heads_kv, width), dtype=torch.int32, device=device)
+    count = torch.empty((n_tiles, heads_kv), dtype=torch.int32, device=device)
+    bits = torch.zeros((n_tiles, heads_kv, width, words), dtype=torch.int32, device=device)
+    if n_tiles:
+        block_e = next_pow2(width)
+        _union_kernel[(n_tiles, heads_kv)](
+            block_indices, tiles, blocks, count, bits, width,
+            HKV=heads_kv, S=slots, BT=tokens_per_tile, WORDS=words, BLOCK_E=block_e,
+            num_warps=4 if block_e <= 1024 else 8,
+        )
+    return blocks, count, bits
+
+
+@triton.jit
+def _union_kernel(
+    idx_ptr, tiles_ptr, blocks_ptr, count_ptr, bits_ptr, n_slots,
+    HKV: tl.constexpr, S: tl.constexpr, BT: tl.constexpr, WORDS: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    g = tl.program_id(1)
+    row0 = tl.load(tiles_ptr + tile * 4)
+    n_tok = tl.load(tiles_ptr + tile * 4 + 1)
+    e = tl.arange(0, BLOCK_E)
+    tau = e // S
+    ok = tau < n_tok
+    blk = tl.load(idx_ptr + (row0 + tau).to(tl.int64) * (HKV * S) + g * S + e % S, mask=ok, other=-1)
+    ok = ok & (blk >= 0)
+    code = tl.sort(tl.where(ok, blk * BT + tau, 2147483647))  # block-major, unused entries last
+    valid = code != 2147483647
+    blk = code // BT
+    tok = code - blk * BT
+    previous = tl.gather(blk, tl.maximum(e - 1, 0), 0)
+    first = valid & ((blk != previous) | (e == 0))
+    slot = tl.cumsum(first.to(tl.int32), 0) - 1
+    base = (tile * HKV + g).to(tl.int64) * n_slots
+    tl.store(blocks_ptr + base + slot, blk, mask=first)
+    # OR is order-independent, so the atomics give the same bits every run.
+    tl.atomic_or(bits_ptr + (base + slot) * WORDS + tok // 32, 1 << (tok % 32), mask=valid)
+    tl.store(count_ptr + tile * HKV + g, tl.sum(first.to(tl.int32), 0))
+
+
+@dataclass
+class TilePlan:
+    """Query tiles of one selection call and the union of blocks each tile walks (see `union_blocks`)."""
+
+    block_m: int  # matrix rows per program
+    tokens: int  # tokens per tile (block_m // G)
+    tiles: Tensor  # int32 [n_tiles, 4], `tiles_of`
+    blocks: Tensor  # int32 [n_tiles, HKV, tokens * S]
+    count: Tensor  # int32 [n_tiles, HKV]
+    bits: Tensor  # int32 [n_tiles, HKV, tokens * S, ceil(tokens / 32)]
+
+
+def plan_tiles(block_indices: Tensor, cu_seqlens: Tensor, group: int, tile_rows: int | None = None) -> TilePlan:
+    """Tiles for the forward / dq kernels: `tile_rows` rows per program, or (None) the candidate height of
+    `TILE_STEP_COST` with the least estimated time (sum of union sizes x cost per step; one host sync)."""
+    heights = [tile_rows] if tile_rows else sorted(TILE_STEP_COST, reverse=True)
+    plans: dict[int, TilePlan] = {}
+    for rows in heights:
         block_m, bt = _tile_rows(group, rows)
+        if block_m in plans:
+            continue
         tiles = tiles_of(cu_seqlens, bt)
-        sample = tiles[:: max(1, min(8, tiles.shape[0] // 64))]
-        _, count, _ = _union_blocks(block_indices, sample, bt)
-        tokens = sample[:, 1].sum()
-        cost = count.sum().float() * block_m / tokens.clamp(min=1).float()
-        costs.append(cost * (SMALL_ROWS_PENALTY if rows == SMALL_ROWS else 1.0))
-    return BIG_ROWS if bool(costs[0] <= costs[1]) else SMALL_ROWS
+        plans[block_m] = TilePlan(block_m, bt, tiles, *union_blocks(block_indices, tiles, bt))
+    if len(plans) == 1:
+        return next(iter(plans.values()))
+    steps = torch.stack([plan.count.sum() for plan in plans.values()]).tolist()
+    costs = [n * TILE_STEP_COST.get(m, TILE_STEP_COST[min(TILE_STEP_COST)]) for n, m in zip(steps, plans, strict=True)]
+    return list(plans.values())[costs.index(min(costs))]
 
 
 def _launch_config(block_m: int, head_dim: int) -> tuple[int, int]:
@@ -429,6 +499,78 @@ def _block_n(block_size: int) -> int:
     return min(block_size, 64)
 
 
+def _prepare(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor):
+    _check(q, k, v, block_indices, cu_seqlens)
+    return kernel_input(q), kernel_input(k), kernel_input(v), block_indices.to(torch.int32).contiguous()
+
+
+def launch_fwd(
+    q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, block_size: int, scale: float,
+    num_warps: int | None = None, num_stages: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The forward kernel over a `TilePlan` (inputs already checked); returns o [T, HQ, D], lse [T, HQ]."""
+    total, heads_q, head_dim = q.shape
+    heads_kv = k.shape[1]
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
+    warps, stages = _launch_config(plan.block_m, head_dim)
+    _slc_fwd_kernel[(plan.tiles.shape[0], heads_kv)](
+        q, k, v, o, lse, plan.tiles, plan.blocks, plan.count, plan.bits,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        o.stride(0), o.stride(1), plan.blocks.shape[-1], head_dim, scale * LOG2E,
+        HQ=heads_q, HKV=heads_kv, G=heads_q // heads_kv, WORDS=plan.bits.shape[-1],
+        BLOCK_SIZE=block_size, BLOCK_M=plan.block_m, BLOCK_N=_block_n(block_size),
+        BLOCK_D=max(16, next_pow2(head_dim)), num_warps=num_warps or warps, num_stages=num_stages or stages,
+    )
+    return o, lse
+
+
+def launch_dq(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, plan: TilePlan, block_size: int,
+    scale: float, num_warps: int | None = None, num_stages: int | None = None,
+) -> Tensor:
+    """The dq kernel over a `TilePlan`; lse, delta float32 [T, HQ] contiguous. Returns dq [T, HQ, D]."""
+    heads_q, head_dim = q.shape[1], q.shape[2]
+    heads_kv = k.shape[1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    warps, stages = _launch_config(plan.block_m, head_dim)
+    _slc_bwd_dq_kernel[(plan.tiles.shape[0], heads_kv)](
+        q, k, v, do, lse, delta, dq, plan.tiles, plan.blocks, plan.count, plan.bits,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+        plan.blocks.shape[-1], head_dim, scale * LOG2E, scale,
+        HQ=heads_q, HKV=heads_kv, G=heads_q // heads_kv, WORDS=plan.bits.shape[-1],
+        BLOCK_SIZE=block_size, BLOCK_M=plan.block_m, BLOCK_N=_block_n(block_size),
+        BLOCK_D=max(16, next_pow2(head_dim)), num_warps=num_warps or warps, num_stages=num_stages or stages,
+    )
+    return dq
+
+
+def launch_dkdv(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, key_blocks: Tensor,
+    offsets: Tensor, tokens: Tensor, block_size: int, scale: float, rows: int = DKDV_ROWS,
+    num_warps: int | None = None, num_stages: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The dk/dv kernel over the inverse lists (`inverse_lists`); returns dk, dv [T, HKV, D]."""
+    heads_q, head_dim = q.shape[1], q.shape[2]
+    heads_kv = k.shape[1]
+    group = heads_q // heads_kv
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    block_n = _block_n(block_size)
+    block_m, bt = _tile_rows(group, rows)
+    warps, stages = _launch_config(block_m, head_dim)
+    _slc_bwd_dkdv_kernel[(key_blocks.shape[0], heads_kv, block_size // block_n)](
+        q, k, v, do, lse, delta, dk, dv, key_blocks, offsets, tokens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), head_dim, scale * LOG2E, scale,
+        HQ=heads_q, HKV=heads_kv, G=group, BT=bt,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(head_dim)),
+        num_warps=num_warps or warps, num_stages=num_stages or stages,
+    )
+    return dk, dv
+
+
 def selected_attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -448,35 +590,16 @@ def selected_attention_fwd(
         cu_seqlens: int32 [N+1] sequence offsets.
         block_size: keys per block (power of two, >= 16).
         scale: softmax scale.
-        tile_rows: matrix rows per program (128 or 16, say); None picks by the selections' overlap.
+        tile_rows: matrix rows per program (128, 64 or 16, say); None picks by the selections' overlap.
 
     Returns:
         o [T, HQ, D] in q's dtype (0 for rows with no allowed key) and lse float32 [T, HQ] (-inf there).
     """
-    _check(q, k, v, block_indices, cu_seqlens)
-    q, k, v = kernel_input(q), kernel_input(k), kernel_input(v)
-    block_indices = block_indices.to(torch.int32).contiguous()
-    total, heads_q, head_dim = q.shape
-    heads_kv = k.shape[1]
-    group = heads_q // heads_kv
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
-    if total == 0:
-        return o, lse
-    rows = tile_rows or _choose_rows(block_indices, cu_seqlens, group)
-    block_m, bt = _tile_rows(group, rows)
-    tiles = tiles_of(cu_seqlens, bt)
-    ublocks, ucount, ubits = _union_blocks(block_indices, tiles, bt)
-    num_warps, num_stages = _launch_config(block_m, head_dim)
-    _slc_fwd_kernel[(tiles.shape[0], heads_kv)](
-        q, k, v, o, lse, tiles, ublocks, ucount, ubits,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), ublocks.shape[-1], head_dim, scale * LOG2E,
-        HQ=heads_q, HKV=heads_kv, G=group, WORDS=ubits.shape[-1],
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=_block_n(block_size),
-        BLOCK_D=max(16, next_pow2(head_dim)), num_warps=num_warps, num_stages=num_stages,
-    )
-    return o, lse
+    q, k, v, block_indices = _prepare(q, k, v, block_indices, cu_seqlens)
+    if q.shape[0] == 0:
+        return torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    plan = plan_tiles(block_indices, cu_seqlens, q.shape[1] // k.shape[1], tile_rows)
+    return launch_fwd(q, k, v, plan, block_size, scale)
 
 
 def selected_attention_bwd(
@@ -492,7 +615,7 @@ def selected_attention_bwd(
     scale: float,
     *,
     tile_rows: int | None = None,
-    dkdv_rows: int = 128,
+    dkdv_rows: int = DKDV_ROWS,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `selected_attention_fwd`.
 
@@ -503,54 +626,24 @@ def selected_attention_bwd(
 
     Returns:
         dq [T, HQ, D] (q's dtype), dk, dv [T, HKV, D] (k's dtype), summed over the G heads of each group and
-        all queries that selected each block. Deterministic: no atomics.
+        all queries that selected each block. Deterministic: no atomics on gradients.
     """
-    _check(q, k, v, block_indices, cu_seqlens)
-    q, k, v, do = kernel_input(q), kernel_input(k), kernel_input(v), kernel_input(do)
-    block_indices = block_indices.to(torch.int32).contiguous()
+    q, k, v, block_indices = _prepare(q, k, v, block_indices, cu_seqlens)
+    do = kernel_input(do)
+    if q.shape[0] == 0:
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lse = lse.float().contiguous()
-    total, heads_q, head_dim = q.shape
-    heads_kv = k.shape[1]
-    group = heads_q // heads_kv
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if total == 0:
-        return dq, dk, dv
     delta = row_dot(o, do)
-    block_d = max(16, next_pow2(head_dim))
-    block_n = _block_n(block_size)
-
-    rows = tile_rows or _choose_rows(block_indices, cu_seqlens, group)
-    block_m, bt = _tile_rows(group, rows)
-    tiles = tiles_of(cu_seqlens, bt)
-    ublocks, ucount, ubits = _union_blocks(block_indices, tiles, bt)
-    num_warps, num_stages = _launch_config(block_m, head_dim)
-    _slc_bwd_dq_kernel[(tiles.shape[0], heads_kv)](
-        q, k, v, do, lse, delta, dq, tiles, ublocks, ucount, ubits,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1),
-        dq.stride(0), dq.stride(1), ublocks.shape[-1], head_dim, scale * LOG2E, scale,
-        HQ=heads_q, HKV=heads_kv, G=group, WORDS=ubits.shape[-1],
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    del ublocks, ucount, ubits
-
+    plan = plan_tiles(block_indices, cu_seqlens, q.shape[1] // k.shape[1], tile_rows)
+    dq = launch_dq(q, k, v, do, lse, delta, plan, block_size, scale)
+    del plan
     key_blocks = tiles_of(cu_seqlens, block_size)
-    offsets, tokens = _inverse_lists(block_indices, cu_seqlens, key_blocks)
-    block_m, bt = _tile_rows(group, dkdv_rows)
-    num_warps, num_stages = _launch_config(block_m, head_dim)
-    _slc_bwd_dkdv_kernel[(key_blocks.shape[0], heads_kv, block_size // block_n)](
-        q, k, v, do, lse, delta, dk, dv, key_blocks, offsets, tokens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1), head_dim, scale * LOG2E, scale,
-        HQ=heads_q, HKV=heads_kv, G=group, BT=bt,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    offsets, tokens = inverse_lists(block_indices, cu_seqlens, key_blocks)
+    dk, dv = launch_dkdv(q, k, v, do, lse, delta, key_blocks, offsets, tokens, block_size, scale, dkdv_rows)
     return dq, dk, dv
 
 
-__all__ = ["next_pow2", "row_dot", "selected_attention_bwd", "selected_attention_fwd", "tiles_of"]
+__all__ = [
+    "TilePlan", "launch_dkdv", "launch_dq", "launch_fwd", "next_pow2", "plan_tiles", "row_dot",
+    "selected_attention_bwd", "selected_attention_fwd", "tiles_of", "union_blocks", "union_blocks_torch",
+]
