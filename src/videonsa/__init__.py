@@ -2,11 +2,14 @@
 
     >>> import videonsa
     >>> o = videonsa.ops.nsa_attention(q, k, v, g_cmp, g_slc, g_swa)
+    >>> model = videonsa.models.VideoNSAForConditionalGeneration.from_pretrained("path/to/VideoNSA")
+
+Importing the package registers the VideoNSA model with the transformers Auto classes.
 """
 
-from videonsa import ops
+from videonsa import models, ops
 from videonsa.errors import UserError
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "UserError", "__version__"]
+__all__ = ["models", "ops", "UserError", "__version__"]
