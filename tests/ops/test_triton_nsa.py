@@ -1,0 +1,259 @@
+"""The whole Triton NSA operator (`videonsa.ops.triton_nsa`) against the PyTorch reference.
+
+CPU: tiny shapes under the Triton interpreter, each case in a fresh process with TRITON_INTERPRET=1 (set before
+any kernel module is imported, and kept out of this pytest process so GPU tests still compile for real).
+bf16 runs only on the GPU: the Triton 3.9 interpreter's bf16 tl.dot is wrong.
+
+GPU (`@pytest.mark.gpu`): real shapes (HQ=28, HKV=4, D=128 bf16; 1:1; packed varlen), T from 1K to 32K.
+
+The attention parts are compared given the kernel's own block choice (`block_indices=`), because a
+lower-precision score may legitimately rank near-tied blocks differently; the choice itself is checked to be
+optimal up to such ties, with the forced blocks present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.abspath(__file__)
+
+
+def run_interpreted(case: str, **params) -> None:
+    """Run `case(**params)` from this file in a subprocess under TRITON_INTERPRET=1; fail with its output."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, HERE, case, json.dumps(params)], env=env, capture_output=True, text=True, timeout=1200
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"{case}({params}) failed under the Triton interpreter:\n{proc.stdout}\n{proc.stderr[-6000:]}")
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.detach().double(), ref.detach().double()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def make_inputs(batch, seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, device, seed=0):
+    """q, k, v, three gates in [0, 1], upstream gradient (all float64 on `device`), and the settings' packing.
+
+    batch: (B, T) for a plain batch (seq_lens None, no cu_seqlens); seq_lens: packed sequence lengths (B = 1).
+    Keys get a random offset per block so that block importances differ clearly.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if seq_lens is None:
+        b, t = batch
+        cu = None
+    else:
+        b, t = 1, sum(seq_lens)
+        cu = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    f64 = dict(generator=gen, dtype=torch.float64, device=device)
+    k = torch.randn(b, t, heads_kv, head_dim, **f64)
+    offsets = torch.randn(b, t // block_size + 1, heads_kv, head_dim, **f64)
+    k = k + 1.5 * offsets.repeat_interleave(block_size, 1)[:, :t]
+    x = {
+        "q": torch.randn(b, t, heads_q, head_dim, **f64),
+        "k": k,
+        "v": torch.randn(b, t, heads_kv, head_dim, **f64),
+        "g_cmp": torch.rand(b, t, heads_q, **f64),
+        "g_slc": torch.rand(b, t, heads_q, **f64),
+        "g_swa": torch.rand(b, t, heads_q, **f64),
+    }
+    x = {n: v.to(dtype) for n, v in x.items()}  # the values both sides see
+    do = torch.randn(b, t, heads_q, head_dim, **f64)
+    return x, do, cu
+
+
+def check_selection(parts, ref_lse, x, settings, tol, sample=None):
+    """parts.block_indices [B, T, HKV, S] is a valid choice: ascending, -1 padded, forced blocks present, the
+    right count, and optimal up to `tol` under the float64 importance computed from `ref_lse` [B, T, HQ].
+
+    sample: optional number of random (row, token) pairs to check instead of all. Returns the fraction of
+    checked (token, group) rows whose choice differs from the float64 optimum (only allowed within tol).
+    """
+    from videonsa.ops.reference import compress_blocks
+
+    b_size, count = settings["block_size"], settings["block_count"]
+    init, local = settings["init_blocks"], settings["local_blocks"]
+    q, k = x["q"].double(), x["k"].double()
+    batch, total, heads_q, head_dim = q.shape
+    heads_kv = k.shape[2]
+    group = heads_q // heads_kv
+    scale = head_dim**-0.5
+    cu = settings["cu_seqlens"]
+    spans = [(r, 0, total) for r in range(batch)] if cu is None else [
+        (0, a, e) for a, e in zip(cu[:-1].tolist(), cu[1:].tolist())
+    ]
+    rows = [(r, a, e, t) for r, a, e in spans for t in range(a, e)]
+    if sample is not None and sample < len(rows):
+        pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(1))[:sample].tolist()
+        rows = [rows[i] for i in pick]
+    indices = parts.block_indices.cpu()
+    k_cmp_cache: dict = {}
+    inexact = checked = 0
+    for r, a, e, t in rows:
+        if (r, a) not in k_cmp_cache:
+            k_cmp_cache[(r, a)] = compress_blocks(k[r, a:e], b_size)  # [NB, HKV, D]
+        k_cmp = k_cmp_cache[(r, a)]
+        pos = t - a
+        current, visible = pos // b_size, (pos + 1) // b_size
+        forced = {j for j in range(current + 1) if j < init or j > current - local}
+        scores = torch.einsum("gsd,jgd->gsj", q[r, t].view(heads_kv, group, head_dim), k_cmp[:visible])
+        importance = torch.exp(scale * scores - ref_lse[r, t].double().view(heads_kv, group, 1)).sum(1).cpu()
+        for g in range(heads_kv):
+            row = indices[r, t, g].tolist()
+            chosen = [j for j in row if j >= 0]
+            where = f"(row {r}, token {pos} of its sequence, kv head {g}): {row}"
+            assert row == chosen + [-1] * (len(row) - len(chosen)), f"padding {where}"
+            assert chosen == sorted(set(chosen)), f"not ascending {where}"
+            assert forced <= set(chosen), f"forced {sorted(forced)} missing {where}"
+            free = [j for j in range(visible) if j not in forced]
+            picked = [j for j in chosen if j not in forced]
+            assert all(j < visible for j in picked), f"invisible block chosen {where}"
+            assert len(picked) == min(count - len(forced), len(free)), f"wrong count {where}"
+            rest = sorted(set(free) - set(picked))
+            checked += 1
+            if picked and rest:
+                worst_in = float(importance[g, picked].min())
+                best_out = float(importance[g, rest].max())
+                assert worst_in >= best_out - tol, f"{worst_in} < {best_out} {where}"
+                inexact += worst_in < best_out
+    return inexact / max(checked, 1)
+
+
+def compare_with_reference(x, do, cu, settings, dtype, tols, sel_tol, sample=None, check_parts_grad=False):
+    """Run nsa_parts_triton and the reference (given the kernel's choice); assert forward and grads agree.
+
+    tols: (forward rel, grad rel) limits on ||x - ref|| / ||ref||. Returns (measured errors, the kernel's parts).
+    """
+    from videonsa.ops import nsa_parts_reference
+    from videonsa.ops.triton_nsa import nsa_parts_triton
+
+    ours = {n: v.clone().requires_grad_() for n, v in x.items()}
+    parts = nsa_parts_triton(**ours, **settings)
+    upstream = do.to(dtype)
+    loss = (parts.o * upstream).sum()
+    if check_parts_grad:  # gradients that enter through the branch outputs as well
+        loss = loss + (parts.o_cmp * upstream).sum() * 0.5 + (parts.o_slc * upstream).sum() * 0.25
+        loss = loss + (parts.o_swa * upstream).sum() * 0.125
+    loss.backward()
+
+    theirs = {n: v.detach().double().requires_grad_() for n, v in x.items()}
+    ref = nsa_parts_reference(**theirs, **settings, block_indices=parts.block_indices)
+    ref_loss = (ref.o * do).sum()
+    if check_parts_grad:
+        ref_loss = ref_loss + (ref.o_cmp * do).sum() * 0.5 + (ref.o_slc * do).sum() * 0.25
+        ref_loss = ref_loss + (ref.o_swa * do).sum() * 0.125
+    ref_loss.backward()
+
+    errors = {"selection_inexact": check_selection(parts, ref.lse_cmp, x, settings, sel_tol, sample)}
+    for name in ("o", "o_cmp", "o_slc", "o_swa"):
+        got = getattr(parts, name)
+        assert got.dtype == dtype and got.shape == x["q"].shape, name
+        assert torch.isfinite(got).all(), f"{name} has NaN/inf"
+        errors[name] = _rel(got, getattr(ref, name))
+    assert parts.lse_cmp.dtype == torch.float32
+    assert torch.equal(torch.isinf(parts.lse_cmp), torch.isinf(ref.lse_cmp)), "lse_cmp -inf positions differ"
+    finite = torch.isfinite(ref.lse_cmp)
+    errors["lse_cmp"] = float((parts.lse_cmp[finite].double() - ref.lse_cmp[finite].double()).abs().max())
+    for name in x:
+        grad = ours[name].grad
+        assert grad is not None and grad.dtype == dtype, name
+        assert torch.isfinite(grad).all(), f"grad {name} has NaN/inf"
+        errors["d" + name] = _rel(grad, theirs[name].grad)
+    fwd_tol, grad_tol = tols
+    bad = {n: e for n, e in errors.items() if n.startswith(("o", "lse")) and e > fwd_tol}
+    bad.update({n: e for n, e in errors.items() if n.startswith("d") and e > grad_tol})
+    assert not bad, f"errors over tolerance: {bad} (all: {errors})"
+    return errors, parts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Interpreter cases (run in the subprocess)
+
+TOLS = {"float32": ((1e-5, 1e-5), 1e-5), "float16": ((3e-3, 5e-3), 5e-3)}
+
+
+def case_operator(batch, seq_lens, heads_q, heads_kv, head_dim, dtype, settings, check_parts_grad=False, seed=0):
+    dt = getattr(torch, dtype)
+    x, do, cu = make_inputs(batch, seq_lens, heads_q, heads_kv, head_dim, settings["block_size"], dt, "cpu", seed)
+    settings = dict(settings, cu_seqlens=cu, scale=None)
+    tols, sel_tol = TOLS[dtype]
+    errors, parts = compare_with_reference(
+        x, do, cu, settings, dt, tols, sel_tol, check_parts_grad=check_parts_grad
+    )
+    print(json.dumps(errors))
+
+    # The dispatcher reaches the same (deterministic) kernels: TRITON_INTERPRET=1 makes "auto" pick Triton.
+    from videonsa.ops import nsa_attention
+
+    with torch.no_grad():
+        assert torch.equal(nsa_attention(**x, **settings), parts.o)
+
+
+def case_rejects_bad_block_size():
+    from videonsa.ops.triton_nsa import nsa_attention_triton
+
+    x, _, _ = make_inputs((1, 40), None, 2, 1, 16, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="block_size"):
+        nsa_attention_triton(**x, block_size=12, block_count=2, window_size=8)
+    with pytest.raises(ValueError, match="HQ=2 is not a multiple"):
+        nsa_attention_triton(x["q"], x["k"].repeat(1, 1, 3, 1), x["v"].repeat(1, 1, 3, 1), x["g_cmp"],
+                             x["g_slc"], x["g_swa"], block_size=16)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        nsa_attention_triton(**x, block_size=16, cu_seqlens=torch.tensor([0, 30], dtype=torch.int32))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        # Qwen's 7:1 grouping, packed sequences of lengths that are not multiples of the block (one shorter).
+        dict(batch=None, seq_lens=[83, 37, 9], heads_q=7, heads_kv=1, head_dim=32, dtype="float16",
+             settings=dict(block_size=16, block_count=3, window_size=24, init_blocks=1, local_blocks=1)),
+        # 1:1, a plain batch of two, float32; gradients also entering through o_cmp, o_slc, o_swa.
+        dict(batch=[2, 50], seq_lens=None, heads_q=2, heads_kv=2, head_dim=16, dtype="float32",
+             settings=dict(block_size=16, block_count=2, window_size=20, init_blocks=0, local_blocks=1),
+             check_parts_grad=True),
+    ],
+    ids=["7to1-fp16-varlen", "1to1-fp32-batch2"],
+)
+def test_operator_matches_reference(params):
+    run_interpreted("case_operator", **params)
+
+
+def test_operator_rejects_bad_inputs():
+    run_interpreted("case_rejects_bad_block_size")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU, real shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "seq_lens, heads_q, heads_kv, head_dim",
+    [
+        ([1024], 28, 4, 128),
+        ([8192], 28, 4, 128),
+        ([32768], 28, 4, 128),
+        ([3000, 77, 1200, 4000], 28, 4, 128),  # varlen
+        ([8192], 4, 4, 64),  # 1:1
+    ],
+    ids=["7to1-1K", "7to1-8K", "7to1-32K", "7to1-varlen", "1to1-8K"],
+)
+def test_operator_on_gpu(seq_lens, heads_q, heads_kv, head_dim):
+    settings = dict(block_size=64, block_count=32, window_size=256, init_blocks=0, local_blocks=1)
+    x, do, cu = make_inputs(None, seq_lens, heads_q, heads_kv, head_dim, 64, torch.bfloat16, "cuda")
+    settings = dict(settings, cu_seqlens=cu, scale=None)
+    errors, _ = compare_with_reference(x, do, cu, settings, torch.bfloat16, (1e-2, 2e-2), 2e-2, sample=512)
+    assert errors["selection_inexact"] < 0.05, errors
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest (sets TRITON_INTERPRET=1)"
+    globals()[sys.argv[1]](**json.loads(sys.argv[2]))
