@@ -159,7 +159,7 @@ def _decode_with_progress(plan, console):
         MofNCompleteColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"decoding {plan.info.name}", total=plan.frame_count)
         return decode_video(plan, progress=lambda done, total: progress.update(task, completed=done))
 
@@ -198,7 +198,7 @@ def run_ask(args: argparse.Namespace) -> int:
         plan = plan_video(info, sampling, text_tokens=text_tokens, geometry=files.geometry)
     except UserError as error:
         raise UserError(_flag_names(str(error))) from None
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     video = _decode_with_progress(plan, console)
     console.print(f"video  {info.describe()}", highlight=False)
     console.print(f"plan   {plan.describe()}", highlight=False)

@@ -80,11 +80,13 @@ def _download(hub_id: str, patterns: tuple[str, ...] | None) -> Path:
         raise UserError(f"model '{hub_id}': gated on the Hugging Face Hub; accept its terms there and log in") from None
     except RepositoryNotFoundError:
         raise UserError(f"model '{hub_id}': no such model on the Hugging Face Hub (nor a local directory)") from None
-    except (OSError, HfHubHTTPError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    except (OSError, HfHubHTTPError):
+        from huggingface_hub import constants
+
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no network?"
         raise UserError(
-            f"model '{hub_id}': cannot download it from the Hugging Face Hub and it is not cached "
-            f"(no network? {reason[:120]}); pass a local model directory instead"
+            f"model '{hub_id}': cannot download it from the Hugging Face Hub ({why}) and it is not in the "
+            f"local cache; pass a local model directory instead"
         ) from None
 
 
