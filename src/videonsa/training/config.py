@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from videonsa.errors import UserError
-from videonsa.training.io import load_mapping
+from videonsa.training.io import load_mapping, load_yaml
 
 STRATEGIES = ("auto", "ddp", "zero2", "zero3", "fsdp2")
 TRAINABLE_PARTS = ("vision_tower", "projector", "language_model", "gates")
@@ -175,7 +175,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise UserError(f"override {text!r} is not of the form section.key=value")
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
     except yaml.YAMLError:
         raise UserError(f"override {text!r}: the value is not valid YAML") from None
     return key.strip(), value

@@ -42,7 +42,7 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
         import yaml
 
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text)
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -57,3 +57,18 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UserError(f"config file {path} must hold a mapping of settings, not {type(value).__name__}")
     return value
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, except that ``1e-6`` is a number (YAML 1.1 reads it as a string without a dot)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    number = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", number, list("-+0123456789."))
+    # Plain integers keep resolving to int: the int resolver was registered first and is tried first.
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
