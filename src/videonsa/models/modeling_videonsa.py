@@ -346,7 +346,11 @@ def set_sparsity(model: nn.Module, **knobs: Any) -> None:
     unknown = sorted(set(knobs) - set(_KNOB_FIELDS))
     if unknown:
         raise UserError(f"unknown sparsity setting(s) {unknown}; known: {sorted(_KNOB_FIELDS)}")
-    _apply_settings(model, **{_KNOB_FIELDS[name]: value for name, value in knobs.items()})
+    try:
+        _apply_settings(model, **{_KNOB_FIELDS[name]: value for name, value in knobs.items()})
+    except UserError as error:
+        given = ", ".join(f"{name}={value!r}" for name, value in knobs.items())
+        raise UserError(f"set_sparsity({given}): {error}") from None
 
 
 def _apply_settings(model: nn.Module, **changes: Any) -> None:

@@ -1,0 +1,79 @@
+"""generate() with the KV cache: same tokens as without it, decoding steps dense, late vision tokens refused."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from videonsa import testing
+from videonsa.errors import UserError
+
+
+def _generate(model, batch, **kwargs):
+    with torch.no_grad():
+        return model.generate(**batch.as_kwargs(), max_new_tokens=6, pad_token_id=0, **kwargs)
+
+
+def test_greedy_generation_gives_the_same_tokens_with_and_without_the_cache(batch):
+    model = testing.tiny_model(seed=21)
+    cached = _generate(model, batch, do_sample=False, use_cache=True)
+    uncached = _generate(model, batch, do_sample=False, use_cache=False)
+    assert cached.shape == (2, batch.input_ids.shape[1] + 6)
+    assert torch.equal(cached, uncached)
+    # The scores agree too, not only their argmax.
+    with torch.no_grad():
+        scores = [model.generate(**batch.as_kwargs(), max_new_tokens=6, do_sample=False, use_cache=use,
+                                 output_scores=True, return_dict_in_generate=True, pad_token_id=0).scores
+                  for use in (True, False)]
+    for with_cache, without in zip(*scores, strict=True):
+        torch.testing.assert_close(with_cache, without, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_with_the_cache_draws_the_same_tokens_as_without(batch):
+    model = testing.tiny_model(seed=22)
+    draws = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        draws.append(_generate(model, batch, do_sample=True, temperature=1.5, top_k=0, use_cache=use_cache))
+    assert torch.equal(draws[0], draws[1])
+
+
+def test_dense_mode_generates_like_stock_qwen2_5_vl(batch):
+    model = testing.tiny_model(seed=23)
+    stock = testing.tiny_model(videonsa=False, seed=0)
+    stock.load_state_dict(model.state_dict(), strict=False)
+    model.set_attention_mode("dense")
+    assert torch.equal(_generate(model, batch, do_sample=False), _generate(stock, batch, do_sample=False))
+
+
+def _prefill(model, batch):
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        model(**batch.as_kwargs(), past_key_values=cache, use_cache=True)
+    return cache
+
+
+def _second_turn(model, batch, cache):
+    """Send the same video-holding batch again after the cache already holds the first turn."""
+    length = cache.get_seq_length()
+    positions = (torch.arange(batch.input_ids.shape[1]) + length).expand(3, *batch.input_ids.shape)
+    mask = torch.cat([batch.attention_mask, batch.attention_mask], dim=1)
+    with torch.no_grad():
+        model(**{**batch.as_kwargs(), "attention_mask": mask}, position_ids=positions, past_key_values=cache,
+              use_cache=True)
+
+
+def test_vision_tokens_after_the_cache_holds_tokens_are_refused_without_touching_the_cache(batch):
+    model = testing.tiny_model(seed=24)
+    cache = _prefill(model, batch)
+    length = cache.get_seq_length()
+    with pytest.raises(UserError, match=f"KV cache already holds {length} tokens"):
+        _second_turn(model, batch, cache)
+    assert cache.get_seq_length() == length
+
+
+def test_dense_mode_accepts_vision_tokens_in_a_later_turn(batch):
+    model = testing.tiny_model(seed=25)
+    model.set_attention_mode("dense")
+    cache = _prefill(model, batch)
+    _second_turn(model, batch, cache)
+    assert cache.get_seq_length() == 2 * batch.input_ids.shape[1]
