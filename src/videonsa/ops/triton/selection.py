@@ -38,9 +38,13 @@ LN2 = 0.6931471805599453
 # (one union block of one tile) at each height: H100, bf16, D=128, 7:1, T=32K-128K (benchmarks/NOTES.md,
 # K2 section). `_plan` multiplies them by the union sizes to pick the height; small tiles win when the
 # tokens of a tile share few blocks (random selections), tall ones when they share most (trained models).
-TILE_STEP_COST = {128: 15.0, 64: 8.2, 16: 4.5}
-# Query rows per dk/dv step (64 measured twice as fast as 128 on an H100).
-DKDV_ROWS = 64
+TILE_STEP_COST = {128: 12.7, 64: 6.35, 16: 4.4}
+# Heights tried when the caller does not fix one (128 never beat 64 in the measurements).
+TILE_CANDIDATES = (64, 16)
+# Query rows per dk/dv step (H100, 128K: 32 rows 1.3x faster than 64, 3x faster than 128), and the
+# longest token list one dk/dv program takes (longer ones are split, see `launch_dkdv`).
+DKDV_ROWS = 32
+DKDV_SPLIT = 4096
 
 
 def next_pow2(x: int) -> int:
@@ -249,30 +253,36 @@ class TilePlan:
 
 
 def plan_tiles(block_indices: Tensor, cu_seqlens: Tensor, group: int, tile_rows: int | None = None) -> TilePlan:
-    """Tiles for the forward / dq kernels: `tile_rows` rows per program, or (None) the candidate height of
-    `TILE_STEP_COST` with the least estimated time (sum of union sizes x cost per step; one host sync)."""
-    heights = [tile_rows] if tile_rows else sorted(TILE_STEP_COST, reverse=True)
-    plans: dict[int, TilePlan] = {}
+    """Tiles for the forward / dq kernels: `tile_rows` rows per program, or (None) the height among
+    `TILE_CANDIDATES` with the least estimated time: union sizes measured on every 8th tile times the cost
+    of one step at that height (`TILE_STEP_COST`). One host sync for the choice."""
+    heights = [tile_rows] if tile_rows else list(TILE_CANDIDATES)
+    tiled: dict[int, tuple[int, Tensor]] = {}
     for rows in heights:
         block_m, bt = _tile_rows(group, rows)
-        if block_m in plans:
-            continue
-        tiles = tiles_of(cu_seqlens, bt)
-        plans[block_m] = TilePlan(block_m, bt, tiles, *union_blocks(block_indices, tiles, bt))
-    if len(plans) == 1:
-        return next(iter(plans.values()))
-    steps = torch.stack([plan.count.sum() for plan in plans.values()]).tolist()
-    costs = [n * TILE_STEP_COST.get(m, TILE_STEP_COST[min(TILE_STEP_COST)]) for n, m in zip(steps, plans, strict=True)]
-    return list(plans.values())[costs.index(min(costs))]
+        if block_m not in tiled:
+            tiled[block_m] = (bt, tiles_of(cu_seqlens, bt))
+    if len(tiled) > 1:
+        estimates = []
+        for block_m, (bt, tiles) in tiled.items():
+            sample = tiles[::8]
+            steps = union_blocks(block_indices, sample, bt)[1].sum()
+            tokens = sample[:, 1].sum()
+            per_token = steps.double() / tokens.clamp(min=1).double()
+            estimates.append(per_token * TILE_STEP_COST.get(block_m, max(TILE_STEP_COST.values())) / bt)
+        choice = int(torch.stack(estimates).argmin())
+        block_m = list(tiled)[choice]
+    else:
+        block_m = next(iter(tiled))
+    bt, tiles = tiled[block_m]
+    return TilePlan(block_m, bt, tiles, *union_blocks(block_indices, tiles, bt))
 
 
-def _launch_config(block_m: int, head_dim: int) -> tuple[int, int]:
-    """(num_warps, num_stages) for a program with block_m rows and head dim head_dim."""
-    if block_m >= 128:
-        return (8 if head_dim > 64 else 4), 2
-    if block_m >= 64:
-        return 4, 2
-    return 4, 3
+def _launch_config(block_m: int, head_dim: int, kind: str = "fwd") -> tuple[int, int]:
+    """(num_warps, num_stages) for a program with block_m rows (H100 measurements, benchmarks/NOTES.md)."""
+    if kind == "dkdv":
+        return (8 if block_m >= 128 else 4), 2
+    return (8 if block_m >= 128 and head_dim > 64 else 4), 3
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,17 +422,22 @@ def _slc_bwd_dq_kernel(
 
 @triton.jit
 def _slc_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    key_blocks_ptr, offsets_ptr, tokens_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dk_part_ptr, dv_part_ptr,
+    key_blocks_ptr, items_ptr, tokens_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh,
     head_dim, qk_scale, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    blk = tl.program_id(0)
-    g = tl.program_id(1)
-    sub = tl.program_id(2)  # which BLOCK_N slice of the key block
+    item = tl.program_id(0)
+    sub = tl.program_id(1)  # which BLOCK_N slice of the key block
+    owner = tl.load(items_ptr + item * 4)
+    start = tl.load(items_ptr + item * 4 + 1)
+    end = tl.load(items_ptr + item * 4 + 2)
+    part = tl.load(items_ptr + item * 4 + 3)
+    blk = owner // HKV
+    g = owner % HKV
     k_row0 = tl.load(key_blocks_ptr + blk * 4)
     n_keys = tl.load(key_blocks_ptr + blk * 4 + 1)
     n = tl.arange(0, BLOCK_N)
@@ -438,8 +453,6 @@ def _slc_bwd_dkdv_kernel(
     r = tl.arange(0, BLOCK_M)
     tok = r // G
     head = g * G + r % G
-    start = tl.load(offsets_ptr + blk * HKV + g)
-    end = tl.load(offsets_ptr + blk * HKV + g + 1)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for c0 in range(start, end, BT):
@@ -465,10 +478,71 @@ def _slc_bwd_dkdv_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
 
-    # dk and dv share one contiguous layout.
-    out_off = k_row64[:, None] * stride_dkt + g * stride_dkh + d[None, :]
-    tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kd_mask)
-    tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kd_mask)
+    if part < 0:  # the block's whole token list: final values (dk and dv share one contiguous layout)
+        out_off = k_row64[:, None] * stride_dkt + g * stride_dkh + d[None, :]
+        tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kd_mask)
+        tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kd_mask)
+    else:  # one piece of a long list: float32 partial sums, added up in order by `_slc_dkdv_reduce_kernel`
+        part_off = ((part * (BLOCK_SIZE // BLOCK_N) + sub) * BLOCK_N + n)[:, None] * BLOCK_D + d[None, :]
+        tl.store(dk_part_ptr + part_off, dk)
+        tl.store(dv_part_ptr + part_off, dv)
+
+
+@triton.jit
+def _slc_dkdv_reduce_kernel(
+    dk_ptr, dv_ptr, dk_part_ptr, dv_part_ptr, key_blocks_ptr, split_ptr,
+    stride_dkt, stride_dkh, head_dim, scale,
+    HKV: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i = tl.program_id(0)
+    sub = tl.program_id(1)
+    owner = tl.load(split_ptr + i * 3)
+    first = tl.load(split_ptr + i * 3 + 1)
+    pieces = tl.load(split_ptr + i * 3 + 2)
+    blk = owner // HKV
+    g = owner % HKV
+    k_row0 = tl.load(key_blocks_ptr + blk * 4)
+    n_keys = tl.load(key_blocks_ptr + blk * 4 + 1)
+    n = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for j in range(pieces):  # fixed order: deterministic
+        part_off = (((first + j) * (BLOCK_SIZE // BLOCK_N) + sub) * BLOCK_N + n)[:, None] * BLOCK_D + d[None, :]
+        dk += tl.load(dk_part_ptr + part_off)
+        dv += tl.load(dv_part_ptr + part_off)
+    k_ok = sub * BLOCK_N + n < n_keys
+    mask = k_ok[:, None] & (d < head_dim)[None, :]
+    out_off = (k_row0 + sub * BLOCK_N + n).to(tl.int64)[:, None] * stride_dkt + g * stride_dkh + d[None, :]
+    tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask)
+    tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+def split_lists(offsets: Tensor, split: int) -> tuple[Tensor, Tensor]:
+    """Cut the inverse lists into work items of at most `split` tokens, longest first.
+
+    offsets: int64 [L + 1] from `inverse_lists` (list l = key block l // HKV, group l % HKV).
+    Returns items int64 [n_items, 4] = (list, first token index, end token index, partial slot or -1) in
+    launch order, and split int64 [n_split, 3] = (list, first partial slot, pieces) for the lists cut in
+    several pieces (their partial slots are consecutive, summed in order by the reduce kernel).
+    Every list, even an empty one, gets an item, so every key's dk/dv is written.
+    """
+    counts = offsets[1:] - offsets[:-1]
+    pieces = torch.clamp((counts + split - 1) // split, min=1)
+    n_items = int(pieces.sum())
+    device = offsets.device
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=device), pieces, output_size=n_items)
+    local = torch.arange(n_items, device=device) - (torch.cumsum(pieces, 0) - pieces)[owner]
+    start = offsets[owner] + local * split
+    end = torch.minimum(start + split, offsets[owner + 1])
+    multi = pieces[owner] > 1
+    part = torch.where(multi, torch.cumsum(multi, 0) - 1, -1)
+    order = torch.sort(end - start, descending=True, stable=True).indices  # long items first
+    items = torch.stack([owner, start, end, part], dim=1)[order].contiguous()
+    split_owner = torch.nonzero(pieces > 1).flatten()
+    first_part = part[(torch.cumsum(pieces, 0) - pieces)[split_owner]]
+    splits = torch.stack([split_owner, first_part, pieces[split_owner]], dim=1).contiguous()
+    return items, splits
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -549,25 +623,44 @@ def launch_dq(
 def launch_dkdv(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, key_blocks: Tensor,
     offsets: Tensor, tokens: Tensor, block_size: int, scale: float, rows: int = DKDV_ROWS,
-    num_warps: int | None = None, num_stages: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, split: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The dk/dv kernel over the inverse lists (`inverse_lists`); returns dk, dv [T, HKV, D]."""
+    """The dk/dv kernels over the inverse lists (`inverse_lists`); returns dk, dv [T, HKV, D].
+
+    Lists longer than `split` tokens (blocks that many queries chose, e.g. attention sinks) are cut into
+    pieces run by separate programs, whose float32 partial sums a second kernel adds in a fixed order, so
+    one heavy block cannot stall the whole launch and the result stays deterministic.
+    """
     heads_q, head_dim = q.shape[1], q.shape[2]
     heads_kv = k.shape[1]
     group = heads_q // heads_kv
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     block_n = _block_n(block_size)
+    block_d = max(16, next_pow2(head_dim))
+    n_sub = block_size // block_n
+    # Pieces of at least DKDV_SPLIT tokens, more for huge inputs so the partial buffers stay bounded.
+    split = split or max(DKDV_SPLIT, -(-tokens.numel() // 8192))
+    items, splits = split_lists(offsets, split)
+    n_parts = int(splits[:, 2].sum()) if splits.shape[0] else 0
+    part_shape = (max(n_parts, 1), n_sub, block_n, block_d)
+    dk_part = torch.empty(part_shape, dtype=torch.float32, device=q.device)
+    dv_part = torch.empty(part_shape, dtype=torch.float32, device=q.device)
     block_m, bt = _tile_rows(group, rows)
-    warps, stages = _launch_config(block_m, head_dim)
-    _slc_bwd_dkdv_kernel[(key_blocks.shape[0], heads_kv, block_size // block_n)](
-        q, k, v, do, lse, delta, dk, dv, key_blocks, offsets, tokens,
+    warps, stages = _launch_config(block_m, head_dim, "dkdv")
+    _slc_bwd_dkdv_kernel[(items.shape[0], n_sub)](
+        q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, key_blocks, items, tokens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), head_dim, scale * LOG2E, scale,
         HQ=heads_q, HKV=heads_kv, G=group, BT=bt,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(head_dim)),
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
+    if splits.shape[0]:
+        _slc_dkdv_reduce_kernel[(splits.shape[0], n_sub)](
+            dk, dv, dk_part, dv_part, key_blocks, splits, dk.stride(0), dk.stride(1), head_dim, scale,
+            HKV=heads_kv, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+        )
     return dk, dv
 
 
@@ -616,13 +709,15 @@ def selected_attention_bwd(
     *,
     tile_rows: int | None = None,
     dkdv_rows: int = DKDV_ROWS,
+    dkdv_split: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `selected_attention_fwd`.
 
     Args:
         q, k, v, block_indices, cu_seqlens, block_size, scale: as in the forward.
         o: [T, HQ, D] and lse float32 [T, HQ], the forward's outputs; do: [T, HQ, D], gradient of o.
-        tile_rows: rows per dq program (None: chosen like the forward); dkdv_rows: query rows per dk/dv step.
+        tile_rows: rows per dq program (None: chosen like the forward); dkdv_rows: query rows per dk/dv step;
+            dkdv_split: longest token list of one dk/dv program (None: `DKDV_SPLIT` or more).
 
     Returns:
         dq [T, HQ, D] (q's dtype), dk, dv [T, HKV, D] (k's dtype), summed over the G heads of each group and
@@ -639,11 +734,13 @@ def selected_attention_bwd(
     del plan
     key_blocks = tiles_of(cu_seqlens, block_size)
     offsets, tokens = inverse_lists(block_indices, cu_seqlens, key_blocks)
-    dk, dv = launch_dkdv(q, k, v, do, lse, delta, key_blocks, offsets, tokens, block_size, scale, dkdv_rows)
+    dk, dv = launch_dkdv(
+        q, k, v, do, lse, delta, key_blocks, offsets, tokens, block_size, scale, dkdv_rows, split=dkdv_split
+    )
     return dq, dk, dv
 
 
 __all__ = [
-    "TilePlan", "launch_dkdv", "launch_dq", "launch_fwd", "next_pow2", "plan_tiles", "row_dot",
+    "TilePlan", "launch_dkdv", "launch_dq", "launch_fwd", "next_pow2", "plan_tiles", "row_dot", "split_lists",
     "selected_attention_bwd", "selected_attention_fwd", "tiles_of", "union_blocks", "union_blocks_torch",
 ]
