@@ -10,6 +10,7 @@ import pytest
 from videonsa import testing
 from videonsa.video import synthetic
 
+
 @dataclass(frozen=True)
 class Inputs:
     checkpoint: Path

@@ -85,7 +85,9 @@ def video_time_positions(loaded, batch) -> list[int]:
     return (per_patch[:, 0] - per_patch[0, 0]).tolist()
 
 
-@pytest.mark.parametrize(("fps", "max_frames", "expected"), [(2, None, [0, 2, 4, 6]), (2, 4, [0, 4]), (1, None, [0, 4])])
+@pytest.mark.parametrize(
+    ("fps", "max_frames", "expected"), [(2, None, [0, 2, 4, 6]), (2, 4, [0, 4]), (1, None, [0, 4])]
+)
 def test_time_positions_follow_the_real_timestamps(loaded, inputs, fps, max_frames, expected):
     """slow.mp4 shows a frame every 0.5 s; tokens_per_second is 2, so one second is two time positions."""
     settings = SamplingSettings(fps=fps, max_frames=max_frames, pixels_per_frame=3136, min_pixels_per_frame=3136)

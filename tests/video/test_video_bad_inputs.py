@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
 from videonsa.errors import UserError
 from videonsa.video import SamplingSettings, decode_video, load_video, plan_video, probe_video
-from videonsa.video.synthetic import corrupted_copy, synthetic_frame, truncated_copy
+from videonsa.video.synthetic import (
+    corrupted_copy,
+    synthetic_frame,
+    truncated_copy,
+    undecodable_copy,
+    write_png_header_only,
+)
 
 SMALL = SamplingSettings(min_pixels_per_frame=28 * 28 * 4)
 
@@ -56,10 +58,9 @@ def test_corrupt_packets_after_the_header(videos, tmp_path):
 
 
 def test_zero_decodable_frames(videos, tmp_path):
-    header_only = truncated_copy(videos.short_mkv, tmp_path / "header.mkv", keep_fraction=0.05)
-    assert (
-        load_error(header_only) == f"{header_only}: its video stream has no decodable frames (corrupt or empty file?)"
-    )
+    noise = undecodable_copy(videos.short_mkv, tmp_path / "noise-frames.mkv")
+    message = load_error(noise)
+    assert message.startswith(f"{noise}: its video stream has no decodable frames")
 
 
 def test_audio_only(videos):
@@ -80,24 +81,13 @@ def test_enormous_resolution_is_refused_before_decoding(videos):
         probe_video(videos.short, max_source_pixels=10_000)
 
 
-def write_png_header(path: Path, width: int, height: int) -> Path:
-    """A PNG that declares `width` x `height` but holds one tiny compressed row (a truncated giant)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
-    return path
-
-
 @pytest.mark.parametrize(("width", "height"), [(10_000, 8_000), (30_000, 20_000)])
 def test_enormous_frame_images_are_refused_from_their_header(tmp_path, width, height):
     """80 Mpx passes PIL but not our 67 Mpx limit; 600 Mpx is refused by PIL itself. Nothing is decoded."""
     folder = tmp_path / "giant"
     folder.mkdir()
     for index in range(2):
-        write_png_header(folder / f"{index}.png", width, height)
+        write_png_header_only(folder / f"{index}.png", width, height)
     message = load_error(folder)
     assert message.startswith(f"{folder / '0.png'}:") and "enormous" in message
 

@@ -29,7 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Answer a question about a video with VideoNSA (or any Qwen2.5-VL checkpoint). Frames are "
         "sampled at --fps and sized to fit --budget tokens; the plan is shown before the model runs.",
     )
-    parser.add_argument("question", help="the question about the video")
+    parser.add_argument("question", nargs="?", help="the question about the video (or give it with --question)")
+    parser.add_argument(
+        "--question",
+        dest="question_option",
+        metavar="TEXT",
+        help="the question, for when it would otherwise follow --options",
+    )
     parser.add_argument("--model", required=True, help="model directory or Hugging Face Hub id (e.g. Enxin/VideoNSA)")
     parser.add_argument("--video", required=True, help="video file, or a folder of frame images")
     parser.add_argument(
@@ -99,6 +105,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_ask)
 
 
+def _question(args: argparse.Namespace) -> str:
+    """The question from the positional argument or --question (exactly one of them)."""
+    if args.question is not None and args.question_option is not None:
+        raise UserError("give the question once: as the last argument or with --question, not both")
+    question = args.question if args.question is not None else args.question_option
+    if question is None:
+        raise UserError("give the question: as the last argument (before --options) or with --question")
+    return question
+
+
 def _settings(args: argparse.Namespace):
     """(SamplingSettings, GenerationSettings) from the flags, validated; messages name the flag."""
     from videonsa.inference import GenerationSettings
@@ -149,6 +165,7 @@ def _flag_names(message: str) -> str:
 
 def _decode_with_progress(plan, console):
     """Decode the planned frames with a transient progress bar on stderr."""
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from videonsa.video import decode_video
@@ -160,7 +177,7 @@ def _decode_with_progress(plan, console):
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task(f"decoding {plan.info.name}", total=plan.frame_count)
+        task = progress.add_task(f"decoding {escape(plan.info.name)}", total=plan.frame_count)
         return decode_video(plan, progress=lambda done, total: progress.update(task, completed=done))
 
 
@@ -168,12 +185,13 @@ def _print_choice(answer, console) -> None:
     if answer.choice is None:
         return
     shares = ", ".join(f"{letter} {share:.2f}" for letter, share in answer.choice_probabilities.items())
-    console.print(f"choice {answer.choice} ({shares})", highlight=False)
+    console.print(f"choice {answer.choice} ({shares})", highlight=False, markup=False)
 
 
 def run_ask(args: argparse.Namespace) -> int:
     """Check inputs, show the plan, decode, load the model, stream the answer, report."""
     from rich.console import Console
+    from rich.markup import escape
 
     from videonsa.inference.generation import generate_answer
     from videonsa.inference.model_files import (
@@ -186,12 +204,13 @@ def run_ask(args: argparse.Namespace) -> int:
     from videonsa.inference.prompt import build_prompt
     from videonsa.video import plan_video, probe_video
 
+    question = _question(args)
     sampling, generation = _settings(args)
     check_attention(args.attention)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     files = open_model_files(args.model)
-    prompt = build_prompt(files, args.question, args.options)
+    prompt = build_prompt(files, question, args.options)
     info = probe_video(args.video, backend=args.backend, frames_fps=args.frames_fps)
     text_tokens = prompt.text_tokens + generation.answer_tokens(bool(prompt.letters))
     try:
@@ -200,16 +219,16 @@ def run_ask(args: argparse.Namespace) -> int:
         raise UserError(_flag_names(str(error))) from None
     console = Console(stderr=True, soft_wrap=True)
     video = _decode_with_progress(plan, console)
-    console.print(f"video  {info.describe()}", highlight=False)
-    console.print(f"plan   {plan.describe()}", highlight=False)
+    console.print(f"video  {info.describe()}", highlight=False, markup=False)
+    console.print(f"plan   {plan.describe()}", highlight=False, markup=False)
     _quiet_transformers_loading()
-    with console.status(f"loading {args.model} ({args.attention} attention, {device}, {str(dtype)[6:]})"):
+    with console.status(f"loading {escape(args.model)} ({args.attention} attention, {device}, {str(dtype)[6:]})"):
         model = load_weights(files, attention=args.attention, device=device, dtype=dtype)
     answer = generate_answer(model, files, prompt, video, generation, on_text=_stream_to_stdout)
     sys.stdout.write("\n")
     sys.stdout.flush()
     _print_choice(answer, console)
-    console.print(f"report {answer.report.describe()}", highlight=False)
+    console.print(f"report {answer.report.describe()}", highlight=False, markup=False)
     return 0
 
 

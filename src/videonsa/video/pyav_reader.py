@@ -54,7 +54,9 @@ def _first_frames(container, stream, path: Path, count: int) -> list:
                 break
     except av.FFmpegError as error:
         if not frames:
-            raise UserError(f"{path}: its video stream cannot be decoded ({error.strerror}); corrupt file?") from None
+            raise UserError(
+                f"{path}: its video stream has no decodable frames ({error.strerror}); corrupt file?"
+            ) from None
     if not frames:
         raise UserError(f"{path}: its video stream has no decodable frames (corrupt or empty file?)")
     if frames[0].pts is None:

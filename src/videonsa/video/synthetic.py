@@ -5,14 +5,16 @@ significant bit first, row by row), a red square moving right and a green disc m
 positions, over a dark grey background. `read_frame_index` recovers the index from a decoded (and possibly
 resized, lossily compressed) frame, so a test can tell exactly which source frame a sampler picked.
 
-Also here: a variable-frame-rate file, an audio-only file, a folder of frame images, and corrupted or
-truncated copies of a file.
+Also here: a variable-frame-rate file, an audio-only file, a folder of frame images, corrupted or
+truncated copies of a file, a copy whose frames are all noise, and a PNG that only declares a size.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -237,3 +239,39 @@ def corrupted_copy(source: str | Path, destination: str | Path, *, start_fractio
     data[start:] = noise.tobytes()
     destination.write_bytes(bytes(data))
     return destination
+
+
+def undecodable_copy(source: str | Path, destination: str | Path, *, seed: int = 0) -> Path:
+    """Copy `source`'s video stream with every packet's payload replaced by noise of the same size.
+
+    The container, stream header and timestamps are intact, so the file opens and reports a video stream,
+    but not one frame decodes.
+    """
+    destination = Path(destination)
+    rng = np.random.default_rng(seed)
+    with av.open(str(source)) as reader, av.open(str(destination), "w") as writer:
+        original = reader.streams.video[0]
+        stream = writer.add_stream_from_template(original)
+        for packet in reader.demux(original):
+            if packet.size == 0:
+                continue  # the demuxer's end-of-stream marker
+            noise = av.Packet(rng.integers(0, 256, size=packet.size, dtype=np.uint8).tobytes())
+            noise.pts, noise.dts, noise.time_base = packet.pts, packet.dts, packet.time_base
+            noise.is_keyframe, noise.stream = packet.is_keyframe, stream
+            writer.mux(noise)
+    return destination
+
+
+def write_png_header_only(path: str | Path, width: int, height: int) -> Path:
+    """A PNG that declares `width` x `height` RGB pixels but holds only a few bytes of image data.
+
+    Readers that check the declared size before decoding see an enormous image without anyone paying for it.
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    path = Path(path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+    return path
