@@ -1,0 +1,54 @@
+"""The model on a CUDA GPU: the NSA kernels the operator dispatches to agree with its PyTorch reference."""
+
+import pytest
+import torch
+
+from videonsa import testing
+from videonsa.ops import available_backends
+
+pytestmark = pytest.mark.gpu
+
+
+def _run(model, batch, backend, monkeypatch, backward=False):
+    monkeypatch.setenv("VIDEONSA_NSA_BACKEND", backend)
+    model.zero_grad(set_to_none=True)
+    inputs = {k: v.cuda() for k, v in batch.as_kwargs().items()}
+    with torch.set_grad_enabled(backward):
+        out = model(**inputs, labels=inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100))
+    if not backward:
+        return out.logits.float(), None
+    out.loss.backward()
+    return out.logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_on_gpu_with_the_fast_operator_matches_the_reference_operator(batch, monkeypatch, dtype):
+    if "triton" not in available_backends():
+        pytest.skip("no Triton NSA kernels in this build")
+    model = testing.tiny_model(seed=30).to("cuda", dtype)
+    fast, _ = _run(model, batch, "auto", monkeypatch)
+    reference, _ = _run(model, batch, "reference", monkeypatch)
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fast, reference, rtol=tolerance, atol=tolerance)
+
+
+def test_model_gradients_on_gpu_match_the_reference_operator(batch, monkeypatch):
+    if "triton" not in available_backends():
+        pytest.skip("no Triton NSA kernels in this build")
+    model = testing.tiny_model(seed=31).to("cuda").train()
+    _, fast = _run(model, batch, "auto", monkeypatch, backward=True)
+    _, reference = _run(model, batch, "reference", monkeypatch, backward=True)
+    assert fast.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(fast[name], reference[name], rtol=1e-3, atol=1e-5)
+
+
+def test_generation_on_gpu_gives_the_same_tokens_with_and_without_the_cache(batch):
+    model = testing.tiny_model(seed=32).to("cuda")
+    inputs = {k: v.cuda() for k, v in batch.as_kwargs().items()}
+    with torch.no_grad():
+        cached, uncached = (
+            model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=use, pad_token_id=0)
+            for use in (True, False)
+        )
+    assert torch.equal(cached, uncached)
