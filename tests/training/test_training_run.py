@@ -3,6 +3,7 @@ processes (gloo) train together and match one process with the same global batch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -144,3 +145,35 @@ def test_two_processes_train_together_and_match_one(videonsa_checkpoint, colour_
     one_losses, two_losses = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
     for step in (1, 2, 3):
         assert two_losses[step][0] == pytest.approx(one_losses[step][0], rel=1e-4)
+
+
+def test_the_trainer_loss_on_kept_logits_equals_the_models_full_loss(videonsa_checkpoint, colour_clips, tmp_path):
+    from videonsa.training.annotations import Turn
+    from videonsa.training.collator import VideoChatCollator
+    from videonsa.training.model_setup import load_model, load_tokenizer
+    from videonsa.training.pixels import patchify_frames
+    from videonsa.training.trainer import VideoNSATrainer, build_dataset, training_arguments
+
+    config = load_config(None, train_overrides(videonsa_checkpoint, colour_clips(3, frames=2), tmp_path / "o"))
+    tokenizer = load_tokenizer(str(videonsa_checkpoint))
+    dataset = build_dataset(config, tokenizer)
+    second = dataset.entries[1]  # made longer, with two replies, so the batch needs padding
+    more_turns = (*second.turns, Turn("user", "Sure?"), Turn("assistant", "yes"))
+    dataset.entries[1] = dataclasses.replace(second, turns=more_turns)
+    model = load_model(config.model)
+    trainer = VideoNSATrainer(model=model, args=training_arguments(config), train_dataset=dataset)
+    batch = VideoChatCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
+
+    reference = {key: value for key, value in batch.items() if key not in ("vision_frames", "data_stats")}
+    reference["pixel_values"] = torch.cat([patchify_frames(clip, as_video=False)[0] for clip in batch["vision_frames"]])
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        mean_loss = model(**reference).loss
+        summed_loss = model(**reference, num_items_in_batch=torch.tensor(7)).loss
+        loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+        loss_over_7 = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(7))
+    torch.testing.assert_close(loss, mean_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_over_7, summed_loss, rtol=1e-5, atol=1e-6)
+    # Logits exist only where a reply token follows, not for the whole prompt.
+    assert outputs.logits.shape[1] < batch["input_ids"].shape[1] // 2
+    assert outputs.logits.shape[1] >= labelled // 2

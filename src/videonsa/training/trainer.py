@@ -25,6 +25,7 @@ from videonsa.errors import UserError
 from videonsa.training.annotations import read_annotations
 from videonsa.training.collator import VideoChatCollator
 from videonsa.training.config import TrainConfig, config_file
+from videonsa.training.conversation import IGNORE_INDEX
 from videonsa.training.dataset import STAT_NAMES, VideoChatDataset
 from videonsa.training.io import atomic_write_text
 from videonsa.training.model_setup import load_model, load_tokenizer, set_trainable
@@ -44,6 +45,20 @@ PROCESSOR_FILES = (
     "chat_template.jinja",
 )
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] labels -> [B, T] targets: position t predicts label t + 1 (-100 after the last)."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions (1-D, ascending) whose next token is labelled in at least one sample of the batch.
+
+    Never empty: a batch without labels keeps its last position (whose target is -100), so the loss is 0.
+    """
+    positions = (next_token_targets(labels) != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    return positions if positions.numel() else positions.new_tensor([labels.shape[1] - 1])
 
 
 class DataCounters(TrainerCallback):
@@ -66,10 +81,19 @@ class DataCounters(TrainerCallback):
 
 
 class VideoNSATrainer(Trainer):
-    """The stock Trainer plus two things: frames arrive as uint8 and are patchified on the training device, and
-    the dataset's counters (skipped samples, trimmed samples, dropped frames) are summed into the logs."""
+    """The stock Trainer plus three things:
+
+    * frames arrive as uint8 and are patchified on the training device;
+    * logits are computed only where a label follows (the assistant replies): at a 36K-token context the full
+      [T, 152K] logits would cost 22 GB in fp32 and as many FLOPs as several decoder layers, for no gradient;
+    * the dataset's counters (skipped samples, trimmed samples, dropped frames) are summed into the logs.
+
+    The loss is the same as the model's own (sum of token cross-entropies over the whole accumulated batch,
+    divided by its number of label tokens), so gradient accumulation and multi-process averaging are unchanged.
+    """
 
     def __init__(self, *args: Any, frames_as_video: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("compute_loss_func", self.labelled_positions_loss)
         super().__init__(*args, **kwargs)
         self.frames_as_video = frames_as_video
         self.data_counters = DataCounters()
@@ -83,8 +107,30 @@ class VideoNSATrainer(Trainer):
         if frames is not None:
             key = "pixel_values_videos" if self.frames_as_video else "pixel_values"
             inputs[key] = torch.cat([patchify_frames(clip, as_video=self.frames_as_video)[0] for clip in frames])
+        if "labels" in inputs:
+            inputs["logits_to_keep"] = labelled_positions(inputs["labels"])
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def labelled_positions_loss(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        """Token cross-entropy of the logits kept by `compute_loss` against the tokens they predict.
+
+        outputs.logits: [B, K, V] at the K positions of `labelled_positions(labels)`; labels: [B, T].
+        Divided by `num_items_in_batch` (label tokens in the accumulated batch) as the model's own loss is.
+        """
+        targets = next_token_targets(labels)[:, labelled_positions(labels)]
+        logits = outputs.logits.float()
+        total = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        )
+        if num_items_in_batch is None:  # the Trainer could not count: average here, accumulation included
+            count = (targets != IGNORE_INDEX).sum().clamp(min=1).to(total.device)
+            training = self.model.training and hasattr(self, "current_gradient_accumulation_steps")
+            return total / count / (self.current_gradient_accumulation_steps if training else 1)
+        if isinstance(num_items_in_batch, torch.Tensor):
+            return total / num_items_in_batch.to(total.device).clamp(min=1)
+        return total / max(num_items_in_batch, 1)
 
     def data_totals(self) -> dict[str, int]:
         """The counters summed over all processes (a collective call: every process must make it)."""
