@@ -187,3 +187,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch):
     assert gate in grads[1] and grads[1][gate].abs().sum() > 0
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_packed_sequences_are_refused_in_nsa_mode(batch):
+    model = testing.tiny_model(seed=11)
+    single = testing.tiny_video_batch(((2, 4, 4),), text_before=3, text_after=2, seed=2)
+    length = single.input_ids.shape[1]
+    restart = torch.cat([torch.arange(length), torch.arange(length)])  # two samples in one row
+    positions = restart.expand(4, 1, 2 * length)
+    inputs = dict(input_ids=single.input_ids.repeat(1, 2), mm_token_type_ids=single.mm_token_type_ids.repeat(1, 2),
+                  position_ids=positions)
+    with pytest.raises(UserError, match="packed sequences"), torch.no_grad():
+        model(**inputs)

@@ -41,6 +41,7 @@ from videonsa.layers import (
 )
 from videonsa.models.checkpoints import LEGACY_KEY_MAPPING, checkpoint_has_gates
 from videonsa.models.configuration_videonsa import NSA_CONFIG_DEFAULTS, VideoNSAConfig
+from videonsa.models.time_positions import fractional_video_time_positions
 
 logger = logging.get_logger(__name__)
 
@@ -216,10 +217,35 @@ class VideoNSAModel(_GateInitMixin, qwen.Qwen2_5_VLModel):
         self.rope_deltas = None
         self.post_init()
 
+    def get_rope_index(
+        self,
+        input_ids: Tensor,
+        mm_token_type_ids: Tensor,
+        image_grid_thw: Tensor | None = None,
+        video_grid_thw: Tensor | None = None,
+        second_per_grid_ts: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        """Qwen2.5-VL's 3D positions, with video time positions that keep fractional seconds per patch on
+        every transformers version (5.17 truncates them to whole seconds; see `time_positions`)."""
+        position_ids, rope_deltas = super().get_rope_index(
+            input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts, attention_mask=attention_mask, **kwargs,
+        )
+        if video_grid_thw is None or second_per_grid_ts is None:
+            return position_ids, rope_deltas
+        return fractional_video_time_positions(
+            position_ids, mm_token_type_ids, video_grid_thw, second_per_grid_ts, attention_mask,
+            tokens_per_second=self.config.vision_config.tokens_per_second,
+            spatial_merge_size=self.config.vision_config.spatial_merge_size,
+        )
+
     def forward(
         self,
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
         *args: Any,
         mm_token_type_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
@@ -228,10 +254,11 @@ class VideoNSAModel(_GateInitMixin, qwen.Qwen2_5_VLModel):
         """Qwen2_5_VLModel.forward, with the vision/text split of the tokens computed first (nsa mode)."""
         split = None
         if self.language_model.layers[0].self_attn.settings.mode == "nsa":
+            _refuse_packed_sequences(position_ids, attention_mask)
             split = self.token_split(input_ids, mm_token_type_ids, attention_mask, inputs_embeds)
         with _current_split(split):
             return super().forward(
-                input_ids, attention_mask, *args,
+                input_ids, attention_mask, position_ids, *args,
                 mm_token_type_ids=mm_token_type_ids, inputs_embeds=inputs_embeds, **kwargs,
             )
 
@@ -368,6 +395,19 @@ def _attention_layers(model: nn.Module) -> list[VideoNSAAttention]:
     if not layers:
         raise UserError(f"{type(model).__name__} has no VideoNSA attention layers")
     return layers
+
+
+def _refuse_packed_sequences(position_ids: Tensor | None, attention_mask: Tensor | None) -> None:
+    """Qwen2.5-VL reads several sequences packed in one row from [4, B, T] position ids whose text positions
+    restart, given without an attention mask. The NSA split treats a row as one sample, so refuse that."""
+    if attention_mask is not None or position_ids is None or position_ids.dim() != 3 or position_ids.shape[0] != 4:
+        return
+    text_positions = position_ids[0]
+    if bool((text_positions[:, 1:] < text_positions[:, :-1]).any()):
+        raise UserError(
+            "packed sequences (position ids that restart within a row) are not supported in attention_mode "
+            "'nsa': pad the samples of a batch instead"
+        )
 
 
 @contextlib.contextmanager
