@@ -59,7 +59,7 @@ def test_gather_then_merge_gives_back_every_token():
 
 def test_text_attention_mask_is_causal_over_real_tokens_plus_the_diagonal():
     split = build_token_split(VISION, PADDING)
-    mask = split.text_attention_mask()
+    mask = split.text_attention_mask
     assert mask.shape == (2, 1, 5, 8)
     for b in range(2):
         for slot, query in enumerate(split.text_pos[b].tolist()):

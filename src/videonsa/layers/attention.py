@@ -96,7 +96,7 @@ def dense_text_attention(q: Tensor, k: Tensor, v: Tensor, split: TokenSplit, att
         [B, L, HQ, D] for the text slots of `split` (invalid slots hold values to be discarded).
     """
     q_text = split.gather_text(q).transpose(1, 2)
-    return attend(q_text, k.transpose(1, 2), v.transpose(1, 2), split.text_attention_mask())
+    return attend(q_text, k.transpose(1, 2), v.transpose(1, 2), split.text_attention_mask)
 
 
 def sdpa_attend(scale: float | None = None) -> DenseAttend:

@@ -11,6 +11,7 @@ The split is computed once per forward pass and shared by all layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -55,11 +56,12 @@ class TokenSplit:
         rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
         return x[rows, self.text_pos]
 
+    @cached_property
     def text_attention_mask(self) -> Tensor:
         """bool [B, 1, L, T]: text query slot l may attend to key j iff j <= its position and j is a real token.
 
         A query always sees itself, so that padding queries and unused slots never get an all-masked row (NaN);
-        their outputs are discarded anyway.
+        their outputs are discarded anyway. Built once per forward pass, on first use, for all layers.
         """
         seq_len = self.vision_mask.shape[1]
         keys = torch.arange(seq_len, device=self.text_pos.device)

@@ -102,7 +102,7 @@ class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
     ) -> tuple[Tensor, Tensor | None]:
         """hidden_states [B, T, hidden] (after input_layernorm) -> ([B, T, hidden], attention weights or None).
 
-        The KV cache arrives as `cache` (transformers >= 5.2x) or `past_key_values` (older 5.x).
+        The KV cache arrives as `cache` (newer transformers 5.x) or `past_key_values` (older 5.x, e.g. 5.17).
         """
         cache = cache if cache is not None else past_key_values
         batch, seq_len, _ = hidden_states.shape
