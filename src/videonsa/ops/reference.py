@@ -88,9 +88,9 @@ def nsa_parts_reference(
     # Branch outputs per sequence, joined afterwards so autograd sees plain concatenations.
     pieces: dict[str, list[Tensor]] = {"o_cmp": [], "o_slc": [], "o_swa": []}
     for b, start, end in spans:
-        up = lambda x: x[b, start:end].to(compute_dtype)  # noqa: E731
+        q_seq, k_seq, v_seq = (x[b, start:end].to(compute_dtype) for x in (q, k, v))
         forced = None if block_indices is None else block_indices[b, start:end]
-        parts = _sequence(up(q), up(k), up(v), config, scale, forced)
+        parts = _sequence(q_seq, k_seq, v_seq, config, scale, forced)
         for name, value in zip(pieces, parts[:3]):
             pieces[name].append(value)
         indices[b, start:end] = parts[3]
@@ -125,6 +125,9 @@ def _sequence(
     """
     seq_len, heads_q, head_dim = q.shape
     heads_kv = k.shape[1]
+    if seq_len == 0:  # e.g. a batch without vision tokens: empty parts, still attached to q for autograd
+        no_blocks = torch.empty(0, heads_kv, config.block_count, dtype=torch.int32, device=q.device)
+        return q * 0, q * 0, q * 0, no_blocks, q.detach().new_full((0, heads_q), -math.inf)
     k_cmp, v_cmp = compress_blocks(k, config.block_size), compress_blocks(v, config.block_size)
     per_query = heads_kv * config.block_count * config.block_size * (2 * head_dim + heads_q // heads_kv)
     per_query += heads_q * (config.window_size + k_cmp.shape[0])
