@@ -573,8 +573,9 @@ def _block_n(block_size: int) -> int:
     return min(block_size, 64)
 
 
-def _prepare(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor):
+def _prepare(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor, block_size: int):
     _check(q, k, v, block_indices, cu_seqlens)
+    _block_n(block_size)  # validates block_size before anything is launched
     return kernel_input(q), kernel_input(k), kernel_input(v), block_indices.to(torch.int32).contiguous()
 
 
@@ -688,7 +689,7 @@ def selected_attention_fwd(
     Returns:
         o [T, HQ, D] in q's dtype (0 for rows with no allowed key) and lse float32 [T, HQ] (-inf there).
     """
-    q, k, v, block_indices = _prepare(q, k, v, block_indices, cu_seqlens)
+    q, k, v, block_indices = _prepare(q, k, v, block_indices, cu_seqlens, block_size)
     if q.shape[0] == 0:
         return torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     plan = plan_tiles(block_indices, cu_seqlens, q.shape[1] // k.shape[1], tile_rows)
@@ -723,7 +724,7 @@ def selected_attention_bwd(
         dq [T, HQ, D] (q's dtype), dk, dv [T, HKV, D] (k's dtype), summed over the G heads of each group and
         all queries that selected each block. Deterministic: no atomics on gradients.
     """
-    q, k, v, block_indices = _prepare(q, k, v, block_indices, cu_seqlens)
+    q, k, v, block_indices = _prepare(q, k, v, block_indices, cu_seqlens, block_size)
     do = kernel_input(do)
     if q.shape[0] == 0:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -1,0 +1,326 @@
+"""Selection-branch Triton kernels (`videonsa.ops.triton.selection`) against plain attention references.
+
+Where there is no CUDA GPU the kernels run under the Triton interpreter, which needs TRITON_INTERPRET=1 before
+Triton is first imported and must not leak into other tests of the same pytest run. So, in a process whose
+kernels are not already interpreted, `test_under_interpreter` runs this file once more in a child pytest with
+TRITON_INTERPRET=1 (one process start for all cases) and the other tests skip themselves in the parent.
+On a CUDA machine every test runs directly on the GPU, plus the `gpu`-marked checks at real shapes.
+
+Shapes are tiny (the interpreter runs each program in numpy); inputs are float32 or float16 (bf16 products are
+not exact under the interpreter) and the reference is float64.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from videonsa.ops import nsa_parts_reference
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def _kernels_runnable_here() -> bool:
+    """True on a GPU, or when Triton itself (not only our kernels) was imported under TRITON_INTERPRET=1."""
+    if HAS_CUDA:
+        return True
+    import triton.language as tl
+
+    from videonsa.ops.triton import selection
+
+    return all(type(f).__name__ == "InterpretedFunction" for f in (tl.zeros, selection._slc_fwd_kernel))
+
+
+RUNNABLE = _kernels_runnable_here()
+kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
+
+
+@pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
+def test_under_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-12000:]}\n{proc.stderr[-4000:]}"
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 10, f"kernel tests did not run:\n{proc.stdout[-3000:]}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# References and inputs
+
+
+def packed(seq_lens: list[int], heads_q: int, heads_kv: int, head_dim: int, seed: int):
+    """float64 q [T,HQ,D], k/v [T,HKV,D], do [T,HQ,D] and int32 cu_seqlens [N+1]."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(seq_lens)
+    q = torch.randn(total, heads_q, head_dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(total, heads_kv, head_dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(total, heads_kv, head_dim, generator=gen, dtype=torch.float64)
+    do = torch.randn(total, heads_q, head_dim, generator=gen, dtype=torch.float64)
+    cu = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, do, cu
+
+
+def random_selection(cu: torch.Tensor, heads_kv: int, slots: int, block_size: int, seed: int) -> torch.Tensor:
+    """int32 [T, HKV, S]: per token and group, the current block plus random earlier blocks (ascending, -1
+    padded); neighbouring tokens sometimes share, sometimes not; a few rows select nothing at all."""
+    gen = torch.Generator().manual_seed(seed)
+    total = int(cu[-1])
+    out = torch.full((total, heads_kv, slots), -1, dtype=torch.int32)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        for t in range(a, b):
+            current = (t - a) // block_size
+            for g in range(heads_kv):
+                if (t * 7 + g) % 23 == 0:
+                    continue  # nothing selected: o = 0, lse = -inf
+                earlier = torch.randperm(current, generator=gen)[: slots - 1].tolist() if current else []
+                chosen = sorted([*earlier, current])
+                out[t, g, : len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+    return out
+
+
+def dense_selected(q, k, v, block_indices, cu, block_size, scale):
+    """Plain masked softmax attention (differentiable): returns o [T,HQ,D] and lse [T,HQ] (-inf: no key)."""
+    total, heads_q, _ = q.shape
+    heads_kv = k.shape[1]
+    group = heads_q // heads_kv
+    allowed = torch.zeros(total, heads_kv, total, dtype=torch.bool)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        for t in range(a, b):
+            for g in range(heads_kv):
+                for j in block_indices[t, g].tolist():
+                    if j >= 0:
+                        allowed[t, g, a + j * block_size : min(b, a + (j + 1) * block_size, t + 1)] = True
+    allowed = allowed.repeat_interleave(group, dim=1)
+    s = scale * torch.einsum("thd,shd->ths", q, k.repeat_interleave(group, dim=1))
+    s = s.masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.where(allowed, torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None]), 0.0)
+    return torch.einsum("ths,shd->thd", p, v.repeat_interleave(group, dim=1)), lse
+
+
+def check_selection(seq_lens, heads_q, heads_kv, head_dim, block_size, slots, dtype, seed, **kwargs):
+    """Forward and backward of the kernels against `dense_selected` in float64."""
+    from videonsa.ops.triton.selection import selected_attention_bwd, selected_attention_fwd
+
+    q, k, v, do, cu = packed(seq_lens, heads_q, heads_kv, head_dim, seed)
+    q, k, v, do = (x.to(dtype).double() for x in (q, k, v, do))  # the reference sees the stored values
+    idx = random_selection(cu, heads_kv, slots, block_size, seed)
+    scale = head_dim**-0.5
+    fwd_kwargs = {key: kwargs[key] for key in ("tile_rows",) if key in kwargs}
+    dev = lambda x: x.to(DEVICE, dtype) if x.is_floating_point() else x.to(DEVICE)  # noqa: E731
+    o, lse = selected_attention_fwd(dev(q), dev(k), dev(v), dev(idx), dev(cu), block_size, scale, **fwd_kwargs)
+    grads = selected_attention_bwd(
+        dev(q), dev(k), dev(v), o, lse, dev(do), dev(idx), dev(cu), block_size, scale, **kwargs
+    )
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_ref, lse_ref = dense_selected(*leaves, idx, cu, block_size, scale)
+    (o_ref * do).sum().backward()
+
+    atol = 2e-5 if dtype == torch.float32 else 3e-3
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(lse_ref)), "rows without keys differ"
+    assert bool((o.cpu()[torch.isinf(lse_ref)] == 0).all()), "rows without keys must give o = 0"
+    finite = torch.isfinite(lse_ref)
+    torch.testing.assert_close(lse.cpu().double()[finite], lse_ref[finite], atol=atol, rtol=1e-4)
+    torch.testing.assert_close(o.cpu().double(), o_ref, atol=atol, rtol=atol)
+    for name, got, leaf in zip(("dq", "dk", "dv"), grads, leaves, strict=True):
+        assert got.dtype == dtype and got.shape == leaf.shape, name
+        torch.testing.assert_close(got.cpu().double(), leaf.grad, atol=2 * atol, rtol=2 * atol, msg=name)
+    return idx, o
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel tests (interpreter or GPU)
+
+
+@kernel_test
+def test_gqa_7_to_1_varlen_big_tiles_and_split_lists() -> None:
+    """7 query heads per KV head, two packed sequences (lengths not multiples of the block), 64-row tiles
+    (9 tokens), and dk/dv token lists cut into pieces of 5 (exercises the ordered partial-sum reduction)."""
+    check_selection([37, 20], 7, 1, 16, 16, 3, torch.float32, seed=0, tile_rows=64, dkdv_split=5)
+
+
+@kernel_test
+def test_gqa_7_to_1_small_tiles() -> None:
+    """16-row tiles (2 tokens x 7 heads) and two KV groups with different selections."""
+    check_selection([30], 14, 2, 16, 16, 2, torch.float32, seed=1, tile_rows=16, dkdv_rows=16)
+
+
+@kernel_test
+def test_gqa_2_to_1_head_dim_32_auto_tiles() -> None:
+    check_selection([45], 4, 2, 32, 16, 3, torch.float32, seed=2)
+
+
+@kernel_test
+def test_mha_1_to_1_short_sequences_fp16() -> None:
+    """One query head per KV head, sequences shorter than a block, float16 storage."""
+    check_selection([17, 33, 5], 2, 2, 16, 16, 2, torch.float16, seed=3, tile_rows=16)
+
+
+@kernel_test
+def test_forward_matches_project_reference() -> None:
+    """o_slc of `nsa_parts_reference` given the same block_indices equals the kernel output."""
+    from videonsa.ops.triton.selection import selected_attention_fwd
+
+    seq_lens, heads_q, heads_kv, head_dim, block_size = [40, 26], 7, 1, 16, 16
+    q, k, v, _, cu = packed(seq_lens, heads_q, heads_kv, head_dim, seed=4)
+    idx = random_selection(cu, heads_kv, 2, block_size, seed=4)
+    has = idx.max(dim=-1).values >= 0  # the reference cannot express "nothing selected"; keep rows with some
+    idx = torch.where(has[..., None], idx, torch.tensor([0, -1], dtype=torch.int32))
+    o, _ = selected_attention_fwd(
+        q.float().to(DEVICE), k.float().to(DEVICE), v.float().to(DEVICE), idx.to(DEVICE), cu.to(DEVICE),
+        block_size, head_dim**-0.5,
+    )
+    gates = torch.zeros(1, q.shape[0], heads_q, dtype=torch.float64)
+    parts = nsa_parts_reference(
+        q[None], k[None], v[None], gates, gates, gates, block_size=block_size, block_count=2, window_size=4,
+        cu_seqlens=cu, block_indices=idx[None],
+    )
+    torch.testing.assert_close(o.cpu().double(), parts.o_slc[0], atol=2e-5, rtol=2e-5)
+
+
+@kernel_test
+def test_union_kernel_matches_torch_oracle() -> None:
+    from videonsa.ops.triton.selection import tiles_of, union_blocks, union_blocks_torch
+
+    cu = torch.tensor([0, 50, 61, 120], dtype=torch.int32)
+    idx = random_selection(cu, 2, 4, 16, seed=5).to(DEVICE)
+    for tokens in (1, 9, 40):  # 40 tokens need two bitmask words
+        tiles = tiles_of(cu.to(DEVICE), tokens)
+        want = union_blocks_torch(idx, tiles, tokens)
+        got = union_blocks(idx, tiles, tokens)
+        assert torch.equal(got[1], want[1]), tokens
+        used = torch.arange(want[0].shape[-1], device=DEVICE) < want[1][..., None]
+        assert torch.equal(torch.where(used, got[0], -1), torch.where(used, want[0], -1)), tokens
+        assert torch.equal(got[2], want[2]), tokens
+
+
+@kernel_test
+def test_backward_is_deterministic() -> None:
+    from videonsa.ops.triton.selection import selected_attention_bwd, selected_attention_fwd
+
+    q, k, v, do, cu = packed([40], 7, 1, 16, seed=6)
+    idx = random_selection(cu, 1, 3, 16, seed=6).to(DEVICE)
+    q, k, v, do, cu = (x.float().to(DEVICE) if x.is_floating_point() else x.to(DEVICE) for x in (q, k, v, do, cu))
+    o, lse = selected_attention_fwd(q, k, v, idx, cu, 16, 0.25, tile_rows=64)
+    first = selected_attention_bwd(q, k, v, o, lse, do, idx, cu, 16, 0.25, tile_rows=64, dkdv_split=7)
+    second = selected_attention_bwd(q, k, v, o, lse, do, idx, cu, 16, 0.25, tile_rows=64, dkdv_split=7)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure host-side pieces (no kernel)
+
+
+def test_split_lists_cover_every_list_once() -> None:
+    from videonsa.ops.triton.selection import split_lists
+
+    offsets = torch.tensor([0, 0, 3, 13, 14, 30])  # lengths 0, 3, 10, 1, 16
+    items, splits = split_lists(offsets, 4)
+    lengths = (items[:, 2] - items[:, 1]).tolist()
+    assert lengths == sorted(lengths, reverse=True), "longest pieces first"
+    covered = sorted((int(o), int(s), int(e)) for o, s, e, _ in items.tolist())
+    assert covered == [(0, 0, 0), (1, 0, 3), (2, 3, 7), (2, 7, 11), (2, 11, 13), (3, 13, 14),
+                       (4, 14, 18), (4, 18, 22), (4, 22, 26), (4, 26, 30)]
+    assert splits.tolist() == [[2, 0, 3], [4, 3, 4]]
+    single = items[torch.isin(items[:, 0], torch.tensor([0, 1, 3]))]
+    assert bool((single[:, 3] == -1).all()), "unsplit lists write their final result directly"
+    parts = sorted(int(p) for p in items[:, 3] if p >= 0)
+    assert parts == list(range(7))
+
+
+def test_tiles_never_straddle_sequences() -> None:
+    from videonsa.ops.triton.selection import tiles_of
+
+    cu = torch.tensor([0, 5, 5 + 18, 5 + 18 + 1], dtype=torch.int32)
+    tiles = tiles_of(cu, 9).tolist()
+    assert tiles == [[0, 5, 0, 5], [5, 9, 5, 23], [14, 9, 5, 23], [23, 1, 23, 24]]
+
+
+def test_bad_inputs_are_rejected() -> None:
+    from videonsa.ops.triton.selection import selected_attention_fwd
+
+    q, k, v = torch.zeros(8, 3, 16), torch.zeros(8, 2, 16), torch.zeros(8, 2, 16)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    idx = torch.zeros(8, 2, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="incompatible"):
+        selected_attention_fwd(q, k, v, idx, cu, 16, 0.25)
+    with pytest.raises(ValueError, match="block_indices"):
+        selected_attention_fwd(torch.zeros(8, 4, 16), k, v, idx[:4], cu, 16, 0.25)
+    with pytest.raises(ValueError, match="power of two"):
+        selected_attention_fwd(torch.zeros(8, 4, 16), k, v, idx, cu, 24, 0.25)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU: real shapes
+
+
+def _gpu_case(seq_lens, heads_q, heads_kv, head_dim, dtype, clustered: bool, tile_rows=None) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(sum(seq_lens) + heads_q)
+    total = sum(seq_lens)
+    cu = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q = torch.randn(total, heads_q, head_dim, device="cuda", dtype=dtype, generator=gen)
+    k = torch.randn(total, heads_kv, head_dim, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(total, heads_kv, head_dim, device="cuda", dtype=dtype, generator=gen)
+    do = torch.randn(total, heads_q, head_dim, device="cuda", dtype=dtype, generator=gen)
+    block_size, slots = 64, 32
+    idx = torch.full((total, heads_kv, slots), -1, dtype=torch.int32, device="cuda")
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        pos = torch.arange(b - a, device="cuda")
+        n_blocks = -(-(b - a) // block_size)
+        base = torch.rand(heads_kv, n_blocks, device="cuda", generator=gen)
+        noise = torch.rand(b - a, heads_kv, n_blocks, device="cuda", generator=gen)
+        score = base + 0.3 * noise if clustered else noise
+        block = torch.arange(n_blocks, device="cuda")
+        score = torch.where((block[None, :] < (pos[:, None] + 1) // block_size)[:, None], score, -1.0)
+        score = torch.where((block[None, :] == pos[:, None] // block_size)[:, None], 9.0, score)
+        top = score.topk(min(slots, n_blocks), dim=-1)
+        chosen = torch.where(top.values >= 0, top.indices, n_blocks).sort(dim=-1).values
+        idx[a:b, :, : chosen.shape[-1]] = torch.where(chosen == n_blocks, -1, chosen).to(torch.int32)
+
+    from videonsa.ops.triton.selection import selected_attention_bwd, selected_attention_fwd
+
+    scale = head_dim**-0.5
+    o, lse = selected_attention_fwd(q, k, v, idx, cu, block_size, scale, tile_rows=tile_rows)
+    grads = selected_attention_bwd(q, k, v, o, lse, do, idx, cu, block_size, scale, tile_rows=tile_rows)
+    # float32 reference on the same (rounded) values, one sequence at a time.
+    group = heads_q // heads_kv
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        leaves = [x[a:b].float().requires_grad_() for x in (q, k, v)]
+        pos = torch.arange(b - a, device="cuda")
+        sel = idx[a:b].long()
+        allowed = (sel[:, :, :, None] == (pos // block_size)[None, None, None, :]).any(dim=2)
+        allowed &= pos[None, None, :] <= pos[:, None, None]
+        allowed = allowed.repeat_interleave(group, dim=1)
+        s = scale * torch.einsum("thd,shd->ths", leaves[0], leaves[1].repeat_interleave(group, dim=1))
+        p = torch.softmax(s.masked_fill(~allowed, -math.inf), dim=-1)
+        o_ref = torch.einsum("ths,shd->thd", p, leaves[2].repeat_interleave(group, dim=1))
+        (o_ref * do[a:b].float()).sum().backward()
+        for name, got, want in (("o", o[a:b], o_ref), *zip(("dq", "dk", "dv"), [g[a:b] for g in grads],
+                                                          [x.grad for x in leaves], strict=True)):
+            assert not torch.isnan(got).any(), name
+            err = float((got.float() - want).norm() / want.norm())
+            assert err < 1e-2, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("clustered", [False, True])
+def test_gpu_real_shapes_7_to_1_varlen(clustered: bool) -> None:
+    _gpu_case([1000, 2600, 77, 400], 28, 4, 128, torch.bfloat16, clustered)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile_rows", [16, 64, 128])
+def test_gpu_1_to_1_head_dim_64_fp16(tile_rows: int) -> None:
+    _gpu_case([3000], 4, 4, 64, torch.float16, clustered=True, tile_rows=tile_rows)

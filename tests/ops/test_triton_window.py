@@ -1,0 +1,193 @@
+"""Sliding-window Triton kernels (`videonsa.ops.triton.window`) against plain attention references.
+
+Runs like tests/ops/test_triton_selection.py: directly on a CUDA GPU, otherwise once in a child pytest under
+TRITON_INTERPRET=1 (`test_under_interpreter`), with tiny float32 / float16 shapes and float64 references.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from videonsa.ops import nsa_parts_reference
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def _kernels_runnable_here() -> bool:
+    """True on a GPU, or when Triton itself (not only our kernels) was imported under TRITON_INTERPRET=1."""
+    if HAS_CUDA:
+        return True
+    import triton.language as tl
+
+    from videonsa.ops.triton import window
+
+    return all(type(f).__name__ == "InterpretedFunction" for f in (tl.zeros, window._swa_fwd_kernel))
+
+
+RUNNABLE = _kernels_runnable_here()
+kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
+
+
+@pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
+def test_under_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-12000:]}\n{proc.stderr[-4000:]}"
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 6, f"kernel tests did not run:\n{proc.stdout[-3000:]}"
+
+
+def packed(seq_lens: list[int], heads_q: int, heads_kv: int, head_dim: int, seed: int):
+    """float64 q [T,HQ,D], k/v [T,HKV,D], do [T,HQ,D] and int32 cu_seqlens [N+1]."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(seq_lens)
+    q = torch.randn(total, heads_q, head_dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(total, heads_kv, head_dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(total, heads_kv, head_dim, generator=gen, dtype=torch.float64)
+    do = torch.randn(total, heads_q, head_dim, generator=gen, dtype=torch.float64)
+    cu = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, do, cu
+
+
+def dense_window(q, k, v, cu, window, scale):
+    """Plain masked softmax attention over keys t-window+1..t of the same sequence; returns o and lse."""
+    total, heads_q, _ = q.shape
+    group = heads_q // k.shape[1]
+    allowed = torch.zeros(total, total, dtype=torch.bool)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        for t in range(a, b):
+            allowed[t, max(a, t - window + 1) : t + 1] = True
+    s = scale * torch.einsum("thd,shd->ths", q, k.repeat_interleave(group, dim=1))
+    s = s.masked_fill(~allowed[:, None, :], -math.inf)
+    return torch.einsum("ths,shd->thd", torch.softmax(s, -1), v.repeat_interleave(group, 1)), s.logsumexp(-1)
+
+
+def check_window(seq_lens, heads_q, heads_kv, head_dim, window, dtype, seed, **kwargs) -> None:
+    from videonsa.ops.triton.window import window_attention_bwd, window_attention_fwd
+
+    q, k, v, do, cu = packed(seq_lens, heads_q, heads_kv, head_dim, seed)
+    q, k, v, do = (x.to(dtype).double() for x in (q, k, v, do))  # the reference sees the stored values
+    scale = head_dim**-0.5
+    fwd_kwargs = {key: kwargs[key] for key in ("tile_rows", "key_step") if key in kwargs}
+    dev = lambda x: x.to(DEVICE, dtype) if x.is_floating_point() else x.to(DEVICE)  # noqa: E731
+    o, lse = window_attention_fwd(dev(q), dev(k), dev(v), dev(cu), window, scale, **fwd_kwargs)
+    grads = window_attention_bwd(dev(q), dev(k), dev(v), o, lse, dev(do), dev(cu), window, scale, **kwargs)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_ref, lse_ref = dense_window(*leaves, cu, window, scale)
+    (o_ref * do).sum().backward()
+
+    atol = 2e-5 if dtype == torch.float32 else 3e-3
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.cpu().double(), lse_ref.detach(), atol=atol, rtol=1e-4)
+    torch.testing.assert_close(o.cpu().double(), o_ref, atol=atol, rtol=atol)
+    for name, got, leaf in zip(("dq", "dk", "dv"), grads, leaves, strict=True):
+        assert got.dtype == dtype and got.shape == leaf.shape, name
+        torch.testing.assert_close(got.cpu().double(), leaf.grad, atol=2 * atol, rtol=2 * atol, msg=name)
+
+
+@kernel_test
+def test_gqa_7_to_1_varlen() -> None:
+    """Two packed sequences, window longer than one key step, 64-row query tiles (9 tokens x 7 heads)."""
+    check_window([37, 20], 7, 1, 16, 20, torch.float32, seed=0, tile_rows=64, key_step=16, dkdv_rows=16)
+
+
+@kernel_test
+def test_gqa_7_to_1_default_tiles_two_groups() -> None:
+    check_window([50], 14, 2, 16, 8, torch.float32, seed=1, key_step=16)
+
+
+@kernel_test
+def test_window_of_one_and_window_longer_than_sequence() -> None:
+    check_window([19, 3], 4, 2, 32, 1, torch.float32, seed=2, key_step=16)
+    check_window([19, 3], 4, 2, 32, 100, torch.float32, seed=3, key_step=16)
+
+
+@kernel_test
+def test_mha_1_to_1_short_sequences_fp16() -> None:
+    check_window([17, 33, 5], 2, 2, 16, 8, torch.float16, seed=4, tile_rows=16, key_step=16, dkdv_rows=16)
+
+
+@kernel_test
+def test_forward_matches_project_reference() -> None:
+    """o_swa of `nsa_parts_reference` equals the kernel output."""
+    from videonsa.ops.triton.window import window_attention_fwd
+
+    q, k, v, _, cu = packed([40, 26], 7, 1, 16, seed=5)
+    o, _ = window_attention_fwd(
+        q.float().to(DEVICE), k.float().to(DEVICE), v.float().to(DEVICE), cu.to(DEVICE), 12, 0.25, key_step=16
+    )
+    gates = torch.zeros(1, q.shape[0], 7, dtype=torch.float64)
+    parts = nsa_parts_reference(
+        q[None], k[None], v[None], gates, gates, gates, block_size=16, block_count=2, window_size=12,
+        cu_seqlens=cu, scale=0.25,
+    )
+    torch.testing.assert_close(o.cpu().double(), parts.o_swa[0], atol=2e-5, rtol=2e-5)
+
+
+@kernel_test
+def test_backward_is_deterministic() -> None:
+    from videonsa.ops.triton.window import window_attention_bwd, window_attention_fwd
+
+    q, k, v, do, cu = packed([45], 7, 1, 16, seed=6)
+    q, k, v, do, cu = (x.float().to(DEVICE) if x.is_floating_point() else x.to(DEVICE) for x in (q, k, v, do, cu))
+    o, lse = window_attention_fwd(q, k, v, cu, 20, 0.25, key_step=16)
+    first = window_attention_bwd(q, k, v, o, lse, do, cu, 20, 0.25, key_step=16)
+    second = window_attention_bwd(q, k, v, o, lse, do, cu, 20, 0.25, key_step=16)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_inputs_are_rejected() -> None:
+    from videonsa.ops.triton.window import window_attention_fwd
+
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="incompatible"):
+        window_attention_fwd(torch.zeros(8, 3, 16), torch.zeros(8, 2, 16), torch.zeros(8, 2, 16), cu, 4, 0.25)
+    with pytest.raises(ValueError, match="window_size"):
+        window_attention_fwd(torch.zeros(8, 4, 16), torch.zeros(8, 2, 16), torch.zeros(8, 2, 16), cu, 0, 0.25)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("heads_q", "heads_kv", "head_dim", "dtype"), [
+    (28, 4, 128, torch.bfloat16), (4, 4, 64, torch.float16),
+])
+def test_gpu_real_shapes_varlen(heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> None:
+    from videonsa.ops.triton.window import window_attention_bwd, window_attention_fwd
+
+    seq_lens, window = [1000, 2600, 77, 400], 256
+    gen = torch.Generator(device="cuda").manual_seed(heads_q)
+    total = sum(seq_lens)
+    cu = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q = torch.randn(total, heads_q, head_dim, device="cuda", dtype=dtype, generator=gen)
+    k = torch.randn(total, heads_kv, head_dim, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(total, heads_kv, head_dim, device="cuda", dtype=dtype, generator=gen)
+    do = torch.randn(total, heads_q, head_dim, device="cuda", dtype=dtype, generator=gen)
+    scale = head_dim**-0.5
+    o, lse = window_attention_fwd(q, k, v, cu, window, scale)
+    grads = window_attention_bwd(q, k, v, o, lse, do, cu, window, scale)
+    group = heads_q // heads_kv
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        leaves = [x[a:b].float().requires_grad_() for x in (q, k, v)]
+        pos = torch.arange(b - a, device="cuda")
+        diff = pos[:, None] - pos[None, :]
+        allowed = (diff >= 0) & (diff < window)
+        s = scale * torch.einsum("thd,shd->ths", leaves[0], leaves[1].repeat_interleave(group, dim=1))
+        p = torch.softmax(s.masked_fill(~allowed[:, None, :], -math.inf), dim=-1)
+        o_ref = torch.einsum("ths,shd->thd", p, leaves[2].repeat_interleave(group, dim=1))
+        (o_ref * do[a:b].float()).sum().backward()
+        for name, got, want in (("o", o[a:b], o_ref), *zip(("dq", "dk", "dv"), [g[a:b] for g in grads],
+                                                          [x.grad for x in leaves], strict=True)):
+            assert not torch.isnan(got).any(), name
+            err = float((got.float() - want).norm() / want.norm())
+            assert err < 1e-2, f"{name}: relative error {err:.2e}"
