@@ -13,7 +13,10 @@ question and a 32-token answer.
     python benchmarks/bench_train.py --shape tiny --device cpu --seq-len 2048 --steps 2   # smoke test
 
 Prints one JSON line per mode and a table: median milliseconds per optimizer step (after warm-up), tokens per
-second, peak GPU memory (allocated, whole run including weights and optimizer state).
+second per process, peak GPU memory (allocated, whole run including weights and optimizer state). Under torchrun
+with `--strategy` (zero2, zero3, fsdp2) the same script measures multi-GPU training; sample i is identical in
+every run, so a run on N GPUs with `--grad-accum 1` sees the same samples per step as one GPU with `--grad-accum N`
+and its losses should match.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -33,7 +37,8 @@ from transformers import TrainerCallback
 
 from videonsa.models import VideoNSAConfig, VideoNSAForConditionalGeneration
 from videonsa.training.collator import VideoChatCollator
-from videonsa.training.config import load_config
+from videonsa.training.config import TrainableSettings, load_config
+from videonsa.training.model_setup import set_trainable
 from videonsa.training.trainer import VideoNSATrainer, training_arguments
 
 # Qwen2.5-VL-7B-Instruct's token ids and shapes.
@@ -75,28 +80,35 @@ def model_config(shape: str, layers: int, vision_layers: int, mode: str) -> Vide
 
 
 class SyntheticClipChat(Dataset):
-    """`length` copies of one sample shaped like `VideoChatDataset` output: frames fed as images.
+    """`length` samples shaped like `VideoChatDataset` output, frames fed as images, random per index.
 
     Layout: [text_before][<vision_start> 64 x <image_pad> <vision_end>] x frames [text_after][answer <im_end>];
-    labels on the answer and <im_end> only. Frames are random uint8 224 x 224 images.
+    labels on the answer and <im_end> only. Frames are random uint8 224 x 224 images. Sample i is the same in
+    every process and every run, so runs with the same global batch see the same data.
     """
 
-    def __init__(self, config: VideoNSAConfig, frames: int, length: int, seed: int = 0) -> None:
-        generator = torch.Generator().manual_seed(seed)
+    def __init__(self, config: VideoNSAConfig, frames: int, length: int) -> None:
+        self.config, self.frames, self.length = config, frames, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        config, frames = self.config, self.frames
+        generator = torch.Generator().manual_seed(index)
         vocab = config.text_config.vocab_size
         image, start, end = config.image_token_id, config.vision_start_token_id, config.vision_end_token_id
-        im_end = config.text_config.eos_token_id
         text_vocab = QWEN_IDS["endoftext"] if vocab > QWEN_IDS["endoftext"] else 256  # ids below the specials
 
         def text(count: int) -> torch.Tensor:
             return torch.randint(0, text_vocab, (count,), generator=generator)
 
         frame_tokens = torch.tensor([start, *[image] * TOKENS_PER_FRAME, end])
-        answer = torch.cat([text(ANSWER), torch.tensor([im_end])])
+        answer = torch.cat([text(ANSWER), torch.tensor([config.text_config.eos_token_id])])
         ids = torch.cat([text(TEXT_BEFORE), frame_tokens.repeat(frames), text(TEXT_AFTER), answer])
         labels = torch.full_like(ids, -100)
         labels[-len(answer):] = answer
-        self.item = {
+        return {
             "input_ids": ids,
             "labels": labels,
             "mm_token_type_ids": (ids == image).long(),
@@ -105,13 +117,6 @@ class SyntheticClipChat(Dataset):
             "image_grid_thw": torch.tensor([[1, FRAME_SIDE // 14, FRAME_SIDE // 14]] * frames),
             "data_stats": torch.zeros(4, dtype=torch.long),
         }
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.item
 
 
 class StepTimer(TrainerCallback):
@@ -147,23 +152,28 @@ def build_model(config: VideoNSAConfig, device: str) -> VideoNSAForConditionalGe
 def run_mode(args: argparse.Namespace, mode: str, frames: int) -> dict:
     """Train `args.warmup + args.steps` steps in `mode`; step times, peak memory, losses."""
     config = model_config(args.shape, args.layers, args.vision_layers, mode)
-    dataset = SyntheticClipChat(config, frames, length=(args.warmup + args.steps) * args.grad_accum)
-    row = {"mode": mode, "T": len(dataset.item["input_ids"]), "frames": frames}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dataset = SyntheticClipChat(config, frames, length=(args.warmup + args.steps) * args.grad_accum * world)
+    row = {"mode": mode, "T": len(dataset[0]["input_ids"]), "frames": frames, "processes": world}
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     timer = StepTimer(args.device)
+    trainer = model = None
     try:
-        model = build_model(config, args.device)
         with tempfile.TemporaryDirectory() as output_dir:
             recipe = load_config(None, {
+                "strategy": args.strategy,
                 "trainer.output_dir": output_dir, "trainer.max_steps": args.warmup + args.steps,
                 "trainer.gradient_accumulation_steps": args.grad_accum, "trainer.save_strategy": "no",
                 "trainer.logging_steps": 1, "trainer.dataloader_num_workers": 0, "trainer.disable_tqdm": True,
                 "trainer.bf16": args.device == "cuda", "trainer.use_cpu": args.device == "cpu",
             })
+            training_args = training_arguments(recipe)  # first: it binds this process to its GPU
+            model = build_model(config, training_args.device)
+            set_trainable(model, TrainableSettings())  # everything, as the recipe (gates not in dense mode)
             trainer = VideoNSATrainer(
-                model=model, args=training_arguments(recipe), train_dataset=dataset,
+                model=model, args=training_args, train_dataset=dataset,
                 data_collator=VideoChatCollator(pad_token_id=config.text_config.pad_token_id),
                 callbacks=[timer],
             )
@@ -172,12 +182,12 @@ def run_mode(args: argparse.Namespace, mode: str, frames: int) -> dict:
     except torch.cuda.OutOfMemoryError as error:
         row["error"] = f"out of memory: {str(error).splitlines()[0]}"
     finally:
-        trainer = model = None  # noqa: F841 (release before the next mode)
+        trainer = model = None  # noqa: F841 (release the model and optimizer before the next mode)
         gc.collect()
     measured = timer.times[args.warmup:]
     if measured:
         row["step_ms"] = statistics.median(measured)
-        row["tokens_per_s"] = row["T"] * args.grad_accum / (row["step_ms"] / 1000)
+        row["tokens_per_s_per_process"] = row["T"] * args.grad_accum / (row["step_ms"] / 1000)
     if args.device == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
@@ -198,6 +208,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per mode")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--grad-accum", type=int, default=1, help="samples per optimizer step (recipe: 4)")
+    parser.add_argument("--strategy", default="auto", help="auto | ddp | zero2 | zero3 | fsdp2 (under torchrun)")
     parser.add_argument("--shape", choices=["7b", "tiny"], default="7b")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -210,7 +221,10 @@ def main() -> None:
     for mode in args.modes:
         row = run_mode(args, mode, frames)
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(row), flush=True)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
 
     from videonsa.ops import available_backends
 
@@ -223,13 +237,15 @@ def main() -> None:
           f"{args.grad_accum}, fp32 weights{' + bf16 autocast' if args.device == 'cuda' else ''}, AdamW, "
           f"gradient checkpointing; {device}; {versions}; "
           f"NSA backends {available_backends()}")
-    print(f"{'mode':>6} {'T':>7} {'step ms':>9} {'tokens/s':>9} {'peak GiB':>9}")
+    print(f"{'mode':>6} {'T':>7} {'step ms':>9} {'tokens/s/GPU':>13} {'peak GiB':>9}"
+          f"   (process 0 of {rows[0]['processes']})")
     for row in rows:
         if "error" in row:
             print(f"{row['mode']:>6} {row['T']:>7} {row['error']}")
             continue
         peak = row.get("peak_gib", float("nan"))
-        print(f"{row['mode']:>6} {row['T']:>7} {row['step_ms']:>9.0f} {row['tokens_per_s']:>9.0f} {peak:>9.1f}")
+        print(f"{row['mode']:>6} {row['T']:>7} {row['step_ms']:>9.0f} {row['tokens_per_s_per_process']:>13.0f} "
+              f"{peak:>9.1f}")
     timed = {row["mode"]: row["step_ms"] for row in rows if "step_ms" in row}
     if {"nsa", "dense"} <= timed.keys():
         print(f"VideoNSA step is {timed['dense'] / timed['nsa']:.2f}x as fast as dense")

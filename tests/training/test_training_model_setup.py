@@ -102,3 +102,11 @@ def test_model_settings_mistakes_are_user_errors(tmp_path, videonsa_checkpoint):
 def test_tokenizer_comes_with_its_chat_template(videonsa_checkpoint):
     tokenizer = load_tokenizer(str(videonsa_checkpoint))
     assert tokenizer.chat_template and tokenizer.pad_token_id == testing.TOKEN_IDS["<|endoftext|>"]
+
+
+def test_dense_attention_mode_leaves_the_unused_gates_untrained():
+    model = testing.tiny_model(attention_mode="dense")
+    set_trainable(model, TrainableSettings())
+    assert trained_parts(model) == {"vision_tower", "projector", "language_model"}
+    with pytest.raises(UserError, match="dense attention mode"):
+        set_trainable(model, TrainableSettings(vision_tower=False, projector=False, language_model=False))

@@ -37,17 +37,23 @@ def part_of(parameter_name: str) -> str:
 def set_trainable(model: torch.nn.Module, trainable: TrainableSettings) -> dict[str, dict[str, int]]:
     """Freeze the parts `trainable` turns off; return parameter counts per part, trained and total.
 
-    Raises `UserError` when nothing would be trained (for example gates only on a model without gates).
+    In ``dense`` attention mode the gates take no part in the forward pass, so they are frozen too (an unused
+    trainable parameter would also stop multi-process training). Raises `UserError` when nothing would be
+    trained (for example gates only on a model without gates, or in dense mode).
     """
+    dense = getattr(getattr(model.config, "text_config", None), "attention_mode", None) == "dense"
+    if dense and trainable.gates:
+        logger.info("attention_mode is dense: the gates are unused, so they are not trained")
     counts = {part: {"trained": 0, "total": 0} for part in TRAINABLE_PARTS}
     for name, parameter in model.named_parameters():
         part = part_of(name)
-        parameter.requires_grad_(bool(getattr(trainable, part)))
+        parameter.requires_grad_(bool(getattr(trainable, part)) and not (dense and part == "gates"))
         counts[part]["total"] += parameter.numel()
         counts[part]["trained"] += parameter.numel() if parameter.requires_grad else 0
     if not any(count["trained"] for count in counts.values()):
         raise UserError("no parameter is left to train with the chosen trainable parts "
-                        f"(frozen: {', '.join(trainable.frozen()) or 'none'}; a model without gates?)")
+                        f"(frozen: {', '.join(trainable.frozen()) or 'none'}; a model without gates, or gates "
+                        "in dense attention mode?)")
     for part, count in counts.items():
         state = "trained" if count["trained"] else "frozen"
         logger.info("%-15s %12s parameters, %s", part, f"{count['total']:,}", state)
