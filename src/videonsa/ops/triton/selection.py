@@ -52,6 +52,12 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
+def dot_precision(x: Tensor) -> str:
+    """Matrix-product precision for the kernels: exact float32 ("ieee") for float32 inputs, so that float32
+    callers get float32 accuracy rather than tf32; bf16 / fp16 products are exact either way."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
 def kernel_input(x: Tensor) -> Tensor:
     """x with a unit stride in its last dim (the kernels take the other strides as arguments)."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -297,6 +303,7 @@ def _slc_fwd_kernel(
     n_slots, head_dim, qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, WORDS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     tile = tl.program_id(0)
     g = tl.program_id(1)
@@ -334,7 +341,7 @@ def _slc_fwd_kernel(
             k_ok = k_row < seq_end
             kv_off = k_row.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
             kb = tl.load(k_ptr + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(kb)) * qk_scale
+            s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
             allowed = hit[:, None] & k_ok[None, :] & (k_row[None, :] <= t_row[:, None])
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -344,7 +351,7 @@ def _slc_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v_off = k_row.to(tl.int64)[:, None] * stride_vt + g * stride_vh + d[None, :]
             vb = tl.load(v_ptr + v_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
             m_i = m_new
 
     has = l_i > 0
@@ -364,6 +371,7 @@ def _slc_bwd_dq_kernel(
     n_slots, head_dim, qk_scale, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, WORDS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     tile = tl.program_id(0)
     g = tl.program_id(1)
@@ -409,12 +417,12 @@ def _slc_bwd_dq_kernel(
                 v_ptr + k_row.to(tl.int64)[:, None] * stride_vt + g * stride_vh + d[None, :],
                 mask=k_ok[:, None] & d_ok[None, :], other=0.0,
             )
-            s = tl.dot(q, tl.trans(kb)) * qk_scale
+            s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
             allowed = hit[:, None] & k_ok[None, :] & (k_row[None, :] <= t_row[:, None])
             p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(vb))
+            dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kb.dtype), kb)
+            dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
 
     dq_off = t_row64[:, None] * stride_dqt + head[:, None] * stride_dqh + d[None, :]
     tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
@@ -429,6 +437,7 @@ def _slc_bwd_dkdv_kernel(
     head_dim, qk_scale, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     item = tl.program_id(0)
     sub = tl.program_id(1)  # which BLOCK_N slice of the key block
@@ -470,13 +479,13 @@ def _slc_bwd_dkdv_kernel(
         )
         lse2 = tl.load(lse_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0)
-        s_t = tl.dot(kb, q_t) * qk_scale  # [BLOCK_N, BLOCK_M]
+        s_t = tl.dot(kb, q_t, input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
         allowed = row_ok[None, :] & k_ok[:, None] & (k_row[:, None] <= t_row[None, :])
         p_t = tl.where(allowed, tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dp_t = tl.dot(vb, tl.trans(do))
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(vb, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PREC)
 
     if part < 0:  # the block's whole token list: final values (dk and dv share one contiguous layout)
         out_off = k_row64[:, None] * stride_dkt + g * stride_dkh + d[None, :]
@@ -595,7 +604,8 @@ def launch_fwd(
         o.stride(0), o.stride(1), plan.blocks.shape[-1], head_dim, scale * LOG2E,
         HQ=heads_q, HKV=heads_kv, G=heads_q // heads_kv, WORDS=plan.bits.shape[-1],
         BLOCK_SIZE=block_size, BLOCK_M=plan.block_m, BLOCK_N=_block_n(block_size),
-        BLOCK_D=max(16, next_pow2(head_dim)), num_warps=num_warps or warps, num_stages=num_stages or stages,
+        BLOCK_D=max(16, next_pow2(head_dim)), DOT_PREC=dot_precision(q),
+        num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return o, lse
 
@@ -616,7 +626,8 @@ def launch_dq(
         plan.blocks.shape[-1], head_dim, scale * LOG2E, scale,
         HQ=heads_q, HKV=heads_kv, G=heads_q // heads_kv, WORDS=plan.bits.shape[-1],
         BLOCK_SIZE=block_size, BLOCK_M=plan.block_m, BLOCK_N=_block_n(block_size),
-        BLOCK_D=max(16, next_pow2(head_dim)), num_warps=num_warps or warps, num_stages=num_stages or stages,
+        BLOCK_D=max(16, next_pow2(head_dim)), DOT_PREC=dot_precision(q),
+        num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return dq
 
@@ -654,7 +665,7 @@ def launch_dkdv(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), head_dim, scale * LOG2E, scale,
         HQ=heads_q, HKV=heads_kv, G=group, BT=bt,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PREC=dot_precision(q),
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     if splits.shape[0]:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from videonsa.ops.triton.selection import LOG2E, kernel_input, next_pow2, row_dot, tiles_of
+from videonsa.ops.triton.selection import LOG2E, dot_precision, kernel_input, next_pow2, row_dot, tiles_of
 
 # Matrix rows (tokens x heads of a group) per query program, and keys per step.
 QUERY_ROWS = 64  # 64 measured faster than 128 on an H100 at 32K and 128K
@@ -51,6 +51,7 @@ def _swa_fwd_kernel(
     head_dim, window, qk_scale,
     HQ: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     tile = tl.program_id(0)
     g = tl.program_id(1)
@@ -80,7 +81,7 @@ def _swa_fwd_kernel(
         kv_mask = k_ok[:, None] & d_ok[None, :]
         kb = tl.load(k_ptr + k_row.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :],
                      mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(kb)) * qk_scale
+        s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
         allowed = (
             row_ok[:, None] & k_ok[None, :]
             & (k_row[None, :] <= t_row[:, None]) & (k_row[None, :] > t_row[:, None] - window)
@@ -93,7 +94,7 @@ def _swa_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vb = tl.load(v_ptr + k_row.to(tl.int64)[:, None] * stride_vt + g * stride_vh + d[None, :],
                      mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
         m_i = m_new
 
     has = l_i > 0
@@ -112,6 +113,7 @@ def _swa_bwd_dq_kernel(
     head_dim, window, qk_scale, scale,
     HQ: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     tile = tl.program_id(0)
     g = tl.program_id(1)
@@ -147,15 +149,15 @@ def _swa_bwd_dq_kernel(
                      mask=kv_mask, other=0.0)
         vb = tl.load(v_ptr + k_row.to(tl.int64)[:, None] * stride_vt + g * stride_vh + d[None, :],
                      mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(kb)) * qk_scale
+        s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
         allowed = (
             row_ok[:, None] & k_ok[None, :]
             & (k_row[None, :] <= t_row[:, None]) & (k_row[None, :] > t_row[:, None] - window)
         )
         p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(vb))
+        dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kb.dtype), kb)
+        dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
 
     dq_off = t_row64[:, None] * stride_dqt + head[:, None] * stride_dqh + d[None, :]
     tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
@@ -169,6 +171,7 @@ def _swa_bwd_dkdv_kernel(
     head_dim, window, qk_scale, scale,
     HQ: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     kt = tl.program_id(0)
     g = tl.program_id(1)
@@ -202,16 +205,16 @@ def _swa_bwd_dkdv_kernel(
         do = tl.load(do_ptr + do_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         lse2 = tl.load(lse_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0)
-        s_t = tl.dot(kb, q_t) * qk_scale  # [BLOCK_N, BLOCK_M]
+        s_t = tl.dot(kb, q_t, input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
         allowed = (
             row_ok[None, :] & k_ok[:, None]
             & (k_row[:, None] <= t_row[None, :]) & (k_row[:, None] > t_row[None, :] - window)
         )
         p_t = tl.where(allowed, tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dp_t = tl.dot(vb, tl.trans(do))
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(vb, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PREC)
 
     out_off = k_row64[:, None] * stride_dkt + g * stride_dkh + d[None, :]
     tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kd_mask)
@@ -269,6 +272,7 @@ def window_attention_fwd(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), head_dim, window_size, scale * LOG2E,
         HQ=heads_q, G=group, BLOCK_M=block_m, BLOCK_N=key_step, BLOCK_D=max(16, next_pow2(head_dim)),
+        DOT_PREC=dot_precision(q),
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return o, lse
@@ -292,6 +296,7 @@ def launch_dq(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), head_dim, window_size, scale * LOG2E, scale,
         HQ=heads_q, G=group, BLOCK_M=block_m, BLOCK_N=key_step, BLOCK_D=max(16, next_pow2(head_dim)),
+        DOT_PREC=dot_precision(q),
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return dq
@@ -316,6 +321,7 @@ def launch_dkdv(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), head_dim, window_size, scale * LOG2E, scale,
         HQ=heads_q, G=group, BT=bt, BLOCK_M=block_m, BLOCK_N=key_step, BLOCK_D=max(16, next_pow2(head_dim)),
+        DOT_PREC=dot_precision(q),
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return dk, dv
