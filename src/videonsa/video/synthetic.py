@@ -1,6 +1,6 @@
 """Synthetic videos with known content, written with PyAV, for tests and for trying the pipeline without data.
 
-Every frame shows its own index as a 4 x 3 grid of black/white cells in its top-left quarter (12 bits, most
+Every frame shows its own index as a 4 x 4 grid of black/white cells in its top-left quarter (16 bits, most
 significant bit first, row by row), a red square moving right and a green disc moving down, both at known
 positions, over a dark grey background. `read_frame_index` recovers the index from a decoded (and possibly
 resized, lossily compressed) frame, so a test can tell exactly which source frame a sampler picked.
@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 CODE_COLUMNS = 4
-CODE_ROWS = 3
+CODE_ROWS = 4
 CODE_BITS = CODE_COLUMNS * CODE_ROWS
 BACKGROUND = 48
 SQUARE_COLOUR = (230, 30, 30)
@@ -138,6 +138,8 @@ def write_video(
 
     Its duration is frame_count / fps seconds. `gop` is the keyframe interval in frames.
     """
+    if frame_count > 2**CODE_BITS:
+        raise ValueError(f"at most {2**CODE_BITS} frames can carry their index, asked for {frame_count}")
     path = Path(path)
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(str(path), "w") as container:
