@@ -275,7 +275,7 @@ def plan_tiles(block_indices: Tensor, cu_seqlens: Tensor, group: int, tile_rows:
             steps = union_blocks(block_indices, sample, bt)[1].sum()
             tokens = sample[:, 1].sum()
             per_token = steps.double() / tokens.clamp(min=1).double()
-            estimates.append(per_token * TILE_STEP_COST.get(block_m, max(TILE_STEP_COST.values())) / bt)
+            estimates.append(per_token * TILE_STEP_COST.get(block_m, max(TILE_STEP_COST.values())))
         choice = int(torch.stack(estimates).argmin())
         block_m = list(tiled)[choice]
     else:
