@@ -32,11 +32,10 @@ import triton.language as tl
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # Candidate tile heights (matrix rows per forward / dq program) and the measured time of one program step
 # (one union block of one tile) at each height: H100, bf16, D=128, 7:1, T=32K-128K (benchmarks/NOTES.md,
-# K2 section). `_plan` multiplies them by the union sizes to pick the height; small tiles win when the
+# K2 section). `plan_tiles` multiplies them by the union sizes to pick the height; small tiles win when the
 # tokens of a tile share few blocks (random selections), tall ones when they share most (trained models).
 TILE_STEP_COST = {128: 12.7, 64: 6.35, 16: 4.4}
 # Heights tried when the caller does not fix one (128 never beat 64 in the measurements).
