@@ -34,7 +34,8 @@ def test_time_positions_follow_fractional_seconds(model, seconds):
         frames, height, width = grid
         temporal = ours[0, sample][is_video[sample]].view(frames, -1)
         start = temporal[0, 0]
-        expected = [int(start) + int(k * torch.tensor(per_second * spacing, dtype=torch.float32)) for k in range(frames)]
+        interval = per_second * torch.tensor(spacing, dtype=torch.float32)  # float32, as the model computes it
+        expected = [int(start) + int(k * interval) for k in range(frames)]
         assert temporal[:, 0].tolist() == expected
         assert (temporal == temporal[:, :1]).all()
         real = batch.attention_mask[sample].bool()
