@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from videonsa.video import SamplingSettings, decode_video, load_video, plan_video, probe_video
+from videonsa.video import SamplingSettings, decode_video, load_video, plan_video, probe_video, synthetic
 from videonsa.video.synthetic import read_frame_index, shape_positions, square_centre_in
 
 SMALL = dict(min_pixels_per_frame=28 * 28 * 4)
@@ -61,6 +61,18 @@ def test_seeking_decodes_a_small_part_of_a_long_video(videos):
     assert video.seeks >= 10
     # Each sample costs at most one keyframe interval (25 frames) plus a few frames of decoder delay.
     assert video.frames_decoded < 20 * 30 < info.frame_count
+
+
+def test_mpeg_ts_seeks_that_land_late_step_back_to_the_right_frame(tmp_path):
+    """MPEG-TS has no index: a seek can land after the wanted time, and the reader must step back."""
+    path = synthetic.write_video(tmp_path / "long.ts", frame_count=1000, fps=25, gop=25)
+    info = probe_video(path)
+    assert info.start_time > 0  # the TS clock does not start at zero
+    plan = plan_video(info, SamplingSettings(fps=4, max_frames=10, **SMALL))
+    video = decode_video(plan)
+    assert [read_frame_index(f) for f in video.frames] == [100 * k for k in range(10)]
+    assert video.timestamps == pytest.approx([info.start_time + 4.0 * k for k in range(10)])
+    assert video.seeks > 10  # some seeks were retried further back
 
 
 def test_dense_sampling_decodes_forward_instead_of_seeking(videos):
