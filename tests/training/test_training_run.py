@@ -63,6 +63,31 @@ def test_loss_falls_on_a_learnable_task(videonsa_checkpoint, colour_clips, tmp_p
         model = VideoNSAForConditionalGeneration.from_pretrained(folder)
         assert any(".g_proj_1." in name for name, _ in model.named_parameters())
     assert (tmp_path / "run" / "checkpoint-18" / COMPLETE_MARKER).is_file()
+    # ... and the inference API takes the trained model as it is.
+    import videonsa
+
+    assert videonsa.load(str(tmp_path / "run"), device="cpu") is not None
+
+
+def test_video_files_train_as_videos(videonsa_checkpoint, tmp_path):
+    from videonsa.video.synthetic import write_video
+
+    lines = []
+    for index in range(2):
+        write_video(tmp_path / f"v{index}.mp4", frame_count=30, fps=10, width=56, height=56)  # 3 s: 12 frames
+        lines.append(json.dumps({"id": f"v{index}", "video": f"v{index}.mp4", "conversations": [
+            {"from": "human", "value": "<image>\nWhat moves?"}, {"from": "gpt", "value": "A square."}]}))
+    annotations = tmp_path / "videos.jsonl"
+    annotations.write_text("\n".join(lines) + "\n")
+    manifest = tmp_path / "videos.manifest.jsonl"
+    prepare_manifest(annotations, manifest, clip_filter=ClipFilter(min_frames=8, max_frames=16), workers=0,
+                     progress=False)
+    overrides = train_overrides(videonsa_checkpoint, annotations, tmp_path / "run", max_steps=2)
+    overrides.pop("data.annotations")
+    overrides.update({"data.manifest": [str(manifest)], "data.frames_as": "video"})
+    outcome = run_training(load_config(None, overrides), resume="never")
+    assert outcome.global_step == 2
+    assert outcome.data_totals["frames_kept"] == 2 * 12
 
 
 class CrashAtStep(TrainerCallback):
@@ -82,7 +107,7 @@ def test_a_crashed_run_resumes_to_the_same_result(videonsa_checkpoint, colour_cl
     settings = dict(max_steps=6, gradient_accumulation_steps=2, save_steps=2, dataloader_num_workers=1)
     straight = load_config(None, train_overrides(videonsa_checkpoint, annotations, tmp_path / "straight",
                                                  **settings))
-    run_training(straight, resume="never")
+    straight_outcome = run_training(straight, resume="never")
 
     interrupted = load_config(None, train_overrides(videonsa_checkpoint, annotations, tmp_path / "crash",
                                                     **settings))
@@ -101,6 +126,9 @@ def test_a_crashed_run_resumes_to_the_same_result(videonsa_checkpoint, colour_cl
         assert resumed[step][0] == pytest.approx(expected[step][0], rel=1e-5)  # same samples, same weights
         assert resumed[step][1] == pytest.approx(expected[step][1], rel=1e-9)  # same schedule position
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "crash"), atol=1e-6)
+    # The data counters continue from the checkpoint instead of restarting.
+    assert outcome.data_totals == straight_outcome.data_totals == {
+        "samples_skipped": 0, "samples_trimmed": 0, "frames_dropped": 0, "frames_kept": 6 * 2 * 3}
 
 
 def free_port() -> int:
