@@ -7,6 +7,7 @@ One process: `videonsa train CONFIG`. Several GPUs: `torchrun --nproc_per_node N
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -74,6 +75,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     from videonsa.training.trainer import run_training
 
+    _show_progress_messages()
     outcome = run_training(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -81,6 +83,17 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"resumed from {outcome.resumed_from}")
     print(f"trained {outcome.global_step} steps, mean loss {outcome.training_loss:.4f}; model in {outcome.output_dir}")
     return 0
+
+
+def _show_progress_messages() -> None:
+    """Print this package's training messages (parameter counts, resuming, skipped samples): all of them on the
+    main process, warnings only on the others."""
+    logger = logging.getLogger("videonsa")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[videonsa] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
 
 
 def _parts(text: str, known: tuple[str, ...]) -> list[str]:

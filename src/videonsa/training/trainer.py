@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import re
 import shutil
@@ -224,6 +225,8 @@ def _use_current_checkpointing_names(settings: dict[str, Any]) -> None:
 
 
 def _strategy_settings(strategy: str) -> dict[str, Any]:
+    """TrainingArguments for a strategy: ``auto`` and ``ddp`` add nothing (what the launcher set up, or plain
+    data parallelism), ``fsdp2`` shards every decoder layer and vision block, the rest name DeepSpeed configs."""
     if strategy in ("auto", "ddp"):
         return {}
     if strategy == "fsdp2":
@@ -295,8 +298,6 @@ def run_training(
     set_trainable(model, config.trainable)
     resumed_from = resolve_resume(resume, args.output_dir)
     if args.process_index == 0:
-        import json
-
         atomic_write_text(Path(args.output_dir) / CONFIG_COPY, json.dumps(config.to_dict(), indent=2) + "\n")
 
     trainer = VideoNSATrainer(
