@@ -7,6 +7,14 @@ from videonsa import testing
 from videonsa.ops import available_backends
 
 pytestmark = pytest.mark.gpu
+# The Triton kernels take power-of-two blocks of at least 16 tokens: a budget to match, and videos of 128 and
+# 32 vision tokens so that every branch has blocks to work on.
+BUDGET = dict(block_size=16, block_counts=2, window_size=32)
+
+
+@pytest.fixture
+def gpu_batch():
+    return testing.tiny_video_batch(((2, 16, 16), (2, 8, 8)), text_before=[5, 7], text_after=[4, 9], seed=3)
 
 
 def _run(model, batch, backend, monkeypatch, backward=False):
@@ -22,30 +30,30 @@ def _run(model, batch, backend, monkeypatch, backward=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_on_gpu_with_the_fast_operator_matches_the_reference_operator(batch, monkeypatch, dtype):
+def test_model_on_gpu_with_the_fast_operator_matches_the_reference_operator(gpu_batch, monkeypatch, dtype):
     if "triton" not in available_backends():
         pytest.skip("no Triton NSA kernels in this build")
-    model = testing.tiny_model(seed=30).to("cuda", dtype)
-    fast, _ = _run(model, batch, "auto", monkeypatch)
-    reference, _ = _run(model, batch, "reference", monkeypatch)
+    model = testing.tiny_model(seed=30, **BUDGET).to("cuda", dtype)
+    fast, _ = _run(model, gpu_batch, "auto", monkeypatch)
+    reference, _ = _run(model, gpu_batch, "reference", monkeypatch)
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(fast, reference, rtol=tolerance, atol=tolerance)
 
 
-def test_model_gradients_on_gpu_match_the_reference_operator(batch, monkeypatch):
+def test_model_gradients_on_gpu_match_the_reference_operator(gpu_batch, monkeypatch):
     if "triton" not in available_backends():
         pytest.skip("no Triton NSA kernels in this build")
-    model = testing.tiny_model(seed=31).to("cuda").train()
-    _, fast = _run(model, batch, "auto", monkeypatch, backward=True)
-    _, reference = _run(model, batch, "reference", monkeypatch, backward=True)
+    model = testing.tiny_model(seed=31, **BUDGET).to("cuda").train()
+    _, fast = _run(model, gpu_batch, "auto", monkeypatch, backward=True)
+    _, reference = _run(model, gpu_batch, "reference", monkeypatch, backward=True)
     assert fast.keys() == reference.keys()
     for name in reference:
         torch.testing.assert_close(fast[name], reference[name], rtol=1e-3, atol=1e-5)
 
 
-def test_generation_on_gpu_gives_the_same_tokens_with_and_without_the_cache(batch):
-    model = testing.tiny_model(seed=32).to("cuda")
-    inputs = {k: v.cuda() for k, v in batch.as_kwargs().items()}
+def test_generation_on_gpu_gives_the_same_tokens_with_and_without_the_cache(gpu_batch):
+    model = testing.tiny_model(seed=32, **BUDGET).to("cuda")
+    inputs = {k: v.cuda() for k, v in gpu_batch.as_kwargs().items()}
     with torch.no_grad():
         cached, uncached = (
             model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=use, pad_token_id=0)
