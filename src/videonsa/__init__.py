@@ -8,10 +8,21 @@
 Importing the package registers the VideoNSA model with the transformers Auto classes.
 """
 
+from typing import Any
+
 from videonsa import models, ops
 from videonsa.errors import UserError
-from videonsa.inference import load
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # `load` pulls in video decoding (PyAV); import it on first use so that model-only users (and machines
+    # without PyAV, such as a training node fed pre-extracted frames) import the package without it.
+    if name == "load":
+        from videonsa.inference import load
+
+        return load
+    raise AttributeError(f"module 'videonsa' has no attribute {name!r}")
 
 __all__ = ["load", "models", "ops", "UserError", "__version__"]
