@@ -119,7 +119,10 @@ class VideoChatDataset(Dataset):
         if candidates < 1:
             raise ClipUnreadable("the clip has no frames")
         capped = min(candidates, self.settings.max_frames or candidates)
-        per_frame = tokens_per_frame(clip.height, clip.width, self.pixels)
+        try:
+            per_frame = tokens_per_frame(clip.height, clip.width, self.pixels)
+        except ValueError as error:  # an absurd aspect ratio: the vision tower cannot take this clip
+            raise ClipUnreadable(str(error)) from None
         keep = min(capped, self._frames_within_budget(sample, candidates, per_frame))
         if keep < 1:
             raise SampleTooLong(f"the text alone needs about {self.settings.max_tokens} tokens or more")

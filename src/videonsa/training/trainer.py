@@ -3,7 +3,8 @@
 `run_training(config)` builds the dataset, model and `TrainingArguments` from a `TrainConfig` and trains. Every
 checkpoint is a Hugging Face model folder (weights, config, tokenizer and processor files) plus the optimizer,
 scheduler, RNG and trainer state; a ``videonsa-complete`` marker is written once all processes have finished
-saving, and resuming picks the newest checkpoint with that marker. The sampler is seeded and the Trainer skips
+saving, and resuming picks the newest checkpoint with that marker. The final model is saved to the output folder
+itself and marked the same way. The sampler is seeded and the Trainer skips
 the batches already seen, so a resumed run sees the same samples in the same order with the same optimizer state.
 """
 
@@ -312,9 +313,12 @@ def run_training(
     if resumed_from is not None:
         logger.info("resuming from %s", resumed_from)
     result = trainer.train(resume_from_checkpoint=str(resumed_from) if resumed_from else None)
+    # The final model also goes to output_dir itself, marked complete only once fully written.
+    if trainer.is_world_process_zero():
+        (Path(args.output_dir) / COMPLETE_MARKER).unlink(missing_ok=True)
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
-        copy_processor_files(Path(args.output_dir), model_source)
+        finish_checkpoint(Path(args.output_dir), model_source)
     totals = trainer.data_totals()
     return TrainingOutcome(Path(args.output_dir), result.global_step, float(result.training_loss), resumed_from,
                            totals)
