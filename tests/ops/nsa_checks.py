@@ -14,7 +14,7 @@ import torch
 from naive_nsa import NaiveParts, forced_blocks, naive_nsa, sequence_spans
 from torch import Tensor
 
-from videonsa.ops import NSAParts, nsa_attention_parts
+from videonsa.ops import NSAParts, nsa_attention, nsa_attention_parts
 
 INPUT_NAMES = ("q", "k", "v", "g_cmp", "g_slc", "g_swa")
 
@@ -144,9 +144,14 @@ def assert_close(name: str, got: Tensor, expected: Tensor, atol: float, rtol: fl
 Implementation = Callable[..., NSAParts]
 
 
-def reference_parts(**kwargs) -> NSAParts:
-    """The package's operator through its public parts entry point."""
-    return nsa_attention_parts(**kwargs)
+def reference_parts(*args, **kwargs) -> NSAParts:
+    """The public parts entry point with the reference backend forced, whatever the environment says."""
+    return nsa_attention_parts(*args, **kwargs, backend="reference")
+
+
+def reference_attention(*args, **kwargs) -> Tensor:
+    """The public `nsa_attention` with the reference backend forced, whatever the environment says."""
+    return nsa_attention(*args, **kwargs, backend="reference")
 
 
 def compare_with_naive(

