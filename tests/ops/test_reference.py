@@ -19,6 +19,7 @@ from nsa_checks import (
 )
 
 import videonsa.ops.reference as reference_module
+from videonsa.ops import nsa_parts_reference
 
 CASES = {
     "ratio1": Case(q_heads=2, kv_heads=2, block_size=4, block_count=3, window_size=5, seq_len=29),
@@ -61,13 +62,32 @@ def test_matches_naive_forward_and_gradients(case_name: str, dtype: torch.dtype)
     compare_with_naive(CASES[case_name], dtype, seed=len(case_name))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize(
     "case_name", ["ratio7_nsa_paper_forcing", "packed_short_and_uneven", "batch_2"]
 )
-def test_bfloat16_inputs_give_bfloat16_close_to_float64(case_name: str) -> None:
-    parts, _ = compare_with_naive(CASES[case_name], torch.bfloat16, seed=3)
-    assert parts.o.dtype == torch.bfloat16
+def test_half_precision_inputs_give_same_dtype_close_to_float64(case_name: str, dtype: torch.dtype) -> None:
+    parts, _ = compare_with_naive(CASES[case_name], dtype, seed=3)
+    assert parts.o.dtype == dtype
     assert parts.block_indices.dtype == torch.int32 and parts.lse_cmp.dtype == torch.float32
+
+
+def test_given_block_indices_replace_the_top_k_choice() -> None:
+    """`nsa_parts_reference(block_indices=...)` (used by kernel tests) attends exactly the given blocks."""
+    case = CASES["packed_ratio7"]
+    inputs = make_inputs(case, torch.float64, seed=15)
+    own = reference_parts(**inputs, **case.settings())
+    again = nsa_parts_reference(**inputs, **case.settings(), block_indices=own.block_indices)
+    assert torch.equal(again.o, own.o) and torch.equal(again.block_indices, own.block_indices)
+
+    # Another valid choice: keep only the first selected block of every query.
+    other = torch.full_like(own.block_indices, -1)
+    other[..., 0] = own.block_indices[..., 0]
+    given = nsa_parts_reference(**inputs, **case.settings(), block_indices=other)
+    naive = naive_nsa(**detached_copies(inputs), **case.settings(), selection=other)
+    assert torch.equal(given.block_indices, other)
+    torch.testing.assert_close(given.o_slc, naive.o_slc, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(given.o, naive.o, atol=1e-10, rtol=1e-8)
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 3000])
