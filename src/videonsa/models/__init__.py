@@ -14,6 +14,8 @@ from videonsa.models.modeling_videonsa import (
     VideoNSAForConditionalGeneration,
     VideoNSAModel,
     VideoNSATextModel,
+    disable_sequence_parallel,
+    enable_sequence_parallel,
     set_attention_mode,
     set_sparsity,
 )
@@ -39,6 +41,8 @@ __all__ = [
     "VideoNSAForConditionalGeneration",
     "VideoNSAModel",
     "VideoNSATextModel",
+    "disable_sequence_parallel",
+    "enable_sequence_parallel",
     "set_attention_mode",
     "set_sparsity",
 ]
