@@ -23,8 +23,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -490,17 +491,18 @@ class VideoNSAForConditionalGeneration(_GateInitMixin, qwen.Qwen2_5_VLForConditi
         """Back to the single-process forward."""
         disable_sequence_parallel(self)
 
-    def forward(self, *args: Any, labels: Tensor | None = None, **kwargs: Any) -> Any:
-        """Qwen2_5_VLForConditionalGeneration.forward; when sequence parallel without gathered outputs, the
-        logits [B, T_pad / P, vocab] are this rank's slice and the loss is the whole sequence's, summed over
-        the group's slices."""
+    @property
+    def loss_function(self) -> Callable[..., Tensor]:
+        """transformers' causal LM loss; when sequence parallel without gathered outputs, the loss of the whole
+        sequence from this rank's slice of the logits, summed over the group (`_sharded_causal_lm_loss`)."""
         sp = self.model.language_model.sequence_parallel
-        if labels is None or sp is None or sp.gather_output:
-            return super().forward(*args, labels=labels, **kwargs)
-        num_items = kwargs.pop("num_items_in_batch", None)
-        outputs = super().forward(*args, **kwargs)
-        loss = _sharded_causal_lm_loss(outputs.logits, labels, sp, num_items)
-        return type(outputs)(loss=loss, **outputs)
+        if sp is not None and not sp.gather_output:
+            return functools.partial(_sharded_causal_lm_loss, sp=sp)
+        return super().loss_function
+
+    @loss_function.setter
+    def loss_function(self, value: Callable[..., Tensor]) -> None:
+        self._loss_function = value
 
     @property
     def sparse_settings(self) -> SparseSettings:
@@ -568,16 +570,25 @@ def disable_sequence_parallel(model: nn.Module) -> None:
 
 
 def _sharded_causal_lm_loss(
-    logits: Tensor, labels: Tensor, sp: SequenceParallel, num_items: Tensor | int | None = None
+    logits: Tensor,
+    labels: Tensor,
+    vocab_size: int | None = None,
+    num_items_in_batch: Tensor | int | None = None,
+    ignore_index: int = -100,
+    *,
+    sp: SequenceParallel,
+    **kwargs: Any,
 ) -> Tensor:
     """Causal LM loss of the whole sequence from this rank's logits [B, T_pad / P, vocab] and the whole
-    labels [B, T] (-100 = ignored): token t predicts label t + 1, as transformers' ForCausalLMLoss. The
-    mean over predicted tokens, or the sum over `num_items` (gradient accumulation), same on every rank."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100).to(logits.device)
-    local = sp.shard(targets, 1, value=-100)
-    total = F.cross_entropy(logits.float().flatten(0, 1), local.flatten(), ignore_index=-100, reduction="sum")
+    labels [B, T]: token t predicts label t + 1, as transformers' ForCausalLMLoss (float32). The mean over
+    predicted tokens, or the sum over `num_items_in_batch` (gradient accumulation), same on every rank."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index).to(logits.device)
+    local = sp.shard(targets, 1, value=ignore_index)
+    total = F.cross_entropy(
+        logits.float().flatten(0, 1), local.flatten(), ignore_index=ignore_index, reduction="sum"
+    )
     total = all_reduce_sum(total, sp.group)
-    count = num_items if num_items is not None else (targets != -100).sum()
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != ignore_index).sum()
     return total / count
 
 
