@@ -77,8 +77,11 @@ def vision_nsa_attention(
     Returns:
         [1, N, HQ, D], the vision tokens' attention outputs in packed order.
     """
-    q_vis, k_vis, v_vis = (split.gather_vision(x) for x in (q, k, v))
-    g_cmp, g_slc, g_swa = (g.to(q.dtype) for g in gates)
+    # Under autocast the rotary embedding promotes q and k to float32 while v stays in the autocast dtype
+    # (a linear's output); attention runs in v's dtype, as autocast's own SDPA would.
+    dtype = v.dtype
+    q_vis, k_vis, v_vis = (split.gather_vision(x).to(dtype) for x in (q, k, v))
+    g_cmp, g_slc, g_swa = (g.to(dtype) for g in gates)
     return nsa_attention(
         q_vis, k_vis, v_vis, g_cmp, g_slc, g_swa,
         cu_seqlens=split.cu_seqlens, scale=scale, **settings.nsa_kwargs(),
