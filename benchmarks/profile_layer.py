@@ -1,0 +1,42 @@
+"""Where the time of one VideoNSA decoder layer goes: a torch.profiler table of the GPU kernels of a 7B-shaped
+one-layer prefill (random weights, bf16), nsa and dense, at one length.
+
+    python benchmarks/profile_layer.py --seq-len 131072 --rows 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import qwen7b_config, random_model, video_prompt  # noqa: E402
+from videonsa.models import set_attention_mode  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=131072)
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+    model = random_model(qwen7b_config(num_layers=1))
+    embeds, token_type, positions = video_prompt(args.seq_len)
+    for mode in ("nsa", "dense"):
+        set_attention_mode(model, mode)
+        run = lambda: model(inputs_embeds=embeds, mm_token_type_ids=token_type, position_ids=positions, use_cache=False)  # noqa: E731
+        with torch.no_grad():
+            run()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                run()
+                torch.cuda.synchronize()
+        print(f"\n=== {mode}, T={args.seq_len}, one 7B-shaped layer")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
