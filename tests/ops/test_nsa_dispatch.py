@@ -66,12 +66,27 @@ def test_auto_uses_the_reference_for_cpu_tensors(monkeypatch, inputs, recording_
     assert recording_triton == []
 
 
-def test_auto_uses_triton_under_the_interpreter(monkeypatch, inputs, recording_triton) -> None:
+def test_auto_uses_triton_under_the_interpreter(monkeypatch, recording_triton) -> None:
     monkeypatch.delenv(ENV, raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    nsa_attention(**inputs, **CASE.settings())
-    nsa_attention_parts(**inputs, **CASE.settings())
+    case = Case(q_heads=4, kv_heads=2, block_size=16, block_count=2, seq_len=40)
+    inputs = {name: x.detach() for name, x in make_inputs(case, torch.float32, seed=2).items()}
+    nsa_attention(**inputs, **case.settings())
+    nsa_attention_parts(**inputs, **case.settings())
     assert recording_triton == ["attention", "parts"]
+
+
+def test_auto_falls_back_to_the_reference_for_budgets_the_kernels_cannot_take(
+    monkeypatch, inputs, recording_triton
+) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    nsa_module._warn_reference_fallback.cache_clear()
+    with pytest.warns(UserWarning, match="block_size=4"):
+        o = nsa_attention(**inputs, **CASE.settings())  # block_size 4: not a tensor-core tile
+    assert torch.equal(o, _expected(inputs).o)
+    assert recording_triton == []
+    assert not nsa_module.triton_supports(48) and nsa_module.triton_supports(64)
 
 
 def test_environment_variable_selects_the_backend(monkeypatch, inputs, recording_triton) -> None:

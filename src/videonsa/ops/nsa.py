@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from functools import cache
 
 from torch import Tensor
@@ -24,18 +25,36 @@ def _triton_module():
     return triton_nsa
 
 
+@cache
+def _warn_reference_fallback(block_size: int) -> None:
+    warnings.warn(
+        f"nsa_attention: block_size={block_size} is not a power of two >= 16, which the Triton kernels need; "
+        "running the (much slower) PyTorch reference instead",
+        stacklevel=4,
+    )
+
+
 def available_backends() -> list[str]:
     """Backends usable in this process ("reference" always; "triton" where Triton and a kernel exist)."""
     return ["reference"] + (["triton"] if _triton_module() is not None else [])
 
 
-def _resolve_backend(backend: str | None, q: Tensor) -> str:
+def triton_supports(block_size: int) -> bool:
+    """Whether the Triton kernels take this budget: their key tiles are whole blocks, so block_size must be a
+    power of two of at least 16 (a tensor-core tile)."""
+    return block_size >= 16 and block_size & (block_size - 1) == 0
+
+
+def _resolve_backend(backend: str | None, q: Tensor, block_size: int) -> str:
     backend = backend or os.environ.get(_ENV_BACKEND, "auto")
     if backend not in BACKENDS:
         raise ValueError(f"nsa_attention: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         interpret = os.environ.get("TRITON_INTERPRET") == "1"
         use_triton = (q.is_cuda or interpret) and _triton_module() is not None
+        if use_triton and not triton_supports(block_size):
+            _warn_reference_fallback(block_size)
+            use_triton = False
         return "triton" if use_triton else "reference"
     if backend == "triton" and _triton_module() is None:
         raise ValueError("nsa_attention: backend='triton' requested but Triton kernels are not available")
@@ -78,7 +97,7 @@ def nsa_attention(
         block_size=block_size, block_count=block_count, window_size=window_size,
         init_blocks=init_blocks, local_blocks=local_blocks, cu_seqlens=cu_seqlens, scale=scale,
     )
-    if _resolve_backend(backend, q) == "triton":
+    if _resolve_backend(backend, q, block_size) == "triton":
         return _triton_module().nsa_attention_triton(q, k, v, g_cmp, g_slc, g_swa, **kwargs)
     return nsa_parts_reference(q, k, v, g_cmp, g_slc, g_swa, **kwargs).o
 
@@ -105,6 +124,6 @@ def nsa_attention_parts(
         block_size=block_size, block_count=block_count, window_size=window_size,
         init_blocks=init_blocks, local_blocks=local_blocks, cu_seqlens=cu_seqlens, scale=scale,
     )
-    if _resolve_backend(backend, q) == "triton":
+    if _resolve_backend(backend, q, block_size) == "triton":
         return _triton_module().nsa_parts_triton(q, k, v, g_cmp, g_slc, g_swa, **kwargs)
     return nsa_parts_reference(q, k, v, g_cmp, g_slc, g_swa, **kwargs)
