@@ -2,6 +2,7 @@
 attention (PyTorch SDPA, flash and cuDNN backends) and fla-core's `parallel_nsa`, in one run.
 
     python benchmarks/bench_ops.py [--out DIR] [--lengths 1024 2048 ... 131072] [--fla-lengths 32768 131072]
+        [--dense-lengths ...] [--inputs randn|structured] [--sweep-length 131072]
 
 Shapes (issue 5): B=1, HQ=28, HKV=4, D=128, bf16, block 64, 32 selected blocks, window 256, VideoNSA forcing
 (init 0, local 1). For each T it reports forward and backward milliseconds (median of CUDA-event timed runs,
@@ -32,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from videonsa.ops.triton import compression as compression_module
+from videonsa.ops.triton import topk as topk_module
 from videonsa.ops.triton.compression import (
     compressed_attention_bwd,
     compressed_attention_fwd,
@@ -107,12 +110,22 @@ def nsa_flops(seq_len: int) -> dict[str, float]:
     }
 
 
-def make_inputs(seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_inputs(seq_len: int, seed: int = 0, structured: bool = False) -> dict[str, torch.Tensor]:
+    """Random bf16 inputs. structured=True: queries drift slowly (a component shared by 256-token stretches)
+    and keys carry a per-block offset, so that neighbouring tokens choose mostly the same blocks, as trained
+    models do; plain randn makes every token's top-k an independent draw (the worst case for tiled selection).
+    """
     gen = torch.Generator(device="cuda").manual_seed(seed)
     kw = dict(device="cuda", generator=gen)
+    q = torch.randn(1, seq_len, HQ, D, **kw)
+    k = torch.randn(1, seq_len, HKV, D, **kw)
+    if structured:
+        stretch = torch.randn(1, seq_len // 256 + 1, HQ, D, **kw).repeat_interleave(256, 1)[:, :seq_len]
+        q = 0.5 * q + stretch
+        k = k + 1.5 * torch.randn(1, seq_len // BLOCK + 1, HKV, D, **kw).repeat_interleave(BLOCK, 1)[:, :seq_len]
     return {
-        "q": torch.randn(1, seq_len, HQ, D, **kw).to(DTYPE),
-        "k": torch.randn(1, seq_len, HKV, D, **kw).to(DTYPE),
+        "q": q.to(DTYPE),
+        "k": k.to(DTYPE),
         "v": torch.randn(1, seq_len, HKV, D, **kw).to(DTYPE),
         "g_cmp": torch.rand(1, seq_len, HQ, **kw).to(DTYPE),
         "g_slc": torch.rand(1, seq_len, HQ, **kw).to(DTYPE),
@@ -200,6 +213,89 @@ def bench_videonsa(x: dict[str, torch.Tensor]) -> dict[str, float]:
 
     res["bwd_compression_ms"] = bench(compression_bwd)
     return res
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch-setting sweep (one length): each variant timed on the same inputs; top-k variants must agree exactly.
+
+SWEEP = {
+    "topk": [dict(method="bisect", programs_per_sm=1, bisect_warps=16), dict(method="bisect", programs_per_sm=1,
+             bisect_warps=8), dict(method="bisect", programs_per_sm=2, bisect_warps=8), dict(method="sort")],
+    "fwd": [dict(rows=128, keys=64, warps=8, stages=2), dict(rows=128, keys=32, warps=8, stages=2),
+            dict(rows=64, keys=64, warps=4, stages=2), dict(rows=128, keys=64, warps=8, stages=3)],
+    "dq": [dict(rows=128, keys=32, warps=8, stages=2), dict(rows=128, keys=64, warps=8, stages=2),
+           dict(rows=64, keys=64, warps=4, stages=2)],
+    "dkv": [dict(rows=32, keys=64, warps=8, stages=2, min_segment=4096, max_segments=16),
+            dict(rows=64, keys=32, warps=8, stages=2, min_segment=4096, max_segments=16),
+            dict(rows=64, keys=64, warps=8, stages=2, min_segment=4096, max_segments=16),
+            dict(rows=32, keys=64, warps=8, stages=2, min_segment=2048, max_segments=64)],
+}
+
+
+def sweep(seq_len: int, structured: bool = False) -> dict:
+    """Time every SWEEP variant at one length; set each kernel's CONFIG to its fastest correct variant."""
+    x = make_inputs(seq_len, seed=1, structured=structured)
+    scale = D**-0.5
+    q, cu = pack(x["q"], None)
+    k, _ = pack(x["k"], None)
+    v, _ = pack(x["v"], None)
+    k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, v, cu, BLOCK)
+    o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, BLOCK, scale)
+    do = torch.randn_like(q)
+    out: dict = {}
+
+    def topk():
+        return topk_module.select_blocks_topk(q, k_cmp, lse_cmp, cu, cu_cmp, block_size=BLOCK, block_count=COUNT,
+                                              init_blocks=INIT, local_blocks=LOCAL, scale=scale)
+
+    def run_variants(name, config, fn, check):
+        base = dict(config)
+        results = []
+        reference = None
+        for variant in SWEEP[name]:
+            config.clear()
+            config.update(base)
+            config.update(variant)
+            try:
+                got = fn()
+                torch.cuda.synchronize()
+                if reference is None:
+                    reference = got
+                ok = check(got, reference)
+                ms = bench(fn)
+            except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or run is skipped
+                traceback.print_exc()
+                results.append({"variant": variant, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                continue
+            results.append({"variant": variant, "ms": ms, "agrees": ok})
+            print(json.dumps({"sweep": name, **results[-1]}), flush=True)
+        good = [r for r in results if "ms" in r and r["agrees"]]
+        config.clear()
+        config.update(base)
+        if good:
+            config.update(min(good, key=lambda r: r["ms"])["variant"])
+        out[name] = {"results": results, "chosen": dict(config)}
+
+    run_variants("topk", topk_module.CONFIG, topk, lambda a, b: bool(torch.equal(a, b)))
+    def close(a, b) -> bool:
+        for x, y in zip(a, b):
+            finite = torch.isfinite(y)  # lse is -inf where no block is visible
+            if not torch.equal(finite, torch.isfinite(x)):
+                return False
+            x, y = x[finite].float(), y[finite].float()
+            if float((x - y).norm() / y.norm().clamp_min(1e-30)) >= 2e-2:
+                return False
+        return True
+
+    run_variants("fwd", compression_module.CONFIG["fwd"],
+                 lambda: compressed_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, BLOCK, scale), close)
+    run_variants("dq", compression_module.CONFIG["dq"],
+                 lambda: compressed_attention_bwd(q, k_cmp, v_cmp, o_cmp, lse_cmp, do, cu, cu_cmp, BLOCK, scale),
+                 close)
+    run_variants("dkv", compression_module.CONFIG["dkv"],
+                 lambda: compressed_attention_bwd(q, k_cmp, v_cmp, o_cmp, lse_cmp, do, cu, cu_cmp, BLOCK, scale),
+                 close)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,6 +396,10 @@ def main() -> None:
                         help="lengths at which to run fla-core (default: all)")
     parser.add_argument("--dense-lengths", type=int, nargs="*", default=None,
                         help="lengths at which to run dense SDPA (default: all)")
+    parser.add_argument("--inputs", choices=["randn", "structured"], default="randn",
+                        help="randn (every token's top-k independent: worst case) or structured (see make_inputs)")
+    parser.add_argument("--sweep-length", type=int, default=0,
+                        help="first sweep the kernels' launch settings at this length and keep the fastest (0: no)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -318,12 +418,18 @@ def main() -> None:
         info["fla-core"] = None
     info["matmul_tflops"] = matmul_tflops()
     print(json.dumps(info), flush=True)
+    if args.sweep_length:
+        info["sweep"] = sweep(args.sweep_length, structured=args.inputs == "structured")
+        torch.cuda.empty_cache()
+    info["configs"] = {"topk": dict(topk_module.CONFIG),
+                       **{k: dict(v) for k, v in compression_module.CONFIG.items()}}
+    print(json.dumps({"configs": info["configs"]}), flush=True)
 
     rows = []
     for seq_len in args.lengths:
         torch.cuda.empty_cache()
-        x = make_inputs(seq_len)
-        row: dict = {"T": seq_len, "flops": nsa_flops(seq_len)}
+        x = make_inputs(seq_len, structured=args.inputs == "structured")
+        row: dict = {"T": seq_len, "inputs": args.inputs, "flops": nsa_flops(seq_len)}
         t0 = time.time()
         runs = [("videonsa", lambda x=x: bench_videonsa(x))]
         if args.dense_lengths is None or seq_len in args.dense_lengths:

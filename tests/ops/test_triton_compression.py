@@ -178,11 +178,12 @@ def case_topk(seq_lens, heads_q, heads_kv, head_dim, block_size, block_count, in
     ref = _reference(q, k, v, cu, block_size, block_count, init_blocks, local_blocks, scale)
     k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k.to(dt), v.to(dt), cu, block_size)
     _, lse = compressed_attention_fwd(q.to(dt), k_cmp, v_cmp, cu, cu_cmp, block_size, scale)
-    indices = select_blocks_topk(
-        q.to(dt), k_cmp, lse, cu, cu_cmp, block_size=block_size, block_count=block_count,
-        init_blocks=init_blocks, local_blocks=local_blocks, scale=scale,
-    )
+    kwargs = dict(block_size=block_size, block_count=block_count, init_blocks=init_blocks,
+                  local_blocks=local_blocks, scale=scale)
+    indices = select_blocks_topk(q.to(dt), k_cmp, lse, cu, cu_cmp, method="bisect", **kwargs)
     assert indices.dtype == torch.int32 and indices.shape == (q.shape[0], heads_kv, block_count)
+    # The sorting kernel (used where a key row does not fit registers) makes the very same choice.
+    assert torch.equal(select_blocks_topk(q.to(dt), k_cmp, lse, cu, cu_cmp, method="sort", **kwargs), indices)
     tol = 1e-5 if dt == torch.float32 else 5e-3
     inexact = _check_selection(indices, q, k, cu, ref.lse_cmp[0].double(), block_size, block_count,
                                init_blocks, local_blocks, scale, tol)
@@ -206,8 +207,9 @@ def case_topk_ties(block_count, seed=0):
     k = torch.randint(-2, 3, (1, 2, 16), generator=gen).float().expand(length, 2, 16).contiguous()
     k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, k, cu, block_size)
     _, lse = compressed_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, block_size, 0.25)
-    indices = select_blocks_topk(q, k_cmp, lse, cu, cu_cmp, block_size=block_size, block_count=block_count,
-                                 init_blocks=0, local_blocks=1, scale=0.25)
+    kwargs = dict(block_size=block_size, block_count=block_count, init_blocks=0, local_blocks=1, scale=0.25)
+    indices = select_blocks_topk(q, k_cmp, lse, cu, cu_cmp, method="bisect", **kwargs)
+    assert torch.equal(select_blocks_topk(q, k_cmp, lse, cu, cu_cmp, method="sort", **kwargs), indices)
     for t in range(length):
         current = t // block_size
         free = [j for j in range((t + 1) // block_size) if j != current][: block_count - 1]

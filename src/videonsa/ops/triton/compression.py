@@ -23,8 +23,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from videonsa.ops.triton.packing import tile_map
-
 LOG2E = 1.4426950408889634
 
 
@@ -49,6 +47,20 @@ def _block_starts(cu_seqlens: Tensor, cu_cmp: Tensor, block_size: int, total_blo
     )
     local = torch.arange(total_blocks, device=cu_seqlens.device) - cu_cmp.long()[seq]
     return cu_seqlens.long()[seq] + local * block_size
+
+
+def query_tiles(cu_seqlens: Tensor, tile: int) -> Tensor:
+    """int32 [n_tiles, 2]: (sequence, first position) of every run of `tile` consecutive queries of a sequence.
+
+    Same rows as `packing.tile_map`, built on the device (one host sync for the count) instead of a Python loop.
+    """
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    counts = torch.div(lengths + tile - 1, tile, rounding_mode="floor")
+    ends = counts.cumsum(0)
+    n_tiles = int(ends[-1])
+    seq = torch.repeat_interleave(torch.arange(counts.numel(), device=cu_seqlens.device), counts, output_size=n_tiles)
+    first = (torch.arange(n_tiles, device=cu_seqlens.device) - (ends - counts)[seq]) * tile
+    return torch.stack([seq, first], dim=1).to(torch.int32).contiguous()
 
 
 def _pow2(n: int) -> int:
@@ -207,8 +219,12 @@ def _cmp_fwd_kernel(
     seen = acc_l > 0.0
     o = acc / tl.where(seen, acc_l, 1.0)[:, None]
     lse = tl.where(seen, (m + tl.log2(tl.where(seen, acc_l, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(o_ptr + row_off[:, None] + d[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    # Output addresses and mask rebuilt from a loop result, so that the compiler cannot reuse (and keep live
+    # in registers across the loop) the [BM, BD] offsets and mask of the q load.
+    out_ok = row_ok & (acc_l >= 0.0)
+    out_off = row_off + (acc_l < 0.0).to(tl.int64)
+    tl.store(o_ptr + (out_off[:, None] + d[None, :].to(tl.int64)), o.to(o_ptr.dtype.element_ty),
+             mask=out_ok[:, None] & (d[None, :] < D))
     tl.store(lse_ptr + (bos + pos).to(tl.int64) * HQ + head, lse, mask=row_ok)
 
 
@@ -256,7 +272,9 @@ def _cmp_bwd_dq_kernel(
     n_loop = tl.minimum(start + BT, seq_len) // BLOCK
 
     dq = tl.zeros([BM, BD], dtype=tl.float32)
+    token = tl.zeros([1], dtype=tl.float32)  # loop-carried, opaque to the compiler: see the stores below
     for j0 in range(0, n_loop, BC):
+        token += 1.0
         j = j0 + tl.arange(0, BC)
         kv_off = (cbos + j).to(tl.int64) * (HKV * D) + g * D
         j_ok = j < n_loop
@@ -268,9 +286,13 @@ def _cmp_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
     dq = dq * scale
+    # Addresses and mask rebuilt from the loop's token so that the [BM, BD] ones of the q/do loads are not
+    # kept live in registers across the loop.
+    out_ptr = dq_ptr + ((row_off + (token < 0.0).to(tl.int64))[:, None] + d[None, :].to(tl.int64))
+    out_mask = (row_ok & (token >= 0.0))[:, None] & (d[None, :] < D)
     if ACCUMULATE:
-        dq += tl.load(dq_ptr + row_off[:, None] + d[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-    tl.store(dq_ptr + row_off[:, None] + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=tile_mask)
+        dq += tl.load(out_ptr, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr, dq.to(dq_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -307,7 +329,9 @@ def _cmp_bwd_dkv_kernel(
     lo = tl.maximum(seg * seg_len, (jstart + 1) * BLOCK - 1)
     hi = tl.minimum((seg + 1) * seg_len, seq_len)
     r = tl.arange(0, BM)
+    token = tl.zeros([1], dtype=tl.float32)  # loop-carried, opaque to the compiler: see the stores below
     for t0 in range(lo, hi, BT):
+        token += 1.0
         pos = t0 + r // G
         head = g * G + r % G
         row_ok = (r < BT * G) & (pos < hi)
@@ -326,9 +350,23 @@ def _cmp_bwd_dkv_kernel(
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
 
-    out = (seg.to(tl.int64) * total_blocks + cbos + j) * (HKV * D) + g * D
-    tl.store(dkc_ptr + out[:, None] + d[None, :], dk * scale, mask=kv_mask)
-    tl.store(dvc_ptr + out[:, None] + d[None, :], dv, mask=kv_mask)
+    # Fresh (not CSE-able) [BKC, BD] mask and offsets, so the kc/vc loads' ones are not live across the loop.
+    out = (seg.to(tl.int64) * total_blocks + cbos + j) * (HKV * D) + g * D + (token < 0.0).to(tl.int64)
+    out_mask = (j_ok & (token >= 0.0))[:, None] & (d[None, :] < D)
+    out_off = out[:, None] + d[None, :].to(tl.int64)
+    tl.store(dkc_ptr + out_off, dk * scale, mask=out_mask)
+    tl.store(dvc_ptr + out_off, dv, mask=out_mask)
+
+
+# Launch settings per kernel: matrix rows per query tile, keys per step, warps, pipeline stages; the dK~/dV~
+# kernel also has compressed keys per program (keys), and query tokens per segment at least (min_segment).
+# Chosen from the Triton 3.6 compiler's sm_90 register report at D=128, bf16, 7:1 (no or few spills; see
+# benchmarks/NOTES.md), not yet from timings: `benchmarks/bench_ops.py --sweep-length` times the alternatives.
+CONFIG = {
+    "fwd": dict(rows=128, keys=64, warps=8, stages=2),
+    "dq": dict(rows=128, keys=32, warps=8, stages=2),
+    "dkv": dict(rows=32, keys=64, warps=8, stages=2, min_segment=4096, max_segments=16),
+}
 
 
 def _query_tile(heads_per_group: int, rows: int) -> tuple[int, int]:
@@ -360,13 +398,14 @@ def compressed_attention_fwd(
     group = heads_q // heads_kv
     o = torch.empty_like(q)
     lse = torch.empty(total, heads_q, dtype=torch.float32, device=q.device)
-    bt, bm = _query_tile(group, 128 if head_dim <= 128 else 64)
-    tiles = tile_map(cu_seqlens, bt)
+    cfg = CONFIG["fwd"]
+    bt, bm = _query_tile(group, cfg["rows"] if head_dim <= 128 else 64)
+    tiles = query_tiles(cu_seqlens, bt)
     _cmp_fwd_kernel[(tiles.shape[0], heads_kv)](
         q, k_cmp, v_cmp, o, lse, cu_seqlens, cu_cmp, tiles, scale * LOG2E,
         HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=_pow2(max(head_dim, 16)),
-        BLOCK=block_size, BT=bt, BM=bm, BC=64, PREC=_dot_precision(q.dtype),
-        num_warps=8, num_stages=2,
+        BLOCK=block_size, BT=bt, BM=bm, BC=cfg["keys"], PREC=_dot_precision(q.dtype),
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     return o, lse
 
@@ -377,7 +416,7 @@ def row_dot(a: Tensor, b: Tensor) -> Tensor:
     out = torch.empty(total, heads, dtype=torch.float32, device=a.device)
     n_rows = total * heads
     if n_rows:
-        br = 64
+        br = 16
         _row_dot_kernel[(triton.cdiv(n_rows, br),)](
             a, b, out, n_rows, D=head_dim, BD=_pow2(head_dim), BR=br, num_warps=4
         )
@@ -417,34 +456,35 @@ def compressed_attention_bwd(
         dq = torch.empty_like(q)
     prec = _dot_precision(q.dtype)
     bd = _pow2(max(head_dim, 16))
-    bt, bm = _query_tile(group, 64 if head_dim > 64 else 128)
-    tiles = tile_map(cu_seqlens, bt)
+    cfg = CONFIG["dq"]
+    bt, bm = _query_tile(group, cfg["rows"] if head_dim <= 128 else 64)
+    tiles = query_tiles(cu_seqlens, bt)
     _cmp_bwd_dq_kernel[(tiles.shape[0], heads_kv)](
         q, k_cmp, v_cmp, do, lse, delta, dq, cu_seqlens, cu_cmp, tiles, scale * LOG2E, scale,
         HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=bd,
-        BLOCK=block_size, BT=bt, BM=bm, BC=64, PREC=prec, ACCUMULATE=accumulate,
-        num_warps=8, num_stages=2,
+        BLOCK=block_size, BT=bt, BM=bm, BC=cfg["keys"], PREC=prec, ACCUMULATE=accumulate,
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
 
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     # Query segments bound each dK~/dV~ program's loop (load balance across the causal triangle) and the
     # partial-sum buffer: n_seg * total_NB * HKV * D float32 each for dk and dv.
-    max_len = max(lengths)
-    bt_kv, bm_kv = _query_tile(group, 64)
-    seg_len = max(4096, triton.cdiv(max_len, 16))
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    cfg = CONFIG["dkv"]
+    bt_kv, bm_kv = _query_tile(group, cfg["rows"])
+    seg_len = max(cfg["min_segment"], triton.cdiv(max_len, cfg["max_segments"]))
     seg_len = triton.cdiv(seg_len, bt_kv) * bt_kv
     n_seg = triton.cdiv(max_len, seg_len)
     dk_parts = torch.zeros(n_seg, total_blocks, heads_kv, head_dim, dtype=torch.float32, device=q.device)
     dv_parts = torch.zeros_like(dk_parts)
     if total_blocks:
-        bkc = 64
-        ktiles = tile_map(cu_cmp, bkc)
+        bkc = cfg["keys"]
+        ktiles = query_tiles(cu_cmp, bkc)
         _cmp_bwd_dkv_kernel[(ktiles.shape[0], n_seg, heads_kv)](
             q, k_cmp, v_cmp, do, lse, delta, dk_parts, dv_parts, cu_seqlens, cu_cmp, ktiles,
             scale * LOG2E, scale, seg_len, total_blocks,
             HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=bd,
             BLOCK=block_size, BT=bt_kv, BM=bm_kv, BKC=bkc, PREC=prec,
-            num_warps=8, num_stages=2,
+            num_warps=cfg["warps"], num_stages=cfg["stages"],
         )
     if n_seg == 1:
         return dq, dk_parts[0], dv_parts[0]

@@ -30,8 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from videonsa.ops.triton.compression import LOG2E, _dot_precision, _pow2
-from videonsa.ops.triton.packing import tile_map
+from videonsa.ops.triton.compression import LOG2E, _dot_precision, _pow2, query_tiles
 
 
 @triton.jit
@@ -135,6 +134,119 @@ def _topk_kernel(
     tl.store(idx_ptr + out_off, out, mask=t_ok[:, None] & (rank[None, :] < S))
 
 
+@triton.jit
+def _topk_bisect_kernel(
+    q_ptr, kc_ptr, lse_ptr, idx_ptr, scratch_ptr, cu_ptr, cuc_ptr, tiles_ptr, n_work, qk_scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BLOCK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NBP: tl.constexpr, S: tl.constexpr,
+    SP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr,
+):
+    # Persistent: program `pid` takes work items pid, pid + n_prog, ... (a work item = one tile x one KV head)
+    # and owns scratch row block `pid` ([BT, NBP] int32 keys, reused for every item, so it stays in L2).
+    BM: tl.constexpr = BT * GP
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    slot = scratch_ptr + pid.to(tl.int64) * (BT * NBP)
+    r = tl.arange(0, BM)
+    tt = tl.arange(0, BT)
+    col = tl.arange(0, NBP)
+    d = tl.arange(0, BD)
+    d_ok = d < D
+    for w in range(pid, n_work, n_prog):
+        tile = w // HKV
+        g = w % HKV
+        seq = tl.load(tiles_ptr + 2 * tile)
+        start = tl.load(tiles_ptr + 2 * tile + 1)
+        bos = tl.load(cu_ptr + seq).to(tl.int64)
+        seq_len = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int32)
+        cbos = tl.load(cuc_ptr + seq).to(tl.int64)
+        n_complete = (tl.load(cuc_ptr + seq + 1) - tl.load(cuc_ptr + seq)).to(tl.int32)
+
+        pos = start + r // GP
+        head_in_group = r % GP
+        row_ok = (head_in_group < G) & (pos < seq_len)
+        row_off = (bos + pos).to(tl.int64) * (HQ * D) + (g * G + head_in_group) * D
+        q = tl.load(q_ptr + row_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        stat_off = (bos + pos).to(tl.int64) * HQ + g * G + head_in_group
+        lse2 = tl.load(lse_ptr + stat_off, mask=row_ok, other=0.0) * 1.4426950408889634
+        row_visible = tl.where(row_ok, (pos + 1) // BLOCK, 0)
+        tpos = start + tt
+        t_ok = tpos < seq_len
+        t_visible = tl.where(t_ok, (tpos + 1) // BLOCK, 0)
+        current = tpos // BLOCK
+        n_loop = (tl.minimum(start + BT, seq_len) - 1) // BLOCK + 1
+
+        # 1. Keys of every candidate block (int32: float bits of the score + 1, forced above every finite
+        #    score, 0 = not a candidate) into the scratch rows.
+        for j0 in range(0, n_loop, BC):
+            j = j0 + tl.arange(0, BC)
+            k_off = (cbos + j).to(tl.int64) * (HKV * D) + g * D
+            kt = tl.load(kc_ptr + k_off[None, :] + d[:, None], mask=(j < n_complete)[None, :] & d_ok[:, None],
+                         other=0.0)
+            s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+            p = tl.where(j[None, :] < row_visible[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+            score = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)  # [BT, BC]
+            jj = j[None, :]
+            forced = t_ok[:, None] & (jj <= current[:, None]) & ((jj < INIT) | (jj > current[:, None] - LOCAL))
+            visible = jj < t_visible[:, None]
+            key = tl.where(forced, 0x7F800001, score.to(tl.int32, bitcast=True) + 1)
+            key = tl.where(forced | visible, key, 0)
+            tl.store(slot + tt[:, None] * NBP + jj, key, mask=(jj < n_loop) & (tt[:, None] < BT))
+        tl.debug_barrier()  # the keys written by every thread are read back by others
+        keys = tl.load(slot + tt[:, None] * NBP + col[None, :], mask=(col[None, :] < n_loop) & (tt[:, None] < BT),
+                       other=0, cache_modifier=".cg")
+
+        # 2. tau = the S-th largest key of each row, by bisection over the int32 key range (31 halvings):
+        #    the largest v with count(keys >= v) >= S. Rows with at most S candidates take all of them.
+        n_valid = tl.sum((keys > 0).to(tl.int32), axis=1)
+        lo = tl.full([BT], 1, dtype=tl.int32)
+        hi = tl.full([BT], 0x7F800001, dtype=tl.int32)
+        for _ in range(31):
+            mid = lo + ((hi - lo + 1) >> 1)
+            enough = tl.sum((keys >= mid[:, None]).to(tl.int32), axis=1) >= S
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        many = n_valid > S
+        tau = tl.where(many, lo, 1)
+        # Keys above tau are in; of the keys equal to tau, the earliest blocks fill the remaining slots.
+        above = keys > tau[:, None]
+        need = tl.where(many, S - tl.sum(above.to(tl.int32), axis=1), S)
+        equal = keys == tau[:, None]
+        chosen = above | (equal & (tl.cumsum(equal.to(tl.int32), axis=1) <= need[:, None]))
+
+        # 3. Write the chosen blocks in ascending order (the scan order), then -1 in the unused slots.
+        rank = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
+        out_row = (bos + tpos).to(tl.int64) * (HKV * S) + g * S
+        tl.store(idx_ptr + out_row[:, None] + rank, col[None, :] + tl.zeros([BT, NBP], dtype=tl.int32),
+                 mask=chosen & t_ok[:, None])
+        n_chosen = tl.sum(chosen.to(tl.int32), axis=1)
+        slots = tl.arange(0, SP)
+        tl.store(idx_ptr + out_row[:, None] + slots[None, :], tl.full([BT, SP], -1, dtype=tl.int32),
+                 mask=(slots[None, :] >= n_chosen[:, None]) & (slots[None, :] < S) & t_ok[:, None])
+        tl.debug_barrier()  # the scratch rows are rewritten by the next work item
+
+
+# Launch settings; `benchmarks/bench_ops.py` sweeps them. method: "auto" (bisection when the key rows fit in
+# registers, else the sorting kernel), "bisect" or "sort".
+CONFIG = {"method": "auto", "programs_per_sm": 1, "max_keys_per_thread": 64, "bisect_warps": None}
+
+
+def _bisect_shape(group_pow2: int, n_blocks_pow2: int) -> tuple[int, int] | None:
+    """(tokens per tile, num_warps) for the bisection kernel, or None when a key row does not fit registers."""
+    tokens = max(8, triton.cdiv(16, group_pow2))  # tl.dot needs M = tokens * GP >= 16
+    warps = CONFIG["bisect_warps"] or max(4, triton.cdiv(tokens * n_blocks_pow2, 32 * CONFIG["max_keys_per_thread"]))
+    if warps > 16 or warps & (warps - 1):
+        return None
+    return tokens, warps
+
+
+def _num_programs(device: torch.device, n_work: int) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_work, sms * CONFIG["programs_per_sm"]))
+    return max(1, min(n_work, 3))  # interpreter: a few programs exercise the persistent loop
+
+
 def select_blocks_topk(
     q: Tensor,
     k_cmp: Tensor,
@@ -147,6 +259,8 @@ def select_blocks_topk(
     init_blocks: int,
     local_blocks: int,
     scale: float,
+    max_seqlen: int | None = None,
+    method: str | None = None,
 ) -> Tensor:
     """Blocks each query's KV group attends to in the selection branch.
 
@@ -154,6 +268,8 @@ def select_blocks_topk(
         q: [total_T, HQ, D]; k_cmp: [total_NB, HKV, D] (`mean_pool_fwd`); lse_cmp: float32 [total_T, HQ] from
             `compressed_attention_fwd` with the same scale.
         cu_seqlens, cu_cmp: int32 [N+1] token and compressed-block offsets.
+        max_seqlen: longest sequence (read from cu_seqlens when None).
+        method: "bisect", "sort" or None for CONFIG["method"] ("auto": bisection where it fits).
     Returns:
         int32 [total_T, HKV, block_count]: chosen block ids (within the sequence) ascending, -1 padded.
     """
@@ -161,17 +277,41 @@ def select_blocks_topk(
     heads_kv = k_cmp.shape[1]
     group = heads_q // heads_kv
     group_pow2 = _pow2(group)
+    indices = torch.empty(total, heads_kv, block_count, dtype=torch.int32, device=q.device)
+    if total == 0:
+        return indices
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    n_blocks_pow2 = _pow2(triton.cdiv(max_seqlen, block_size))
+    method = method or CONFIG["method"]
+    shape = _bisect_shape(group_pow2, n_blocks_pow2)
+    if method == "bisect" and shape is None:
+        raise ValueError(f"select_blocks_topk: {n_blocks_pow2} blocks per row do not fit the bisection kernel")
+    common = dict(
+        HQ=heads_q, HKV=heads_kv, G=group, GP=group_pow2, D=head_dim, BD=_pow2(max(head_dim, 16)),
+        BLOCK=block_size, S=block_count, INIT=init_blocks, LOCAL=local_blocks, PREC=_dot_precision(q.dtype),
+    )
+    if method in ("auto", "bisect") and shape is not None:
+        tokens, warps = shape
+        tiles = query_tiles(cu_seqlens, tokens)
+        n_work = tiles.shape[0] * heads_kv
+        n_prog = _num_programs(q.device, n_work)
+        scratch = torch.empty(n_prog, tokens, max(n_blocks_pow2, 16), dtype=torch.int32, device=q.device)
+        # Key rows at least 16 wide (tl.dot's N) and chunks of at most 64 blocks.
+        width = max(n_blocks_pow2, 16)
+        _topk_bisect_kernel[(n_prog,)](
+            q, k_cmp, lse_cmp, indices, scratch, cu_seqlens, cu_cmp, tiles, n_work, scale * LOG2E,
+            BT=tokens, BC=min(64, width), NBP=width, SP=_pow2(block_count), **common,
+            num_warps=warps, num_stages=2,
+        )
+        return indices
     kp = _pow2(block_count)
     tokens = min(16, max(1, 128 // group_pow2))
     tokens = max(tokens, triton.cdiv(16, group_pow2))  # tl.dot needs M >= 16
-    chunk = max(64, kp)
-    indices = torch.empty(total, heads_kv, block_count, dtype=torch.int32, device=q.device)
-    tiles = tile_map(cu_seqlens, tokens)
+    tiles = query_tiles(cu_seqlens, tokens)
     _topk_kernel[(tiles.shape[0], heads_kv)](
         q, k_cmp, lse_cmp, indices, cu_seqlens, cu_cmp, tiles, scale * LOG2E,
-        HQ=heads_q, HKV=heads_kv, G=group, GP=group_pow2, D=head_dim, BD=_pow2(max(head_dim, 16)),
-        BLOCK=block_size, BT=tokens, BC=chunk, KP=kp, S=block_count,
-        INIT=init_blocks, LOCAL=local_blocks, PREC=_dot_precision(q.dtype),
+        BT=tokens, BC=max(64, kp), KP=kp, **common,
         num_warps=8 if tokens * group_pow2 >= 128 else 4, num_stages=2,
     )
     return indices
