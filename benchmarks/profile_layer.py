@@ -2,6 +2,8 @@
 one-layer prefill (random weights, bf16), nsa and dense, at one length.
 
     python benchmarks/profile_layer.py --seq-len 131072 --rows 25
+    python benchmarks/profile_layer.py --seq-len 36864 --train      # training: fp32 weights, bf16 autocast,
+                                                                     # forward + backward, frames as images
 """
 
 from __future__ import annotations
@@ -22,19 +24,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=131072)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--train", action="store_true", help="fp32 weights, bf16 autocast, forward + backward")
     args = parser.parse_args()
-    model = random_model(qwen7b_config(num_layers=1))
+    model = random_model(qwen7b_config(num_layers=1), dtype=torch.float32 if args.train else torch.bfloat16)
     embeds, token_type, positions = video_prompt(args.seq_len)
+    if args.train:
+        # Frames fed as images, as the training recipe does: <|vision_start|> 64 image tokens <|vision_end|>.
+        token_type[:, 64:-64] = torch.where(torch.arange(args.seq_len - 128, device="cuda") % 66 < 2, 0, 1)
+        embeds = embeds.float().requires_grad_()
     for mode in ("nsa", "dense"):
         set_attention_mode(model, mode)
-        run = lambda: model(inputs_embeds=embeds, mm_token_type_ids=token_type, position_ids=positions, use_cache=False)  # noqa: E731
-        with torch.no_grad():
+
+        def run():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.train):
+                out = model(inputs_embeds=embeds, mm_token_type_ids=token_type, position_ids=positions, use_cache=False)
+            if args.train:
+                out.last_hidden_state.float().square().mean().backward()
+
+        with torch.set_grad_enabled(args.train):
             run()
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 run()
                 torch.cuda.synchronize()
-        print(f"\n=== {mode}, T={args.seq_len}, one 7B-shaped layer")
+        print(f"\n=== {mode}, T={args.seq_len}, one 7B-shaped layer, {'train' if args.train else 'prefill'}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
 
 
