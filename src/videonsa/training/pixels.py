@@ -6,7 +6,8 @@ image is repeated to fill both). Patches are ordered so that each 2 x 2 group th
 One language-model token covers one such group: a 224 x 224 frame gives 16 x 16 patches, 64 tokens.
 
 This is done here rather than through transformers' processors because their interface and their dependency on
-torchvision change between the transformers versions this package supports; the tests check this module against
+torchvision change between the transformers versions this package supports; normalising and cutting patches is
+`videonsa.video.patches.frames_to_patches`, shared with inference. The tests check this module against
 transformers' own image processor wherever it can be built.
 """
 
@@ -21,13 +22,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from videonsa.video.patches import frames_to_patches
+
 PATCH_SIZE = 14
 MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
 SIZE_FACTOR = PATCH_SIZE * MERGE_SIZE
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -114,28 +114,14 @@ def patchify_frames(frames: Tensor, *, as_video: bool) -> tuple[Tensor, Tensor]:
         raise ValueError(f"expected frames [T, H, W, 3], got {tuple(frames.shape)}")
     if frames.shape[1] % SIZE_FACTOR or frames.shape[2] % SIZE_FACTOR:
         raise ValueError(f"frame size {tuple(frames.shape[1:3])} is not a multiple of {SIZE_FACTOR}")
-    clip = frames.permute(0, 3, 1, 2).float().div_(255.0)  # [T, 3, H, W]
-    mean = torch.tensor(CLIP_MEAN, device=clip.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=clip.device).view(1, 3, 1, 1)
-    clip = (clip - mean) / std
     if as_video:
-        missing = -clip.shape[0] % TEMPORAL_PATCH_SIZE
+        missing = -frames.shape[0] % TEMPORAL_PATCH_SIZE
         if missing:
-            clip = torch.cat([clip, clip[-1:].expand(missing, -1, -1, -1)])
-        groups = clip.view(-1, TEMPORAL_PATCH_SIZE, *clip.shape[1:])  # [T/2, 2, 3, H, W]
-    else:
-        groups = clip.unsqueeze(1).expand(-1, TEMPORAL_PATCH_SIZE, -1, -1, -1)  # each image twice in time
-    patches, (count, grid_h, grid_w) = _patchify(groups)
-    rows = [[count, grid_h, grid_w]] if as_video else [[1, grid_h, grid_w]] * count
-    return patches, torch.tensor(rows, dtype=torch.long, device=frames.device)
-
-
-def _patchify(groups: Tensor) -> tuple[Tensor, list[int]]:
-    """[G, 2, 3, H, W] -> ([G * H/14 * W/14, 3 * 2 * 14 * 14], [G, H/14, W/14]) in merge-group order."""
-    count, temporal, channels, height, width = groups.shape
-    grid_h, grid_w = height // PATCH_SIZE, width // PATCH_SIZE
-    blocks = groups.reshape(count, temporal, channels, grid_h // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE,
-                            grid_w // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE)
-    # -> [G, merged rows, merged cols, row in group, col in group, channel, time, patch row, patch col]
-    blocks = blocks.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return blocks.reshape(count * grid_h * grid_w, PATCH_DIM), [count, grid_h, grid_w]
+            frames = torch.cat([frames, frames[-1:].expand(missing, -1, -1, -1)])
+        return frames_to_patches(frames)
+    # A still image is a temporal patch of one repeated frame; the patches of N images are those of a video
+    # of N repeated frames, with one grid row per image.
+    patches, grid = frames_to_patches(frames.repeat_interleave(TEMPORAL_PATCH_SIZE, dim=0))
+    count, grid_h, grid_w = grid[0].tolist()
+    rows = torch.tensor([[1, grid_h, grid_w]] * count, dtype=torch.long, device=frames.device)
+    return patches, rows

@@ -36,7 +36,8 @@ def frames_to_patches(
     int64 [1, 3] holding (T, h, w).
     """
     geometry = geometry or VisionGeometry()
-    video = torch.as_tensor(np.asarray(frames))
+    # Tensors stay on their device (training patchifies on the GPU); arrays become CPU tensors.
+    video = frames if isinstance(frames, torch.Tensor) else torch.as_tensor(np.asarray(frames))
     count, height, width, channels = video.shape
     step, patch, merge = geometry.temporal_patch_size, geometry.patch_size, geometry.merge_size
     if count % step or height % (patch * merge) or width % (patch * merge) or channels != 3:
@@ -45,13 +46,14 @@ def frames_to_patches(
             f"RGB frames of sides that are multiples of {patch * merge}"
         )
     pixels = video.permute(0, 3, 1, 2).to(torch.float32) / 255.0
-    pixels = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    statistic = lambda values: torch.tensor(values, device=video.device).view(1, 3, 1, 1)  # noqa: E731
+    pixels = (pixels - statistic(mean)) / statistic(std)
     grid_t, grid_h, grid_w = count // step, height // patch, width // patch
     pixels = pixels.reshape(grid_t, step, 3, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
     # -> [T, h/merge, w/merge, merge_h, merge_w, channel, time, patch_y, patch_x]
     pixels = pixels.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     flat = pixels.reshape(grid_t * grid_h * grid_w, 3 * step * patch * patch)
-    return flat.contiguous(), torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.int64)
+    return flat.contiguous(), torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.int64, device=video.device)
 
 
 def seconds_per_temporal_patch(timestamps: Sequence[float], temporal_patch_size: int = 2) -> float:

@@ -10,12 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import av
 import numpy as np
 
 from videonsa.errors import UserError
 from videonsa.video.info import VideoInfo
 from videonsa.video.limits import check_frame_dimensions
+
+try:
+    import av
+except ImportError:  # a dependency, but a node fed pre-extracted frames (or the GPU image) may lack it
+    av = None
 
 # A frame counts as showing at time t when its timestamp is at most t plus this (float rounding of t).
 TIME_TOLERANCE = 1e-4
@@ -29,6 +33,8 @@ Progress = Callable[[int, int], None]
 
 def _open(path: Path):
     """Open `path` with FFmpeg or raise `UserError` saying it is not a readable video."""
+    if av is None:
+        raise UserError(f"{path}: reading video files needs PyAV (pip install av)")
     try:
         return av.open(str(path))
     except (av.FFmpegError, OSError) as error:
