@@ -23,6 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from videonsa.video.patches import frames_to_patches
+from videonsa.video.planning import frame_size
 
 PATCH_SIZE = 14
 MERGE_SIZE = 2
@@ -48,17 +49,7 @@ def resized_frame_size(height: int, width: int, pixels: PixelRange) -> tuple[int
     area within the pixel range."""
     if min(height, width) <= 0 or max(height, width) / min(height, width) > 200:
         raise ValueError(f"frame of {width}x{height} pixels has an unusable aspect ratio")
-    new_height = max(SIZE_FACTOR, round(height / SIZE_FACTOR) * SIZE_FACTOR)
-    new_width = max(SIZE_FACTOR, round(width / SIZE_FACTOR) * SIZE_FACTOR)
-    if new_height * new_width > pixels.max_pixels:
-        shrink = math.sqrt(height * width / pixels.max_pixels)
-        new_height = max(SIZE_FACTOR, math.floor(height / shrink / SIZE_FACTOR) * SIZE_FACTOR)
-        new_width = max(SIZE_FACTOR, math.floor(width / shrink / SIZE_FACTOR) * SIZE_FACTOR)
-    elif new_height * new_width < pixels.min_pixels:
-        grow = math.sqrt(pixels.min_pixels / (height * width))
-        new_height = math.ceil(height * grow / SIZE_FACTOR) * SIZE_FACTOR
-        new_width = math.ceil(width * grow / SIZE_FACTOR) * SIZE_FACTOR
-    return new_height, new_width
+    return frame_size(height, width, max_pixels=pixels.max_pixels, min_pixels=pixels.min_pixels, factor=SIZE_FACTOR)
 
 
 def tokens_per_frame(height: int, width: int, pixels: PixelRange) -> int:
