@@ -13,61 +13,21 @@ not exact under the interpreter) and the reference is float64.
 from __future__ import annotations
 
 import math
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from interpreter_harness import DEVICE, kernels_runnable_here, packed, run_file_under_interpreter
 
 from videonsa.ops import nsa_parts_reference
+from videonsa.ops.triton import selection
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-
-def _kernels_runnable_here() -> bool:
-    """True on a GPU, or when Triton itself (not only our kernels) was imported under TRITON_INTERPRET=1."""
-    if HAS_CUDA:
-        return True
-    import triton.language as tl
-
-    from videonsa.ops.triton import selection
-
-    return all(type(f).__name__ == "InterpretedFunction" for f in (tl.zeros, selection._slc_fwd_kernel))
-
-
-RUNNABLE = _kernels_runnable_here()
+RUNNABLE = kernels_runnable_here(selection._slc_fwd_kernel)
 kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
 
 
 @pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
 def test_under_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-        env=env, capture_output=True, text=True, timeout=1200,
-    )
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-12000:]}\n{proc.stderr[-4000:]}"
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 11, f"kernel tests did not run:\n{proc.stdout[-3000:]}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# References and inputs
-
-
-def packed(seq_lens: list[int], heads_q: int, heads_kv: int, head_dim: int, seed: int):
-    """float64 q [T,HQ,D], k/v [T,HKV,D], do [T,HQ,D] and int32 cu_seqlens [N+1]."""
-    gen = torch.Generator().manual_seed(seed)
-    total = sum(seq_lens)
-    q = torch.randn(total, heads_q, head_dim, generator=gen, dtype=torch.float64)
-    k = torch.randn(total, heads_kv, head_dim, generator=gen, dtype=torch.float64)
-    v = torch.randn(total, heads_kv, head_dim, generator=gen, dtype=torch.float64)
-    do = torch.randn(total, heads_q, head_dim, generator=gen, dtype=torch.float64)
-    cu = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32)
-    return q, k, v, do, cu
+    run_file_under_interpreter(__file__, min_passed=11)
 
 
 def random_selection(cu: torch.Tensor, heads_kv: int, slots: int, block_size: int, seed: int) -> torch.Tensor:

@@ -1,0 +1,51 @@
+"""Running Triton kernel tests on a CPU: the interpreter needs TRITON_INTERPRET=1 before Triton is first imported,
+and must not leak into the other tests of the same pytest run. A kernel test file therefore runs itself once more
+in a child pytest with the interpreter on (one process start for all its cases); in the parent its kernel tests
+skip. On a CUDA machine every test runs directly on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def kernels_runnable_here(kernel) -> bool:
+    """True on a GPU, or when Triton itself (not only `kernel`) was imported under TRITON_INTERPRET=1."""
+    if HAS_CUDA:
+        return True
+    import triton.language as tl
+
+    return all(type(f).__name__ == "InterpretedFunction" for f in (tl.zeros, kernel))
+
+
+def run_file_under_interpreter(path: str, min_passed: int) -> None:
+    """Run the test file `path` in a child pytest with TRITON_INTERPRET=1; fail unless at least `min_passed`
+    of its tests passed (so a file whose kernel tests all skipped cannot pass silently)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(path)],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-12000:]}\n{proc.stderr[-4000:]}"
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= min_passed, f"kernel tests did not run:\n{proc.stdout[-3000:]}"
+
+
+def packed(seq_lens: list[int], heads_q: int, heads_kv: int, head_dim: int, seed: int):
+    """float64 q [T,HQ,D], k/v [T,HKV,D], do [T,HQ,D] and int32 cu_seqlens [N+1]."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(seq_lens)
+    q = torch.randn(total, heads_q, head_dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(total, heads_kv, head_dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(total, heads_kv, head_dim, generator=gen, dtype=torch.float64)
+    do = torch.randn(total, heads_q, head_dim, generator=gen, dtype=torch.float64)
+    cu = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, do, cu
