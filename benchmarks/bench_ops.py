@@ -110,6 +110,28 @@ def nsa_flops(seq_len: int) -> dict[str, float]:
     }
 
 
+def selection_sharing(indices: torch.Tensor, tokens_per_tile: int = 8) -> dict[str, float]:
+    """How much neighbouring tokens' selections overlap, which decides the selection kernels' speed.
+
+    indices: int32 [T, HKV, S] (-1 = unused). Returns the mean number of distinct blocks chosen by the tokens of
+    a tile of `tokens_per_tile` consecutive tokens (S when they all agree, tokens_per_tile * S when they share
+    nothing), over full tiles in the second half of the sequence, and the mean fraction of a token's chosen
+    blocks that the next token also chose.
+    """
+    seq_len, heads_kv, count = indices.shape
+    half = (seq_len // 2) // tokens_per_tile * tokens_per_tile
+    tail = indices[half: half + (seq_len - half) // tokens_per_tile * tokens_per_tile].long()
+    tiles = tail.view(-1, tokens_per_tile, heads_kv, count).transpose(1, 2).reshape(-1, tokens_per_tile * count)
+    ordered = tiles.sort(dim=1).values
+    distinct = (ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    union = distinct.sum(1) + (ordered[:, 0] >= 0).long()
+    now, nxt = tail[:-1], tail[1:]
+    same = (now[..., :, None] == nxt[..., None, :]).any(-1) & (now >= 0)
+    shared = same.sum(-1).double() / (now >= 0).sum(-1).clamp(min=1).double()
+    return {"union_per_tile": float(union.double().mean()), "tokens_per_tile": tokens_per_tile,
+            "shared_with_next": float(shared.mean())}
+
+
 def make_inputs(seq_len: int, seed: int = 0, structured: bool = False) -> dict[str, torch.Tensor]:
     """Random bf16 inputs. structured=True: queries drift slowly (a component shared by 256-token stretches)
     and keys carry a per-block offset, so that neighbouring tokens choose mostly the same blocks, as trained
@@ -150,6 +172,12 @@ def bench_videonsa(x: dict[str, torch.Tensor]) -> dict[str, float]:
 
     res["fwd_ms"] = bench(forward)
     res["fwd_peak_gib"] = peak_gib(forward)  # output included (0.94 GiB at 128K)
+    # Working memory = peak beyond the inputs minus the outputs: o in the forward; o and the gradients of q, k, v
+    # and the gates after the backward.
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    out_bytes = nbytes(x["q"])
+    grad_bytes = sum(nbytes(t) for t in x.values())
+    res["fwd_work_gib"] = res["fwd_peak_gib"] - out_bytes / GiB
     holder = {}
 
     def fwd_bwd():
@@ -157,6 +185,7 @@ def bench_videonsa(x: dict[str, torch.Tensor]) -> dict[str, float]:
         holder["o"].backward(do)
 
     res["fwd_bwd_peak_gib"] = peak_gib(fwd_bwd)
+    res["fwd_bwd_work_gib"] = res["fwd_bwd_peak_gib"] - (out_bytes + grad_bytes) / GiB
     holder["o"] = forward()
     grads = list(leaves.values())
 
@@ -188,6 +217,7 @@ def bench_videonsa(x: dict[str, torch.Tensor]) -> dict[str, float]:
                                   init_blocks=INIT, local_blocks=LOCAL, scale=scale)
 
     indices = topk()
+    res["selection_sharing"] = selection_sharing(indices)
     o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu, BLOCK, scale)
     o_swa, lse_swa = window_attention_fwd(q, k, v, cu, WINDOW, scale)
     res["fwd_compression_ms"] = bench(compression)
@@ -456,8 +486,9 @@ def main() -> None:
         f"matmul {info['matmul_tflops']:.0f} TFLOP/s",
         "",
         "| T | nsa fwd | nsa bwd | floor fwd/bwd | cmp | topk | slc | swa | gate | bwd cmp/slc/swa/gate "
-        "| peak fwd / fwd+bwd GiB | flash fwd/bwd | cudnn fwd/bwd | fla fwd/bwd (cmp, topk) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak fwd / fwd+bwd GiB | work fwd / fwd+bwd GiB | blocks per 8-token tile "
+        "| flash fwd/bwd | cudnn fwd/bwd | fla fwd/bwd (cmp, topk) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         n = row.get("videonsa", {})
@@ -473,6 +504,8 @@ def main() -> None:
             f"| {fmt(g(n, 'bwd_compression_ms'))} / {fmt(g(n, 'bwd_selection_ms'))} / "
             f"{fmt(g(n, 'bwd_window_ms'))} / {fmt(g(n, 'bwd_gating_ms'))} "
             f"| {fmt(g(n, 'fwd_peak_gib'))} / {fmt(g(n, 'fwd_bwd_peak_gib'))} "
+            f"| {fmt(g(n, 'fwd_work_gib'))} / {fmt(g(n, 'fwd_bwd_work_gib'))} "
+            f"| {fmt(g(g(n, 'selection_sharing') or {}, 'union_per_tile'), 1)} "
             f"| {fmt(g(row.get('sdpa_flash', {}), 'fwd_ms'))} / {fmt(g(row.get('sdpa_flash', {}), 'bwd_ms'))} "
             f"| {fmt(g(row.get('sdpa_cudnn', {}), 'fwd_ms'))} / {fmt(g(row.get('sdpa_cudnn', {}), 'bwd_ms'))} "
             f"| {fmt(g(fla, 'fwd_ms'))} / {fmt(g(fla, 'bwd_ms'))} "
