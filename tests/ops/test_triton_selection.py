@@ -27,7 +27,7 @@ kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter s
 
 @pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
 def test_under_interpreter() -> None:
-    run_file_under_interpreter(__file__, min_passed=11)
+    run_file_under_interpreter(__file__, min_passed=13)
 
 
 def random_selection(cu: torch.Tensor, heads_kv: int, slots: int, block_size: int, seed: int) -> torch.Tensor:
@@ -190,6 +190,44 @@ def test_backward_is_deterministic() -> None:
     second = selected_attention_bwd(q, k, v, o, lse, do, idx, cu, 16, 0.25, tile_rows=64, dkdv_split=7)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_do_scale_and_given_delta(dtype: torch.dtype) -> None:
+    """do_scale [T, HQ] (a per-row gate) applied inside the kernels gives the gradients of
+    sum(o * do * do_scale): checked against the float64 reference, with delta derived from o and with a
+    caller-given delta (o = None), and dq/dk/dv must differ from the unscaled ones (the factor is used)."""
+    from videonsa.ops.triton.selection import row_dot, selected_attention_bwd, selected_attention_fwd
+
+    seq_lens, heads_q, heads_kv, head_dim, block_size = [37, 22], 14, 2, 16, 16
+    q, k, v, do, cu = packed(seq_lens, heads_q, heads_kv, head_dim, seed=11)
+    q, k, v, do = (x.to(dtype).double() for x in (q, k, v, do))
+    gate = torch.rand(q.shape[:2], generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    gate = gate.to(dtype).double()  # the kernels see the gate as stored
+    idx = random_selection(cu, heads_kv, 3, block_size, seed=11)
+    scale = head_dim**-0.5
+    dev = lambda x: x.to(DEVICE, dtype) if x.is_floating_point() else x.to(DEVICE)  # noqa: E731
+    o, lse = selected_attention_fwd(dev(q), dev(k), dev(v), dev(idx), dev(cu), block_size, scale, tile_rows=16)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_ref, _ = dense_selected(*leaves, idx, cu, block_size, scale)
+    do_eff = (do * gate[..., None]).to(dtype).double()  # what the kernels multiply by (rounded operand)
+    (o_ref * do_eff).sum().backward()
+    plain = selected_attention_bwd(dev(q), dev(k), dev(v), o, lse, dev(do), dev(idx), dev(cu), block_size, scale)
+    delta = row_dot(o, dev(do)) * dev(gate).float()
+    atol = 4e-5 if dtype == torch.float32 else 6e-3
+    for tile_rows, given in ((16, False), (64, True)):
+        grads = selected_attention_bwd(
+            dev(q), dev(k), dev(v), None if given else o, lse, dev(do), dev(idx), dev(cu), block_size, scale,
+            tile_rows=tile_rows, dkdv_split=6, do_scale=dev(gate), delta=delta if given else None,
+        )
+        for name, got, leaf, unscaled in zip(("dq", "dk", "dv"), grads, leaves, plain, strict=True):
+            torch.testing.assert_close(got.cpu().double(), leaf.grad, atol=atol, rtol=atol, msg=name)
+            assert not torch.allclose(got, unscaled, atol=atol), f"{name}: do_scale ignored"
+    with pytest.raises(ValueError, match="o is needed"):
+        selected_attention_bwd(
+            dev(q), dev(k), dev(v), None, lse, dev(do), dev(idx), dev(cu), block_size, scale, do_scale=dev(gate)
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------

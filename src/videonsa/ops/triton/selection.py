@@ -363,14 +363,14 @@ def _slc_fwd_kernel(
 
 @triton.jit
 def _slc_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, do_scale_ptr, lse_ptr, delta_ptr, dq_ptr,
     tiles_ptr, ublocks_ptr, ucount_ptr, ubits_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     n_slots, head_dim, qk_scale, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, WORDS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_DO_SCALE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     g = tl.program_id(1)
@@ -392,6 +392,9 @@ def _slc_bwd_dq_kernel(
     q = tl.load(q_ptr + q_off, mask=qd_mask, other=0.0)
     do_off = t_row64[:, None] * stride_dot + head[:, None] * stride_doh + d[None, :]
     do = tl.load(do_ptr + do_off, mask=qd_mask, other=0.0)
+    if HAS_DO_SCALE:  # the caller's do times a per-row factor (a gate), product in float32, then rounded
+        do_scale = tl.load(do_scale_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0).to(tl.float32)
+        do = (do.to(tl.float32) * do_scale[:, None]).to(do_ptr.dtype.element_ty)
     lse2 = tl.load(lse_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0)
     word = tok // 32
@@ -429,14 +432,14 @@ def _slc_bwd_dq_kernel(
 
 @triton.jit
 def _slc_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dk_part_ptr, dv_part_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, do_scale_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dk_part_ptr, dv_part_ptr,
     key_blocks_ptr, items_ptr, tokens_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh,
     head_dim, qk_scale, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_DO_SCALE: tl.constexpr,
 ):
     item = tl.program_id(0)
     sub = tl.program_id(1)  # which BLOCK_N slice of the key block
@@ -476,6 +479,9 @@ def _slc_bwd_dkdv_kernel(
             do_ptr + t_row64[:, None] * stride_dot + head[:, None] * stride_doh + d[None, :],
             mask=row_ok[:, None] & d_ok[None, :], other=0.0,
         )
+        if HAS_DO_SCALE:  # as in the dq kernel: do * do_scale in float32, rounded to do's dtype
+            do_scale = tl.load(do_scale_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0).to(tl.float32)
+            do = (do.to(tl.float32) * do_scale[:, None]).to(do_ptr.dtype.element_ty)
         lse2 = tl.load(lse_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0)
         s_t = tl.dot(kb, q_t, input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
@@ -611,21 +617,23 @@ def launch_fwd(
 
 def launch_dq(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, plan: TilePlan, block_size: int,
-    scale: float, num_warps: int | None = None, num_stages: int | None = None,
+    scale: float, num_warps: int | None = None, num_stages: int | None = None, *, do_scale: Tensor | None = None,
 ) -> Tensor:
-    """The dq kernel over a `TilePlan`; lse, delta float32 [T, HQ] contiguous. Returns dq [T, HQ, D]."""
+    """The dq kernel over a `TilePlan`; lse, delta float32 [T, HQ] contiguous; do_scale [T, HQ] contiguous or
+    None (then do is used as it is, else do * do_scale per row). Returns dq [T, HQ, D]."""
     heads_q, head_dim = q.shape[1], q.shape[2]
     heads_kv = k.shape[1]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     warps, stages = _launch_config(plan.block_m, head_dim)
     _slc_bwd_dq_kernel[(plan.tiles.shape[0], heads_kv)](
-        q, k, v, do, lse, delta, dq, plan.tiles, plan.blocks, plan.count, plan.bits,
+        q, k, v, do, do if do_scale is None else do_scale, lse, delta, dq,
+        plan.tiles, plan.blocks, plan.count, plan.bits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         plan.blocks.shape[-1], head_dim, scale * LOG2E, scale,
         HQ=heads_q, HKV=heads_kv, G=heads_q // heads_kv, WORDS=plan.bits.shape[-1],
         BLOCK_SIZE=block_size, BLOCK_M=plan.block_m, BLOCK_N=_block_n(block_size),
-        BLOCK_D=max(16, next_pow2(head_dim)), DOT_PREC=dot_precision(q),
+        BLOCK_D=max(16, next_pow2(head_dim)), DOT_PREC=dot_precision(q), HAS_DO_SCALE=do_scale is not None,
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return dq
@@ -635,8 +643,10 @@ def launch_dkdv(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, key_blocks: Tensor,
     offsets: Tensor, tokens: Tensor, block_size: int, scale: float, rows: int = DKDV_ROWS,
     num_warps: int | None = None, num_stages: int | None = None, split: int | None = None,
+    *, do_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The dk/dv kernels over the inverse lists (`inverse_lists`); returns dk, dv [T, HKV, D].
+    """The dk/dv kernels over the inverse lists (`inverse_lists`); returns dk, dv [T, HKV, D]. do_scale
+    [T, HQ] contiguous or None: as in `launch_dq`.
 
     Lists longer than `split` tokens (blocks that many queries chose, e.g. attention sinks) are cut into
     pieces run by separate programs, whose float32 partial sums a second kernel adds in a fixed order, so
@@ -660,12 +670,13 @@ def launch_dkdv(
     block_m, bt = _tile_rows(group, rows)
     warps, stages = _launch_config(block_m, head_dim, "dkdv")
     _slc_bwd_dkdv_kernel[(items.shape[0], n_sub)](
-        q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, key_blocks, items, tokens,
+        q, k, v, do, do if do_scale is None else do_scale, lse, delta, dk, dv, dk_part, dv_part, key_blocks, items,
+        tokens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), head_dim, scale * LOG2E, scale,
         HQ=heads_q, HKV=heads_kv, G=group, BT=bt,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PREC=dot_precision(q),
-        num_warps=num_warps or warps, num_stages=num_stages or stages,
+        HAS_DO_SCALE=do_scale is not None, num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     if splits.shape[0]:
         _slc_dkdv_reduce_kernel[(splits.shape[0], n_sub)](
@@ -710,7 +721,7 @@ def selected_attention_bwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    o: Tensor,
+    o: Tensor | None,
     lse: Tensor,
     do: Tensor,
     block_indices: Tensor,
@@ -721,14 +732,22 @@ def selected_attention_bwd(
     tile_rows: int | None = None,
     dkdv_rows: int = DKDV_ROWS,
     dkdv_split: int | None = None,
+    delta: Tensor | None = None,
+    do_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `selected_attention_fwd`.
 
     Args:
         q, k, v, block_indices, cu_seqlens, block_size, scale: as in the forward.
-        o: [T, HQ, D] and lse float32 [T, HQ], the forward's outputs; do: [T, HQ, D], gradient of o.
+        o: [T, HQ, D] and lse float32 [T, HQ], the forward's outputs (o may be None when delta is given);
+            do: [T, HQ, D], gradient of o, or (with do_scale) the gradient before a per-row factor.
         tile_rows: rows per dq program (None: chosen like the forward); dkdv_rows: query rows per dk/dv step;
             dkdv_split: longest token list of one dk/dv program (None: `DKDV_SPLIT` or more).
+        delta: float32 [T, HQ], sum_d o * (gradient of o), if the caller has it (else computed here).
+        do_scale: [T, HQ] (any float dtype) or None. When given, the gradient of o is do * do_scale[..., None]
+            (e.g. a gate times the gated sum's gradient), formed per row inside the kernels (product in
+            float32, then rounded to do's dtype like any matmul operand) so it is never stored; a missing
+            delta is then do_scale * row_dot(o, do).
 
     Returns:
         dq [T, HQ, D] (q's dtype), dk, dv [T, HKV, D] (k's dtype), summed over the G heads of each group and
@@ -739,14 +758,27 @@ def selected_attention_bwd(
     if q.shape[0] == 0:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lse = lse.float().contiguous()
-    delta = row_dot(o, do)
+    if do_scale is not None:
+        if do_scale.shape != q.shape[:2]:
+            raise ValueError(f"selected attention: do_scale must be [T, HQ], got {tuple(do_scale.shape)}")
+        do_scale = do_scale.contiguous()
+    if delta is None:
+        if o is None:
+            raise ValueError("selected attention backward: o is needed when delta is not given")
+        delta = row_dot(o, do)
+        if do_scale is not None:
+            delta = delta * do_scale.float()
+    elif delta.shape != q.shape[:2]:
+        raise ValueError(f"selected attention: delta must be [T, HQ], got {tuple(delta.shape)}")
+    delta = delta.float().contiguous()
     plan = plan_tiles(block_indices, cu_seqlens, q.shape[1] // k.shape[1], tile_rows)
-    dq = launch_dq(q, k, v, do, lse, delta, plan, block_size, scale)
+    dq = launch_dq(q, k, v, do, lse, delta, plan, block_size, scale, do_scale=do_scale)
     del plan
     key_blocks = tiles_of(cu_seqlens, block_size)
     offsets, tokens = inverse_lists(block_indices, cu_seqlens, key_blocks)
     dk, dv = launch_dkdv(
-        q, k, v, do, lse, delta, key_blocks, offsets, tokens, block_size, scale, dkdv_rows, split=dkdv_split
+        q, k, v, do, lse, delta, key_blocks, offsets, tokens, block_size, scale, dkdv_rows, split=dkdv_split,
+        do_scale=do_scale,
     )
     return dq, dk, dv
 
