@@ -46,13 +46,16 @@ def _launch_config(block_m: int, head_dim: int) -> tuple[int, int]:
 
 @triton.jit
 def _swa_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tiles_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tiles_ptr, g_in_ptr, g_ptr, do_ptr, dot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     head_dim, window, qk_scale,
     HQ: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, MODE: tl.constexpr, HAS_G_IN: tl.constexpr,
 ):
+    # MODE 0: write o and lse. MODE 1 (fold): o <- g_in * o + g * o_swa (o holds another branch's output; the
+    # sum is formed in float32 and rounded once, o_swa itself is never stored) and write lse. MODE 2 (delta
+    # only): write dot[t, h] = sum_d do * o_swa in float32 (o_swa rebuilt here, never stored; lse not written).
     tile = tl.program_id(0)
     g = tl.program_id(1)
     row0 = tl.load(tiles_ptr + tile * 4)
@@ -100,21 +103,37 @@ def _swa_fwd_kernel(
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_off = t_row.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(lse_ptr + t_row.to(tl.int64) * HQ + head, lse, mask=row_ok)
+    t_row64 = t_row.to(tl.int64)
+    od_mask = row_ok[:, None] & d_ok[None, :]
+    if MODE == 2:
+        do_off = t_row64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        do = tl.load(do_ptr + do_off, mask=od_mask, other=0.0).to(tl.float32)
+        tl.store(dot_ptr + t_row64 * HQ + head, tl.sum(do * out, axis=1), mask=row_ok)
+    else:
+        o_off = t_row64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        if MODE == 1:
+            gate = tl.load(g_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0).to(tl.float32)
+            prev = tl.load(o_ptr + o_off, mask=od_mask, other=0.0).to(tl.float32)
+            if HAS_G_IN:
+                prev = prev * tl.load(g_in_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            out = prev + gate[:, None] * out
+        tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=od_mask)
+        tl.store(lse_ptr + t_row64 * HQ + head, lse, mask=row_ok)
 
 
 @triton.jit
 def _swa_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, tiles_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, do_scale_ptr, lse_ptr, delta_ptr, dq_ptr, tiles_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     head_dim, window, qk_scale, scale,
     HQ: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_DO_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
+    # With HAS_DO_SCALE the gradient of o is do * do_scale[row]: the factor multiplies dp = do.v (exact, and
+    # do keeps its stored rounding). With ACCUMULATE, dq is added to what dq_ptr holds (float32 sum, one
+    # rounding) instead of overwriting it.
     tile = tl.program_id(0)
     g = tl.program_id(1)
     row0 = tl.load(tiles_ptr + tile * 4)
@@ -136,6 +155,10 @@ def _swa_bwd_dq_kernel(
                  mask=qd_mask, other=0.0)
     lse2 = tl.load(lse_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0)
+    if HAS_DO_SCALE:
+        do_scale = tl.load(do_scale_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        do_scale = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     n = tl.arange(0, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -156,23 +179,30 @@ def _swa_bwd_dq_kernel(
         )
         p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
+        if HAS_DO_SCALE:
+            dp = dp * do_scale[:, None]
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
 
     dq_off = t_row64[:, None] * stride_dqt + head[:, None] * stride_dqh + d[None, :]
-    tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+    dq = dq * scale
+    if ACCUMULATE:
+        dq += tl.load(dq_ptr + dq_off, mask=qd_mask, other=0.0).to(tl.float32)
+    tl.store(dq_ptr + dq_off, dq.to(dq_ptr.dtype.element_ty), mask=qd_mask)
 
 
 @triton.jit
 def _swa_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, key_tiles_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, do_scale_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, key_tiles_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh,
     head_dim, window, qk_scale, scale,
     HQ: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_DO_SCALE: tl.constexpr,
 ):
+    # With HAS_DO_SCALE the gradient of o is do * do_scale[query row]: the factor scales the columns of P^T
+    # before P^T.do (dv) and of dP^T = v.do^T (dk), so the scaled do is never formed.
     kt = tl.program_id(0)
     g = tl.program_id(1)
     k_row0 = tl.load(key_tiles_ptr + kt * 4)
@@ -211,8 +241,13 @@ def _swa_bwd_dkdv_kernel(
             & (k_row[:, None] <= t_row[None, :]) & (k_row[:, None] > t_row[None, :] - window)
         )
         p_t = tl.where(allowed, tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
         dp_t = tl.dot(vb, tl.trans(do), input_precision=DOT_PREC)
+        if HAS_DO_SCALE:
+            do_scale = tl.load(do_scale_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0).to(tl.float32)
+            dv += tl.dot((p_t * do_scale[None, :]).to(do.dtype), do, input_precision=DOT_PREC)
+            dp_t = dp_t * do_scale[None, :]
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PREC)
 
@@ -232,6 +267,37 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window_size: int
         raise ValueError(f"window attention: window_size must be positive, got {window_size}")
 
 
+def _launch_fwd(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window_size: int, scale: float, mode: int,
+    o: Tensor, lse: Tensor, g_in: Tensor | None, gate: Tensor | None, do: Tensor | None, dot: Tensor | None,
+    tile_rows: int, key_step: int, num_warps: int | None, num_stages: int | None,
+) -> None:
+    """Launch `_swa_fwd_kernel` in `mode` (see the kernel); o is the output buffer (mode 0/1) or do (mode 2)."""
+    total, heads_q, head_dim = q.shape
+    group = heads_q // k.shape[1]
+    block_m, bt = _rows(group, tile_rows)
+    tiles = tiles_of(cu_seqlens, bt)
+    warps, stages = _launch_config(block_m, head_dim)
+    out = do if mode == 2 else o
+    _swa_fwd_kernel[(tiles.shape[0], k.shape[1])](
+        q, k, v, o, lse, tiles,
+        g_in if g_in is not None else lse, gate if gate is not None else lse,
+        do if do is not None else q, dot if dot is not None else lse,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), head_dim, window_size, scale * LOG2E,
+        HQ=heads_q, G=group, BLOCK_M=block_m, BLOCK_N=key_step, BLOCK_D=max(16, next_pow2(head_dim)),
+        DOT_PREC=dot_precision(q), MODE=mode, HAS_G_IN=g_in is not None,
+        num_warps=num_warps or warps, num_stages=num_stages or stages,
+    )
+
+
+def _row_stat(x: Tensor, total: int, heads_q: int, name: str) -> Tensor:
+    """x [T, HQ] as a contiguous tensor (the kernels index it as t * HQ + h)."""
+    if x.shape != (total, heads_q):
+        raise ValueError(f"window attention: {name} must be [T, HQ] = {(total, heads_q)}, got {tuple(x.shape)}")
+    return x.contiguous()
+
+
 def window_attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -244,6 +310,9 @@ def window_attention_fwd(
     key_step: int = KEY_STEP,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    fold_into: Tensor | None = None,
+    fold_scale: Tensor | None = None,
+    gate: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal sliding-window attention.
 
@@ -252,51 +321,97 @@ def window_attention_fwd(
         window_size: keys per query (the query's own position included); scale: softmax scale.
         tile_rows, key_step, num_warps, num_stages: query rows per program, keys per inner step, launch
             settings (tuning; defaults measured on an H100).
+        fold_into: optional [T, HQ, D] (unit last stride) holding another branch's output. Then o_swa is not
+            stored: fold_into <- fold_scale * fold_into + gate * o_swa in place (float32 sum, rounded once to
+            fold_into's dtype) and returned in o's place. fold_scale [T, HQ] may be None (factor 1); gate
+            [T, HQ] is required with fold_into. This is how the lean NSA forward adds the gated window
+            branch without a [T, HQ, D] temporary.
 
     Returns:
-        o [T, HQ, D] in q's dtype and lse float32 [T, HQ].
+        o [T, HQ, D] in q's dtype (or fold_into, updated) and lse float32 [T, HQ].
     """
     _check(q, k, v, cu_seqlens, window_size)
     q, k, v = kernel_input(q), kernel_input(k), kernel_input(v)
-    total, heads_q, head_dim = q.shape
-    group = heads_q // k.shape[1]
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    total, heads_q, _ = q.shape
     lse = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
+    if fold_into is None:
+        if gate is not None or fold_scale is not None:
+            raise ValueError("window attention: gate / fold_scale are only used with fold_into")
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        mode, g_in = 0, None
+    else:
+        if fold_into.shape != q.shape or fold_into.stride(-1) != 1:
+            raise ValueError(f"window attention: fold_into must be [T, HQ, D] = {tuple(q.shape)} with a unit "
+                             f"last stride, got {tuple(fold_into.shape)}")
+        if gate is None:
+            raise ValueError("window attention: fold_into needs gate")
+        o, mode = fold_into, 1
+        gate = _row_stat(gate, total, heads_q, "gate")
+        g_in = None if fold_scale is None else _row_stat(fold_scale, total, heads_q, "fold_scale")
     if total == 0:
         return o, lse
-    block_m, bt = _rows(group, tile_rows)
-    tiles = tiles_of(cu_seqlens, bt)
-    warps, stages = _launch_config(block_m, head_dim)
-    _swa_fwd_kernel[(tiles.shape[0], k.shape[1])](
-        q, k, v, o, lse, tiles,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), head_dim, window_size, scale * LOG2E,
-        HQ=heads_q, G=group, BLOCK_M=block_m, BLOCK_N=key_step, BLOCK_D=max(16, next_pow2(head_dim)),
-        DOT_PREC=dot_precision(q),
-        num_warps=num_warps or warps, num_stages=num_stages or stages,
-    )
+    _launch_fwd(q, k, v, cu_seqlens, window_size, scale, mode, o, lse, g_in, gate, None, None,
+                tile_rows, key_step, num_warps, num_stages)
     return o, lse
+
+
+def window_attention_delta(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    cu_seqlens: Tensor,
+    window_size: int,
+    scale: float,
+    *,
+    tile_rows: int = QUERY_ROWS,
+    key_step: int = KEY_STEP,
+) -> Tensor:
+    """sum_d do * o_swa per row, float32 [T, HQ], without o_swa in memory.
+
+    o_swa is rebuilt tile by tile with the forward's loop (in float32, not rounded to q's dtype) and dotted
+    with do; lse (float32 [T, HQ], from the forward) is accepted for the interface's symmetry with the other
+    branches but the rebuild recomputes its own softmax statistics, so it is only shape-checked.
+    Args as in `window_attention_fwd`; do [T, HQ, D] is the gradient of o_swa (or of the gated sum).
+    """
+    _check(q, k, v, cu_seqlens, window_size)
+    q, k, v, do = kernel_input(q), kernel_input(k), kernel_input(v), kernel_input(do)
+    total, heads_q, _ = q.shape
+    if do.shape != q.shape:
+        raise ValueError(f"window attention: do must have q's shape {tuple(q.shape)}, got {tuple(do.shape)}")
+    _row_stat(lse, total, heads_q, "lse")
+    dot = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
+    if total:
+        _launch_fwd(q, k, v, cu_seqlens, window_size, scale, 2, do, dot, None, None, do, dot,
+                    tile_rows, key_step, None, None)
+    return dot
 
 
 def launch_dq(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, cu_seqlens: Tensor,
     window_size: int, scale: float, tile_rows: int = QUERY_ROWS, key_step: int = KEY_STEP,
-    num_warps: int | None = None, num_stages: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, *,
+    do_scale: Tensor | None = None, dq: Tensor | None = None,
 ) -> Tensor:
-    """The dq kernel (inputs already checked; lse, delta float32 [T, HQ] contiguous). Returns dq [T, HQ, D]."""
+    """The dq kernel (inputs already checked; lse, delta float32 [T, HQ] contiguous; do_scale [T, HQ]
+    contiguous or None). Returns dq [T, HQ, D]: a new tensor, or the given `dq` (unit last stride) with the
+    window's dq added in place."""
     heads_q, head_dim = q.shape[1], q.shape[2]
     heads_kv = k.shape[1]
     group = heads_q // heads_kv
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    accumulate = dq is not None
+    if dq is None:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     block_m, bt = _rows(group, tile_rows)
     tiles = tiles_of(cu_seqlens, bt)
     warps, stages = _launch_config(block_m, head_dim)
     _swa_bwd_dq_kernel[(tiles.shape[0], heads_kv)](
-        q, k, v, do, lse, delta, dq, tiles,
+        q, k, v, do, do if do_scale is None else do_scale, lse, delta, dq, tiles,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), head_dim, window_size, scale * LOG2E, scale,
         HQ=heads_q, G=group, BLOCK_M=block_m, BLOCK_N=key_step, BLOCK_D=max(16, next_pow2(head_dim)),
-        DOT_PREC=dot_precision(q),
+        DOT_PREC=dot_precision(q), HAS_DO_SCALE=do_scale is not None, ACCUMULATE=accumulate,
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return dq
@@ -305,9 +420,9 @@ def launch_dq(
 def launch_dkdv(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, cu_seqlens: Tensor,
     window_size: int, scale: float, rows: int = DKDV_ROWS, key_step: int = KEY_STEP,
-    num_warps: int | None = None, num_stages: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, *, do_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The dk/dv kernel (key-tile-major, no atomics). Returns dk, dv [T, HKV, D]."""
+    """The dk/dv kernel (key-tile-major, no atomics; do_scale as in `launch_dq`). Returns dk, dv [T, HKV, D]."""
     heads_q, head_dim = q.shape[1], q.shape[2]
     heads_kv = k.shape[1]
     group = heads_q // heads_kv
@@ -317,11 +432,11 @@ def launch_dkdv(
     key_tiles = tiles_of(cu_seqlens, key_step)
     warps, stages = _launch_config(block_m, head_dim)
     _swa_bwd_dkdv_kernel[(key_tiles.shape[0], heads_kv)](
-        q, k, v, do, lse, delta, dk, dv, key_tiles,
+        q, k, v, do, do if do_scale is None else do_scale, lse, delta, dk, dv, key_tiles,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), head_dim, window_size, scale * LOG2E, scale,
         HQ=heads_q, G=group, BT=bt, BLOCK_M=block_m, BLOCK_N=key_step, BLOCK_D=max(16, next_pow2(head_dim)),
-        DOT_PREC=dot_precision(q),
+        DOT_PREC=dot_precision(q), HAS_DO_SCALE=do_scale is not None,
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return dk, dv
@@ -331,7 +446,7 @@ def window_attention_bwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    o: Tensor,
+    o: Tensor | None,
     lse: Tensor,
     do: Tensor,
     cu_seqlens: Tensor,
@@ -341,25 +456,51 @@ def window_attention_bwd(
     tile_rows: int = QUERY_ROWS,
     key_step: int = KEY_STEP,
     dkdv_rows: int = DKDV_ROWS,
+    delta: Tensor | None = None,
+    do_scale: Tensor | None = None,
+    dq: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `window_attention_fwd`.
 
     Args:
         q, k, v, cu_seqlens, window_size, scale: as in the forward; o [T, HQ, D], lse float32 [T, HQ]: its
-            outputs; do [T, HQ, D]: gradient of o. tile_rows, key_step, dkdv_rows: tuning.
+            outputs (o may be None when delta is given); do [T, HQ, D]: gradient of o, or (with do_scale) the
+            gradient before a per-row factor. tile_rows, key_step, dkdv_rows: tuning.
+        delta: float32 [T, HQ] = sum_d o * (gradient of o), if the caller has it (else computed from o).
+        do_scale: [T, HQ] (any float dtype) or None. When given, the gradient of o is do * do_scale[..., None]
+            (a gate times the gated sum's gradient); the kernels apply the factor to their float32 products
+            (dP = do.v^T and P before P^T.do), so the scaled do is never stored nor rounded.
+        dq: optional [T, HQ, D] accumulator (unit last stride, e.g. the selection branch's dq): the window's
+            dq is added to it in place (float32 sum, rounded once) and it is returned.
 
     Returns:
-        dq [T, HQ, D] (q's dtype), dk, dv [T, HKV, D] (k's dtype). Deterministic: no atomics.
+        dq [T, HQ, D] (q's dtype, or the given dq), dk, dv [T, HKV, D] (k's dtype). Deterministic: no atomics.
     """
     _check(q, k, v, cu_seqlens, window_size)
     q, k, v, do = kernel_input(q), kernel_input(k), kernel_input(v), kernel_input(do)
-    if q.shape[0] == 0:
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    total, heads_q, _ = q.shape
+    if dq is not None and (dq.shape != q.shape or dq.stride(-1) != 1):
+        raise ValueError(f"window attention: dq must be [T, HQ, D] = {tuple(q.shape)} with a unit last stride")
+    if total == 0:
+        return (torch.empty_like(q) if dq is None else dq), torch.empty_like(k), torch.empty_like(v)
     lse = lse.float().contiguous()
-    delta = row_dot(o, do)
-    dq = launch_dq(q, k, v, do, lse, delta, cu_seqlens, window_size, scale, tile_rows, key_step)
-    dk, dv = launch_dkdv(q, k, v, do, lse, delta, cu_seqlens, window_size, scale, dkdv_rows, key_step)
+    if do_scale is not None:
+        do_scale = _row_stat(do_scale, total, heads_q, "do_scale")
+    if delta is None:
+        if o is None:
+            raise ValueError("window attention: o or delta is needed for the backward")
+        delta = row_dot(o, do)
+        if do_scale is not None:
+            delta = delta * do_scale.float()
+    else:
+        delta = _row_stat(delta, total, heads_q, "delta").float()
+    dq = launch_dq(q, k, v, do, lse, delta, cu_seqlens, window_size, scale, tile_rows, key_step,
+                   do_scale=do_scale, dq=dq)
+    dk, dv = launch_dkdv(q, k, v, do, lse, delta, cu_seqlens, window_size, scale, dkdv_rows, key_step,
+                         do_scale=do_scale)
     return dq, dk, dv
 
 
-__all__ = ["launch_dkdv", "launch_dq", "window_attention_bwd", "window_attention_fwd"]
+__all__ = [
+    "launch_dkdv", "launch_dq", "window_attention_bwd", "window_attention_delta", "window_attention_fwd",
+]
