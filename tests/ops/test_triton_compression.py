@@ -123,6 +123,63 @@ def case_compression(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, s
     assert _rel(acc - base, dq.float()) < (1e-5 if dt == torch.float32 else 2e-3)
 
 
+def case_compression_scaled(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, seed=0):
+    """Backward with do_scale (the gated upstream gradient, never materialised) and the o-free delta kernel.
+
+    The reference differentiates sum(o_cmp * do * do_scale) in float64; the kernels get do and do_scale apart.
+    """
+    import torch
+
+    from videonsa.ops.triton.compression import (
+        compressed_attention_bwd,
+        compressed_attention_delta,
+        compressed_attention_fwd,
+        mean_pool_bwd,
+        mean_pool_fwd,
+    )
+
+    q, k, v, do, cu, dt = _inputs(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    do_scale = torch.rand(q.shape[:2], generator=gen, dtype=torch.float64) * 2 - 0.5  # signs and magnitudes vary
+    do_scale = do_scale.to(dt).double()
+    do = do.to(dt).double()
+    scale = head_dim**-0.5
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    ref = _reference(qr, kr, vr, cu, block_size, 1, 0, 1, scale)
+    (ref.o_cmp[0] * do * do_scale[:, :, None]).sum().backward()
+    ref_o = ref.o_cmp[0].detach()
+    tol = 1e-6 if dt == torch.float32 else 2e-3
+
+    k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k.to(dt), v.to(dt), cu, block_size)
+    o, lse = compressed_attention_fwd(q.to(dt), k_cmp, v_cmp, cu, cu_cmp, block_size, scale)
+    finite = torch.isfinite(lse)
+    assert not finite.all(), "test needs rows that see no block"
+
+    # Delta from the recomputed o_cmp, plain and scaled, against float64 sum_d o_cmp * do.
+    want = (ref_o * do).sum(-1)
+    delta = compressed_attention_delta(q.to(dt), k_cmp, v_cmp, lse, do.to(dt), cu, cu_cmp, block_size, scale)
+    assert delta.dtype == torch.float32 and delta.shape == want.shape
+    assert torch.all(delta[~finite] == 0), "rows that see nothing give 0"
+    assert _rel(delta, want) < tol, ("delta", _rel(delta, want))
+    scaled = compressed_attention_delta(q.to(dt), k_cmp, v_cmp, lse, do.to(dt), cu, cu_cmp, block_size, scale,
+                                        do_scale=do_scale.to(dt))
+    assert _rel(scaled, want * do_scale) < tol, ("scaled delta", _rel(scaled, want * do_scale))
+
+    # Backward with do_scale: once computing delta itself (from o), once with the delta kernel's (o not given).
+    for name, kwargs in (("own delta", dict(delta=None)), ("given delta", dict(delta=scaled))):
+        o_arg = o if kwargs["delta"] is None else None
+        dq, dk_cmp, dv_cmp = compressed_attention_bwd(
+            q.to(dt), k_cmp, v_cmp, o_arg, lse, do.to(dt), cu, cu_cmp, block_size, scale,
+            do_scale=do_scale.to(dt), **kwargs,
+        )
+        dk = torch.zeros(k.shape, dtype=torch.float32)
+        dv = torch.zeros(v.shape, dtype=torch.float32)
+        mean_pool_bwd(dk_cmp, dv_cmp, dk, dv, cu, cu_cmp, block_size)
+        for grad, got, ref_grad in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
+            assert torch.isfinite(got).all(), (name, grad)
+            assert _rel(got, ref_grad) < 2 * tol, (name, grad, _rel(got, ref_grad))
+
+
 def _check_selection(indices, q, k, cu, lse, block_size, block_count, init_blocks, local_blocks, scale, tol):
     """indices int32 [T, HKV, S] is a valid top-k choice: format, forced blocks, and optimal up to `tol`.
 
@@ -235,6 +292,18 @@ def case_topk_ties(block_count, seed=0):
 )
 def test_compression_matches_reference(params):
     run_interpreted("case_compression", **params)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(seq_lens=[37, 100, 5], heads_q=14, heads_kv=2, head_dim=32, block_size=16, dtype="float32"),
+        dict(seq_lens=[70, 64], heads_q=3, heads_kv=3, head_dim=24, block_size=8, dtype="float16"),
+    ],
+    ids=["7to1-fp32-varlen", "1to1-fp16-d24"],
+)
+def test_compression_do_scale_and_delta(params):
+    run_interpreted("case_compression_scaled", **params)
 
 
 @pytest.mark.parametrize(

@@ -229,6 +229,54 @@ def _cmp_fwd_kernel(
 
 
 @triton.jit
+def _cmp_delta_kernel(
+    q_ptr, kc_ptr, vc_ptr, lse_ptr, do_ptr, dos_ptr, delta_ptr, cu_ptr, cuc_ptr, tiles_ptr, qk_scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BLOCK: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
+    DO_SCALE: tl.constexpr,
+):
+    # The forward kernel's loop with the saved lse in place of the online max/sum (p is final at once, so no
+    # rescaling), and an epilogue that dots o_cmp with do instead of storing o_cmp.
+    tile = tl.program_id(0)
+    g = tl.program_id(1)
+    seq = tl.load(tiles_ptr + 2 * tile)
+    start = tl.load(tiles_ptr + 2 * tile + 1)
+    bos = tl.load(cu_ptr + seq).to(tl.int64)
+    seq_len = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int32)
+    cbos = tl.load(cuc_ptr + seq).to(tl.int64)
+
+    r = tl.arange(0, BM)
+    pos = start + r // G
+    head = g * G + r % G
+    row_ok = (r < BT * G) & (pos < seq_len)
+    d = tl.arange(0, BD)
+    d_ok = d < D
+    row_off = (bos + pos).to(tl.int64) * (HQ * D) + head * D
+    q = tl.load(q_ptr + row_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    stat_off = (bos + pos).to(tl.int64) * HQ + head
+    lse2 = tl.load(lse_ptr + stat_off, mask=row_ok, other=0.0) * 1.4426950408889634
+    n_visible = tl.where(row_ok, (pos + 1) // BLOCK, 0)  # rows with lse = -inf see nothing: p masked to 0
+    n_loop = tl.minimum(start + BT, seq_len) // BLOCK
+
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    for j0 in range(0, n_loop, BC):
+        j = j0 + tl.arange(0, BC)
+        kv_off = (cbos + j).to(tl.int64) * (HKV * D) + g * D
+        j_ok = j < n_loop
+        kt = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=j_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        p = tl.where(j[None, :] < n_visible[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+        vc = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
+
+    do = tl.load(do_ptr + row_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    delta = tl.sum(acc * do.to(tl.float32), axis=1)
+    if DO_SCALE:
+        delta = delta * tl.load(dos_ptr + stat_off, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + stat_off, delta, mask=row_ok)
+
+
+@triton.jit
 def _row_dot_kernel(a_ptr, b_ptr, out_ptr, n_rows, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
     # out[row] = sum_d a[row, d] * b[row, d] in float32 (the softmax-backward "delta").
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
@@ -242,10 +290,10 @@ def _row_dot_kernel(a_ptr, b_ptr, out_ptr, n_rows, D: tl.constexpr, BD: tl.const
 
 @triton.jit
 def _cmp_bwd_dq_kernel(
-    q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr, cuc_ptr, tiles_ptr, qk_scale, scale,
+    q_ptr, kc_ptr, vc_ptr, do_ptr, dos_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr, cuc_ptr, tiles_ptr, qk_scale, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DO_SCALE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     g = tl.program_id(1)
@@ -266,6 +314,11 @@ def _cmp_bwd_dq_kernel(
     q = tl.load(q_ptr + row_off[:, None] + d[None, :], mask=tile_mask, other=0.0)
     do = tl.load(do_ptr + row_off[:, None] + d[None, :], mask=tile_mask, other=0.0)
     stat_off = (bos + pos).to(tl.int64) * HQ + head
+    if DO_SCALE:
+        # The caller's upstream gradient is do * do_scale (e.g. the gate times the operator's do): scaled here
+        # in float32 and rounded like a loaded operand, so the scaled tensor never exists in memory.
+        dos = tl.load(dos_ptr + stat_off, mask=row_ok, other=0.0).to(tl.float32)
+        do = (do.to(tl.float32) * dos[:, None]).to(do_ptr.dtype.element_ty)
     lse2 = tl.load(lse_ptr + stat_off, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + stat_off, mask=row_ok, other=0.0)
     n_visible = tl.where(row_ok, (pos + 1) // BLOCK, 0)
@@ -297,10 +350,11 @@ def _cmp_bwd_dq_kernel(
 
 @triton.jit
 def _cmp_bwd_dkv_kernel(
-    q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dkc_ptr, dvc_ptr, cu_ptr, cuc_ptr, ktiles_ptr,
+    q_ptr, kc_ptr, vc_ptr, do_ptr, dos_ptr, lse_ptr, delta_ptr, dkc_ptr, dvc_ptr, cu_ptr, cuc_ptr, ktiles_ptr,
     qk_scale, scale, seg_len, total_blocks,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BKC: tl.constexpr, PREC: tl.constexpr,
+    DO_SCALE: tl.constexpr,
 ):
     # One program: BKC compressed blocks of one sequence and KV head, against the queries of segment `seg`
     # of that sequence; writes its partial dK~, dV~ to slot `seg` of the [n_seg, total_NB, HKV, D] buffers.
@@ -340,6 +394,9 @@ def _cmp_bwd_dkv_kernel(
         q = tl.load(q_ptr + row_off[:, None] + d[None, :], mask=tile_mask, other=0.0)
         do = tl.load(do_ptr + row_off[:, None] + d[None, :], mask=tile_mask, other=0.0)
         stat_off = (bos + pos).to(tl.int64) * HQ + head
+        if DO_SCALE:
+            dos = tl.load(dos_ptr + stat_off, mask=row_ok, other=0.0).to(tl.float32)
+            do = (do.to(tl.float32) * dos[:, None]).to(do_ptr.dtype.element_ty)
         lse2 = tl.load(lse_ptr + stat_off, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + stat_off, mask=row_ok, other=0.0)
         n_visible = tl.where(row_ok, (pos + 1) // BLOCK, 0)
@@ -423,11 +480,53 @@ def row_dot(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+def compressed_attention_delta(
+    q: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    cu_seqlens: Tensor,
+    cu_cmp: Tensor,
+    block_size: int,
+    scale: float,
+    do_scale: Tensor | None = None,
+) -> Tensor:
+    """The compression backward's softmax delta without o_cmp in memory: sum_d o_cmp * do (times do_scale).
+
+    o_cmp is recomputed tile by tile from the saved lse (one q.K~ and one P.V~ product per step, as in the
+    forward) and never written.
+
+    Args:
+        q, do: [total_T, HQ, D]; k_cmp, v_cmp: [total_NB, HKV, D]; lse: float32 [total_T, HQ] from
+            `compressed_attention_fwd` with the same scale; cu_seqlens, cu_cmp: int32 [N+1].
+        do_scale: optional [total_T, HQ] (any float dtype); the result is multiplied by it.
+    Returns:
+        float32 [total_T, HQ]; 0 for rows that see no compressed block.
+    """
+    total, heads_q, head_dim = q.shape
+    heads_kv = k_cmp.shape[1]
+    group = heads_q // heads_kv
+    delta = torch.empty(total, heads_q, dtype=torch.float32, device=q.device)
+    cfg = CONFIG["fwd"]
+    bt, bm = _query_tile(group, cfg["rows"] if head_dim <= 128 else 64)
+    tiles = query_tiles(cu_seqlens, bt)
+    do = do.contiguous()
+    dos = do_scale.contiguous() if do_scale is not None else delta
+    _cmp_delta_kernel[(tiles.shape[0], heads_kv)](
+        q, k_cmp, v_cmp, lse, do, dos, delta, cu_seqlens, cu_cmp, tiles, scale * LOG2E,
+        HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=_pow2(max(head_dim, 16)),
+        BLOCK=block_size, BT=bt, BM=bm, BC=cfg["keys"], PREC=_dot_precision(q.dtype),
+        DO_SCALE=do_scale is not None, num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )
+    return delta
+
+
 def compressed_attention_bwd(
     q: Tensor,
     k_cmp: Tensor,
     v_cmp: Tensor,
-    o: Tensor,
+    o: Tensor | None,
     lse: Tensor,
     do: Tensor,
     cu_seqlens: Tensor,
@@ -436,21 +535,30 @@ def compressed_attention_bwd(
     scale: float,
     dq: Tensor | None = None,
     delta: Tensor | None = None,
+    do_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `compressed_attention_fwd`.
 
     Args:
         q, o, do: [total_T, HQ, D]; k_cmp, v_cmp: [total_NB, HKV, D]; lse: float32 [total_T, HQ].
+            `o` is only read to compute a missing delta (pass None with a delta).
         dq: optional [total_T, HQ, D] accumulator; dq_cmp is added in place (float32 sum), and it is returned.
-        delta: optional float32 [total_T, HQ] = sum_d do * o when the caller already has it.
+        delta: optional float32 [total_T, HQ] = sum_d do' * o when the caller already has it (do' below).
+        do_scale: optional [total_T, HQ] (any float dtype): the upstream gradient is then
+            do'[t, h, :] = do[t, h, :] * do_scale[t, h] (product in float32, rounded to do's dtype where it
+            feeds a matrix product), never materialised; a missing delta is do_scale * sum_d o * do.
     Returns:
         dq [total_T, HQ, D] (q's dtype unless `dq` was given), dk_cmp and dv_cmp float32 [total_NB, HKV, D].
     """
     total, heads_q, head_dim = q.shape
     total_blocks, heads_kv, _ = k_cmp.shape
     group = heads_q // heads_kv
+    do = do.contiguous()
     if delta is None:
         delta = row_dot(do, o)
+        if do_scale is not None:
+            delta = delta * do_scale.float()
+    dos = do_scale.contiguous() if do_scale is not None else delta
     accumulate = dq is not None
     if dq is None:
         dq = torch.empty_like(q)
@@ -460,9 +568,10 @@ def compressed_attention_bwd(
     bt, bm = _query_tile(group, cfg["rows"] if head_dim <= 128 else 64)
     tiles = query_tiles(cu_seqlens, bt)
     _cmp_bwd_dq_kernel[(tiles.shape[0], heads_kv)](
-        q, k_cmp, v_cmp, do, lse, delta, dq, cu_seqlens, cu_cmp, tiles, scale * LOG2E, scale,
+        q, k_cmp, v_cmp, do, dos, lse, delta, dq, cu_seqlens, cu_cmp, tiles, scale * LOG2E, scale,
         HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=bd,
         BLOCK=block_size, BT=bt, BM=bm, BC=cfg["keys"], PREC=prec, ACCUMULATE=accumulate,
+        DO_SCALE=do_scale is not None,
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
 
@@ -480,10 +589,10 @@ def compressed_attention_bwd(
         bkc = cfg["keys"]
         ktiles = query_tiles(cu_cmp, bkc)
         _cmp_bwd_dkv_kernel[(ktiles.shape[0], n_seg, heads_kv)](
-            q, k_cmp, v_cmp, do, lse, delta, dk_parts, dv_parts, cu_seqlens, cu_cmp, ktiles,
+            q, k_cmp, v_cmp, do, dos, lse, delta, dk_parts, dv_parts, cu_seqlens, cu_cmp, ktiles,
             scale * LOG2E, scale, seg_len, total_blocks,
             HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=bd,
-            BLOCK=block_size, BT=bt_kv, BM=bm_kv, BKC=bkc, PREC=prec,
+            BLOCK=block_size, BT=bt_kv, BM=bm_kv, BKC=bkc, PREC=prec, DO_SCALE=do_scale is not None,
             num_warps=cfg["warps"], num_stages=cfg["stages"],
         )
     if n_seg == 1:
@@ -493,6 +602,7 @@ def compressed_attention_bwd(
 
 __all__ = [
     "compressed_attention_bwd",
+    "compressed_attention_delta",
     "compressed_attention_fwd",
     "compressed_cu_seqlens",
     "mean_pool_bwd",
