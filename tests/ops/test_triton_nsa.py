@@ -189,11 +189,84 @@ def case_operator(batch, seq_lens, heads_q, heads_kv, head_dim, dtype, settings,
     )
     print(json.dumps(errors))
 
-    # The dispatcher reaches the same (deterministic) kernels: TRITON_INTERPRET=1 makes "auto" pick Triton.
+    # The dispatcher reaches the same (deterministic) kernels: TRITON_INTERPRET=1 makes "auto" pick Triton,
+    # and its o-only call takes the lean path.
     from videonsa.ops import nsa_attention
+    from videonsa.ops.triton_nsa import nsa_attention_triton
 
     with torch.no_grad():
-        assert torch.equal(nsa_attention(**x, **settings), parts.o)
+        assert torch.equal(nsa_attention(**x, **settings), nsa_attention_triton(**x, **settings))
+
+
+def saved_by_lean(x, settings):
+    """Run nsa_attention_triton on leaves of x, recording every tensor autograd saves; returns (o, saved)."""
+    from videonsa.ops.triton_nsa import nsa_attention_triton
+
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    leaves = {n: v.clone().requires_grad_() for n, v in x.items()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        o = nsa_attention_triton(**leaves, **settings)
+    return leaves, o, saved
+
+
+def case_lean(batch, seq_lens, heads_q, heads_kv, head_dim, dtype, settings, seed=0):
+    """The lean path (`nsa_attention_triton`) against the reference (o and all six gradients, given the
+    kernel's block choice), against the classic Function (`nsa_parts_triton`), with gradients requested for
+    only some inputs, and what it keeps for the backward (no [T, HQ, D] tensor but o_slc)."""
+    from videonsa.ops import nsa_parts_reference
+    from videonsa.ops.triton_nsa import nsa_attention_triton, nsa_parts_triton
+
+    dt = getattr(torch, dtype)
+    x, do, cu = make_inputs(batch, seq_lens, heads_q, heads_kv, head_dim, settings["block_size"], dt, "cpu", seed)
+    settings = dict(settings, cu_seqlens=cu, scale=None)
+    (fwd_tol, grad_tol), _ = TOLS[dtype]
+    upstream = do.to(dt)
+
+    classic = {n: v.clone().requires_grad_() for n, v in x.items()}
+    parts = nsa_parts_triton(**classic, **settings)
+    (parts.o * upstream).sum().backward()
+    ref_in = {n: v.detach().double().requires_grad_() for n, v in x.items()}
+    ref = nsa_parts_reference(**ref_in, **settings, block_indices=parts.block_indices)
+    (ref.o * do).sum().backward()
+
+    lean, o, saved = saved_by_lean(x, settings)
+    (o * upstream).sum().backward()
+    assert o.dtype == dt and o.shape == x["q"].shape and torch.isfinite(o).all()
+    errors = {"o": _rel(o, ref.o), "o_vs_classic": _rel(o, parts.o)}
+    for name in x:
+        grad = lean[name].grad
+        assert grad is not None and grad.dtype == dt and grad.shape == x[name].shape, name
+        assert torch.isfinite(grad).all(), f"grad {name} has NaN/inf"
+        errors["d" + name] = _rel(grad, ref_in[name].grad)
+        errors["d" + name + "_vs_classic"] = _rel(grad, classic[name].grad)
+    print(json.dumps(errors))
+    bad = {n: e for n, e in errors.items() if e > (fwd_tol if n.startswith("o") else grad_tol)}
+    assert not bad, f"errors over tolerance: {bad} (all: {errors})"
+
+    # Saved for the backward: inputs, o_slc, and nothing else of o's size (the issue's memory bound).
+    rows = x["q"].shape[0] * x["q"].shape[1]
+    big = [t for t in saved if t.numel() >= rows * heads_q * head_dim]
+    inputs = {lean[n].data_ptr() for n in x}
+    extra = [t for t in big if t.data_ptr() not in inputs]
+    assert len(extra) == 1, f"lean path saved {len(extra)} [T, HQ, D] tensors: {[tuple(t.shape) for t in extra]}"
+    o_slc = parts.o_slc.detach().reshape(extra[0].shape)
+    torch.testing.assert_close(extra[0], o_slc, atol=0, rtol=0, msg="the saved [T, HQ, D] tensor is not o_slc")
+
+    # Gradients for only some inputs: those and nothing else, equal to the full run's.
+    for wanted in (("g_cmp", "g_slc", "g_swa"), ("k",), ("q", "g_swa"), ("v", "g_cmp")):
+        leaves = {n: v.clone().requires_grad_(n in wanted) for n, v in x.items()}
+        (nsa_attention_triton(**leaves, **settings) * upstream).sum().backward()
+        for name in x:
+            if name in wanted:
+                torch.testing.assert_close(leaves[name].grad, lean[name].grad, atol=0, rtol=0,
+                                           msg=f"{name} with grads for {wanted}")
+            else:
+                assert leaves[name].grad is None, name
 
 
 def test_operator_rejects_bad_inputs():
@@ -226,6 +299,21 @@ def test_operator_rejects_bad_inputs():
 )
 def test_operator_matches_reference(params):
     run_interpreted("case_operator", **params)
+
+
+LEAN_CASES = [
+    # 7:1, packed sequences of lengths that are not multiples of the block, fp16.
+    dict(batch=None, seq_lens=[83, 37, 9], heads_q=7, heads_kv=1, head_dim=32, dtype="float16",
+         settings=dict(block_size=16, block_count=3, window_size=24, init_blocks=1, local_blocks=1)),
+    # 1:1, a plain batch of two, float32.
+    dict(batch=[2, 50], seq_lens=None, heads_q=2, heads_kv=2, head_dim=16, dtype="float32",
+         settings=dict(block_size=16, block_count=2, window_size=20, init_blocks=0, local_blocks=1)),
+]
+
+
+@pytest.mark.parametrize("params", LEAN_CASES, ids=["7to1-fp16-varlen", "1to1-fp32-batch2"])
+def test_lean_path(params):
+    run_interpreted("case_lean", **params)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,14 +27,15 @@ from videonsa.ops.common import NSAConfig, NSAParts, check_inputs, sequence_span
 from videonsa.ops.triton.compression import (
     _pow2,
     compressed_attention_bwd,
+    compressed_attention_delta,
     compressed_attention_fwd,
     mean_pool_bwd,
     mean_pool_fwd,
 )
 from videonsa.ops.triton.packing import pack
-from videonsa.ops.triton.selection import selected_attention_bwd, selected_attention_fwd
+from videonsa.ops.triton.selection import row_dot, selected_attention_bwd, selected_attention_fwd
 from videonsa.ops.triton.topk import select_blocks_topk
-from videonsa.ops.triton.window import window_attention_bwd, window_attention_fwd
+from videonsa.ops.triton.window import window_attention_bwd, window_attention_delta, window_attention_fwd
 
 # ----------------------------------------------------------------------------------------------------------
 # Gated sum
@@ -129,6 +130,34 @@ def gate_bwd(
     return (*grads, *gate_grads, delta)
 
 
+@triton.jit
+def _gate_fold_kernel(o_ptr, x_ptr, g_ptr, n_rows, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    # o <- o + g * x per row, in float32, rounded once to o's dtype.
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    d = tl.arange(0, BD)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (d[None, :] < D)
+    offs = rows[:, None] * D + d[None, :]
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    o += g[:, None] * tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(o_ptr + offs, o.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def gate_fold_(o: Tensor, x: Tensor, g: Tensor) -> Tensor:
+    """o += g[..., None] * x in place (float32 sum, one rounding); o, x [total_T, HQ, D] contiguous, g [total_T, HQ]."""
+    total, heads, head_dim = o.shape
+    if not (o.is_contiguous() and x.is_contiguous() and x.shape == o.shape and g.shape == o.shape[:2]):
+        raise ValueError(f"gate_fold_: contiguous o, x {tuple(o.shape)} and g {tuple(o.shape[:2])} expected")
+    n_rows = total * heads
+    if n_rows:
+        br = _gate_rows(head_dim)
+        _gate_fold_kernel[(triton.cdiv(n_rows, br),)](
+            o, x, g.contiguous(), n_rows, D=head_dim, BD=_pow2(head_dim), BR=br, num_warps=4
+        )
+    return o
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Autograd
 
@@ -203,8 +232,105 @@ class _NSAFunction(torch.autograd.Function):
         return dq, dk, dv, dg_cmp, dg_slc, dg_swa, None, None, None
 
 
+class _NSALeanFunction(torch.autograd.Function):
+    """Packed NSA returning o alone, with at most one [total_T, HQ, D] tensor kept besides inputs and o.
+
+    q [total_T, HQ, D], k/v [total_T, HKV, D], gates [total_T, HQ]. Working memory (issue 5: <= 2 GB at 128K):
+
+    * Forward: the compression output's buffer becomes o; the window kernel folds g_swa * o_swa into it
+      (o <- g_cmp * o_cmp + g_swa * o_swa, o_swa never stored); then o += g_slc * o_slc. Saved: o_slc (needed
+      for dg_slc and the selection delta, too costly to recompute), the three lse, the block indices and the
+      small pooled keys. Rounding: o_cmp, o_slc, the partial sum and o are each rounded once to q's dtype;
+      the fused gate of `_NSAFunction` rounds o_cmp, o_slc, o_swa and o: the same count.
+    * Backward: every branch needs dg_b = sum_d do * o_b and delta_b = g_b * dg_b. Selection's comes from the
+      saved o_slc, window's and compression's from delta-only kernels that rebuild o_b tile by tile from the
+      inputs and never write it. The branch kernels read do itself and scale it by their gate per row
+      (do_scale), so no do_b is stored; dq is one buffer that the window and compression kernels add into.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, config: NSAConfig, scale: float):
+        b = config.block_size
+        k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, v, cu_seqlens, b)
+        o, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, b, scale)
+        indices = select_blocks_topk(
+            q, k_cmp, lse_cmp, cu_seqlens, cu_cmp, block_size=b, block_count=config.block_count,
+            init_blocks=config.init_blocks, local_blocks=config.local_blocks, scale=scale,
+        )
+        # o holds o_cmp: the window kernel turns it into g_cmp * o_cmp + g_swa * o_swa in place.
+        o, lse_swa = window_attention_fwd(
+            q, k, v, cu_seqlens, config.window_size, scale, fold_into=o, fold_scale=g_cmp, gate=g_swa
+        )
+        o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale)
+        gate_fold_(o, o_slc, g_slc)
+        ctx.save_for_backward(
+            q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, k_cmp, v_cmp, cu_cmp,
+            lse_cmp, indices, o_slc, lse_slc, lse_swa,
+        )
+        ctx.config, ctx.scale = config, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        (q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, k_cmp, v_cmp, cu_cmp,
+         lse_cmp, indices, o_slc, lse_slc, lse_swa) = ctx.saved_tensors
+        config, scale = ctx.config, ctx.scale
+        b, w = config.block_size, config.window_size
+        need = ctx.needs_input_grad
+        need_qkv = any(need[:3])
+        do = do.contiguous()
+        # dg_b = sum_d do * o_b (float32). Computed only where a gate gradient or a branch backward needs it.
+        dg_slc = row_dot(o_slc, do) if (need_qkv or need[4]) else None
+        dg_swa = window_attention_delta(q, k, v, lse_swa, do, cu_seqlens, w, scale) if (need_qkv or need[5]) else None
+        dg_cmp = (
+            compressed_attention_delta(q, k_cmp, v_cmp, lse_cmp, do, cu_seqlens, cu_cmp, b, scale)
+            if (need_qkv or need[3]) else None
+        )
+        dq = dk = dv = None
+        if need_qkv:
+            dq, dk, dv = selected_attention_bwd(
+                q, k, v, None, lse_slc, do, indices, cu_seqlens, b, scale,
+                delta=dg_slc * g_slc.float(), do_scale=g_slc,
+            )
+            dq, dk_w, dv_w = window_attention_bwd(
+                q, k, v, None, lse_swa, do, cu_seqlens, w, scale,
+                delta=dg_swa * g_swa.float(), do_scale=g_swa, dq=dq,
+            )
+            _add_(dk, dk_w)
+            _add_(dv, dv_w)
+            del dk_w, dv_w
+            dq, dk_cmp, dv_cmp = compressed_attention_bwd(
+                q, k_cmp, v_cmp, None, lse_cmp, do, cu_seqlens, cu_cmp, b, scale,
+                dq=dq, delta=dg_cmp * g_cmp.float(), do_scale=g_cmp,
+            )
+            mean_pool_bwd(dk_cmp, dv_cmp, dk, dv, cu_seqlens, cu_cmp, b)
+        gate_grad = lambda dg, g, i: dg.to(g.dtype) if need[i] else None  # noqa: E731
+        return (
+            dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            gate_grad(dg_cmp, g_cmp, 3), gate_grad(dg_slc, g_slc, 4), gate_grad(dg_swa, g_swa, 5),
+            None, None, None,
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Public entry points
+
+
+def _packed_call(q, k, v, g_cmp, g_slc, g_swa, block_size, block_count, window_size, init_blocks, local_blocks,
+                 cu_seqlens, scale):
+    """Validate and pack the public arguments: (packed q, k, v, three gates, cu_seqlens, config, scale)."""
+    check_inputs(q, k, v, g_cmp, g_slc, g_swa)
+    config = NSAConfig(block_size, block_count, window_size, init_blocks, local_blocks)
+    batch, seq_len, heads_q, head_dim = q.shape
+    sequence_spans(cu_seqlens, batch, seq_len)  # validates cu_seqlens
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"nsa_attention: the Triton kernels need a power-of-two block_size >= 16, got {block_size}")
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    qp, cu = pack(q.contiguous(), cu_seqlens)
+    kp, _ = pack(k.contiguous(), cu_seqlens)
+    vp, _ = pack(v.contiguous(), cu_seqlens)
+    gates = [pack(g.contiguous(), cu_seqlens)[0] for g in (g_cmp, g_slc, g_swa)]
+    return qp, kp, vp, *gates, cu, config, scale
 
 
 def nsa_parts_triton(
@@ -226,21 +352,13 @@ def nsa_parts_triton(
     """NSA over q [B, T, HQ, D], k/v [B, T, HKV, D], gates [B, T, HQ] with Triton kernels; every part returned.
 
     Returns `NSAParts`: o, o_cmp, o_slc, o_swa [B, T, HQ, D] in q's dtype (all differentiable),
-    block_indices int32 [B, T, HKV, block_count] and lse_cmp float32 [B, T, HQ].
+    block_indices int32 [B, T, HKV, block_count] and lse_cmp float32 [B, T, HQ]. Keeps every branch output
+    for the backward (about 4x the memory of `nsa_attention_triton`).
     """
-    check_inputs(q, k, v, g_cmp, g_slc, g_swa)
-    config = NSAConfig(block_size, block_count, window_size, init_blocks, local_blocks)
-    batch, seq_len, heads_q, head_dim = q.shape
-    sequence_spans(cu_seqlens, batch, seq_len)  # validates cu_seqlens
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"nsa_attention: the Triton kernels need a power-of-two block_size >= 16, got {block_size}")
-    scale = head_dim**-0.5 if scale is None else float(scale)
-
-    qp, cu = pack(q.contiguous(), cu_seqlens)
-    kp, _ = pack(k.contiguous(), cu_seqlens)
-    vp, _ = pack(v.contiguous(), cu_seqlens)
-    gates = [pack(g.contiguous(), cu_seqlens)[0] for g in (g_cmp, g_slc, g_swa)]
-    o, o_cmp, o_slc, o_swa, indices, lse_cmp = _NSAFunction.apply(qp, kp, vp, *gates, cu, config, scale)
+    args = _packed_call(q, k, v, g_cmp, g_slc, g_swa, block_size, block_count, window_size, init_blocks,
+                        local_blocks, cu_seqlens, scale)
+    o, o_cmp, o_slc, o_swa, indices, lse_cmp = _NSAFunction.apply(*args)
+    batch, seq_len = q.shape[:2]
     out = lambda x: x.view(batch, seq_len, *x.shape[1:])  # noqa: E731
     return NSAParts(out(o), out(o_cmp), out(o_slc), out(o_swa), out(indices), out(lse_cmp))
 
@@ -261,11 +379,15 @@ def nsa_attention_triton(
     cu_seqlens: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
-    """NSA with Triton kernels: o [B, T, HQ, D] in q's dtype (see `videonsa.ops.nsa_attention`)."""
-    return nsa_parts_triton(
-        q, k, v, g_cmp, g_slc, g_swa, block_size=block_size, block_count=block_count, window_size=window_size,
-        init_blocks=init_blocks, local_blocks=local_blocks, cu_seqlens=cu_seqlens, scale=scale,
-    ).o
+    """NSA with Triton kernels: o [B, T, HQ, D] in q's dtype (see `videonsa.ops.nsa_attention`).
+
+    The lean path (`_NSALeanFunction`): besides inputs and o it keeps one [B*T, HQ, D] tensor (o_slc) for the
+    backward, and the backward holds no other such tensor beyond its outputs.
+    """
+    args = _packed_call(q, k, v, g_cmp, g_slc, g_swa, block_size, block_count, window_size, init_blocks,
+                        local_blocks, cu_seqlens, scale)
+    o = _NSALeanFunction.apply(*args)
+    return o.view(q.shape)
 
 
-__all__ = ["gate_bwd", "gate_fwd", "nsa_attention_triton", "nsa_parts_triton"]
+__all__ = ["gate_bwd", "gate_fold_", "gate_fwd", "nsa_attention_triton", "nsa_parts_triton"]
