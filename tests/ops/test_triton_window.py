@@ -104,8 +104,8 @@ def check_lean_interfaces(seq_lens, heads_q, heads_kv, head_dim, window, dtype, 
 
     * forward with fold_into: x <- a * x + b * o_swa in place (and lse as usual);
     * window_attention_delta == sum_d do * o_swa;
-    * backward with o=None, delta and do_scale given, accumulating into a given dq: the result is dq0 plus the
-      gradient of sum(o_swa * do * do_scale), and dk, dv likewise.
+    * backward with o=None, delta and do_scale given, accumulating into given dq, dk, dv: the results are the
+      given values plus the gradients of sum(o_swa * do * do_scale).
     """
     from videonsa.ops.triton.window import window_attention_bwd, window_attention_delta, window_attention_fwd
 
@@ -140,11 +140,15 @@ def check_lean_interfaces(seq_lens, heads_q, heads_kv, head_dim, window, dtype, 
     torch.testing.assert_close(dot.cpu().double(), dot_ref, atol=4 * atol, rtol=4 * atol)
 
     dq_buf = dev(dq0)
+    dk0, dv0 = (torch.randn(k.shape, generator=gen, dtype=torch.float64).to(dtype).double() for _ in range(2))
+    dk_buf, dv_buf = dev(dk0), dev(dv0)
     delta = dot * dev(c).float()
     dq, dk, dv = window_attention_bwd(dev(q), dev(k), dev(v), None, lse, dev(do), dev(cu), window, scale,
-                                      delta=delta, do_scale=dev(c), dq=dq_buf, **kwargs)
+                                      delta=delta, do_scale=dev(c), dq=dq_buf, dk=dk_buf, dv=dv_buf, **kwargs)
     assert dq.data_ptr() == dq_buf.data_ptr(), "dq must be accumulated in place"
-    for name, got, want in (("dq", dq, dq0 + leaves[0].grad), ("dk", dk, leaves[1].grad), ("dv", dv, leaves[2].grad)):
+    assert dk.data_ptr() == dk_buf.data_ptr() and dv.data_ptr() == dv_buf.data_ptr(), "dk/dv in place"
+    for name, got, want in (("dq", dq, dq0 + leaves[0].grad), ("dk", dk, dk0 + leaves[1].grad),
+                            ("dv", dv, dv0 + leaves[2].grad)):
         torch.testing.assert_close(got.cpu().double(), want, atol=2 * atol, rtol=2 * atol, msg=name)
     # o given instead of delta: the same gradients (delta formed inside, scaled by do_scale)
     o_plain, _ = window_attention_fwd(dev(q), dev(k), dev(v), dev(cu), window, scale, **fwd_kwargs)

@@ -245,7 +245,8 @@ class _NSALeanFunction(torch.autograd.Function):
     * Backward: every branch needs dg_b = sum_d do * o_b and delta_b = g_b * dg_b. Selection's comes from the
       saved o_slc, window's and compression's from delta-only kernels that rebuild o_b tile by tile from the
       inputs and never write it. The branch kernels read do itself and scale it by their gate per row
-      (do_scale), so no do_b is stored; dq is one buffer that the window and compression kernels add into.
+      (do_scale), so no do_b is stored; dq, dk, dv are the selection's buffers, which the window kernels (and
+      compression for dq) add into.
     """
 
     @staticmethod
@@ -292,13 +293,10 @@ class _NSALeanFunction(torch.autograd.Function):
                 q, k, v, None, lse_slc, do, indices, cu_seqlens, b, scale,
                 delta=dg_slc * g_slc.float(), do_scale=g_slc,
             )
-            dq, dk_w, dv_w = window_attention_bwd(
+            window_attention_bwd(
                 q, k, v, None, lse_swa, do, cu_seqlens, w, scale,
-                delta=dg_swa * g_swa.float(), do_scale=g_swa, dq=dq,
+                delta=dg_swa * g_swa.float(), do_scale=g_swa, dq=dq, dk=dk, dv=dv,
             )
-            _add_(dk, dk_w)
-            _add_(dv, dv_w)
-            del dk_w, dv_w
             dq, dk_cmp, dv_cmp = compressed_attention_bwd(
                 q, k_cmp, v_cmp, None, lse_cmp, do, cu_seqlens, cu_cmp, b, scale,
                 dq=dq, delta=dg_cmp * g_cmp.float(), do_scale=g_cmp,

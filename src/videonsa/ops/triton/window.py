@@ -199,10 +199,11 @@ def _swa_bwd_dkdv_kernel(
     head_dim, window, qk_scale, scale,
     HQ: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, HAS_DO_SCALE: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_DO_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     # With HAS_DO_SCALE the gradient of o is do * do_scale[query row]: the factor scales the columns of P^T
-    # before P^T.do (dv) and of dP^T = v.do^T (dk), so the scaled do is never formed.
+    # before P^T.do (dv) and of dP^T = v.do^T (dk), so the scaled do is never formed. With ACCUMULATE, dk and
+    # dv are added to what dk_ptr, dv_ptr hold (float32 sum, one rounding); each program owns its keys.
     kt = tl.program_id(0)
     g = tl.program_id(1)
     k_row0 = tl.load(key_tiles_ptr + kt * 4)
@@ -241,18 +242,22 @@ def _swa_bwd_dkdv_kernel(
             & (k_row[:, None] <= t_row[None, :]) & (k_row[:, None] > t_row[None, :] - window)
         )
         p_t = tl.where(allowed, tl.exp2(s_t - lse2[None, :]), 0.0)
-        dp_t = tl.dot(vb, tl.trans(do), input_precision=DOT_PREC)
         if HAS_DO_SCALE:
             do_scale = tl.load(do_scale_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0).to(tl.float32)
             dv += tl.dot((p_t * do_scale[None, :]).to(do.dtype), do, input_precision=DOT_PREC)
-            dp_t = dp_t * do_scale[None, :]
+            dp_t = tl.dot(vb, tl.trans(do), input_precision=DOT_PREC) * do_scale[None, :]
         else:
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+            dp_t = tl.dot(vb, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PREC)
 
     out_off = k_row64[:, None] * stride_dkt + g * stride_dkh + d[None, :]
-    tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kd_mask)
+    dk = dk * scale
+    if ACCUMULATE:
+        dk += tl.load(dk_ptr + out_off, mask=kd_mask, other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptr + out_off, mask=kd_mask, other=0.0).to(tl.float32)
+    tl.store(dk_ptr + out_off, dk.to(dk_ptr.dtype.element_ty), mask=kd_mask)
     tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kd_mask)
 
 
@@ -421,13 +426,17 @@ def launch_dkdv(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, cu_seqlens: Tensor,
     window_size: int, scale: float, rows: int = DKDV_ROWS, key_step: int = KEY_STEP,
     num_warps: int | None = None, num_stages: int | None = None, *, do_scale: Tensor | None = None,
+    dk: Tensor | None = None, dv: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The dk/dv kernel (key-tile-major, no atomics; do_scale as in `launch_dq`). Returns dk, dv [T, HKV, D]."""
+    """The dk/dv kernel (key-tile-major, no atomics; do_scale as in `launch_dq`). Returns dk, dv [T, HKV, D]:
+    new tensors, or the given dk and dv (both or neither, same strides) with the window's gradients added."""
     heads_q, head_dim = q.shape[1], q.shape[2]
     heads_kv = k.shape[1]
     group = heads_q // heads_kv
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    accumulate = dk is not None
+    if not accumulate:
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     block_m, bt = _rows(group, rows)
     key_tiles = tiles_of(cu_seqlens, key_step)
     warps, stages = _launch_config(block_m, head_dim)
@@ -436,7 +445,7 @@ def launch_dkdv(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), head_dim, window_size, scale * LOG2E, scale,
         HQ=heads_q, G=group, BT=bt, BLOCK_M=block_m, BLOCK_N=key_step, BLOCK_D=max(16, next_pow2(head_dim)),
-        DOT_PREC=dot_precision(q), HAS_DO_SCALE=do_scale is not None,
+        DOT_PREC=dot_precision(q), HAS_DO_SCALE=do_scale is not None, ACCUMULATE=accumulate,
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return dk, dv
@@ -459,6 +468,8 @@ def window_attention_bwd(
     delta: Tensor | None = None,
     do_scale: Tensor | None = None,
     dq: Tensor | None = None,
+    dk: Tensor | None = None,
+    dv: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `window_attention_fwd`.
 
@@ -472,6 +483,8 @@ def window_attention_bwd(
             (dP = do.v^T and P before P^T.do), so the scaled do is never stored nor rounded.
         dq: optional [T, HQ, D] accumulator (unit last stride, e.g. the selection branch's dq): the window's
             dq is added to it in place (float32 sum, rounded once) and it is returned.
+        dk, dv: optional [T, HKV, D] accumulators (both or neither, same shape and strides, unit last stride),
+            likewise: the lean NSA backward adds the window's dk, dv into the selection's without temporaries.
 
     Returns:
         dq [T, HQ, D] (q's dtype, or the given dq), dk, dv [T, HKV, D] (k's dtype). Deterministic: no atomics.
@@ -481,8 +494,14 @@ def window_attention_bwd(
     total, heads_q, _ = q.shape
     if dq is not None and (dq.shape != q.shape or dq.stride(-1) != 1):
         raise ValueError(f"window attention: dq must be [T, HQ, D] = {tuple(q.shape)} with a unit last stride")
+    if (dk is None) != (dv is None):
+        raise ValueError("window attention: give both dk and dv accumulators or neither")
+    if dk is not None and (dk.shape != k.shape or dv.shape != k.shape or dk.stride() != dv.stride()
+                           or dk.stride(-1) != 1):
+        raise ValueError(f"window attention: dk, dv must be [T, HKV, D] = {tuple(k.shape)} with equal strides")
     if total == 0:
-        return (torch.empty_like(q) if dq is None else dq), torch.empty_like(k), torch.empty_like(v)
+        return (torch.empty_like(q) if dq is None else dq), (torch.empty_like(k) if dk is None else dk), (
+            torch.empty_like(v) if dv is None else dv)
     lse = lse.float().contiguous()
     if do_scale is not None:
         do_scale = _row_stat(do_scale, total, heads_q, "do_scale")
@@ -497,7 +516,7 @@ def window_attention_bwd(
     dq = launch_dq(q, k, v, do, lse, delta, cu_seqlens, window_size, scale, tile_rows, key_step,
                    do_scale=do_scale, dq=dq)
     dk, dv = launch_dkdv(q, k, v, do, lse, delta, cu_seqlens, window_size, scale, dkdv_rows, key_step,
-                         do_scale=do_scale)
+                         do_scale=do_scale, dk=dk, dv=dv)
     return dq, dk, dv
 
 
