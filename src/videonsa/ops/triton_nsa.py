@@ -14,6 +14,11 @@ sequences take one code path. Forward, for b = block_size:
 Backward runs the same steps in reverse: `_gate_bwd_kernel` splits do into the three branch gradients and the
 gate gradients dg_x = sum_d do * o_x (plus the compression branch's softmax "delta"), then each branch's
 kernels add their dq, dk, dv; the choice of blocks gets no gradient. Every kernel is deterministic.
+
+That is `_NSAFunction`, used by `nsa_parts_triton` (every part returned, so every part is kept: at 128K with
+HQ=28, D=128 bf16 each [T, HQ, D] tensor is 0.94 GiB). `nsa_attention_triton` returns o alone and uses
+`_NSALeanFunction` instead, which keeps one such tensor (o_slc) and makes no other in the backward (issue 5's
+2 GB working-memory bound); see its docstring.
 """
 
 from __future__ import annotations
