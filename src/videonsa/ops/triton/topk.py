@@ -65,6 +65,22 @@ def _sort_rows(x, ROWS: tl.constexpr, N_LOG: tl.constexpr, DESCENDING: tl.conste
 
 
 @triton.jit
+def _top4_combine(a0, a1, a2, a3, b0, b1, b2, b3):
+    """The 4 largest of two descending 4-lists (duplicates counted), descending. max(a_i, b_(3-i)) holds the 4
+    largest of the 8 as a bitonic sequence (the first step of a bitonic merge); two compare-exchange rounds
+    sort it."""
+    t0 = tl.maximum(a0, b3)
+    t1 = tl.maximum(a1, b2)
+    t2 = tl.maximum(a2, b1)
+    t3 = tl.maximum(a3, b0)
+    t0, t2 = tl.maximum(t0, t2), tl.minimum(t0, t2)
+    t1, t3 = tl.maximum(t1, t3), tl.minimum(t1, t3)
+    t0, t1 = tl.maximum(t0, t1), tl.minimum(t0, t1)
+    t2, t3 = tl.maximum(t2, t3), tl.minimum(t2, t3)
+    return t0, t1, t2, t3
+
+
+@triton.jit
 def _topk_kernel(
     q_ptr, kc_ptr, lse_ptr, idx_ptr, cu_ptr, cuc_ptr, tiles_ptr, qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
@@ -136,10 +152,12 @@ def _topk_kernel(
 
 @triton.jit
 def _topk_bisect_kernel(
-    q_ptr, kc_ptr, lse_ptr, idx_ptr, scratch_ptr, cu_ptr, cuc_ptr, tiles_ptr, n_work, qk_scale,
+    q_ptr, kc_ptr, lse_ptr, idx_ptr, scratch_ptr, ckey_ptr, cblk_ptr, cu_ptr, cuc_ptr, tiles_ptr, n_work,
+    qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NBP: tl.constexpr, S: tl.constexpr,
-    SP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr,
+    SP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, CB: tl.constexpr,
+    NCLS: tl.constexpr, CJ: tl.constexpr,
 ):
     # Persistent: program `pid` takes work items pid, pid + n_prog, ... (a work item = one tile x one KV head)
     # and owns scratch row block `pid` ([BT, NBP] int32 keys, reused for every item, so it stays in L2).
@@ -147,6 +165,8 @@ def _topk_bisect_kernel(
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     slot = scratch_ptr + pid.to(tl.int64) * (BT * NBP)
+    cslot_key = ckey_ptr + pid.to(tl.int64) * (BT * CB)  # [BT, CB] compacted candidate keys
+    cslot_blk = cblk_ptr + pid.to(tl.int64) * (BT * CB)  # and their block ids
     r = tl.arange(0, BM)
     tt = tl.arange(0, BT)
     col = tl.arange(0, NBP)
@@ -177,7 +197,13 @@ def _topk_bisect_kernel(
         n_loop = (tl.minimum(start + BT, seq_len) - 1) // BLOCK + 1
 
         # 1. Keys of every candidate block (int32: float bits of the score + 1, forced above every finite
-        #    score, 0 = not a candidate) into the scratch rows.
+        #    score, 0 = not a candidate) into the scratch rows. Alongside, per row, the 4 largest keys of each
+        #    strided column class j mod NCLS (descending, duplicates counted) for the candidate filter of step 2;
+        #    kept here on [BT, BC] chunks because a reduction over the full-width rows spills registers.
+        c0 = tl.zeros([BT, NCLS], dtype=tl.int32)
+        c1 = tl.zeros([BT, NCLS], dtype=tl.int32)
+        c2 = tl.zeros([BT, NCLS], dtype=tl.int32)
+        c3 = tl.zeros([BT, NCLS], dtype=tl.int32)
         for j0 in range(0, n_loop, BC):
             j = j0 + tl.arange(0, BC)
             k_off = (cbos + j).to(tl.int64) * (HKV * D) + g * D
@@ -192,43 +218,105 @@ def _topk_bisect_kernel(
             key = tl.where(forced, 0x7F800001, score.to(tl.int32, bitcast=True) + 1)
             key = tl.where(forced | visible, key, 0)
             tl.store(slot + tt[:, None] * NBP + jj, key, mask=(jj < n_loop) & (tt[:, None] < BT))
+            if CB > 0:
+                # Chunks start at multiples of BC, a multiple of NCLS: column j0 + i is in class i mod NCLS.
+                zero = tl.zeros([BT, BC // NCLS, NCLS], dtype=tl.int32)
+                k0, k1, k2, k3 = tl.reduce((tl.reshape(key, [BT, BC // NCLS, NCLS]), zero, zero, zero), axis=1,
+                                           combine_fn=_top4_combine)
+                c0, c1, c2, c3 = _top4_combine(c0, c1, c2, c3, k0, k1, k2, k3)
         tl.debug_barrier()  # the keys written by every thread are read back by others
         keys = tl.load(slot + tt[:, None] * NBP + col[None, :], mask=(col[None, :] < n_loop) & (tt[:, None] < BT),
                        other=0, cache_modifier=".cg")
 
-        # 2. tau = the S-th largest key of each row, by bisection over the int32 key range (31 halvings):
-        #    the largest v with count(keys >= v) >= S. Rows with at most S candidates take all of them.
-        n_valid = tl.sum((keys > 0).to(tl.int32), axis=1)
-        lo = tl.full([BT], 1, dtype=tl.int32)
-        hi = tl.full([BT], 0x7F800001, dtype=tl.int32)
-        for _ in range(31):
-            mid = lo + ((hi - lo + 1) >> 1)
-            enough = tl.sum((keys >= mid[:, None]).to(tl.int32), axis=1) >= S
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid - 1)
-        many = n_valid > S
-        tau = tl.where(many, lo, 1)
-        # Keys above tau are in; of the keys equal to tau, the earliest blocks fill the remaining slots.
-        above = keys > tau[:, None]
-        need = tl.where(many, S - tl.sum(above.to(tl.int32), axis=1), S)
-        equal = keys == tau[:, None]
-        chosen = above | (equal & (tl.cumsum(equal.to(tl.int32), axis=1) <= need[:, None]))
+        # 2. Candidate filter. A lower bound on each row's S-th largest key: the columns fall into NCLS strided
+        #    classes (j mod NCLS); the 4th largest key of every class is reached by 4 distinct keys of that class,
+        #    so the smallest of these NCLS values is reached by 4 * NCLS >= S distinct keys and is <= the S-th
+        #    largest. Every key that can be chosen (all keys >= the S-th largest, ties included) is >= the bound;
+        #    on random rows only ~3% of 2048 keys are. A row with fewer than 4 candidates in some class gets the
+        #    bound 0, i.e. all its candidates.
+        if CB > 0:
+            if 4 * NCLS >= S:  # noqa: SIM108 (a compile-time branch inside a Triton kernel)
+                bound = tl.maximum(tl.min(c3, axis=1), 1)  # [BT]; key 0 is never a candidate
+            else:  # too few classes to bound the S-th key: every candidate (still exact, rarely compact)
+                bound = tl.full([BT], 1, dtype=tl.int32)
+            cand = keys >= bound[:, None]
+            n_cand = tl.sum(cand.to(tl.int32), axis=1)
+            fits = tl.max(n_cand, axis=0) <= CB
+        else:
+            fits = False
+        if fits:
+            # 3a. Compact the candidates (in column order) into [BT, CB] and rank them against each other:
+            #     a candidate's rank is the number of candidates with a larger (key, earlier block) pair, so the
+            #     S best by key, ties to the earlier block, are those of rank < S: the same set as the full path.
+            cpos = tl.cumsum(cand.to(tl.int32), axis=1) - 1
+            c_off = tt[:, None] * CB + cpos
+            tl.store(cslot_key + c_off, keys, mask=cand)
+            tl.store(cslot_blk + c_off, col[None, :] + tl.zeros([BT, NBP], dtype=tl.int32), mask=cand)
+            tl.debug_barrier()  # the compacted rows written by every thread are read back by others
+            ci = tl.arange(0, CB)
+            c_ok = ci[None, :] < n_cand[:, None]
+            ckey = tl.load(cslot_key + tt[:, None] * CB + ci[None, :], mask=c_ok, other=0, cache_modifier=".cg")
+            cblk = tl.load(cslot_blk + tt[:, None] * CB + ci[None, :], mask=c_ok, other=0, cache_modifier=".cg")
+            # One int64 per candidate, unique within a row: key in the high word, 2^31 - 1 - block below it
+            # (empty slots: key 0, below every candidate).
+            pair = (ckey.to(tl.int64) << 32) | (0x7FFFFFFF - cblk).to(tl.int64)
+            # Pairwise counts in [BT, CB, CJ] slices (the whole [BT, CB, CB] comparison would spill), only over
+            # the slots some row of the tile uses.
+            crank = tl.zeros([BT, CB], dtype=tl.int32)
+            for cj0 in range(0, tl.max(n_cand, axis=0), CJ):
+                cj = cj0 + tl.arange(0, CJ)
+                j_off = tt[:, None] * CB + cj[None, :]
+                j_ok = cj[None, :] < n_cand[:, None]
+                kj = tl.load(cslot_key + j_off, mask=j_ok, other=0, cache_modifier=".cg")
+                bj = tl.load(cslot_blk + j_off, mask=j_ok, other=0, cache_modifier=".cg")
+                pj = (kj.to(tl.int64) << 32) | (0x7FFFFFFF - bj).to(tl.int64)
+                crank += tl.sum((pj[:, None, :] > pair[:, :, None]).to(tl.int32), axis=2)
+            cchosen = (ckey > 0) & (crank < S)
+            # 4a. Compaction kept the column order, so the chosen blocks' running count is their output slot.
+            cslot = tl.cumsum(cchosen.to(tl.int32), axis=1) - 1
+            out_row = (bos + tpos).to(tl.int64) * (HKV * S) + g * S
+            tl.store(idx_ptr + out_row[:, None] + cslot, cblk, mask=cchosen & t_ok[:, None])
+            n_chosen = tl.sum(cchosen.to(tl.int32), axis=1)
+            slots = tl.arange(0, SP)
+            tl.store(idx_ptr + out_row[:, None] + slots[None, :], tl.full([BT, SP], -1, dtype=tl.int32),
+                     mask=(slots[None, :] >= n_chosen[:, None]) & (slots[None, :] < S) & t_ok[:, None])
+        else:
+            # Fallback (a row with more than CB candidates, or CB == 0): the full-width path below.
+            # 3b. tau = the S-th largest key of each row, by bisection over the int32 key range (31 halvings):
+            #    the largest v with count(keys >= v) >= S. Rows with at most S candidates take all of them.
+            n_valid = tl.sum((keys > 0).to(tl.int32), axis=1)
+            lo = tl.full([BT], 1, dtype=tl.int32)
+            hi = tl.full([BT], 0x7F800001, dtype=tl.int32)
+            for _ in range(31):
+                mid = lo + ((hi - lo + 1) >> 1)
+                enough = tl.sum((keys >= mid[:, None]).to(tl.int32), axis=1) >= S
+                lo = tl.where(enough, mid, lo)
+                hi = tl.where(enough, hi, mid - 1)
+            many = n_valid > S
+            tau = tl.where(many, lo, 1)
+            # Keys above tau are in; of the keys equal to tau, the earliest blocks fill the remaining slots.
+            above = keys > tau[:, None]
+            need = tl.where(many, S - tl.sum(above.to(tl.int32), axis=1), S)
+            equal = keys == tau[:, None]
+            chosen = above | (equal & (tl.cumsum(equal.to(tl.int32), axis=1) <= need[:, None]))
 
-        # 3. Write the chosen blocks in ascending order (the scan order), then -1 in the unused slots.
-        rank = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
-        out_row = (bos + tpos).to(tl.int64) * (HKV * S) + g * S
-        tl.store(idx_ptr + out_row[:, None] + rank, col[None, :] + tl.zeros([BT, NBP], dtype=tl.int32),
-                 mask=chosen & t_ok[:, None])
-        n_chosen = tl.sum(chosen.to(tl.int32), axis=1)
-        slots = tl.arange(0, SP)
-        tl.store(idx_ptr + out_row[:, None] + slots[None, :], tl.full([BT, SP], -1, dtype=tl.int32),
-                 mask=(slots[None, :] >= n_chosen[:, None]) & (slots[None, :] < S) & t_ok[:, None])
+            # 4b. Write the chosen blocks in ascending order (the scan order), then -1 in the unused slots.
+            rank = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
+            out_row = (bos + tpos).to(tl.int64) * (HKV * S) + g * S
+            tl.store(idx_ptr + out_row[:, None] + rank, col[None, :] + tl.zeros([BT, NBP], dtype=tl.int32),
+                     mask=chosen & t_ok[:, None])
+            n_chosen = tl.sum(chosen.to(tl.int32), axis=1)
+            slots = tl.arange(0, SP)
+            tl.store(idx_ptr + out_row[:, None] + slots[None, :], tl.full([BT, SP], -1, dtype=tl.int32),
+                     mask=(slots[None, :] >= n_chosen[:, None]) & (slots[None, :] < S) & t_ok[:, None])
         tl.debug_barrier()  # the scratch rows are rewritten by the next work item
 
 
 # Launch settings; `benchmarks/bench_ops.py` sweeps them. method: "auto" (bisection when the key rows fit in
 # registers, else the sorting kernel), "bisect" or "sort".
-CONFIG = {"method": "auto", "programs_per_sm": 1, "max_keys_per_thread": 64, "bisect_warps": None}
+# candidates: the width CB of the compacted candidate rows of the bisection kernel (0: always the full-width
+# bisection); tiles with more candidates in a row than this take the full-width path.
+CONFIG = {"method": "auto", "programs_per_sm": 1, "max_keys_per_thread": 64, "bisect_warps": None, "candidates": 128}
 
 
 def _bisect_shape(group_pow2: int, n_blocks_pow2: int) -> tuple[int, int] | None:
@@ -299,10 +387,20 @@ def select_blocks_topk(
         scratch = torch.empty(n_prog, tokens, max(n_blocks_pow2, 16), dtype=torch.int32, device=q.device)
         # Key rows at least 16 wide (tl.dot's N) and chunks of at most 64 blocks.
         width = max(n_blocks_pow2, 16)
+        cand_width = CONFIG["candidates"]
+        if cand_width & (cand_width - 1):
+            raise ValueError(f"topk CONFIG['candidates'] must be 0 or a power of two, got {cand_width}")
+        # NCLS strided column classes with 4 keys each bound the S-th largest key (4 * NCLS >= S); at most one
+        # class per column of a chunk (the kernel skips the bound when that leaves 4 * NCLS < S).
+        chunk = min(64, width)
+        n_classes = min(max(_pow2(block_count) // 4, 1), chunk)
+        compact = torch.empty(2, n_prog, tokens, max(cand_width, 1), dtype=torch.int32, device=q.device)
         _topk_bisect_kernel[(n_prog,)](
-            q, k_cmp, lse_cmp, indices, scratch, cu_seqlens, cu_cmp, tiles, n_work, scale * LOG2E,
-            BT=tokens, BC=min(64, width), NBP=width, SP=_pow2(block_count), **common,
-            num_warps=warps, num_stages=2,
+            q, k_cmp, lse_cmp, indices, scratch, compact[0], compact[1], cu_seqlens, cu_cmp, tiles, n_work,
+            scale * LOG2E,
+            BT=tokens, BC=chunk, NBP=width, SP=_pow2(block_count), CB=cand_width, NCLS=n_classes,
+            CJ=min(16, max(cand_width, 1)),
+            **common, num_warps=warps, num_stages=2,
         )
         return indices
     kp = _pow2(block_count)

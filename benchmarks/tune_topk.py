@@ -1,0 +1,74 @@
+"""Time the top-k kernels (`videonsa.ops.triton.topk`) against each other and check they choose identically.
+
+For each length and input kind (randn: every token's top-k an independent draw; structured: bench_ops'
+make_inputs(structured=True)) it builds the compressed keys and lse as the operator does, runs the sorting
+kernel as the oracle, then each variant: prints one JSON line per variant (CUDA-event median ms, equal to the
+sorting kernel or not) and appends it to $OUT/tune_topk.jsonl when OUT is set.
+
+    PYTHONPATH=src python benchmarks/tune_topk.py --lengths 32768 131072 --widths 0 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from bench_ops import BLOCK, COUNT, INIT, LOCAL, D, bench, make_inputs
+from videonsa.ops.triton import topk as topk_module
+from videonsa.ops.triton.compression import compressed_attention_fwd, mean_pool_fwd
+from videonsa.ops.triton.packing import pack
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--widths", type=int, nargs="+", default=[0, 64, 128, 256],
+                        help="CONFIG['candidates'] values of the bisection kernel (0: the full-width path only)")
+    parser.add_argument("--inputs", nargs="+", default=["randn", "structured"], choices=["randn", "structured"])
+    parser.add_argument("--no-sort-timing", action="store_true", help="run the sorting kernel once, untimed")
+    args = parser.parse_args()
+    out_dir = os.environ.get("OUT")
+    scale = D**-0.5
+    saved = dict(topk_module.CONFIG)
+    for seq_len in args.lengths:
+        for kind in args.inputs:
+            x = make_inputs(seq_len, structured=kind == "structured")
+            q, cu = pack(x["q"], None)
+            k, _ = pack(x["k"], None)
+            v, _ = pack(x["v"], None)
+            k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, v, cu, BLOCK)
+            _, lse = compressed_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, BLOCK, scale)
+            del x, k, v
+
+            def run(method: str, q=q, k_cmp=k_cmp, lse=lse, cu=cu, cu_cmp=cu_cmp):
+                return topk_module.select_blocks_topk(q, k_cmp, lse, cu, cu_cmp, block_size=BLOCK,
+                                                      block_count=COUNT, init_blocks=INIT, local_blocks=LOCAL,
+                                                      scale=scale, method=method)
+
+            want = run("sort")
+            variants = [("sort", None)] + [("bisect", w) for w in args.widths]
+            for method, width in variants:
+                if width is not None:
+                    topk_module.CONFIG["candidates"] = width
+                try:
+                    got = run(method)
+                    equal = bool(torch.equal(got, want))
+                    ms = None if (method == "sort" and args.no_sort_timing) else bench(lambda m=method: run(m))
+                    row = dict(T=seq_len, inputs=kind, method=method, candidates=width, ms=ms, equal_to_sort=equal)
+                except Exception as exc:  # a variant that fails to compile or run is reported, not fatal
+                    row = dict(T=seq_len, inputs=kind, method=method, candidates=width, error=repr(exc)[:300])
+                finally:
+                    topk_module.CONFIG.update(saved)
+                print(json.dumps(row), flush=True)
+                if out_dir:
+                    with open(os.path.join(out_dir, "tune_topk.jsonl"), "a") as f:
+                        f.write(json.dumps(row) + "\n")
+            del q, k_cmp, lse, want
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
