@@ -5,7 +5,7 @@ make_inputs(structured=True)) it builds the compressed keys and lse as the opera
 kernel as the oracle, then each variant: prints one JSON line per variant (CUDA-event median ms, equal to the
 sorting kernel or not) and appends it to $OUT/tune_topk.jsonl when OUT is set.
 
-    PYTHONPATH=src python benchmarks/tune_topk.py --lengths 32768 131072 --widths 0 128
+    PYTHONPATH=src python benchmarks/tune_topk.py --lengths 32768 131072 --widths 0 128 --tokens 8 16
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--widths", type=int, nargs="+", default=[0, 64, 128, 256],
                         help="CONFIG['candidates'] values of the bisection kernel (0: the full-width path only)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8],
+                        help="CONFIG['bisect_tokens'] values (tokens per tile of the bisection kernel)")
     parser.add_argument("--inputs", nargs="+", default=["randn", "structured"], choices=["randn", "structured"])
     parser.add_argument("--no-sort-timing", action="store_true", help="run the sorting kernel once, untimed")
     args = parser.parse_args()
@@ -49,17 +51,19 @@ def main() -> None:
                                                       scale=scale, method=method)
 
             want = run("sort")
-            variants = [("sort", None)] + [("bisect", w) for w in args.widths]
-            for method, width in variants:
+            variants = [("sort", None, None)] + [("bisect", w, t) for t in args.tokens for w in args.widths]
+            for method, width, tokens in variants:
                 if width is not None:
-                    topk_module.CONFIG["candidates"] = width
+                    topk_module.CONFIG.update(candidates=width, bisect_tokens=tokens)
                 try:
                     got = run(method)
                     equal = bool(torch.equal(got, want))
                     ms = None if (method == "sort" and args.no_sort_timing) else bench(lambda m=method: run(m))
-                    row = dict(T=seq_len, inputs=kind, method=method, candidates=width, ms=ms, equal_to_sort=equal)
+                    row = dict(T=seq_len, inputs=kind, method=method, candidates=width, tokens=tokens, ms=ms,
+                               equal_to_sort=equal)
                 except Exception as exc:  # a variant that fails to compile or run is reported, not fatal
-                    row = dict(T=seq_len, inputs=kind, method=method, candidates=width, error=repr(exc)[:300])
+                    row = dict(T=seq_len, inputs=kind, method=method, candidates=width, tokens=tokens,
+                               error=repr(exc)[:300])
                 finally:
                     topk_module.CONFIG.update(saved)
                 print(json.dumps(row), flush=True)

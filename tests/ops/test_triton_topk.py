@@ -3,8 +3,9 @@
 `select_blocks_topk(method="bisect")` compacts each row's candidates (keys >= a lower bound on the S-th largest
 key) into CONFIG["candidates"] slots and ranks only those; a tile with a row that overflows takes the full-width
 bisection. Every case runs several candidate widths (0 = always full width, a tiny width that makes most tiles
-overflow, so both paths meet in one launch, and a wide one where all tiles compact) and requires the very same
-int32 output as the sorting kernel, and the reference's choice where float32 scores are well separated.
+overflow, so both paths meet in one launch, and a wide one where all tiles compact, also with 16-token tiles)
+and requires the very same int32 output as the sorting kernel, and the reference's choice where float32 scores
+are well separated.
 
 Kernels run under the Triton interpreter where there is no CUDA GPU (see interpreter_harness); inputs are
 float32 / float16 (bf16 products are not exact under the interpreter); shapes are tiny.
@@ -30,13 +31,14 @@ def test_under_interpreter() -> None:
     run_file_under_interpreter(__file__, min_passed=7)
 
 
-def _select(q, k_cmp, lse, cu, cu_cmp, width: int, method: str = "bisect", **kwargs) -> torch.Tensor:
-    saved = topk.CONFIG["candidates"]
-    topk.CONFIG["candidates"] = width
+def _select(q, k_cmp, lse, cu, cu_cmp, width: int, tokens: int | None = None, method: str = "bisect",
+            **kwargs) -> torch.Tensor:
+    saved = dict(topk.CONFIG)
+    topk.CONFIG.update(candidates=width, bisect_tokens=tokens)
     try:
         return topk.select_blocks_topk(q, k_cmp, lse, cu, cu_cmp, method=method, **kwargs)
     finally:
-        topk.CONFIG["candidates"] = saved
+        topk.CONFIG.update(saved)
 
 
 def _all_widths_equal(q, k, cu, block_size, kwargs) -> torch.Tensor:
@@ -45,11 +47,11 @@ def _all_widths_equal(q, k, cu, block_size, kwargs) -> torch.Tensor:
     k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, k, cu, block_size)
     _, lse = compressed_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, block_size, kwargs["scale"])
     want = _select(q, k_cmp, lse, cu, cu_cmp, 0, method="sort", block_size=block_size, **kwargs)
-    for width in WIDTHS:
-        got = _select(q, k_cmp, lse, cu, cu_cmp, width, block_size=block_size, **kwargs)
+    for width, tokens in [(w, None) for w in WIDTHS] + [(WIDTHS[-1], 16)]:
+        got = _select(q, k_cmp, lse, cu, cu_cmp, width, tokens, block_size=block_size, **kwargs)
         assert got.dtype == torch.int32 and got.shape == want.shape
         mismatch = (got != want).any(-1).nonzero()[:3].tolist()
-        assert torch.equal(got, want), f"width {width}: rows {mismatch} differ from the sorting kernel"
+        assert torch.equal(got, want), f"width {width}, tokens {tokens}: rows {mismatch} differ from the sort"
     return want
 
 

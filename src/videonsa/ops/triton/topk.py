@@ -315,13 +315,16 @@ def _topk_bisect_kernel(
 # Launch settings; `benchmarks/bench_ops.py` sweeps them. method: "auto" (bisection when the key rows fit in
 # registers, else the sorting kernel), "bisect" or "sort".
 # candidates: the width CB of the compacted candidate rows of the bisection kernel (0: always the full-width
-# bisection); tiles with more candidates in a row than this take the full-width path.
-CONFIG = {"method": "auto", "programs_per_sm": 1, "max_keys_per_thread": 64, "bisect_warps": None, "candidates": 128}
+# bisection); tiles with more candidates in a row than this take the full-width path. bisect_tokens: tokens per
+# tile of the bisection kernel (None: 8; a power of two).
+CONFIG = {"method": "auto", "programs_per_sm": 1, "max_keys_per_thread": 64, "bisect_warps": None, "candidates": 128,
+          "bisect_tokens": None}
 
 
 def _bisect_shape(group_pow2: int, n_blocks_pow2: int) -> tuple[int, int] | None:
     """(tokens per tile, num_warps) for the bisection kernel, or None when a key row does not fit registers."""
-    tokens = max(8, triton.cdiv(16, group_pow2))  # tl.dot needs M = tokens * GP >= 16
+    # tl.dot needs M = tokens * GP >= 16; more tokens per tile let each K~ chunk load and product serve more rows.
+    tokens = max(CONFIG["bisect_tokens"] or 8, triton.cdiv(16, group_pow2))
     warps = CONFIG["bisect_warps"] or max(4, triton.cdiv(tokens * n_blocks_pow2, 32 * CONFIG["max_keys_per_thread"]))
     if warps > 16 or warps & (warps - 1):
         return None
