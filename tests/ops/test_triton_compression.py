@@ -72,16 +72,24 @@ def _rel(x, ref) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def case_compression(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, seed=0):
-    """Pooling + compressed attention forward (o, lse) and backward (dq, dk, dv) against the reference."""
+def case_compression(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, seed=0, config=None):
+    """Pooling + compressed attention forward (o, lse) and backward (dq, dk, dv) against the reference.
+
+    `config` overrides launch settings of `compression.CONFIG` (small tiles and segments reach code paths that
+    the production sizes only reach at long lengths: several query segments per dK~/dV~ key tile).
+    """
     import torch
 
+    from videonsa.ops.triton import compression
     from videonsa.ops.triton.compression import (
         compressed_attention_bwd,
         compressed_attention_fwd,
         mean_pool_bwd,
         mean_pool_fwd,
     )
+
+    for name, override in (config or {}).items():
+        compression.CONFIG[name] = dict(compression.CONFIG[name], **override)
 
     q, k, v, do, cu, dt = _inputs(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, seed)
     scale = head_dim**-0.5
@@ -287,8 +295,14 @@ def case_topk_ties(block_count, seed=0):
         dict(seq_lens=[37, 100, 5], heads_q=14, heads_kv=2, head_dim=32, block_size=16, dtype="float32"),
         # 1:1, float16, head dim that is not a power of two.
         dict(seq_lens=[70, 64], heads_q=3, heads_kv=3, head_dim=24, block_size=8, dtype="float16"),
+        # One sequence (no host syncs: sizes from shapes), several query segments per dK~/dV~ key tile.
+        dict(seq_lens=[203], heads_q=14, heads_kv=2, head_dim=32, block_size=16, dtype="float32",
+             config=dict(dkv=dict(rows=16, keys=4, min_segment=40, max_segments=8))),
+        # Same on varlen inputs with fp16, 2:1.
+        dict(seq_lens=[90, 17, 133], heads_q=4, heads_kv=2, head_dim=16, block_size=8, dtype="float16",
+             config=dict(dkv=dict(rows=16, keys=2, min_segment=24, max_segments=8))),
     ],
-    ids=["7to1-fp32-varlen", "1to1-fp16-d24"],
+    ids=["7to1-fp32-varlen", "1to1-fp16-d24", "one-seq-segments", "varlen-fp16-segments"],
 )
 def test_compression_matches_reference(params):
     run_interpreted("case_compression", **params)

@@ -49,11 +49,17 @@ def _block_starts(cu_seqlens: Tensor, cu_cmp: Tensor, block_size: int, total_blo
     return cu_seqlens.long()[seq] + local * block_size
 
 
-def query_tiles(cu_seqlens: Tensor, tile: int) -> Tensor:
+def query_tiles(cu_seqlens: Tensor, tile: int, total: int | None = None) -> Tensor:
     """int32 [n_tiles, 2]: (sequence, first position) of every run of `tile` consecutive queries of a sequence.
 
-    Same rows as `packing.tile_map`, built on the device (one host sync for the count) instead of a Python loop.
+    Same rows as `packing.tile_map`, built on the device instead of a Python loop. The row count needs one
+    device->host sync, except for a single sequence whose length `total` (the packed tensors' first dimension)
+    the caller passes: then everything is known on the host and nothing waits for the device.
     """
+    if total is not None and cu_seqlens.numel() == 2:
+        n_tiles = triton.cdiv(total, tile)
+        first = torch.arange(0, n_tiles * tile, tile, dtype=torch.int32, device=cu_seqlens.device)
+        return torch.stack([torch.zeros_like(first), first], dim=1)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     counts = torch.div(lengths + tile - 1, tile, rounding_mode="floor")
     ends = counts.cumsum(0)
@@ -80,10 +86,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _pool_fwd_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, starts_ptr,
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr, BB: tl.constexpr,
+    ONE_SEQ: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    start = tl.load(starts_ptr + n)
+    # One sequence at token 0: block n starts at n * BLOCK (no starts tensor to build).
+    start = n * BLOCK if ONE_SEQ else tl.load(starts_ptr + n)
     i = tl.arange(0, BB)
     d = tl.arange(0, BD)
     mask = (i[:, None] < BLOCK) & (d[None, :] < D)
@@ -99,11 +107,12 @@ def _pool_fwd_kernel(
 def _pool_bwd_kernel(
     dkc_ptr, dvc_ptr, dk_ptr, dv_ptr, starts_ptr,
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr, BB: tl.constexpr,
+    ONE_SEQ: tl.constexpr,
 ):
     # dk[t] += dK~[t // b] / b for every token of a complete block; dk already holds the other branches.
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    start = tl.load(starts_ptr + n)
+    start = n * BLOCK if ONE_SEQ else tl.load(starts_ptr + n)
     i = tl.arange(0, BB)
     d = tl.arange(0, BD)
     src = n * (H * D) + h * D + d
@@ -130,15 +139,17 @@ def mean_pool_fwd(
         cu_cmp: int32 [N+1] offsets of each sequence's blocks.
     """
     cu_cmp = compressed_cu_seqlens(cu_seqlens, block_size)
-    total_blocks = int(cu_cmp[-1])
-    _, heads, head_dim = k.shape
+    total, heads, head_dim = k.shape
+    one_seq = cu_seqlens.numel() == 2
+    # One sequence: its block count follows from the shape; several need their lengths (one host sync).
+    total_blocks = total // block_size if one_seq else int(cu_cmp[-1])
     k_cmp = k.new_empty(total_blocks, heads, head_dim)
     v_cmp = v.new_empty(total_blocks, heads, head_dim)
     if total_blocks:
-        starts = _block_starts(cu_seqlens, cu_cmp, block_size, total_blocks)
+        starts = cu_cmp if one_seq else _block_starts(cu_seqlens, cu_cmp, block_size, total_blocks)
         _pool_fwd_kernel[(total_blocks, heads)](
             k, v, k_cmp, v_cmp, starts,
-            H=heads, D=head_dim, BD=_pow2(head_dim), BLOCK=block_size, BB=_pow2(block_size),
+            H=heads, D=head_dim, BD=_pow2(head_dim), BLOCK=block_size, BB=_pow2(block_size), ONE_SEQ=one_seq,
             num_warps=4,
         )
     return k_cmp, v_cmp, cu_cmp
@@ -160,10 +171,11 @@ def mean_pool_bwd(
     total_blocks, heads, head_dim = dk_cmp.shape
     if not total_blocks:
         return
-    starts = _block_starts(cu_seqlens, cu_cmp, block_size, total_blocks)
+    one_seq = cu_seqlens.numel() == 2
+    starts = cu_cmp if one_seq else _block_starts(cu_seqlens, cu_cmp, block_size, total_blocks)
     _pool_bwd_kernel[(total_blocks, heads)](
         dk_cmp, dv_cmp, dk, dv, starts,
-        H=heads, D=head_dim, BD=_pow2(head_dim), BLOCK=block_size, BB=_pow2(block_size),
+        H=heads, D=head_dim, BD=_pow2(head_dim), BLOCK=block_size, BB=_pow2(block_size), ONE_SEQ=one_seq,
         num_warps=4,
     )
 
@@ -382,18 +394,24 @@ def _cmp_bwd_dkv_kernel(
     # Queries before (jstart+1)*BLOCK - 1 see none of these blocks.
     lo = tl.maximum(seg * seg_len, (jstart + 1) * BLOCK - 1)
     hi = tl.minimum((seg + 1) * seg_len, seq_len)
+    # Row r of a step is token t0 + r // G, head g*G + r % G: its q/do address is a per-step scalar (t0) plus a
+    # loop-invariant int32 offset, so no [BM, BD] int64 address tensor is rebuilt (and kept in registers) per
+    # step. On sm_90 this took the 8-warp 32x128 tile from spilling to 231 registers, none spilled.
     r = tl.arange(0, BM)
+    tok = r // G
+    r_ok = r < BT * G
+    inner = tok * (HQ * D) + (r % G) * D  # [BM] int32 (< BT * HQ * D); broadcast over d inside the loop
+    stat_inner = tok * HQ + r % G
     token = tl.zeros([1], dtype=tl.float32)  # loop-carried, opaque to the compiler: see the stores below
     for t0 in range(lo, hi, BT):
         token += 1.0
-        pos = t0 + r // G
-        head = g * G + r % G
-        row_ok = (r < BT * G) & (pos < hi)
-        row_off = (bos + pos).to(tl.int64) * (HQ * D) + head * D
+        pos = t0 + tok
+        row_ok = r_ok & (pos < hi)
+        row0 = (bos + t0) * HQ + g * G  # int64 (token, head) row of token t0, head g*G
         tile_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptr + row_off[:, None] + d[None, :], mask=tile_mask, other=0.0)
-        do = tl.load(do_ptr + row_off[:, None] + d[None, :], mask=tile_mask, other=0.0)
-        stat_off = (bos + pos).to(tl.int64) * HQ + head
+        q = tl.load(q_ptr + row0 * D + inner[:, None] + d[None, :], mask=tile_mask, other=0.0)
+        do = tl.load(do_ptr + row0 * D + inner[:, None] + d[None, :], mask=tile_mask, other=0.0)
+        stat_off = row0 + stat_inner
         if DO_SCALE:
             dos = tl.load(dos_ptr + stat_off, mask=row_ok, other=0.0).to(tl.float32)
             do = (do.to(tl.float32) * dos[:, None]).to(do_ptr.dtype.element_ty)
@@ -408,11 +426,10 @@ def _cmp_bwd_dkv_kernel(
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
 
     # Fresh (not CSE-able) [BKC, BD] mask and offsets, so the kc/vc loads' ones are not live across the loop.
-    out = (seg.to(tl.int64) * total_blocks + cbos + j) * (HKV * D) + g * D + (token < 0.0).to(tl.int64)
-    out_mask = (j_ok & (token >= 0.0))[:, None] & (d[None, :] < D)
-    out_off = out[:, None] + d[None, :].to(tl.int64)
-    tl.store(dkc_ptr + out_off, dk * scale, mask=out_mask)
-    tl.store(dvc_ptr + out_off, dv, mask=out_mask)
+    out = (seg.to(tl.int64) * total_blocks + cbos + j) * (HKV * D) + g * D
+    out_off = out[:, None] + d[None, :]
+    tl.store(dkc_ptr + out_off, dk * scale, mask=kv_mask)
+    tl.store(dvc_ptr + out_off, dv, mask=kv_mask)
 
 
 # Launch settings per kernel: matrix rows per query tile, keys per step, warps, pipeline stages; the dK~/dV~
@@ -422,7 +439,7 @@ def _cmp_bwd_dkv_kernel(
 CONFIG = {
     "fwd": dict(rows=128, keys=64, warps=8, stages=2),
     "dq": dict(rows=128, keys=32, warps=8, stages=2),
-    "dkv": dict(rows=32, keys=64, warps=8, stages=2, min_segment=4096, max_segments=16),
+    "dkv": dict(rows=32, keys=128, warps=8, stages=2, min_segment=4096, max_segments=16),
 }
 
 
@@ -457,7 +474,7 @@ def compressed_attention_fwd(
     lse = torch.empty(total, heads_q, dtype=torch.float32, device=q.device)
     cfg = CONFIG["fwd"]
     bt, bm = _query_tile(group, cfg["rows"] if head_dim <= 128 else 64)
-    tiles = query_tiles(cu_seqlens, bt)
+    tiles = query_tiles(cu_seqlens, bt, total)
     _cmp_fwd_kernel[(tiles.shape[0], heads_kv)](
         q, k_cmp, v_cmp, o, lse, cu_seqlens, cu_cmp, tiles, scale * LOG2E,
         HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=_pow2(max(head_dim, 16)),
@@ -510,7 +527,7 @@ def compressed_attention_delta(
     delta = torch.empty(total, heads_q, dtype=torch.float32, device=q.device)
     cfg = CONFIG["fwd"]
     bt, bm = _query_tile(group, cfg["rows"] if head_dim <= 128 else 64)
-    tiles = query_tiles(cu_seqlens, bt)
+    tiles = query_tiles(cu_seqlens, bt, total)
     do = do.contiguous()
     dos = do_scale.contiguous() if do_scale is not None else delta
     _cmp_delta_kernel[(tiles.shape[0], heads_kv)](
@@ -566,7 +583,7 @@ def compressed_attention_bwd(
     bd = _pow2(max(head_dim, 16))
     cfg = CONFIG["dq"]
     bt, bm = _query_tile(group, cfg["rows"] if head_dim <= 128 else 64)
-    tiles = query_tiles(cu_seqlens, bt)
+    tiles = query_tiles(cu_seqlens, bt, total)
     _cmp_bwd_dq_kernel[(tiles.shape[0], heads_kv)](
         q, k_cmp, v_cmp, do, dos, lse, delta, dq, cu_seqlens, cu_cmp, tiles, scale * LOG2E, scale,
         HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=bd,
@@ -577,17 +594,18 @@ def compressed_attention_bwd(
 
     # Query segments bound each dK~/dV~ program's loop (load balance across the causal triangle) and the
     # partial-sum buffer: n_seg * total_NB * HKV * D float32 each for dk and dv.
-    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    max_len = total if cu_seqlens.numel() == 2 else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     cfg = CONFIG["dkv"]
     bt_kv, bm_kv = _query_tile(group, cfg["rows"])
     seg_len = max(cfg["min_segment"], triton.cdiv(max_len, cfg["max_segments"]))
     seg_len = triton.cdiv(seg_len, bt_kv) * bt_kv
     n_seg = triton.cdiv(max_len, seg_len)
-    dk_parts = torch.zeros(n_seg, total_blocks, heads_kv, head_dim, dtype=torch.float32, device=q.device)
-    dv_parts = torch.zeros_like(dk_parts)
+    # Every (segment, block) slot is written, zeros by programs whose segment is before their blocks: no memset.
+    dk_parts = torch.empty(n_seg, total_blocks, heads_kv, head_dim, dtype=torch.float32, device=q.device)
+    dv_parts = torch.empty_like(dk_parts)
     if total_blocks:
         bkc = cfg["keys"]
-        ktiles = query_tiles(cu_cmp, bkc)
+        ktiles = query_tiles(cu_cmp, bkc, total_blocks)
         _cmp_bwd_dkv_kernel[(ktiles.shape[0], n_seg, heads_kv)](
             q, k_cmp, v_cmp, do, dos, lse, delta, dk_parts, dv_parts, cu_seqlens, cu_cmp, ktiles,
             scale * LOG2E, scale, seg_len, total_blocks,
