@@ -151,6 +151,39 @@ def _topk_kernel(
 
 
 @triton.jit
+def _select_full_width(keys, col, out_row, t_ok, idx_ptr, BT: tl.constexpr, NBP: tl.constexpr, S: tl.constexpr,
+                       SP: tl.constexpr):
+    """The bisection kernel's full-width path: keys int32 [BT, NBP] (0 = not a candidate), col [NBP],
+    out_row int64 [BT] (offset of each token's output row), t_ok [BT]. Writes each row's chosen blocks."""
+    # 3b. tau = the S-th largest key of each row, by bisection over the int32 key range (31 halvings):
+    #    the largest v with count(keys >= v) >= S. Rows with at most S candidates take all of them.
+    n_valid = tl.sum((keys > 0).to(tl.int32), axis=1)
+    lo = tl.full([BT], 1, dtype=tl.int32)
+    hi = tl.full([BT], 0x7F800001, dtype=tl.int32)
+    for _ in range(31):
+        mid = lo + ((hi - lo + 1) >> 1)
+        enough = tl.sum((keys >= mid[:, None]).to(tl.int32), axis=1) >= S
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    many = n_valid > S
+    tau = tl.where(many, lo, 1)
+    # Keys above tau are in; of the keys equal to tau, the earliest blocks fill the remaining slots.
+    above = keys > tau[:, None]
+    need = tl.where(many, S - tl.sum(above.to(tl.int32), axis=1), S)
+    equal = keys == tau[:, None]
+    chosen = above | (equal & (tl.cumsum(equal.to(tl.int32), axis=1) <= need[:, None]))
+
+    # 4b. Write the chosen blocks in ascending order (the scan order), then -1 in the unused slots.
+    rank = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
+    tl.store(idx_ptr + out_row[:, None] + rank, col[None, :] + tl.zeros([BT, NBP], dtype=tl.int32),
+             mask=chosen & t_ok[:, None])
+    n_chosen = tl.sum(chosen.to(tl.int32), axis=1)
+    slots = tl.arange(0, SP)
+    tl.store(idx_ptr + out_row[:, None] + slots[None, :], tl.full([BT, SP], -1, dtype=tl.int32),
+             mask=(slots[None, :] >= n_chosen[:, None]) & (slots[None, :] < S) & t_ok[:, None])
+
+
+@triton.jit
 def _topk_bisect_kernel(
     q_ptr, kc_ptr, lse_ptr, idx_ptr, scratch_ptr, ckey_ptr, cblk_ptr, cu_ptr, cuc_ptr, tiles_ptr, n_work,
     qk_scale,
@@ -242,73 +275,55 @@ def _topk_bisect_kernel(
             cand = keys >= bound[:, None]
             n_cand = tl.sum(cand.to(tl.int32), axis=1)
             fits = tl.max(n_cand, axis=0) <= CB
-        else:
-            fits = False
-        if fits:
-            # 3a. Compact the candidates (in column order) into [BT, CB] and rank them against each other:
-            #     a candidate's rank is the number of candidates with a larger (key, earlier block) pair, so the
-            #     S best by key, ties to the earlier block, are those of rank < S: the same set as the full path.
-            cpos = tl.cumsum(cand.to(tl.int32), axis=1) - 1
-            c_off = tt[:, None] * CB + cpos
-            tl.store(cslot_key + c_off, keys, mask=cand)
-            tl.store(cslot_blk + c_off, col[None, :] + tl.zeros([BT, NBP], dtype=tl.int32), mask=cand)
-            tl.debug_barrier()  # the compacted rows written by every thread are read back by others
-            ci = tl.arange(0, CB)
-            c_ok = ci[None, :] < n_cand[:, None]
-            ckey = tl.load(cslot_key + tt[:, None] * CB + ci[None, :], mask=c_ok, other=0, cache_modifier=".cg")
-            cblk = tl.load(cslot_blk + tt[:, None] * CB + ci[None, :], mask=c_ok, other=0, cache_modifier=".cg")
-            # One int64 per candidate, unique within a row: key in the high word, 2^31 - 1 - block below it
-            # (empty slots: key 0, below every candidate).
-            pair = (ckey.to(tl.int64) << 32) | (0x7FFFFFFF - cblk).to(tl.int64)
-            # Pairwise counts in [BT, CB, CJ] slices (the whole [BT, CB, CB] comparison would spill), only over
-            # the slots some row of the tile uses.
-            crank = tl.zeros([BT, CB], dtype=tl.int32)
-            for cj0 in range(0, tl.max(n_cand, axis=0), CJ):
-                cj = cj0 + tl.arange(0, CJ)
-                j_off = tt[:, None] * CB + cj[None, :]
-                j_ok = cj[None, :] < n_cand[:, None]
-                kj = tl.load(cslot_key + j_off, mask=j_ok, other=0, cache_modifier=".cg")
-                bj = tl.load(cslot_blk + j_off, mask=j_ok, other=0, cache_modifier=".cg")
-                pj = (kj.to(tl.int64) << 32) | (0x7FFFFFFF - bj).to(tl.int64)
-                crank += tl.sum((pj[:, None, :] > pair[:, :, None]).to(tl.int32), axis=2)
-            cchosen = (ckey > 0) & (crank < S)
-            # 4a. Compaction kept the column order, so the chosen blocks' running count is their output slot.
-            cslot = tl.cumsum(cchosen.to(tl.int32), axis=1) - 1
-            out_row = (bos + tpos).to(tl.int64) * (HKV * S) + g * S
-            tl.store(idx_ptr + out_row[:, None] + cslot, cblk, mask=cchosen & t_ok[:, None])
-            n_chosen = tl.sum(cchosen.to(tl.int32), axis=1)
-            slots = tl.arange(0, SP)
-            tl.store(idx_ptr + out_row[:, None] + slots[None, :], tl.full([BT, SP], -1, dtype=tl.int32),
-                     mask=(slots[None, :] >= n_chosen[:, None]) & (slots[None, :] < S) & t_ok[:, None])
-        else:
-            # Fallback (a row with more than CB candidates, or CB == 0): the full-width path below.
-            # 3b. tau = the S-th largest key of each row, by bisection over the int32 key range (31 halvings):
-            #    the largest v with count(keys >= v) >= S. Rows with at most S candidates take all of them.
-            n_valid = tl.sum((keys > 0).to(tl.int32), axis=1)
-            lo = tl.full([BT], 1, dtype=tl.int32)
-            hi = tl.full([BT], 0x7F800001, dtype=tl.int32)
-            for _ in range(31):
-                mid = lo + ((hi - lo + 1) >> 1)
-                enough = tl.sum((keys >= mid[:, None]).to(tl.int32), axis=1) >= S
-                lo = tl.where(enough, mid, lo)
-                hi = tl.where(enough, hi, mid - 1)
-            many = n_valid > S
-            tau = tl.where(many, lo, 1)
-            # Keys above tau are in; of the keys equal to tau, the earliest blocks fill the remaining slots.
-            above = keys > tau[:, None]
-            need = tl.where(many, S - tl.sum(above.to(tl.int32), axis=1), S)
-            equal = keys == tau[:, None]
-            chosen = above | (equal & (tl.cumsum(equal.to(tl.int32), axis=1) <= need[:, None]))
-
-            # 4b. Write the chosen blocks in ascending order (the scan order), then -1 in the unused slots.
-            rank = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
-            out_row = (bos + tpos).to(tl.int64) * (HKV * S) + g * S
-            tl.store(idx_ptr + out_row[:, None] + rank, col[None, :] + tl.zeros([BT, NBP], dtype=tl.int32),
-                     mask=chosen & t_ok[:, None])
-            n_chosen = tl.sum(chosen.to(tl.int32), axis=1)
-            slots = tl.arange(0, SP)
-            tl.store(idx_ptr + out_row[:, None] + slots[None, :], tl.full([BT, SP], -1, dtype=tl.int32),
-                     mask=(slots[None, :] >= n_chosen[:, None]) & (slots[None, :] < S) & t_ok[:, None])
+            if fits:
+                # 3a. Compact the candidates (in column order) into [BT, CB] and rank them against each other:
+                #     a candidate's rank is the number of candidates with a larger (key, earlier block) pair, so the
+                #     S best by key, ties to the earlier block, are those of rank < S: the same set as the full path.
+                cpos = tl.cumsum(cand.to(tl.int32), axis=1) - 1
+                c_off = tt[:, None] * CB + cpos
+                # Only the block ids are compacted; their keys are gathered back from the scratch rows (storing the
+                # keys too would move the full-width key tensor into the store layout through shared memory).
+                tl.store(cslot_blk + c_off, col[None, :] + tl.zeros([BT, NBP], dtype=tl.int32), mask=cand)
+                tl.debug_barrier()  # the compacted rows written by every thread are read back by others
+                ci = tl.arange(0, CB)
+                c_ok = ci[None, :] < n_cand[:, None]
+                cblk = tl.load(cslot_blk + tt[:, None] * CB + ci[None, :], mask=c_ok, other=0, cache_modifier=".cg")
+                ckey = tl.load(slot + tt[:, None] * NBP + cblk, mask=c_ok, other=0, cache_modifier=".cg")
+                tl.store(cslot_key + tt[:, None] * CB + ci[None, :], ckey)
+                tl.debug_barrier()  # the pairwise loop below reads other threads' keys
+                # One int64 per candidate, unique within a row: key in the high word, 2^31 - 1 - block below it
+                # (empty slots: key 0, below every candidate).
+                pair = (ckey.to(tl.int64) << 32) | (0x7FFFFFFF - cblk).to(tl.int64)
+                # Pairwise counts in [BT, CB, CJ] slices (the whole [BT, CB, CB] comparison would spill), only over
+                # the slots some row of the tile uses.
+                crank = tl.zeros([BT, CB], dtype=tl.int32)
+                for cj0 in range(0, tl.max(n_cand, axis=0), CJ):
+                    cj = cj0 + tl.arange(0, CJ)
+                    j_off = tt[:, None] * CB + cj[None, :]
+                    j_ok = cj[None, :] < n_cand[:, None]
+                    kj = tl.load(cslot_key + j_off, mask=j_ok, other=0, cache_modifier=".cg")
+                    bj = tl.load(cslot_blk + j_off, mask=j_ok, other=0, cache_modifier=".cg")
+                    pj = (kj.to(tl.int64) << 32) | (0x7FFFFFFF - bj).to(tl.int64)
+                    crank += tl.sum((pj[:, None, :] > pair[:, :, None]).to(tl.int32), axis=2)
+                cchosen = (ckey > 0) & (crank < S)
+                # 4a. Compaction kept the column order, so the chosen blocks' running count is their output slot.
+                cslot = tl.cumsum(cchosen.to(tl.int32), axis=1) - 1
+                out_row = (bos + tpos).to(tl.int64) * (HKV * S) + g * S
+                tl.store(idx_ptr + out_row[:, None] + cslot, cblk, mask=cchosen & t_ok[:, None])
+                n_chosen = tl.sum(cchosen.to(tl.int32), axis=1)
+                slots = tl.arange(0, SP)
+                tl.store(idx_ptr + out_row[:, None] + slots[None, :], tl.full([BT, SP], -1, dtype=tl.int32),
+                         mask=(slots[None, :] >= n_chosen[:, None]) & (slots[None, :] < S) & t_ok[:, None])
+            else:
+                # Fallback (a row with more than CB candidates): the full-width path. The keys are read again
+                # (L1/L2 hits) so that they are not held in registers across the compact branch.
+                keys = tl.load(slot + tt[:, None] * NBP + col[None, :],
+                               mask=(col[None, :] < n_loop) & (tt[:, None] < BT), other=0, cache_modifier=".cg")
+                _select_full_width(keys, col, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, BT, NBP, S,
+                                   SP)
+        else:  # CB == 0: always the full-width path
+            _select_full_width(keys, col, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, BT, NBP, S,
+                               SP)
         tl.debug_barrier()  # the scratch rows are rewritten by the next work item
 
 
