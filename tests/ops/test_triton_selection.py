@@ -176,6 +176,10 @@ def test_tile_height_follows_selection_overlap() -> None:
     assert plan_tiles(same, cu, 7).block_m == 64
     assert plan_tiles(disjoint, cu, 7).block_m == 16
     assert plan_tiles(disjoint, cu, 7, tile_rows=128).block_m == 128
+    # A caller's step-cost table (the dq kernel has its own) decides: 16-row steps priced 10x dearer than
+    # 64-row ones make even disjoint selections take 64-row tiles; the candidates list is honoured.
+    assert plan_tiles(disjoint, cu, 7, step_cost={64: 1.0, 16: 10.0}).block_m == 64
+    assert plan_tiles(same, cu, 7, step_cost={64: 1.0, 16: 1.0}, candidates=(16, 32)).block_m == 32
 
 
 @kernel_test
@@ -327,8 +331,10 @@ def _gpu_case(seq_lens, heads_q, heads_kv, head_dim, dtype, clustered: bool, til
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("clustered", [False, True])
-def test_gpu_real_shapes_7_to_1_varlen(clustered: bool) -> None:
-    _gpu_case([1000, 2600, 77, 400], 28, 4, 128, torch.bfloat16, clustered)
+@pytest.mark.parametrize("tile_rows", [None, 16, 64])
+def test_gpu_real_shapes_7_to_1_varlen(clustered: bool, tile_rows: int | None) -> None:
+    """64 rows: the dq kernel's own launch (8 warps at D=128), 16 rows: the randn-selection path."""
+    _gpu_case([1000, 2600, 77, 400], 28, 4, 128, torch.bfloat16, clustered, tile_rows=tile_rows)
 
 
 @pytest.mark.gpu

@@ -38,6 +38,10 @@ LOG2E = 1.4426950408889634
 # K2 section). `plan_tiles` multiplies them by the union sizes to pick the height; small tiles win when the
 # tokens of a tile share few blocks (random selections), tall ones when they share most (trained models).
 TILE_STEP_COST = {128: 12.7, 64: 6.35, 16: 4.4}
+# The same for the dq kernel (three products per step instead of two, no row max/sum). Not yet measured on
+# its own: the forward's table until `benchmarks/tune_selection.py` (which prints ns per step of both kernels
+# at every height on NSA-of-randn and structured selections) says otherwise.
+DQ_TILE_STEP_COST = dict(TILE_STEP_COST)
 # Heights tried when the caller does not fix one (128 never beat 64 in the measurements).
 TILE_CANDIDATES = (64, 16)
 # Query rows per dk/dv step (H100, 128K: 32 rows 1.3x faster than 64, 3x faster than 128), and the
@@ -257,11 +261,16 @@ class TilePlan:
     bits: Tensor  # int32 [n_tiles, HKV, tokens * S, ceil(tokens / 32)]
 
 
-def plan_tiles(block_indices: Tensor, cu_seqlens: Tensor, group: int, tile_rows: int | None = None) -> TilePlan:
+def plan_tiles(
+    block_indices: Tensor, cu_seqlens: Tensor, group: int, tile_rows: int | None = None,
+    step_cost: dict[int, float] | None = None, candidates: tuple[int, ...] | None = None,
+) -> TilePlan:
     """Tiles for the forward / dq kernels: `tile_rows` rows per program, or (None) the height among
-    `TILE_CANDIDATES` with the least estimated time: union sizes measured on every 8th tile times the cost
-    of one step at that height (`TILE_STEP_COST`). One host sync for the choice."""
-    heights = [tile_rows] if tile_rows else list(TILE_CANDIDATES)
+    `candidates` (default `TILE_CANDIDATES`) with the least estimated time: union sizes measured on every 8th
+    tile times the cost of one step at that height (`step_cost`, default `TILE_STEP_COST`; the dq kernel
+    passes `DQ_TILE_STEP_COST`). One host sync for the choice."""
+    step_cost = step_cost or TILE_STEP_COST
+    heights = [tile_rows] if tile_rows else list(candidates or TILE_CANDIDATES)
     tiled: dict[int, tuple[int, Tensor]] = {}
     for rows in heights:
         block_m, bt = _tile_rows(group, rows)
@@ -274,7 +283,7 @@ def plan_tiles(block_indices: Tensor, cu_seqlens: Tensor, group: int, tile_rows:
             steps = union_blocks(block_indices, sample, bt)[1].sum()
             tokens = sample[:, 1].sum()
             per_token = steps.double() / tokens.clamp(min=1).double()
-            estimates.append(per_token * TILE_STEP_COST.get(block_m, max(TILE_STEP_COST.values())))
+            estimates.append(per_token * step_cost.get(block_m, max(step_cost.values())))
         choice = int(torch.stack(estimates).argmin())
         block_m = list(tiled)[choice]
     else:
@@ -284,9 +293,16 @@ def plan_tiles(block_indices: Tensor, cu_seqlens: Tensor, group: int, tile_rows:
 
 
 def _launch_config(block_m: int, head_dim: int, kind: str = "fwd") -> tuple[int, int]:
-    """(num_warps, num_stages) for a program with block_m rows (H100 measurements, benchmarks/NOTES.md)."""
+    """(num_warps, num_stages) for a program with block_m rows (H100 measurements, benchmarks/NOTES.md).
+
+    dq at 64 rows and D=128 gets 8 warps: with 4 the sm_90 compile needs all 255 registers per thread (q, do
+    and the float32 dq accumulator of the tile live across the loop), with 8 it needs 178 (Triton 3.6, bf16,
+    7:1; the forward at 64 rows needs 248 / 170). Not yet timed against 4 warps: benchmarks/tune_selection.py.
+    """
     if kind == "dkdv":
         return (8 if block_m >= 128 else 4), 2
+    if kind == "dq":
+        return (8 if block_m >= 64 and head_dim > 64 else 4), 3
     return (8 if block_m >= 128 and head_dim > 64 else 4), 3
 
 
@@ -624,7 +640,7 @@ def launch_dq(
     heads_q, head_dim = q.shape[1], q.shape[2]
     heads_kv = k.shape[1]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    warps, stages = _launch_config(plan.block_m, head_dim)
+    warps, stages = _launch_config(plan.block_m, head_dim, "dq")
     _slc_bwd_dq_kernel[(plan.tiles.shape[0], heads_kv)](
         q, k, v, do, do if do_scale is None else do_scale, lse, delta, dq,
         plan.tiles, plan.blocks, plan.count, plan.bits,
@@ -771,7 +787,7 @@ def selected_attention_bwd(
     elif delta.shape != q.shape[:2]:
         raise ValueError(f"selected attention: delta must be [T, HQ], got {tuple(delta.shape)}")
     delta = delta.float().contiguous()
-    plan = plan_tiles(block_indices, cu_seqlens, q.shape[1] // k.shape[1], tile_rows)
+    plan = plan_tiles(block_indices, cu_seqlens, q.shape[1] // k.shape[1], tile_rows, DQ_TILE_STEP_COST)
     dq = launch_dq(q, k, v, do, lse, delta, plan, block_size, scale, do_scale=do_scale)
     del plan
     key_blocks = tiles_of(cu_seqlens, block_size)

@@ -1,0 +1,165 @@
+"""Selection forward / dq kernels at a real shape: launch settings and tile heights, old defaults against new.
+
+    PYTHONPATH=src python benchmarks/tune_selection.py [--length 131072] [--budget-s 85] [--out $OUT]
+
+Shape: B=1, HQ=28, HKV=4, D=128, bf16, block 64, 32 blocks (bench_ops.py's constants). Selections are the
+operator's own: `bench_ops.make_inputs(T, structured)` -> mean pooling -> compressed attention -> top-k, for
+"randn" (plain randn inputs: every token's top-k an independent draw, neighbouring tokens share almost
+nothing) and "structured" (queries drifting over 256-token stretches, keys with per-block offsets).
+
+For each selection: union steps per token at every tile height (what `plan_tiles` weighs), the height the
+planner picks with the forward's and with the dq kernel's step-cost table, then CUDA-event medians of the
+forward and dq kernels alone (index building excluded) for each (rows, warps, stages) variant, with the time
+of one step (ns per tile-union entry: the unit of TILE_STEP_COST / DQ_TILE_STEP_COST). Correctness at the
+same shape: every dq variant against the old default's dq (relative error), dq with `do_scale` against dq of
+the materialised do * do_scale, and forward outputs of every variant against the 16-row forward.
+
+Prints one JSON object per line (kind = "info" / "time" / "check" / "summary") and writes them all to
+OUT/tune_selection.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from functools import partial
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ops import BLOCK, COUNT, HKV, HQ, INIT, LOCAL, D, bench, make_inputs  # noqa: E402
+from videonsa.ops.triton import selection as slc  # noqa: E402
+from videonsa.ops.triton.compression import compressed_attention_fwd, mean_pool_fwd  # noqa: E402
+from videonsa.ops.triton.packing import pack  # noqa: E402
+from videonsa.ops.triton.topk import select_blocks_topk  # noqa: E402
+
+# Launch settings before this change (selection.py at commit a937654): 4 warps below 128 rows, 3 stages.
+OLD_DQ = {16: (4, 3), 64: (4, 3), 128: (8, 3)}
+OLD_FWD = {16: (4, 3), 64: (4, 3), 128: (8, 3)}
+# Variants timed per height: (warps, stages).
+FWD_VARIANTS = {16: [(4, 3), (4, 2)], 64: [(4, 3), (8, 3), (4, 2)], 128: [(8, 3)]}
+DQ_VARIANTS = {16: [(4, 3), (4, 2), (8, 3)], 64: [(4, 3), (8, 3), (8, 2), (4, 2)], 128: [(8, 3), (8, 2)]}
+LINES: list[dict] = []
+DEVICE = "cuda"
+
+
+def emit(**row) -> None:
+    LINES.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+
+
+def operator_inputs(seq_len: int, structured: bool):
+    """Packed q, k, v [T, H, D] bf16, cu_seqlens, and the operator's block_indices int32 [T, HKV, COUNT]."""
+    x = make_inputs(seq_len, seed=0, structured=structured)
+    q, cu = pack(x["q"], None)
+    k, _ = pack(x["k"], None)
+    v, _ = pack(x["v"], None)
+    scale = D**-0.5
+    k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, v, cu, BLOCK)
+    _, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, BLOCK, scale)
+    idx = select_blocks_topk(q, k_cmp, lse_cmp, cu, cu_cmp, block_size=BLOCK, block_count=COUNT,
+                             init_blocks=INIT, local_blocks=LOCAL, scale=scale)
+    return q, k, v, cu, idx.to(torch.int32).contiguous()
+
+
+def run_selection(name: str, seq_len: int, deadline: float) -> None:
+    structured = name == "structured"
+    q, k, v, cu, idx = operator_inputs(seq_len, structured)
+    scale = D**-0.5
+    group = HQ // HKV
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    do = torch.randn(q.shape, device=DEVICE, dtype=q.dtype, generator=gen)
+    heights = [16, 64, 128] if structured else [16, 64]  # 128 rows on randn: ~8x the 16-row work, skipped
+    plans = {rows: slc.plan_tiles(idx, cu, group, rows) for rows in heights}
+    tokens = q.shape[0]
+    steps = {rows: int(plans[rows].count.sum()) for rows in heights}
+    emit(kind="info", selection=name, T=seq_len,
+         union_steps_per_token_per_group={rows: steps[rows] / tokens / HKV for rows in heights},
+         auto_rows_fwd_costs=slc.plan_tiles(idx, cu, group).block_m,
+         auto_rows_dq_costs=slc.plan_tiles(idx, cu, group, None, slc.DQ_TILE_STEP_COST).block_m)
+
+    # Reference forward (16 rows, old launch) and its lse / delta, shared by every dq variant.
+    o_ref, lse = slc.launch_fwd(q, k, v, plans[16], BLOCK, scale, *OLD_FWD[16])
+    delta = slc.row_dot(o_ref, do)
+    best: dict[str, tuple[float, int, int, int]] = {}
+    for kernel, variants, old in (("fwd", FWD_VARIANTS, OLD_FWD), ("dq", DQ_VARIANTS, OLD_DQ)):
+        for rows in heights:
+            plan = plans[rows]
+            ref = None
+            for warps, stages in variants[rows]:
+                if time.time() > deadline:
+                    emit(kind="info", skipped=f"{name} {kernel} rows{rows} w{warps}s{stages}: over budget")
+                    continue
+                if kernel == "fwd":
+                    fn = partial(slc.launch_fwd, q, k, v, plan, BLOCK, scale, warps, stages)
+                else:
+                    fn = partial(slc.launch_dq, q, k, v, do, lse, delta, plan, BLOCK, scale, warps, stages)
+                out = fn()
+                if kernel == "fwd":
+                    err = max(rel(out[0], o_ref), rel(torch.nan_to_num(out[1], neginf=0.0),
+                                                      torch.nan_to_num(lse, neginf=0.0)))
+                else:
+                    ref = out if ref is None else ref  # first variant = old default launch
+                    err = rel(out, ref)
+                    if torch.isnan(out).any():
+                        err = float("nan")
+                ms = bench(fn)
+                is_old = (warps, stages) == old[rows]
+                is_new = (warps, stages) == slc._launch_config(rows, D, "dq" if kernel == "dq" else "fwd")
+                emit(kind="time", selection=name, kernel=kernel, rows=rows, warps=warps, stages=stages, ms=ms,
+                     ns_per_step=ms * 1e6 / steps[rows], rel_err=err, old_default=is_old, new_default=is_new)
+                if not best.get(kernel) or ms < best[kernel][0]:
+                    best[kernel] = (ms, rows, warps, stages)
+
+    # do_scale: the gate folded into the kernels against the materialised product.
+    gate = torch.rand(q.shape[:2], device=DEVICE, generator=gen).to(q.dtype)
+    plan = plans[16]
+    scaled = (do.float() * gate.float()[..., None]).to(do.dtype)
+    want = slc.launch_dq(q, k, v, scaled, lse, slc.row_dot(o_ref, scaled), plan, BLOCK, scale)
+    got = slc.launch_dq(q, k, v, do, lse, delta * gate.float(), plan, BLOCK, scale, do_scale=gate)
+    emit(kind="check", selection=name, what="dq do_scale vs materialised", rel_err=rel(got, want))
+
+    # Whole entry points: old (forward's costs, old launch) against new defaults.
+    fwd_auto = slc.plan_tiles(idx, cu, group)
+    dq_auto = slc.plan_tiles(idx, cu, group, None, slc.DQ_TILE_STEP_COST)
+    fwd_ms = bench(partial(slc.launch_fwd, q, k, v, fwd_auto, BLOCK, scale))
+    old_dq_ms = bench(partial(slc.launch_dq, q, k, v, do, lse, delta, fwd_auto, BLOCK, scale,
+                              *OLD_DQ[fwd_auto.block_m]))
+    new_dq_ms = bench(partial(slc.launch_dq, q, k, v, do, lse, delta, dq_auto, BLOCK, scale))
+    emit(kind="summary", selection=name, T=seq_len, fwd_rows=fwd_auto.block_m, fwd_ms=fwd_ms,
+         dq_old_rows=fwd_auto.block_m, dq_old_ms=old_dq_ms, dq_new_rows=dq_auto.block_m, dq_new_ms=new_dq_ms,
+         dq_over_fwd_old=old_dq_ms / fwd_ms, dq_over_fwd_new=new_dq_ms / fwd_ms,
+         best={kern: dict(zip(("ms", "rows", "warps", "stages"), b, strict=True)) for kern, b in best.items()})
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--length", type=int, default=131072)
+    parser.add_argument("--selections", nargs="*", default=["randn", "structured"])
+    parser.add_argument("--budget-s", type=float, default=85.0, help="skip remaining variants past this")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    start = time.time()
+    import triton
+
+    emit(kind="info", device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__)
+    for i, name in enumerate(args.selections):
+        # Each selection gets its share of the budget (the summary of each still runs).
+        share = start + args.budget_s * (i + 1) / len(args.selections) - 8.0
+        run_selection(name, args.length, share)
+    emit(kind="info", wall_s=time.time() - start)
+    with open(os.path.join(args.out, "tune_selection.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in LINES)
+
+
+if __name__ == "__main__":
+    main()
