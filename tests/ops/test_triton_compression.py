@@ -298,9 +298,9 @@ def case_topk_ties(block_count, seed=0):
         # One sequence (no host syncs: sizes from shapes), several query segments per dK~/dV~ key tile.
         dict(seq_lens=[203], heads_q=14, heads_kv=2, head_dim=32, block_size=16, dtype="float32",
              config=dict(dkv=dict(rows=16, keys=4, min_segment=40, max_segments=8))),
-        # Same on varlen inputs with fp16, 2:1.
+        # Same on varlen inputs with fp16, 2:1, dK~ and dV~ from separate launches (split).
         dict(seq_lens=[90, 17, 133], heads_q=4, heads_kv=2, head_dim=16, block_size=8, dtype="float16",
-             config=dict(dkv=dict(rows=16, keys=2, min_segment=24, max_segments=8))),
+             config=dict(dkv=dict(rows=16, keys=2, min_segment=24, max_segments=8, split=True))),
     ],
     ids=["7to1-fp32-varlen", "1to1-fp16-d24", "one-seq-segments", "varlen-fp16-segments"],
 )

@@ -366,10 +366,12 @@ def _cmp_bwd_dkv_kernel(
     qk_scale, scale, seg_len, total_blocks,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BKC: tl.constexpr, PREC: tl.constexpr,
-    DO_SCALE: tl.constexpr,
+    DO_SCALE: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr,
 ):
     # One program: BKC compressed blocks of one sequence and KV head, against the queries of segment `seg`
     # of that sequence; writes its partial dK~, dV~ to slot `seg` of the [n_seg, total_NB, HKV, D] buffers.
+    # WANT_DK / WANT_DV: a program that computes one of the two holds one [BKC, BD] float32 accumulator instead
+    # of two (fewer registers, several programs per SM), at the price of recomputing q.K~ in the other launch.
     ktile = tl.program_id(0)
     seg = tl.program_id(1)
     g = tl.program_id(2)
@@ -420,16 +422,20 @@ def _cmp_bwd_dkv_kernel(
         n_visible = tl.where(row_ok, (pos + 1) // BLOCK, 0)
         st = tl.dot(kc, tl.trans(q), input_precision=PREC) * qk_scale  # [BKC, BM]
         pt = tl.where(j[:, None] < n_visible[None, :], tl.exp2(st - lse2[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-        dpt = tl.dot(vc, tl.trans(do), input_precision=PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+        if WANT_DV:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        if WANT_DK:
+            dpt = tl.dot(vc, tl.trans(do), input_precision=PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
 
     # Fresh (not CSE-able) [BKC, BD] mask and offsets, so the kc/vc loads' ones are not live across the loop.
     out = (seg.to(tl.int64) * total_blocks + cbos + j) * (HKV * D) + g * D
     out_off = out[:, None] + d[None, :]
-    tl.store(dkc_ptr + out_off, dk * scale, mask=kv_mask)
-    tl.store(dvc_ptr + out_off, dv, mask=kv_mask)
+    if WANT_DK:
+        tl.store(dkc_ptr + out_off, dk * scale, mask=kv_mask)
+    if WANT_DV:
+        tl.store(dvc_ptr + out_off, dv, mask=kv_mask)
 
 
 # Launch settings per kernel: matrix rows per query tile, keys per step, warps, pipeline stages; the dK~/dV~
@@ -606,13 +612,15 @@ def compressed_attention_bwd(
     if total_blocks:
         bkc = cfg["keys"]
         ktiles = query_tiles(cu_cmp, bkc, total_blocks)
-        _cmp_bwd_dkv_kernel[(ktiles.shape[0], n_seg, heads_kv)](
-            q, k_cmp, v_cmp, do, dos, lse, delta, dk_parts, dv_parts, cu_seqlens, cu_cmp, ktiles,
-            scale * LOG2E, scale, seg_len, total_blocks,
-            HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=bd,
-            BLOCK=block_size, BT=bt_kv, BM=bm_kv, BKC=bkc, PREC=prec, DO_SCALE=do_scale is not None,
-            num_warps=cfg["warps"], num_stages=cfg["stages"],
-        )
+        # split: one launch for dK~, one for dV~ (see the kernel); else both in one launch.
+        for want_dk, want_dv in ((True, False), (False, True)) if cfg.get("split") else ((True, True),):
+            _cmp_bwd_dkv_kernel[(ktiles.shape[0], n_seg, heads_kv)](
+                q, k_cmp, v_cmp, do, dos, lse, delta, dk_parts, dv_parts, cu_seqlens, cu_cmp, ktiles,
+                scale * LOG2E, scale, seg_len, total_blocks,
+                HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=bd,
+                BLOCK=block_size, BT=bt_kv, BM=bm_kv, BKC=bkc, PREC=prec, DO_SCALE=do_scale is not None,
+                WANT_DK=want_dk, WANT_DV=want_dv, num_warps=cfg["warps"], num_stages=cfg["stages"],
+            )
     if n_seg == 1:
         return dq, dk_parts[0], dv_parts[0]
     return dq, dk_parts.sum(0), dv_parts.sum(0)
