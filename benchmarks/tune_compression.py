@@ -41,6 +41,8 @@ SWEEP_DKV = [
     dict(rows=64, keys=128, warps=8, stages=2),
     dict(rows=32, keys=64, warps=8, stages=2),
     dict(rows=32, keys=128, warps=8, stages=2, min_segment=2048, max_segments=32),
+    dict(rows=32, keys=128, warps=8, stages=2, split=True),
+    dict(rows=64, keys=128, warps=8, stages=2, split=True),
 ]
 
 
