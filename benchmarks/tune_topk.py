@@ -29,6 +29,8 @@ def main() -> None:
                         help="CONFIG['candidates'] values of the bisection kernel (0: the full-width path only)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[8],
                         help="CONFIG['bisect_tokens'] values (tokens per tile of the bisection kernel)")
+    parser.add_argument("--warps", type=int, nargs="+", default=[0],
+                        help="CONFIG['bisect_warps'] values (0: the default rule)")
     parser.add_argument("--inputs", nargs="+", default=["randn", "structured"], choices=["randn", "structured"])
     parser.add_argument("--no-sort-timing", action="store_true", help="run the sorting kernel once, untimed")
     args = parser.parse_args()
@@ -51,18 +53,19 @@ def main() -> None:
                                                       scale=scale, method=method)
 
             want = run("sort")
-            variants = [("sort", None, None)] + [("bisect", w, t) for t in args.tokens for w in args.widths]
-            for method, width, tokens in variants:
+            variants = [("sort", None, None, None)] + [
+                ("bisect", w, t, nw) for nw in args.warps for t in args.tokens for w in args.widths]
+            for method, width, tokens, warps in variants:
                 if width is not None:
-                    topk_module.CONFIG.update(candidates=width, bisect_tokens=tokens)
+                    topk_module.CONFIG.update(candidates=width, bisect_tokens=tokens, bisect_warps=warps or None)
                 try:
                     got = run(method)
                     equal = bool(torch.equal(got, want))
                     ms = None if (method == "sort" and args.no_sort_timing) else bench(lambda m=method: run(m))
-                    row = dict(T=seq_len, inputs=kind, method=method, candidates=width, tokens=tokens, ms=ms,
-                               equal_to_sort=equal)
+                    row = dict(T=seq_len, inputs=kind, method=method, candidates=width, tokens=tokens, warps=warps,
+                               ms=ms, equal_to_sort=equal)
                 except Exception as exc:  # a variant that fails to compile or run is reported, not fatal
-                    row = dict(T=seq_len, inputs=kind, method=method, candidates=width, tokens=tokens,
+                    row = dict(T=seq_len, inputs=kind, method=method, candidates=width, tokens=tokens, warps=warps,
                                error=repr(exc)[:300])
                 finally:
                     topk_module.CONFIG.update(saved)
