@@ -11,7 +11,7 @@ For each selection: union steps per token at every tile height (what `plan_tiles
 planner picks with the forward's and with the dq kernel's step-cost table, then CUDA-event medians of the
 forward and dq kernels alone (index building excluded) for each (rows, warps, stages) variant, with the time
 of one step (ns per tile-union entry: the unit of TILE_STEP_COST / DQ_TILE_STEP_COST). Correctness at the
-same shape: every dq variant against the old default's dq (relative error), dq with `do_scale` against dq of
+same shape: every dq variant against the 16-row old-default dq (relative error), dq with `do_scale` against dq of
 the materialised do * do_scale, and forward outputs of every variant against the 16-row forward.
 
 Prints one JSON object per line (kind = "info" / "time" / "check" / "summary") and writes them all to
@@ -90,9 +90,9 @@ def run_selection(name: str, seq_len: int, deadline: float) -> None:
     delta = slc.row_dot(o_ref, do)
     best: dict[str, tuple[float, int, int, int]] = {}
     for kernel, variants, old in (("fwd", FWD_VARIANTS, OLD_FWD), ("dq", DQ_VARIANTS, OLD_DQ)):
+        ref = None  # dq of the first variant (16 rows, old launch): every tiling must agree with it
         for rows in heights:
             plan = plans[rows]
-            ref = None
             for warps, stages in variants[rows]:
                 if time.time() > deadline:
                     emit(kind="info", skipped=f"{name} {kernel} rows{rows} w{warps}s{stages}: over budget")
@@ -106,7 +106,7 @@ def run_selection(name: str, seq_len: int, deadline: float) -> None:
                     err = max(rel(out[0], o_ref), rel(torch.nan_to_num(out[1], neginf=0.0),
                                                       torch.nan_to_num(lse, neginf=0.0)))
                 else:
-                    ref = out if ref is None else ref  # first variant = old default launch
+                    ref = out if ref is None else ref
                     err = rel(out, ref)
                     if torch.isnan(out).any():
                         err = float("nan")
