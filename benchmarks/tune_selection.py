@@ -11,7 +11,8 @@ For each selection: union steps per token at every tile height (what `plan_tiles
 planner picks with the forward's and with the dq kernel's step-cost table, then CUDA-event medians of the
 forward and dq kernels alone (index building excluded) for each (rows, warps, stages) variant, with the time
 of one step (ns per tile-union entry: the unit of TILE_STEP_COST / DQ_TILE_STEP_COST). Correctness at the
-same shape: every dq variant against the 16-row old-default dq (relative error), dq with `do_scale` against dq of
+same shape: every dq variant against the 16-row old-default dq (relative error), dk/dv launch variants
+against the default's, dq with `do_scale` against dq of
 the materialised do * do_scale, and forward outputs of every variant against the 16-row forward.
 
 Prints one JSON object per line (kind = "info" / "time" / "check" / "summary") and writes them all to
@@ -42,6 +43,7 @@ OLD_FWD = {16: (4, 3), 64: (4, 3), 128: (8, 3)}
 # Variants timed per height: (warps, stages).
 FWD_VARIANTS = {16: [(4, 3), (4, 2)], 64: [(4, 3), (8, 3), (4, 2)], 128: [(8, 3)]}
 DQ_VARIANTS = {16: [(4, 3), (4, 2), (8, 3)], 64: [(4, 3), (8, 3), (8, 2), (4, 2)], 128: [(8, 3), (8, 2)]}
+DKDV_VARIANTS = [(32, 4, 2), (32, 8, 2), (16, 4, 2)]  # (rows, warps, stages); first = current default
 LINES: list[dict] = []
 DEVICE = "cuda"
 
@@ -117,6 +119,24 @@ def run_selection(name: str, seq_len: int, deadline: float) -> None:
                      ns_per_step=ms * 1e6 / steps[rows], rel_err=err, old_default=is_old, new_default=is_new)
                 if not best.get(kernel) or ms < best[kernel][0]:
                     best[kernel] = (ms, rows, warps, stages)
+
+    # dk/dv (inverse lists): sm_90 compile of the default (32 rows, 4 warps, 2 stages) spills 184 bytes at
+    # 255 registers; 8 warps needs 247 and no spill. Checked against the default's dk, dv.
+    key_blocks = slc.tiles_of(cu, BLOCK)
+    offsets, tok_list = slc.inverse_lists(idx, cu, key_blocks)
+    ref = None
+    for rows, warps, stages in DKDV_VARIANTS:
+        if time.time() > deadline + 6.0:
+            emit(kind="info", skipped=f"{name} dkdv rows{rows} w{warps}s{stages}: over budget")
+            continue
+        fn = partial(slc.launch_dkdv, q, k, v, do, lse, delta, key_blocks, offsets, tok_list, BLOCK, scale,
+                     rows, warps, stages)
+        out = fn()
+        ref = out if ref is None else ref
+        err = max(rel(out[0], ref[0]), rel(out[1], ref[1]))
+        ms = bench(fn)
+        emit(kind="time", selection=name, kernel="dkdv", rows=rows, warps=warps, stages=stages, ms=ms,
+             rel_err=err, old_default=(rows, warps, stages) == (32, 4, 2))
 
     # do_scale: the gate folded into the kernels against the materialised product.
     gate = torch.rand(q.shape[:2], device=DEVICE, generator=gen).to(q.dtype)
