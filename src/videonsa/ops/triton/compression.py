@@ -133,7 +133,8 @@ def mean_pool_fwd(
 
     Args:
         k, v: [total_T, HKV, D] packed keys and values.
-        cu_seqlens: int32 [N+1].
+        cu_seqlens: int32 [N+1] with cu_seqlens[-1] == total_T (with N = 1 the block count is taken from the
+            shape, without reading cu_seqlens on the host).
     Returns:
         k_cmp, v_cmp: [total_NB, HKV, D] in k's dtype (accumulated in float32);
         cu_cmp: int32 [N+1] offsets of each sequence's blocks.
