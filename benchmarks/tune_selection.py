@@ -16,7 +16,7 @@ against the default's, dq with `do_scale` against dq of
 the materialised do * do_scale, and forward outputs of every variant against the 16-row forward.
 
 Prints one JSON object per line (kind = "info" / "time" / "check" / "summary") and writes them all to
-OUT/tune_selection.jsonl.
+OUT/tune_selection_<selections>.jsonl.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def main() -> None:
         share = start + args.budget_s * (i + 1) / len(args.selections) - 8.0
         run_selection(name, args.length, share)
     emit(kind="info", wall_s=time.time() - start)
-    with open(os.path.join(args.out, "tune_selection.jsonl"), "w") as f:
+    with open(os.path.join(args.out, f"tune_selection_{'_'.join(args.selections)}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in LINES)
 
 
