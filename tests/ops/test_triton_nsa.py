@@ -167,7 +167,12 @@ def compare_with_reference(x, do, cu, settings, dtype, tols, sel_tol, sample=Non
         assert torch.isfinite(grad).all(), f"grad {name} has NaN/inf"
         errors["d" + name] = _rel(grad, theirs[name].grad)
     fwd_tol, grad_tol = tols
-    bad = {n: e for n, e in errors.items() if n.startswith(("o", "lse")) and e > fwd_tol}
+    # lse_cmp is a largest absolute difference, not a relative norm: the kernel scores against K~ rounded to the
+    # input dtype (the reference keeps it exact), which moves single log-sum-exps by a few units of that dtype's
+    # rounding times |scale * q . K~|; 4x the output tolerance (bf16: 0.04) bounds that with room.
+    bad = {n: e for n, e in errors.items() if n.startswith("o") and e > fwd_tol}
+    if errors["lse_cmp"] > 4 * fwd_tol:
+        bad["lse_cmp"] = errors["lse_cmp"]
     bad.update({n: e for n, e in errors.items() if n.startswith("d") and e > grad_tol})
     assert not bad, f"errors over tolerance: {bad} (all: {errors})"
     return errors, parts
