@@ -34,14 +34,15 @@ from torch import Tensor
 LOG2E = 1.4426950408889634
 
 # Candidate tile heights (matrix rows per forward / dq program) and the measured time of one program step
-# (one union block of one tile) at each height: H100, bf16, D=128, 7:1, T=32K-128K (benchmarks/NOTES.md,
-# K2 section). `plan_tiles` multiplies them by the union sizes to pick the height; small tiles win when the
-# tokens of a tile share few blocks (random selections), tall ones when they share most (trained models).
-TILE_STEP_COST = {128: 12.7, 64: 6.35, 16: 4.4}
-# The same for the dq kernel (three products per step instead of two, no row max/sum). Not yet measured on
-# its own: the forward's table until `benchmarks/tune_selection.py` (which prints ns per step of both kernels
-# at every height on NSA-of-randn and structured selections) says otherwise.
-DQ_TILE_STEP_COST = dict(TILE_STEP_COST)
+# (one union block of one tile) at each height, with the launch settings of `_launch_config`: H100, torch 2.11,
+# Triton 3.6, bf16, D=128, 7:1, T=128K, NSA-of-randn selections (benchmarks/tune_selection.py, kernel-only
+# CUDA events / union steps). `plan_tiles` multiplies them by the union sizes to pick the height; small tiles
+# win when the tokens of a tile share few blocks (random selections), tall ones when they share most.
+# 128 rows is not measured with these settings: its entry is above twice the 64-row cost, so it never beats
+# 64 (a 128-row tile has at least half the union steps per token of the 64-row tiles it covers).
+TILE_STEP_COST = {128: 15.0, 64: 7.09, 16: 4.64}
+# The dq kernel (three products per step instead of two, no row max/sum), measured the same way.
+DQ_TILE_STEP_COST = {128: 16.0, 64: 7.68, 16: 4.65}
 # Heights tried when the caller does not fix one (128 never beat 64 in the measurements).
 TILE_CANDIDATES = (64, 16)
 # Query rows per dk/dv step (H100, 128K: 32 rows 1.3x faster than 64, 3x faster than 128), and the
@@ -293,17 +294,21 @@ def plan_tiles(
 
 
 def _launch_config(block_m: int, head_dim: int, kind: str = "fwd") -> tuple[int, int]:
-    """(num_warps, num_stages) for a program with block_m rows (H100 measurements, benchmarks/NOTES.md).
+    """(num_warps, num_stages) for a program with block_m rows.
 
-    dq at 64 rows and D=128 gets 8 warps: with 4 the sm_90 compile needs all 255 registers per thread (q, do
-    and the float32 dq accumulator of the tile live across the loop), with 8 it needs 178 (Triton 3.6, bf16,
-    7:1; the forward at 64 rows needs 248 / 170). Not yet timed against 4 warps: benchmarks/tune_selection.py.
+    H100, Triton 3.6, bf16, D=128, 7:1, 128K (benchmarks/tune_selection.py, kernel-only ms on randn
+    selections): forward 16 rows 4 warps 2 stages 73.3 (3 stages 79.9), 64 rows 4w/2s 93.0 (4w/3s 96.3, 8w/3s
+    165.9); dq 16 rows 4w/3s 73.4 (4w/2s 81.0, 8w/3s 88.1), 64 rows 4w/2s 100.7 (4w/3s 125.3, 8w/3s 185.7: the
+    8 warps needed fewer registers but ran far slower); dk/dv 32 rows 4w/2s 42.1 (8w/2s 66.3). 128-row tiles are
+    not measured with these kernels (kept at 8 warps).
     """
     if kind == "dkdv":
         return (8 if block_m >= 128 else 4), 2
+    if block_m >= 128 and head_dim > 64:
+        return 8, 3
     if kind == "dq":
-        return (8 if block_m >= 64 and head_dim > 64 else 4), 3
-    return (8 if block_m >= 128 and head_dim > 64 else 4), 3
+        return 4, (3 if block_m <= 16 else 2)
+    return 4, 2
 
 
 # ----------------------------------------------------------------------------------------------------------
