@@ -442,15 +442,15 @@ def _cmp_bwd_dkv_kernel(
 # Launch settings per kernel: matrix rows per query tile, keys per step, warps, pipeline stages; the dK~/dV~
 # kernel also has compressed keys per program (keys), query tokens per segment at least (min_segment), at most
 # max_segments segments (partial sums: max_segments * total_NB * HKV * D float32 for each of dK~, dV~), and
-# split (dK~ and dV~ from two launches). Chosen from the Triton 3.6 compiler's sm_90 register report at D=128,
-# bf16, 7:1, not yet from timings: dkv 32 rows x 128 keys, 8 warps: 233 registers, no spills (64 keys: 173;
-# 64 rows x 128 keys spills 128 bytes; split 32x128: 177); dq 128x32/8 warps: 219 (64x32/4 warps: 134, i.e.
-# three programs per SM); fwd 128x64/8 warps: 203. `benchmarks/bench_ops.py --sweep-length` and
-# `benchmarks/tune_compression.py` time the alternatives.
+# split (dK~ and dV~ from two launches). Triton 3.6 sm_90 register reports at D=128, bf16, 7:1 (with the
+# launch's 16-byte alignment hints): dkv 32 rows x 128 keys, 8 warps, 3 stages: 251 registers, no spills
+# (2 stages: 233; 64 keys: 173; 64 rows x 128 keys spills 128 bytes; split 32x128: 177); dq 128x32/8 warps:
+# 219 (64x32/4 warps: 134, i.e. three programs per SM); fwd 128x64/8 warps: 203. dkv timed on the H100 at
+# 128K (tune_compression.py): 32x128 w8 s3 14.7 ms, s2 17.0, 64x128 s2 16.3, 32x64 38.6, split 27.1.
 CONFIG = {
     "fwd": dict(rows=128, keys=64, warps=8, stages=2),
     "dq": dict(rows=128, keys=32, warps=8, stages=2),
-    "dkv": dict(rows=32, keys=128, warps=8, stages=2, min_segment=4096, max_segments=16),
+    "dkv": dict(rows=32, keys=128, warps=8, stages=3, min_segment=4096, max_segments=16),
 }
 
 
