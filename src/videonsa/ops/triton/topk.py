@@ -190,8 +190,10 @@ def _topk_bisect_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NBP: tl.constexpr, S: tl.constexpr,
     SP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, CB: tl.constexpr,
-    NCLS: tl.constexpr, CJ: tl.constexpr,
+    NCLS: tl.constexpr, CJ: tl.constexpr, SCORE_ONLY: tl.constexpr = False,
 ):
+    # SCORE_ONLY (benchmarks only, output not written): step 1 alone, the selection steps 2-4 compiled out, so
+    # that timing it against the full kernel tells the score pass's share of the time.
     # Persistent: program `pid` takes work items pid, pid + n_prog, ... (a work item = one tile x one KV head)
     # and owns scratch row block `pid` ([BT, NBP] int32 keys, reused for every item, so it stays in L2).
     BM: tl.constexpr = BT * GP
@@ -257,73 +259,75 @@ def _topk_bisect_kernel(
                 k0, k1, k2, k3 = tl.reduce((tl.reshape(key, [BT, BC // NCLS, NCLS]), zero, zero, zero), axis=1,
                                            combine_fn=_top4_combine)
                 c0, c1, c2, c3 = _top4_combine(c0, c1, c2, c3, k0, k1, k2, k3)
-        tl.debug_barrier()  # the keys written by every thread are read back by others
-        keys = tl.load(slot + tt[:, None] * NBP + col[None, :], mask=(col[None, :] < n_loop) & (tt[:, None] < BT),
-                       other=0, cache_modifier=".cg")
+        if not SCORE_ONLY:
+            tl.debug_barrier()  # the keys written by every thread are read back by others
+            keys = tl.load(slot + tt[:, None] * NBP + col[None, :], mask=(col[None, :] < n_loop) & (tt[:, None] < BT),
+                           other=0, cache_modifier=".cg")
 
-        # 2. Candidate filter. A lower bound on each row's S-th largest key: the columns fall into NCLS strided
-        #    classes (j mod NCLS); the 4th largest key of every class is reached by 4 distinct keys of that class,
-        #    so the smallest of these NCLS values is reached by 4 * NCLS >= S distinct keys and is <= the S-th
-        #    largest. Every key that can be chosen (all keys >= the S-th largest, ties included) is >= the bound;
-        #    on random rows only ~3% of 2048 keys are. A row with fewer than 4 candidates in some class gets the
-        #    bound 0, i.e. all its candidates.
-        if CB > 0:
-            if 4 * NCLS >= S:  # noqa: SIM108 (a compile-time branch inside a Triton kernel)
-                bound = tl.maximum(tl.min(c3, axis=1), 1)  # [BT]; key 0 is never a candidate
-            else:  # too few classes to bound the S-th key: every candidate (still exact, rarely compact)
-                bound = tl.full([BT], 1, dtype=tl.int32)
-            cand = keys >= bound[:, None]
-            n_cand = tl.sum(cand.to(tl.int32), axis=1)
-            fits = tl.max(n_cand, axis=0) <= CB
-            if fits:
-                # 3a. Compact the candidates (in column order) into [BT, CB] and rank them against each other:
-                #     a candidate's rank is the number of candidates with a larger (key, earlier block) pair, so the
-                #     S best by key, ties to the earlier block, are those of rank < S: the same set as the full path.
-                cpos = tl.cumsum(cand.to(tl.int32), axis=1) - 1
-                c_off = tt[:, None] * CB + cpos
-                # Only the block ids are compacted; their keys are gathered back from the scratch rows (storing the
-                # keys too would move the full-width key tensor into the store layout through shared memory).
-                tl.store(cslot_blk + c_off, col[None, :] + tl.zeros([BT, NBP], dtype=tl.int32), mask=cand)
-                tl.debug_barrier()  # the compacted rows written by every thread are read back by others
-                ci = tl.arange(0, CB)
-                c_ok = ci[None, :] < n_cand[:, None]
-                cblk = tl.load(cslot_blk + tt[:, None] * CB + ci[None, :], mask=c_ok, other=0, cache_modifier=".cg")
-                ckey = tl.load(slot + tt[:, None] * NBP + cblk, mask=c_ok, other=0, cache_modifier=".cg")
-                tl.store(cslot_key + tt[:, None] * CB + ci[None, :], ckey)
-                tl.debug_barrier()  # the pairwise loop below reads other threads' keys
-                # One int64 per candidate, unique within a row: key in the high word, 2^31 - 1 - block below it
-                # (empty slots: key 0, below every candidate).
-                pair = (ckey.to(tl.int64) << 32) | (0x7FFFFFFF - cblk).to(tl.int64)
-                # Pairwise counts in [BT, CB, CJ] slices (the whole [BT, CB, CB] comparison would spill), only over
-                # the slots some row of the tile uses.
-                crank = tl.zeros([BT, CB], dtype=tl.int32)
-                for cj0 in range(0, tl.max(n_cand, axis=0), CJ):
-                    cj = cj0 + tl.arange(0, CJ)
-                    j_off = tt[:, None] * CB + cj[None, :]
-                    j_ok = cj[None, :] < n_cand[:, None]
-                    kj = tl.load(cslot_key + j_off, mask=j_ok, other=0, cache_modifier=".cg")
-                    bj = tl.load(cslot_blk + j_off, mask=j_ok, other=0, cache_modifier=".cg")
-                    pj = (kj.to(tl.int64) << 32) | (0x7FFFFFFF - bj).to(tl.int64)
-                    crank += tl.sum((pj[:, None, :] > pair[:, :, None]).to(tl.int32), axis=2)
-                cchosen = (ckey > 0) & (crank < S)
-                # 4a. Compaction kept the column order, so the chosen blocks' running count is their output slot.
-                cslot = tl.cumsum(cchosen.to(tl.int32), axis=1) - 1
-                out_row = (bos + tpos).to(tl.int64) * (HKV * S) + g * S
-                tl.store(idx_ptr + out_row[:, None] + cslot, cblk, mask=cchosen & t_ok[:, None])
-                n_chosen = tl.sum(cchosen.to(tl.int32), axis=1)
-                slots = tl.arange(0, SP)
-                tl.store(idx_ptr + out_row[:, None] + slots[None, :], tl.full([BT, SP], -1, dtype=tl.int32),
-                         mask=(slots[None, :] >= n_chosen[:, None]) & (slots[None, :] < S) & t_ok[:, None])
-            else:
-                # Fallback (a row with more than CB candidates): the full-width path. The keys are read again
-                # (L1/L2 hits) so that they are not held in registers across the compact branch.
-                keys = tl.load(slot + tt[:, None] * NBP + col[None, :],
-                               mask=(col[None, :] < n_loop) & (tt[:, None] < BT), other=0, cache_modifier=".cg")
+            # 2. Candidate filter. A lower bound on each row's S-th largest key: the columns fall into NCLS strided
+            #    classes (j mod NCLS); the 4th largest key of every class is reached by 4 distinct keys of that class,
+            #    so the smallest of these NCLS values is reached by 4 * NCLS >= S distinct keys and is <= the S-th
+            #    largest. Every key that can be chosen (all keys >= the S-th largest, ties included) is >= the bound;
+            #    on random rows only ~3% of 2048 keys are. A row with fewer than 4 candidates in some class gets the
+            #    bound 0, i.e. all its candidates.
+            if CB > 0:
+                if 4 * NCLS >= S:  # noqa: SIM108 (a compile-time branch inside a Triton kernel)
+                    bound = tl.maximum(tl.min(c3, axis=1), 1)  # [BT]; key 0 is never a candidate
+                else:  # too few classes to bound the S-th key: every candidate (still exact, rarely compact)
+                    bound = tl.full([BT], 1, dtype=tl.int32)
+                cand = keys >= bound[:, None]
+                n_cand = tl.sum(cand.to(tl.int32), axis=1)
+                fits = tl.max(n_cand, axis=0) <= CB
+                if fits:
+                    # 3a. Compact the candidates (in column order) into [BT, CB] and rank them against each
+                    #     other: a candidate's rank is the number of candidates with a larger (key, earlier block)
+                    #     pair, so the S best by key, ties to the earlier block, are those of rank < S: the same
+                    #     set as the full path.
+                    cpos = tl.cumsum(cand.to(tl.int32), axis=1) - 1
+                    c_off = tt[:, None] * CB + cpos
+                    # Only the block ids are compacted; their keys are gathered back from the scratch rows (storing the
+                    # keys too would move the full-width key tensor into the store layout through shared memory).
+                    tl.store(cslot_blk + c_off, col[None, :] + tl.zeros([BT, NBP], dtype=tl.int32), mask=cand)
+                    tl.debug_barrier()  # the compacted rows written by every thread are read back by others
+                    ci = tl.arange(0, CB)
+                    c_ok = ci[None, :] < n_cand[:, None]
+                    cblk = tl.load(cslot_blk + tt[:, None] * CB + ci[None, :], mask=c_ok, other=0, cache_modifier=".cg")
+                    ckey = tl.load(slot + tt[:, None] * NBP + cblk, mask=c_ok, other=0, cache_modifier=".cg")
+                    tl.store(cslot_key + tt[:, None] * CB + ci[None, :], ckey)
+                    tl.debug_barrier()  # the pairwise loop below reads other threads' keys
+                    # One int64 per candidate, unique within a row: key in the high word, 2^31 - 1 - block below it
+                    # (empty slots: key 0, below every candidate).
+                    pair = (ckey.to(tl.int64) << 32) | (0x7FFFFFFF - cblk).to(tl.int64)
+                    # Pairwise counts in [BT, CB, CJ] slices (the whole [BT, CB, CB] comparison would spill), only over
+                    # the slots some row of the tile uses.
+                    crank = tl.zeros([BT, CB], dtype=tl.int32)
+                    for cj0 in range(0, tl.max(n_cand, axis=0), CJ):
+                        cj = cj0 + tl.arange(0, CJ)
+                        j_off = tt[:, None] * CB + cj[None, :]
+                        j_ok = cj[None, :] < n_cand[:, None]
+                        kj = tl.load(cslot_key + j_off, mask=j_ok, other=0, cache_modifier=".cg")
+                        bj = tl.load(cslot_blk + j_off, mask=j_ok, other=0, cache_modifier=".cg")
+                        pj = (kj.to(tl.int64) << 32) | (0x7FFFFFFF - bj).to(tl.int64)
+                        crank += tl.sum((pj[:, None, :] > pair[:, :, None]).to(tl.int32), axis=2)
+                    cchosen = (ckey > 0) & (crank < S)
+                    # 4a. Compaction kept the column order, so the chosen blocks' running count is their output slot.
+                    cslot = tl.cumsum(cchosen.to(tl.int32), axis=1) - 1
+                    out_row = (bos + tpos).to(tl.int64) * (HKV * S) + g * S
+                    tl.store(idx_ptr + out_row[:, None] + cslot, cblk, mask=cchosen & t_ok[:, None])
+                    n_chosen = tl.sum(cchosen.to(tl.int32), axis=1)
+                    slots = tl.arange(0, SP)
+                    tl.store(idx_ptr + out_row[:, None] + slots[None, :], tl.full([BT, SP], -1, dtype=tl.int32),
+                             mask=(slots[None, :] >= n_chosen[:, None]) & (slots[None, :] < S) & t_ok[:, None])
+                else:
+                    # Fallback (a row with more than CB candidates): the full-width path. The keys are read again
+                    # (L1/L2 hits) so that they are not held in registers across the compact branch.
+                    keys = tl.load(slot + tt[:, None] * NBP + col[None, :],
+                                   mask=(col[None, :] < n_loop) & (tt[:, None] < BT), other=0, cache_modifier=".cg")
+                    _select_full_width(keys, col, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, BT,
+                                       NBP, S, SP)
+            else:  # CB == 0: always the full-width path
                 _select_full_width(keys, col, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, BT, NBP, S,
                                    SP)
-        else:  # CB == 0: always the full-width path
-            _select_full_width(keys, col, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, BT, NBP, S,
-                               SP)
         tl.debug_barrier()  # the scratch rows are rewritten by the next work item
 
 
@@ -332,8 +336,12 @@ def _topk_bisect_kernel(
 # candidates: the width CB of the compacted candidate rows of the bisection kernel (0: always the full-width
 # bisection); tiles with more candidates in a row than this take the full-width path. bisect_tokens: tokens per
 # tile of the bisection kernel (None: 8; a power of two).
+# bisect_chunk: blocks per score chunk BC (a power of two >= 16; capped at the key row width). bisect_stages:
+# num_stages of the launch (the K~ chunk load is software-pipelined; the sm_90 PTX at 2 stages issues the next
+# chunk's cp.async at the end of the loop body and waits for it at the top of the next, so nothing overlaps).
+# score_only: benchmarks only (tune_topk.py), launches the score pass without the selection; output unwritten.
 CONFIG = {"method": "auto", "programs_per_sm": 1, "max_keys_per_thread": 64, "bisect_warps": None, "candidates": 128,
-          "bisect_tokens": None}
+          "bisect_tokens": None, "bisect_chunk": 64, "bisect_stages": 2, "score_only": False}
 
 
 def _bisect_shape(group_pow2: int, n_blocks_pow2: int) -> tuple[int, int] | None:
@@ -403,22 +411,24 @@ def select_blocks_topk(
         n_work = tiles.shape[0] * heads_kv
         n_prog = _num_programs(q.device, n_work)
         scratch = torch.empty(n_prog, tokens, max(n_blocks_pow2, 16), dtype=torch.int32, device=q.device)
-        # Key rows at least 16 wide (tl.dot's N) and chunks of at most 64 blocks.
+        # Key rows at least 16 wide (tl.dot's N) and chunks of CONFIG['bisect_chunk'] blocks (at most the row).
         width = max(n_blocks_pow2, 16)
         cand_width = CONFIG["candidates"]
         if cand_width & (cand_width - 1):
             raise ValueError(f"topk CONFIG['candidates'] must be 0 or a power of two, got {cand_width}")
         # NCLS strided column classes with 4 keys each bound the S-th largest key (4 * NCLS >= S); at most one
         # class per column of a chunk (the kernel skips the bound when that leaves 4 * NCLS < S).
-        chunk = min(64, width)
+        chunk = min(CONFIG["bisect_chunk"], width)
+        if chunk < 16 or chunk & (chunk - 1):
+            raise ValueError(f"topk CONFIG['bisect_chunk'] must be a power of two >= 16, got {chunk}")
         n_classes = min(max(_pow2(block_count) // 4, 1), chunk)
         compact = torch.empty(2, n_prog, tokens, max(cand_width, 1), dtype=torch.int32, device=q.device)
         _topk_bisect_kernel[(n_prog,)](
             q, k_cmp, lse_cmp, indices, scratch, compact[0], compact[1], cu_seqlens, cu_cmp, tiles, n_work,
             scale * LOG2E,
             BT=tokens, BC=chunk, NBP=width, SP=_pow2(block_count), CB=cand_width, NCLS=n_classes,
-            CJ=min(16, max(cand_width, 1)),
-            **common, num_warps=warps, num_stages=2,
+            CJ=min(16, max(cand_width, 1)), SCORE_ONLY=bool(CONFIG["score_only"]),
+            **common, num_warps=warps, num_stages=CONFIG["bisect_stages"],
         )
         return indices
     kp = _pow2(block_count)
