@@ -215,9 +215,16 @@ def test_backward_do_scale_and_given_delta(dtype: torch.dtype) -> None:
     o, lse = selected_attention_fwd(dev(q), dev(k), dev(v), dev(idx), dev(cu), block_size, scale, tile_rows=16)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     o_ref, _ = dense_selected(*leaves, idx, cu, block_size, scale)
-    do_eff = (do * gate[..., None]).to(dtype).double()  # what the kernels multiply by (rounded operand)
-    (o_ref * do_eff).sum().backward()
+    # The kernels never form do * gate (they scale float32 rows of p and do.v^T), so the reference takes the
+    # exact float64 product.
+    (o_ref * (do * gate[..., None])).sum().backward()
     plain = selected_attention_bwd(dev(q), dev(k), dev(v), o, lse, dev(do), dev(idx), dev(cu), block_size, scale)
+    # The materialised product (rounded to the input dtype) through the unscaled kernels: the same gradients
+    # up to that rounding.
+    do_eff = dev(do * gate[..., None])
+    materialised = selected_attention_bwd(
+        dev(q), dev(k), dev(v), o, lse, do_eff, dev(idx), dev(cu), block_size, scale, tile_rows=16
+    )
     delta = row_dot(o, dev(do)) * dev(gate).float()
     atol = 4e-5 if dtype == torch.float32 else 6e-3
     for tile_rows, given in ((16, False), (64, True)):
@@ -225,8 +232,9 @@ def test_backward_do_scale_and_given_delta(dtype: torch.dtype) -> None:
             dev(q), dev(k), dev(v), None if given else o, lse, dev(do), dev(idx), dev(cu), block_size, scale,
             tile_rows=tile_rows, dkdv_split=6, do_scale=dev(gate), delta=delta if given else None,
         )
-        for name, got, leaf, unscaled in zip(("dq", "dk", "dv"), grads, leaves, plain, strict=True):
+        for name, got, leaf, unscaled, mat in zip(("dq", "dk", "dv"), grads, leaves, plain, materialised, strict=True):
             torch.testing.assert_close(got.cpu().double(), leaf.grad, atol=atol, rtol=atol, msg=name)
+            torch.testing.assert_close(got, mat, atol=atol, rtol=atol, msg=f"{name} vs materialised do * g")
             assert not torch.allclose(got, unscaled, atol=atol), f"{name}: do_scale ignored"
     with pytest.raises(ValueError, match="o is needed"):
         selected_attention_bwd(

@@ -413,9 +413,11 @@ def _slc_bwd_dq_kernel(
     q = tl.load(q_ptr + q_off, mask=qd_mask, other=0.0)
     do_off = t_row64[:, None] * stride_dot + head[:, None] * stride_doh + d[None, :]
     do = tl.load(do_ptr + do_off, mask=qd_mask, other=0.0)
-    if HAS_DO_SCALE:  # the caller's do times a per-row factor (a gate), product in float32, then rounded
-        do_scale = tl.load(do_scale_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0).to(tl.float32)
-        do = (do.to(tl.float32) * do_scale[:, None]).to(do_ptr.dtype.element_ty)
+    if HAS_DO_SCALE:
+        # The gradient of o is do * g per row (g a gate). The do tile is left as loaded (a scaled float32 copy
+        # would cost [rows, D] registers for the whole loop); g multiplies the float32 rows of do.v^T instead.
+        # delta already includes g (the caller's).
+        row_scale = tl.load(do_scale_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0).to(tl.float32)
     lse2 = tl.load(lse_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0)
     word = tok // 32
@@ -444,6 +446,8 @@ def _slc_bwd_dq_kernel(
             allowed = hit[:, None] & k_ok[None, :] & (k_row[None, :] <= t_row[:, None])
             p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
+            if HAS_DO_SCALE:
+                dp = dp * row_scale[:, None]
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
 
@@ -500,16 +504,21 @@ def _slc_bwd_dkdv_kernel(
             do_ptr + t_row64[:, None] * stride_dot + head[:, None] * stride_doh + d[None, :],
             mask=row_ok[:, None] & d_ok[None, :], other=0.0,
         )
-        if HAS_DO_SCALE:  # as in the dq kernel: do * do_scale in float32, rounded to do's dtype
-            do_scale = tl.load(do_scale_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0).to(tl.float32)
-            do = (do.to(tl.float32) * do_scale[:, None]).to(do_ptr.dtype.element_ty)
         lse2 = tl.load(lse_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0)
         s_t = tl.dot(kb, q_t, input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
         allowed = row_ok[None, :] & k_ok[:, None] & (k_row[:, None] <= t_row[None, :])
         p_t = tl.where(allowed, tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        if HAS_DO_SCALE:
+            # Gradient of o = do * g per row (g a gate): dv += (p g)^T do and dp = g (do v^T), g applied to the
+            # float32 columns of p^T and dp^T, so the do tile is used as loaded (no scaled copy in registers).
+            row_scale = tl.load(do_scale_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0).to(tl.float32)
+            dv += tl.dot((p_t * row_scale[None, :]).to(do.dtype), do, input_precision=DOT_PREC)
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
         dp_t = tl.dot(vb, tl.trans(do), input_precision=DOT_PREC)
+        if HAS_DO_SCALE:
+            dp_t = dp_t * row_scale[None, :]
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PREC)
 
@@ -766,8 +775,9 @@ def selected_attention_bwd(
             dkdv_split: longest token list of one dk/dv program (None: `DKDV_SPLIT` or more).
         delta: float32 [T, HQ], sum_d o * (gradient of o), if the caller has it (else computed here).
         do_scale: [T, HQ] (any float dtype) or None. When given, the gradient of o is do * do_scale[..., None]
-            (e.g. a gate times the gated sum's gradient), formed per row inside the kernels (product in
-            float32, then rounded to do's dtype like any matmul operand) so it is never stored; a missing
+            (e.g. a gate times the gated sum's gradient). It is never formed: the kernels scale the float32
+            rows of p (for dv) and of do.v^T (for dp) by do_scale instead, so the result equals the gradient
+            of do * do_scale in exact arithmetic, without the rounding of a materialised product. A missing
             delta is then do_scale * row_dot(o, do).
 
     Returns:
