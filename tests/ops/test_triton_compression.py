@@ -131,13 +131,17 @@ def case_compression(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, s
     assert _rel(acc - base, dq.float()) < (1e-5 if dt == torch.float32 else 2e-3)
 
 
-def case_compression_scaled(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, seed=0):
+def case_compression_scaled(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, seed=0, config=None):
     """Backward with do_scale (the gated upstream gradient, never materialised) and the o-free delta kernel.
 
     The reference differentiates sum(o_cmp * do * do_scale) in float64; the kernels get do and do_scale apart.
+    do_scale has both signs and magnitudes 0..1.5 per (token, head), so a kernel that ignores it, or applies
+    it to the wrong rows, fails by far more than the tolerance. `config` overrides `compression.CONFIG` as in
+    `case_compression` (several query segments per dK~/dV~ key tile, split dK~/dV~ launches).
     """
     import torch
 
+    from videonsa.ops.triton import compression
     from videonsa.ops.triton.compression import (
         compressed_attention_bwd,
         compressed_attention_delta,
@@ -145,6 +149,9 @@ def case_compression_scaled(seq_lens, heads_q, heads_kv, head_dim, block_size, d
         mean_pool_bwd,
         mean_pool_fwd,
     )
+
+    for name, override in (config or {}).items():
+        compression.CONFIG[name] = dict(compression.CONFIG[name], **override)
 
     q, k, v, do, cu, dt = _inputs(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -313,8 +320,14 @@ def test_compression_matches_reference(params):
     [
         dict(seq_lens=[37, 100, 5], heads_q=14, heads_kv=2, head_dim=32, block_size=16, dtype="float32"),
         dict(seq_lens=[70, 64], heads_q=3, heads_kv=3, head_dim=24, block_size=8, dtype="float16"),
+        # Several query segments per dK~/dV~ key tile, small dq tiles (many loop steps), one sequence.
+        dict(seq_lens=[203], heads_q=14, heads_kv=2, head_dim=32, block_size=16, dtype="float32",
+             config=dict(dkv=dict(rows=16, keys=4, min_segment=40, max_segments=8), dq=dict(rows=16, keys=4))),
+        # Varlen fp16, dK~ and dV~ from separate launches (each scales p by do_scale on its own).
+        dict(seq_lens=[90, 17, 133], heads_q=4, heads_kv=2, head_dim=16, block_size=8, dtype="float16",
+             config=dict(dkv=dict(rows=16, keys=2, min_segment=24, max_segments=8, split=True))),
     ],
-    ids=["7to1-fp32-varlen", "1to1-fp16-d24"],
+    ids=["7to1-fp32-varlen", "1to1-fp16-d24", "one-seq-segments", "varlen-fp16-split"],
 )
 def test_compression_do_scale_and_delta(params):
     run_interpreted("case_compression_scaled", **params)
