@@ -1,6 +1,7 @@
 """Selection forward / dq kernels at a real shape: launch settings and tile heights, old defaults against new.
 
     PYTHONPATH=src python benchmarks/tune_selection.py [--length 131072] [--budget-s 85] [--out $OUT]
+    PYTHONPATH=src python benchmarks/tune_selection.py --defaults [--out $OUT]
 
 Shape: B=1, HQ=28, HKV=4, D=128, bf16, block 64, 32 blocks (bench_ops.py's constants). Selections are the
 operator's own: `bench_ops.make_inputs(T, structured)` -> mean pooling -> compressed attention -> top-k, for
@@ -14,6 +15,10 @@ of one step (ns per tile-union entry: the unit of TILE_STEP_COST / DQ_TILE_STEP_
 same shape: every dq variant against the 16-row old-default dq (relative error), dk/dv launch variants
 against the default's, dq with `do_scale` against dq of
 the materialised do * do_scale, and forward outputs of every variant against the 16-row forward.
+
+--defaults times only the current defaults (planner-chosen tiles, `_launch_config`, DKDV_ROWS): forward, dq
+and dk/dv each without and with `do_scale` (a random gate), the do_scale results checked against the
+unscaled kernels run on the materialised do * gate (kind = "default" lines, plus "check" lines).
 
 Prints one JSON object per line (kind = "info" / "time" / "check" / "summary") and writes them all to
 OUT/tune_selection_<selections>.jsonl.
@@ -43,7 +48,7 @@ OLD_FWD = {16: (4, 3), 64: (4, 3), 128: (8, 3)}
 # Variants timed per height: (warps, stages).
 FWD_VARIANTS = {16: [(4, 3), (4, 2)], 64: [(4, 3), (8, 3), (4, 2)], 128: [(8, 3)]}
 DQ_VARIANTS = {16: [(4, 3), (4, 2), (8, 3)], 64: [(4, 3), (8, 3), (8, 2), (4, 2)], 128: [(8, 3), (8, 2)]}
-DKDV_VARIANTS = [(32, 4, 2), (32, 8, 2), (16, 4, 2)]  # (rows, warps, stages); first = current default
+DKDV_VARIANTS = [(32, 4, 2), (32, 8, 2), (16, 4, 2)]  # (rows, warps, stages); first = old default
 LINES: list[dict] = []
 DEVICE = "cuda"
 
@@ -161,12 +166,68 @@ def run_selection(name: str, seq_len: int, deadline: float) -> None:
         torch.cuda.empty_cache()
 
 
+def run_defaults(name: str, seq_len: int) -> None:
+    """Forward, dq and dk/dv at the current defaults, unscaled and with do_scale (checked against the unscaled
+    kernels on the materialised do * gate)."""
+    q, k, v, cu, idx = operator_inputs(seq_len, name == "structured")
+    scale = D**-0.5
+    group = HQ // HKV
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    do = torch.randn(q.shape, device=DEVICE, dtype=q.dtype, generator=gen)
+    gate = torch.rand(q.shape[:2], device=DEVICE, generator=gen).to(q.dtype)
+    scaled = (do.float() * gate.float()[..., None]).to(do.dtype)  # the materialised gradient of o
+
+    fwd_plan = slc.plan_tiles(idx, cu, group)
+    dq_plan = slc.plan_tiles(idx, cu, group, None, slc.DQ_TILE_STEP_COST)
+    o, lse = slc.launch_fwd(q, k, v, fwd_plan, BLOCK, scale)
+    o16, lse16 = slc.launch_fwd(q, k, v, slc.plan_tiles(idx, cu, group, 16), BLOCK, scale)
+    emit(kind="check", selection=name, what="fwd default vs 16-row fwd", rel_err=rel(o, o16))
+    emit(kind="default", selection=name, kernel="fwd", rows=fwd_plan.block_m,
+         launch=slc._launch_config(fwd_plan.block_m, D, "fwd"),
+         ms=bench(partial(slc.launch_fwd, q, k, v, fwd_plan, BLOCK, scale)))
+
+    delta = slc.row_dot(o, do)
+    delta_g = delta * gate.float()
+    delta_mat = slc.row_dot(o, scaled)
+    dq = partial(slc.launch_dq, q, k, v, do, lse, delta, dq_plan, BLOCK, scale)
+    dq_g = partial(slc.launch_dq, q, k, v, do, lse, delta_g, dq_plan, BLOCK, scale, do_scale=gate)
+    dq_mat = partial(slc.launch_dq, q, k, v, scaled, lse, delta_mat, dq_plan, BLOCK, scale)
+    emit(kind="check", selection=name, what="dq do_scale vs materialised", rel_err=rel(dq_g(), dq_mat()),
+         unscaled_rel_diff=rel(dq(), dq_mat()))
+    launch = slc._launch_config(dq_plan.block_m, D, "dq")
+    for variant, fn in (("plain", dq), ("do_scale", dq_g)):
+        emit(kind="default", selection=name, kernel="dq", variant=variant, rows=dq_plan.block_m, launch=launch,
+             ms=bench(fn))
+
+    key_blocks = slc.tiles_of(cu, BLOCK)
+    offsets, tok_list = slc.inverse_lists(idx, cu, key_blocks)
+    common = (key_blocks, offsets, tok_list, BLOCK, scale)
+    dkdv = partial(slc.launch_dkdv, q, k, v, do, lse, delta, *common)
+    dkdv_g = partial(slc.launch_dkdv, q, k, v, do, lse, delta_g, *common, do_scale=gate)
+    dkdv_mat = partial(slc.launch_dkdv, q, k, v, scaled, lse, delta_mat, *common)
+    got, want = dkdv_g(), dkdv_mat()
+    emit(kind="check", selection=name, what="dk/dv do_scale vs materialised",
+         rel_err=max(rel(got[0], want[0]), rel(got[1], want[1])))
+    old32 = partial(slc.launch_dkdv, q, k, v, do, lse, delta_g, *common, 32, do_scale=gate)
+    got32 = old32()
+    emit(kind="check", selection=name, what="dk/dv do_scale 32 rows vs default rows",
+         rel_err=max(rel(got32[0], got[0]), rel(got32[1], got[1])))
+    del got, want, got32
+    for variant, rows, fn in (("plain", slc.DKDV_ROWS, dkdv), ("do_scale", slc.DKDV_ROWS, dkdv_g),
+                              ("do_scale", 32, old32)):
+        emit(kind="default", selection=name, kernel="dkdv", variant=variant, rows=rows,
+             launch=slc._launch_config(slc._tile_rows(group, rows)[0], D, "dkdv"), ms=bench(fn))
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--length", type=int, default=131072)
     parser.add_argument("--selections", nargs="*", default=["randn", "structured"])
     parser.add_argument("--budget-s", type=float, default=85.0, help="skip remaining variants past this")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--defaults", action="store_true", help="time and check only the current defaults")
     args = parser.parse_args()
     start = time.time()
     import triton
@@ -175,9 +236,13 @@ def main() -> None:
     for i, name in enumerate(args.selections):
         # Each selection gets its share of the budget (the summary of each still runs).
         share = start + args.budget_s * (i + 1) / len(args.selections) - 8.0
-        run_selection(name, args.length, share)
+        if args.defaults:
+            run_defaults(name, args.length)
+        else:
+            run_selection(name, args.length, share)
     emit(kind="info", wall_s=time.time() - start)
-    with open(os.path.join(args.out, f"tune_selection_{'_'.join(args.selections)}.jsonl"), "w") as f:
+    tag = "defaults_" if args.defaults else ""
+    with open(os.path.join(args.out, f"tune_selection_{tag}{'_'.join(args.selections)}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in LINES)
 
 

@@ -106,8 +106,9 @@ def check_selection(seq_lens, heads_q, heads_kv, head_dim, block_size, slots, dt
 @kernel_test
 def test_gqa_7_to_1_varlen_big_tiles_and_split_lists() -> None:
     """7 query heads per KV head, two packed sequences (lengths not multiples of the block), 64-row tiles
-    (9 tokens), and dk/dv token lists cut into pieces of 5 (exercises the ordered partial-sum reduction)."""
-    check_selection([37, 20], 7, 1, 16, 16, 3, torch.float32, seed=0, tile_rows=64, dkdv_split=5)
+    (9 tokens), and dk/dv token lists cut into pieces of 5 (exercises the ordered partial-sum reduction) with
+    32-row dk/dv steps (the default is 16)."""
+    check_selection([37, 20], 7, 1, 16, 16, 3, torch.float32, seed=0, tile_rows=64, dkdv_split=5, dkdv_rows=32)
 
 
 @kernel_test

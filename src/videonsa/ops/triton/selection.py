@@ -45,9 +45,11 @@ TILE_STEP_COST = {128: 15.0, 64: 7.09, 16: 4.64}
 DQ_TILE_STEP_COST = {128: 16.0, 64: 7.68, 16: 4.65}
 # Heights tried when the caller does not fix one (128 never beat 64 in the measurements).
 TILE_CANDIDATES = (64, 16)
-# Query rows per dk/dv step (H100, 128K: 32 rows 1.3x faster than 64, 3x faster than 128), and the
-# longest token list one dk/dv program takes (longer ones are split, see `launch_dkdv`).
-DKDV_ROWS = 32
+# Query rows per dk/dv step, and the longest token list one dk/dv program takes (longer ones are split, see
+# `launch_dkdv`). H100, 128K, 4 warps 2 stages: 16 rows 40.9 ms, 32 rows 42.1 (32 rows 1.3x faster than 64, 3x
+# than 128). The sm_90 compile (Triton 3.6, bf16, D=128, 7:1) at 16 rows needs 248-255 registers and no spill,
+# with or without do_scale; at 32 rows it spills 184 bytes (204 with do_scale).
+DKDV_ROWS = 16
 DKDV_SPLIT = 4096
 
 
