@@ -248,8 +248,11 @@ def _cmp_delta_kernel(
     BLOCK: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
     DO_SCALE: tl.constexpr,
 ):
-    # The forward kernel's loop with the saved lse in place of the online max/sum (p is final at once, so no
-    # rescaling), and an epilogue that dots o_cmp with do instead of storing o_cmp.
+    # delta = sum_d o_cmp * do = sum_j p_j (do . V~_j): the forward kernel's loop with the saved lse in place of
+    # the online max/sum (p is final at once, so no rescaling), and do V~^T in place of p V~, so the only
+    # accumulator is one float32 per row instead of a [BM, BD] o_cmp tile, and p is never rounded to feed a
+    # matrix product. Both products per step have the same shape ([BM, BD] tile in registers times a [BD, BC]
+    # transposed key/value tile), as many FLOPs as q K~^T plus p V~.
     tile = tl.program_id(0)
     g = tl.program_id(1)
     seq = tl.load(tiles_ptr + 2 * tile)
@@ -267,23 +270,23 @@ def _cmp_delta_kernel(
     row_off = (bos + pos).to(tl.int64) * (HQ * D) + head * D
     q = tl.load(q_ptr + row_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     stat_off = (bos + pos).to(tl.int64) * HQ + head
+    do = tl.load(do_ptr + row_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     lse2 = tl.load(lse_ptr + stat_off, mask=row_ok, other=0.0) * 1.4426950408889634
     n_visible = tl.where(row_ok, (pos + 1) // BLOCK, 0)  # rows with lse = -inf see nothing: p masked to 0
     n_loop = tl.minimum(start + BT, seq_len) // BLOCK
 
-    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    delta = tl.zeros([BM], dtype=tl.float32)
     for j0 in range(0, n_loop, BC):
         j = j0 + tl.arange(0, BC)
         kv_off = (cbos + j).to(tl.int64) * (HKV * D) + g * D
-        j_ok = j < n_loop
-        kt = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=j_ok[None, :] & d_ok[:, None], other=0.0)
+        kv_mask = (j < n_loop)[None, :] & d_ok[:, None]
+        kt = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=kv_mask, other=0.0)
+        vt = tl.load(vc_ptr + kv_off[None, :] + d[:, None], mask=kv_mask, other=0.0)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         p = tl.where(j[None, :] < n_visible[:, None], tl.exp2(s - lse2[:, None]), 0.0)
-        vc = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
+        dpv = tl.dot(do, vt, input_precision=PREC)  # [BM, BC]: do . V~_j
+        delta += tl.sum(p * dpv, axis=1)
 
-    do = tl.load(do_ptr + row_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    delta = tl.sum(acc * do.to(tl.float32), axis=1)
     if DO_SCALE:
         delta = delta * tl.load(dos_ptr + stat_off, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(delta_ptr + stat_off, delta, mask=row_ok)
@@ -463,6 +466,9 @@ def _cmp_bwd_dkv_kernel(
 # 128K (tune_compression.py): 32x128 w8 s3 14.7 ms, s2 17.0, 64x128 s2 16.3, 32x64 38.6, split 27.1.
 CONFIG = {
     "fwd": dict(rows=128, keys=64, warps=8, stages=2),
+    # delta kernel (q K~^T and do V~^T per step, one float32 per row): 128x64/8 warps 112 registers, 128 KB
+    # shared memory (one program per SM); 128x32: 80 registers, 96 KB (two per SM); not yet timed.
+    "delta": dict(rows=128, keys=64, warps=8, stages=2),
     "dq": dict(rows=128, keys=32, warps=8, stages=2),
     "dkv": dict(rows=32, keys=128, warps=8, stages=3, min_segment=4096, max_segments=16),
 }
@@ -536,8 +542,8 @@ def compressed_attention_delta(
 ) -> Tensor:
     """The compression backward's softmax delta without o_cmp in memory: sum_d o_cmp * do (times do_scale).
 
-    o_cmp is recomputed tile by tile from the saved lse (one q.K~ and one P.V~ product per step, as in the
-    forward) and never written.
+    Never forms o_cmp: from the saved lse, each step computes P = softmax(q K~^T) and do V~^T for a tile of
+    compressed keys and adds the row sums of their product (sum_j p_j (do . V~_j) = sum_d o_cmp * do).
 
     Args:
         q, do: [total_T, HQ, D]; k_cmp, v_cmp: [total_NB, HKV, D]; lse: float32 [total_T, HQ] from
@@ -550,7 +556,7 @@ def compressed_attention_delta(
     heads_kv = k_cmp.shape[1]
     group = heads_q // heads_kv
     delta = torch.empty(total, heads_q, dtype=torch.float32, device=q.device)
-    cfg = CONFIG["fwd"]
+    cfg = CONFIG["delta"]
     bt, bm = _query_tile(group, cfg["rows"] if head_dim <= 128 else 64)
     tiles = query_tiles(cu_seqlens, bt, total)
     do = do.contiguous()
