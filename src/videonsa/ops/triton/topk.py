@@ -162,7 +162,11 @@ def _select_full_width(keys, col, out_row, t_ok, idx_ptr, BT: tl.constexpr, NBP:
     hi = tl.full([BT], 0x7F800001, dtype=tl.int32)
     for _ in range(31):
         mid = lo + ((hi - lo + 1) >> 1)
-        enough = tl.sum((keys >= mid[:, None]).to(tl.int32), axis=1) >= S
+        # count(keys >= mid) as minus the sum of the sign bits of (mid - 1 - key): keys and mid are in
+        # [0, 0x7F800001], so the difference cannot overflow and is negative exactly when key >= mid. Three
+        # integer ops per key (sub, arithmetic shift, add); the compare form compiled on sm_90 to a bit-packing
+        # popc sequence of ~5 (bisection loop body 286 instead of 390 PTX instructions per iteration).
+        enough = tl.sum((mid[:, None] - 1 - keys) >> 31, axis=1) <= -S
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid - 1)
     many = n_valid > S
@@ -340,6 +344,14 @@ def _topk_bisect_kernel(
 # num_stages of the launch (the K~ chunk load is software-pipelined; the sm_90 PTX at 2 stages issues the next
 # chunk's cp.async at the end of the loop body and waits for it at the top of the next, so nothing overlaps).
 # score_only: benchmarks only (tune_topk.py), launches the score pass without the selection; output unwritten.
+# sm_90 reports (Triton 3.6, 16-byte pointer hints, HQ=28 HKV=4 D=128, 8 tokens, 2048-wide rows, 64-block chunks,
+# 2 stages): candidates 0: 255 registers, no spills, 26 bar.sync in the kernel (3 per bisection step), one
+# persistent program of 8 warps per SM is all the register file holds; candidates 128: 255 registers, 140 bytes
+# spilled, 70 bar.sync, 16 convert_layout (4 without the filter); bisect_warps 16: 128 registers, ~100 bytes
+# spilled; the score pass alone: 101 registers (60 at 16 warps). Per 64-block chunk the score loop is ~360 PTX
+# instructions; one bisection step over the full 2048-wide rows is 286 (390 before the sign-bit count) and a work
+# item takes 31 of them whatever its visible width: ~8.9K instructions per thread against ~5.8K for the average
+# 16 chunks of the score loop at 128K (which also waits on its K~ loads: not overlapped at 2 stages).
 CONFIG = {"method": "auto", "programs_per_sm": 1, "max_keys_per_thread": 64, "bisect_warps": None, "candidates": 128,
           "bisect_tokens": None, "bisect_chunk": 64, "bisect_stages": 2, "score_only": False}
 
