@@ -13,7 +13,10 @@ Shapes as issue 5: HQ=28, HKV=4, D=128, bf16, block 64, one sequence (plus a pac
    host work included, as a caller sees it), the backward, and the self CUDA time of each kernel from
    torch.profiler; the same for the code of git revision --baseline-rev when `git` and the revision are there
    (its module is written under OUT and imported from there), in the same run.
-3. dK~/dV~ launch variants (`SWEEP_DKV`) timed at the longest length, each checked against the default.
+   With `compressed_attention_delta` in the module, also the lean backward with do_scale: delta kernel, then
+   dq and dK~/dV~ with do_scale and the given delta (o not read), as `bwd_scaled_ms` and its kernels.
+3. dK~/dV~ launch variants (`SWEEP_DKV`, lean backward with do_scale) and delta kernel launch variants
+   (`SWEEP_DELTA`) timed at the longest length, each checked against the default.
 
 Prints JSON lines as it goes and writes OUT/tune_compression.json. Needs a CUDA GPU.
 """
@@ -35,14 +38,21 @@ from videonsa.ops.triton import compression as C
 HQ, HKV, D, BLOCK = 28, 4, 128, 64
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
+# Round 1 at 128K (plain do): 32x128 w8 s3 14.7 ms, s2 17.0, 64x128 s2 16.3, 32x64 s2 38.6, s2 with
+# min_segment 2048 / max_segments 32 15.2, split 27.1, 64x128 split 18.5. Now timed with do_scale (lean path).
 SWEEP_DKV = [
-    dict(rows=32, keys=128, warps=8, stages=2),
     dict(rows=32, keys=128, warps=8, stages=3),
-    dict(rows=64, keys=128, warps=8, stages=2),
-    dict(rows=32, keys=64, warps=8, stages=2),
-    dict(rows=32, keys=128, warps=8, stages=2, min_segment=2048, max_segments=32),
-    dict(rows=32, keys=128, warps=8, stages=2, split=True),
-    dict(rows=64, keys=128, warps=8, stages=2, split=True),
+    dict(rows=32, keys=128, warps=8, stages=2),
+    dict(rows=32, keys=128, warps=8, stages=3, min_segment=2048, max_segments=32),
+]
+# Delta kernel launches (sm_90 reports: 128x64 w8 s2 112 registers / 128 KB shared, 128x32 80 / 96 KB,
+# 64x32 w4 72 / 64 KB, 128x64 s3 160 KB).
+SWEEP_DELTA = [
+    dict(rows=128, keys=64, warps=8, stages=2),
+    dict(rows=128, keys=32, warps=8, stages=2),
+    dict(rows=128, keys=32, warps=8, stages=3),
+    dict(rows=64, keys=32, warps=4, stages=2),
+    dict(rows=128, keys=64, warps=8, stages=3),
 ]
 
 
@@ -153,7 +163,7 @@ def kernel_ms(fn) -> dict:
 
 def timings(mod, seq_len: int, scale: float) -> dict:
     x = make([seq_len], seed=7)
-    q, k, v, do, cu = (x[key] for key in ("q", "k", "v", "do", "cu"))
+    q, k, v, do, dos, cu = (x[key] for key in ("q", "k", "v", "do", "do_scale", "cu"))
     k_cmp, v_cmp, cu_cmp = mod.mean_pool_fwd(k, v, cu, BLOCK)
     o, lse = mod.compressed_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, BLOCK, scale)
 
@@ -164,7 +174,15 @@ def timings(mod, seq_len: int, scale: float) -> dict:
     def bwd():
         return mod.compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, cu, cu_cmp, BLOCK, scale)
 
-    return dict(fwd_ms=median_ms(fwd), bwd_ms=median_ms(bwd), fwd_kernels=kernel_ms(fwd), bwd_kernels=kernel_ms(bwd))
+    out = dict(fwd_ms=median_ms(fwd), bwd_ms=median_ms(bwd), fwd_kernels=kernel_ms(fwd), bwd_kernels=kernel_ms(bwd))
+    if hasattr(mod, "compressed_attention_delta"):
+        def bwd_scaled():  # the lean path: delta kernel, then dq and dK~/dV~ with do_scale (o never read)
+            delta = mod.compressed_attention_delta(q, k_cmp, v_cmp, lse, do, cu, cu_cmp, BLOCK, scale, do_scale=dos)
+            return mod.compressed_attention_bwd(q, k_cmp, v_cmp, None, lse, do, cu, cu_cmp, BLOCK, scale,
+                                                delta=delta, do_scale=dos)
+
+        out.update(bwd_scaled_ms=median_ms(bwd_scaled), bwd_scaled_kernels=kernel_ms(bwd_scaled))
+    return out
 
 
 def load_revision(rev: str, out_dir: str):
@@ -214,24 +232,35 @@ def main() -> None:
     if "sweep" in args.parts:
         seq_len = max(args.lengths)
         x = make([seq_len], seed=3)
-        q, k, v, do, cu = (x[key] for key in ("q", "k", "v", "do", "cu"))
+        q, k, v, do, dos, cu = (x[key] for key in ("q", "k", "v", "do", "do_scale", "cu"))
         k_cmp, v_cmp, cu_cmp = C.mean_pool_fwd(k, v, cu, BLOCK)
         o, lse = C.compressed_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, BLOCK, scale)
-        default = dict(C.CONFIG["dkv"])
-        want = C.compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, cu, cu_cmp, BLOCK, scale)
-        for variant in SWEEP_DKV:
-            C.CONFIG["dkv"] = dict(default, **variant)
-            try:
-                got = C.compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, cu, cu_cmp, BLOCK, scale)
-                agrees = all(rel(a, b) < 1e-2 for a, b in zip(got[1:], want[1:]))
-                kernels = kernel_ms(lambda: C.compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, cu, cu_cmp,
-                                                                       BLOCK, scale))
-                dkv = sum(ms for key, ms in kernels.items() if "dkv" in key)
-                record = dict(T=seq_len, variant=variant, dkv_kernel_ms=dkv, agrees=agrees)
-            except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or run is reported
-                record = dict(T=seq_len, variant=variant, error=f"{type(exc).__name__}: {exc}"[:300])
-            result["sweep"].append(emit(record))
-        C.CONFIG["dkv"] = default
+        delta = C.compressed_attention_delta(q, k_cmp, v_cmp, lse, do, cu, cu_cmp, BLOCK, scale, do_scale=dos)
+
+        def lean_bwd():
+            return C.compressed_attention_bwd(q, k_cmp, v_cmp, None, lse, do, cu, cu_cmp, BLOCK, scale,
+                                              delta=delta, do_scale=dos)
+
+        def delta_only():
+            return (C.compressed_attention_delta(q, k_cmp, v_cmp, lse, do, cu, cu_cmp, BLOCK, scale, do_scale=dos),)
+
+        for part, variants, fn, key in (("dkv", SWEEP_DKV, lean_bwd, "dkv"), ("delta", SWEEP_DELTA, delta_only,
+                                                                            "delta")):
+            default = dict(C.CONFIG[part])
+            want = fn()
+            for variant in variants:
+                C.CONFIG[part] = dict(default, **variant)
+                try:
+                    got = fn()
+                    pairs = list(zip(got[1:], want[1:])) if part == "dkv" else list(zip(got, want))
+                    agrees = all(rel(a, b) < 1e-2 for a, b in pairs)
+                    kernels = kernel_ms(fn)
+                    ms = sum(val for name, val in kernels.items() if key in name)
+                    record = dict(T=seq_len, part=part, variant=variant, kernel_ms=round(ms, 3), agrees=agrees)
+                except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or run is reported
+                    record = dict(T=seq_len, part=part, variant=variant, error=f"{type(exc).__name__}: {exc}"[:300])
+                result["sweep"].append(emit(record))
+            C.CONFIG[part] = default
 
     with open(os.path.join(args.out, "tune_compression.json"), "w") as f:
         json.dump(result, f, indent=1)
