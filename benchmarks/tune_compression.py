@@ -16,7 +16,8 @@ Shapes as issue 5: HQ=28, HKV=4, D=128, bf16, block 64, one sequence (plus a pac
    With `compressed_attention_delta` in the module, also the lean backward with do_scale: delta kernel, then
    dq and dK~/dV~ with do_scale and the given delta (o not read), as `bwd_scaled_ms` and its kernels.
 3. dK~/dV~ launch variants (`SWEEP_DKV`, lean backward with do_scale) and delta kernel launch variants
-   (`SWEEP_DELTA`) timed at the longest length, each checked against the default.
+   (`SWEEP_DELTA`) and forward attention launch variants (`SWEEP_FWD`) timed at the longest length, each
+   checked against the default.
 
 Prints JSON lines as it goes and writes OUT/tune_compression.json. Needs a CUDA GPU.
 """
@@ -53,6 +54,15 @@ SWEEP_DELTA = [
     dict(rows=128, keys=32, warps=8, stages=3),
     dict(rows=64, keys=32, warps=4, stages=2),
     dict(rows=128, keys=64, warps=8, stages=3),
+]
+# Forward kernel launches (sm_90 reports: 128x64 w8 s2/s3 203 registers, 96/128 KB shared; 128x128 s2 244,
+# 160 KB; 128x32 s3 203, 80 KB; 64x64 w4 s3 222, 112 KB; all without spills).
+SWEEP_FWD = [
+    dict(rows=128, keys=64, warps=8, stages=2),
+    dict(rows=128, keys=64, warps=8, stages=3),
+    dict(rows=128, keys=128, warps=8, stages=2),
+    dict(rows=128, keys=32, warps=8, stages=3),
+    dict(rows=64, keys=64, warps=4, stages=3),
 ]
 
 
@@ -244,8 +254,11 @@ def main() -> None:
         def delta_only():
             return (C.compressed_attention_delta(q, k_cmp, v_cmp, lse, do, cu, cu_cmp, BLOCK, scale, do_scale=dos),)
 
+        def fwd_only():
+            return C.compressed_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, BLOCK, scale)
+
         for part, variants, fn, key in (("dkv", SWEEP_DKV, lean_bwd, "dkv"), ("delta", SWEEP_DELTA, delta_only,
-                                                                            "delta")):
+                                         "delta"), ("fwd", SWEEP_FWD, fwd_only, "_cmp_fwd")):
             default = dict(C.CONFIG[part])
             want = fn()
             for variant in variants:
