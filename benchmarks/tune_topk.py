@@ -9,9 +9,9 @@ sorting kernel or not) and appends it to $OUT/tune_topk.jsonl when OUT is set.
 
 --variants takes explicit launch settings instead of the widths x tokens x warps product, each a comma-separated
 list of CONFIG overrides (cand = candidates, tokens = bisect_tokens, warps = bisect_warps, chunk = bisect_chunk,
-stages = bisect_stages, pps = programs_per_sm, score = score_only). A score=1 variant runs the score pass alone
-(the selection compiled out, nothing written): its time against the same variant without score=1 splits the
-kernel's time between the score pass and the selection; its output is not compared.
+stages = bisect_stages, pps = programs_per_sm, half = bisect_half, score = score_only). A score=1 variant runs
+the score pass alone (the selection compiled out, nothing written): its time against the same variant without
+score=1 splits the kernel's time between the score pass and the selection; its output is not compared.
 
     PYTHONPATH=src python benchmarks/tune_topk.py --lengths 131072 --no-sort-timing \
         --variants cand=0 cand=0,score=1 cand=0,stages=3 cand=0,chunk=128
@@ -32,7 +32,7 @@ from videonsa.ops.triton.packing import pack
 
 # CONFIG keys of the bisection kernel and their short names on the command line and in the output rows.
 _SHORT = {"candidates": "cand", "bisect_tokens": "tokens", "bisect_warps": "warps", "bisect_chunk": "chunk",
-          "bisect_stages": "stages", "programs_per_sm": "pps", "score_only": "score"}
+          "bisect_stages": "stages", "programs_per_sm": "pps", "score_only": "score", "bisect_half": "half"}
 
 
 def _parse_variant(text: str) -> dict:
