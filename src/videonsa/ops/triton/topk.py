@@ -188,13 +188,39 @@ def _select_full_width(keys, col, out_row, t_ok, idx_ptr, BT: tl.constexpr, NBP:
 
 
 @triton.jit
+def _select_from_scratch(slot, n_loop, out_row, t_ok, idx_ptr, BT: tl.constexpr, NBP: tl.constexpr, S: tl.constexpr,
+                         SP: tl.constexpr, HALF: tl.constexpr):
+    """The full-width path on the key rows read back from the scratch slot ([BT, NBP] int32; columns >= n_loop
+    are not read: key 0). With HALF, a tile whose blocks all lie in the first half of the row (n_loop <= NBP / 2,
+    half the tiles of a long sequence) runs it on [BT, NBP / 2]: the other columns hold key 0 and are never
+    counted or chosen, so the result is the same, for half the work per bisection step."""
+    tt = tl.arange(0, BT)
+    if HALF and NBP >= 32:
+        if n_loop <= NBP // 2:
+            col_h = tl.arange(0, NBP // 2)
+            keys_h = tl.load(slot + tt[:, None] * NBP + col_h[None, :],
+                             mask=(col_h[None, :] < n_loop) & (tt[:, None] < BT), other=0, cache_modifier=".cg")
+            _select_full_width(keys_h, col_h, out_row, t_ok, idx_ptr, BT, NBP // 2, S, SP)
+        else:
+            col_f = tl.arange(0, NBP)
+            keys_f = tl.load(slot + tt[:, None] * NBP + col_f[None, :],
+                             mask=(col_f[None, :] < n_loop) & (tt[:, None] < BT), other=0, cache_modifier=".cg")
+            _select_full_width(keys_f, col_f, out_row, t_ok, idx_ptr, BT, NBP, S, SP)
+    else:
+        col = tl.arange(0, NBP)
+        keys = tl.load(slot + tt[:, None] * NBP + col[None, :], mask=(col[None, :] < n_loop) & (tt[:, None] < BT),
+                       other=0, cache_modifier=".cg")
+        _select_full_width(keys, col, out_row, t_ok, idx_ptr, BT, NBP, S, SP)
+
+
+@triton.jit
 def _topk_bisect_kernel(
     q_ptr, kc_ptr, lse_ptr, idx_ptr, scratch_ptr, ckey_ptr, cblk_ptr, cu_ptr, cuc_ptr, tiles_ptr, n_work,
     qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NBP: tl.constexpr, S: tl.constexpr,
     SP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, CB: tl.constexpr,
-    NCLS: tl.constexpr, CJ: tl.constexpr, SCORE_ONLY: tl.constexpr = False,
+    NCLS: tl.constexpr, CJ: tl.constexpr, SCORE_ONLY: tl.constexpr = False, HALF: tl.constexpr = False,
 ):
     # SCORE_ONLY (benchmarks only, output not written): step 1 alone, the selection steps 2-4 compiled out, so
     # that timing it against the full kernel tells the score pass's share of the time.
@@ -265,8 +291,6 @@ def _topk_bisect_kernel(
                 c0, c1, c2, c3 = _top4_combine(c0, c1, c2, c3, k0, k1, k2, k3)
         if not SCORE_ONLY:
             tl.debug_barrier()  # the keys written by every thread are read back by others
-            keys = tl.load(slot + tt[:, None] * NBP + col[None, :], mask=(col[None, :] < n_loop) & (tt[:, None] < BT),
-                           other=0, cache_modifier=".cg")
 
             # 2. Candidate filter. A lower bound on each row's S-th largest key: the columns fall into NCLS strided
             #    classes (j mod NCLS); the 4th largest key of every class is reached by 4 distinct keys of that class,
@@ -275,6 +299,8 @@ def _topk_bisect_kernel(
             #    on random rows only ~3% of 2048 keys are. A row with fewer than 4 candidates in some class gets the
             #    bound 0, i.e. all its candidates.
             if CB > 0:
+                keys = tl.load(slot + tt[:, None] * NBP + col[None, :],
+                               mask=(col[None, :] < n_loop) & (tt[:, None] < BT), other=0, cache_modifier=".cg")
                 if 4 * NCLS >= S:  # noqa: SIM108 (a compile-time branch inside a Triton kernel)
                     bound = tl.maximum(tl.min(c3, axis=1), 1)  # [BT]; key 0 is never a candidate
                 else:  # too few classes to bound the S-th key: every candidate (still exact, rarely compact)
@@ -325,13 +351,11 @@ def _topk_bisect_kernel(
                 else:
                     # Fallback (a row with more than CB candidates): the full-width path. The keys are read again
                     # (L1/L2 hits) so that they are not held in registers across the compact branch.
-                    keys = tl.load(slot + tt[:, None] * NBP + col[None, :],
-                                   mask=(col[None, :] < n_loop) & (tt[:, None] < BT), other=0, cache_modifier=".cg")
-                    _select_full_width(keys, col, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, BT,
-                                       NBP, S, SP)
+                    _select_from_scratch(slot, n_loop, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr,
+                                         BT, NBP, S, SP, HALF)
             else:  # CB == 0: always the full-width path
-                _select_full_width(keys, col, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, BT, NBP, S,
-                                   SP)
+                _select_from_scratch(slot, n_loop, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, BT,
+                                     NBP, S, SP, HALF)
         tl.debug_barrier()  # the scratch rows are rewritten by the next work item
 
 
@@ -343,6 +367,8 @@ def _topk_bisect_kernel(
 # bisect_chunk: blocks per score chunk BC (a power of two >= 16; capped at the key row width). bisect_stages:
 # num_stages of the launch (the K~ chunk load is software-pipelined; the sm_90 PTX at 2 stages issues the next
 # chunk's cp.async at the end of the loop body and waits for it at the top of the next, so nothing overlaps).
+# bisect_half: tiles whose blocks fit the first half of the key row run the full-width selection on half-width
+# rows (same result, half the compares per bisection step; a second copy of the selection code in the kernel).
 # score_only: benchmarks only (tune_topk.py), launches the score pass without the selection; output unwritten.
 # sm_90 reports (Triton 3.6, 16-byte pointer hints, HQ=28 HKV=4 D=128, 8 tokens, 2048-wide rows, 64-block chunks,
 # 2 stages): candidates 0: 255 registers, no spills, 26 bar.sync in the kernel (3 per bisection step), one
@@ -353,7 +379,7 @@ def _topk_bisect_kernel(
 # item takes 31 of them whatever its visible width: ~8.9K instructions per thread against ~5.8K for the average
 # 16 chunks of the score loop at 128K (which also waits on its K~ loads: not overlapped at 2 stages).
 CONFIG = {"method": "auto", "programs_per_sm": 1, "max_keys_per_thread": 64, "bisect_warps": None, "candidates": 128,
-          "bisect_tokens": None, "bisect_chunk": 64, "bisect_stages": 2, "score_only": False}
+          "bisect_tokens": None, "bisect_chunk": 64, "bisect_stages": 2, "score_only": False, "bisect_half": False}
 
 
 def _bisect_shape(group_pow2: int, n_blocks_pow2: int) -> tuple[int, int] | None:
@@ -440,6 +466,7 @@ def select_blocks_topk(
             scale * LOG2E,
             BT=tokens, BC=chunk, NBP=width, SP=_pow2(block_count), CB=cand_width, NCLS=n_classes,
             CJ=min(16, max(cand_width, 1)), SCORE_ONLY=bool(CONFIG["score_only"]),
+            HALF=bool(CONFIG["bisect_half"]),
             **common, num_warps=warps, num_stages=CONFIG["bisect_stages"],
         )
         return indices
