@@ -164,6 +164,9 @@ def test_union_kernel_matches_torch_oracle() -> None:
         used = torch.arange(want[0].shape[-1], device=DEVICE) < want[1][..., None]
         assert torch.equal(torch.where(used, got[0], -1), torch.where(used, want[0], -1)), tokens
         assert torch.equal(got[2], want[2]), tokens
+        # A strided sample of the tiles (what plan_tiles passes) gives the rows of those tiles.
+        every_other = tiles[::2]
+        assert torch.equal(union_blocks(idx, every_other, tokens)[1], want[1][::2]), tokens
 
 
 @kernel_test
