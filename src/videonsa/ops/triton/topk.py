@@ -380,8 +380,11 @@ def _topk_bisect_kernel(
 # instructions; one bisection step over the full 2048-wide rows is 286 (390 before the sign-bit count) and a work
 # item takes 31 of them whatever its visible width: ~8.9K instructions per thread against ~5.8K for the average
 # 16 chunks of the score loop at 128K (which also waits on its K~ loads: not overlapped at 2 stages).
+# Defaults from the H100 run of benchmarks/tune_topk.py at 128K (results/tune_topk_h100_s2b.jsonl, all equal to the
+# sorting kernel): full-width bisection 23.6 ms (randn) / 23.5 (structured); half-width rows where they fit 23.0
+# / 22.4; 3 stages 22.8; both 21.5 (randn); 16 warps 29.3; the score pass alone 11.2 / 10.5.
 CONFIG = {"method": "auto", "programs_per_sm": 1, "max_keys_per_thread": 64, "bisect_warps": None, "candidates": 0,
-          "bisect_tokens": None, "bisect_chunk": 64, "bisect_stages": 2, "score_only": False, "bisect_half": False}
+          "bisect_tokens": None, "bisect_chunk": 64, "bisect_stages": 3, "score_only": False, "bisect_half": True}
 
 
 def _bisect_shape(group_pow2: int, n_blocks_pow2: int) -> tuple[int, int] | None:
