@@ -464,13 +464,17 @@ def _cmp_bwd_dkv_kernel(
 # (2 stages: 233; 64 keys: 173; 64 rows x 128 keys spills 128 bytes; split 32x128: 177); dq 128x32/8 warps:
 # 219 (64x32/4 warps: 134, i.e. three programs per SM); fwd 128x64/8 warps: 203. dkv timed on the H100 at
 # 128K (tune_compression.py): 32x128 w8 s3 14.7 ms, s2 17.0, 64x128 s2 16.3, 32x64 38.6, split 27.1.
+# Second H100 sweep at 128K with do_scale (results/tune_compression_h100_s2b.jsonl, kernel ms, every variant
+# agreeing with the default): fwd 64x64/4 warps/3 stages 5.66 (128x64 s2 6.26, s3 5.84); delta 128x32 s3 4.25
+# (128x64 s2 5.17); dkv 32x128 s3 17.4 with lists cut at 4096 tokens, 15.2 cut at 2048 (the last wave of
+# programs was nearly idle; float32 partial sums 268 MB instead of 134 MB at 128K).
 CONFIG = {
-    "fwd": dict(rows=128, keys=64, warps=8, stages=2),
-    # delta kernel (q K~^T and do V~^T per step, one float32 per row): 128x64/8 warps 112 registers, 128 KB
-    # shared memory (one program per SM); 128x32: 80 registers, 96 KB (two per SM); not yet timed.
-    "delta": dict(rows=128, keys=64, warps=8, stages=2),
+    "fwd": dict(rows=64, keys=64, warps=4, stages=3),
+    # delta kernel (q K~^T and do V~^T per step, one float32 per row): 128x32: 80 registers, 96 KB shared
+    # memory (two programs per SM).
+    "delta": dict(rows=128, keys=32, warps=8, stages=3),
     "dq": dict(rows=128, keys=32, warps=8, stages=2),
-    "dkv": dict(rows=32, keys=128, warps=8, stages=3, min_segment=4096, max_segments=16),
+    "dkv": dict(rows=32, keys=128, warps=8, stages=3, min_segment=2048, max_segments=32),
 }
 
 
