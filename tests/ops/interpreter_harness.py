@@ -6,10 +6,12 @@ skip. On a CUDA machine every test runs directly on the GPU.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -49,3 +51,26 @@ def packed(seq_lens: list[int], heads_q: int, heads_kv: int, head_dim: int, seed
     do = torch.randn(total, heads_q, head_dim, generator=gen, dtype=torch.float64)
     cu = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32)
     return q, k, v, do, cu
+
+
+def assert_matches_masked_dense(q, k, v, do, cu, o, grads, scale: float, allowed: Callable, tol: float = 1e-2) -> None:
+    """Check a branch kernel's o and (dq, dk, dv) against float32 dense attention under a key mask, one
+    sequence at a time (the GPU real-shape tests of the selection and window kernels).
+
+    q, do: [T, HQ, D]; k, v: [T, HKV, D] (packed, cu_seqlens `cu`); o [T, HQ, D] and grads (dq, dk, dv) are the
+    kernel's. allowed(a, b, pos) -> bool mask broadcastable to [L, HQ, L] (query, head, key) for the sequence
+    occupying packed rows a..b, with pos = arange(b - a). Asserts no NaN and relative errors below tol.
+    """
+    group = q.shape[1] // k.shape[1]
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        leaves = [x[a:b].float().requires_grad_() for x in (q, k, v)]
+        mask = allowed(a, b, torch.arange(b - a, device=q.device))
+        s = scale * torch.einsum("thd,shd->ths", leaves[0], leaves[1].repeat_interleave(group, dim=1))
+        p = torch.softmax(s.masked_fill(~mask, -math.inf), dim=-1)
+        o_ref = torch.einsum("ths,shd->thd", p, leaves[2].repeat_interleave(group, dim=1))
+        (o_ref * do[a:b].float()).sum().backward()
+        for name, got, want in (("o", o[a:b], o_ref), *zip(("dq", "dk", "dv"), [g[a:b] for g in grads],
+                                                          [x.grad for x in leaves], strict=True)):
+            assert not torch.isnan(got).any(), name
+            err = float((got.float() - want).norm() / want.norm())
+            assert err < tol, f"{name}: relative error {err:.2e}"
