@@ -172,6 +172,22 @@ def _add_(acc: Tensor, x: Tensor) -> Tensor:
     return acc.add_(x.to(acc.dtype))
 
 
+def _compress_and_select(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, config: NSAConfig, scale: float):
+    """The forward steps both autograd functions share: pooled keys, the compression branch and the top-k.
+
+    Returns k_cmp, v_cmp [total_NB, HKV, D], cu_cmp, o_cmp [total_T, HQ, D], lse_cmp float32 [total_T, HQ] and
+    block_indices int32 [total_T, HKV, block_count].
+    """
+    b = config.block_size
+    k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, v, cu_seqlens, b)
+    o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, b, scale)
+    indices = select_blocks_topk(
+        q, k_cmp, lse_cmp, cu_seqlens, cu_cmp, block_size=b, block_count=config.block_count,
+        init_blocks=config.init_blocks, local_blocks=config.local_blocks, scale=scale,
+    )
+    return k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp, indices
+
+
 class _NSAFunction(torch.autograd.Function):
     """Packed NSA: q [total_T, HQ, D], k/v [total_T, HKV, D], gates [total_T, HQ].
 
@@ -181,12 +197,7 @@ class _NSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, config: NSAConfig, scale: float):
         b = config.block_size
-        k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, v, cu_seqlens, b)
-        o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, b, scale)
-        indices = select_blocks_topk(
-            q, k_cmp, lse_cmp, cu_seqlens, cu_cmp, block_size=b, block_count=config.block_count,
-            init_blocks=config.init_blocks, local_blocks=config.local_blocks, scale=scale,
-        )
+        k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp, indices = _compress_and_select(q, k, v, cu_seqlens, config, scale)
         o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale)
         o_swa, lse_swa = window_attention_fwd(q, k, v, cu_seqlens, config.window_size, scale)
         o = gate_fwd(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
@@ -257,12 +268,7 @@ class _NSALeanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, config: NSAConfig, scale: float):
         b = config.block_size
-        k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, v, cu_seqlens, b)
-        o, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, b, scale)
-        indices = select_blocks_topk(
-            q, k_cmp, lse_cmp, cu_seqlens, cu_cmp, block_size=b, block_count=config.block_count,
-            init_blocks=config.init_blocks, local_blocks=config.local_blocks, scale=scale,
-        )
+        k_cmp, v_cmp, cu_cmp, o, lse_cmp, indices = _compress_and_select(q, k, v, cu_seqlens, config, scale)
         # o holds o_cmp: the window kernel turns it into g_cmp * o_cmp + g_swa * o_swa in place.
         o, lse_swa = window_attention_fwd(
             q, k, v, cu_seqlens, config.window_size, scale, fold_into=o, fold_scale=g_cmp, gate=g_swa
