@@ -28,12 +28,12 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 
 import torch
 
+from bench_ops import bench
 from videonsa.ops.triton import compression as C
 
 HQ, HKV, D, BLOCK = 28, 4, 128, 64
@@ -142,20 +142,6 @@ def check(mod, seq_lens: list[int], scale: float) -> dict:
     return dict(errors=errors, bitwise_repeat=repeat, ok=ok)
 
 
-def median_ms(fn, reps: int = 7) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def kernel_ms(fn) -> dict:
     """Self CUDA milliseconds per kernel name of one call of fn (after a warm-up)."""
     fn()
@@ -184,14 +170,14 @@ def timings(mod, seq_len: int, scale: float) -> dict:
     def bwd():
         return mod.compressed_attention_bwd(q, k_cmp, v_cmp, o, lse, do, cu, cu_cmp, BLOCK, scale)
 
-    out = dict(fwd_ms=median_ms(fwd), bwd_ms=median_ms(bwd), fwd_kernels=kernel_ms(fwd), bwd_kernels=kernel_ms(bwd))
+    out = dict(fwd_ms=bench(fwd), bwd_ms=bench(bwd), fwd_kernels=kernel_ms(fwd), bwd_kernels=kernel_ms(bwd))
     if hasattr(mod, "compressed_attention_delta"):
         def bwd_scaled():  # the lean path: delta kernel, then dq and dK~/dV~ with do_scale (o never read)
             delta = mod.compressed_attention_delta(q, k_cmp, v_cmp, lse, do, cu, cu_cmp, BLOCK, scale, do_scale=dos)
             return mod.compressed_attention_bwd(q, k_cmp, v_cmp, None, lse, do, cu, cu_cmp, BLOCK, scale,
                                                 delta=delta, do_scale=dos)
 
-        out.update(bwd_scaled_ms=median_ms(bwd_scaled), bwd_scaled_kernels=kernel_ms(bwd_scaled))
+        out.update(bwd_scaled_ms=bench(bwd_scaled), bwd_scaled_kernels=kernel_ms(bwd_scaled))
     return out
 
 
