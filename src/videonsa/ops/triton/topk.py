@@ -437,8 +437,8 @@ def select_blocks_topk(
     indices = torch.empty(total, heads_kv, block_count, dtype=torch.int32, device=q.device)
     if total == 0:
         return indices
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if max_seqlen is None:  # known on the host for one sequence (as in the compression kernels): no sync
+        max_seqlen = total if cu_seqlens.numel() == 2 else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     n_blocks_pow2 = _pow2(triton.cdiv(max_seqlen, block_size))
     method = method or CONFIG["method"]
     shape = _bisect_shape(group_pow2, n_blocks_pow2)
@@ -450,7 +450,7 @@ def select_blocks_topk(
     )
     if method in ("auto", "bisect") and shape is not None:
         tokens, warps = shape
-        tiles = query_tiles(cu_seqlens, tokens)
+        tiles = query_tiles(cu_seqlens, tokens, total)
         n_work = tiles.shape[0] * heads_kv
         n_prog = _num_programs(q.device, n_work)
         scratch = torch.empty(n_prog, tokens, max(n_blocks_pow2, 16), dtype=torch.int32, device=q.device)
@@ -478,7 +478,7 @@ def select_blocks_topk(
     kp = _pow2(block_count)
     tokens = min(16, max(1, 128 // group_pow2))
     tokens = max(tokens, triton.cdiv(16, group_pow2))  # tl.dot needs M >= 16
-    tiles = query_tiles(cu_seqlens, tokens)
+    tiles = query_tiles(cu_seqlens, tokens, total)
     _topk_kernel[(tiles.shape[0], heads_kv)](
         q, k_cmp, lse_cmp, indices, cu_seqlens, cu_cmp, tiles, scale * LOG2E,
         BT=tokens, BC=max(64, kp), KP=kp, **common,
