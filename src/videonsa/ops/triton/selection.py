@@ -268,6 +268,31 @@ class TilePlan:
     bits: Tensor  # int32 [n_tiles, HKV, tokens * S, ceil(tokens / 32)]
 
 
+def _candidate_tiles(cu_seqlens: Tensor, group: int, heights: list[int]) -> dict[int, tuple[int, Tensor]]:
+    """{BLOCK_M: (tokens per tile, `tiles_of` table)} for each distinct tile height among `heights`."""
+    tiled: dict[int, tuple[int, Tensor]] = {}
+    for rows in heights:
+        block_m, bt = _tile_rows(group, rows)
+        if block_m not in tiled:
+            tiled[block_m] = (bt, tiles_of(cu_seqlens, bt))
+    return tiled
+
+
+def _tile_estimates(
+    block_indices: Tensor, tiled: dict[int, tuple[int, Tensor]], step_cost: dict[int, float]
+) -> list[Tensor]:
+    """Estimated ns per token (device scalars, no sync) for each tiling: the union steps of every 8th tile
+    times the cost of one step at that height."""
+    estimates = []
+    for block_m, (bt, tiles) in tiled.items():
+        sample = tiles[::8]
+        steps = union_blocks(block_indices, sample, bt)[1].sum()
+        tokens = sample[:, 1].sum()
+        per_token = steps.double() / tokens.clamp(min=1).double()
+        estimates.append(per_token * step_cost.get(block_m, max(step_cost.values())))
+    return estimates
+
+
 def plan_tiles(
     block_indices: Tensor, cu_seqlens: Tensor, group: int, tile_rows: int | None = None,
     step_cost: dict[int, float] | None = None, candidates: tuple[int, ...] | None = None,
@@ -277,24 +302,34 @@ def plan_tiles(
     tile times the cost of one step at that height (`step_cost`, default `TILE_STEP_COST`; the dq kernel
     passes `DQ_TILE_STEP_COST`). One host sync for the choice."""
     step_cost = step_cost or TILE_STEP_COST
-    heights = [tile_rows] if tile_rows else list(candidates or TILE_CANDIDATES)
-    tiled: dict[int, tuple[int, Tensor]] = {}
-    for rows in heights:
-        block_m, bt = _tile_rows(group, rows)
-        if block_m not in tiled:
-            tiled[block_m] = (bt, tiles_of(cu_seqlens, bt))
+    tiled = _candidate_tiles(cu_seqlens, group, [tile_rows] if tile_rows else list(candidates or TILE_CANDIDATES))
+    block_m = next(iter(tiled))
     if len(tiled) > 1:
-        estimates = []
-        for block_m, (bt, tiles) in tiled.items():
-            sample = tiles[::8]
-            steps = union_blocks(block_indices, sample, bt)[1].sum()
-            tokens = sample[:, 1].sum()
-            per_token = steps.double() / tokens.clamp(min=1).double()
-            estimates.append(per_token * step_cost.get(block_m, max(step_cost.values())))
-        choice = int(torch.stack(estimates).argmin())
-        block_m = list(tiled)[choice]
-    else:
-        block_m = next(iter(tiled))
+        block_m = list(tiled)[int(torch.stack(_tile_estimates(block_indices, tiled, step_cost)).argmin())]
+    bt, tiles = tiled[block_m]
+    return TilePlan(block_m, bt, tiles, *union_blocks(block_indices, tiles, bt))
+
+
+def by_block_estimate(block_indices: Tensor, group: int, rows: int = 16) -> Tensor:
+    """Estimated ns per token (device scalar) of the block-major forward (`launch_fwd_by_block`): the used
+    slots per token (all groups) in steps of BT tokens, plus the per-token costs of sorting and merging."""
+    bt = _tile_rows(group, rows)[1]
+    used = (block_indices >= 0).sum().double() / max(block_indices.shape[0], 1)
+    return used / bt * BY_BLOCK_STEP_COST + BY_BLOCK_TOKEN_COST
+
+
+def plan_forward(block_indices: Tensor, cu_seqlens: Tensor, group: int, block_size: int) -> TilePlan | None:
+    """The forward's layout with the least estimated time: a `TilePlan` (query tiles of each height in
+    `TILE_CANDIDATES`), or None for the block-major forward (only for blocks of at most 64 keys, which one
+    program holds). One host sync."""
+    tiled = _candidate_tiles(cu_seqlens, group, list(TILE_CANDIDATES))
+    estimates = _tile_estimates(block_indices, tiled, TILE_STEP_COST)
+    if block_size <= 64:
+        estimates.append(by_block_estimate(block_indices, group))
+    choice = int(torch.stack(estimates).argmin())
+    if choice == len(tiled):
+        return None
+    block_m = list(tiled)[choice]
     bt, tiles = tiled[block_m]
     return TilePlan(block_m, bt, tiles, *union_blocks(block_indices, tiles, bt))
 
@@ -596,6 +631,220 @@ def split_lists(offsets: Tensor, split: int) -> tuple[Tensor, Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Block-major forward ("by block")
+#
+# When neighbouring tokens share few blocks (random selections), the query-tile forward brings every chosen
+# key block into an SM once per token: 32 KiB of keys and values for each (token, group, block) triple, ~515 GB
+# at 128K, which caps it at the L2-to-SM bandwidth. The block-major forward turns the loop around, as the dk/dv
+# kernel does: one program per (key block, group) holds the block's keys and values and walks the tokens that
+# chose it, writing one normalised partial output and its log-sum-exp per (token, group, slot) triple. A second
+# kernel merges each token's S partials by their log-sum-exps. Per triple that moves the G query rows in and
+# G partial rows out (2 x 1.75 KiB at 7:1, D=128) instead of 32 KiB of keys and values. The partials are
+# bounded by working on chunks of consecutive tokens (`BY_BLOCK_PARTIAL_BYTES`), one pair of launches each.
+
+# Ceiling on the partial-output buffer of one chunk (the chunk is as many tokens as fit).
+BY_BLOCK_PARTIAL_BYTES = 512 << 20
+# Measured cost model (same unit as TILE_STEP_COST: ns), H100, Triton 3.6, bf16, D=128, 7:1, 128K randn
+# selections (benchmarks/tune_selection.py): ns per program step (BT tokens x G heads against one block), and
+# ns per token for everything that scales with tokens (index sort, merge kernel, launches).
+BY_BLOCK_STEP_COST = 4.0
+BY_BLOCK_TOKEN_COST = 60.0
+
+
+@dataclass
+class BlockLists:
+    """The (token, group, slot) triples of a selection sorted by (chunk of tokens, key block, group).
+
+    The triples of key block j, group g whose token lies in chunk c are
+    pairs[offsets[l] : offsets[l + 1]] with l = (c * n_blocks + j) * HKV + g, ascending by token; each entry is
+    the flat triple index (t * HKV + g) * S + s, i.e. where that triple's partial output lives.
+    """
+
+    offsets: Tensor  # int64 [n_chunks * n_blocks * HKV + 1]
+    pairs: Tensor  # int32 (int64 past 2^31 triples) [number of used slots]
+    block_indices: Tensor  # int32 [T, HKV, S]: the input with ids outside the token's sequence set to -1
+    chunk_tokens: int
+    n_chunks: int
+    n_blocks: int
+
+
+def block_lists(
+    block_indices: Tensor, cu_seqlens: Tensor, key_blocks: Tensor, chunk_tokens: int
+) -> BlockLists:
+    """Sort the selection's triples into `BlockLists` (one stable device sort, one host sync)."""
+    total, heads_kv, slots = block_indices.shape
+    device = block_indices.device
+    n_blocks = key_blocks.shape[0]
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=total)
+    first_block = torch.searchsorted(key_blocks[:, 0].long().contiguous(), cu[:-1].contiguous())
+    seq_blocks = torch.diff(first_block, append=first_block.new_tensor([n_blocks]))
+    # A block id past the sequence's end has no keys: dropping it changes nothing and keeps lists in range.
+    chosen = torch.where(
+        (block_indices >= 0) & (block_indices < seq_blocks[seq][:, None, None]), block_indices, -1
+    ).to(torch.int32)
+    n_chunks = -(-total // chunk_tokens)
+    n_lists = n_chunks * n_blocks * heads_kv
+    key_dtype = torch.int32 if n_lists < 2**31 - 1 else torch.int64
+    chunk = (torch.arange(total, device=device) // chunk_tokens).to(key_dtype)
+    group = torch.arange(heads_kv, device=device, dtype=key_dtype)[None, :, None]
+    key = ((chunk[:, None, None] * n_blocks + first_block[seq].to(key_dtype)[:, None, None] + chosen) * heads_kv
+           + group)
+    key = torch.where(chosen >= 0, key, n_lists).reshape(-1)
+    order = torch.sort(key, stable=True).indices  # stable: tokens stay ascending within a list
+    counts = torch.bincount(key, minlength=n_lists + 1)[:n_lists]
+    offsets = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+    n_used = int(offsets[-1])
+    pairs = order[:n_used]
+    if key.numel() < 2**31:
+        pairs = pairs.to(torch.int32)
+    return BlockLists(offsets, pairs, chosen.contiguous(), chunk_tokens, n_chunks, n_blocks)
+
+
+def by_block_chunk_tokens(heads_q: int, heads_kv: int, slots: int, head_dim: int, elem_bytes: int) -> int:
+    """Tokens per chunk so that one chunk's partial outputs fit in `BY_BLOCK_PARTIAL_BYTES`."""
+    per_token = heads_kv * slots * (heads_q // heads_kv) * head_dim * elem_bytes
+    return max(1, BY_BLOCK_PARTIAL_BYTES // per_token)
+
+
+@triton.jit
+def _slc_fwd_by_block_kernel(
+    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, key_blocks_ptr, offsets_ptr, pairs_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    list0, pair0, head_dim, qk_scale,
+    HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One program per (key block, group) of one chunk: softmax of the chunk's triples over that block.
+
+    Writes o_part [triple - pair0, G, D] (normalised, in q's dtype) and lse_part [triple - pair0, G] (base 2,
+    -inf where no key of the block is at or before the token)."""
+    pid = tl.program_id(0)
+    blk = pid // HKV
+    g = pid % HKV
+    start = tl.load(offsets_ptr + list0 + pid)
+    end = tl.load(offsets_ptr + list0 + pid + 1)
+    k_row0 = tl.load(key_blocks_ptr + blk * 4)
+    n_keys = tl.load(key_blocks_ptr + blk * 4 + 1)
+    n = tl.arange(0, BLOCK_N)
+    k_row = k_row0 + n
+    k_ok = n < tl.where(end > start, n_keys, 0)  # an empty list loads nothing
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    kd_mask = k_ok[:, None] & d_ok[None, :]
+    k_row64 = k_row.to(tl.int64)
+    # Loaded once, used for every token of the list: this is the whole point of the block-major order.
+    kb = tl.load(k_ptr + k_row64[:, None] * stride_kt + g * stride_kh + d[None, :], mask=kd_mask, other=0.0)
+    vb = tl.load(v_ptr + k_row64[:, None] * stride_vt + g * stride_vh + d[None, :], mask=kd_mask, other=0.0)
+
+    r = tl.arange(0, BLOCK_M)
+    tok = r // G
+    hh = r % G
+    for c0 in range(start, end, BT):
+        idx = c0 + tok
+        row_ok = (tok < BT) & (idx < end)
+        pair = tl.load(pairs_ptr + idx, mask=row_ok, other=0).to(tl.int64)
+        t_row = pair // (HKV * S)
+        q = tl.load(
+            q_ptr + t_row[:, None] * stride_qt + (g * G + hh)[:, None] * stride_qh + d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
+        allowed = row_ok[:, None] & k_ok[None, :] & (k_row64[None, :] <= t_row[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+        m = tl.max(s, axis=1)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(s - m_use[:, None])
+        l_sum = tl.sum(p, axis=1)
+        has = l_sum > 0
+        out = tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC) / tl.where(has, l_sum, 1.0)[:, None]
+        lse2 = tl.where(has, m_use + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf"))
+        slot = (pair - pair0) * G + hh
+        tl.store(
+            o_part_ptr + slot[:, None] * head_dim + d[None, :], out.to(o_part_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
+        tl.store(lse_part_ptr + slot, lse2, mask=row_ok)
+
+
+@triton.jit
+def _slc_merge_kernel(
+    o_part_ptr, lse_part_ptr, idx_ptr, o_ptr, lse_ptr, stride_ot, stride_oh, t0, head_dim,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (token of the chunk, group): o = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max);
+    lse = log of the summed exponentials (natural log, -inf when no slot had a key)."""
+    t_local = tl.program_id(0)
+    g = tl.program_id(1)
+    t = (t0 + t_local).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    blk = tl.load(idx_ptr + (t * HKV + g) * S + s, mask=s < S, other=-1)
+    used = blk >= 0
+    triple = (t_local.to(tl.int64) * HKV + g) * S + s
+    for hh in range(G):
+        slot = triple * G + hh
+        lse2 = tl.load(lse_part_ptr + slot, mask=used, other=float("-inf"))
+        m = tl.max(lse2, axis=0)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse2 - m_use)
+        total = tl.sum(w, axis=0)
+        part = tl.load(o_part_ptr + slot[:, None] * head_dim + d[None, :], mask=used[:, None] & d_ok[None, :],
+                       other=0.0).to(tl.float32)
+        has = total > 0
+        out = tl.sum(part * w[:, None], axis=0) / tl.where(has, total, 1.0)
+        head = g * G + hh
+        tl.store(o_ptr + t * stride_ot + head * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
+        lse = tl.where(has, (m_use + tl.log2(tl.where(has, total, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + t * HQ + head, lse)
+
+
+def launch_fwd_by_block(
+    q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor, block_size: int, scale: float,
+    *, chunk_tokens: int | None = None, rows: int = 16, num_warps: int = 4, num_stages: int = 2,
+) -> tuple[Tensor, Tensor]:
+    """The block-major forward (inputs already checked; block_size <= 64); returns o [T, HQ, D], lse [T, HQ].
+
+    chunk_tokens: tokens per chunk (None: as many as `BY_BLOCK_PARTIAL_BYTES` allows); rows: query rows per
+    program step (BT = rows // G tokens)."""
+    total, heads_q, head_dim = q.shape
+    heads_kv = k.shape[1]
+    group = heads_q // heads_kv
+    slots = block_indices.shape[-1]
+    if block_size > 64:
+        raise ValueError(f"selected attention by block: block_size <= 64 needed, got {block_size}")
+    chunk_tokens = chunk_tokens or by_block_chunk_tokens(heads_q, heads_kv, slots, head_dim, q.element_size())
+    chunk_tokens = min(chunk_tokens, total)
+    key_blocks = tiles_of(cu_seqlens, block_size)
+    lists = block_lists(block_indices, cu_seqlens, key_blocks, chunk_tokens)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
+    o_part = torch.empty((chunk_tokens * heads_kv * slots * group, head_dim), dtype=q.dtype, device=q.device)
+    lse_part = torch.empty(chunk_tokens * heads_kv * slots * group, dtype=torch.float32, device=q.device)
+    block_m, bt = _tile_rows(group, rows)
+    block_d = max(16, next_pow2(head_dim))
+    n_lists = lists.n_blocks * heads_kv
+    for c in range(lists.n_chunks):
+        t0 = c * chunk_tokens
+        _slc_fwd_by_block_kernel[(n_lists,)](
+            q, k, v, o_part, lse_part, key_blocks, lists.offsets, lists.pairs,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            c * n_lists, t0 * heads_kv * slots, head_dim, scale * LOG2E,
+            HKV=heads_kv, G=group, S=slots, BT=bt, BLOCK_M=block_m, BLOCK_N=_block_n(block_size),
+            BLOCK_D=block_d, DOT_PREC=dot_precision(q), num_warps=num_warps, num_stages=num_stages,
+        )
+        _slc_merge_kernel[(min(chunk_tokens, total - t0), heads_kv)](
+            o_part, lse_part, lists.block_indices, o, lse, o.stride(0), o.stride(1), t0, head_dim,
+            HQ=heads_q, HKV=heads_kv, G=group, S=slots, BLOCK_S=max(2, next_pow2(slots)), BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return o, lse
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Entry points
 
 
@@ -732,6 +981,7 @@ def selected_attention_fwd(
     scale: float,
     *,
     tile_rows: int | None = None,
+    by_block: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal attention of each query over the keys of its selected blocks.
 
@@ -741,7 +991,10 @@ def selected_attention_fwd(
         cu_seqlens: int32 [N+1] sequence offsets.
         block_size: keys per block (power of two, >= 16).
         scale: softmax scale.
-        tile_rows: matrix rows per program (128, 64 or 16, say); None picks by the selections' overlap.
+        tile_rows: matrix rows per program of the query-tile forward (128, 64 or 16, say); implies
+            by_block=False.
+        by_block: True runs the block-major forward (`launch_fwd_by_block`, block_size <= 64), False the
+            query-tile forward; None picks the layout with the least estimated time (`plan_forward`).
 
     Returns:
         o [T, HQ, D] in q's dtype (0 for rows with no allowed key) and lse float32 [T, HQ] (-inf there).
@@ -749,7 +1002,17 @@ def selected_attention_fwd(
     q, k, v, block_indices = _prepare(q, k, v, block_indices, cu_seqlens, block_size)
     if q.shape[0] == 0:
         return torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    plan = plan_tiles(block_indices, cu_seqlens, q.shape[1] // k.shape[1], tile_rows)
+    group = q.shape[1] // k.shape[1]
+    if by_block and tile_rows is not None:
+        raise ValueError("selected attention: tile_rows applies to the query-tile forward, not by_block=True")
+    if tile_rows is not None or by_block is False:
+        plan = plan_tiles(block_indices, cu_seqlens, group, tile_rows)
+    elif by_block:
+        plan = None
+    else:
+        plan = plan_forward(block_indices, cu_seqlens, group, block_size)
+    if plan is None:
+        return launch_fwd_by_block(q, k, v, block_indices, cu_seqlens, block_size, scale)
     return launch_fwd(q, k, v, plan, block_size, scale)
 
 
@@ -821,6 +1084,7 @@ def selected_attention_bwd(
 
 
 __all__ = [
-    "TilePlan", "launch_dkdv", "launch_dq", "launch_fwd", "next_pow2", "plan_tiles", "row_dot", "split_lists",
+    "BlockLists", "TilePlan", "block_lists", "launch_dkdv", "launch_dq", "launch_fwd", "launch_fwd_by_block",
+    "plan_forward", "next_pow2", "plan_tiles", "row_dot", "split_lists",
     "selected_attention_bwd", "selected_attention_fwd", "tiles_of", "union_blocks", "union_blocks_torch",
 ]
