@@ -16,6 +16,11 @@ same shape: every dq variant against the 16-row old-default dq (relative error),
 against the default's, dq with `do_scale` against dq of
 the materialised do * do_scale, and forward outputs of every variant against the 16-row forward.
 
+--by-block times the block-major forward (`launch_fwd_by_block`) against the query-tile forward on the same
+selections: index sort alone, each (rows, warps, stages) launch and chunk size, outputs checked against the
+16-row tile forward, the per-kernel split from the profiler, and the cost-model constants those times imply
+(BY_BLOCK_STEP_COST, BY_BLOCK_TOKEN_COST) next to the planner's estimates.
+
 --defaults times only the current defaults (planner-chosen tiles, `_launch_config`, DKDV_ROWS): forward, dq
 and dk/dv each without and with `do_scale` (a random gate), the do_scale results checked against the
 unscaled kernels run on the materialised do * gate (kind = "default" lines, plus "check" lines).
@@ -165,6 +170,92 @@ def run_selection(name: str, seq_len: int, deadline: float) -> None:
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
 
+BY_BLOCK_VARIANTS = [(16, 4, 2), (16, 4, 3), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2), (16, 4, 1)]
+BY_BLOCK_PARTIALS_MIB = [256, 1024]
+
+
+def by_block_steps(idx: torch.Tensor, cu: torch.Tensor, group: int, rows: int, chunk_tokens: int) -> int:
+    """Program steps of the block-major forward: sum over lists of ceil(length / BT)."""
+    bt = slc._tile_rows(group, rows)[1]
+    lists = slc.block_lists(idx, cu, slc.tiles_of(cu, BLOCK), chunk_tokens)
+    lengths = lists.offsets[1:] - lists.offsets[:-1]
+    return int(((lengths + bt - 1) // bt).sum())
+
+
+def kernel_split(fn) -> dict[str, float]:
+    """Self CUDA ms per kernel name of one call of fn (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    split: dict[str, float] = {}
+    for event in prof.key_averages():
+        ms = getattr(event, "self_device_time_total", 0) / 1e3
+        if ms > 0.005:
+            split[event.key[:60]] = round(ms, 3)
+    return dict(sorted(split.items(), key=lambda kv: -kv[1]))
+
+
+def run_by_block(name: str, seq_len: int, deadline: float) -> None:
+    q, k, v, cu, idx = operator_inputs(seq_len, name == "structured")
+    scale = D**-0.5
+    group = HQ // HKV
+    tiled = slc._candidate_tiles(cu, group, list(slc.TILE_CANDIDATES))
+    estimates = [float(e) for e in slc._tile_estimates(idx, tiled, slc.TILE_STEP_COST)]
+    emit(kind="info", selection=name, T=seq_len, tile_estimates_ns_per_token=dict(zip(tiled, estimates)),
+         by_block_estimate_ns_per_token=float(slc.by_block_estimate(idx, group)),
+         planner="by_block" if slc.plan_forward(idx, cu, group, BLOCK) is None else "tiles")
+    plan16 = slc.plan_tiles(idx, cu, group, 16)
+    o16, lse16 = slc.launch_fwd(q, k, v, plan16, BLOCK, scale)
+    tile_plan = slc.plan_tiles(idx, cu, group)
+    tile_ms = bench(partial(slc.launch_fwd, q, k, v, tile_plan, BLOCK, scale))
+    tile_total_ms = bench(partial(slc.selected_attention_fwd, q, k, v, idx, cu, BLOCK, scale, by_block=False))
+    emit(kind="time", selection=name, kernel="tile fwd", rows=tile_plan.block_m, ms=tile_ms,
+         with_planning_ms=tile_total_ms)
+    default_chunk = slc.by_block_chunk_tokens(HQ, HKV, COUNT, D, q.element_size())
+    sort_ms = bench(partial(slc.block_lists, idx, cu, slc.tiles_of(cu, BLOCK), default_chunk))
+    emit(kind="time", selection=name, kernel="block_lists", chunk_tokens=default_chunk, ms=sort_ms)
+
+    results = []
+    variants = [(r, w, st, default_chunk) for r, w, st in BY_BLOCK_VARIANTS]
+    per_token = HKV * COUNT * group * D * q.element_size()
+    variants += [(16, 4, 2, (mib << 20) // per_token) for mib in BY_BLOCK_PARTIALS_MIB]
+    for rows, warps, stages, chunk in variants:
+        if time.time() > deadline:
+            emit(kind="skip", selection=name, rows=rows, warps=warps, stages=stages, chunk_tokens=chunk)
+            continue
+        fn = partial(slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale, chunk_tokens=chunk, rows=rows,
+                     num_warps=warps, num_stages=stages)
+        o, lse = fn()
+        finite = torch.isfinite(lse16)
+        err = rel(o, o16)
+        lse_err = float((lse - lse16)[finite].abs().max()) if bool(finite.any()) else 0.0
+        same_inf = bool(torch.equal(torch.isinf(lse), torch.isinf(lse16)))
+        del o, lse
+        ms = bench(fn)
+        results.append((ms, rows, warps, stages, chunk))
+        emit(kind="time", selection=name, kernel="by_block fwd", rows=rows, warps=warps, stages=stages,
+             chunk_tokens=chunk, ms=ms, rel_err_vs_tile16=err, lse_max_diff=lse_err, same_empty_rows=same_inf,
+             speedup_vs_tiles=tile_total_ms / ms)
+    if not results:
+        return
+    ms, rows, warps, stages, chunk = min(results)
+    split = kernel_split(partial(slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale, chunk_tokens=chunk,
+                                 rows=rows, num_warps=warps, num_stages=stages))
+    fwd_kernel_ms = sum(v for key, v in split.items() if "by_block" in key)
+    # The planner's step count (used slots / BT, as `by_block_estimate` counts) and the exact one.
+    bt = slc._tile_rows(group, rows)[1]
+    approx_steps = float((idx >= 0).sum()) / bt
+    emit(kind="summary", selection=name, T=seq_len, best=dict(ms=ms, rows=rows, warps=warps, stages=stages,
+         chunk_tokens=chunk), kernels=split, steps=by_block_steps(idx, cu, group, rows, chunk),
+         approx_steps=approx_steps, implied_step_cost_ns=fwd_kernel_ms * 1e6 / max(approx_steps, 1.0),
+         implied_token_cost_ns=(ms - fwd_kernel_ms) * 1e6 / seq_len, tile_ms=tile_total_ms)
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
 
 def run_defaults(name: str, seq_len: int) -> None:
     """Forward, dq and dk/dv at the current defaults, unscaled and with do_scale (checked against the unscaled
@@ -228,6 +319,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=85.0, help="skip remaining variants past this")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--defaults", action="store_true", help="time and check only the current defaults")
+    parser.add_argument("--by-block", action="store_true", help="the block-major forward against the tiles")
+    parser.add_argument("--lengths", type=int, nargs="*", help="several lengths (--by-block)")
     args = parser.parse_args()
     start = time.time()
     import triton
@@ -236,12 +329,15 @@ def main() -> None:
     for i, name in enumerate(args.selections):
         # Each selection gets its share of the budget (the summary of each still runs).
         share = start + args.budget_s * (i + 1) / len(args.selections) - 8.0
-        if args.defaults:
+        if args.by_block:
+            for length in args.lengths or [args.length]:
+                run_by_block(name, length, share)
+        elif args.defaults:
             run_defaults(name, args.length)
         else:
             run_selection(name, args.length, share)
     emit(kind="info", wall_s=time.time() - start)
-    tag = "defaults_" if args.defaults else ""
+    tag = "by_block_" if args.by_block else "defaults_" if args.defaults else ""
     with open(os.path.join(args.out, f"tune_selection_{tag}{'_'.join(args.selections)}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in LINES)
 

@@ -408,7 +408,7 @@ def test_bad_inputs_are_rejected() -> None:
 # GPU: real shapes
 
 
-def _gpu_case(seq_lens, heads_q, heads_kv, head_dim, dtype, clustered: bool, tile_rows=None) -> None:
+def _gpu_case(seq_lens, heads_q, heads_kv, head_dim, dtype, clustered: bool, tile_rows=None, by_block=None) -> None:
     gen = torch.Generator(device="cuda").manual_seed(sum(seq_lens) + heads_q)
     total = sum(seq_lens)
     cu = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
@@ -434,7 +434,7 @@ def _gpu_case(seq_lens, heads_q, heads_kv, head_dim, dtype, clustered: bool, til
     from videonsa.ops.triton.selection import selected_attention_bwd, selected_attention_fwd
 
     scale = head_dim**-0.5
-    o, lse = selected_attention_fwd(q, k, v, idx, cu, block_size, scale, tile_rows=tile_rows)
+    o, lse = selected_attention_fwd(q, k, v, idx, cu, block_size, scale, tile_rows=tile_rows, by_block=by_block)
     grads = selected_attention_bwd(q, k, v, o, lse, do, idx, cu, block_size, scale, tile_rows=tile_rows)
     # float32 reference on the same (rounded) values, one sequence at a time.
     group = heads_q // heads_kv
@@ -452,6 +452,17 @@ def _gpu_case(seq_lens, heads_q, heads_kv, head_dim, dtype, clustered: bool, til
 def test_gpu_real_shapes_7_to_1_varlen(clustered: bool, tile_rows: int | None) -> None:
     """64 rows: the dq kernel's own launch (8 warps at D=128), 16 rows: the randn-selection path."""
     _gpu_case([1000, 2600, 77, 400], 28, 4, 128, torch.bfloat16, clustered, tile_rows=tile_rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("clustered", [False, True])
+def test_gpu_block_major_forward_7_to_1_varlen(clustered: bool) -> None:
+    _gpu_case([1000, 2600, 77, 400], 28, 4, 128, torch.bfloat16, clustered, by_block=True)
+
+
+@pytest.mark.gpu
+def test_gpu_block_major_forward_1_to_1_head_dim_64_fp16() -> None:
+    _gpu_case([3000], 4, 4, 64, torch.float16, clustered=True, by_block=True)
 
 
 @pytest.mark.gpu
