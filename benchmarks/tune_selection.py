@@ -170,7 +170,7 @@ def run_selection(name: str, seq_len: int, deadline: float) -> None:
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
 
-BY_BLOCK_VARIANTS = [(16, 4, 2), (16, 4, 3), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2), (16, 4, 1)]
+BY_BLOCK_VARIANTS = [(16, 4, 1), (16, 4, 2), (32, 4, 1), (32, 4, 2), (64, 4, 2), (64, 8, 2), (64, 8, 1)]
 BY_BLOCK_PARTIALS_MIB = [256, 1024]
 
 
@@ -220,15 +220,12 @@ def run_by_block(name: str, seq_len: int, deadline: float) -> None:
     emit(kind="time", selection=name, kernel="block_lists", chunk_tokens=default_chunk, ms=sort_ms)
 
     results = []
-    variants = [(r, w, st, default_chunk) for r, w, st in BY_BLOCK_VARIANTS]
-    per_token = HKV * COUNT * group * D * q.element_size()
-    variants += [(16, 4, 2, (mib << 20) // per_token) for mib in BY_BLOCK_PARTIALS_MIB]
-    for rows, warps, stages, chunk in variants:
-        if time.time() > deadline:
-            emit(kind="skip", selection=name, rows=rows, warps=warps, stages=stages, chunk_tokens=chunk)
-            continue
+
+    def run(rows: int, warps: int, stages: int, chunk: int, merge_warps: int) -> None:
+        if time.time() > deadline or any(r[1:] == (rows, warps, stages, chunk, merge_warps) for r in results):
+            return
         fn = partial(slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale, chunk_tokens=chunk, rows=rows,
-                     num_warps=warps, num_stages=stages)
+                     num_warps=warps, num_stages=stages, merge_warps=merge_warps)
         o, lse = fn()
         finite = torch.isfinite(lse16)
         err = rel(o, o16)
@@ -236,21 +233,30 @@ def run_by_block(name: str, seq_len: int, deadline: float) -> None:
         same_inf = bool(torch.equal(torch.isinf(lse), torch.isinf(lse16)))
         del o, lse
         ms = bench(fn)
-        results.append((ms, rows, warps, stages, chunk))
+        results.append((ms, rows, warps, stages, chunk, merge_warps))
         emit(kind="time", selection=name, kernel="by_block fwd", rows=rows, warps=warps, stages=stages,
-             chunk_tokens=chunk, ms=ms, rel_err_vs_tile16=err, lse_max_diff=lse_err, same_empty_rows=same_inf,
-             speedup_vs_tiles=tile_total_ms / ms)
+             chunk_tokens=chunk, merge_warps=merge_warps, ms=ms, rel_err_vs_tile16=err, lse_max_diff=lse_err,
+             same_empty_rows=same_inf, speedup_vs_tiles=tile_total_ms / ms)
+
+    # Launches of the main kernel, then the merge kernel's warps and the chunk size at the best so far.
+    for rows, warps, stages in BY_BLOCK_VARIANTS:
+        run(rows, warps, stages, default_chunk, 8)
+    for merge_warps in (4, 16):
+        run(*min(results)[1:5], merge_warps)
+    per_token = HKV * COUNT * group * D * q.element_size()
+    for mib in BY_BLOCK_PARTIALS_MIB:
+        run(*min(results)[1:4], (mib << 20) // per_token, min(results)[5])
     if not results:
         return
-    ms, rows, warps, stages, chunk = min(results)
+    ms, rows, warps, stages, chunk, merge_warps = min(results)
     split = kernel_split(partial(slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale, chunk_tokens=chunk,
-                                 rows=rows, num_warps=warps, num_stages=stages))
+                                 rows=rows, num_warps=warps, num_stages=stages, merge_warps=merge_warps))
     fwd_kernel_ms = sum(v for key, v in split.items() if "by_block" in key)
     # The planner's step count (used slots / BT, as `by_block_estimate` counts) and the exact one.
     bt = slc._tile_rows(group, rows)[1]
     approx_steps = float((idx >= 0).sum()) / bt
     emit(kind="summary", selection=name, T=seq_len, best=dict(ms=ms, rows=rows, warps=warps, stages=stages,
-         chunk_tokens=chunk), kernels=split, steps=by_block_steps(idx, cu, group, rows, chunk),
+         chunk_tokens=chunk, merge_warps=merge_warps), kernels=split, steps=by_block_steps(idx, cu, group, rows, chunk),
          approx_steps=approx_steps, implied_step_cost_ns=fwd_kernel_ms * 1e6 / max(approx_steps, 1.0),
          implied_token_cost_ns=(ms - fwd_kernel_ms) * 1e6 / seq_len, tile_ms=tile_total_ms)
     if DEVICE == "cuda":

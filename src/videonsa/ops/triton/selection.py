@@ -741,15 +741,19 @@ def _slc_fwd_by_block_kernel(
     r = tl.arange(0, BLOCK_M)
     tok = r // G
     hh = r % G
+    head_off = (g * G + hh)[:, None] * stride_qh + d[None, :]
+    # The next step's triple ids and query rows are loaded before this step's products, so the two dependent
+    # gathers (id, then row) overlap the arithmetic instead of stalling every step.
+    row_ok = (tok < BT) & (start + tok < end)
+    pair = tl.load(pairs_ptr + start + tok, mask=row_ok, other=0).to(tl.int64)
+    q = tl.load(q_ptr + (pair // (HKV * S))[:, None] * stride_qt + head_off, mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
     for c0 in range(start, end, BT):
-        idx = c0 + tok
-        row_ok = (tok < BT) & (idx < end)
-        pair = tl.load(pairs_ptr + idx, mask=row_ok, other=0).to(tl.int64)
+        next_ok = (tok < BT) & (c0 + BT + tok < end)
+        next_pair = tl.load(pairs_ptr + c0 + BT + tok, mask=next_ok, other=0).to(tl.int64)
+        next_q = tl.load(q_ptr + (next_pair // (HKV * S))[:, None] * stride_qt + head_off,
+                         mask=next_ok[:, None] & d_ok[None, :], other=0.0)
         t_row = pair // (HKV * S)
-        q = tl.load(
-            q_ptr + t_row[:, None] * stride_qt + (g * G + hh)[:, None] * stride_qh + d[None, :],
-            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-        )
         s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
         allowed = row_ok[:, None] & k_ok[None, :] & (k_row64[None, :] <= t_row[:, None])
         s = tl.where(allowed, s, float("-inf"))
@@ -766,45 +770,50 @@ def _slc_fwd_by_block_kernel(
             mask=row_ok[:, None] & d_ok[None, :],
         )
         tl.store(lse_part_ptr + slot, lse2, mask=row_ok)
+        pair, q, row_ok = next_pair, next_q, next_ok
 
 
 @triton.jit
 def _slc_merge_kernel(
     o_part_ptr, lse_part_ptr, idx_ptr, o_ptr, lse_ptr, stride_ot, stride_oh, t0, head_dim,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (token of the chunk, group): o = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max);
-    lse = log of the summed exponentials (natural log, -inf when no slot had a key)."""
+    """One program per (token of the chunk, group): for each of the G heads, o = sum_s w_s o_s / sum_s w_s
+    with w_s = 2^(lse_s - max_s lse_s); lse = natural log of the summed exponentials (-inf when no slot had a
+    key). The token's S x G partial rows are contiguous and read as one [S, G, D] tile."""
     t_local = tl.program_id(0)
     g = tl.program_id(1)
     t = (t0 + t_local).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
+    hh = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < head_dim
     blk = tl.load(idx_ptr + (t * HKV + g) * S + s, mask=s < S, other=-1)
-    used = blk >= 0
-    triple = (t_local.to(tl.int64) * HKV + g) * S + s
-    for hh in range(G):
-        slot = triple * G + hh
-        lse2 = tl.load(lse_part_ptr + slot, mask=used, other=float("-inf"))
-        m = tl.max(lse2, axis=0)
-        m_use = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp2(lse2 - m_use)
-        total = tl.sum(w, axis=0)
-        part = tl.load(o_part_ptr + slot[:, None] * head_dim + d[None, :], mask=used[:, None] & d_ok[None, :],
-                       other=0.0).to(tl.float32)
-        has = total > 0
-        out = tl.sum(part * w[:, None], axis=0) / tl.where(has, total, 1.0)
-        head = g * G + hh
-        tl.store(o_ptr + t * stride_ot + head * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
-        lse = tl.where(has, (m_use + tl.log2(tl.where(has, total, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(lse_ptr + t * HQ + head, lse)
+    used = (blk >= 0)[:, None] & (hh < G)[None, :]  # [S, G]
+    slot = ((t_local.to(tl.int64) * HKV + g) * S + s)[:, None] * G + hh[None, :]
+    lse2 = tl.load(lse_part_ptr + slot, mask=used, other=float("-inf"))
+    m = tl.max(lse2, axis=0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse2 - m_use[None, :])
+    total = tl.sum(w, axis=0)
+    has = total > 0
+    part = tl.load(
+        o_part_ptr + slot[:, :, None] * head_dim + d[None, None, :],
+        mask=used[:, :, None] & (d < head_dim)[None, None, :], other=0.0,
+    ).to(tl.float32)
+    out = tl.sum(part * w[:, :, None], axis=0) / tl.where(has, total, 1.0)[:, None]  # [G, D]
+    head = g * G + hh
+    head_ok = hh < G
+    tl.store(o_ptr + t * stride_ot + head[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=head_ok[:, None] & (d < head_dim)[None, :])
+    lse = tl.where(has, (m_use + tl.log2(tl.where(has, total, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(lse_ptr + t * HQ + head, lse, mask=head_ok)
 
 
 def launch_fwd_by_block(
     q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor, block_size: int, scale: float,
     *, chunk_tokens: int | None = None, rows: int = 16, num_warps: int = 4, num_stages: int = 2,
+    merge_warps: int = 8,
 ) -> tuple[Tensor, Tensor]:
     """The block-major forward (inputs already checked; block_size <= 64); returns o [T, HQ, D], lse [T, HQ].
 
@@ -838,8 +847,8 @@ def launch_fwd_by_block(
         )
         _slc_merge_kernel[(min(chunk_tokens, total - t0), heads_kv)](
             o_part, lse_part, lists.block_indices, o, lse, o.stride(0), o.stride(1), t0, head_dim,
-            HQ=heads_q, HKV=heads_kv, G=group, S=slots, BLOCK_S=max(2, next_pow2(slots)), BLOCK_D=block_d,
-            num_warps=4,
+            HQ=heads_q, HKV=heads_kv, G=group, S=slots, BLOCK_S=max(2, next_pow2(slots)),
+            BLOCK_G=max(2, next_pow2(group)), BLOCK_D=block_d, num_warps=merge_warps,
         )
     return o, lse
 
