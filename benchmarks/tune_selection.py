@@ -170,7 +170,7 @@ def run_selection(name: str, seq_len: int, deadline: float) -> None:
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
 
-BY_BLOCK_VARIANTS = [(16, 4, 1), (16, 4, 2), (32, 4, 1), (32, 4, 2), (64, 4, 2), (64, 8, 2), (64, 8, 1)]
+BY_BLOCK_VARIANTS = [(64, 4, 2), (64, 4, 3), (64, 4, 1), (32, 4, 2), (16, 4, 2), (128, 8, 2), (128, 4, 2)]
 BY_BLOCK_PARTIALS_MIB = [256, 1024]
 
 
@@ -240,8 +240,8 @@ def run_by_block(name: str, seq_len: int, deadline: float) -> None:
 
     # Launches of the main kernel, then the merge kernel's warps and the chunk size at the best so far.
     for rows, warps, stages in BY_BLOCK_VARIANTS:
-        run(rows, warps, stages, default_chunk, 8)
-    for merge_warps in (4, 16):
+        run(rows, warps, stages, default_chunk, 4)
+    for merge_warps in (2, 8):
         run(*min(results)[1:5], merge_warps)
     per_token = HKV * COUNT * group * D * q.element_size()
     for mib in BY_BLOCK_PARTIALS_MIB:

@@ -781,31 +781,36 @@ def _slc_merge_kernel(
 ):
     """One program per (token of the chunk, group): for each of the G heads, o = sum_s w_s o_s / sum_s w_s
     with w_s = 2^(lse_s - max_s lse_s); lse = natural log of the summed exponentials (-inf when no slot had a
-    key). The token's S x G partial rows are contiguous and read as one [S, G, D] tile."""
+    key). The slots' [G, D] partial rows are contiguous; the S loads are unrolled so that they are all in
+    flight at once (the kernel is bound by reading the partials)."""
     t_local = tl.program_id(0)
     g = tl.program_id(1)
     t = (t0 + t_local).to(tl.int64)
-    s = tl.arange(0, BLOCK_S)
+    s_all = tl.arange(0, BLOCK_S)
     hh = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
-    blk = tl.load(idx_ptr + (t * HKV + g) * S + s, mask=s < S, other=-1)
-    used = (blk >= 0)[:, None] & (hh < G)[None, :]  # [S, G]
-    slot = ((t_local.to(tl.int64) * HKV + g) * S + s)[:, None] * G + hh[None, :]
-    lse2 = tl.load(lse_part_ptr + slot, mask=used, other=float("-inf"))
-    m = tl.max(lse2, axis=0)
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse2 - m_use[None, :])
-    total = tl.sum(w, axis=0)
-    has = total > 0
-    part = tl.load(
-        o_part_ptr + slot[:, :, None] * head_dim + d[None, None, :],
-        mask=used[:, :, None] & (d < head_dim)[None, None, :], other=0.0,
-    ).to(tl.float32)
-    out = tl.sum(part * w[:, :, None], axis=0) / tl.where(has, total, 1.0)[:, None]  # [G, D]
-    head = g * G + hh
     head_ok = hh < G
+    gd_mask = head_ok[:, None] & (d < head_dim)[None, :]
+    idx_row = idx_ptr + (t * HKV + g) * S
+    triple0 = (t_local.to(tl.int64) * HKV + g) * S
+    used = (tl.load(idx_row + s_all, mask=s_all < S, other=-1) >= 0)[:, None] & head_ok[None, :]
+    lse_all = tl.load(lse_part_ptr + (triple0 + s_all)[:, None] * G + hh[None, :], mask=used, other=float("-inf"))
+    m = tl.max(lse_all, axis=0)  # [G]
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp2(lse_all - m_use[None, :]), axis=0)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for s in tl.static_range(S):
+        slot_ok = hh < tl.where(tl.load(idx_row + s) >= 0, G, 0)  # [G]; all False for an unused slot
+        row = (triple0 + s) * G + hh
+        w = tl.exp2(tl.load(lse_part_ptr + row, mask=slot_ok, other=float("-inf")) - m_use)
+        part = tl.load(o_part_ptr + row[:, None] * head_dim + d[None, :], mask=gd_mask & slot_ok[:, None],
+                       other=0.0)
+        acc += part.to(tl.float32) * w[:, None]
+    has = total > 0
+    out = acc / tl.where(has, total, 1.0)[:, None]
+    head = g * G + hh
     tl.store(o_ptr + t * stride_ot + head[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=head_ok[:, None] & (d < head_dim)[None, :])
+             mask=gd_mask)
     lse = tl.where(has, (m_use + tl.log2(tl.where(has, total, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(lse_ptr + t * HQ + head, lse, mask=head_ok)
 
@@ -813,7 +818,7 @@ def _slc_merge_kernel(
 def launch_fwd_by_block(
     q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor, block_size: int, scale: float,
     *, chunk_tokens: int | None = None, rows: int = 16, num_warps: int = 4, num_stages: int = 2,
-    merge_warps: int = 8,
+    merge_warps: int = 4,
 ) -> tuple[Tensor, Tensor]:
     """The block-major forward (inputs already checked; block_size <= 64); returns o [T, HQ, D], lse [T, HQ].
 
