@@ -315,7 +315,9 @@ def test_forward_layout_follows_cost_model(monkeypatch: pytest.MonkeyPatch) -> N
     same = torch.tensor([0, 1], dtype=torch.int32).expand(36, 1, 2).contiguous().to(DEVICE)
     disjoint = (2 * torch.arange(36)[:, None, None] + torch.arange(2)).to(torch.int32).to(DEVICE)
     monkeypatch.setattr(slc, "BY_BLOCK_TOKEN_COST", 0.0)
-    monkeypatch.setattr(slc, "BY_BLOCK_STEP_COST", 2.0)  # 2 ns/token: above "same" on 64-row tiles (1.6)
+    # 2 slots per token in steps of 9 tokens (64 rows / 7 heads) at 20 ns: 4.4 ns per token, above "same" on
+    # 64-row tiles (2 blocks per 9 tokens x 7.09 = 1.6), below "disjoint" on 16-row tiles (2 x 4.64 = 9.3).
+    monkeypatch.setattr(slc, "BY_BLOCK_STEP_COST", 20.0)
     assert slc.plan_forward(disjoint, cu, 7, 16) is None
     assert slc.plan_forward(same, cu, 7, 16).block_m == 64
     assert slc.plan_forward(disjoint, cu, 7, 128).block_m == 16

@@ -15,6 +15,11 @@ Work layout (why it looks like this):
   the same blocks in real models, so big tiles load far fewer key blocks than per-token programs. When
   selections barely overlap (random inputs), big tiles waste rows on masked blocks; `plan_tiles` then falls
   back to small tiles (BLOCK_M = 16: two tokens of a 7:1 group), which behave like per-token programs.
+* When they share almost nothing, the forward can instead run block-major (`launch_fwd_by_block`): one
+  program per (key block, KV group) walks the tokens that chose the block and writes one partial output per
+  (token, group, slot), merged afterwards by log-sum-exp. That moves the query rows and the partials (2 x G
+  rows per triple) instead of 32 KiB of keys and values per triple: 45 ms instead of 81 at 128K on random
+  selections (H100). `plan_forward` picks the layout from the measured union sizes and a fitted cost model.
 * dk/dv run one program per (key block, KV group) over the inverse index (`inverse_lists`): the sorted list
   of tokens that selected the block. Each program owns its keys, so dk/dv need no atomics and are
   deterministic; the tokens' query rows are gathered in chunks of BT tokens x G heads.
@@ -51,6 +56,23 @@ TILE_CANDIDATES = (64, 16)
 # with or without do_scale; at 32 rows it spills 184 bytes (204 with do_scale).
 DKDV_ROWS = 16
 DKDV_SPLIT = 4096
+
+# Ceiling on the partial-output buffer of one chunk (the chunk is as many tokens as fit). 512 MiB keeps the
+# operator's forward within its 2 GB working-memory budget at 128K; 1 GiB would be 7% faster (42.1 vs 45.4 ms).
+BY_BLOCK_PARTIAL_BYTES = 512 << 20
+# Launch of the block-major kernels, H100, Triton 3.6, bf16, D=128, 7:1, 128K, randn selections
+# (benchmarks/tune_selection.py --by-block, results/tune_selection_by_block_h100_s3b.jsonl): 64 query rows
+# per step (9 tokens), 4 warps, 3 stages: 45.4 ms (2 stages 46.1, 1 stage 46.2; 32 rows 65.8, 16 rows 64.1,
+# 128 rows 8 warps 57.9); merge kernel 4 warps (2: 46.0, 8: 47.1).
+BY_BLOCK_ROWS = 64
+BY_BLOCK_LAUNCH = (4, 3)
+BY_BLOCK_MERGE_WARPS = 4
+# Cost model (same unit as TILE_STEP_COST: ns), fitted to the same runs: ns per program step of BY_BLOCK_ROWS
+# rows (randn 16.9, structured selections 20.2, whose popular blocks make long lists; 19 keeps structured
+# 128K on the 64-row tiles, measured 46.6 against 51.4 ms) and ns per token for what scales with tokens
+# (merge 11.2 ms, index sort 2.4 ms, small ops: 108 ns).
+BY_BLOCK_STEP_COST = 19.0
+BY_BLOCK_TOKEN_COST = 110.0
 
 
 def next_pow2(x: int) -> int:
@@ -310,7 +332,7 @@ def plan_tiles(
     return TilePlan(block_m, bt, tiles, *union_blocks(block_indices, tiles, bt))
 
 
-def by_block_estimate(block_indices: Tensor, group: int, rows: int = 16) -> Tensor:
+def by_block_estimate(block_indices: Tensor, group: int, rows: int = BY_BLOCK_ROWS) -> Tensor:
     """Estimated ns per token (device scalar) of the block-major forward (`launch_fwd_by_block`): the used
     slots per token (all groups) in steps of BT tokens, plus the per-token costs of sorting and merging."""
     bt = _tile_rows(group, rows)[1]
@@ -642,15 +664,6 @@ def split_lists(offsets: Tensor, split: int) -> tuple[Tensor, Tensor]:
 # G partial rows out (2 x 1.75 KiB at 7:1, D=128) instead of 32 KiB of keys and values. The partials are
 # bounded by working on chunks of consecutive tokens (`BY_BLOCK_PARTIAL_BYTES`), one pair of launches each.
 
-# Ceiling on the partial-output buffer of one chunk (the chunk is as many tokens as fit).
-BY_BLOCK_PARTIAL_BYTES = 512 << 20
-# Measured cost model (same unit as TILE_STEP_COST: ns), H100, Triton 3.6, bf16, D=128, 7:1, 128K randn
-# selections (benchmarks/tune_selection.py): ns per program step (BT tokens x G heads against one block), and
-# ns per token for everything that scales with tokens (index sort, merge kernel, launches).
-BY_BLOCK_STEP_COST = 4.0
-BY_BLOCK_TOKEN_COST = 60.0
-
-
 @dataclass
 class BlockLists:
     """The (token, group, slot) triples of a selection sorted by (chunk of tokens, key block, group).
@@ -817,8 +830,8 @@ def _slc_merge_kernel(
 
 def launch_fwd_by_block(
     q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor, block_size: int, scale: float,
-    *, chunk_tokens: int | None = None, rows: int = 16, num_warps: int = 4, num_stages: int = 2,
-    merge_warps: int = 4,
+    *, chunk_tokens: int | None = None, rows: int = BY_BLOCK_ROWS, num_warps: int = BY_BLOCK_LAUNCH[0],
+    num_stages: int = BY_BLOCK_LAUNCH[1], merge_warps: int = BY_BLOCK_MERGE_WARPS,
 ) -> tuple[Tensor, Tensor]:
     """The block-major forward (inputs already checked; block_size <= 64); returns o [T, HQ, D], lse [T, HQ].
 
