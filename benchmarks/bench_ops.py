@@ -42,7 +42,7 @@ from videonsa.ops.triton.compression import (
     mean_pool_fwd,
 )
 from videonsa.ops.triton.packing import pack
-from videonsa.ops.triton.selection import selected_attention_bwd, selected_attention_fwd
+from videonsa.ops.triton.selection import plan_forward, selected_attention_bwd, selected_attention_fwd
 from videonsa.ops.triton.topk import select_blocks_topk
 from videonsa.ops.triton.window import window_attention_bwd, window_attention_fwd
 from videonsa.ops.triton_nsa import gate_bwd, gate_fwd, nsa_attention_triton
@@ -218,6 +218,8 @@ def bench_videonsa(x: dict[str, torch.Tensor]) -> dict[str, float]:
 
     indices = topk()
     res["selection_sharing"] = selection_sharing(indices)
+    layout = plan_forward(indices, cu, HQ // HKV, BLOCK)  # what selected_attention_fwd runs on these selections
+    res["selection_layout"] = "by_block" if layout is None else f"tiles of {layout.block_m} rows"
     o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu, BLOCK, scale)
     o_swa, lse_swa = window_attention_fwd(q, k, v, cu, WINDOW, scale)
     res["fwd_compression_ms"] = bench(compression)
