@@ -21,6 +21,9 @@ selections: index sort alone, each (rows, warps, stages) launch and chunk size, 
 16-row tile forward, the per-kernel split from the profiler, and the cost-model constants those times imply
 (BY_BLOCK_STEP_COST, BY_BLOCK_TOKEN_COST) next to the planner's estimates.
 
+--dkdv times the dk/dv kernel (with do_scale, as the operator runs it) for each (rows, warps, stages,
+prefetch_rows) variant, checked against the default launch, next to the dq kernel's default time.
+
 --defaults times only the current defaults (planner-chosen tiles, `_launch_config`, DKDV_ROWS): forward, dq
 and dk/dv each without and with `do_scale` (a random gate), the do_scale results checked against the
 unscaled kernels run on the materialised do * gate (kind = "default" lines, plus "check" lines).
@@ -263,6 +266,41 @@ def run_by_block(name: str, seq_len: int, deadline: float) -> None:
         torch.cuda.empty_cache()
 
 
+DKDV_TUNE_VARIANTS = [  # (rows, warps, stages, prefetch_rows)
+    (16, 4, 2, False), (16, 4, 2, True), (16, 4, 3, False), (16, 4, 3, True), (32, 4, 2, False),
+    (32, 4, 2, True), (32, 8, 2, True), (64, 8, 2, False), (64, 8, 2, True),
+]
+
+
+def run_dkdv(name: str, seq_len: int, deadline: float) -> None:
+    q, k, v, cu, idx = operator_inputs(seq_len, name == "structured")
+    scale = D**-0.5
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    do = torch.randn(q.shape, device=DEVICE, dtype=q.dtype, generator=gen)
+    gate = torch.rand(q.shape[:2], device=DEVICE, generator=gen).to(q.dtype)
+    o, lse = slc.selected_attention_fwd(q, k, v, idx, cu, BLOCK, scale)
+    delta = slc.row_dot(o, do) * gate.float()
+    dq_plan = slc.plan_tiles(idx, cu, HQ // HKV, None, slc.DQ_TILE_STEP_COST)
+    emit(kind="time", selection=name, T=seq_len, kernel="dq default", rows=dq_plan.block_m,
+         ms=bench(partial(slc.launch_dq, q, k, v, do, lse, delta, dq_plan, BLOCK, scale, do_scale=gate)))
+    key_blocks = slc.tiles_of(cu, BLOCK)
+    offsets, tok_list = slc.inverse_lists(idx, cu, key_blocks)
+    common = (q, k, v, do, lse, delta, key_blocks, offsets, tok_list, BLOCK, scale)
+    ref = slc.launch_dkdv(*common, do_scale=gate)
+    for rows, warps, stages, ahead in DKDV_TUNE_VARIANTS:
+        if time.time() > deadline:
+            emit(kind="skip", selection=name, kernel="dkdv", rows=rows, warps=warps, stages=stages, prefetch=ahead)
+            continue
+        fn = partial(slc.launch_dkdv, *common, rows, warps, stages, do_scale=gate, prefetch_rows=ahead)
+        got = fn()
+        err = max(rel(got[0], ref[0]), rel(got[1], ref[1]))
+        del got
+        emit(kind="time", selection=name, T=seq_len, kernel="dkdv", rows=rows, warps=warps, stages=stages,
+             prefetch_rows=ahead, ms=bench(fn), rel_err_vs_default=err)
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run_defaults(name: str, seq_len: int) -> None:
     """Forward, dq and dk/dv at the current defaults, unscaled and with do_scale (checked against the unscaled
     kernels on the materialised do * gate)."""
@@ -326,6 +364,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--defaults", action="store_true", help="time and check only the current defaults")
     parser.add_argument("--by-block", action="store_true", help="the block-major forward against the tiles")
+    parser.add_argument("--dkdv", action="store_true", help="dk/dv launch and prefetch variants")
     parser.add_argument("--lengths", type=int, nargs="*", help="several lengths (--by-block)")
     args = parser.parse_args()
     start = time.time()
@@ -335,7 +374,9 @@ def main() -> None:
     for i, name in enumerate(args.selections):
         # Each selection gets its share of the budget (the summary of each still runs).
         share = start + args.budget_s * (i + 1) / len(args.selections) - 8.0
-        if args.by_block:
+        if args.dkdv:
+            run_dkdv(name, args.length, share)
+        elif args.by_block:
             for length in args.lengths or [args.length]:
                 run_by_block(name, length, share)
         elif args.defaults:
@@ -343,7 +384,7 @@ def main() -> None:
         else:
             run_selection(name, args.length, share)
     emit(kind="info", wall_s=time.time() - start)
-    tag = "by_block_" if args.by_block else "defaults_" if args.defaults else ""
+    tag = "dkdv_" if args.dkdv else "by_block_" if args.by_block else "defaults_" if args.defaults else ""
     with open(os.path.join(args.out, f"tune_selection_{tag}{'_'.join(args.selections)}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in LINES)
 
