@@ -21,8 +21,8 @@ selections: index sort alone, each (rows, warps, stages) launch and chunk size, 
 16-row tile forward, the per-kernel split from the profiler, and the cost-model constants those times imply
 (BY_BLOCK_STEP_COST, BY_BLOCK_TOKEN_COST) next to the planner's estimates.
 
---dkdv times the dk/dv kernel (with do_scale, as the operator runs it) for each (rows, warps, stages,
-prefetch_rows) variant, checked against the default launch, next to the dq kernel's default time.
+--dkdv times the dk/dv kernel (with do_scale, as the operator runs it) for each (rows, warps, stages)
+variant, checked against the default launch, next to the dq kernel's default time.
 
 --defaults times only the current defaults (planner-chosen tiles, `_launch_config`, DKDV_ROWS): forward, dq
 and dk/dv each without and with `do_scale` (a random gate), the do_scale results checked against the
@@ -266,10 +266,7 @@ def run_by_block(name: str, seq_len: int, deadline: float) -> None:
         torch.cuda.empty_cache()
 
 
-DKDV_TUNE_VARIANTS = [  # (rows, warps, stages, prefetch_rows)
-    (16, 4, 2, False), (16, 4, 2, True), (16, 4, 3, False), (16, 4, 3, True), (32, 4, 2, False),
-    (32, 4, 2, True), (32, 8, 2, True), (64, 8, 2, False), (64, 8, 2, True),
-]
+DKDV_TUNE_VARIANTS = [(16, 4, 3), (16, 4, 2), (16, 4, 4), (32, 4, 3), (32, 4, 2), (64, 8, 2)]  # rows, warps, stages
 
 
 def run_dkdv(name: str, seq_len: int, deadline: float) -> None:
@@ -287,16 +284,16 @@ def run_dkdv(name: str, seq_len: int, deadline: float) -> None:
     offsets, tok_list = slc.inverse_lists(idx, cu, key_blocks)
     common = (q, k, v, do, lse, delta, key_blocks, offsets, tok_list, BLOCK, scale)
     ref = slc.launch_dkdv(*common, do_scale=gate)
-    for rows, warps, stages, ahead in DKDV_TUNE_VARIANTS:
+    for rows, warps, stages in DKDV_TUNE_VARIANTS:
         if time.time() > deadline:
-            emit(kind="skip", selection=name, kernel="dkdv", rows=rows, warps=warps, stages=stages, prefetch=ahead)
+            emit(kind="skip", selection=name, kernel="dkdv", rows=rows, warps=warps, stages=stages)
             continue
-        fn = partial(slc.launch_dkdv, *common, rows, warps, stages, do_scale=gate, prefetch_rows=ahead)
+        fn = partial(slc.launch_dkdv, *common, rows, warps, stages, do_scale=gate)
         got = fn()
         err = max(rel(got[0], ref[0]), rel(got[1], ref[1]))
         del got
         emit(kind="time", selection=name, T=seq_len, kernel="dkdv", rows=rows, warps=warps, stages=stages,
-             prefetch_rows=ahead, ms=bench(fn), rel_err_vs_default=err)
+             ms=bench(fn), rel_err_vs_default=err)
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
 
@@ -364,7 +361,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--defaults", action="store_true", help="time and check only the current defaults")
     parser.add_argument("--by-block", action="store_true", help="the block-major forward against the tiles")
-    parser.add_argument("--dkdv", action="store_true", help="dk/dv launch and prefetch variants")
+    parser.add_argument("--dkdv", action="store_true", help="dk/dv launch variants")
     parser.add_argument("--lengths", type=int, nargs="*", help="several lengths (--by-block)")
     args = parser.parse_args()
     start = time.time()

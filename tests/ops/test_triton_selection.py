@@ -33,7 +33,7 @@ kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter s
 
 @pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
 def test_under_interpreter() -> None:
-    run_file_under_interpreter(__file__, min_passed=20)
+    run_file_under_interpreter(__file__, min_passed=18)
 
 
 def random_selection(cu: torch.Tensor, heads_kv: int, slots: int, block_size: int, seed: int) -> torch.Tensor:
@@ -361,27 +361,6 @@ def test_block_lists_sort_triples_by_chunk_block_group() -> None:
                     seen.append(triple)
     used = (lists.block_indices >= 0).reshape(-1).nonzero().flatten().tolist()
     assert sorted(seen) == used
-
-
-@kernel_test
-@pytest.mark.parametrize("rows", [16, 32])
-def test_dkdv_row_prefetch_gives_the_same_gradients(rows: int) -> None:
-    """Loading the next step's query and gradient rows ahead (`prefetch_rows`) changes nothing but timing."""
-    from videonsa.ops.triton.selection import inverse_lists, launch_dkdv, row_dot, selected_attention_fwd, tiles_of
-
-    q, k, v, do, cu = (x.float().to(DEVICE) if x.is_floating_point() else x.to(DEVICE)
-                       for x in packed([37, 22], 7, 1, 16, seed=24))
-    idx = random_selection(cu.cpu(), 1, 3, 16, seed=24).to(DEVICE)
-    o, lse = selected_attention_fwd(q, k, v, idx, cu, 16, 0.25)
-    key_blocks = tiles_of(cu, 16)
-    offsets, tokens = inverse_lists(idx, cu, key_blocks)
-    gate = torch.rand(q.shape[:2], generator=torch.Generator().manual_seed(24)).to(DEVICE)
-    delta = row_dot(o, do) * gate
-    args = (q, k, v, do, lse, delta, key_blocks, offsets, tokens, 16, 0.25, rows)
-    plain = launch_dkdv(*args, split=5, do_scale=gate, prefetch_rows=False)
-    ahead = launch_dkdv(*args, split=5, do_scale=gate, prefetch_rows=True)
-    for a, b in zip(plain, ahead, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------

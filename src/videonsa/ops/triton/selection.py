@@ -56,8 +56,6 @@ TILE_CANDIDATES = (64, 16)
 # with or without do_scale; at 32 rows it spills 184 bytes (204 with do_scale).
 DKDV_ROWS = 16
 DKDV_SPLIT = 4096
-# Whether the dk/dv kernel also loads the next step's query and gradient rows ahead (the token ids always are).
-DKDV_PREFETCH_ROWS = False
 
 # Ceiling on the partial-output buffer of one chunk (the chunk is as many tokens as fit). 512 MiB keeps the
 # operator's forward within its 2 GB working-memory budget at 128K; 1 GiB would be 7% faster (42.1 vs 45.4 ms).
@@ -367,8 +365,8 @@ def _launch_config(block_m: int, head_dim: int, kind: str = "fwd") -> tuple[int,
     8 warps needed fewer registers but ran far slower); dk/dv 32 rows 4w/2s 42.1 (8w/2s 66.3). 128-row tiles are
     not measured with these kernels (kept at 8 warps).
     """
-    if kind == "dkdv":
-        return (8 if block_m >= 128 else 4), 2
+    if kind == "dkdv":  # 16 rows: 3 stages 42.8 ms, 2 stages 51.7 (tune_selection.py --dkdv, H100, this session)
+        return (8, 2) if block_m >= 128 else (4, 3)
     if block_m >= 128 and head_dim > 64:
         return 8, 3
     if kind == "dq":
@@ -529,7 +527,7 @@ def _slc_bwd_dkdv_kernel(
     head_dim, qk_scale, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, HAS_DO_SCALE: tl.constexpr, PREFETCH_ROWS: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_DO_SCALE: tl.constexpr,
 ):
     item = tl.program_id(0)
     sub = tl.program_id(1)  # which BLOCK_N slice of the key block
@@ -556,36 +554,22 @@ def _slc_bwd_dkdv_kernel(
     head = g * G + r % G
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # The token ids of the next step are loaded one step ahead (and, with PREFETCH_ROWS, its query and
-    # gradient rows too), so that the dependent gathers overlap this step's products.
+    # The token ids of the next step are loaded one step ahead so that the gather of the rows does not wait on
+    # them (with 3 stages: 42.8 ms against 49.5 at 128K, H100; loading the next rows ahead as well spilled
+    # registers and took 72-83 ms, results/tune_selection_dkdv_h100_s3.jsonl).
     row_ok = (tok < BT) & (start + tok < end)
     t_row = tl.load(tokens_ptr + start + tok, mask=row_ok, other=0)
-    if PREFETCH_ROWS:
-        q_t = tl.load(q_ptr + t_row.to(tl.int64)[None, :] * stride_qt + head[None, :] * stride_qh + d[:, None],
-                      mask=row_ok[None, :] & d_ok[:, None], other=0.0)
-        do = tl.load(do_ptr + t_row.to(tl.int64)[:, None] * stride_dot + head[:, None] * stride_doh + d[None, :],
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     for c0 in range(start, end, BT):
         next_ok = (tok < BT) & (c0 + BT + tok < end)
         next_t_row = tl.load(tokens_ptr + c0 + BT + tok, mask=next_ok, other=0)
         t_row64 = t_row.to(tl.int64)
-        if PREFETCH_ROWS:
-            next_q_t = tl.load(
-                q_ptr + next_t_row.to(tl.int64)[None, :] * stride_qt + head[None, :] * stride_qh + d[:, None],
-                mask=next_ok[None, :] & d_ok[:, None], other=0.0,
-            )
-            next_do = tl.load(
-                do_ptr + next_t_row.to(tl.int64)[:, None] * stride_dot + head[:, None] * stride_doh + d[None, :],
-                mask=next_ok[:, None] & d_ok[None, :], other=0.0,
-            )
-        else:
-            # Query rows loaded transposed ([D, rows]) so that every product below is a plain dot.
-            q_t = tl.load(q_ptr + t_row64[None, :] * stride_qt + head[None, :] * stride_qh + d[:, None],
-                          mask=row_ok[None, :] & d_ok[:, None], other=0.0)
-            do = tl.load(
-                do_ptr + t_row64[:, None] * stride_dot + head[:, None] * stride_doh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-            )
+        # Query rows loaded transposed ([D, rows]) so that every product below is a plain dot.
+        q_t = tl.load(q_ptr + t_row64[None, :] * stride_qt + head[None, :] * stride_qh + d[:, None],
+                      mask=row_ok[None, :] & d_ok[:, None], other=0.0)
+        do = tl.load(
+            do_ptr + t_row64[:, None] * stride_dot + head[:, None] * stride_doh + d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        )
         lse2 = tl.load(lse_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0)
         s_t = tl.dot(kb, q_t, input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
@@ -604,8 +588,6 @@ def _slc_bwd_dkdv_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PREC)
         t_row, row_ok = next_t_row, next_ok
-        if PREFETCH_ROWS:
-            q_t, do = next_q_t, next_do
 
     if part < 0:  # the block's whole token list: final values (dk and dv share one contiguous layout)
         out_off = k_row64[:, None] * stride_dkt + g * stride_dkh + d[None, :]
@@ -977,7 +959,7 @@ def launch_dkdv(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, key_blocks: Tensor,
     offsets: Tensor, tokens: Tensor, block_size: int, scale: float, rows: int = DKDV_ROWS,
     num_warps: int | None = None, num_stages: int | None = None, split: int | None = None,
-    *, do_scale: Tensor | None = None, prefetch_rows: bool = DKDV_PREFETCH_ROWS,
+    *, do_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The dk/dv kernels over the inverse lists (`inverse_lists`); returns dk, dv [T, HKV, D]. do_scale
     [T, HQ] contiguous or None: as in `launch_dq`.
@@ -1010,8 +992,7 @@ def launch_dkdv(
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), head_dim, scale * LOG2E, scale,
         HQ=heads_q, HKV=heads_kv, G=group, BT=bt,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PREC=dot_precision(q),
-        HAS_DO_SCALE=do_scale is not None, PREFETCH_ROWS=prefetch_rows, num_warps=num_warps or warps,
-        num_stages=num_stages or stages,
+        HAS_DO_SCALE=do_scale is not None, num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     if splits.shape[0]:
         _slc_dkdv_reduce_kernel[(splits.shape[0], n_sub)](
