@@ -415,14 +415,9 @@ def _slc_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     slot0 = (tile * HKV + g).to(tl.int64) * n_slots
     count = tl.load(ucount_ptr + tile * HKV + g)
-    # Union entry u + 1 is read while entry u is used, so the key loads never wait on the block id (as in the
-    # dk/dv kernel). Entry 0 always exists in the table (a tile has >= 1 slot), even when count is 0.
-    blk = tl.load(ublocks_ptr + slot0)
-    bits = tl.load(ubits_ptr + slot0 * WORDS + word)
     for u in range(count):
-        ahead = slot0 + tl.minimum(u + 1, count - 1)
-        next_blk = tl.load(ublocks_ptr + ahead)
-        next_bits = tl.load(ubits_ptr + ahead * WORDS + word)
+        blk = tl.load(ublocks_ptr + slot0 + u)
+        bits = tl.load(ubits_ptr + (slot0 + u) * WORDS + word)
         hit = (((bits >> bit) & 1) != 0) & row_ok
         for c in tl.static_range(BLOCK_SIZE // BLOCK_N):
             k_row = seq0 + blk * BLOCK_SIZE + c * BLOCK_N + n
@@ -441,7 +436,6 @@ def _slc_fwd_kernel(
             vb = tl.load(v_ptr + v_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
             m_i = m_new
-        blk, bits = next_blk, next_bits
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -496,12 +490,9 @@ def _slc_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     slot0 = (tile * HKV + g).to(tl.int64) * n_slots
     count = tl.load(ucount_ptr + tile * HKV + g)
-    blk = tl.load(ublocks_ptr + slot0)  # read one entry ahead, as in the forward
-    bits = tl.load(ubits_ptr + slot0 * WORDS + word)
     for u in range(count):
-        ahead = slot0 + tl.minimum(u + 1, count - 1)
-        next_blk = tl.load(ublocks_ptr + ahead)
-        next_bits = tl.load(ubits_ptr + ahead * WORDS + word)
+        blk = tl.load(ublocks_ptr + slot0 + u)
+        bits = tl.load(ubits_ptr + (slot0 + u) * WORDS + word)
         hit = (((bits >> bit) & 1) != 0) & row_ok
         for c in tl.static_range(BLOCK_SIZE // BLOCK_N):
             k_row = seq0 + blk * BLOCK_SIZE + c * BLOCK_N + n
@@ -522,7 +513,6 @@ def _slc_bwd_dq_kernel(
                 dp = dp * row_scale[:, None]
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
-        blk, bits = next_blk, next_bits
 
     dq_off = t_row64[:, None] * stride_dqt + head[:, None] * stride_dqh + d[None, :]
     tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
