@@ -74,6 +74,16 @@ def dense_selected(q, k, v, block_indices, cu, block_size, scale):
     return torch.einsum("ths,shd->thd", p, v.repeat_interleave(group, dim=1)), lse
 
 
+def assert_forward_matches(o, lse, o_ref, lse_ref, dtype: torch.dtype, atol: float) -> None:
+    """o [T,HQ,D] (dtype) and lse float32 [T,HQ] equal the float64 reference; rows without keys: o = 0, lse = -inf."""
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(lse_ref)), "rows without keys differ"
+    assert bool((o.cpu()[torch.isinf(lse_ref)] == 0).all()), "rows without keys must give o = 0"
+    finite = torch.isfinite(lse_ref)
+    torch.testing.assert_close(lse.cpu().double()[finite], lse_ref[finite], atol=atol, rtol=1e-4)
+    torch.testing.assert_close(o.cpu().double(), o_ref, atol=atol, rtol=atol)
+
+
 def check_selection(seq_lens, heads_q, heads_kv, head_dim, block_size, slots, dtype, seed, **kwargs):
     """Forward and backward of the kernels against `dense_selected` in float64."""
     from videonsa.ops.triton.selection import selected_attention_bwd, selected_attention_fwd
@@ -93,12 +103,7 @@ def check_selection(seq_lens, heads_q, heads_kv, head_dim, block_size, slots, dt
     (o_ref * do).sum().backward()
 
     atol = 2e-5 if dtype == torch.float32 else 3e-3
-    assert o.dtype == dtype and lse.dtype == torch.float32
-    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(lse_ref)), "rows without keys differ"
-    assert bool((o.cpu()[torch.isinf(lse_ref)] == 0).all()), "rows without keys must give o = 0"
-    finite = torch.isfinite(lse_ref)
-    torch.testing.assert_close(lse.cpu().double()[finite], lse_ref[finite], atol=atol, rtol=1e-4)
-    torch.testing.assert_close(o.cpu().double(), o_ref, atol=atol, rtol=atol)
+    assert_forward_matches(o, lse, o_ref, lse_ref, dtype, atol)
     for name, got, leaf in zip(("dq", "dk", "dv"), grads, leaves, strict=True):
         assert got.dtype == dtype and got.shape == leaf.shape, name
         torch.testing.assert_close(got.cpu().double(), leaf.grad, atol=2 * atol, rtol=2 * atol, msg=name)
@@ -274,12 +279,7 @@ def test_block_major_forward_matches_dense(seq_lens, heads_q, heads_kv, head_dim
     o, lse = launch_fwd_by_block(*dev, 16, scale, chunk_tokens=chunk_tokens, rows=rows)
     o_ref, lse_ref = dense_selected(q.double(), k.double(), v.double(), idx, cu, 16, scale)
     atol = 2e-5 if dtype == torch.float32 else 3e-3
-    assert o.dtype == dtype and lse.dtype == torch.float32
-    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(lse_ref)), "rows without keys differ"
-    assert bool((o.cpu()[torch.isinf(lse_ref)] == 0).all()), "rows without keys must give o = 0"
-    finite = torch.isfinite(lse_ref)
-    torch.testing.assert_close(lse.cpu().double()[finite], lse_ref[finite], atol=atol, rtol=1e-4)
-    torch.testing.assert_close(o.cpu().double(), o_ref, atol=atol, rtol=atol)
+    assert_forward_matches(o, lse, o_ref, lse_ref, dtype, atol)
     o_api, lse_api = selected_attention_fwd(*dev, 16, scale, by_block=True)
     o_tiles, lse_tiles = selected_attention_fwd(*dev, 16, scale, by_block=False)
     torch.testing.assert_close(o_api, o_tiles, atol=atol, rtol=atol)

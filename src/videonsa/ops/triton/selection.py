@@ -185,6 +185,16 @@ def union_blocks_torch(
     return blocks, count.contiguous(), bits.to(torch.int32).contiguous()
 
 
+def _sequence_blocks(cu_seqlens: Tensor, key_blocks: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """(sequence of each packed token, long [T]; first global key block of each sequence, long [N]) for
+    key_blocks = `tiles_of(cu_seqlens, block_size)`, whose rows are ordered by sequence."""
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths, output_size=total)
+    first_block = torch.searchsorted(key_blocks[:, 0].long().contiguous(), cu[:-1].contiguous())
+    return seq, first_block
+
+
 def inverse_lists(
     block_indices: Tensor, cu_seqlens: Tensor, key_blocks: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -198,11 +208,7 @@ def inverse_lists(
     total, heads_kv, slots = block_indices.shape
     device = block_indices.device
     n_blocks = key_blocks.shape[0]
-    cu = cu_seqlens.long()
-    lengths = cu[1:] - cu[:-1]
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=total)
-    # First global block of each sequence: key_blocks rows are ordered by sequence.
-    first_block = torch.searchsorted(key_blocks[:, 0].long().contiguous(), cu[:-1].contiguous())
+    seq, first_block = _sequence_blocks(cu_seqlens, key_blocks, total)
     chosen = block_indices
     group = torch.arange(heads_kv, device=device, dtype=torch.int32)[None, :, None]
     # int32 keys (n_blocks * HKV < 2^31 for any realistic T) make the radix sort half as long as int64 ones.
@@ -379,6 +385,27 @@ def _launch_config(block_m: int, head_dim: int, kind: str = "fwd") -> tuple[int,
 
 
 @triton.jit
+def load_key_tile(
+    k_ptr, v_ptr, key_tiles_ptr, tile, g, offset, nonempty, stride_kt, stride_kh, stride_vt, stride_vh, head_dim,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The keys and values [BLOCK_N, BLOCK_D] at positions offset .. offset + BLOCK_N - 1 of key tile `tile`
+    (a `tiles_of` row: first packed row, key count, ...) in KV group g, for kernels whose program owns those
+    keys. Returns (k, v, packed key rows int64 [BLOCK_N], key valid [BLOCK_N]); nothing is read (and no key is
+    valid) when `nonempty` is false."""
+    k_row0 = tl.load(key_tiles_ptr + tile * 4)
+    n_keys = tl.load(key_tiles_ptr + tile * 4 + 1)
+    n = offset + tl.arange(0, BLOCK_N)
+    k_ok = n < tl.where(nonempty, n_keys, 0)
+    k_row = (k_row0 + n).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    mask = k_ok[:, None] & (d < head_dim)[None, :]
+    kb = tl.load(k_ptr + k_row[:, None] * stride_kt + g * stride_kh + d[None, :], mask=mask, other=0.0)
+    vb = tl.load(v_ptr + k_row[:, None] * stride_vt + g * stride_vh + d[None, :], mask=mask, other=0.0)
+    return kb, vb, k_row, k_ok
+
+
+@triton.jit
 def _slc_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     tiles_ptr, ublocks_ptr, ucount_ptr, ubits_ptr,
@@ -537,17 +564,14 @@ def _slc_bwd_dkdv_kernel(
     part = tl.load(items_ptr + item * 4 + 3)
     blk = owner // HKV
     g = owner % HKV
-    k_row0 = tl.load(key_blocks_ptr + blk * 4)
-    n_keys = tl.load(key_blocks_ptr + blk * 4 + 1)
+    kb, vb, k_row64, k_ok = load_key_tile(
+        k_ptr, v_ptr, key_blocks_ptr, blk, g, sub * BLOCK_N, True, stride_kt, stride_kh, stride_vt, stride_vh,
+        head_dim, BLOCK_N, BLOCK_D,
+    )
     n = tl.arange(0, BLOCK_N)
-    k_row = k_row0 + sub * BLOCK_N + n
-    k_ok = sub * BLOCK_N + n < n_keys
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     kd_mask = k_ok[:, None] & d_ok[None, :]
-    k_row64 = k_row.to(tl.int64)
-    kb = tl.load(k_ptr + k_row64[:, None] * stride_kt + g * stride_kh + d[None, :], mask=kd_mask, other=0.0)
-    vb = tl.load(v_ptr + k_row64[:, None] * stride_vt + g * stride_vh + d[None, :], mask=kd_mask, other=0.0)
 
     r = tl.arange(0, BLOCK_M)
     tok = r // G
@@ -573,7 +597,7 @@ def _slc_bwd_dkdv_kernel(
         lse2 = tl.load(lse_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0)
         s_t = tl.dot(kb, q_t, input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-        allowed = row_ok[None, :] & k_ok[:, None] & (k_row[:, None] <= t_row[None, :])
+        allowed = row_ok[None, :] & k_ok[:, None] & (k_row64[:, None] <= t_row[None, :])
         p_t = tl.where(allowed, tl.exp2(s_t - lse2[None, :]), 0.0)
         if HAS_DO_SCALE:
             # Gradient of o = do * g per row (g a gate): dv += (p g)^T do and dp = g (do v^T), g applied to the
@@ -692,10 +716,7 @@ def block_lists(
     total, heads_kv, slots = block_indices.shape
     device = block_indices.device
     n_blocks = key_blocks.shape[0]
-    cu = cu_seqlens.long()
-    lengths = cu[1:] - cu[:-1]
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=total)
-    first_block = torch.searchsorted(key_blocks[:, 0].long().contiguous(), cu[:-1].contiguous())
+    seq, first_block = _sequence_blocks(cu_seqlens, key_blocks, total)
     seq_blocks = torch.diff(first_block, append=first_block.new_tensor([n_blocks]))
     # A block id past the sequence's end has no keys: dropping it changes nothing and keeps lists in range.
     chosen = torch.where(
@@ -742,18 +763,14 @@ def _slc_fwd_by_block_kernel(
     g = pid % HKV
     start = tl.load(offsets_ptr + list0 + pid)
     end = tl.load(offsets_ptr + list0 + pid + 1)
-    k_row0 = tl.load(key_blocks_ptr + blk * 4)
-    n_keys = tl.load(key_blocks_ptr + blk * 4 + 1)
-    n = tl.arange(0, BLOCK_N)
-    k_row = k_row0 + n
-    k_ok = n < tl.where(end > start, n_keys, 0)  # an empty list loads nothing
+    # Loaded once, used for every token of the list: this is the whole point of the block-major order. An
+    # empty list loads nothing.
+    kb, vb, k_row64, k_ok = load_key_tile(
+        k_ptr, v_ptr, key_blocks_ptr, blk, g, 0, end > start, stride_kt, stride_kh, stride_vt, stride_vh,
+        head_dim, BLOCK_N, BLOCK_D,
+    )
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
-    kd_mask = k_ok[:, None] & d_ok[None, :]
-    k_row64 = k_row.to(tl.int64)
-    # Loaded once, used for every token of the list: this is the whole point of the block-major order.
-    kb = tl.load(k_ptr + k_row64[:, None] * stride_kt + g * stride_kh + d[None, :], mask=kd_mask, other=0.0)
-    vb = tl.load(v_ptr + k_row64[:, None] * stride_vt + g * stride_vh + d[None, :], mask=kd_mask, other=0.0)
 
     r = tl.arange(0, BLOCK_M)
     tok = r // G
@@ -1116,6 +1133,6 @@ def selected_attention_bwd(
 
 __all__ = [
     "BlockLists", "TilePlan", "block_lists", "launch_dkdv", "launch_dq", "launch_fwd", "launch_fwd_by_block",
-    "plan_forward", "next_pow2", "plan_tiles", "row_dot", "split_lists",
+    "load_key_tile", "plan_forward", "next_pow2", "plan_tiles", "row_dot", "split_lists",
     "selected_attention_bwd", "selected_attention_fwd", "tiles_of", "union_blocks", "union_blocks_torch",
 ]
