@@ -1076,8 +1076,9 @@ def selected_attention_bwd(
         q, k, v, block_indices, cu_seqlens, block_size, scale: as in the forward.
         o: [T, HQ, D] and lse float32 [T, HQ], the forward's outputs (o may be None when delta is given);
             do: [T, HQ, D], gradient of o, or (with do_scale) the gradient before a per-row factor.
-        tile_rows: rows per dq program (None: chosen like the forward); dkdv_rows: query rows per dk/dv step;
-            dkdv_split: longest token list of one dk/dv program (None: `DKDV_SPLIT` or more).
+        tile_rows: rows per dq program (None: `plan_tiles` with the dq step costs; dq always runs on query
+            tiles, whichever layout the forward took); dkdv_rows: query rows per dk/dv step; dkdv_split: longest
+            token list of one dk/dv program (None: `DKDV_SPLIT` or more).
         delta: float32 [T, HQ], sum_d o * (gradient of o), if the caller has it (else computed here).
         do_scale: [T, HQ] (any float dtype) or None. When given, the gradient of o is do * do_scale[..., None]
             (e.g. a gate times the gated sum's gradient). It is never formed: the kernels scale the float32
