@@ -371,7 +371,7 @@ def _launch_config(block_m: int, head_dim: int, kind: str = "fwd") -> tuple[int,
     8 warps needed fewer registers but ran far slower); dk/dv 32 rows 4w/2s 42.1 (8w/2s 66.3). 128-row tiles are
     not measured with these kernels (kept at 8 warps).
     """
-    if kind == "dkdv":  # 16 rows: 3 stages 42.8 ms, 2 stages 51.7 (tune_selection.py --dkdv, H100, this session)
+    if kind == "dkdv":  # 16 rows: 3 stages 42.8 ms, 2 stages 51.7 (results/tune_selection_dkdv_h100_s3.jsonl)
         return (8, 2) if block_m >= 128 else (4, 3)
     if block_m >= 128 and head_dim > 64:
         return 8, 3
@@ -821,6 +821,8 @@ def _slc_merge_kernel(
     m_use = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(tl.exp2(lse_all - m_use[None, :]), axis=0)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    # Each slot's id and lse are read again below (L1 hits) rather than taken out of `used` / `lse_all`: pulling
+    # row s out of a register tile is a cross-thread reduction per slot in Triton.
     for s in tl.static_range(S):
         slot_ok = hh < tl.where(tl.load(idx_row + s) >= 0, G, 0)  # [G]; all False for an unused slot
         row = (triple0 + s) * G + hh

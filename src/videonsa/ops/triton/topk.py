@@ -383,7 +383,7 @@ def _topk_bisect_kernel(
 # Defaults from the H100 run of benchmarks/tune_topk.py at 128K (results/tune_topk_h100_s2b.jsonl, all equal to the
 # sorting kernel): full-width bisection 23.6 ms (randn) / 23.5 (structured); half-width rows where they fit 23.0
 # / 22.4; 3 stages 22.8; both 21.5 (randn); 16 warps 29.3; the score pass alone 11.2 / 10.5.
-# programs_per_sm 2 (results/tune_topk_h100_s3_pps*.jsonl, third session, all equal to the sorting kernel): the
+# programs_per_sm 2 (results/tune_topk_h100_s3_pps*.jsonl, all equal to the sorting kernel): the
 # 2048-wide rows of 128K leave room for one program per SM either way (20.4 vs 20.6 ms), but shorter rows need
 # fewer registers and a second resident program hides the first's latency: 16K 0.80 -> 0.52 ms, 32K 2.59 ->
 # 1.54, 64K 10.96 -> 6.24 (randn; structured alike). 3 or 4 programs are no better (32K: 2.00 / 1.59).
