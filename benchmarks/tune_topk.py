@@ -32,7 +32,8 @@ from videonsa.ops.triton.packing import pack
 
 # CONFIG keys of the bisection kernel and their short names on the command line and in the output rows.
 _SHORT = {"candidates": "cand", "bisect_tokens": "tokens", "bisect_warps": "warps", "bisect_chunk": "chunk",
-          "bisect_stages": "stages", "programs_per_sm": "pps", "score_only": "score", "bisect_half": "half"}
+          "bisect_stages": "stages", "programs_per_sm": "pps", "score_only": "score", "bisect_half": "half",
+          "bisect_early_exit": "exit"}
 
 
 def _parse_variant(text: str) -> dict:

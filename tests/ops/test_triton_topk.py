@@ -32,9 +32,10 @@ def test_under_interpreter() -> None:
 
 
 def _select(q, k_cmp, lse, cu, cu_cmp, width: int, tokens: int | None = None, method: str = "bisect",
-            chunk: int = 64, half: bool = False, **kwargs) -> torch.Tensor:
+            chunk: int = 64, half: bool = False, early_exit: bool = True, **kwargs) -> torch.Tensor:
     saved = dict(topk.CONFIG)
-    topk.CONFIG.update(candidates=width, bisect_tokens=tokens, bisect_chunk=chunk, bisect_half=half)
+    topk.CONFIG.update(candidates=width, bisect_tokens=tokens, bisect_chunk=chunk, bisect_half=half,
+                       bisect_early_exit=early_exit)
     try:
         return topk.select_blocks_topk(q, k_cmp, lse, cu, cu_cmp, method=method, **kwargs)
     finally:
@@ -50,16 +51,20 @@ def _all_widths_equal(q, k, cu, block_size, kwargs) -> torch.Tensor:
     # (16, 64) scores 16-block chunks: several chunks per row even on these tiny sequences, so the chunked key
     # store and the per-chunk class bounds of the filter are exercised across chunk boundaries. half=True: tiles
     # that see only the first half of a (>= 32 wide) key row take the half-width selection, the others the full
-    # one, within one launch (width 0: directly; width 4: as the overflow fallback).
-    settings = [(w, None, 64, False) for w in WIDTHS] + [(WIDTHS[-1], 16, 64, False), (WIDTHS[-1], None, 16, False),
-                                                          (0, None, 64, True), (4, None, 64, True)]
-    for width, tokens, chunk, half in settings:
-        got = _select(q, k_cmp, lse, cu, cu_cmp, width, tokens, chunk=chunk, half=half, block_size=block_size,
-                      **kwargs)
+    # one, within one launch (width 0: directly; width 4: as the overflow fallback). The full-width bisection
+    # stops early by default (a row is done once some threshold has exactly S keys at or above it); the last
+    # setting runs its fixed 31 halvings.
+    settings = [(w, None, 64, False, True) for w in WIDTHS] + [
+        (WIDTHS[-1], 16, 64, False, True), (WIDTHS[-1], None, 16, False, True), (0, None, 64, True, True),
+        (4, None, 64, True, True), (0, None, 64, False, False),
+    ]
+    for width, tokens, chunk, half, early_exit in settings:
+        got = _select(q, k_cmp, lse, cu, cu_cmp, width, tokens, chunk=chunk, half=half, early_exit=early_exit,
+                      block_size=block_size, **kwargs)
         assert got.dtype == torch.int32 and got.shape == want.shape
         mismatch = (got != want).any(-1).nonzero()[:3].tolist()
-        assert torch.equal(got, want), (f"width {width}, tokens {tokens}, chunk {chunk}, half {half}: rows "
-                                        f"{mismatch} differ from the sort")
+        assert torch.equal(got, want), (f"width {width}, tokens {tokens}, chunk {chunk}, half {half}, early exit "
+                                        f"{early_exit}: rows {mismatch} differ from the sort")
     return want
 
 

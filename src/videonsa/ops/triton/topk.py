@@ -152,24 +152,40 @@ def _topk_kernel(
 
 @triton.jit
 def _select_full_width(keys, col, out_row, t_ok, idx_ptr, BT: tl.constexpr, NBP: tl.constexpr, S: tl.constexpr,
-                       SP: tl.constexpr):
+                       SP: tl.constexpr, EARLY_EXIT: tl.constexpr):
     """The bisection kernel's full-width path: keys int32 [BT, NBP] (0 = not a candidate), col [NBP],
     out_row int64 [BT] (offset of each token's output row), t_ok [BT]. Writes each row's chosen blocks."""
-    # 3b. tau = the S-th largest key of each row, by bisection over the int32 key range (31 halvings):
-    #    the largest v with count(keys >= v) >= S. Rows with at most S candidates take all of them.
+    # 3b. A threshold tau per row with count(keys >= tau) >= S and count(keys > tau) < S, found by bisection
+    #    over the int32 key range, keeping count(keys >= lo) >= S > count(keys > hi). Rows with at most S
+    #    candidates take all of them (tau = 1).
     n_valid = tl.sum((keys > 0).to(tl.int32), axis=1)
-    lo = tl.full([BT], 1, dtype=tl.int32)
-    hi = tl.full([BT], 0x7F800001, dtype=tl.int32)
-    for _ in range(31):
-        mid = lo + ((hi - lo + 1) >> 1)
-        # count(keys >= mid) as minus the sum of the sign bits of (mid - 1 - key): keys and mid are in
-        # [0, 0x7F800001], so the difference cannot overflow and is negative exactly when key >= mid. Three
-        # integer ops per key (sub, arithmetic shift, add); the compare form compiled on sm_90 to a bit-packing
-        # popc sequence of ~5 (bisection loop body 286 instead of 390 PTX instructions per iteration).
-        enough = tl.sum((mid[:, None] - 1 - keys) >> 31, axis=1) <= -S
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
     many = n_valid > S
+    lo = tl.full([BT], 1, dtype=tl.int32)
+    hi = tl.where(many, 0x7F800001, 1)
+    if EARLY_EXIT:
+        # A row is done as soon as some mid has exactly S keys at or above it (then tau = mid, whether or not
+        # mid is a key): that happens once mid falls between the S-th and (S+1)-th largest keys, typically
+        # after the exponent and a few mantissa bits, not 31 halvings. Only ties at the S-th key (or rows
+        # without enough distinct keys) run the full bisection. The loop runs while any row of the tile is open.
+        while tl.max(hi - lo, axis=0) > 0:
+            mid = lo + ((hi - lo + 1) >> 1)
+            # minus count(keys >= mid): see the fixed-count loop below for the sign-bit form
+            neg_count = tl.sum((mid[:, None] - 1 - keys) >> 31, axis=1)
+            open_row = lo < hi
+            enough = neg_count <= -S
+            lo = tl.where(open_row & enough, mid, lo)
+            hi = tl.where(open_row, tl.where(neg_count == -S, mid, tl.where(enough, hi, mid - 1)), hi)
+    else:
+        for _ in range(31):
+            mid = lo + ((hi - lo + 1) >> 1)
+            # count(keys >= mid) as minus the sum of the sign bits of (mid - 1 - key): keys and mid are in
+            # [0, 0x7F800001], so the difference cannot overflow and is negative exactly when key >= mid. Three
+            # integer ops per key (sub, arithmetic shift, add); the compare form compiled on sm_90 to a
+            # bit-packing popc sequence of ~5 (bisection loop body 286 instead of 390 PTX instructions per
+            # iteration).
+            enough = tl.sum((mid[:, None] - 1 - keys) >> 31, axis=1) <= -S
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
     tau = tl.where(many, lo, 1)
     # Keys above tau are in; of the keys equal to tau, the earliest blocks fill the remaining slots.
     above = keys > tau[:, None]
@@ -189,7 +205,7 @@ def _select_full_width(keys, col, out_row, t_ok, idx_ptr, BT: tl.constexpr, NBP:
 
 @triton.jit
 def _select_from_scratch(slot, n_loop, out_row, t_ok, idx_ptr, BT: tl.constexpr, NBP: tl.constexpr, S: tl.constexpr,
-                         SP: tl.constexpr, HALF: tl.constexpr):
+                         SP: tl.constexpr, HALF: tl.constexpr, EARLY_EXIT: tl.constexpr):
     """The full-width path on the key rows read back from the scratch slot ([BT, NBP] int32; columns >= n_loop
     are not read: key 0). With HALF, a tile whose blocks all lie in the first half of the row (n_loop <= NBP / 2,
     half the tiles of a long sequence) runs it on [BT, NBP / 2]: the other columns hold key 0 and are never
@@ -200,17 +216,17 @@ def _select_from_scratch(slot, n_loop, out_row, t_ok, idx_ptr, BT: tl.constexpr,
             col_h = tl.arange(0, NBP // 2)
             keys_h = tl.load(slot + tt[:, None] * NBP + col_h[None, :],
                              mask=(col_h[None, :] < n_loop) & (tt[:, None] < BT), other=0, cache_modifier=".cg")
-            _select_full_width(keys_h, col_h, out_row, t_ok, idx_ptr, BT, NBP // 2, S, SP)
+            _select_full_width(keys_h, col_h, out_row, t_ok, idx_ptr, BT, NBP // 2, S, SP, EARLY_EXIT)
         else:
             col_f = tl.arange(0, NBP)
             keys_f = tl.load(slot + tt[:, None] * NBP + col_f[None, :],
                              mask=(col_f[None, :] < n_loop) & (tt[:, None] < BT), other=0, cache_modifier=".cg")
-            _select_full_width(keys_f, col_f, out_row, t_ok, idx_ptr, BT, NBP, S, SP)
+            _select_full_width(keys_f, col_f, out_row, t_ok, idx_ptr, BT, NBP, S, SP, EARLY_EXIT)
     else:
         col = tl.arange(0, NBP)
         keys = tl.load(slot + tt[:, None] * NBP + col[None, :], mask=(col[None, :] < n_loop) & (tt[:, None] < BT),
                        other=0, cache_modifier=".cg")
-        _select_full_width(keys, col, out_row, t_ok, idx_ptr, BT, NBP, S, SP)
+        _select_full_width(keys, col, out_row, t_ok, idx_ptr, BT, NBP, S, SP, EARLY_EXIT)
 
 
 @triton.jit
@@ -221,6 +237,7 @@ def _topk_bisect_kernel(
     BLOCK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NBP: tl.constexpr, S: tl.constexpr,
     SP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, CB: tl.constexpr,
     NCLS: tl.constexpr, CJ: tl.constexpr, SCORE_ONLY: tl.constexpr = False, HALF: tl.constexpr = False,
+    EARLY_EXIT: tl.constexpr = True,
 ):
     # SCORE_ONLY (benchmarks only, output not written): step 1 alone, the selection steps 2-4 compiled out, so
     # that timing it against the full kernel tells the score pass's share of the time.
@@ -352,10 +369,10 @@ def _topk_bisect_kernel(
                     # Fallback (a row with more than CB candidates): the full-width path. The keys are read again
                     # (L1/L2 hits) so that they are not held in registers across the compact branch.
                     _select_from_scratch(slot, n_loop, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr,
-                                         BT, NBP, S, SP, HALF)
+                                         BT, NBP, S, SP, HALF, EARLY_EXIT)
             else:  # CB == 0: always the full-width path
                 _select_from_scratch(slot, n_loop, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, BT,
-                                     NBP, S, SP, HALF)
+                                     NBP, S, SP, HALF, EARLY_EXIT)
         tl.debug_barrier()  # the scratch rows are rewritten by the next work item
 
 
@@ -388,7 +405,8 @@ def _topk_bisect_kernel(
 # fewer registers and a second resident program hides the first's latency: 16K 0.80 -> 0.52 ms, 32K 2.59 ->
 # 1.54, 64K 10.96 -> 6.24 (randn; structured alike). 3 or 4 programs are no better (32K: 2.00 / 1.59).
 CONFIG = {"method": "auto", "programs_per_sm": 2, "max_keys_per_thread": 64, "bisect_warps": None, "candidates": 0,
-          "bisect_tokens": None, "bisect_chunk": 64, "bisect_stages": 3, "score_only": False, "bisect_half": True}
+          "bisect_tokens": None, "bisect_chunk": 64, "bisect_stages": 3, "score_only": False, "bisect_half": True,
+          "bisect_early_exit": True}
 
 
 def _bisect_shape(group_pow2: int, n_blocks_pow2: int) -> tuple[int, int] | None:
@@ -475,7 +493,7 @@ def select_blocks_topk(
             scale * LOG2E,
             BT=tokens, BC=chunk, NBP=width, SP=_pow2(block_count), CB=cand_width, NCLS=n_classes,
             CJ=min(16, max(cand_width, 1)), SCORE_ONLY=bool(CONFIG["score_only"]),
-            HALF=bool(CONFIG["bisect_half"]),
+            HALF=bool(CONFIG["bisect_half"]), EARLY_EXIT=bool(CONFIG["bisect_early_exit"]),
             **common, num_warps=warps, num_stages=CONFIG["bisect_stages"],
         )
         return indices
