@@ -254,7 +254,8 @@ class _NSALeanFunction(torch.autograd.Function):
     q [total_T, HQ, D], k/v [total_T, HKV, D], gates [total_T, HQ]. Working memory (issue 5: <= 2 GB at 128K):
 
     * Forward: the compression output's buffer becomes o; the window kernel folds g_swa * o_swa into it
-      (o <- g_cmp * o_cmp + g_swa * o_swa, o_swa never stored); then o += g_slc * o_slc. Saved: o_slc (needed
+      (o <- g_cmp * o_cmp + g_swa * o_swa, o_swa never stored); then o += g_slc * o_slc (when no input needs a
+      gradient, the selection kernels add it into o directly and nothing is saved). Saved: o_slc (needed
       for dg_slc and the selection delta, too costly to recompute), the three lse, the block indices and the
       small pooled keys. Rounding: o_cmp, o_slc, the partial sum and o are each rounded once to q's dtype;
       the fused gate of `_NSAFunction` rounds o_cmp, o_slc, o_swa and o: the same count.
@@ -273,6 +274,11 @@ class _NSALeanFunction(torch.autograd.Function):
         o, lse_swa = window_attention_fwd(
             q, k, v, cu_seqlens, config.window_size, scale, fold_into=o, fold_scale=g_cmp, gate=g_swa
         )
+        if not any(ctx.needs_input_grad[:6]):
+            # Nothing will call backward (inference): the selection adds g_slc * o_slc into o itself, so o_slc
+            # is never made (one rounding fewer than the path below) and nothing is saved.
+            selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale, fold_into=o, fold_scale=g_slc)
+            return o
         o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale)
         gate_fold_(o, o_slc, g_slc)
         ctx.save_for_backward(

@@ -60,6 +60,9 @@ DKDV_SPLIT = 4096
 # Ceiling on the partial-output buffer of one chunk (the chunk is as many tokens as fit). 512 MiB keeps the
 # operator's forward within its 2 GB working-memory budget at 128K; 1 GiB would be 7% faster (42.1 vs 45.4 ms).
 BY_BLOCK_PARTIAL_BYTES = 512 << 20
+# The same ceiling when the output is folded into a gated sum (`fold_into`, inference): no [T, HQ, D] selection
+# output is made or kept for a backward, which frees 0.94 GiB at 128K (HQ=28, D=128, bf16) for bigger chunks.
+BY_BLOCK_PARTIAL_BYTES_FOLDED = 1 << 30
 # Launch of the block-major kernels, H100, Triton 3.6, bf16, D=128, 7:1, 128K, randn selections
 # (benchmarks/tune_selection.py --by-block, results/tune_selection_by_block_h100_s3b.jsonl): 64 query rows
 # per step (9 tokens), 4 warps, 3 stages: 45.4 ms (2 stages 46.1, 1 stage 46.2; 32 rows 65.8, 16 rows 64.1,
@@ -386,14 +389,16 @@ def _launch_config(block_m: int, head_dim: int, kind: str = "fwd") -> tuple[int,
 
 @triton.jit
 def _slc_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, fold_ptr,
     tiles_ptr, ublocks_ptr, ucount_ptr, ubits_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     n_slots, head_dim, qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, WORDS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, FOLD: tl.constexpr = False,
 ):
+    # FOLD: o already holds a partial sum and fold_ptr a per-row gate [T, HQ]; o <- o + gate * (this output),
+    # in float32 with one rounding (see `selected_attention_fwd`'s fold_into).
     tile = tl.program_id(0)
     g = tl.program_id(1)
     row0 = tl.load(tiles_ptr + tile * 4)
@@ -447,6 +452,10 @@ def _slc_fwd_kernel(
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     o_off = t_row.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    if FOLD:
+        gate = tl.load(fold_ptr + t_row.to(tl.int64) * HQ + head, mask=row_ok, other=0.0).to(tl.float32)
+        prev = tl.load(o_ptr + o_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        out = prev + gate[:, None] * out
     tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + t_row.to(tl.int64) * HQ + head, lse, mask=row_ok)
 
@@ -724,10 +733,12 @@ def block_lists(
     return BlockLists(offsets, pairs, chosen.contiguous(), chunk_tokens, n_chunks, n_blocks)
 
 
-def by_block_chunk_tokens(heads_q: int, heads_kv: int, slots: int, head_dim: int, elem_bytes: int) -> int:
-    """Tokens per chunk so that one chunk's partial outputs fit in `BY_BLOCK_PARTIAL_BYTES`."""
+def by_block_chunk_tokens(
+    heads_q: int, heads_kv: int, slots: int, head_dim: int, elem_bytes: int, partial_bytes: int | None = None
+) -> int:
+    """Tokens per chunk so that one chunk's partial outputs fit in `partial_bytes` (None: BY_BLOCK_PARTIAL_BYTES)."""
     per_token = heads_kv * slots * (heads_q // heads_kv) * head_dim * elem_bytes
-    return max(1, BY_BLOCK_PARTIAL_BYTES // per_token)
+    return max(1, (partial_bytes or BY_BLOCK_PARTIAL_BYTES) // per_token)
 
 
 @triton.jit
@@ -797,9 +808,9 @@ def _slc_fwd_by_block_kernel(
 
 @triton.jit
 def _slc_merge_kernel(
-    o_part_ptr, lse_part_ptr, idx_ptr, o_ptr, lse_ptr, stride_ot, stride_oh, t0, head_dim,
+    o_part_ptr, lse_part_ptr, idx_ptr, o_ptr, lse_ptr, fold_ptr, stride_ot, stride_oh, t0, head_dim,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, FOLD: tl.constexpr = False,
 ):
     """One program per (token of the chunk, group): for each of the G heads, o = sum_s w_s o_s / sum_s w_s
     with w_s = 2^(lse_s - max_s lse_s); lse = natural log of the summed exponentials (-inf when no slot had a
@@ -833,8 +844,11 @@ def _slc_merge_kernel(
     has = total > 0
     out = acc / tl.where(has, total, 1.0)[:, None]
     head = g * G + hh
-    tl.store(o_ptr + t * stride_ot + head[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=gd_mask)
+    o_off = t * stride_ot + head[:, None] * stride_oh + d[None, :]
+    if FOLD:  # as in _slc_fwd_kernel: o <- o + gate * out, one rounding
+        gate = tl.load(fold_ptr + t * HQ + head, mask=head_ok, other=0.0).to(tl.float32)
+        out = tl.load(o_ptr + o_off, mask=gd_mask, other=0.0).to(tl.float32) + gate[:, None] * out
+    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=gd_mask)
     lse = tl.where(has, (m_use + tl.log2(tl.where(has, total, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(lse_ptr + t * HQ + head, lse, mask=head_ok)
 
@@ -843,22 +857,28 @@ def launch_fwd_by_block(
     q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor, block_size: int, scale: float,
     *, chunk_tokens: int | None = None, rows: int = BY_BLOCK_ROWS, num_warps: int = BY_BLOCK_LAUNCH[0],
     num_stages: int = BY_BLOCK_LAUNCH[1], merge_warps: int = BY_BLOCK_MERGE_WARPS,
+    fold_into: Tensor | None = None, fold_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The block-major forward (inputs already checked; block_size <= 64); returns o [T, HQ, D], lse [T, HQ].
 
-    chunk_tokens: tokens per chunk (None: as many as `BY_BLOCK_PARTIAL_BYTES` allows); rows: query rows per
-    program step (BT = rows // G tokens)."""
+    chunk_tokens: tokens per chunk (None: as many as `BY_BLOCK_PARTIAL_BYTES` allows, or
+    `BY_BLOCK_PARTIAL_BYTES_FOLDED` with fold_into); rows: query rows per program step (BT = rows // G tokens).
+    fold_into, fold_scale: see `selected_attention_fwd` (checked there); o is then fold_into."""
     total, heads_q, head_dim = q.shape
     heads_kv = k.shape[1]
     group = heads_q // heads_kv
     slots = block_indices.shape[-1]
     if block_size > 64:
         raise ValueError(f"selected attention by block: block_size <= 64 needed, got {block_size}")
-    chunk_tokens = chunk_tokens or by_block_chunk_tokens(heads_q, heads_kv, slots, head_dim, q.element_size())
+    fold = fold_into is not None
+    partial_bytes = BY_BLOCK_PARTIAL_BYTES_FOLDED if fold else BY_BLOCK_PARTIAL_BYTES
+    chunk_tokens = chunk_tokens or by_block_chunk_tokens(
+        heads_q, heads_kv, slots, head_dim, q.element_size(), partial_bytes
+    )
     chunk_tokens = min(chunk_tokens, total)
     key_blocks = tiles_of(cu_seqlens, block_size)
     lists = block_lists(block_indices, cu_seqlens, key_blocks, chunk_tokens)
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    o = fold_into if fold else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
     o_part = torch.empty((chunk_tokens * heads_kv * slots * group, head_dim), dtype=q.dtype, device=q.device)
     lse_part = torch.empty(chunk_tokens * heads_kv * slots * group, dtype=torch.float32, device=q.device)
@@ -875,9 +895,10 @@ def launch_fwd_by_block(
             BLOCK_D=block_d, DOT_PREC=dot_precision(q), num_warps=num_warps, num_stages=num_stages,
         )
         _slc_merge_kernel[(min(chunk_tokens, total - t0), heads_kv)](
-            o_part, lse_part, lists.block_indices, o, lse, o.stride(0), o.stride(1), t0, head_dim,
+            o_part, lse_part, lists.block_indices, o, lse, fold_scale if fold else lse, o.stride(0), o.stride(1),
+            t0, head_dim,
             HQ=heads_q, HKV=heads_kv, G=group, S=slots, BLOCK_S=max(2, next_pow2(slots)),
-            BLOCK_G=max(2, next_pow2(group)), BLOCK_D=block_d, num_warps=merge_warps,
+            BLOCK_G=max(2, next_pow2(group)), BLOCK_D=block_d, FOLD=fold, num_warps=merge_warps,
         )
     return o, lse
 
@@ -919,20 +940,23 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens:
 def launch_fwd(
     q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, block_size: int, scale: float,
     num_warps: int | None = None, num_stages: int | None = None,
+    *, fold_into: Tensor | None = None, fold_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The forward kernel over a `TilePlan` (inputs already checked); returns o [T, HQ, D], lse [T, HQ]."""
+    """The forward kernel over a `TilePlan` (inputs already checked); returns o [T, HQ, D], lse [T, HQ].
+    fold_into, fold_scale: see `selected_attention_fwd` (checked there); o is then fold_into."""
     total, heads_q, head_dim = q.shape
     heads_kv = k.shape[1]
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    fold = fold_into is not None
+    o = fold_into if fold else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
     warps, stages = _launch_config(plan.block_m, head_dim)
     _slc_fwd_kernel[(plan.tiles.shape[0], heads_kv)](
-        q, k, v, o, lse, plan.tiles, plan.blocks, plan.count, plan.bits,
+        q, k, v, o, lse, fold_scale if fold else lse, plan.tiles, plan.blocks, plan.count, plan.bits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), plan.blocks.shape[-1], head_dim, scale * LOG2E,
         HQ=heads_q, HKV=heads_kv, G=heads_q // heads_kv, WORDS=plan.bits.shape[-1],
         BLOCK_SIZE=block_size, BLOCK_M=plan.block_m, BLOCK_N=_block_n(block_size),
-        BLOCK_D=max(16, next_pow2(head_dim)), DOT_PREC=dot_precision(q),
+        BLOCK_D=max(16, next_pow2(head_dim)), DOT_PREC=dot_precision(q), FOLD=fold,
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return o, lse
@@ -1020,6 +1044,8 @@ def selected_attention_fwd(
     *,
     tile_rows: int | None = None,
     by_block: bool | None = None,
+    fold_into: Tensor | None = None,
+    fold_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal attention of each query over the keys of its selected blocks.
 
@@ -1033,13 +1059,31 @@ def selected_attention_fwd(
             by_block=False.
         by_block: True runs the block-major forward (`launch_fwd_by_block`, block_size <= 64), False the
             query-tile forward; None picks the layout with the least estimated time (`plan_forward`).
+        fold_into: optional contiguous [T, HQ, D] tensor in q's dtype holding a partial gated sum; the output
+            is then added into it in place, scaled per row by fold_scale [T, HQ] (o <- o + g * attention, in
+            float32, rounded once) and no separate output is made. For inference, where the selection output
+            is not kept for a backward; the block-major forward then uses larger chunks
+            (`BY_BLOCK_PARTIAL_BYTES_FOLDED`).
 
     Returns:
-        o [T, HQ, D] in q's dtype (0 for rows with no allowed key) and lse float32 [T, HQ] (-inf there).
+        o [T, HQ, D] in q's dtype (0 for rows with no allowed key; fold_into itself when given) and lse float32
+        [T, HQ] (-inf there).
     """
     q, k, v, block_indices = _prepare(q, k, v, block_indices, cu_seqlens, block_size)
+    if (fold_into is None) != (fold_scale is None):
+        raise ValueError("selected attention: fold_into and fold_scale go together")
+    if fold_into is not None:
+        if fold_into.shape != q.shape or fold_into.dtype != q.dtype or not fold_into.is_contiguous():
+            raise ValueError(
+                f"selected attention: fold_into must be a contiguous {tuple(q.shape)} {q.dtype} tensor, got "
+                f"{tuple(fold_into.shape)} {fold_into.dtype}"
+            )
+        if fold_scale.shape != q.shape[:2]:
+            raise ValueError(f"selected attention: fold_scale must be [T, HQ], got {tuple(fold_scale.shape)}")
+        fold_scale = fold_scale.contiguous()
     if q.shape[0] == 0:
-        return torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        o = torch.empty_like(q) if fold_into is None else fold_into
+        return o, torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     group = q.shape[1] // k.shape[1]
     if by_block and tile_rows is not None:
         raise ValueError("selected attention: tile_rows applies to the query-tile forward, not by_block=True")
@@ -1049,9 +1093,10 @@ def selected_attention_fwd(
         plan = None
     else:
         plan = plan_forward(block_indices, cu_seqlens, group, block_size)
+    fold = dict(fold_into=fold_into, fold_scale=fold_scale)
     if plan is None:
-        return launch_fwd_by_block(q, k, v, block_indices, cu_seqlens, block_size, scale)
-    return launch_fwd(q, k, v, plan, block_size, scale)
+        return launch_fwd_by_block(q, k, v, block_indices, cu_seqlens, block_size, scale, **fold)
+    return launch_fwd(q, k, v, plan, block_size, scale, **fold)
 
 
 def selected_attention_bwd(
