@@ -1,12 +1,15 @@
 """VideoNSA attention over a split batch, checked against the NSA operator per sample and plain softmax."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from videonsa.errors import UserError
 from videonsa.layers import SparseSettings, build_token_split, sdpa_attend, videonsa_attention
+from videonsa.layers.attention import grouped_text_sdpa
 from videonsa.ops import nsa_attention
 
 SETTINGS = SparseSettings(block_size=4, block_count=2, window_size=6, init_blocks=0, local_blocks=1)
@@ -128,3 +131,82 @@ def test_settings_are_validated_with_one_line_user_errors():
     assert SparseSettings().nsa_kwargs() == dict(
         block_size=64, block_count=32, window_size=256, init_blocks=0, local_blocks=1
     )
+
+
+def _contiguous_batch(heads_q=4, heads_kv=2, dim=8, dtype=torch.float64, seed=0):
+    """Three samples of 20 tokens, each with at most one vision run: left padding, right padding, no vision."""
+    generator = torch.Generator().manual_seed(seed)
+    vision = torch.zeros(3, 20, dtype=torch.bool)
+    vision[0, 5:17] = True
+    vision[2, 2:9] = True
+    padding = torch.ones(3, 20, dtype=torch.long)
+    padding[0, :2] = 0
+    padding[2, 15:] = 0
+    rand = lambda *shape: torch.randn(*shape, generator=generator, dtype=dtype)  # noqa: E731
+    q, k, v = rand(3, 20, heads_q, dim), rand(3, 20, heads_kv, dim), rand(3, 20, heads_kv, dim)
+    gates = tuple(torch.rand(1, int(vision.sum()), heads_q, generator=generator, dtype=dtype) for _ in range(3))
+    return q, k, v, gates, vision, padding
+
+
+def _repeat_kv_sdpa(q, k, v, mask, scale=None):
+    """The text attention as it was before folding: K and V repeated to the query heads, then SDPA."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+def _text_inputs(dtype, heads_q=6, heads_kv=2, dim=8, seed=0):
+    """Text queries of `_contiguous_batch` (uneven text counts: invalid slots) and its keys."""
+    q, k, v, _, vision, padding = _contiguous_batch(heads_q, heads_kv, dim, dtype=torch.float32, seed=seed)
+    split = build_token_split(vision, padding)
+    q_text = split.gather_text(q).transpose(1, 2)
+    return [x.to(dtype) for x in (q_text, k.transpose(1, 2), v.transpose(1, 2))], split
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, {}), (torch.bfloat16, dict(rtol=2e-2, atol=2e-2))])
+@pytest.mark.parametrize("heads_q,heads_kv", [(6, 2), (4, 4), (7, 1)])
+def test_folded_text_attention_equals_sdpa_over_repeated_key_value_heads(dtype, tolerance, heads_q, heads_kv):
+    (q, k, v), split = _text_inputs(dtype, heads_q, heads_kv)
+    assert not split.text_valid.all()  # rows of invalid slots are compared too: both compute them
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    got = grouped_text_sdpa(*leaves, split, scale=0.3)
+    want = _repeat_kv_sdpa(*ref_leaves, split.text_attention_mask, scale=0.3)
+    assert got.shape == want.shape == (3, q.shape[2], heads_q, q.shape[3])
+    torch.testing.assert_close(got, want, **tolerance)
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad((got * weights).float().sum(), leaves)
+    ref_grads = torch.autograd.grad((want * weights).float().sum(), ref_leaves)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, **tolerance)
+        assert grad.float().abs().sum() > 0
+    # Head h must read KV head h // G: with the KV heads swapped the result changes.
+    if heads_kv > 1:
+        swapped = _repeat_kv_sdpa(q, k.flip(1), v.flip(1), split.text_attention_mask, scale=0.3)
+        assert not torch.allclose(got.detach().float(), swapped.float(), **tolerance)
+
+
+def test_folded_text_attention_applies_dropout_to_the_folded_rows():
+    (q, k, v), split = _text_inputs(torch.float32)
+    torch.manual_seed(0)
+    dropped = grouped_text_sdpa(q, k, v, split, dropout_p=0.5)
+    plain = grouped_text_sdpa(q, k, v, split)
+    assert dropped.shape == plain.shape and not torch.allclose(dropped, plain)
+
+
+def test_span_fast_path_gives_the_index_path_attention_and_gradients_exactly():
+    q, k, v, gates, vision, padding = _contiguous_batch()
+    split = build_token_split(vision, padding)
+    assert split.spans == ((5, 17), (0, 0), (2, 9))
+    general = dataclasses.replace(split, spans=None)
+    outputs, grads = [], []
+    weights = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=q.dtype)
+    for path in (split, general):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
+        out = videonsa_attention(*leaves[:3], tuple(leaves[3:]), path, SETTINGS, attend=sdpa_attend())
+        outputs.append(out)
+        grads.append(torch.autograd.grad((out * weights).sum(), leaves))
+    assert torch.equal(outputs[0], outputs[1])
+    for fast, index in zip(*grads, strict=True):
+        assert torch.equal(fast, index)
+    torch.testing.assert_close(outputs[0], _expected(q, k, v, gates, vision, padding, SETTINGS))

@@ -1,13 +1,17 @@
 """The VideoNSA attention inside the model: NSA path, text path, split, dense mode, batches, gradients."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from model_checks import capture_attention
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
 from videonsa import testing
 from videonsa.errors import UserError
+from videonsa.models import modeling_videonsa as modeling
 from videonsa.ops import nsa_attention
 
 
@@ -199,3 +203,57 @@ def test_packed_sequences_are_refused_in_nsa_mode(batch):
                   position_ids=positions)
     with pytest.raises(UserError, match="packed sequences"), torch.no_grad():
         model(**inputs)
+
+
+def test_span_fast_path_gives_the_index_path_model_exactly(batch, monkeypatch):
+    """The batch's samples each hold one video (one vision run): the split takes the slice path. Forcing the
+    index path must give the same logits and gradients, bit for bit."""
+    model = testing.tiny_model(seed=12).train()
+    assert model.model.token_split(batch.input_ids, None, batch.attention_mask).spans is not None
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    build = modeling.build_token_split
+    runs = []
+    for force_index_path in (False, True):
+        if force_index_path:
+            monkeypatch.setattr(
+                modeling, "build_token_split", lambda *args: dataclasses.replace(build(*args), spans=None)
+            )
+            assert model.model.token_split(batch.input_ids, None, batch.attention_mask).spans is None
+        model.zero_grad()
+        out = model(**batch.as_kwargs(), labels=labels)
+        out.loss.backward()
+        runs.append((out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()
+                                           if p.grad is not None}))
+    (fast_logits, fast_grads), (index_logits, index_grads) = runs
+    assert torch.equal(fast_logits, index_logits)
+    assert fast_grads.keys() == index_grads.keys()
+    for name, grad in fast_grads.items():
+        assert torch.equal(grad, index_grads[name]), name
+    assert fast_grads["model.language_model.layers.0.self_attn.g_proj_1.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (6, 3), (7, 1)], ids=["gqa4:2", "gqa6:3", "gqa7:1"])
+def test_text_attention_equals_transformers_sdpa_with_repeated_key_value_heads(batch, heads):
+    """`_dense_attend` folds each KV group's query heads into rows; transformers' SDPA path (what the layer
+    called before) repeats K and V instead. Same result up to float rounding, forward and backward."""
+    num_heads, num_kv_heads = heads
+    model = testing.tiny_model(num_heads=num_heads, num_kv_heads=num_kv_heads, hidden_size=16 * num_heads, seed=13)
+    attn = model.model.language_model.layers[0].self_attn
+    split = model.model.token_split(batch.input_ids, None, batch.attention_mask)
+    generator = torch.Generator().manual_seed(0)
+    batch_size, seq_len = split.shape
+    dim = attn.head_dim
+    q = torch.randn(batch_size, num_heads, split.text_pos.shape[1], dim, generator=generator)
+    k, v = (torch.randn(batch_size, num_kv_heads, seq_len, dim, generator=generator) for _ in range(2))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    got = attn._dense_attend(*leaves, split)
+    want, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](
+        attn, *ref_leaves, split.text_attention_mask, dropout=0.0, scaling=attn.scaling
+    )
+    assert got.shape == want.shape == (batch_size, q.shape[2], num_heads, dim)
+    torch.testing.assert_close(got, want)
+    weights = torch.randn(got.shape, generator=generator)
+    for grad, ref_grad in zip(torch.autograd.grad((got * weights).sum(), leaves),
+                              torch.autograd.grad((want * weights).sum(), ref_leaves), strict=True):
+        torch.testing.assert_close(grad, ref_grad)

@@ -18,9 +18,11 @@ from videonsa.ops import NSAConfig, nsa_attention
 
 ATTENTION_MODES = ("nsa", "dense")
 
-# Dense attention of gathered text queries: q [B, HQ, L, D], k/v [B, HKV, T, D], mask bool [B, 1, L, T]
-# (True = may attend) -> [B, L, HQ, D].
-DenseAttend = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+# Dense attention of gathered text queries: q [B, HQ, L, D], k/v [B, HKV, T, D], and the split, whose
+# text_attention_mask (bool [B, 1, L, T], True = may attend) says what each query sees -> [B, L, HQ, D].
+# The split rather than the mask travels so that an attend can use masks derived from it once per forward
+# pass (grouped_text_attention_mask) instead of rebuilding them in every layer.
+DenseAttend = Callable[[Tensor, Tensor, Tensor, TokenSplit], Tensor]
 
 
 @dataclass(frozen=True)
@@ -99,16 +101,42 @@ def dense_text_attention(q: Tensor, k: Tensor, v: Tensor, split: TokenSplit, att
         [B, L, HQ, D] for the text slots of `split` (invalid slots hold values to be discarded).
     """
     q_text = split.gather_text(q).transpose(1, 2)
-    return attend(q_text, k.transpose(1, 2), v.transpose(1, 2), split.text_attention_mask)
+    return attend(q_text, k.transpose(1, 2), v.transpose(1, 2), split)
+
+
+def grouped_text_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, split: TokenSplit, scale: float | None = None, dropout_p: float = 0.0
+) -> Tensor:
+    """Masked text attention with GQA, on torch's scaled_dot_product_attention, without repeating K and V.
+
+    The G = HQ / HKV query heads of a KV group become G L query rows of one head (row g L + l is slot l of
+    head j G + g, the head that reads KV head j), masked by `split.grouped_text_attention_mask(G)`. This equals
+    SDPA over K and V repeated to HQ heads (what transformers does when a mask is given), up to the kernel's
+    float rounding, without writing two [B, HQ, T, D] copies per layer: few text queries, many keys.
+
+    Args:
+        q: [B, HQ, L, D] text queries; k, v: [B, HKV, T, D].
+
+    Returns:
+        [B, L, HQ, D].
+    """
+    batch, heads_q, width, dim = q.shape
+    heads_kv = k.shape[1]
+    if heads_q % heads_kv:
+        raise ValueError(f"{heads_q} query heads do not split into groups of the {heads_kv} key/value heads")
+    groups = heads_q // heads_kv
+    folded = q.reshape(batch, heads_kv, groups * width, dim)
+    out = F.scaled_dot_product_attention(
+        folded, k, v, attn_mask=split.grouped_text_attention_mask(groups), dropout_p=dropout_p, scale=scale
+    )
+    return out.reshape(batch, heads_q, width, out.shape[-1]).transpose(1, 2)
 
 
 def sdpa_attend(scale: float | None = None) -> DenseAttend:
-    """A `DenseAttend` on torch's scaled_dot_product_attention (GQA by repeating key/value heads)."""
+    """A `DenseAttend` on torch's scaled_dot_product_attention (`grouped_text_sdpa`, no dropout)."""
 
-    def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        groups = q.shape[1] // k.shape[1]
-        k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
+    def attend(q: Tensor, k: Tensor, v: Tensor, split: TokenSplit) -> Tensor:
+        return grouped_text_sdpa(q, k, v, split, scale=scale)
 
     return attend
 

@@ -6,11 +6,17 @@ layout `videonsa.ops.nsa_attention` takes with B = 1). Every other token is a te
 gathered per sample into a [B, L] grid (L = the most text tokens of any sample), unused slots marked invalid.
 
 The split is computed once per forward pass and shared by all layers.
+
+Fast path: when each sample's vision tokens form one contiguous run (the usual prompt: text, one video, text),
+the split records the runs as Python ints and moves tokens with slices and one `torch.cat` instead of advanced
+indexing (which copies every vision token of q, k, v and the layer input, per layer, and scatters the output
+back into a zero-filled tensor). Both paths give the same values, forward and backward; any other layout
+(several runs per sample) takes the index-based path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -28,7 +34,12 @@ class TokenSplit:
     vision_batch, vision_pos: long [N], sample and position of each packed vision token, sample-major.
     cu_seqlens: int32 [S + 1], offsets of the S non-empty vision streams in the packed sequence.
     text_pos: long [B, L], positions of each sample's text tokens in order (padding included: it is text).
-    text_valid: bool [B, L], False at slots beyond a sample's text token count.
+    text_valid: bool [B, L], False at slots beyond a sample's text token count. Slot l >= c_b of a sample with
+        c_b text tokens holds the position of its (l - c_b)-th vision token (what the stable sort leaves there);
+        those slots' values are computed but never used.
+    spans: per sample (start, end), Python ints, when every sample's vision tokens are the positions
+        start..end-1 ((0, 0) for a sample without any); None when some sample has several runs. Set by
+        `build_token_split`; with it the gathers and the merge use slices (see the module docstring).
     """
 
     vision_mask: Tensor
@@ -38,6 +49,10 @@ class TokenSplit:
     cu_seqlens: Tensor
     text_pos: Tensor
     text_valid: Tensor
+    spans: tuple[tuple[int, int], ...] | None = None
+    # Per-forward derived tensors shared by all layers (see grouped_text_attention_mask). A dict field rather
+    # than cached_property because the key (the query heads per KV head) is an argument.
+    _cache: dict[tuple[str, int], Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def has_vision(self) -> bool:
@@ -48,13 +63,37 @@ class TokenSplit:
         return tuple(self.vision_mask.shape)
 
     def gather_vision(self, x: Tensor) -> Tensor:
-        """x [B, T, ...] -> the packed vision streams [1, N, ...]."""
-        return x[self.vision_batch, self.vision_pos].unsqueeze(0)
+        """x [B, T, ...] -> the packed vision streams [1, N, ...].
+
+        On the span fast path a single stream is a view of x (no copy); several are concatenated.
+        """
+        if self.spans is None:
+            return x[self.vision_batch, self.vision_pos].unsqueeze(0)
+        parts = [x[b, start:end] for b, (start, end) in enumerate(self.spans) if end > start]
+        if not parts:
+            return x[:1, :0]
+        return parts[0].unsqueeze(0) if len(parts) == 1 else torch.cat(parts).unsqueeze(0)
 
     def gather_text(self, x: Tensor) -> Tensor:
         """x [B, T, ...] -> text tokens per sample [B, L, ...] (invalid slots hold some other token's values)."""
-        rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
-        return x[rows, self.text_pos]
+        if self.spans is None:
+            rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+            return x[rows, self.text_pos]
+        width = self.text_pos.shape[1]
+        if len(self.spans) == 1:
+            # One sample: its text is everything but the span and fills the grid (no invalid slots).
+            start, end = self.spans[0]
+            if start == end:
+                return x
+            if start == 0 or end == x.shape[1]:
+                return x[:, end:] if start == 0 else x[:, :start]
+            return torch.cat((x[:, :start], x[:, end:]), dim=1)
+        parts = []
+        for b, (start, end) in enumerate(self.spans):
+            # Text before and after the span, then the invalid slots: the span's first tokens, as text_pos has.
+            invalid = width - (x.shape[1] - (end - start))
+            parts += [x[b, :start], x[b, end:], x[b, start : start + invalid]]
+        return torch.cat(parts).view(x.shape[0], width, *x.shape[2:])
 
     @cached_property
     def text_attention_mask(self) -> Tensor:
@@ -69,9 +108,40 @@ class TokenSplit:
         allowed = (keys <= queries) & self.token_mask.unsqueeze(1)
         return (allowed | (keys == queries)).unsqueeze(1)
 
+    def grouped_text_attention_mask(self, groups: int) -> Tensor:
+        """bool [B, 1, G L, T]: `text_attention_mask` repeated for G query heads folded into the query rows.
+
+        Row g L + l is slot l's row (the layout `sdpa_attend` folds a KV group's heads into). Built once per
+        forward pass and number of groups, on first use, for all layers.
+        """
+        if groups == 1:
+            return self.text_attention_mask
+        key = ("grouped_text_attention_mask", groups)
+        if key not in self._cache:
+            mask = self.text_attention_mask
+            batch, _, width, seq_len = mask.shape
+            grouped = mask.unsqueeze(2).expand(batch, 1, groups, width, seq_len)
+            self._cache[key] = grouped.reshape(batch, 1, groups * width, seq_len)
+        return self._cache[key]
+
     def merge(self, vision_out: Tensor, text_out: Tensor) -> Tensor:
-        """Scatter packed vision outputs [1, N, ...] and text outputs [B, L, ...] back to [B, T, ...]."""
+        """Scatter packed vision outputs [1, N, ...] and text outputs [B, L, ...] back to [B, T, ...].
+
+        The output has text_out's dtype. Invalid text slots are dropped. On the span fast path each sample's
+        row is [text before, its vision stream, text after], written by one `torch.cat`.
+        """
         batch, seq_len = self.vision_mask.shape
+        if self.spans is not None:
+            vision_out = vision_out[0].to(text_out.dtype)
+            if len(self.spans) == 1 and self.spans[0][0] == self.spans[0][1]:
+                return text_out
+            parts, offset = [], 0
+            for b, (start, end) in enumerate(self.spans):
+                count = end - start
+                text_count = seq_len - count
+                parts += [text_out[b, :start], vision_out[offset : offset + count], text_out[b, start:text_count]]
+                offset += count
+            return torch.cat(parts).view(batch, seq_len, *text_out.shape[2:])
         out = text_out.new_zeros((batch, seq_len, *text_out.shape[2:]))
         rows = torch.arange(batch, device=text_out.device).unsqueeze(1).expand_as(self.text_pos)
         text_index = (rows[self.text_valid], self.text_pos[self.text_valid])
@@ -95,17 +165,26 @@ def build_token_split(vision_mask: Tensor, attention_mask: Tensor | None = None)
 
     vision_batch, vision_pos = vision_mask.nonzero(as_tuple=True)  # row-major: sample by sample, in order
     counts = vision_mask.sum(dim=1)
-    counts = counts[counts > 0]
-    cu_seqlens = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=vision_mask.device)
-    cu_seqlens[1:] = counts.cumsum(0)
+    stream_counts = counts[counts > 0]
+    cu_seqlens = torch.zeros(stream_counts.numel() + 1, dtype=torch.int32, device=vision_mask.device)
+    cu_seqlens[1:] = stream_counts.cumsum(0)
+
+    # Per sample: vision token count, first vision position, number of vision runs. One host transfer gives
+    # the text grid's width and whether the slice fast path applies.
+    flags = vision_mask.to(torch.int8)
+    run_starts = flags.diff(dim=1, prepend=flags.new_zeros(batch, 1)) > 0
+    stats = torch.stack((counts, flags.argmax(dim=1), run_starts.sum(dim=1)), dim=1).tolist()
+    spans = None
+    if batch and all(runs <= 1 for _, _, runs in stats):
+        spans = tuple((first, first + count) if count else (0, 0) for count, first, _ in stats)
 
     # A stable sort puts each sample's text positions first, in order; the first L columns are the text grid.
-    order = torch.sort(vision_mask.to(torch.int8), dim=1, stable=True).indices
-    text_counts = seq_len - vision_mask.sum(dim=1)
-    width = int(text_counts.max()) if batch else 0
+    order = torch.sort(flags, dim=1, stable=True).indices
+    text_counts = seq_len - counts
+    width = seq_len - min(count for count, _, _ in stats) if batch else 0
     text_pos = order[:, :width]
     text_valid = torch.arange(width, device=vision_mask.device) < text_counts.unsqueeze(1)
-    return TokenSplit(vision_mask, token_mask, vision_batch, vision_pos, cu_seqlens, text_pos, text_valid)
+    return TokenSplit(vision_mask, token_mask, vision_batch, vision_pos, cu_seqlens, text_pos, text_valid, spans)
 
 
 def _token_mask(attention_mask: Tensor | None, batch: int, seq_len: int, device: torch.device) -> Tensor:

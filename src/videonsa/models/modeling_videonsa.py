@@ -47,6 +47,7 @@ from videonsa.layers import (
     make_gate_projections,
     videonsa_attention,
 )
+from videonsa.layers.attention import grouped_text_sdpa
 from videonsa.models.checkpoints import LEGACY_KEY_MAPPING, checkpoint_has_gates
 from videonsa.models.configuration_videonsa import NSA_CONFIG_DEFAULTS, VideoNSAConfig
 from videonsa.models.time_positions import fractional_video_time_positions
@@ -217,19 +218,22 @@ class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
             ))
         return heads_to_sequence(output, sp.group)
 
-    def _dense_attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
-        """Text queries through the model's attention backend with an explicit mask: q [B, HQ, L, D],
-        k/v [B, HKV, T, D], mask bool [B, 1, L, T] -> [B, L, HQ, D]. Backends that take no arbitrary mask
-        (flash attention) use SDPA here; text queries are few, so this costs little."""
-        if self.config._attn_implementation == "eager":
-            attend = qwen.eager_attention_forward
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~mask, torch.finfo(query.dtype).min
-            )
-        else:
-            attend = qwen.ALL_ATTENTION_FUNCTIONS["sdpa"]
+    def _dense_attend(self, query: Tensor, key: Tensor, value: Tensor, split: TokenSplit) -> Tensor:
+        """Text queries through the model's attention backend with the split's text mask: q [B, HQ, L, D],
+        k/v [B, HKV, T, D] -> [B, L, HQ, D].
+
+        Eager materialises the weights as transformers does. Every other backend runs SDPA with each KV group's
+        query heads folded into query rows (`grouped_text_sdpa`): transformers' SDPA path would repeat K and V
+        to HQ heads whenever a mask is given, two [B, HQ, T, D] copies per layer for a few text queries.
+        Backends that take no arbitrary mask (flash attention) use it too; text queries are few."""
         dropout = 0.0 if not self.training else self.attention_dropout
-        output, _ = attend(self, query, key, value, mask, dropout=dropout, scaling=self.scaling)
+        if self.config._attn_implementation != "eager":
+            return grouped_text_sdpa(query, key, value, split, scale=self.scaling, dropout_p=dropout)
+        mask = split.text_attention_mask
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min
+        )
+        output, _ = qwen.eager_attention_forward(self, query, key, value, mask, dropout=dropout, scaling=self.scaling)
         return output
 
 
