@@ -210,3 +210,94 @@ def test_span_fast_path_gives_the_index_path_attention_and_gradients_exactly():
     for fast, index in zip(*grads, strict=True):
         assert torch.equal(fast, index)
     torch.testing.assert_close(outputs[0], _expected(q, k, v, gates, vision, padding, SETTINGS))
+
+
+ONE_SAMPLE_RUNS = {"middle": (5, 11), "start": (0, 7), "end": (9, 16), "all-vision": (0, 16), "no-vision": (0, 0)}
+
+
+def _one_sample_text_inputs(run, dtype, heads_q=6, heads_kv=2, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    vision = torch.zeros(1, 16, dtype=torch.bool)
+    vision[0, run[0]:run[1]] = True
+    split = build_token_split(vision)
+    q, k, v = (torch.randn(1, 16, heads, dim, generator=generator) for heads in (heads_q, heads_kv, heads_kv))
+    q_text = split.gather_text(q).transpose(1, 2)
+    return [x.to(dtype) for x in (q_text, k.transpose(1, 2), v.transpose(1, 2))], split
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, {}), (torch.bfloat16, dict(rtol=2e-2, atol=2e-2))])
+@pytest.mark.parametrize("name", list(ONE_SAMPLE_RUNS))
+def test_one_unpadded_sample_runs_text_attention_without_a_mask(name, dtype, tolerance):
+    (q, k, v), split = _one_sample_text_inputs(ONE_SAMPLE_RUNS[name], dtype)
+    assert split.unpadded and split.spans == (ONE_SAMPLE_RUNS[name],)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    got = grouped_text_sdpa(*leaves, split, scale=0.3)
+    assert "text_attention_mask" not in split.__dict__  # the mask-free path ran: no mask was ever built
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = _repeat_kv_sdpa(*ref_leaves, split.text_attention_mask, scale=0.3)
+    assert got.shape == want.shape == (1, q.shape[2], 6, 8)
+    torch.testing.assert_close(got, want, **tolerance)
+    if got.numel():
+        weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        for grad, ref_grad in zip(torch.autograd.grad((got * weights).float().sum(), leaves),
+                                  torch.autograd.grad((want * weights).float().sum(), ref_leaves), strict=True):
+            torch.testing.assert_close(grad, ref_grad, **tolerance)
+            assert grad.float().abs().sum() > 0
+
+
+def test_padding_or_several_samples_keep_the_masked_text_attention():
+    (q, k, v), split = _one_sample_text_inputs((5, 11), torch.float32)
+    vision = split.vision_mask
+    padded = build_token_split(vision, torch.cat((torch.zeros(1, 2), torch.ones(1, 14)), dim=1))
+    assert not padded.unpadded and padded.spans == ((5, 11),)
+    grouped_text_sdpa(q, k, v, padded)
+    assert "text_attention_mask" in padded.__dict__
+    two = build_token_split(vision.expand(2, -1))
+    assert two.unpadded and two.spans == ((5, 11), (5, 11))
+    grouped_text_sdpa(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), two)
+    assert "text_attention_mask" in two.__dict__
+
+
+def test_mask_free_text_attention_under_autocast_runs_in_the_autocast_dtype():
+    """Under autocast q and k arrive in float32 (rotary) and v in bfloat16; both paths compute in bfloat16."""
+    (q, k, v), split = _one_sample_text_inputs((5, 11), torch.float32)
+    v = v.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = grouped_text_sdpa(q, k, v, split, scale=0.3)
+        want = _repeat_kv_sdpa(q, k, v, split.text_attention_mask, scale=0.3)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("one_sample", [True, False], ids=["mask-free", "folded-mask"])
+def test_text_attention_on_the_gpu_kernels_matches_repeated_key_value_heads(one_sample):
+    """7B head shapes in bfloat16 on CUDA, where the mask-free path takes the flash kernel and the folded one
+    a masked kernel (cuDNN or memory-efficient): both against SDPA over repeated K/V heads, forward and
+    backward, within bfloat16 rounding."""
+    seq_len, text = 8192, 64
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    vision = torch.zeros(1 if one_sample else 2, seq_len, dtype=torch.bool, device="cuda")
+    vision[:, text:seq_len - text] = True
+    padding = None
+    if not one_sample:
+        vision[1, seq_len - 2 * text:] = False  # a shorter video, then right padding
+        padding = torch.ones(2, seq_len, dtype=torch.long, device="cuda")
+        padding[1, seq_len - text:] = 0
+    split = build_token_split(vision, padding)
+    assert split.unpadded == one_sample
+    rand = lambda *shape: torch.randn(*shape, generator=generator, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    batch = vision.shape[0]
+    q = split.gather_text(rand(batch, seq_len, 28, 128)).transpose(1, 2)
+    k, v = rand(batch, 4, seq_len, 128), rand(batch, 4, seq_len, 128)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    got = grouped_text_sdpa(*leaves, split, scale=128 ** -0.5)
+    want = _repeat_kv_sdpa(*ref_leaves, split.text_attention_mask, scale=128 ** -0.5)
+    valid = split.text_valid
+    torch.testing.assert_close(got[valid], want[valid], rtol=2e-2, atol=2e-2)
+    weights = rand(*got.shape) * valid[..., None, None]
+    grads = torch.autograd.grad((got * weights).float().sum(), leaves)
+    ref_grads = torch.autograd.grad((want * weights).float().sum(), ref_leaves)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, rtol=2e-2, atol=2e-2)

@@ -232,14 +232,19 @@ def test_span_fast_path_gives_the_index_path_model_exactly(batch, monkeypatch):
     assert fast_grads["model.language_model.layers.0.self_attn.g_proj_1.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("one_sample", [False, True], ids=["padded-pair", "one-sample"])
 @pytest.mark.parametrize("heads", [(4, 2), (6, 3), (7, 1)], ids=["gqa4:2", "gqa6:3", "gqa7:1"])
-def test_text_attention_equals_transformers_sdpa_with_repeated_key_value_heads(batch, heads):
-    """`_dense_attend` folds each KV group's query heads into rows; transformers' SDPA path (what the layer
-    called before) repeats K and V instead. Same result up to float rounding, forward and backward."""
+def test_text_attention_equals_transformers_sdpa_with_repeated_key_value_heads(batch, heads, one_sample):
+    """`_dense_attend` folds each KV group's query heads into rows (padded pair) or needs no mask at all (one
+    unpadded sample); transformers' SDPA path (what the layer called before) repeats K and V instead. Same
+    result up to float rounding, forward and backward."""
     num_heads, num_kv_heads = heads
     model = testing.tiny_model(num_heads=num_heads, num_kv_heads=num_kv_heads, hidden_size=16 * num_heads, seed=13)
     attn = model.model.language_model.layers[0].self_attn
+    if one_sample:
+        batch = testing.tiny_video_batch(((2, 4, 4),), text_before=5, text_after=4, seed=3)
     split = model.model.token_split(batch.input_ids, None, batch.attention_mask)
+    assert split.unpadded == one_sample and split.spans is not None
     generator = torch.Generator().manual_seed(0)
     batch_size, seq_len = split.shape
     dim = attn.head_dim

@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 from videonsa.errors import UserError
 from videonsa.layers.split import TokenSplit
@@ -107,12 +109,15 @@ def dense_text_attention(q: Tensor, k: Tensor, v: Tensor, split: TokenSplit, att
 def grouped_text_sdpa(
     q: Tensor, k: Tensor, v: Tensor, split: TokenSplit, scale: float | None = None, dropout_p: float = 0.0
 ) -> Tensor:
-    """Masked text attention with GQA, on torch's scaled_dot_product_attention, without repeating K and V.
+    """Text attention with GQA on torch's scaled_dot_product_attention, without repeating K and V.
 
-    The G = HQ / HKV query heads of a KV group become G L query rows of one head (row g L + l is slot l of
-    head j G + g, the head that reads KV head j), masked by `split.grouped_text_attention_mask(G)`. This equals
-    SDPA over K and V repeated to HQ heads (what transformers does when a mask is given), up to the kernel's
-    float rounding, without writing two [B, HQ, T, D] copies per layer: few text queries, many keys.
+    One unpadded sample with at most one vision run (the usual prompt) needs no mask: its text is a prefix,
+    causal over itself, and a suffix, causal over all T keys aligned to the bottom right (`causal_text_sdpa`).
+    Otherwise the G = HQ / HKV query heads of a KV group become G L query rows of one head (row g L + l is
+    slot l of head j G + g, the head that reads KV head j), masked by `split.grouped_text_attention_mask(G)`.
+    Both equal SDPA over K and V repeated to HQ heads with `split.text_attention_mask` (what transformers does
+    when a mask is given), up to the kernels' float rounding, without writing two [B, HQ, T, D] copies per
+    layer: few text queries, many keys.
 
     Args:
         q: [B, HQ, L, D] text queries; k, v: [B, HKV, T, D].
@@ -120,6 +125,8 @@ def grouped_text_sdpa(
     Returns:
         [B, L, HQ, D].
     """
+    if split.unpadded and split.spans is not None and len(split.spans) == 1:
+        return causal_text_sdpa(q, k, v, split.spans[0][0], scale=scale, dropout_p=dropout_p)
     batch, heads_q, width, dim = q.shape
     heads_kv = k.shape[1]
     if heads_q % heads_kv:
@@ -130,6 +137,46 @@ def grouped_text_sdpa(
         folded, k, v, attn_mask=split.grouped_text_attention_mask(groups), dropout_p=dropout_p, scale=scale
     )
     return out.reshape(batch, heads_q, width, out.shape[-1]).transpose(1, 2)
+
+
+def causal_text_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, vision_start: int, scale: float | None = None, dropout_p: float = 0.0
+) -> Tensor:
+    """Text attention of one unpadded sample whose vision tokens are one run starting at `vision_start`.
+
+    Text slots [0, vision_start) are positions 0.. vision_start - 1 and see the keys up to their own; the other
+    L - vision_start slots are the last positions of the sequence and see every key up to theirs, the causal
+    mask aligned to the bottom right. Neither needs a mask tensor, so SDPA can take its flash kernel, which
+    splits the many keys over the GPU (the masked kernels run one program per head and 128 query rows).
+
+    Args:
+        q: [1, HQ, L, D] text queries; k, v: [1, HKV, T, D].
+
+    Returns:
+        [1, L, HQ, D].
+    """
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        # The bottom-right causal bias picks its kernel before autocast would cast the inputs (under autocast
+        # q and k arrive in float32 from the rotary embedding): cast them as autocast's SDPA would.
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = (x.to(dtype) for x in (q, k, v))
+    seq_len, width = k.shape[2], q.shape[2]
+    parts = []
+    if vision_start:
+        parts.append(F.scaled_dot_product_attention(
+            q[:, :, :vision_start], k[:, :, :vision_start], v[:, :, :vision_start],
+            dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=True,
+        ))
+    if width > vision_start:
+        parts.append(F.scaled_dot_product_attention(
+            q[:, :, vision_start:], k, v, attn_mask=causal_lower_right(width - vision_start, seq_len),
+            dropout_p=dropout_p, scale=scale, enable_gqa=True,
+        ))
+    if not parts:  # every token is vision: no text queries
+        return q.new_zeros(q.shape[0], 0, q.shape[1], v.shape[-1])
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return out.transpose(1, 2)
 
 
 def sdpa_attend(scale: float | None = None) -> DenseAttend:

@@ -40,6 +40,8 @@ class TokenSplit:
     spans: per sample (start, end), Python ints, when every sample's vision tokens are the positions
         start..end-1 ((0, 0) for a sample without any); None when some sample has several runs. Set by
         `build_token_split`; with it the gathers and the merge use slices (see the module docstring).
+    unpadded: True when `build_token_split` found every token real (no padding): then each text query sees
+        exactly the keys at or before its position, a plain causal pattern (see `grouped_text_sdpa`).
     """
 
     vision_mask: Tensor
@@ -50,6 +52,7 @@ class TokenSplit:
     text_pos: Tensor
     text_valid: Tensor
     spans: tuple[tuple[int, int], ...] | None = None
+    unpadded: bool = False
     # Per-forward derived tensors shared by all layers (see grouped_text_attention_mask). A dict field rather
     # than cached_property because the key (the query heads per KV head) is an argument.
     _cache: dict[tuple[str, int], Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -169,22 +172,27 @@ def build_token_split(vision_mask: Tensor, attention_mask: Tensor | None = None)
     cu_seqlens = torch.zeros(stream_counts.numel() + 1, dtype=torch.int32, device=vision_mask.device)
     cu_seqlens[1:] = stream_counts.cumsum(0)
 
-    # Per sample: vision token count, first vision position, number of vision runs. One host transfer gives
-    # the text grid's width and whether the slice fast path applies.
+    # Per sample: vision token count, first vision position, number of vision runs, real tokens. One host
+    # transfer gives the text grid's width and whether the fast paths apply.
     flags = vision_mask.to(torch.int8)
     run_starts = flags.diff(dim=1, prepend=flags.new_zeros(batch, 1)) > 0
-    stats = torch.stack((counts, flags.argmax(dim=1), run_starts.sum(dim=1)), dim=1).tolist()
+    stats = torch.stack(
+        (counts, flags.argmax(dim=1), run_starts.sum(dim=1), token_mask.sum(dim=1)), dim=1
+    ).tolist()
     spans = None
-    if batch and all(runs <= 1 for _, _, runs in stats):
-        spans = tuple((first, first + count) if count else (0, 0) for count, first, _ in stats)
+    if batch and all(runs <= 1 for _, _, runs, _ in stats):
+        spans = tuple((first, first + count) if count else (0, 0) for count, first, _, _ in stats)
+    unpadded = all(real == seq_len for *_, real in stats)
 
     # A stable sort puts each sample's text positions first, in order; the first L columns are the text grid.
     order = torch.sort(flags, dim=1, stable=True).indices
     text_counts = seq_len - counts
-    width = seq_len - min(count for count, _, _ in stats) if batch else 0
+    width = seq_len - min(count for count, *_ in stats) if batch else 0
     text_pos = order[:, :width]
     text_valid = torch.arange(width, device=vision_mask.device) < text_counts.unsqueeze(1)
-    return TokenSplit(vision_mask, token_mask, vision_batch, vision_pos, cu_seqlens, text_pos, text_valid, spans)
+    return TokenSplit(
+        vision_mask, token_mask, vision_batch, vision_pos, cu_seqlens, text_pos, text_valid, spans, unpadded
+    )
 
 
 def _token_mask(attention_mask: Tensor | None, batch: int, seq_len: int, device: torch.device) -> Tensor:
