@@ -21,6 +21,10 @@ selections: index sort alone, each (rows, warps, stages) launch and chunk size, 
 16-row tile forward, the per-kernel split from the profiler, and the cost-model constants those times imply
 (BY_BLOCK_STEP_COST, BY_BLOCK_TOKEN_COST) next to the planner's estimates.
 
+--splits S... times the block-major forward at its default launch for each list split (the longest piece of a
+(key block, group) token list one program walks; 0 = whole lists), training and inference (fold_into) chunk
+sizes, outputs checked bit for bit against the first split.
+
 --dkdv times the dk/dv kernel (with do_scale, as the operator runs it) for each (rows, warps, stages)
 variant, checked against the default launch, next to the dq kernel's default time.
 
@@ -266,6 +270,38 @@ def run_by_block(name: str, seq_len: int, deadline: float) -> None:
         torch.cuda.empty_cache()
 
 
+def run_by_block_splits(name: str, seq_len: int, splits: list[int]) -> None:
+    """The block-major forward at its default launch for each list split (`BY_BLOCK_SPLIT`; 0 = whole lists),
+    with the training chunk size and the inference one (fold_into: BY_BLOCK_PARTIAL_BYTES_FOLDED), checked bit
+    for bit against split 0; the planner's tile forward alongside."""
+    q, k, v, cu, idx = operator_inputs(seq_len, name == "structured")
+    scale = D**-0.5
+    group = HQ // HKV
+    tile_ms = bench(partial(slc.selected_attention_fwd, q, k, v, idx, cu, BLOCK, scale, by_block=False))
+    emit(kind="time", selection=name, T=seq_len, kernel="tile fwd (with planning)", ms=tile_ms,
+         planner="by_block" if slc.plan_forward(idx, cu, group, BLOCK) is None else "tiles")
+    gate = torch.rand(q.shape[:2], device=q.device, dtype=q.dtype)
+    base = torch.randn_like(q)
+    for mode in ("training", "inference"):
+        fold = {} if mode == "training" else dict(fold_into=base.clone(), fold_scale=gate)
+        want = None
+        for split in splits:
+            fn = partial(slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale, split=split, **fold)
+            if fold:
+                fold["fold_into"].copy_(base)
+            o, lse = fn()
+            o = o.clone()
+            if want is None:
+                want = (o, lse)
+            same = bool(torch.equal(o, want[0]) and torch.equal(lse, want[1]))
+            del o, lse
+            emit(kind="time", selection=name, T=seq_len, kernel="by_block fwd", mode=mode, split=split,
+                 ms=bench(fn), equal_to_first_split=same)
+        del want
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 DKDV_TUNE_VARIANTS = [(16, 4, 3), (16, 4, 2), (16, 4, 4), (32, 4, 3), (32, 4, 2), (64, 8, 2)]  # rows, warps, stages
 
 
@@ -362,7 +398,9 @@ def main() -> None:
     parser.add_argument("--defaults", action="store_true", help="time and check only the current defaults")
     parser.add_argument("--by-block", action="store_true", help="the block-major forward against the tiles")
     parser.add_argument("--dkdv", action="store_true", help="dk/dv launch variants")
-    parser.add_argument("--lengths", type=int, nargs="*", help="several lengths (--by-block)")
+    parser.add_argument("--lengths", type=int, nargs="*", help="several lengths (--by-block, --splits)")
+    parser.add_argument("--splits", type=int, nargs="*",
+                        help="time the block-major forward's list splits (BY_BLOCK_SPLIT values; 0 = none)")
     args = parser.parse_args()
     start = time.time()
     import triton
@@ -371,7 +409,10 @@ def main() -> None:
     for i, name in enumerate(args.selections):
         # Each selection gets its share of the budget (the summary of each still runs).
         share = start + args.budget_s * (i + 1) / len(args.selections) - 8.0
-        if args.dkdv:
+        if args.splits:
+            for length in args.lengths or [args.length]:
+                run_by_block_splits(name, length, args.splits)
+        elif args.dkdv:
             run_dkdv(name, args.length, share)
         elif args.by_block:
             for length in args.lengths or [args.length]:
@@ -381,7 +422,8 @@ def main() -> None:
         else:
             run_selection(name, args.length, share)
     emit(kind="info", wall_s=time.time() - start)
-    tag = "dkdv_" if args.dkdv else "by_block_" if args.by_block else "defaults_" if args.defaults else ""
+    tag = ("splits_" if args.splits else "dkdv_" if args.dkdv else "by_block_" if args.by_block
+           else "defaults_" if args.defaults else "")
     with open(os.path.join(args.out, f"tune_selection_{tag}{'_'.join(args.selections)}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in LINES)
 

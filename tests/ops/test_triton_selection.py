@@ -284,6 +284,13 @@ def test_block_major_forward_matches_dense(seq_lens, heads_q, heads_kv, head_dim
     o_tiles, lse_tiles = selected_attention_fwd(*dev, 16, scale, by_block=False)
     torch.testing.assert_close(o_api, o_tiles, atol=atol, rtol=atol)
     torch.testing.assert_close(lse_api, lse_tiles, atol=atol, rtol=1e-4)
+    # Lists cut into pieces of 2 triples (several programs per list) or left whole: the same numbers (each
+    # triple's partial is computed alone; only a row's place in the tile changes, which numpy's matmul under
+    # the interpreter may round differently).
+    for split in (0, 2):
+        o_split, lse_split = launch_fwd_by_block(*dev, 16, scale, chunk_tokens=chunk_tokens, rows=rows, split=split)
+        torch.testing.assert_close(o_split, o, atol=atol, rtol=atol, msg=f"split {split}")
+        torch.testing.assert_close(lse_split, lse, atol=1e-5, rtol=1e-5, msg=f"split {split}")
 
 
 @kernel_test
@@ -385,6 +392,33 @@ def test_block_lists_sort_triples_by_chunk_block_group() -> None:
                     seen.append(triple)
     used = (lists.block_indices >= 0).reshape(-1).nonzero().flatten().tolist()
     assert sorted(seen) == used
+
+
+@pytest.mark.parametrize("split", [0, 1, 3, 512])
+def test_block_major_items_cover_each_list_in_pieces(split: int) -> None:
+    """The forward's work items: each non-empty list's triples exactly once, in pieces of at most `split`
+    (0: whole lists), grouped by chunk (the per-chunk bounds), longest first within a chunk."""
+    from videonsa.ops.triton.selection import block_lists, by_block_items, tiles_of
+
+    cu = torch.tensor([0, 40, 64], dtype=torch.int32)
+    lists = block_lists(random_selection(cu, 2, 3, 16, seed=24), cu, tiles_of(cu, 16), chunk_tokens=10)
+    items, bounds = by_block_items(lists, 2, split)
+    per_chunk = lists.n_blocks * 2
+    assert bounds[0] == 0 and bounds[-1] == items.shape[0] and len(bounds) == lists.n_chunks + 1
+    covered = torch.zeros(lists.pairs.numel(), dtype=torch.int64)
+    for chunk in range(lists.n_chunks):
+        chunk_items = items[bounds[chunk] : bounds[chunk + 1]]
+        lengths = chunk_items[:, 2] - chunk_items[:, 1]
+        assert bool((lengths > 0).all()) and bool((lengths[1:] <= lengths[:-1]).all())
+        if split:
+            assert bool((lengths <= split).all())
+        for owner, start, end in chunk_items.tolist():
+            lst = chunk * per_chunk + owner
+            assert lists.offsets[lst] <= start < end <= lists.offsets[lst + 1]
+            covered[start:end] += 1
+    assert bool((covered == 1).all())
+    if split == 0:  # whole lists: one item per non-empty list
+        assert items.shape[0] == int((lists.offsets[1:] > lists.offsets[:-1]).sum())
 
 
 # ----------------------------------------------------------------------------------------------------------

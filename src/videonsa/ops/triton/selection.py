@@ -60,6 +60,10 @@ DKDV_SPLIT = 4096
 # Ceiling on the partial-output buffer of one chunk (the chunk is as many tokens as fit). 512 MiB keeps the
 # operator's forward within its 2 GB working-memory budget at 128K; 1 GiB would be 7% faster (42.1 vs 45.4 ms).
 BY_BLOCK_PARTIAL_BYTES = 512 << 20
+# Longest piece of a token list one block-major program walks (triples). Without a cap, the first chunks of a
+# causal sequence have few key blocks with very long lists (every early token chose them): few programs, long
+# tails. Pieces are independent (each triple has its own partial), so a cut costs one more load of the block.
+BY_BLOCK_SPLIT = 512
 # The same ceiling when the output is folded into a gated sum (`fold_into`, inference): no [T, HQ, D] selection
 # output is made or kept for a backward, which frees 0.94 GiB at 128K (HQ=28, D=128, bf16) for bigger chunks.
 BY_BLOCK_PARTIAL_BYTES_FOLDED = 1 << 30
@@ -733,6 +737,37 @@ def block_lists(
     return BlockLists(offsets, pairs, chosen.contiguous(), chunk_tokens, n_chunks, n_blocks)
 
 
+def by_block_items(lists: BlockLists, heads_kv: int, split: int) -> tuple[Tensor, list[int]]:
+    """Work items of the block-major forward: every non-empty list cut into pieces of at most `split` triples
+    (0: whole lists), grouped by chunk and, within a chunk, longest first (long items start early, short ones
+    fill the tail).
+
+    Returns items int64 [n_items, 3] = (block * HKV + group within the chunk, first, end index into
+    lists.pairs) and the host list of per-chunk item offsets [n_chunks + 1] (one sync).
+    """
+    offsets = lists.offsets
+    counts = offsets[1:] - offsets[:-1]
+    per_chunk = lists.n_blocks * heads_kv
+    if split > 0:
+        pieces = (counts + split - 1) // split
+    else:
+        split = max(1, int(counts.max()) if counts.numel() else 1)
+        pieces = (counts > 0).to(counts.dtype)
+    n_items = int(pieces.sum())
+    device = offsets.device
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=device), pieces, output_size=n_items)
+    local = torch.arange(n_items, device=device) - (torch.cumsum(pieces, 0) - pieces)[owner]
+    start = offsets[owner] + local * split
+    end = torch.minimum(start + split, offsets[owner + 1])
+    chunk = owner // per_chunk
+    order = torch.sort(end - start, descending=True, stable=True).indices
+    order = order[torch.sort(chunk[order], stable=True).indices]  # by chunk, longest first within one
+    items = torch.stack([owner % per_chunk, start, end], dim=1)[order].contiguous()
+    bounds = torch.zeros(lists.n_chunks + 1, dtype=torch.int64, device=device)
+    bounds[1:] = torch.cumsum(torch.bincount(chunk, minlength=lists.n_chunks), 0)
+    return items, bounds.tolist()
+
+
 def by_block_chunk_tokens(
     heads_q: int, heads_kv: int, slots: int, head_dim: int, elem_bytes: int, partial_bytes: int | None = None
 ) -> int:
@@ -743,21 +778,23 @@ def by_block_chunk_tokens(
 
 @triton.jit
 def _slc_fwd_by_block_kernel(
-    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, key_blocks_ptr, offsets_ptr, pairs_ptr,
+    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, key_blocks_ptr, items_ptr, pairs_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    list0, pair0, head_dim, qk_scale,
+    item0, pair0, head_dim, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program per (key block, group) of one chunk: softmax of the chunk's triples over that block.
+    """One program per work item of one chunk (a piece of the triples of one (key block, group), see
+    `by_block_items`): softmax of those triples over that block.
 
     Writes o_part [triple - pair0, G, D] (normalised, in q's dtype) and lse_part [triple - pair0, G] (base 2,
     -inf where no key of the block is at or before the token)."""
-    pid = tl.program_id(0)
-    blk = pid // HKV
-    g = pid % HKV
-    start = tl.load(offsets_ptr + list0 + pid)
-    end = tl.load(offsets_ptr + list0 + pid + 1)
+    item = (item0 + tl.program_id(0)).to(tl.int64)
+    owner = tl.load(items_ptr + item * 3)  # blk * HKV + g
+    start = tl.load(items_ptr + item * 3 + 1)
+    end = tl.load(items_ptr + item * 3 + 2)
+    blk = owner // HKV
+    g = owner % HKV
     k_row0 = tl.load(key_blocks_ptr + blk * 4)
     n_keys = tl.load(key_blocks_ptr + blk * 4 + 1)
     n = tl.arange(0, BLOCK_N)
@@ -857,12 +894,13 @@ def launch_fwd_by_block(
     q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor, block_size: int, scale: float,
     *, chunk_tokens: int | None = None, rows: int = BY_BLOCK_ROWS, num_warps: int = BY_BLOCK_LAUNCH[0],
     num_stages: int = BY_BLOCK_LAUNCH[1], merge_warps: int = BY_BLOCK_MERGE_WARPS,
-    fold_into: Tensor | None = None, fold_scale: Tensor | None = None,
+    fold_into: Tensor | None = None, fold_scale: Tensor | None = None, split: int = BY_BLOCK_SPLIT,
 ) -> tuple[Tensor, Tensor]:
     """The block-major forward (inputs already checked; block_size <= 64); returns o [T, HQ, D], lse [T, HQ].
 
     chunk_tokens: tokens per chunk (None: as many as `BY_BLOCK_PARTIAL_BYTES` allows, or
-    `BY_BLOCK_PARTIAL_BYTES_FOLDED` with fold_into); rows: query rows per program step (BT = rows // G tokens).
+    `BY_BLOCK_PARTIAL_BYTES_FOLDED` with fold_into); rows: query rows per program step (BT = rows // G tokens);
+    split: longest piece of a list one program walks (0: whole lists; see `BY_BLOCK_SPLIT`).
     fold_into, fold_scale: see `selected_attention_fwd` (checked there); o is then fold_into."""
     total, heads_q, head_dim = q.shape
     heads_kv = k.shape[1]
@@ -884,16 +922,18 @@ def launch_fwd_by_block(
     lse_part = torch.empty(chunk_tokens * heads_kv * slots * group, dtype=torch.float32, device=q.device)
     block_m, bt = _tile_rows(group, rows)
     block_d = max(16, next_pow2(head_dim))
-    n_lists = lists.n_blocks * heads_kv
+    items, bounds = by_block_items(lists, heads_kv, split)
     for c in range(lists.n_chunks):
         t0 = c * chunk_tokens
-        _slc_fwd_by_block_kernel[(n_lists,)](
-            q, k, v, o_part, lse_part, key_blocks, lists.offsets, lists.pairs,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            c * n_lists, t0 * heads_kv * slots, head_dim, scale * LOG2E,
-            HKV=heads_kv, G=group, S=slots, BT=bt, BLOCK_M=block_m, BLOCK_N=_block_n(block_size),
-            BLOCK_D=block_d, DOT_PREC=dot_precision(q), num_warps=num_warps, num_stages=num_stages,
-        )
+        n_items = bounds[c + 1] - bounds[c]
+        if n_items:  # else no token of the chunk chose a block: every slot is unused and the merge writes o = 0
+            _slc_fwd_by_block_kernel[(n_items,)](
+                q, k, v, o_part, lse_part, key_blocks, items, lists.pairs,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                bounds[c], t0 * heads_kv * slots, head_dim, scale * LOG2E,
+                HKV=heads_kv, G=group, S=slots, BT=bt, BLOCK_M=block_m, BLOCK_N=_block_n(block_size),
+                BLOCK_D=block_d, DOT_PREC=dot_precision(q), num_warps=num_warps, num_stages=num_stages,
+            )
         _slc_merge_kernel[(min(chunk_tokens, total - t0), heads_kv)](
             o_part, lse_part, lists.block_indices, o, lse, fold_scale if fold else lse, o.stride(0), o.stride(1),
             t0, head_dim,
