@@ -650,6 +650,17 @@ def _slc_dkdv_reduce_kernel(
     tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
+def _cut_lists(offsets: Tensor, pieces: Tensor, split: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Pieces of consecutive `split` entries of the lists offsets [L + 1] (list l cut in pieces[l], the last
+    one shorter, 0 pieces: left out). Returns owner (list), start, end of every piece, list by list."""
+    n_items = int(pieces.sum())
+    device = offsets.device
+    owner = torch.repeat_interleave(torch.arange(len(pieces), device=device), pieces, output_size=n_items)
+    local = torch.arange(n_items, device=device) - (torch.cumsum(pieces, 0) - pieces)[owner]
+    start = offsets[owner] + local * split
+    return owner, start, torch.minimum(start + split, offsets[owner + 1])
+
+
 def split_lists(offsets: Tensor, split: int) -> tuple[Tensor, Tensor]:
     """Cut the inverse lists into work items of at most `split` tokens, longest first.
 
@@ -661,12 +672,7 @@ def split_lists(offsets: Tensor, split: int) -> tuple[Tensor, Tensor]:
     """
     counts = offsets[1:] - offsets[:-1]
     pieces = torch.clamp((counts + split - 1) // split, min=1)
-    n_items = int(pieces.sum())
-    device = offsets.device
-    owner = torch.repeat_interleave(torch.arange(len(counts), device=device), pieces, output_size=n_items)
-    local = torch.arange(n_items, device=device) - (torch.cumsum(pieces, 0) - pieces)[owner]
-    start = offsets[owner] + local * split
-    end = torch.minimum(start + split, offsets[owner + 1])
+    owner, start, end = _cut_lists(offsets, pieces, split)
     multi = pieces[owner] > 1
     part = torch.where(multi, torch.cumsum(multi, 0) - 1, -1)
     order = torch.sort(end - start, descending=True, stable=True).indices  # long items first
@@ -753,12 +759,8 @@ def by_block_items(lists: BlockLists, heads_kv: int, split: int) -> tuple[Tensor
     else:
         split = max(1, int(counts.max()) if counts.numel() else 1)
         pieces = (counts > 0).to(counts.dtype)
-    n_items = int(pieces.sum())
+    owner, start, end = _cut_lists(offsets, pieces, split)
     device = offsets.device
-    owner = torch.repeat_interleave(torch.arange(len(counts), device=device), pieces, output_size=n_items)
-    local = torch.arange(n_items, device=device) - (torch.cumsum(pieces, 0) - pieces)[owner]
-    start = offsets[owner] + local * split
-    end = torch.minimum(start + split, offsets[owner + 1])
     chunk = owner // per_chunk
     order = torch.sort(end - start, descending=True, stable=True).indices
     order = order[torch.sort(chunk[order], stable=True).indices]  # by chunk, longest first within one
