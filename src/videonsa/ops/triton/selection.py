@@ -650,10 +650,13 @@ def _slc_dkdv_reduce_kernel(
     tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
-def _cut_lists(offsets: Tensor, pieces: Tensor, split: int) -> tuple[Tensor, Tensor, Tensor]:
+def _cut_lists(
+    offsets: Tensor, pieces: Tensor, split: int, n_items: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Pieces of consecutive `split` entries of the lists offsets [L + 1] (list l cut in pieces[l], the last
-    one shorter, 0 pieces: left out). Returns owner (list), start, end of every piece, list by list."""
-    n_items = int(pieces.sum())
+    one shorter, 0 pieces: left out). Returns owner (list), start, end of every piece, list by list.
+    n_items: pieces.sum() if the caller has it on the host (else one sync here)."""
+    n_items = int(pieces.sum()) if n_items is None else n_items
     device = offsets.device
     owner = torch.repeat_interleave(torch.arange(len(pieces), device=device), pieces, output_size=n_items)
     local = torch.arange(n_items, device=device) - (torch.cumsum(pieces, 0) - pieces)[owner]
@@ -690,10 +693,11 @@ def split_lists(offsets: Tensor, split: int) -> tuple[Tensor, Tensor]:
 # key block into an SM once per token: 32 KiB of keys and values for each (token, group, block) triple, ~515 GB
 # at 128K, which caps it at the L2-to-SM bandwidth. The block-major forward turns the loop around, as the dk/dv
 # kernel does: one program per (key block, group) holds the block's keys and values and walks the tokens that
-# chose it, writing one normalised partial output and its log-sum-exp per (token, group, slot) triple. A second
-# kernel merges each token's S partials by their log-sum-exps. Per triple that moves the G query rows in and
-# G partial rows out (2 x 1.75 KiB at 7:1, D=128) instead of 32 KiB of keys and values. The partials are
-# bounded by working on chunks of consecutive tokens (`BY_BLOCK_PARTIAL_BYTES`), one pair of launches each.
+# chose it, writing one normalised partial output and its log-sum-exp per (token, group, slot) triple; long
+# lists are cut into pieces run by separate programs (`BY_BLOCK_SPLIT`). A second kernel merges each token's
+# S partials by their log-sum-exps. Per triple that moves the G query rows in and G partial rows out
+# (2 x 1.75 KiB at 7:1, D=128) instead of 32 KiB of keys and values. The partials are bounded by working on
+# chunks of consecutive tokens (`BY_BLOCK_PARTIAL_BYTES`), one pair of launches each.
 
 @dataclass
 class BlockLists:
@@ -759,15 +763,13 @@ def by_block_items(lists: BlockLists, heads_kv: int, split: int) -> tuple[Tensor
     else:
         split = max(1, int(counts.max()) if counts.numel() else 1)
         pieces = (counts > 0).to(counts.dtype)
-    owner, start, end = _cut_lists(offsets, pieces, split)
-    device = offsets.device
-    chunk = owner // per_chunk
-    order = torch.sort(end - start, descending=True, stable=True).indices
-    order = order[torch.sort(chunk[order], stable=True).indices]  # by chunk, longest first within one
+    # Lists are numbered chunk by chunk, so the chunks' item counts are sums of consecutive pieces.
+    bounds = [0, *torch.cumsum(pieces.view(lists.n_chunks, per_chunk).sum(1), 0).tolist()]
+    owner, start, end = _cut_lists(offsets, pieces, split, n_items=bounds[-1])
+    # The pieces come list by list, hence chunk by chunk; one stable sort puts each chunk's longest first.
+    order = torch.sort((owner // per_chunk) * (split + 1) + split - (end - start), stable=True).indices
     items = torch.stack([owner % per_chunk, start, end], dim=1)[order].contiguous()
-    bounds = torch.zeros(lists.n_chunks + 1, dtype=torch.int64, device=device)
-    bounds[1:] = torch.cumsum(torch.bincount(chunk, minlength=lists.n_chunks), 0)
-    return items, bounds.tolist()
+    return items, bounds
 
 
 def by_block_chunk_tokens(
@@ -801,7 +803,7 @@ def _slc_fwd_by_block_kernel(
     n_keys = tl.load(key_blocks_ptr + blk * 4 + 1)
     n = tl.arange(0, BLOCK_N)
     k_row = k_row0 + n
-    k_ok = n < tl.where(end > start, n_keys, 0)  # an empty list loads nothing
+    k_ok = n < n_keys  # work items are never empty (`by_block_items`)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     kd_mask = k_ok[:, None] & d_ok[None, :]
