@@ -336,6 +336,30 @@ def test_block_major_forward_ignores_out_of_sequence_and_future_blocks() -> None
 
 
 @kernel_test
+def test_backward_ignores_out_of_sequence_and_future_blocks() -> None:
+    """The gradients treat those ids the same way: a key block's token list may then start with tokens before
+    it (future choosers, or ids past an earlier sequence's end that land on this sequence's blocks), which the
+    dk/dv kernel must mask although its later steps skip the causal mask."""
+    from videonsa.ops.triton.selection import selected_attention_bwd, selected_attention_fwd
+
+    q, k, v, do, cu = packed([40, 24], 7, 1, 16, seed=23)
+    idx = random_selection(cu, 1, 3, 16, seed=23)
+    idx[:40, 0, 2] = torch.where(idx[:40, 0, 2] < 0, 2, idx[:40, 0, 2])  # block 2 of sequence 0: future for t < 32
+    idx[:24, 0, 2] = 3  # past sequence 0's 3 blocks: global block 3 is sequence 1's first
+    idx[40:, 0, 2] = torch.where(idx[40:, 0, 2] < 0, 5, idx[40:, 0, 2])  # sequence 1 has 2 blocks
+    dev = [x.to(DEVICE) for x in (q, k, v, idx, cu)]
+    o, lse = selected_attention_fwd(*dev, 16, 0.25)
+    grads = selected_attention_bwd(*dev[:3], o, lse, do.to(DEVICE), *dev[3:], 16, 0.25, tile_rows=16, dkdv_rows=16,
+                                   dkdv_split=5)
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    o_ref, lse_ref = dense_selected(*leaves, idx, cu, 16, 0.25)
+    (o_ref * do.double()).sum().backward()
+    assert_forward_matches(o, lse, o_ref.detach(), lse_ref.detach(), q.dtype, atol=2e-5)
+    for name, got, leaf in zip(("dq", "dk", "dv"), grads, leaves, strict=True):
+        torch.testing.assert_close(got.cpu().double(), leaf.grad, atol=4e-5, rtol=4e-5, msg=name)
+
+
+@kernel_test
 def test_forward_layout_follows_cost_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """`plan_forward` weighs the query tiles' union steps against the block-major cost: disjoint selections go
     block-major when its per-token cost is low, shared ones stay on tall tiles; blocks over 64 keys never go
@@ -416,7 +440,8 @@ def test_block_major_items_cover_each_list_in_pieces(split: int) -> None:
             lst = chunk * per_chunk + owner
             assert lists.offsets[lst] <= start < end <= lists.offsets[lst + 1]
             covered[start:end] += 1
-    assert bool((covered == 1).all())
+    n_used = int(lists.offsets[-1])  # the unused slots trail the lists in `pairs`
+    assert bool((covered[:n_used] == 1).all()) and bool((covered[n_used:] == 0).all())
     if split == 0:  # whole lists: one item per non-empty list
         assert items.shape[0] == int((lists.offsets[1:] > lists.offsets[:-1]).sum())
 

@@ -70,7 +70,9 @@ BY_BLOCK_PARTIAL_BYTES_FOLDED = 1 << 30
 # Launch of the block-major kernels, H100, Triton 3.6, bf16, D=128, 7:1, 128K, randn selections
 # (benchmarks/tune_selection.py --by-block, results/tune_selection_by_block_h100_s3b.jsonl): 64 query rows
 # per step (9 tokens), 4 warps, 3 stages: 45.4 ms (2 stages 46.1, 1 stage 46.2; 32 rows 65.8, 16 rows 64.1,
-# 128 rows 8 warps 57.9); merge kernel 4 warps (2: 46.0, 8: 47.1).
+# 128 rows 8 warps 57.9); merge kernel 4 warps (2: 46.0, 8: 47.1). BY_BLOCK_LAUNCH = (warps, stages of the
+# main kernel's token loop, `tl.range`): with the loop pipelined by Triton instead of a hand-written one-step
+# prefetch, 3 stages 29.3 ms against 29.9 for the prefetch (2 stages 30.0; benchmarks/probe_by_block.py).
 BY_BLOCK_ROWS = 64
 BY_BLOCK_LAUNCH = (4, 3)
 BY_BLOCK_MERGE_WARPS = 4
@@ -209,8 +211,9 @@ def inverse_lists(
 
     block_indices: int32 [T, HKV, S]; key_blocks: int32 [n_blocks, 4], `tiles_of(cu_seqlens, block_size)`, so
     global block id = first block of the token's sequence + its block id within the sequence.
-    Returns (offsets int64 [n_blocks * HKV + 1], tokens int32 [E]): the tokens of (block j, group g) are
-    tokens[offsets[j * HKV + g] : offsets[j * HKV + g + 1]] (packed rows).
+    Returns (offsets int64 [n_blocks * HKV + 1], tokens int32 [T * HKV * S]): the tokens of (block j, group g)
+    are tokens[offsets[j * HKV + g] : offsets[j * HKV + g + 1]] (packed rows); entries past offsets[-1] belong
+    to unused slots.
     """
     total, heads_kv, slots = block_indices.shape
     device = block_indices.device
@@ -221,11 +224,12 @@ def inverse_lists(
     # int32 keys (n_blocks * HKV < 2^31 for any realistic T) make the radix sort half as long as int64 ones.
     key = (first_block[seq].to(torch.int32)[:, None, None] + chosen) * heads_kv + group
     key = torch.where(chosen >= 0, key, n_blocks * heads_kv).reshape(-1)
-    order = torch.sort(key, stable=True).indices  # stable: tokens stay ascending within a key
-    counts = torch.bincount(key, minlength=n_blocks * heads_kv + 1)[: n_blocks * heads_kv]
-    offsets = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
-    n_used = int(offsets[-1])
-    tokens = (order[:n_used] // (heads_kv * slots)).to(torch.int32)
+    sorted_key, order = torch.sort(key, stable=True)  # stable: tokens stay ascending within a key
+    # As in `block_lists`: list starts found in the sorted keys, no histogram, no host sync; the unused
+    # slots' entries trail the lists in `tokens`.
+    lists = torch.arange(n_blocks * heads_kv + 1, device=device, dtype=torch.int32)
+    offsets = torch.searchsorted(sorted_key, lists)
+    tokens = (order // (heads_kv * slots)).to(torch.int32)
     return offsets, tokens
 
 
@@ -570,6 +574,11 @@ def _slc_bwd_dkdv_kernel(
     kb = tl.load(k_ptr + k_row64[:, None] * stride_kt + g * stride_kh + d[None, :], mask=kd_mask, other=0.0)
     vb = tl.load(v_ptr + k_row64[:, None] * stride_vt + g * stride_vh + d[None, :], mask=kd_mask, other=0.0)
 
+    # As in the block-major forward: only steps whose first token lies before the slice's end need the causal
+    # mask, and a short slice (a sequence's last block) keeps it throughout.
+    full_from = k_row0 + sub * BLOCK_N + BLOCK_N
+    short = sub * BLOCK_N + BLOCK_N > n_keys
+
     r = tl.arange(0, BLOCK_M)
     tok = r // G
     head = g * G + r % G
@@ -594,8 +603,11 @@ def _slc_bwd_dkdv_kernel(
         lse2 = tl.load(lse_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + t_row64 * HQ + head, mask=row_ok, other=0.0)
         s_t = tl.dot(kb, q_t, input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-        allowed = row_ok[None, :] & k_ok[:, None] & (k_row[:, None] <= t_row[None, :])
-        p_t = tl.where(allowed, tl.exp2(s_t - lse2[None, :]), 0.0)
+        # Rows past the step's end load q, do, lse, delta (and do_scale) as 0: p = 1 there, but every product
+        # it enters (p do, p (dp - delta) q) is exactly 0, so they need no mask.
+        p_t = tl.exp2(s_t - lse2[None, :])
+        if short | (tl.load(tokens_ptr + c0) < full_from):
+            p_t = tl.where(k_ok[:, None] & (k_row[:, None] <= t_row[None, :]), p_t, 0.0)
         if HAS_DO_SCALE:
             # Gradient of o = do * g per row (g a gate): dv += (p g)^T do and dp = g (do v^T), g applied to the
             # float32 columns of p^T and dp^T, so the do tile is used as loaded (no scaled copy in registers).
@@ -709,7 +721,7 @@ class BlockLists:
     """
 
     offsets: Tensor  # int64 [n_chunks * n_blocks * HKV + 1]
-    pairs: Tensor  # int32 (int64 past 2^31 triples) [number of used slots]
+    pairs: Tensor  # int32 (int64 past 2^31 triples) [T * HKV * S]: the used slots, then the unused ones
     block_indices: Tensor  # int32 [T, HKV, S]: the input with ids outside the token's sequence set to -1
     chunk_tokens: int
     n_chunks: int
@@ -719,7 +731,7 @@ class BlockLists:
 def block_lists(
     block_indices: Tensor, cu_seqlens: Tensor, key_blocks: Tensor, chunk_tokens: int
 ) -> BlockLists:
-    """Sort the selection's triples into `BlockLists` (one stable device sort, one host sync)."""
+    """Sort the selection's triples into `BlockLists` (one stable device sort, no host sync)."""
     total, heads_kv, slots = block_indices.shape
     device = block_indices.device
     n_blocks = key_blocks.shape[0]
@@ -737,13 +749,11 @@ def block_lists(
     key = ((chunk[:, None, None] * n_blocks + first_block[seq].to(key_dtype)[:, None, None] + chosen) * heads_kv
            + group)
     key = torch.where(chosen >= 0, key, n_lists).reshape(-1)
-    order = torch.sort(key, stable=True).indices  # stable: tokens stay ascending within a list
-    counts = torch.bincount(key, minlength=n_lists + 1)[:n_lists]
-    offsets = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
-    n_used = int(offsets[-1])
-    pairs = order[:n_used]
-    if key.numel() < 2**31:
-        pairs = pairs.to(torch.int32)
+    sorted_key, order = torch.sort(key, stable=True)  # stable: tokens stay ascending within a list
+    # List l starts where the sorted keys reach l: no histogram and no host sync (the unused slots, key
+    # n_lists, stay at the end of `pairs`, past offsets[-1]).
+    offsets = torch.searchsorted(sorted_key, torch.arange(n_lists + 1, device=device, dtype=key_dtype))
+    pairs = order.to(torch.int32) if key.numel() < 2**31 else order
     return BlockLists(offsets, pairs, chosen.contiguous(), chunk_tokens, n_chunks, n_blocks)
 
 
@@ -787,6 +797,7 @@ def _slc_fwd_by_block_kernel(
     item0, pair0, head_dim, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):
     """One program per work item of one chunk (a piece of the triples of one (key block, group), see
     `by_block_items`): softmax of those triples over that block.
@@ -811,40 +822,43 @@ def _slc_fwd_by_block_kernel(
     # Loaded once, used for every token of the list: this is the whole point of the block-major order.
     kb = tl.load(k_ptr + k_row64[:, None] * stride_kt + g * stride_kh + d[None, :], mask=kd_mask, other=0.0)
     vb = tl.load(v_ptr + k_row64[:, None] * stride_vt + g * stride_vh + d[None, :], mask=kd_mask, other=0.0)
+    # Only a step whose first token lies before the block's end can meet a key after one of its tokens: lists
+    # ascend by token, so every later step sees the whole block and skips the mask (5.8 vs 6.4 ms at 32K,
+    # H100). A short block (a sequence's last) keeps the mask throughout.
+    full_from = k_row0 + BLOCK_N
+    short = n_keys < BLOCK_N
 
     r = tl.arange(0, BLOCK_M)
     tok = r // G
     hh = r % G
     head_off = (g * G + hh)[:, None] * stride_qh + d[None, :]
-    # The next step's triple ids and query rows are loaded before this step's products, so the two dependent
-    # gathers (id, then row) overlap the arithmetic instead of stalling every step.
-    row_ok = (tok < BT) & (start + tok < end)
-    pair = tl.load(pairs_ptr + start + tok, mask=row_ok, other=0).to(tl.int64)
-    q = tl.load(q_ptr + (pair // (HKV * S))[:, None] * stride_qt + head_off, mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0)
-    for c0 in range(start, end, BT):
-        next_ok = (tok < BT) & (c0 + BT + tok < end)
-        next_pair = tl.load(pairs_ptr + c0 + BT + tok, mask=next_ok, other=0).to(tl.int64)
-        next_q = tl.load(q_ptr + (next_pair // (HKV * S))[:, None] * stride_qt + head_off,
-                         mask=next_ok[:, None] & d_ok[None, :], other=0.0)
+    # Triton's loop pipeliner issues the next steps' triple ids and query-row gathers ahead (straight into
+    # shared memory for the product); the partials stream out marked evict-first so that they do not push the
+    # chunk's query rows, each read once per slot that chose the block, out of L2.
+    for c0 in tl.range(start, end, BT, num_stages=LOOP_STAGES):
+        row_ok = (tok < BT) & (c0 + tok < end)
+        pair = tl.load(pairs_ptr + c0 + tok, mask=row_ok, other=0).to(tl.int64)
         t_row = pair // (HKV * S)
+        q = tl.load(q_ptr + t_row[:, None] * stride_qt + head_off, mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0, eviction_policy="evict_last")
         s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
-        allowed = row_ok[:, None] & k_ok[None, :] & (k_row64[None, :] <= t_row[:, None])
-        s = tl.where(allowed, s, float("-inf"))
+        # Rows past the step's end hold q = 0 and are never stored, so they need no mask.
+        if short | (tl.load(pairs_ptr + c0).to(tl.int64) // (HKV * S) < full_from):
+            s = tl.where(k_ok[None, :] & (k_row64[None, :] <= t_row[:, None]), s, float("-inf"))
         m = tl.max(s, axis=1)
         m_use = tl.where(m == float("-inf"), 0.0, m)
         p = tl.exp2(s - m_use[:, None])
         l_sum = tl.sum(p, axis=1)
         has = l_sum > 0
-        out = tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC) / tl.where(has, l_sum, 1.0)[:, None]
+        inv_l = 1.0 / tl.where(has, l_sum, 1.0)
+        out = tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC) * inv_l[:, None]
         lse2 = tl.where(has, m_use + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf"))
         slot = (pair - pair0) * G + hh
         tl.store(
             o_part_ptr + slot[:, None] * head_dim + d[None, :], out.to(o_part_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & d_ok[None, :],
+            mask=row_ok[:, None] & d_ok[None, :], eviction_policy="evict_first",
         )
-        tl.store(lse_part_ptr + slot, lse2, mask=row_ok)
-        pair, q, row_ok = next_pair, next_q, next_ok
+        tl.store(lse_part_ptr + slot, lse2, mask=row_ok, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -904,6 +918,7 @@ def launch_fwd_by_block(
 
     chunk_tokens: tokens per chunk (None: as many as `BY_BLOCK_PARTIAL_BYTES` allows, or
     `BY_BLOCK_PARTIAL_BYTES_FOLDED` with fold_into); rows: query rows per program step (BT = rows // G tokens);
+    num_stages: pipeline stages of the main kernel's token loop;
     split: longest piece of a list one program walks (0: whole lists; see `BY_BLOCK_SPLIT`).
     fold_into, fold_scale: see `selected_attention_fwd` (checked there); o is then fold_into."""
     total, heads_q, head_dim = q.shape
@@ -936,7 +951,8 @@ def launch_fwd_by_block(
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 bounds[c], t0 * heads_kv * slots, head_dim, scale * LOG2E,
                 HKV=heads_kv, G=group, S=slots, BT=bt, BLOCK_M=block_m, BLOCK_N=_block_n(block_size),
-                BLOCK_D=block_d, DOT_PREC=dot_precision(q), num_warps=num_warps, num_stages=num_stages,
+                BLOCK_D=block_d, DOT_PREC=dot_precision(q), LOOP_STAGES=num_stages, num_warps=num_warps,
+                num_stages=1,
             )
         _slc_merge_kernel[(min(chunk_tokens, total - t0), heads_kv)](
             o_part, lse_part, lists.block_indices, o, lse, fold_scale if fold else lse, o.stride(0), o.stride(1),

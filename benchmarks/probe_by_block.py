@@ -1,0 +1,285 @@
+"""What limits the block-major selection forward's main kernel: its full work against its data movement alone
+and its arithmetic alone, on the operator's own selections.
+
+    PYTHONPATH=src python benchmarks/probe_by_block.py [--lengths 32768 131072] [--out $OUT]
+
+For each length (randn inputs, bench_ops' shape) the triples are sorted and cut into work items exactly as
+`launch_fwd_by_block` does (training chunk size), then every chunk's main-kernel launch is timed (CUDA-event
+median of all chunks' launches together, merge excluded) for:
+
+* ``full``: `_probe_kernel` with every part on; it must time like the library kernel (printed next to it).
+* ``move``: the same gathers of triple ids and query rows and the same partial stores, no products or softmax:
+  the kernel's data movement at this access pattern.
+* ``math``: the same loads and products, stores masked off at run time (the compiler cannot drop them).
+* ``write``: one contiguous fill of the same partial bytes (torch), the HBM write rate this card reaches.
+
+Each compiled variant's registers and spills are printed; the library kernel's TTGIR and PTX go to OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from functools import partial
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ops import BLOCK, COUNT, HKV, HQ, D, bench  # noqa: E402
+from tune_selection import kernel_split, operator_inputs  # noqa: E402
+from videonsa.ops.triton import selection as slc  # noqa: E402
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _probe_kernel(
+    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, key_blocks_ptr, items_ptr, pairs_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    item0, pair0, head_dim, qk_scale,
+    HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MATH: tl.constexpr, STORE: tl.constexpr, EVICT: tl.constexpr = False,
+):
+    """`selection._slc_fwd_by_block_kernel` with its products (MATH) and its stores (STORE) switchable."""
+    item = (item0 + tl.program_id(0)).to(tl.int64)
+    owner = tl.load(items_ptr + item * 3)
+    start = tl.load(items_ptr + item * 3 + 1)
+    end = tl.load(items_ptr + item * 3 + 2)
+    blk = owner // HKV
+    g = owner % HKV
+    k_row0 = tl.load(key_blocks_ptr + blk * 4)
+    n_keys = tl.load(key_blocks_ptr + blk * 4 + 1)
+    n = tl.arange(0, BLOCK_N)
+    k_row = k_row0 + n
+    k_ok = n < n_keys
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    kd_mask = k_ok[:, None] & d_ok[None, :]
+    k_row64 = k_row.to(tl.int64)
+    if MATH:
+        kb = tl.load(k_ptr + k_row64[:, None] * stride_kt + g * stride_kh + d[None, :], mask=kd_mask, other=0.0)
+        vb = tl.load(v_ptr + k_row64[:, None] * stride_vt + g * stride_vh + d[None, :], mask=kd_mask, other=0.0)
+    # STORE is a run-time condition too: `start >= 0` always holds but the compiler cannot know it.
+    r = tl.arange(0, BLOCK_M)
+    keep = r + start >= 0 if STORE else r + start < 0
+    tok = r // G
+    hh = r % G
+    head_off = (g * G + hh)[:, None] * stride_qh + d[None, :]
+    row_ok = (tok < BT) & (start + tok < end)
+    pair = tl.load(pairs_ptr + start + tok, mask=row_ok, other=0).to(tl.int64)
+    q = tl.load(q_ptr + (pair // (HKV * S))[:, None] * stride_qt + head_off, mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    for c0 in range(start, end, BT):
+        next_ok = (tok < BT) & (c0 + BT + tok < end)
+        next_pair = tl.load(pairs_ptr + c0 + BT + tok, mask=next_ok, other=0).to(tl.int64)
+        next_q = tl.load(q_ptr + (next_pair // (HKV * S))[:, None] * stride_qt + head_off,
+                         mask=next_ok[:, None] & d_ok[None, :], other=0.0,
+                         eviction_policy="evict_last" if EVICT else "")
+        if MATH:
+            t_row = pair // (HKV * S)
+            s = tl.dot(q, tl.trans(kb)) * qk_scale
+            allowed = row_ok[:, None] & k_ok[None, :] & (k_row64[None, :] <= t_row[:, None])
+            s = tl.where(allowed, s, float("-inf"))
+            m = tl.max(s, axis=1)
+            m_use = tl.where(m == float("-inf"), 0.0, m)
+            p = tl.exp2(s - m_use[:, None])
+            l_sum = tl.sum(p, axis=1)
+            has = l_sum > 0
+            out = tl.dot(p.to(vb.dtype), vb) / tl.where(has, l_sum, 1.0)[:, None]
+            lse2 = tl.where(has, m_use + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf"))
+        else:
+            out = q.to(tl.float32)
+            lse2 = tl.sum(out, axis=1)
+        slot = (pair - pair0) * G + hh
+        tl.store(
+            o_part_ptr + slot[:, None] * head_dim + d[None, :], out.to(o_part_ptr.dtype.element_ty),
+            mask=(keep & row_ok)[:, None] & d_ok[None, :], eviction_policy="evict_first" if EVICT else "",
+        )
+        tl.store(lse_part_ptr + slot, lse2, mask=keep & row_ok)
+        pair, q, row_ok = next_pair, next_q, next_ok
+
+
+@triton.jit
+def _probe_pipelined_kernel(
+    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, key_blocks_ptr, items_ptr, pairs_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    item0, pair0, head_dim, qk_scale,
+    HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    EVICT: tl.constexpr = False, LEAN_MASK: tl.constexpr = False, RECIP: tl.constexpr = False,
+):
+    """The library kernel without its hand-written prefetch: each step loads its own triple ids and query rows
+    and Triton's loop pipeliner (LOOP_STAGES) issues them ahead, the query rows straight into shared memory.
+
+    EVICT: partial stores marked evict-first and query loads evict-last, so that the streamed partials do not push
+    the chunk's query rows out of L2. LEAN_MASK: the causal / short-block mask only on steps whose first token
+    lies inside the block (only those tokens can see a key after them). RECIP: one reciprocal per row."""
+    item = (item0 + tl.program_id(0)).to(tl.int64)
+    owner = tl.load(items_ptr + item * 3)
+    start = tl.load(items_ptr + item * 3 + 1)
+    end = tl.load(items_ptr + item * 3 + 2)
+    blk = owner // HKV
+    g = owner % HKV
+    k_row0 = tl.load(key_blocks_ptr + blk * 4)
+    n_keys = tl.load(key_blocks_ptr + blk * 4 + 1)
+    n = tl.arange(0, BLOCK_N)
+    k_ok = n < n_keys
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    kd_mask = k_ok[:, None] & d_ok[None, :]
+    k_row64 = (k_row0 + n).to(tl.int64)
+    kb = tl.load(k_ptr + k_row64[:, None] * stride_kt + g * stride_kh + d[None, :], mask=kd_mask, other=0.0)
+    vb = tl.load(v_ptr + k_row64[:, None] * stride_vt + g * stride_vh + d[None, :], mask=kd_mask, other=0.0)
+    r = tl.arange(0, BLOCK_M)
+    tok = r // G
+    hh = r % G
+    head_off = (g * G + hh)[:, None] * stride_qh + d[None, :]
+    q_evict: tl.constexpr = "evict_last" if EVICT else ""
+    part_evict: tl.constexpr = "evict_first" if EVICT else ""
+    for c0 in tl.range(start, end, BT, num_stages=LOOP_STAGES):
+        row_ok = (tok < BT) & (c0 + tok < end)
+        pair = tl.load(pairs_ptr + c0 + tok, mask=row_ok, other=0).to(tl.int64)
+        t_row = pair // (HKV * S)
+        q = tl.load(q_ptr + t_row[:, None] * stride_qt + head_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+                    eviction_policy=q_evict)
+        s = tl.dot(q, tl.trans(kb)) * qk_scale
+        if LEAN_MASK:
+            # Lists ascend by token, so the step's first token is its smallest; a block with fewer keys than
+            # BLOCK_N ends its sequence, so whoever chose it lies inside it and takes this branch too.
+            t_first = tl.load(pairs_ptr + c0).to(tl.int64) // (HKV * S)
+            if t_first < k_row0 + BLOCK_N:
+                s = tl.where(k_ok[None, :] & (k_row64[None, :] <= t_row[:, None]), s, float("-inf"))
+        else:
+            allowed = row_ok[:, None] & k_ok[None, :] & (k_row64[None, :] <= t_row[:, None])
+            s = tl.where(allowed, s, float("-inf"))
+        m = tl.max(s, axis=1)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(s - m_use[:, None])
+        l_sum = tl.sum(p, axis=1)
+        has = l_sum > 0
+        if RECIP:
+            out = tl.dot(p.to(vb.dtype), vb) * (1.0 / tl.where(has, l_sum, 1.0))[:, None]
+        else:
+            out = tl.dot(p.to(vb.dtype), vb) / tl.where(has, l_sum, 1.0)[:, None]
+        lse2 = tl.where(has, m_use + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf"))
+        slot = (pair - pair0) * G + hh
+        tl.store(
+            o_part_ptr + slot[:, None] * head_dim + d[None, :], out.to(o_part_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :], eviction_policy=part_evict,
+        )
+        tl.store(lse_part_ptr + slot, lse2, mask=row_ok, eviction_policy=part_evict)
+
+
+def probe(seq_len: int, emit, out_dir: str) -> None:
+    """Time the variants at one length (module docstring); write the library kernel's TTGIR and PTX."""
+    q, k, v, cu, idx = operator_inputs(seq_len, structured=False)
+    group = HQ // HKV
+    scale = D**-0.5
+    chunk = min(slc.by_block_chunk_tokens(HQ, HKV, COUNT, D, q.element_size()), seq_len)
+    key_blocks = slc.tiles_of(cu, BLOCK)
+    lists = slc.block_lists(idx, cu, key_blocks, chunk)
+    items, bounds = slc.by_block_items(lists, HKV, slc.BY_BLOCK_SPLIT)
+    block_m, bt = slc._tile_rows(group, slc.BY_BLOCK_ROWS)
+    o_part = torch.empty((chunk * HKV * COUNT * group, D), dtype=q.dtype, device=q.device)
+    lse_part = torch.empty(chunk * HKV * COUNT * group, dtype=torch.float32, device=q.device)
+    triples = int(lists.offsets[-1])
+    common = (q, k, v, o_part, lse_part, key_blocks, items, lists.pairs,
+              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    compiled = {}
+
+    def launch(kernel, name: str, warps: int, stages: int, **flags) -> None:
+        for c in range(lists.n_chunks):
+            n_items = bounds[c + 1] - bounds[c]
+            if n_items:
+                compiled[name] = kernel[(n_items,)](
+                    *common, bounds[c], c * chunk * HKV * COUNT, D, scale * LOG2E,
+                    HKV=HKV, G=group, S=COUNT, BT=bt, BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_D=D,
+                    num_warps=warps, num_stages=stages, **flags,
+                )
+
+    library = dict(DOT_PREC=slc.dot_precision(q))
+    runs = [("library", slc._slc_fwd_by_block_kernel, library, slc.BY_BLOCK_LAUNCH)]
+    # maxnreg caps the registers per thread so that more programs share an SM (255 -> 2 programs of 4 warps).
+    for maxnreg in (168, 128):
+        runs.append((f"library maxnreg {maxnreg}", slc._slc_fwd_by_block_kernel, dict(library, maxnreg=maxnreg),
+                     slc.BY_BLOCK_LAUNCH))
+    runs.append(("full", _probe_kernel, dict(MATH=True, STORE=True), slc.BY_BLOCK_LAUNCH))
+    runs.append(("move", _probe_kernel, dict(MATH=False, STORE=True), slc.BY_BLOCK_LAUNCH))
+    runs.append(("move evict", _probe_kernel, dict(MATH=False, STORE=True, EVICT=True), slc.BY_BLOCK_LAUNCH))
+    runs.append(("math", _probe_kernel, dict(MATH=True, STORE=False), slc.BY_BLOCK_LAUNCH))
+    for evict, lean, recip in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)]:
+        for loop_stages in (2, 3):
+            flags = dict(LOOP_STAGES=loop_stages, EVICT=bool(evict), LEAN_MASK=bool(lean), RECIP=bool(recip))
+            name = f"pipelined s{loop_stages} evict {evict} lean_mask {lean} recip {recip}"
+            runs.append((name, _probe_pipelined_kernel, flags, (4, 1)))
+    partial_bytes = triples * group * (D * q.element_size() + 4)
+    reference = None
+    for name, kernel, flags, (warps, stages) in runs:
+        o_part.zero_()
+        launch(kernel, name, warps, stages, **flags)
+        if reference is None:
+            reference = o_part.clone()  # the library kernel's partials (the last chunk's, and leftovers)
+        # Every variant that computes the partials must give the library kernel's bits.
+        same = None if name.startswith(("move", "math")) else bool(torch.equal(o_part, reference))
+        diff = None if same is None else float((o_part.float() - reference.float()).abs().max())
+        ms = bench(partial(launch, kernel, name, warps, stages, **flags))
+        handle = compiled[name]
+        emit(kind="time", T=seq_len, variant=name, warps=warps, stages=stages, ms=round(ms, 3),
+             partial_write_tbps=round(partial_bytes / ms / 1e9, 3), n_regs=handle.n_regs,
+             n_spills=handle.n_spills, shared=handle.metadata.shared, same_partials=same, max_diff=diff)
+    del reference
+    fold_o, fold_gate = torch.zeros_like(q), torch.ones(q.shape[:2], dtype=q.dtype, device=q.device)
+    whole = {
+        "block_lists": partial(slc.block_lists, idx, cu, key_blocks, chunk),
+        "by_block_items": partial(slc.by_block_items, lists, HKV, slc.BY_BLOCK_SPLIT),
+        "launch_fwd_by_block (training)": partial(slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale),
+        "launch_fwd_by_block (inference)": partial(
+            slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale, fold_into=fold_o, fold_scale=fold_gate
+        ),
+    }
+    for name, fn in whole.items():
+        emit(kind="time", T=seq_len, variant=name, ms=round(bench(fn), 3))
+    emit(kind="kernels", T=seq_len, variant="launch_fwd_by_block (training)",
+         self_cuda_ms=kernel_split(whole["launch_fwd_by_block (training)"]))
+
+    def fill() -> None:
+        for _ in range(lists.n_chunks):
+            o_part.fill_(1.0)
+
+    fill_ms = bench(fill)
+    emit(kind="time", T=seq_len, variant="write (torch fill of the partial buffer, once per chunk)",
+         ms=round(fill_ms, 3), tbps=round(o_part.numel() * o_part.element_size() * lists.n_chunks / fill_ms / 1e9, 3))
+    emit(kind="info", T=seq_len, triples=triples, chunks=lists.n_chunks, chunk_tokens=chunk,
+         items=int(items.shape[0]), steps=int(((items[:, 2] - items[:, 1] + bt - 1) // bt).sum()),
+         partial_gb=round(partial_bytes / 1e9, 3))
+    for key in ("ttgir", "ptx"):
+        with open(os.path.join(out_dir, f"probe_by_block_library.{key}"), "w") as f:
+            f.write(compiled["library"].asm[key])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    lines = []
+
+    def emit(**row) -> None:
+        lines.append(row)
+        print(json.dumps(row), flush=True)
+
+    emit(kind="info", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    for seq_len in args.lengths:
+        probe(seq_len, emit, args.out)
+        torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "probe_by_block.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in lines)
+
+
+if __name__ == "__main__":
+    main()
