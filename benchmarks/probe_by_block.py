@@ -7,10 +7,13 @@ For each length (randn inputs, bench_ops' shape) the triples are sorted and cut 
 `launch_fwd_by_block` does (training chunk size), then every chunk's main-kernel launch is timed (CUDA-event
 median of all chunks' launches together, merge excluded) for:
 
-* ``full``: `_probe_kernel` with every part on; it must time like the library kernel (printed next to it).
-* ``move``: the same gathers of triple ids and query rows and the same partial stores, no products or softmax:
-  the kernel's data movement at this access pattern.
+* ``library``: `selection._slc_fwd_by_block_kernel` as the operator launches it.
+* ``move``: the same gathers of triple ids and query rows and the same partial stores (evict-first), no products
+  or softmax: the kernel's data movement at this access pattern (`_probe_kernel`, the hand-prefetched loop the
+  library kernel had before commit 5d5c896).
 * ``math``: the same loads and products, stores masked off at run time (the compiler cannot drop them).
+* ``next ...``: `_probe_next_kernel`, the library kernel with candidate changes switched on (its docstring);
+  with both off it must give the library kernel's bits, and every variant's largest difference is printed.
 * ``write``: one contiguous fill of the same partial bytes (torch), the HBM write rate this card reaches.
 
 Each compiled variant's registers and spills are printed; the library kernel's TTGIR and PTX go to OUT.
@@ -105,20 +108,21 @@ def _probe_kernel(
 
 
 @triton.jit
-def _probe_pipelined_kernel(
+def _probe_next_kernel(
     q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, key_blocks_ptr, items_ptr, pairs_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     item0, pair0, head_dim, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LOOP_STAGES: tl.constexpr,
-    EVICT: tl.constexpr = False, LEAN_MASK: tl.constexpr = False, RECIP: tl.constexpr = False,
+    SCALE_IN_EXP: tl.constexpr = False, SPLIT_PV: tl.constexpr = False,
 ):
-    """The library kernel without its hand-written prefetch: each step loads its own triple ids and query rows
-    and Triton's loop pipeliner (LOOP_STAGES) issues them ahead, the query rows straight into shared memory.
+    """The library kernel (Triton-pipelined token loop, causal mask only where a step reaches into the block,
+    one reciprocal per row, evict-first partials) with candidate changes:
 
-    EVICT: partial stores marked evict-first and query loads evict-last, so that the streamed partials do not push
-    the chunk's query rows out of L2. LEAN_MASK: the causal / short-block mask only on steps whose first token
-    lies inside the block (only those tokens can see a key after them). RECIP: one reciprocal per row."""
+    SCALE_IN_EXP: the row max taken on the raw products and the softmax scale applied inside the exponent
+    (one fused multiply-add per score instead of a multiply and a subtract). SPLIT_PV: p v as two products of
+    BLOCK_D / 2 columns, each scaled and stored on its own, so that both share the score tile's layout (no
+    conversion of the row sums) and only half an output tile is live at a time."""
     item = (item0 + tl.program_id(0)).to(tl.int64)
     owner = tl.load(items_ptr + item * 3)
     start = tl.load(items_ptr + item * 3 + 1)
@@ -134,45 +138,59 @@ def _probe_pipelined_kernel(
     kd_mask = k_ok[:, None] & d_ok[None, :]
     k_row64 = (k_row0 + n).to(tl.int64)
     kb = tl.load(k_ptr + k_row64[:, None] * stride_kt + g * stride_kh + d[None, :], mask=kd_mask, other=0.0)
-    vb = tl.load(v_ptr + k_row64[:, None] * stride_vt + g * stride_vh + d[None, :], mask=kd_mask, other=0.0)
+    HALF: tl.constexpr = BLOCK_D // 2
+    dh = tl.arange(0, HALF)
+    if SPLIT_PV:
+        v_rows = v_ptr + k_row64[:, None] * stride_vt + g * stride_vh
+        vb_lo = tl.load(v_rows + dh[None, :], mask=k_ok[:, None] & (dh < head_dim)[None, :], other=0.0)
+        vb_hi = tl.load(v_rows + HALF + dh[None, :], mask=k_ok[:, None] & (HALF + dh < head_dim)[None, :], other=0.0)
+    else:
+        vb = tl.load(v_ptr + k_row64[:, None] * stride_vt + g * stride_vh + d[None, :], mask=kd_mask, other=0.0)
+    full_from = k_row0 + BLOCK_N
+    short = n_keys < BLOCK_N
     r = tl.arange(0, BLOCK_M)
     tok = r // G
     hh = r % G
     head_off = (g * G + hh)[:, None] * stride_qh + d[None, :]
-    q_evict: tl.constexpr = "evict_last" if EVICT else ""
-    part_evict: tl.constexpr = "evict_first" if EVICT else ""
     for c0 in tl.range(start, end, BT, num_stages=LOOP_STAGES):
         row_ok = (tok < BT) & (c0 + tok < end)
         pair = tl.load(pairs_ptr + c0 + tok, mask=row_ok, other=0).to(tl.int64)
         t_row = pair // (HKV * S)
         q = tl.load(q_ptr + t_row[:, None] * stride_qt + head_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-                    eviction_policy=q_evict)
-        s = tl.dot(q, tl.trans(kb)) * qk_scale
-        if LEAN_MASK:
-            # Lists ascend by token, so the step's first token is its smallest; a block with fewer keys than
-            # BLOCK_N ends its sequence, so whoever chose it lies inside it and takes this branch too.
-            t_first = tl.load(pairs_ptr + c0).to(tl.int64) // (HKV * S)
-            if t_first < k_row0 + BLOCK_N:
-                s = tl.where(k_ok[None, :] & (k_row64[None, :] <= t_row[:, None]), s, float("-inf"))
-        else:
-            allowed = row_ok[:, None] & k_ok[None, :] & (k_row64[None, :] <= t_row[:, None])
-            s = tl.where(allowed, s, float("-inf"))
+                    eviction_policy="evict_last")
+        s = tl.dot(q, tl.trans(kb))
+        if not SCALE_IN_EXP:
+            s = s * qk_scale
+        if short | (tl.load(pairs_ptr + c0).to(tl.int64) // (HKV * S) < full_from):
+            s = tl.where(k_ok[None, :] & (k_row64[None, :] <= t_row[:, None]), s, float("-inf"))
         m = tl.max(s, axis=1)
         m_use = tl.where(m == float("-inf"), 0.0, m)
-        p = tl.exp2(s - m_use[:, None])
+        if SCALE_IN_EXP:
+            m_use = m_use * qk_scale
+            p = tl.exp2(s * qk_scale - m_use[:, None])
+        else:
+            p = tl.exp2(s - m_use[:, None])
         l_sum = tl.sum(p, axis=1)
         has = l_sum > 0
-        if RECIP:
-            out = tl.dot(p.to(vb.dtype), vb) * (1.0 / tl.where(has, l_sum, 1.0))[:, None]
-        else:
-            out = tl.dot(p.to(vb.dtype), vb) / tl.where(has, l_sum, 1.0)[:, None]
+        inv_l = 1.0 / tl.where(has, l_sum, 1.0)
         lse2 = tl.where(has, m_use + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf"))
         slot = (pair - pair0) * G + hh
-        tl.store(
-            o_part_ptr + slot[:, None] * head_dim + d[None, :], out.to(o_part_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & d_ok[None, :], eviction_policy=part_evict,
-        )
-        tl.store(lse_part_ptr + slot, lse2, mask=row_ok, eviction_policy=part_evict)
+        p = p.to(k_ptr.dtype.element_ty)
+        if SPLIT_PV:
+            part_rows = o_part_ptr + slot[:, None] * head_dim
+            out_lo = tl.dot(p, vb_lo) * inv_l[:, None]
+            tl.store(part_rows + dh[None, :], out_lo.to(o_part_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (dh < head_dim)[None, :], eviction_policy="evict_first")
+            out_hi = tl.dot(p, vb_hi) * inv_l[:, None]
+            tl.store(part_rows + HALF + dh[None, :], out_hi.to(o_part_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (HALF + dh < head_dim)[None, :], eviction_policy="evict_first")
+        else:
+            out = tl.dot(p, vb) * inv_l[:, None]
+            tl.store(
+                o_part_ptr + slot[:, None] * head_dim + d[None, :], out.to(o_part_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & d_ok[None, :], eviction_policy="evict_first",
+            )
+        tl.store(lse_part_ptr + slot, lse2, mask=row_ok, eviction_policy="evict_first")
 
 
 def probe(seq_len: int, emit, out_dir: str) -> None:
@@ -202,21 +220,16 @@ def probe(seq_len: int, emit, out_dir: str) -> None:
                     num_warps=warps, num_stages=stages, **flags,
                 )
 
-    library = dict(DOT_PREC=slc.dot_precision(q))
-    runs = [("library", slc._slc_fwd_by_block_kernel, library, slc.BY_BLOCK_LAUNCH)]
-    # maxnreg caps the registers per thread so that more programs share an SM (255 -> 2 programs of 4 warps).
-    for maxnreg in (168, 128):
-        runs.append((f"library maxnreg {maxnreg}", slc._slc_fwd_by_block_kernel, dict(library, maxnreg=maxnreg),
-                     slc.BY_BLOCK_LAUNCH))
-    runs.append(("full", _probe_kernel, dict(MATH=True, STORE=True), slc.BY_BLOCK_LAUNCH))
-    runs.append(("move", _probe_kernel, dict(MATH=False, STORE=True), slc.BY_BLOCK_LAUNCH))
-    runs.append(("move evict", _probe_kernel, dict(MATH=False, STORE=True, EVICT=True), slc.BY_BLOCK_LAUNCH))
+    library = dict(DOT_PREC=slc.dot_precision(q), LOOP_STAGES=slc.BY_BLOCK_LAUNCH[1])
+    runs = [("library", slc._slc_fwd_by_block_kernel, library, (slc.BY_BLOCK_LAUNCH[0], 1))]
+    runs.append(("move", _probe_kernel, dict(MATH=False, STORE=True, EVICT=True), slc.BY_BLOCK_LAUNCH))
     runs.append(("math", _probe_kernel, dict(MATH=True, STORE=False), slc.BY_BLOCK_LAUNCH))
-    for evict, lean, recip in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)]:
-        for loop_stages in (2, 3):
-            flags = dict(LOOP_STAGES=loop_stages, EVICT=bool(evict), LEAN_MASK=bool(lean), RECIP=bool(recip))
-            name = f"pipelined s{loop_stages} evict {evict} lean_mask {lean} recip {recip}"
-            runs.append((name, _probe_pipelined_kernel, flags, (4, 1)))
+    for scale_in_exp, split_pv, maxnreg in [(0, 0, None), (1, 0, None), (0, 1, None), (1, 1, None), (1, 1, 168)]:
+        flags = dict(LOOP_STAGES=slc.BY_BLOCK_LAUNCH[1], SCALE_IN_EXP=bool(scale_in_exp), SPLIT_PV=bool(split_pv))
+        if maxnreg:
+            flags["maxnreg"] = maxnreg
+        name = f"next scale_in_exp {scale_in_exp} split_pv {split_pv} maxnreg {maxnreg}"
+        runs.append((name, _probe_next_kernel, flags, (slc.BY_BLOCK_LAUNCH[0], 1)))
     partial_bytes = triples * group * (D * q.element_size() + 4)
     reference = None
     for name, kernel, flags, (warps, stages) in runs:
