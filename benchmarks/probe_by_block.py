@@ -220,7 +220,8 @@ def probe(seq_len: int, emit, out_dir: str) -> None:
                     num_warps=warps, num_stages=stages, **flags,
                 )
 
-    library = dict(DOT_PREC=slc.dot_precision(q), LOOP_STAGES=slc.BY_BLOCK_LAUNCH[1])
+    library = dict(DOT_PREC=slc.dot_precision(q), LOOP_STAGES=slc.BY_BLOCK_LAUNCH[1],
+                   maxnreg=slc.BY_BLOCK_MAX_REGISTERS)
     runs = [("library", slc._slc_fwd_by_block_kernel, library, (slc.BY_BLOCK_LAUNCH[0], 1))]
     runs.append(("move", _probe_kernel, dict(MATH=False, STORE=True, EVICT=True), slc.BY_BLOCK_LAUNCH))
     runs.append(("math", _probe_kernel, dict(MATH=True, STORE=False), slc.BY_BLOCK_LAUNCH))

@@ -75,6 +75,8 @@ BY_BLOCK_PARTIAL_BYTES_FOLDED = 1 << 30
 # prefetch, 3 stages 29.3 ms against 29.9 for the prefetch (2 stages 30.0; benchmarks/probe_by_block.py).
 BY_BLOCK_ROWS = 64
 BY_BLOCK_LAUNCH = (4, 3)
+# Register cap of the main kernel's launch (see the kernel's value halves); None: the compiler's choice.
+BY_BLOCK_MAX_REGISTERS = 168
 BY_BLOCK_MERGE_WARPS = 4
 # Cost model (same unit as TILE_STEP_COST: ns), fitted to the same runs: ns per program step of BY_BLOCK_ROWS
 # rows (randn 16.9, structured selections 20.2, whose popular blocks make long lists; 19 keeps structured
@@ -821,7 +823,17 @@ def _slc_fwd_by_block_kernel(
     k_row64 = k_row.to(tl.int64)
     # Loaded once, used for every token of the list: this is the whole point of the block-major order.
     kb = tl.load(k_ptr + k_row64[:, None] * stride_kt + g * stride_kh + d[None, :], mask=kd_mask, other=0.0)
-    vb = tl.load(v_ptr + k_row64[:, None] * stride_vt + g * stride_vh + d[None, :], mask=kd_mask, other=0.0)
+    # Values as two column halves: p v is computed, scaled and stored half by half, so that both products share
+    # the score tile's layout (no conversion of the row sums) and half an output tile is live at a time. The
+    # registers this frees let the launch cap them at 168 (`BY_BLOCK_MAX_REGISTERS`), three programs per SM
+    # instead of two: 5.2 vs 5.5 ms at 32K, 24.7 vs 26.8 at 128K (H100, benchmarks/probe_by_block.py).
+    HALF: tl.constexpr = BLOCK_D // 2
+    dh = tl.arange(0, HALF)
+    lo_ok = dh < head_dim
+    hi_ok = HALF + dh < head_dim
+    v_rows = v_ptr + k_row64[:, None] * stride_vt + g * stride_vh
+    vb_lo = tl.load(v_rows + dh[None, :], mask=k_ok[:, None] & lo_ok[None, :], other=0.0)
+    vb_hi = tl.load(v_rows + HALF + dh[None, :], mask=k_ok[:, None] & hi_ok[None, :], other=0.0)
     # Only a step whose first token lies before the block's end can meet a key after one of its tokens: lists
     # ascend by token, so every later step sees the whole block and skips the mask (5.8 vs 6.4 ms at 32K,
     # H100). A short block (a sequence's last) keeps the mask throughout.
@@ -851,13 +863,16 @@ def _slc_fwd_by_block_kernel(
         l_sum = tl.sum(p, axis=1)
         has = l_sum > 0
         inv_l = 1.0 / tl.where(has, l_sum, 1.0)
-        out = tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC) * inv_l[:, None]
         lse2 = tl.where(has, m_use + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf"))
         slot = (pair - pair0) * G + hh
-        tl.store(
-            o_part_ptr + slot[:, None] * head_dim + d[None, :], out.to(o_part_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & d_ok[None, :], eviction_policy="evict_first",
-        )
+        part_rows = o_part_ptr + slot[:, None] * head_dim
+        p = p.to(vb_lo.dtype)
+        out = tl.dot(p, vb_lo, input_precision=DOT_PREC) * inv_l[:, None]
+        tl.store(part_rows + dh[None, :], out.to(o_part_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & lo_ok[None, :], eviction_policy="evict_first")
+        out = tl.dot(p, vb_hi, input_precision=DOT_PREC) * inv_l[:, None]
+        tl.store(part_rows + HALF + dh[None, :], out.to(o_part_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & hi_ok[None, :], eviction_policy="evict_first")
         tl.store(lse_part_ptr + slot, lse2, mask=row_ok, eviction_policy="evict_first")
 
 
@@ -913,12 +928,13 @@ def launch_fwd_by_block(
     *, chunk_tokens: int | None = None, rows: int = BY_BLOCK_ROWS, num_warps: int = BY_BLOCK_LAUNCH[0],
     num_stages: int = BY_BLOCK_LAUNCH[1], merge_warps: int = BY_BLOCK_MERGE_WARPS,
     fold_into: Tensor | None = None, fold_scale: Tensor | None = None, split: int = BY_BLOCK_SPLIT,
+    max_registers: int | None = BY_BLOCK_MAX_REGISTERS,
 ) -> tuple[Tensor, Tensor]:
     """The block-major forward (inputs already checked; block_size <= 64); returns o [T, HQ, D], lse [T, HQ].
 
     chunk_tokens: tokens per chunk (None: as many as `BY_BLOCK_PARTIAL_BYTES` allows, or
     `BY_BLOCK_PARTIAL_BYTES_FOLDED` with fold_into); rows: query rows per program step (BT = rows // G tokens);
-    num_stages: pipeline stages of the main kernel's token loop;
+    num_stages: pipeline stages of the main kernel's token loop; max_registers: its launch's register cap;
     split: longest piece of a list one program walks (0: whole lists; see `BY_BLOCK_SPLIT`).
     fold_into, fold_scale: see `selected_attention_fwd` (checked there); o is then fold_into."""
     total, heads_q, head_dim = q.shape
@@ -940,7 +956,7 @@ def launch_fwd_by_block(
     o_part = torch.empty((chunk_tokens * heads_kv * slots * group, head_dim), dtype=q.dtype, device=q.device)
     lse_part = torch.empty(chunk_tokens * heads_kv * slots * group, dtype=torch.float32, device=q.device)
     block_m, bt = _tile_rows(group, rows)
-    block_d = max(16, next_pow2(head_dim))
+    block_d = max(32, next_pow2(head_dim))  # the main kernel's value halves are products of >= 16 columns
     items, bounds = by_block_items(lists, heads_kv, split)
     for c in range(lists.n_chunks):
         t0 = c * chunk_tokens
@@ -952,7 +968,7 @@ def launch_fwd_by_block(
                 bounds[c], t0 * heads_kv * slots, head_dim, scale * LOG2E,
                 HKV=heads_kv, G=group, S=slots, BT=bt, BLOCK_M=block_m, BLOCK_N=_block_n(block_size),
                 BLOCK_D=block_d, DOT_PREC=dot_precision(q), LOOP_STAGES=num_stages, num_warps=num_warps,
-                num_stages=1,
+                num_stages=1, maxnreg=max_registers,
             )
         _slc_merge_kernel[(min(chunk_tokens, total - t0), heads_kv)](
             o_part, lse_part, lists.block_indices, o, lse, fold_scale if fold else lse, o.stride(0), o.stride(1),
