@@ -223,8 +223,8 @@ def probe(seq_len: int, emit, out_dir: str) -> None:
     library = dict(DOT_PREC=slc.dot_precision(q), LOOP_STAGES=slc.BY_BLOCK_LAUNCH[1],
                    maxnreg=slc.BY_BLOCK_MAX_REGISTERS)
     runs = [("library", slc._slc_fwd_by_block_kernel, library, (slc.BY_BLOCK_LAUNCH[0], 1))]
-    runs.append(("move", _probe_kernel, dict(MATH=False, STORE=True, EVICT=True), slc.BY_BLOCK_LAUNCH))
-    runs.append(("math", _probe_kernel, dict(MATH=True, STORE=False), slc.BY_BLOCK_LAUNCH))
+    runs.append(("move", _probe_kernel, dict(MATH=False, STORE=True, EVICT=True), (4, 3)))
+    runs.append(("math", _probe_kernel, dict(MATH=True, STORE=False), (4, 3)))
     for scale_in_exp, split_pv, maxnreg in [(0, 0, None), (1, 0, None), (0, 1, None), (1, 1, None), (1, 1, 168)]:
         flags = dict(LOOP_STAGES=slc.BY_BLOCK_LAUNCH[1], SCALE_IN_EXP=bool(scale_in_exp), SPLIT_PV=bool(split_pv))
         if maxnreg:

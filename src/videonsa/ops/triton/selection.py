@@ -67,23 +67,26 @@ BY_BLOCK_SPLIT = 512
 # The same ceiling when the output is folded into a gated sum (`fold_into`, inference): no [T, HQ, D] selection
 # output is made or kept for a backward, which frees 0.94 GiB at 128K (HQ=28, D=128, bf16) for bigger chunks.
 BY_BLOCK_PARTIAL_BYTES_FOLDED = 1 << 30
-# Launch of the block-major kernels, H100, Triton 3.6, bf16, D=128, 7:1, 128K, randn selections
-# (benchmarks/tune_selection.py --by-block, results/tune_selection_by_block_h100_s3b.jsonl): 64 query rows
-# per step (9 tokens), 4 warps, 3 stages: 45.4 ms (2 stages 46.1, 1 stage 46.2; 32 rows 65.8, 16 rows 64.1,
-# 128 rows 8 warps 57.9); merge kernel 4 warps (2: 46.0, 8: 47.1). BY_BLOCK_LAUNCH = (warps, stages of the
-# main kernel's token loop, `tl.range`): with the loop pipelined by Triton instead of a hand-written one-step
-# prefetch, 3 stages 29.3 ms against 29.9 for the prefetch (2 stages 30.0; benchmarks/probe_by_block.py).
+# Launch of the block-major kernels, H100, Triton 3.6, bf16, D=128, 7:1, randn selections
+# (benchmarks/tune_selection.py --by-block, results/tune_selection_by_block_h100_s5.jsonl, 128K / 32K):
+# 64 query rows per step (9 tokens), 4 warps, 2 pipeline stages of the token loop (`tl.range`; the main
+# kernel's launch itself has one), registers capped at 168: 39.2 / 9.66 ms (3 stages 39.8 / 10.1, 1 stage
+# 42.0 / 10.6; 32 rows 50.8, 16 rows 63.4, 128 rows 50.9-51.8 at 128K); merge kernel 4 warps (2 and 8 within
+# 0.2 ms). BY_BLOCK_LAUNCH = (warps, loop stages). The cap works because the kernel computes p v in two value
+# halves (198 registers uncapped); uncapped it runs two programs per SM, capped three
+# (benchmarks/probe_by_block.py, results/probe_by_block_h100_s5b.jsonl: 5.17 vs 5.60 ms at 32K, 24.7 vs 26.9
+# at 128K). None: the compiler's choice.
 BY_BLOCK_ROWS = 64
-BY_BLOCK_LAUNCH = (4, 3)
-# Register cap of the main kernel's launch (see the kernel's value halves); None: the compiler's choice.
+BY_BLOCK_LAUNCH = (4, 2)
 BY_BLOCK_MAX_REGISTERS = 168
 BY_BLOCK_MERGE_WARPS = 4
 # Cost model (same unit as TILE_STEP_COST: ns), fitted to the same runs: ns per program step of BY_BLOCK_ROWS
-# rows (randn 16.9, structured selections 20.2, whose popular blocks make long lists; 19 keeps structured
-# 128K on the 64-row tiles, measured 46.6 against 51.4 ms) and ns per token for what scales with tokens
-# (merge 11.2 ms, index sort 2.4 ms, small ops: 108 ns).
-BY_BLOCK_STEP_COST = 19.0
-BY_BLOCK_TOKEN_COST = 110.0
+# rows (implied 11.2-12.4 across randn and structured selections at 32K and 128K) and ns per token for what
+# scales with tokens (merge, index sort, small ops: 110-147 ns). With 12.5 / 120 the planner takes the
+# block-major forward for structured 128K (measured 38.2 against 48.1 ms on the 64-row tiles) and keeps
+# structured 32K on the tiles (9.4 against 9.9 ms).
+BY_BLOCK_STEP_COST = 12.5
+BY_BLOCK_TOKEN_COST = 120.0
 
 
 def next_pow2(x: int) -> int:
