@@ -370,6 +370,7 @@ def test_forward_layout_follows_cost_model(monkeypatch: pytest.MonkeyPatch) -> N
     same = torch.tensor([0, 1], dtype=torch.int32).expand(36, 1, 2).contiguous().to(DEVICE)
     disjoint = (2 * torch.arange(36)[:, None, None] + torch.arange(2)).to(torch.int32).to(DEVICE)
     monkeypatch.setattr(slc, "BY_BLOCK_TOKEN_COST", 0.0)
+    monkeypatch.setattr(slc, "BY_BLOCK_CALL_COST", 0.0)
     # 2 slots per token in steps of 9 tokens (64 rows / 7 heads) at 20 ns: 4.4 ns per token, above "same" on
     # 64-row tiles (2 blocks per 9 tokens x 7.09 = 1.6), below "disjoint" on 16-row tiles (2 x 4.64 = 9.3).
     monkeypatch.setattr(slc, "BY_BLOCK_STEP_COST", 20.0)
@@ -377,6 +378,9 @@ def test_forward_layout_follows_cost_model(monkeypatch: pytest.MonkeyPatch) -> N
     assert slc.plan_forward(same, cu, 7, 16).block_m == 64
     assert slc.plan_forward(disjoint, cu, 7, 128).block_m == 16
     monkeypatch.setattr(slc, "BY_BLOCK_TOKEN_COST", 1e6)
+    assert slc.plan_forward(disjoint, cu, 7, 16).block_m == 16
+    monkeypatch.setattr(slc, "BY_BLOCK_TOKEN_COST", 0.0)
+    monkeypatch.setattr(slc, "BY_BLOCK_CALL_COST", 36e3)  # 1000 ns per token of this 36-token call
     assert slc.plan_forward(disjoint, cu, 7, 16).block_m == 16
     q, k, v = torch.zeros(8, 2, 16), torch.zeros(8, 1, 16), torch.zeros(8, 1, 16)
     idx = torch.zeros(8, 1, 1, dtype=torch.int32)

@@ -84,9 +84,12 @@ BY_BLOCK_MERGE_WARPS = 4
 # rows (implied 11.2-12.4 across randn and structured selections at 32K and 128K) and ns per token for what
 # scales with tokens (merge, index sort, small ops: 110-147 ns). With 12.5 / 120 the planner takes the
 # block-major forward for structured 128K (measured 38.2 against 48.1 ms on the 64-row tiles) and keeps
-# structured 32K on the tiles (9.4 against 9.9 ms).
+# structured 32K on the tiles (9.4 against 9.9 ms). BY_BLOCK_CALL_COST (ns per call, spread over the tokens):
+# what does not scale with tokens, the host work of building the lists and the per-chunk launches, ~1.2 ms of
+# the 9.7 ms at 32K (the two kernels take 8.0); it keeps short sequences on the tiles.
 BY_BLOCK_STEP_COST = 12.5
-BY_BLOCK_TOKEN_COST = 120.0
+BY_BLOCK_TOKEN_COST = 105.0
+BY_BLOCK_CALL_COST = 1.2e6
 
 
 def next_pow2(x: int) -> int:
@@ -356,10 +359,12 @@ def plan_tiles(
 
 def by_block_estimate(block_indices: Tensor, group: int, rows: int = BY_BLOCK_ROWS) -> Tensor:
     """Estimated ns per token (device scalar) of the block-major forward (`launch_fwd_by_block`): the used
-    slots per token (all groups) in steps of BT tokens, plus the per-token costs of sorting and merging."""
+    slots per token (all groups) in steps of BT tokens, plus the per-token costs of sorting and merging and
+    the fixed cost of a call spread over the tokens."""
     bt = _tile_rows(group, rows)[1]
-    used = (block_indices >= 0).sum().double() / max(block_indices.shape[0], 1)
-    return used / bt * BY_BLOCK_STEP_COST + BY_BLOCK_TOKEN_COST
+    tokens = max(block_indices.shape[0], 1)
+    used = (block_indices >= 0).sum().double() / tokens
+    return used / bt * BY_BLOCK_STEP_COST + BY_BLOCK_TOKEN_COST + BY_BLOCK_CALL_COST / tokens
 
 
 def plan_forward(block_indices: Tensor, cu_seqlens: Tensor, group: int, block_size: int) -> TilePlan | None:
