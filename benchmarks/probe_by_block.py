@@ -11,10 +11,13 @@ median of all chunks' launches together, merge excluded) for:
 * ``move``: the same gathers of triple ids and query rows and the same partial stores (evict-first), no products
   or softmax: the kernel's data movement at this access pattern (`_probe_kernel`, the hand-prefetched loop the
   library kernel had before commit 5d5c896).
-* ``math``: the same loads and products, stores masked off at run time (the compiler cannot drop them).
-* ``next ...``: `_probe_next_kernel`, the library kernel with candidate changes switched on (its docstring);
-  with both off it must give the library kernel's bits, and every variant's largest difference is printed.
+* ``math``: the same loads and products, stores masked off at run time (the compiler cannot drop them; also
+  `_probe_kernel`).
 * ``write``: one contiguous fill of the same partial bytes (torch), the HBM write rate this card reaches.
+
+The candidate changes measured this way in the fifth session (the probe at commits 5d5c896 and 416ee3c, results
+in benchmarks/results/probe_by_block_h100_s5*.jsonl) are described in benchmarks/NOTES.md; those adopted are now
+the library kernel.
 
 Each compiled variant's registers and spills are printed; the library kernel's TTGIR and PTX go to OUT.
 """
@@ -107,92 +110,6 @@ def _probe_kernel(
         pair, q, row_ok = next_pair, next_q, next_ok
 
 
-@triton.jit
-def _probe_next_kernel(
-    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, key_blocks_ptr, items_ptr, pairs_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    item0, pair0, head_dim, qk_scale,
-    HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LOOP_STAGES: tl.constexpr,
-    SCALE_IN_EXP: tl.constexpr = False, SPLIT_PV: tl.constexpr = False,
-):
-    """The library kernel (Triton-pipelined token loop, causal mask only where a step reaches into the block,
-    one reciprocal per row, evict-first partials) with candidate changes:
-
-    SCALE_IN_EXP: the row max taken on the raw products and the softmax scale applied inside the exponent
-    (one fused multiply-add per score instead of a multiply and a subtract). SPLIT_PV: p v as two products of
-    BLOCK_D / 2 columns, each scaled and stored on its own, so that both share the score tile's layout (no
-    conversion of the row sums) and only half an output tile is live at a time."""
-    item = (item0 + tl.program_id(0)).to(tl.int64)
-    owner = tl.load(items_ptr + item * 3)
-    start = tl.load(items_ptr + item * 3 + 1)
-    end = tl.load(items_ptr + item * 3 + 2)
-    blk = owner // HKV
-    g = owner % HKV
-    k_row0 = tl.load(key_blocks_ptr + blk * 4)
-    n_keys = tl.load(key_blocks_ptr + blk * 4 + 1)
-    n = tl.arange(0, BLOCK_N)
-    k_ok = n < n_keys
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < head_dim
-    kd_mask = k_ok[:, None] & d_ok[None, :]
-    k_row64 = (k_row0 + n).to(tl.int64)
-    kb = tl.load(k_ptr + k_row64[:, None] * stride_kt + g * stride_kh + d[None, :], mask=kd_mask, other=0.0)
-    HALF: tl.constexpr = BLOCK_D // 2
-    dh = tl.arange(0, HALF)
-    if SPLIT_PV:
-        v_rows = v_ptr + k_row64[:, None] * stride_vt + g * stride_vh
-        vb_lo = tl.load(v_rows + dh[None, :], mask=k_ok[:, None] & (dh < head_dim)[None, :], other=0.0)
-        vb_hi = tl.load(v_rows + HALF + dh[None, :], mask=k_ok[:, None] & (HALF + dh < head_dim)[None, :], other=0.0)
-    else:
-        vb = tl.load(v_ptr + k_row64[:, None] * stride_vt + g * stride_vh + d[None, :], mask=kd_mask, other=0.0)
-    full_from = k_row0 + BLOCK_N
-    short = n_keys < BLOCK_N
-    r = tl.arange(0, BLOCK_M)
-    tok = r // G
-    hh = r % G
-    head_off = (g * G + hh)[:, None] * stride_qh + d[None, :]
-    for c0 in tl.range(start, end, BT, num_stages=LOOP_STAGES):
-        row_ok = (tok < BT) & (c0 + tok < end)
-        pair = tl.load(pairs_ptr + c0 + tok, mask=row_ok, other=0).to(tl.int64)
-        t_row = pair // (HKV * S)
-        q = tl.load(q_ptr + t_row[:, None] * stride_qt + head_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-                    eviction_policy="evict_last")
-        s = tl.dot(q, tl.trans(kb))
-        if not SCALE_IN_EXP:
-            s = s * qk_scale
-        if short | (tl.load(pairs_ptr + c0).to(tl.int64) // (HKV * S) < full_from):
-            s = tl.where(k_ok[None, :] & (k_row64[None, :] <= t_row[:, None]), s, float("-inf"))
-        m = tl.max(s, axis=1)
-        m_use = tl.where(m == float("-inf"), 0.0, m)
-        if SCALE_IN_EXP:
-            m_use = m_use * qk_scale
-            p = tl.exp2(s * qk_scale - m_use[:, None])
-        else:
-            p = tl.exp2(s - m_use[:, None])
-        l_sum = tl.sum(p, axis=1)
-        has = l_sum > 0
-        inv_l = 1.0 / tl.where(has, l_sum, 1.0)
-        lse2 = tl.where(has, m_use + tl.log2(tl.where(has, l_sum, 1.0)), float("-inf"))
-        slot = (pair - pair0) * G + hh
-        p = p.to(k_ptr.dtype.element_ty)
-        if SPLIT_PV:
-            part_rows = o_part_ptr + slot[:, None] * head_dim
-            out_lo = tl.dot(p, vb_lo) * inv_l[:, None]
-            tl.store(part_rows + dh[None, :], out_lo.to(o_part_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & (dh < head_dim)[None, :], eviction_policy="evict_first")
-            out_hi = tl.dot(p, vb_hi) * inv_l[:, None]
-            tl.store(part_rows + HALF + dh[None, :], out_hi.to(o_part_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & (HALF + dh < head_dim)[None, :], eviction_policy="evict_first")
-        else:
-            out = tl.dot(p, vb) * inv_l[:, None]
-            tl.store(
-                o_part_ptr + slot[:, None] * head_dim + d[None, :], out.to(o_part_ptr.dtype.element_ty),
-                mask=row_ok[:, None] & d_ok[None, :], eviction_policy="evict_first",
-            )
-        tl.store(lse_part_ptr + slot, lse2, mask=row_ok, eviction_policy="evict_first")
-
-
 def probe(seq_len: int, emit, out_dir: str) -> None:
     """Time the variants at one length (module docstring); write the library kernel's TTGIR and PTX."""
     q, k, v, cu, idx = operator_inputs(seq_len, structured=False)
@@ -225,28 +142,13 @@ def probe(seq_len: int, emit, out_dir: str) -> None:
     runs = [("library", slc._slc_fwd_by_block_kernel, library, (slc.BY_BLOCK_LAUNCH[0], 1))]
     runs.append(("move", _probe_kernel, dict(MATH=False, STORE=True, EVICT=True), (4, 3)))
     runs.append(("math", _probe_kernel, dict(MATH=True, STORE=False), (4, 3)))
-    for scale_in_exp, split_pv, maxnreg in [(0, 0, None), (1, 0, None), (0, 1, None), (1, 1, None), (1, 1, 168)]:
-        flags = dict(LOOP_STAGES=slc.BY_BLOCK_LAUNCH[1], SCALE_IN_EXP=bool(scale_in_exp), SPLIT_PV=bool(split_pv))
-        if maxnreg:
-            flags["maxnreg"] = maxnreg
-        name = f"next scale_in_exp {scale_in_exp} split_pv {split_pv} maxnreg {maxnreg}"
-        runs.append((name, _probe_next_kernel, flags, (slc.BY_BLOCK_LAUNCH[0], 1)))
     partial_bytes = triples * group * (D * q.element_size() + 4)
-    reference = None
     for name, kernel, flags, (warps, stages) in runs:
-        o_part.zero_()
-        launch(kernel, name, warps, stages, **flags)
-        if reference is None:
-            reference = o_part.clone()  # the library kernel's partials (the last chunk's, and leftovers)
-        # Every variant that computes the partials must give the library kernel's bits.
-        same = None if name.startswith(("move", "math")) else bool(torch.equal(o_part, reference))
-        diff = None if same is None else float((o_part.float() - reference.float()).abs().max())
         ms = bench(partial(launch, kernel, name, warps, stages, **flags))
         handle = compiled[name]
         emit(kind="time", T=seq_len, variant=name, warps=warps, stages=stages, ms=round(ms, 3),
              partial_write_tbps=round(partial_bytes / ms / 1e9, 3), n_regs=handle.n_regs,
-             n_spills=handle.n_spills, shared=handle.metadata.shared, same_partials=same, max_diff=diff)
-    del reference
+             n_spills=handle.n_spills, shared=handle.metadata.shared)
     fold_o, fold_gate = torch.zeros_like(q), torch.ones(q.shape[:2], dtype=q.dtype, device=q.device)
     whole = {
         "block_lists": partial(slc.block_lists, idx, cu, key_blocks, chunk),

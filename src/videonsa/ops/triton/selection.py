@@ -73,9 +73,9 @@ BY_BLOCK_PARTIAL_BYTES_FOLDED = 1 << 30
 # kernel's launch itself has one), registers capped at 168: 39.2 / 9.66 ms (3 stages 39.8 / 10.1, 1 stage
 # 42.0 / 10.6; 32 rows 50.8, 16 rows 63.4, 128 rows 50.9-51.8 at 128K); merge kernel 4 warps (2 and 8 within
 # 0.2 ms). BY_BLOCK_LAUNCH = (warps, loop stages). The cap works because the kernel computes p v in two value
-# halves (198 registers uncapped); uncapped it runs two programs per SM, capped three
-# (benchmarks/probe_by_block.py, results/probe_by_block_h100_s5b.jsonl: 5.17 vs 5.60 ms at 32K, 24.7 vs 26.9
-# at 128K). None: the compiler's choice.
+# halves (198 registers uncapped); uncapped it runs two programs per SM, capped three (benchmarks/probe_by_block.py
+# at commit 416ee3c, results/probe_by_block_h100_s5b.jsonl: 5.17 vs 5.60 ms at 32K, 24.7 vs 26.9 at 128K).
+# BY_BLOCK_MAX_REGISTERS None: the compiler's choice.
 BY_BLOCK_ROWS = 64
 BY_BLOCK_LAUNCH = (4, 2)
 BY_BLOCK_MAX_REGISTERS = 168
@@ -834,7 +834,7 @@ def _slc_fwd_by_block_kernel(
     # Values as two column halves: p v is computed, scaled and stored half by half, so that both products share
     # the score tile's layout (no conversion of the row sums) and half an output tile is live at a time. The
     # registers this frees let the launch cap them at 168 (`BY_BLOCK_MAX_REGISTERS`), three programs per SM
-    # instead of two: 5.2 vs 5.5 ms at 32K, 24.7 vs 26.8 at 128K (H100, benchmarks/probe_by_block.py).
+    # instead of two: 5.2 vs 5.5 ms at 32K, 24.7 vs 26.8 at 128K (H100, results/probe_by_block_h100_s5b.jsonl).
     HALF: tl.constexpr = BLOCK_D // 2
     dh = tl.arange(0, HALF)
     lo_ok = dh < head_dim
