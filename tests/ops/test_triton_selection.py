@@ -338,8 +338,8 @@ def test_block_major_forward_ignores_out_of_sequence_and_future_blocks() -> None
 @kernel_test
 def test_backward_ignores_out_of_sequence_and_future_blocks() -> None:
     """The gradients treat those ids the same way: a key block's token list may then start with tokens before
-    it (future choosers, or ids past an earlier sequence's end that land on this sequence's blocks), which the
-    dk/dv kernel must mask although its later steps skip the causal mask."""
+    it (future choosers), which the dk/dv kernel must mask although its later steps skip the causal mask; ids
+    past a sequence's end must not reach the next sequence's blocks."""
     from videonsa.ops.triton.selection import selected_attention_bwd, selected_attention_fwd
 
     q, k, v, do, cu = packed([40, 24], 7, 1, 16, seed=23)

@@ -223,24 +223,12 @@ def inverse_lists(
     global block id = first block of the token's sequence + its block id within the sequence.
     Returns (offsets int64 [n_blocks * HKV + 1], tokens int32 [T * HKV * S]): the tokens of (block j, group g)
     are tokens[offsets[j * HKV + g] : offsets[j * HKV + g + 1]] (packed rows); entries past offsets[-1] belong
-    to unused slots.
+    to unused slots. These are `block_lists` with a single chunk, each triple reduced to its token (ids past
+    the token's sequence, which hold no keys, are left out there).
     """
     total, heads_kv, slots = block_indices.shape
-    device = block_indices.device
-    n_blocks = key_blocks.shape[0]
-    seq, first_block = _sequence_blocks(cu_seqlens, key_blocks, total)
-    chosen = block_indices
-    group = torch.arange(heads_kv, device=device, dtype=torch.int32)[None, :, None]
-    # int32 keys (n_blocks * HKV < 2^31 for any realistic T) make the radix sort half as long as int64 ones.
-    key = (first_block[seq].to(torch.int32)[:, None, None] + chosen) * heads_kv + group
-    key = torch.where(chosen >= 0, key, n_blocks * heads_kv).reshape(-1)
-    sorted_key, order = torch.sort(key, stable=True)  # stable: tokens stay ascending within a key
-    # As in `block_lists`: list starts found in the sorted keys, no histogram, no host sync; the unused
-    # slots' entries trail the lists in `tokens`.
-    lists = torch.arange(n_blocks * heads_kv + 1, device=device, dtype=torch.int32)
-    offsets = torch.searchsorted(sorted_key, lists)
-    tokens = (order // (heads_kv * slots)).to(torch.int32)
-    return offsets, tokens
+    lists = block_lists(block_indices, cu_seqlens, key_blocks, chunk_tokens=max(total, 1))
+    return lists.offsets, (lists.pairs // (heads_kv * slots)).to(torch.int32)
 
 
 def _tile_rows(group: int, rows: int) -> tuple[int, int]:
