@@ -291,8 +291,8 @@ def time_length(total: int, results: dict, table: list[str]) -> None:
         record(f"slc {kind} prep union rows{auto.block_m}",
                partial(slc.union_blocks, idx, auto.tiles, auto.tokens), rep=50)
         key_blocks = slc.tiles_of(cu_t, BLOCK)
-        record(f"slc {kind} prep inverse", partial(slc.inverse_lists, idx, cu_t, key_blocks), rep=50)
-        offsets, tokens = slc.inverse_lists(idx, cu_t, key_blocks)
+        record(f"slc {kind} prep inverse", partial(slc.inverse_lists, idx, cu_t, BLOCK, key_blocks.shape[0]), rep=50)
+        offsets, tokens = slc.inverse_lists(idx, cu_t, BLOCK, key_blocks.shape[0])
         if SWEEP:
             configs = {128: [(8, 2), (8, 3), (4, 2)], 64: [(4, 2), (4, 3), (8, 2)], 16: [(4, 3), (4, 2), (2, 3)]}
             for rows in (128, 64, 16):

@@ -116,26 +116,31 @@ def probe(seq_len: int, emit, out_dir: str) -> None:
     group = HQ // HKV
     scale = D**-0.5
     chunk = min(slc.by_block_chunk_tokens(HQ, HKV, COUNT, D, q.element_size()), seq_len)
-    key_blocks = slc.tiles_of(cu, BLOCK)
-    lists = slc.block_lists(idx, cu, key_blocks, chunk)
-    items, bounds = slc.by_block_items(lists, HKV, slc.BY_BLOCK_SPLIT)
+    key_blocks = slc.tiles_of(cu, BLOCK, slc.max_tiles_of(seq_len, 1, BLOCK))
+    lists = slc.block_lists(idx, cu, BLOCK, chunk, n_blocks=key_blocks.shape[0])
+    work = slc.by_block_items(lists, HKV, slc.BY_BLOCK_SPLIT)
+    items, bounds = work.items, work.bounds.tolist()
     block_m, bt = slc._tile_rows(group, slc.BY_BLOCK_ROWS)
     o_part = torch.empty((chunk * HKV * COUNT * group, D), dtype=q.dtype, device=q.device)
     lse_part = torch.empty(chunk * HKV * COUNT * group, dtype=torch.float32, device=q.device)
     triples = int(lists.offsets[-1])
-    common = (q, k, v, o_part, lse_part, key_blocks, items, lists.pairs,
-              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     compiled = {}
 
     def launch(kernel, name: str, warps: int, stages: int, **flags) -> None:
         for c in range(lists.n_chunks):
             n_items = bounds[c + 1] - bounds[c]
-            if n_items:
-                compiled[name] = kernel[(n_items,)](
-                    *common, bounds[c], c * chunk * HKV * COUNT, D, scale * LOG2E,
-                    HKV=HKV, G=group, S=COUNT, BT=bt, BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_D=D,
-                    num_warps=warps, num_stages=stages, **flags,
-                )
+            if not n_items:
+                continue
+            if kernel is slc._slc_fwd_by_block_kernel:  # launched on the chunk's bound, reads its real count
+                grid, args = work.grid[c], (items, work.bounds, lists.pairs, *strides, c)
+            else:  # the old kernel: exactly the chunk's items, from item bounds[c] on
+                grid, args = n_items, (items, lists.pairs, *strides, bounds[c])
+            compiled[name] = kernel[(grid,)](
+                q, k, v, o_part, lse_part, key_blocks, *args, c * chunk * HKV * COUNT, D, scale * LOG2E,
+                HKV=HKV, G=group, S=COUNT, BT=bt, BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_D=D,
+                num_warps=warps, num_stages=stages, **flags,
+            )
 
     library = dict(DOT_PREC=slc.dot_precision(q), LOOP_STAGES=slc.BY_BLOCK_LAUNCH[1],
                    maxnreg=slc.BY_BLOCK_MAX_REGISTERS)
@@ -151,7 +156,7 @@ def probe(seq_len: int, emit, out_dir: str) -> None:
              n_spills=handle.n_spills, shared=handle.metadata.shared)
     fold_o, fold_gate = torch.zeros_like(q), torch.ones(q.shape[:2], dtype=q.dtype, device=q.device)
     whole = {
-        "block_lists": partial(slc.block_lists, idx, cu, key_blocks, chunk),
+        "block_lists": partial(slc.block_lists, idx, cu, BLOCK, chunk),
         "by_block_items": partial(slc.by_block_items, lists, HKV, slc.BY_BLOCK_SPLIT),
         "launch_fwd_by_block (training)": partial(slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale),
         "launch_fwd_by_block (inference)": partial(

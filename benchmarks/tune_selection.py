@@ -140,7 +140,7 @@ def run_selection(name: str, seq_len: int, deadline: float) -> None:
     # dk/dv (inverse lists): sm_90 compile of the default (32 rows, 4 warps, 2 stages) spills 184 bytes at
     # 255 registers; 8 warps needs 247 and no spill. Checked against the default's dk, dv.
     key_blocks = slc.tiles_of(cu, BLOCK)
-    offsets, tok_list = slc.inverse_lists(idx, cu, key_blocks)
+    offsets, tok_list = slc.inverse_lists(idx, cu, BLOCK, key_blocks.shape[0])
     ref = None
     for rows, warps, stages in DKDV_VARIANTS:
         if time.time() > deadline + 6.0:
@@ -184,7 +184,7 @@ BY_BLOCK_PARTIALS_MIB = [256, 1024]
 def by_block_steps(idx: torch.Tensor, cu: torch.Tensor, group: int, rows: int, chunk_tokens: int) -> int:
     """Program steps of the block-major forward: sum over lists of ceil(length / BT)."""
     bt = slc._tile_rows(group, rows)[1]
-    lists = slc.block_lists(idx, cu, slc.tiles_of(cu, BLOCK), chunk_tokens)
+    lists = slc.block_lists(idx, cu, BLOCK, chunk_tokens)
     lengths = lists.offsets[1:] - lists.offsets[:-1]
     return int(((lengths + bt - 1) // bt).sum())
 
@@ -223,7 +223,7 @@ def run_by_block(name: str, seq_len: int, deadline: float) -> None:
     emit(kind="time", selection=name, kernel="tile fwd", rows=tile_plan.block_m, ms=tile_ms,
          with_planning_ms=tile_total_ms)
     default_chunk = slc.by_block_chunk_tokens(HQ, HKV, COUNT, D, q.element_size())
-    sort_ms = bench(partial(slc.block_lists, idx, cu, slc.tiles_of(cu, BLOCK), default_chunk))
+    sort_ms = bench(partial(slc.block_lists, idx, cu, BLOCK, default_chunk))
     emit(kind="time", selection=name, kernel="block_lists", chunk_tokens=default_chunk, ms=sort_ms)
 
     results = []
@@ -317,7 +317,7 @@ def run_dkdv(name: str, seq_len: int, deadline: float) -> None:
     emit(kind="time", selection=name, T=seq_len, kernel="dq default", rows=dq_plan.block_m,
          ms=bench(partial(slc.launch_dq, q, k, v, do, lse, delta, dq_plan, BLOCK, scale, do_scale=gate)))
     key_blocks = slc.tiles_of(cu, BLOCK)
-    offsets, tok_list = slc.inverse_lists(idx, cu, key_blocks)
+    offsets, tok_list = slc.inverse_lists(idx, cu, BLOCK, key_blocks.shape[0])
     common = (q, k, v, do, lse, delta, key_blocks, offsets, tok_list, BLOCK, scale)
     ref = slc.launch_dkdv(*common, do_scale=gate)
     for rows, warps, stages in DKDV_TUNE_VARIANTS:
@@ -368,7 +368,7 @@ def run_defaults(name: str, seq_len: int) -> None:
              ms=bench(fn))
 
     key_blocks = slc.tiles_of(cu, BLOCK)
-    offsets, tok_list = slc.inverse_lists(idx, cu, key_blocks)
+    offsets, tok_list = slc.inverse_lists(idx, cu, BLOCK, key_blocks.shape[0])
     common = (key_blocks, offsets, tok_list, BLOCK, scale)
     dkdv = partial(slc.launch_dkdv, q, k, v, do, lse, delta, *common)
     dkdv_g = partial(slc.launch_dkdv, q, k, v, do, lse, delta_g, *common, do_scale=gate)

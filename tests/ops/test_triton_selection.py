@@ -394,48 +394,58 @@ def test_forward_layout_follows_cost_model(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_block_lists_sort_triples_by_chunk_block_group() -> None:
     """Every used (token, group, slot) triple lands exactly once in the list of (its chunk, its global block,
-    its group), tokens ascending; unused slots and ids past the sequence are left out."""
-    from videonsa.ops.triton.selection import block_lists, tiles_of
+    its group), tokens ascending; unused slots, ids past the sequence and ids of blocks after the token are
+    left out."""
+    from videonsa.ops.triton.selection import block_lists
 
     cu = torch.tensor([0, 40, 64], dtype=torch.int32)
     idx = random_selection(cu, 2, 3, 16, seed=23)
     idx[45, 1, 0] = 7  # sequence 1 has 2 blocks: dropped
-    key_blocks = tiles_of(cu, 16)  # 3 + 2 blocks
-    lists = block_lists(idx, cu, key_blocks, chunk_tokens=10)
-    assert lists.n_chunks == 7 and lists.n_blocks == 5
-    assert int(lists.block_indices[45, 1, 0]) == -1
-    seen = []
-    for chunk in range(lists.n_chunks):
-        for block in range(lists.n_blocks):
-            for group in range(2):
-                pos = (chunk * lists.n_blocks + block) * 2 + group
-                triples = lists.pairs[lists.offsets[pos] : lists.offsets[pos + 1]].long()
-                tokens = triples // (2 * 3)
-                assert bool((tokens[1:] > tokens[:-1]).all())
-                for triple in triples.tolist():
-                    t, g, slot = triple // 6, (triple // 3) % 2, triple % 3
-                    seq = int(t >= 40)
-                    assert (t // 10, g) == (chunk, group)
-                    assert int(idx[t, g, slot]) + (3 if seq else 0) == block
-                    seen.append(triple)
-    used = (lists.block_indices >= 0).reshape(-1).nonzero().flatten().tolist()
-    assert sorted(seen) == used
+    idx[50, 0, 1] = 1  # token 50 is in block 0 of sequence 1: block 1 starts after it, dropped
+    idx[60, 0, 1] = 1  # token 60 is in block 1: kept
+    for n_blocks, padded in ((5, 5), (None, 64 // 16 + 2)):  # the real count (3 + 2 blocks), or the bound
+        lists = block_lists(idx, cu, 16, chunk_tokens=10, n_blocks=n_blocks)
+        assert lists.n_chunks == 7 and lists.n_blocks == padded
+        assert int(lists.block_indices[45, 1, 0]) == -1 and int(lists.block_indices[50, 0, 1]) == -1
+        assert int(lists.block_indices[60, 0, 1]) == 1
+        seen = []
+        for chunk in range(lists.n_chunks):
+            for block in range(lists.n_blocks):
+                for group in range(2):
+                    pos = (chunk * lists.n_blocks + block) * 2 + group
+                    triples = lists.pairs[lists.offsets[pos] : lists.offsets[pos + 1]].long()
+                    tokens = triples // (2 * 3)
+                    assert bool((tokens[1:] > tokens[:-1]).all())
+                    for triple in triples.tolist():
+                        t, g, slot = triple // 6, (triple // 3) % 2, triple % 3
+                        seq = int(t >= 40)
+                        assert (t // 10, g) == (chunk, group)
+                        assert int(idx[t, g, slot]) + (3 if seq else 0) == block
+                        assert int(idx[t, g, slot]) <= (t - 40 * seq) // 16
+                        seen.append(triple)
+        used = (lists.block_indices >= 0).reshape(-1).nonzero().flatten().tolist()
+        assert sorted(seen) == used
 
 
 @pytest.mark.parametrize("split", [0, 1, 3, 512])
-def test_block_major_items_cover_each_list_in_pieces(split: int) -> None:
+@pytest.mark.parametrize("seqlens", [[40, 24], [64], [5, 0, 30, 1]])
+def test_block_major_items_cover_each_list_in_pieces(split: int, seqlens: list[int]) -> None:
     """The forward's work items: each non-empty list's triples exactly once, in pieces of at most `split`
-    (0: whole lists), grouped by chunk (the per-chunk bounds), longest first within a chunk."""
-    from videonsa.ops.triton.selection import block_lists, by_block_items, tiles_of
+    (0: whole lists), grouped by chunk (the per-chunk bounds), longest first within a chunk, and never more
+    than the launch bound (`grid`) of their chunk."""
+    from videonsa.ops.triton.selection import block_lists, by_block_items
 
-    cu = torch.tensor([0, 40, 64], dtype=torch.int32)
-    lists = block_lists(random_selection(cu, 2, 3, 16, seed=24), cu, tiles_of(cu, 16), chunk_tokens=10)
-    items, bounds = by_block_items(lists, 2, split)
+    cu = torch.tensor([0, *seqlens], dtype=torch.int32).cumsum(0).to(torch.int32)
+    lists = block_lists(random_selection(cu, 2, 3, 16, seed=24), cu, 16, chunk_tokens=10)
+    work = by_block_items(lists, 2, split)
+    items, bounds = work.items, work.bounds.tolist()
     per_chunk = lists.n_blocks * 2
-    assert bounds[0] == 0 and bounds[-1] == items.shape[0] and len(bounds) == lists.n_chunks + 1
+    assert bounds[0] == 0 and len(bounds) == lists.n_chunks + 1 and len(work.grid) == lists.n_chunks
+    assert items.shape[0] == sum(work.grid) >= bounds[-1]
     covered = torch.zeros(lists.pairs.numel(), dtype=torch.int64)
     for chunk in range(lists.n_chunks):
         chunk_items = items[bounds[chunk] : bounds[chunk + 1]]
+        assert chunk_items.shape[0] <= work.grid[chunk]
         lengths = chunk_items[:, 2] - chunk_items[:, 1]
         assert bool((lengths > 0).all()) and bool((lengths[1:] <= lengths[:-1]).all())
         if split:
@@ -447,7 +457,7 @@ def test_block_major_items_cover_each_list_in_pieces(split: int) -> None:
     n_used = int(lists.offsets[-1])  # the unused slots trail the lists in `pairs`
     assert bool((covered[:n_used] == 1).all()) and bool((covered[n_used:] == 0).all())
     if split == 0:  # whole lists: one item per non-empty list
-        assert items.shape[0] == int((lists.offsets[1:] > lists.offsets[:-1]).sum())
+        assert bounds[-1] == int((lists.offsets[1:] > lists.offsets[:-1]).sum())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -477,6 +487,8 @@ def test_tiles_never_straddle_sequences() -> None:
     cu = torch.tensor([0, 5, 5 + 18, 5 + 18 + 1], dtype=torch.int32)
     tiles = tiles_of(cu, 9).tolist()
     assert tiles == [[0, 5, 0, 5], [5, 9, 5, 23], [14, 9, 5, 23], [23, 1, 23, 24]]
+    # With a bound on the count (no host sync): the same tiles, then empty rows.
+    assert tiles_of(cu, 9, max_tiles=6).tolist() == tiles + [[24, 0, 24, 24]] * 2
 
 
 def test_bad_inputs_are_rejected() -> None:

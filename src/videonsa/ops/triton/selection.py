@@ -110,23 +110,35 @@ def kernel_input(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def tiles_of(cu_seqlens: Tensor, tokens_per_tile: int) -> Tensor:
+def tiles_of(cu_seqlens: Tensor, tokens_per_tile: int, max_tiles: int | None = None) -> Tensor:
     """Split every sequence into tiles of `tokens_per_tile` consecutive tokens (the last one may be shorter).
 
     cu_seqlens: int [N+1] on the kernels' device.
     Returns int32 [n_tiles, 4]: (packed row of the tile's first token, tokens in the tile, packed row where
-    the tile's sequence starts, packed row where it ends). Built on the device; one host sync (tile count).
+    the tile's sequence starts, packed row where it ends). Built on the device; one host sync for the tile
+    count, or none when the caller gives `max_tiles` (an upper bound such as `max_tiles_of`): the table then
+    has max_tiles rows, those past the real tiles empty (T, 0, T, T).
     """
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
     per_seq = (lengths + tokens_per_tile - 1) // tokens_per_tile
-    total = int(per_seq.sum())
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), per_seq, output_size=total)
-    first_tile = torch.cumsum(per_seq, 0) - per_seq
-    local = torch.arange(total, device=cu.device) - first_tile[seq]
-    row0 = cu[seq] + local * tokens_per_tile
+    tile_end = torch.cumsum(per_seq, 0)
+    n_tiles = int(tile_end[-1]) if max_tiles is None else max_tiles
+    tile = torch.arange(n_tiles, device=cu.device)
+    seq = torch.searchsorted(tile_end, tile, right=True)  # len(lengths) for the empty rows
+    real = seq < len(lengths)
+    seq = seq.clamp(max=len(lengths) - 1)
+    row0 = cu[seq] + (tile - (tile_end - per_seq)[seq]) * tokens_per_tile
     count = torch.clamp(cu[seq + 1] - row0, max=tokens_per_tile)
-    return torch.stack([row0, count, cu[seq], cu[seq + 1]], dim=1).to(torch.int32).contiguous()
+    table = torch.stack([row0, count, cu[seq], cu[seq + 1]], dim=1)
+    empty = cu[-1] * torch.tensor([1, 0, 1, 1], device=cu.device)
+    return torch.where(real[:, None], table, empty).to(torch.int32).contiguous()
+
+
+def max_tiles_of(total: int, n_seqs: int, tokens_per_tile: int) -> int:
+    """Upper bound on the tiles of `n_seqs` sequences of `total` tokens in all (no device data needed): each
+    sequence adds at most one partial tile."""
+    return total // tokens_per_tile + n_seqs
 
 
 def row_dot(o: Tensor, do: Tensor) -> Tensor:
@@ -204,30 +216,30 @@ def union_blocks_torch(
     return blocks, count.contiguous(), bits.to(torch.int32).contiguous()
 
 
-def _sequence_blocks(cu_seqlens: Tensor, key_blocks: Tensor, total: int) -> tuple[Tensor, Tensor]:
-    """(sequence of each packed token, long [T]; first global key block of each sequence, long [N]) for
-    key_blocks = `tiles_of(cu_seqlens, block_size)`, whose rows are ordered by sequence."""
+def _sequence_blocks(cu_seqlens: Tensor, block_size: int, total: int) -> tuple[Tensor, Tensor]:
+    """(sequence of each packed token, long [T]; first global key block of each sequence, long [N]): global
+    block ids number the blocks of `tiles_of(cu_seqlens, block_size)`, sequence by sequence. No host sync."""
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
     seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths, output_size=total)
-    first_block = torch.searchsorted(key_blocks[:, 0].long().contiguous(), cu[:-1].contiguous())
-    return seq, first_block
+    blocks = (lengths + block_size - 1) // block_size
+    return seq, torch.cumsum(blocks, 0) - blocks
 
 
 def inverse_lists(
-    block_indices: Tensor, cu_seqlens: Tensor, key_blocks: Tensor
+    block_indices: Tensor, cu_seqlens: Tensor, block_size: int, n_blocks: int
 ) -> tuple[Tensor, Tensor]:
     """For every (key block, KV group): the tokens that selected it, ascending.
 
-    block_indices: int32 [T, HKV, S]; key_blocks: int32 [n_blocks, 4], `tiles_of(cu_seqlens, block_size)`, so
+    block_indices: int32 [T, HKV, S]; n_blocks: rows of `tiles_of(cu_seqlens, block_size)` (the key blocks), so
     global block id = first block of the token's sequence + its block id within the sequence.
     Returns (offsets int64 [n_blocks * HKV + 1], tokens int32 [T * HKV * S]): the tokens of (block j, group g)
     are tokens[offsets[j * HKV + g] : offsets[j * HKV + g + 1]] (packed rows); entries past offsets[-1] belong
-    to unused slots. These are `block_lists` with a single chunk, each triple reduced to its token (ids past
-    the token's sequence, which hold no keys, are left out there).
+    to unused slots. These are `block_lists` with a single chunk, each triple reduced to its token (ids of
+    blocks with no key at or before the token, which add nothing to dk/dv, are left out there).
     """
     total, heads_kv, slots = block_indices.shape
-    lists = block_lists(block_indices, cu_seqlens, key_blocks, chunk_tokens=max(total, 1))
+    lists = block_lists(block_indices, cu_seqlens, block_size, chunk_tokens=max(total, 1), n_blocks=n_blocks)
     return lists.offsets, (lists.pairs // (heads_kv * slots)).to(torch.int32)
 
 
@@ -305,13 +317,19 @@ class TilePlan:
     bits: Tensor  # int32 [n_tiles, HKV, tokens * S, ceil(tokens / 32)]
 
 
-def _candidate_tiles(cu_seqlens: Tensor, group: int, heights: list[int]) -> dict[int, tuple[int, Tensor]]:
-    """{BLOCK_M: (tokens per tile, `tiles_of` table)} for each distinct tile height among `heights`."""
+def _candidate_tiles(
+    cu_seqlens: Tensor, group: int, heights: list[int], total: int | None = None
+) -> dict[int, tuple[int, Tensor]]:
+    """{BLOCK_M: (tokens per tile, `tiles_of` table)} for each distinct tile height among `heights`. With
+    `total` (packed tokens) the tables are padded to `max_tiles_of` rows and cost no host sync: enough for
+    the estimates (empty rows count nothing), not for a launch."""
     tiled: dict[int, tuple[int, Tensor]] = {}
+    n_seqs = cu_seqlens.numel() - 1
     for rows in heights:
         block_m, bt = _tile_rows(group, rows)
         if block_m not in tiled:
-            tiled[block_m] = (bt, tiles_of(cu_seqlens, bt))
+            bound = None if total is None else max_tiles_of(total, n_seqs, bt)
+            tiled[block_m] = (bt, tiles_of(cu_seqlens, bt, bound))
     return tiled
 
 
@@ -339,11 +357,18 @@ def plan_tiles(
     tile times the cost of one step at that height (`step_cost`, default `TILE_STEP_COST`; the dq kernel
     passes `DQ_TILE_STEP_COST`). One host sync for the choice."""
     step_cost = step_cost or TILE_STEP_COST
-    tiled = _candidate_tiles(cu_seqlens, group, [tile_rows] if tile_rows else list(candidates or TILE_CANDIDATES))
-    block_m = next(iter(tiled))
-    if len(tiled) > 1:
+    heights = [tile_rows] if tile_rows else list(candidates or TILE_CANDIDATES)
+    block_m = _tile_rows(group, heights[0])[0]
+    if len({_tile_rows(group, rows)[0] for rows in heights}) > 1:
+        tiled = _candidate_tiles(cu_seqlens, group, heights, total=block_indices.shape[0])
         block_m = list(tiled)[int(torch.stack(_tile_estimates(block_indices, tiled, step_cost)).argmin())]
-    bt, tiles = tiled[block_m]
+    return _tile_plan(block_indices, cu_seqlens, block_m, group)
+
+
+def _tile_plan(block_indices: Tensor, cu_seqlens: Tensor, block_m: int, group: int) -> TilePlan:
+    """The `TilePlan` of tiles of block_m rows (one host sync, the tile count)."""
+    bt = block_m // group
+    tiles = tiles_of(cu_seqlens, bt)
     return TilePlan(block_m, bt, tiles, *union_blocks(block_indices, tiles, bt))
 
 
@@ -360,17 +385,15 @@ def by_block_estimate(block_indices: Tensor, group: int, rows: int = BY_BLOCK_RO
 def plan_forward(block_indices: Tensor, cu_seqlens: Tensor, group: int, block_size: int) -> TilePlan | None:
     """The forward's layout with the least estimated time: a `TilePlan` (query tiles of each height in
     `TILE_CANDIDATES`), or None for the block-major forward (only for blocks of at most 64 keys, which one
-    program holds). One host sync."""
-    tiled = _candidate_tiles(cu_seqlens, group, list(TILE_CANDIDATES))
+    program holds). One host sync for the choice, and one more for the tile table when tiles win."""
+    tiled = _candidate_tiles(cu_seqlens, group, list(TILE_CANDIDATES), total=block_indices.shape[0])
     estimates = _tile_estimates(block_indices, tiled, TILE_STEP_COST)
     if block_size <= 64:
         estimates.append(by_block_estimate(block_indices, group))
     choice = int(torch.stack(estimates).argmin())
     if choice == len(tiled):
         return None
-    block_m = list(tiled)[choice]
-    bt, tiles = tiled[block_m]
-    return TilePlan(block_m, bt, tiles, *union_blocks(block_indices, tiles, bt))
+    return _tile_plan(block_indices, cu_seqlens, list(tiled)[choice], group)
 
 
 def _launch_config(block_m: int, head_dim: int, kind: str = "fwd") -> tuple[int, int]:
@@ -666,14 +689,16 @@ def _cut_lists(
     offsets: Tensor, pieces: Tensor, split: int, n_items: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pieces of consecutive `split` entries of the lists offsets [L + 1] (list l cut in pieces[l], the last
-    one shorter, 0 pieces: left out). Returns owner (list), start, end of every piece, list by list.
-    n_items: pieces.sum() if the caller has it on the host (else one sync here)."""
+    one shorter, 0 pieces: left out). Returns owner (list), start, end of n_items pieces, list by list.
+    n_items: pieces.sum() when None (one host sync); a caller without a sync passes a bound instead, and the
+    pieces past the real ones get owner L (their start and end mean nothing)."""
     n_items = int(pieces.sum()) if n_items is None else n_items
-    device = offsets.device
-    owner = torch.repeat_interleave(torch.arange(len(pieces), device=device), pieces, output_size=n_items)
-    local = torch.arange(n_items, device=device) - (torch.cumsum(pieces, 0) - pieces)[owner]
-    start = offsets[owner] + local * split
-    return owner, start, torch.minimum(start + split, offsets[owner + 1])
+    piece_end = torch.cumsum(pieces, 0)
+    item = torch.arange(n_items, device=offsets.device)
+    owner = torch.searchsorted(piece_end, item, right=True)  # the list where the running piece count passes
+    list_of = owner.clamp(max=len(pieces) - 1)
+    start = offsets[list_of] + (item - (piece_end - pieces)[list_of]) * split
+    return owner, start, torch.minimum(start + split, offsets[list_of + 1])
 
 
 def split_lists(offsets: Tensor, split: int) -> tuple[Tensor, Tensor]:
@@ -722,24 +747,33 @@ class BlockLists:
 
     offsets: Tensor  # int64 [n_chunks * n_blocks * HKV + 1]
     pairs: Tensor  # int32 (int64 past 2^31 triples) [T * HKV * S]: the used slots, then the unused ones
-    block_indices: Tensor  # int32 [T, HKV, S]: the input with ids outside the token's sequence set to -1
+    block_indices: Tensor  # int32 [T, HKV, S]: the input, -1 for ids of blocks with no key at or before the token
     chunk_tokens: int
     n_chunks: int
-    n_blocks: int
+    n_blocks: int  # key blocks numbered (the real ones, or an upper bound on them: see `block_lists`)
+    block_size: int
+    n_seqs: int
 
 
 def block_lists(
-    block_indices: Tensor, cu_seqlens: Tensor, key_blocks: Tensor, chunk_tokens: int
+    block_indices: Tensor, cu_seqlens: Tensor, block_size: int, chunk_tokens: int, n_blocks: int | None = None
 ) -> BlockLists:
-    """Sort the selection's triples into `BlockLists` (one stable device sort, no host sync)."""
+    """Sort the selection's triples into `BlockLists` (one stable device sort, no host sync).
+
+    n_blocks: the number of key blocks (rows of `tiles_of(cu_seqlens, block_size)`), or None for the bound
+    `max_tiles_of`, which needs no sync (lists past the real blocks stay empty). A slot is used when its id
+    names a block of the token's sequence that starts at or before the token: ids past the sequence have no
+    keys, and a block after the token only masked ones, so dropping them changes no output.
+    """
     total, heads_kv, slots = block_indices.shape
     device = block_indices.device
-    n_blocks = key_blocks.shape[0]
-    seq, first_block = _sequence_blocks(cu_seqlens, key_blocks, total)
-    seq_blocks = torch.diff(first_block, append=first_block.new_tensor([n_blocks]))
-    # A block id past the sequence's end has no keys: dropping it changes nothing and keeps lists in range.
+    n_seqs = cu_seqlens.numel() - 1
+    if n_blocks is None:
+        n_blocks = max_tiles_of(total, n_seqs, block_size)
+    seq, first_block = _sequence_blocks(cu_seqlens, block_size, total)
+    own_block = (torch.arange(total, device=device) - cu_seqlens.long()[seq]) // block_size
     chosen = torch.where(
-        (block_indices >= 0) & (block_indices < seq_blocks[seq][:, None, None]), block_indices, -1
+        (block_indices >= 0) & (block_indices <= own_block[:, None, None]), block_indices, -1
     ).to(torch.int32)
     n_chunks = -(-total // chunk_tokens)
     n_lists = n_chunks * n_blocks * heads_kv
@@ -754,32 +788,48 @@ def block_lists(
     # n_lists, stay at the end of `pairs`, past offsets[-1]).
     offsets = torch.searchsorted(sorted_key, torch.arange(n_lists + 1, device=device, dtype=key_dtype))
     pairs = order.to(torch.int32) if key.numel() < 2**31 else order
-    return BlockLists(offsets, pairs, chosen.contiguous(), chunk_tokens, n_chunks, n_blocks)
+    return BlockLists(offsets, pairs, chosen.contiguous(), chunk_tokens, n_chunks, n_blocks, block_size, n_seqs)
 
 
-def by_block_items(lists: BlockLists, heads_kv: int, split: int) -> tuple[Tensor, list[int]]:
+@dataclass
+class BlockItems:
+    """Work items of the block-major forward, chunk by chunk (see `by_block_items`)."""
+
+    items: Tensor  # int64 [n_slots, 3]: (block * HKV + group within the chunk, first, end index into pairs)
+    bounds: Tensor  # int64 [n_chunks + 1]: chunk c's items are items[bounds[c] : bounds[c + 1]]
+    grid: list[int]  # per chunk, a host bound on its item count (the programs launched for it)
+
+
+def by_block_items(lists: BlockLists, heads_kv: int, split: int) -> BlockItems:
     """Work items of the block-major forward: every non-empty list cut into pieces of at most `split` triples
     (0: whole lists), grouped by chunk and, within a chunk, longest first (long items start early, short ones
-    fill the tail).
-
-    Returns items int64 [n_items, 3] = (block * HKV + group within the chunk, first, end index into
-    lists.pairs) and the host list of per-chunk item offsets [n_chunks + 1] (one sync).
+    fill the tail). No host sync: the launch sizes are bounds computed from the shapes (chunk c's tokens
+    [t0, t1) reach at most the lists of the blocks up to the one holding token t1 - 1, ((t1 - 1) // block +
+    n_seqs) per group, and make at most one piece per non-empty list plus one per `split` triples), and the
+    programs past a chunk's real items return at once.
     """
     offsets = lists.offsets
     counts = offsets[1:] - offsets[:-1]
     per_chunk = lists.n_blocks * heads_kv
-    if split > 0:
-        pieces = (counts + split - 1) // split
-    else:
-        split = max(1, int(counts.max()) if counts.numel() else 1)
-        pieces = (counts > 0).to(counts.dtype)
-    # Lists are numbered chunk by chunk, so the chunks' item counts are sums of consecutive pieces.
-    bounds = [0, *torch.cumsum(pieces.view(lists.n_chunks, per_chunk).sum(1), 0).tolist()]
-    owner, start, end = _cut_lists(offsets, pieces, split, n_items=bounds[-1])
-    # The pieces come list by list, hence chunk by chunk; one stable sort puts each chunk's longest first.
-    order = torch.sort((owner // per_chunk) * (split + 1) + split - (end - start), stable=True).indices
+    slots = lists.pairs.numel() // max(lists.block_indices.shape[0] * heads_kv, 1)
+    total = lists.block_indices.shape[0]
+    grid = []
+    for c in range(lists.n_chunks):
+        t0, t1 = c * lists.chunk_tokens, min((c + 1) * lists.chunk_tokens, total)
+        triples = (t1 - t0) * heads_kv * slots
+        reachable = min(per_chunk, ((t1 - 1) // lists.block_size + lists.n_seqs) * heads_kv, triples)
+        grid.append(reachable + (triples // split if split > 0 else 0))
+    pieces = (counts + split - 1) // split if split > 0 else (counts > 0).to(counts.dtype)
+    longest = lists.chunk_tokens * slots  # no list piece of a chunk is longer
+    owner, start, end = _cut_lists(offsets, pieces, split if split > 0 else longest, n_items=sum(grid))
+    real = owner < len(pieces)  # the slots past the real pieces sort last
+    key = torch.where(real, (owner // per_chunk) * (longest + 1) + longest - (end - start),
+                      lists.n_chunks * (longest + 1))
+    order = torch.sort(key, stable=True).indices
     items = torch.stack([owner % per_chunk, start, end], dim=1)[order].contiguous()
-    return items, bounds
+    # Lists are numbered chunk by chunk, so the chunks' item counts are sums of consecutive pieces.
+    bounds = torch.cat([pieces.new_zeros(1), torch.cumsum(pieces.view(lists.n_chunks, per_chunk).sum(1), 0)])
+    return BlockItems(items, bounds, grid)
 
 
 def by_block_chunk_tokens(
@@ -792,19 +842,22 @@ def by_block_chunk_tokens(
 
 @triton.jit
 def _slc_fwd_by_block_kernel(
-    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, key_blocks_ptr, items_ptr, pairs_ptr,
+    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, key_blocks_ptr, items_ptr, bounds_ptr, pairs_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    item0, pair0, head_dim, qk_scale,
+    chunk, pair0, head_dim, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
 ):
     """One program per work item of one chunk (a piece of the triples of one (key block, group), see
-    `by_block_items`): softmax of those triples over that block.
+    `by_block_items`): softmax of those triples over that block. The launch is a bound on the chunk's item
+    count; programs past bounds[chunk + 1] return.
 
     Writes o_part [triple - pair0, G, D] (normalised, in q's dtype) and lse_part [triple - pair0, G] (base 2,
     -inf where no key of the block is at or before the token)."""
-    item = (item0 + tl.program_id(0)).to(tl.int64)
+    item = tl.load(bounds_ptr + chunk) + tl.program_id(0)
+    if item >= tl.load(bounds_ptr + chunk + 1):
+        return
     owner = tl.load(items_ptr + item * 3)  # blk * HKV + g
     start = tl.load(items_ptr + item * 3 + 1)
     end = tl.load(items_ptr + item * 3 + 2)
@@ -947,23 +1000,24 @@ def launch_fwd_by_block(
         heads_q, heads_kv, slots, head_dim, q.element_size(), partial_bytes
     )
     chunk_tokens = min(chunk_tokens, total)
-    key_blocks = tiles_of(cu_seqlens, block_size)
-    lists = block_lists(block_indices, cu_seqlens, key_blocks, chunk_tokens)
+    # No host sync from here on: the key-block table and the lists are sized by bounds (`max_tiles_of`,
+    # `by_block_items`), so the launches queue behind the list building instead of waiting for it.
+    key_blocks = tiles_of(cu_seqlens, block_size, max_tiles_of(total, cu_seqlens.numel() - 1, block_size))
+    lists = block_lists(block_indices, cu_seqlens, block_size, chunk_tokens, n_blocks=key_blocks.shape[0])
     o = fold_into if fold else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
     o_part = torch.empty((chunk_tokens * heads_kv * slots * group, head_dim), dtype=q.dtype, device=q.device)
     lse_part = torch.empty(chunk_tokens * heads_kv * slots * group, dtype=torch.float32, device=q.device)
     block_m, bt = _tile_rows(group, rows)
     block_d = max(32, next_pow2(head_dim))  # the main kernel's value halves are products of >= 16 columns
-    items, bounds = by_block_items(lists, heads_kv, split)
+    work = by_block_items(lists, heads_kv, split)
     for c in range(lists.n_chunks):
         t0 = c * chunk_tokens
-        n_items = bounds[c + 1] - bounds[c]
-        if n_items:  # else no token of the chunk chose a block: every slot is unused and the merge writes o = 0
-            _slc_fwd_by_block_kernel[(n_items,)](
-                q, k, v, o_part, lse_part, key_blocks, items, lists.pairs,
+        if work.grid[c]:  # else no token of the chunk can choose a block: the merge writes o = 0
+            _slc_fwd_by_block_kernel[(work.grid[c],)](
+                q, k, v, o_part, lse_part, key_blocks, work.items, work.bounds, lists.pairs,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                bounds[c], t0 * heads_kv * slots, head_dim, scale * LOG2E,
+                c, t0 * heads_kv * slots, head_dim, scale * LOG2E,
                 HKV=heads_kv, G=group, S=slots, BT=bt, BLOCK_M=block_m, BLOCK_N=_block_n(block_size),
                 BLOCK_D=block_d, DOT_PREC=dot_precision(q), LOOP_STAGES=num_stages, num_warps=num_warps,
                 num_stages=1, maxnreg=max_registers,
@@ -1233,7 +1287,7 @@ def selected_attention_bwd(
     dq = launch_dq(q, k, v, do, lse, delta, plan, block_size, scale, do_scale=do_scale)
     del plan
     key_blocks = tiles_of(cu_seqlens, block_size)
-    offsets, tokens = inverse_lists(block_indices, cu_seqlens, key_blocks)
+    offsets, tokens = inverse_lists(block_indices, cu_seqlens, block_size, key_blocks.shape[0])
     dk, dv = launch_dkdv(
         q, k, v, do, lse, delta, key_blocks, offsets, tokens, block_size, scale, dkdv_rows, split=dkdv_split,
         do_scale=do_scale,
@@ -1242,7 +1296,8 @@ def selected_attention_bwd(
 
 
 __all__ = [
-    "BlockLists", "TilePlan", "block_lists", "launch_dkdv", "launch_dq", "launch_fwd", "launch_fwd_by_block",
-    "plan_forward", "next_pow2", "plan_tiles", "row_dot", "split_lists",
-    "selected_attention_bwd", "selected_attention_fwd", "tiles_of", "union_blocks", "union_blocks_torch",
+    "BlockItems", "BlockLists", "TilePlan", "block_lists", "by_block_items", "launch_dkdv", "launch_dq",
+    "launch_fwd", "launch_fwd_by_block", "max_tiles_of", "next_pow2", "plan_forward", "plan_tiles", "row_dot",
+    "selected_attention_bwd", "selected_attention_fwd", "split_lists", "tiles_of", "union_blocks",
+    "union_blocks_torch",
 ]
