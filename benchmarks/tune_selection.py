@@ -210,10 +210,10 @@ def run_by_block(name: str, seq_len: int, deadline: float) -> None:
     q, k, v, cu, idx = operator_inputs(seq_len, name == "structured")
     scale = D**-0.5
     group = HQ // HKV
-    tiled = slc._candidate_tiles(cu, group, list(slc.TILE_CANDIDATES))
-    estimates = [float(e) for e in slc._tile_estimates(idx, tiled, slc.TILE_STEP_COST)]
-    emit(kind="info", selection=name, T=seq_len, tile_estimates_ns_per_token=dict(zip(tiled, estimates)),
-         by_block_estimate_ns_per_token=float(slc.by_block_estimate(idx, group)),
+    sample = slc.sample_selection(idx, group, list(slc.TILE_CANDIDATES))
+    estimates = {bm: slc.tile_estimate(sample, bm, slc.TILE_STEP_COST) for bm in sample.steps_per_token}
+    emit(kind="info", selection=name, T=seq_len, tile_estimates_ns_per_token=estimates,
+         by_block_estimate_ns_per_token=slc.by_block_estimate(sample, group),
          planner="by_block" if slc.plan_forward(idx, cu, group, BLOCK) is None else "tiles")
     plan16 = slc.plan_tiles(idx, cu, group, 16)
     o16, lse16 = slc.launch_fwd(q, k, v, plan16, BLOCK, scale)

@@ -181,6 +181,26 @@ def test_union_kernel_matches_torch_oracle() -> None:
 
 
 @kernel_test
+def test_planner_sample_counts_the_union_steps_of_every_8th_tile() -> None:
+    """`sample_selection` (what the planners weigh): per tile height, the union entries of every 8th tile per
+    token of those tiles, and the used slots per token of the first height's windows, as the torch oracle
+    counts them on the same tiles (one sequence, so windows are tiles; 300 tokens end in a short tile)."""
+    from videonsa.ops.triton.selection import sample_selection, tiles_of, union_blocks_torch
+
+    cu = torch.tensor([0, 300], dtype=torch.int32)
+    idx = random_selection(cu, 2, 4, 16, seed=6)
+    sample = sample_selection(idx.to(DEVICE), 7, [64, 16])
+    assert sample.tokens == 300 and set(sample.steps_per_token) == {64, 16}
+    for block_m, tokens in ((64, 9), (16, 2)):
+        tiles = tiles_of(cu, tokens)[::8]
+        count = union_blocks_torch(idx, tiles, tokens)[1]
+        assert sample.steps_per_token[block_m] == pytest.approx(int(count.sum()) / int(tiles[:, 1].sum()))
+    tiles = tiles_of(cu, 9)[::8]
+    rows = torch.cat([torch.arange(int(a), int(a) + int(n)) for a, n in tiles[:, :2].tolist()])
+    assert sample.used_per_token == pytest.approx(int((idx[rows] >= 0).sum()) / rows.numel())
+
+
+@kernel_test
 def test_tile_height_follows_selection_overlap() -> None:
     """Tokens that all pick the same blocks get tall tiles; tokens with disjoint picks get 16-row tiles."""
     from videonsa.ops.triton.selection import plan_tiles

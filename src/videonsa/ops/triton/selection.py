@@ -317,35 +317,82 @@ class TilePlan:
     bits: Tensor  # int32 [n_tiles, HKV, tokens * S, ceil(tokens / 32)]
 
 
-def _candidate_tiles(
-    cu_seqlens: Tensor, group: int, heights: list[int], total: int | None = None
-) -> dict[int, tuple[int, Tensor]]:
-    """{BLOCK_M: (tokens per tile, `tiles_of` table)} for each distinct tile height among `heights`. With
-    `total` (packed tokens) the tables are padded to `max_tiles_of` rows and cost no host sync: enough for
-    the estimates (empty rows count nothing), not for a launch."""
-    tiled: dict[int, tuple[int, Tensor]] = {}
-    n_seqs = cu_seqlens.numel() - 1
+# The planner samples every PLAN_SAMPLE_EVERY-th window of consecutive tokens (a tile's worth for each height).
+PLAN_SAMPLE_EVERY = 8
+
+
+@dataclass
+class SelectionSample:
+    """What the layout planner knows of a selection, from every `PLAN_SAMPLE_EVERY`-th token window."""
+
+    steps_per_token: dict[int, float]  # BLOCK_M -> (tile, group) union entries per token on tiles that tall
+    used_per_token: float  # used slots per token, all groups
+    tokens: int  # tokens of the call
+
+
+def sample_selection(block_indices: Tensor, group: int, heights: list[int]) -> SelectionSample:
+    """Union sizes of the tiles of each height in `heights` (query rows), measured on sampled windows of
+    consecutive packed tokens: one program per (window, group) sorts the window's ids (`_sample_kernel`), and
+    the counts come back in one small copy (one host sync; a few launches instead of building tile tables).
+    Windows ignore sequence boundaries: one straddling two sequences may merge equal block ids of both,
+    which only matters for an estimate when sequences are a few tiles long."""
+    total, heads_kv, slots = block_indices.shape
+    bts = {}
     for rows in heights:
         block_m, bt = _tile_rows(group, rows)
-        if block_m not in tiled:
-            bound = None if total is None else max_tiles_of(total, n_seqs, bt)
-            tiled[block_m] = (bt, tiles_of(cu_seqlens, bt, bound))
-    return tiled
+        bts[block_m] = bt
+    counts = torch.zeros(2 * len(bts) + 1, dtype=torch.int64, device=block_indices.device)
+    for h, bt in enumerate(bts.values()):
+        stride = PLAN_SAMPLE_EVERY * bt
+        _sample_kernel[(-(-total // stride), heads_kv)](
+            block_indices, counts[2 * h :], counts[-1:], total, stride,
+            HKV=heads_kv, S=slots, BT=bt, BLOCK_E=next_pow2(bt * slots), COUNT_USED=h == 0,
+        )
+    host = counts.tolist()
+    first_tokens = max(host[1], 1)
+    return SelectionSample(
+        {block_m: host[2 * h] / max(host[2 * h + 1], 1) for h, block_m in enumerate(bts)},
+        host[-1] / first_tokens, total,
+    )
 
 
-def _tile_estimates(
-    block_indices: Tensor, tiled: dict[int, tuple[int, Tensor]], step_cost: dict[int, float]
-) -> list[Tensor]:
-    """Estimated ns per token (device scalars, no sync) for each tiling: the union steps of every 8th tile
-    times the cost of one step at that height."""
-    estimates = []
-    for block_m, (bt, tiles) in tiled.items():
-        sample = tiles[::8]
-        steps = union_blocks(block_indices, sample, bt)[1].sum()
-        tokens = sample[:, 1].sum()
-        per_token = steps.double() / tokens.clamp(min=1).double()
-        estimates.append(per_token * step_cost.get(block_m, max(step_cost.values())))
-    return estimates
+@triton.jit
+def _sample_kernel(
+    idx_ptr, counts_ptr, used_ptr, total, stride, HKV: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
+    BLOCK_E: tl.constexpr, COUNT_USED: tl.constexpr,
+):
+    """Window i = tokens [i * stride, i * stride + BT), group g: adds the number of distinct used ids to
+    counts[0], the window's tokens (once, from group 0) to counts[1], and with COUNT_USED its used slots to
+    used[0]. Integer atomics, so the sums are the same every run."""
+    t0 = tl.program_id(0).to(tl.int64) * stride
+    g = tl.program_id(1)
+    e = tl.arange(0, BLOCK_E)
+    tau = e // S
+    ok = (tau < BT) & (t0 + tau < total)
+    blk = tl.load(idx_ptr + (t0 + tau) * (HKV * S) + g * S + e % S, mask=ok, other=-1)
+    used = ok & (blk >= 0)
+    code = tl.sort(tl.where(used, blk, 2147483647))
+    previous = tl.gather(code, tl.maximum(e - 1, 0), 0)
+    first = (code != 2147483647) & ((code != previous) | (e == 0))
+    tl.atomic_add(counts_ptr, tl.sum(first.to(tl.int64), 0))
+    tl.atomic_add(counts_ptr + 1, tl.where(g == 0, tl.minimum(total - t0, BT), 0))
+    if COUNT_USED:
+        tl.atomic_add(used_ptr, tl.sum(used.to(tl.int64), 0))
+
+
+def tile_estimate(sample: SelectionSample, block_m: int, step_cost: dict[int, float]) -> float:
+    """Estimated ns per token of the query-tile kernels on tiles of block_m rows: union steps per token times
+    the cost of one step at that height."""
+    return sample.steps_per_token[block_m] * step_cost.get(block_m, max(step_cost.values()))
+
+
+def by_block_estimate(sample: SelectionSample, group: int, rows: int = BY_BLOCK_ROWS) -> float:
+    """Estimated ns per token of the block-major forward (`launch_fwd_by_block`): the used slots per token
+    (all groups) in steps of BT tokens, plus the per-token costs of sorting and merging and the fixed cost of
+    a call spread over the tokens."""
+    bt = _tile_rows(group, rows)[1]
+    return (sample.used_per_token / bt * BY_BLOCK_STEP_COST + BY_BLOCK_TOKEN_COST
+            + BY_BLOCK_CALL_COST / max(sample.tokens, 1))
 
 
 def plan_tiles(
@@ -353,15 +400,15 @@ def plan_tiles(
     step_cost: dict[int, float] | None = None, candidates: tuple[int, ...] | None = None,
 ) -> TilePlan:
     """Tiles for the forward / dq kernels: `tile_rows` rows per program, or (None) the height among
-    `candidates` (default `TILE_CANDIDATES`) with the least estimated time: union sizes measured on every 8th
-    tile times the cost of one step at that height (`step_cost`, default `TILE_STEP_COST`; the dq kernel
-    passes `DQ_TILE_STEP_COST`). One host sync for the choice."""
+    `candidates` (default `TILE_CANDIDATES`) with the least estimated time (`tile_estimate` on a
+    `sample_selection`; `step_cost` defaults to `TILE_STEP_COST`, the dq kernel passes `DQ_TILE_STEP_COST`).
+    One host sync for the choice, one for the tile table."""
     step_cost = step_cost or TILE_STEP_COST
     heights = [tile_rows] if tile_rows else list(candidates or TILE_CANDIDATES)
     block_m = _tile_rows(group, heights[0])[0]
     if len({_tile_rows(group, rows)[0] for rows in heights}) > 1:
-        tiled = _candidate_tiles(cu_seqlens, group, heights, total=block_indices.shape[0])
-        block_m = list(tiled)[int(torch.stack(_tile_estimates(block_indices, tiled, step_cost)).argmin())]
+        sample = sample_selection(block_indices, group, heights)
+        block_m = min(sample.steps_per_token, key=lambda bm: tile_estimate(sample, bm, step_cost))
     return _tile_plan(block_indices, cu_seqlens, block_m, group)
 
 
@@ -372,28 +419,15 @@ def _tile_plan(block_indices: Tensor, cu_seqlens: Tensor, block_m: int, group: i
     return TilePlan(block_m, bt, tiles, *union_blocks(block_indices, tiles, bt))
 
 
-def by_block_estimate(block_indices: Tensor, group: int, rows: int = BY_BLOCK_ROWS) -> Tensor:
-    """Estimated ns per token (device scalar) of the block-major forward (`launch_fwd_by_block`): the used
-    slots per token (all groups) in steps of BT tokens, plus the per-token costs of sorting and merging and
-    the fixed cost of a call spread over the tokens."""
-    bt = _tile_rows(group, rows)[1]
-    tokens = max(block_indices.shape[0], 1)
-    used = (block_indices >= 0).sum().double() / tokens
-    return used / bt * BY_BLOCK_STEP_COST + BY_BLOCK_TOKEN_COST + BY_BLOCK_CALL_COST / tokens
-
-
 def plan_forward(block_indices: Tensor, cu_seqlens: Tensor, group: int, block_size: int) -> TilePlan | None:
     """The forward's layout with the least estimated time: a `TilePlan` (query tiles of each height in
     `TILE_CANDIDATES`), or None for the block-major forward (only for blocks of at most 64 keys, which one
     program holds). One host sync for the choice, and one more for the tile table when tiles win."""
-    tiled = _candidate_tiles(cu_seqlens, group, list(TILE_CANDIDATES), total=block_indices.shape[0])
-    estimates = _tile_estimates(block_indices, tiled, TILE_STEP_COST)
-    if block_size <= 64:
-        estimates.append(by_block_estimate(block_indices, group))
-    choice = int(torch.stack(estimates).argmin())
-    if choice == len(tiled):
+    sample = sample_selection(block_indices, group, list(TILE_CANDIDATES))
+    estimates = {block_m: tile_estimate(sample, block_m, TILE_STEP_COST) for block_m in sample.steps_per_token}
+    if block_size <= 64 and by_block_estimate(sample, group) < min(estimates.values()):
         return None
-    return _tile_plan(block_indices, cu_seqlens, list(tiled)[choice], group)
+    return _tile_plan(block_indices, cu_seqlens, min(estimates, key=estimates.get), group)
 
 
 def _launch_config(block_m: int, head_dim: int, kind: str = "fwd") -> tuple[int, int]:
@@ -1296,8 +1330,8 @@ def selected_attention_bwd(
 
 
 __all__ = [
-    "BlockItems", "BlockLists", "TilePlan", "block_lists", "by_block_items", "launch_dkdv", "launch_dq",
-    "launch_fwd", "launch_fwd_by_block", "max_tiles_of", "next_pow2", "plan_forward", "plan_tiles", "row_dot",
-    "selected_attention_bwd", "selected_attention_fwd", "split_lists", "tiles_of", "union_blocks",
-    "union_blocks_torch",
+    "BlockItems", "BlockLists", "SelectionSample", "TilePlan", "block_lists", "by_block_estimate", "by_block_items",
+    "launch_dkdv", "launch_dq", "launch_fwd", "launch_fwd_by_block", "max_tiles_of", "next_pow2", "plan_forward",
+    "plan_tiles", "row_dot", "sample_selection", "selected_attention_bwd", "selected_attention_fwd", "split_lists",
+    "tile_estimate", "tiles_of", "union_blocks", "union_blocks_torch",
 ]
