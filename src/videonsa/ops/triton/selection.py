@@ -342,7 +342,7 @@ def sample_selection(block_indices: Tensor, group: int, heights: list[int]) -> S
         block_m, bt = _tile_rows(group, rows)
         bts[block_m] = bt
     counts = torch.zeros(2 * len(bts) + 1, dtype=torch.int64, device=block_indices.device)
-    for h, bt in enumerate(bts.values()):
+    for h, bt in enumerate(bts.values() if total else ()):
         stride = PLAN_SAMPLE_EVERY * bt
         _sample_kernel[(-(-total // stride), heads_kv)](
             block_indices, counts[2 * h :], counts[-1:], total, stride,
