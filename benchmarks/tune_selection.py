@@ -278,8 +278,15 @@ def run_by_block_splits(name: str, seq_len: int, splits: list[int]) -> None:
     scale = D**-0.5
     group = HQ // HKV
     tile_ms = bench(partial(slc.selected_attention_fwd, q, k, v, idx, cu, BLOCK, scale, by_block=False))
+    # The planner's estimates (ns per token), the block-major one without its fixed per-call part, so that
+    # BY_BLOCK_CALL_COST can be refitted from these lines.
+    sample = slc.sample_selection(idx, group, list(slc.TILE_CANDIDATES))
     emit(kind="time", selection=name, T=seq_len, kernel="tile fwd (with planning)", ms=tile_ms,
-         planner="by_block" if slc.plan_forward(idx, cu, group, BLOCK) is None else "tiles")
+         planner="by_block" if slc.plan_forward(idx, cu, group, BLOCK) is None else "tiles",
+         tile_estimates_ns_per_token={bm: slc.tile_estimate(sample, bm, slc.TILE_STEP_COST)
+                                      for bm in sample.steps_per_token},
+         by_block_estimate_without_call_ns_per_token=slc.by_block_estimate(sample, group)
+         - slc.BY_BLOCK_CALL_COST / seq_len)
     gate = torch.rand(q.shape[:2], device=q.device, dtype=q.dtype)
     base = torch.randn_like(q)
     for mode in ("training", "inference"):
