@@ -582,6 +582,29 @@ def test_gpu_block_major_forward_7_to_1_varlen(clustered: bool) -> None:
 
 
 @pytest.mark.gpu
+def test_gpu_block_major_forward_never_waits_for_the_device() -> None:
+    """The block-major forward sizes its lists and launches by bounds from the shapes, so the host queues the
+    whole call without a synchronising operation (torch's sync debug mode turns any into an error; a small
+    host tensor copied to the device would count)."""
+    from videonsa.ops.triton.selection import launch_fwd_by_block
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    cu = torch.tensor([0, 700, 2000], dtype=torch.int32, device="cuda")
+    q = torch.randn(2000, 28, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(2000, 4, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    pos = torch.cat([torch.arange(700, device="cuda"), torch.arange(1300, device="cuda")])
+    idx = torch.where(torch.arange(4, device="cuda") <= pos[:, None, None] // 64,
+                      pos[:, None, None] // 64 - torch.arange(4, device="cuda"), -1).flip(-1)
+    idx = idx.expand(2000, 4, 4).to(torch.int32).contiguous()
+    launch_fwd_by_block(q, k, v, idx, cu, 64, 0.1, chunk_tokens=300)  # compile first
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        launch_fwd_by_block(q, k, v, idx, cu, 64, 0.1, chunk_tokens=300)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
 def test_gpu_block_major_forward_1_to_1_head_dim_64_fp16() -> None:
     _gpu_case([3000], 4, 4, 64, torch.float16, clustered=True, by_block=True)
 

@@ -129,10 +129,11 @@ def tiles_of(cu_seqlens: Tensor, tokens_per_tile: int, max_tiles: int | None = N
     real = seq < len(lengths)
     seq = seq.clamp(max=len(lengths) - 1)
     row0 = cu[seq] + (tile - (tile_end - per_seq)[seq]) * tokens_per_tile
-    count = torch.clamp(cu[seq + 1] - row0, max=tokens_per_tile)
-    table = torch.stack([row0, count, cu[seq], cu[seq + 1]], dim=1)
-    empty = cu[-1] * torch.tensor([1, 0, 1, 1], device=cu.device)
-    return torch.where(real[:, None], table, empty).to(torch.int32).contiguous()
+    count = torch.where(real, torch.clamp(cu[seq + 1] - row0, max=tokens_per_tile), 0)
+    # Empty rows: (T, 0, T, T). Built from cu itself: a small host tensor copied over would sync the stream.
+    end = cu[-1]
+    table = [torch.where(real, row0, end), count, torch.where(real, cu[seq], end), cu[seq + 1]]
+    return torch.stack(table, dim=1).to(torch.int32).contiguous()
 
 
 def max_tiles_of(total: int, n_seqs: int, tokens_per_tile: int) -> int:
