@@ -88,7 +88,8 @@ BY_BLOCK_MERGE_WARPS = 4
 # call, spread over the tokens): what does not scale with tokens, the host work of building the lists and the
 # per-chunk launches, ~1.2 ms of the 9.7 ms at 32K (the two kernels take 8.0); it keeps 4K-16K on the tiles
 # (results/tune_selection_planner_h100_s5.jsonl; 16K randn would be 5.5 vs 6.7 ms block-major, but the tile
-# estimate is low for short sequences: 197 ns per token at 8K against 392 measured).
+# estimate is low for short sequences: 197 ns per token at 8K against 392 measured). Re-checked after the
+# list building lost its host syncs (results/tune_selection_planner_h100_s6.jsonl): still right or within 2%.
 BY_BLOCK_STEP_COST = 12.5
 BY_BLOCK_TOKEN_COST = 105.0
 BY_BLOCK_CALL_COST = 1.2e6
