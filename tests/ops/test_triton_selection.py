@@ -284,6 +284,7 @@ def test_backward_do_scale_and_given_delta(dtype: torch.dtype) -> None:
         ([37, 20], 7, 1, 16, 3, torch.float32, 5, 16),  # chunks straddle the sequence boundary
         ([30], 14, 2, 16, 2, torch.float32, None, 32),  # one chunk, 4 tokens per step
         ([17, 33, 5], 2, 2, 32, 2, torch.float16, 7, 16),  # 1:1, sequences shorter than a block
+        ([9, 0, 40, 1], 4, 2, 16, 3, torch.float32, 3, 16),  # an empty sequence, chunks of 3 tokens
     ],
 )
 def test_block_major_forward_matches_dense(seq_lens, heads_q, heads_kv, head_dim, slots, dtype, chunk_tokens, rows):
