@@ -111,6 +111,18 @@ def kernel_input(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _deal(counts: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Items 0..n-1 dealt in order, counts[i] of them to owner i (no host sync). Returns, per item, its owner,
+    its place among the owner's items, and whether it was dealt at all: items past counts.sum() were not, and
+    get the last owner (their place means nothing)."""
+    ends = torch.cumsum(counts, 0)
+    item = torch.arange(n, device=counts.device)
+    owner = torch.searchsorted(ends, item, right=True)
+    dealt = owner < len(counts)
+    owner = owner.clamp(max=len(counts) - 1)
+    return owner, item - (ends - counts)[owner], dealt
+
+
 def tiles_of(cu_seqlens: Tensor, tokens_per_tile: int, max_tiles: int | None = None) -> Tensor:
     """Split every sequence into tiles of `tokens_per_tile` consecutive tokens (the last one may be shorter).
 
@@ -123,13 +135,9 @@ def tiles_of(cu_seqlens: Tensor, tokens_per_tile: int, max_tiles: int | None = N
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
     per_seq = (lengths + tokens_per_tile - 1) // tokens_per_tile
-    tile_end = torch.cumsum(per_seq, 0)
-    n_tiles = int(tile_end[-1]) if max_tiles is None else max_tiles
-    tile = torch.arange(n_tiles, device=cu.device)
-    seq = torch.searchsorted(tile_end, tile, right=True)  # len(lengths) for the empty rows
-    real = seq < len(lengths)
-    seq = seq.clamp(max=len(lengths) - 1)
-    row0 = cu[seq] + (tile - (tile_end - per_seq)[seq]) * tokens_per_tile
+    n_tiles = int(per_seq.sum()) if max_tiles is None else max_tiles
+    seq, local, real = _deal(per_seq, n_tiles)
+    row0 = cu[seq] + local * tokens_per_tile
     count = torch.where(real, torch.clamp(cu[seq + 1] - row0, max=tokens_per_tile), 0)
     # Empty rows: (T, 0, T, T). Built from cu itself: a small host tensor copied over would sync the stream.
     end = cu[-1]
@@ -339,10 +347,7 @@ def sample_selection(block_indices: Tensor, group: int, heights: list[int]) -> S
     Windows ignore sequence boundaries: one straddling two sequences may merge equal block ids of both,
     which only matters for an estimate when sequences are a few tiles long."""
     total, heads_kv, slots = block_indices.shape
-    bts = {}
-    for rows in heights:
-        block_m, bt = _tile_rows(group, rows)
-        bts[block_m] = bt
+    bts = dict(_tile_rows(group, rows) for rows in heights)  # BLOCK_M -> tokens per tile
     counts = torch.zeros(2 * len(bts) + 1, dtype=torch.int64, device=block_indices.device)
     for h, bt in enumerate(bts.values() if total else ()):
         stride = PLAN_SAMPLE_EVERY * bt
@@ -723,18 +728,15 @@ def _slc_dkdv_reduce_kernel(
 
 def _cut_lists(
     offsets: Tensor, pieces: Tensor, split: int, n_items: int | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pieces of consecutive `split` entries of the lists offsets [L + 1] (list l cut in pieces[l], the last
-    one shorter, 0 pieces: left out). Returns owner (list), start, end of n_items pieces, list by list.
-    n_items: pieces.sum() when None (one host sync); a caller without a sync passes a bound instead, and the
-    pieces past the real ones get owner L (their start and end mean nothing)."""
+    one shorter, 0 pieces: left out). Returns owner (list), start, end of n_items pieces, list by list, and
+    whether each is a real piece. n_items: pieces.sum() when None (one host sync); a caller without a sync
+    passes a bound instead, and the pieces past the real ones mean nothing."""
     n_items = int(pieces.sum()) if n_items is None else n_items
-    piece_end = torch.cumsum(pieces, 0)
-    item = torch.arange(n_items, device=offsets.device)
-    owner = torch.searchsorted(piece_end, item, right=True)  # the list where the running piece count passes
-    list_of = owner.clamp(max=len(pieces) - 1)
-    start = offsets[list_of] + (item - (piece_end - pieces)[list_of]) * split
-    return owner, start, torch.minimum(start + split, offsets[list_of + 1])
+    owner, local, real = _deal(pieces, n_items)
+    start = offsets[owner] + local * split
+    return owner, start, torch.minimum(start + split, offsets[owner + 1]), real
 
 
 def split_lists(offsets: Tensor, split: int) -> tuple[Tensor, Tensor]:
@@ -748,7 +750,7 @@ def split_lists(offsets: Tensor, split: int) -> tuple[Tensor, Tensor]:
     """
     counts = offsets[1:] - offsets[:-1]
     pieces = torch.clamp((counts + split - 1) // split, min=1)
-    owner, start, end = _cut_lists(offsets, pieces, split)
+    owner, start, end, _ = _cut_lists(offsets, pieces, split)
     multi = pieces[owner] > 1
     part = torch.where(multi, torch.cumsum(multi, 0) - 1, -1)
     order = torch.sort(end - start, descending=True, stable=True).indices  # long items first
@@ -847,8 +849,7 @@ def by_block_items(lists: BlockLists, heads_kv: int, split: int) -> BlockItems:
     offsets = lists.offsets
     counts = offsets[1:] - offsets[:-1]
     per_chunk = lists.n_blocks * heads_kv
-    slots = lists.pairs.numel() // max(lists.block_indices.shape[0] * heads_kv, 1)
-    total = lists.block_indices.shape[0]
+    total, _, slots = lists.block_indices.shape
     grid = []
     for c in range(lists.n_chunks):
         t0, t1 = c * lists.chunk_tokens, min((c + 1) * lists.chunk_tokens, total)
@@ -857,8 +858,8 @@ def by_block_items(lists: BlockLists, heads_kv: int, split: int) -> BlockItems:
         grid.append(reachable + (triples // split if split > 0 else 0))
     pieces = (counts + split - 1) // split if split > 0 else (counts > 0).to(counts.dtype)
     longest = lists.chunk_tokens * slots  # no list piece of a chunk is longer
-    owner, start, end = _cut_lists(offsets, pieces, split if split > 0 else longest, n_items=sum(grid))
-    real = owner < len(pieces)  # the slots past the real pieces sort last
+    owner, start, end, real = _cut_lists(offsets, pieces, split if split > 0 else longest, n_items=sum(grid))
+    # The slots past the real pieces sort last.
     key = torch.where(real, (owner // per_chunk) * (longest + 1) + longest - (end - start),
                       lists.n_chunks * (longest + 1))
     order = torch.sort(key, stable=True).indices
