@@ -192,10 +192,10 @@ def test_planner_sample_counts_the_union_steps_of_every_8th_tile() -> None:
     sample = sample_selection(idx.to(DEVICE), 7, [64, 16])
     assert sample.tokens == 300 and set(sample.steps_per_token) == {64, 16}
     for block_m, tokens in ((64, 9), (16, 2)):
-        tiles = tiles_of(cu, tokens)[::8]
+        tiles = tiles_of(cu.to(DEVICE), tokens)[::8].cpu()
         count = union_blocks_torch(idx, tiles, tokens)[1]
         assert sample.steps_per_token[block_m] == pytest.approx(int(count.sum()) / int(tiles[:, 1].sum()))
-    tiles = tiles_of(cu, 9)[::8]
+    tiles = tiles_of(cu.to(DEVICE), 9)[::8].cpu()
     rows = torch.cat([torch.arange(int(a), int(a) + int(n)) for a, n in tiles[:, :2].tolist()])
     assert sample.used_per_token == pytest.approx(int((idx[rows] >= 0).sum()) / rows.numel())
 
@@ -413,6 +413,7 @@ def test_forward_layout_follows_cost_model(monkeypatch: pytest.MonkeyPatch) -> N
                                    by_block=True)
 
 
+@kernel_test
 def test_block_lists_sort_triples_by_chunk_block_group() -> None:
     """Every used (token, group, slot) triple lands exactly once in the list of (its chunk, its global block,
     its group), tokens ascending; unused slots, ids past the sequence and ids of blocks after the token are
@@ -425,7 +426,9 @@ def test_block_lists_sort_triples_by_chunk_block_group() -> None:
     idx[50, 0, 1] = 1  # token 50 is in block 0 of sequence 1: block 1 starts after it, dropped
     idx[60, 0, 1] = 1  # token 60 is in block 1: kept
     for n_blocks, padded in ((5, 5), (None, 64 // 16 + 2)):  # the real count (3 + 2 blocks), or the bound
-        lists = block_lists(idx, cu, 16, chunk_tokens=10, n_blocks=n_blocks)
+        lists = block_lists(idx.to(DEVICE), cu.to(DEVICE), 16, chunk_tokens=10, n_blocks=n_blocks)
+        for name in ("offsets", "pairs", "block_indices"):
+            setattr(lists, name, getattr(lists, name).cpu())
         assert lists.n_chunks == 7 and lists.n_blocks == padded
         assert int(lists.block_indices[45, 1, 0]) == -1 and int(lists.block_indices[50, 0, 1]) == -1
         assert int(lists.block_indices[60, 0, 1]) == 1
@@ -448,8 +451,9 @@ def test_block_lists_sort_triples_by_chunk_block_group() -> None:
         assert sorted(seen) == used
 
 
+@kernel_test
 @pytest.mark.parametrize("split", [0, 1, 3, 512])
-@pytest.mark.parametrize("seqlens", [[40, 24], [64], [5, 0, 30, 1]])
+@pytest.mark.parametrize("seqlens", [[40, 24], [64], [5, 0, 30, 1], [0, 7, 0]])
 def test_block_major_items_cover_each_list_in_pieces(split: int, seqlens: list[int]) -> None:
     """The forward's work items: each non-empty list's triples exactly once, in pieces of at most `split`
     (0: whole lists), grouped by chunk (the per-chunk bounds), longest first within a chunk, and never more
@@ -457,9 +461,9 @@ def test_block_major_items_cover_each_list_in_pieces(split: int, seqlens: list[i
     from videonsa.ops.triton.selection import block_lists, by_block_items
 
     cu = torch.tensor([0, *seqlens], dtype=torch.int32).cumsum(0).to(torch.int32)
-    lists = block_lists(random_selection(cu, 2, 3, 16, seed=24), cu, 16, chunk_tokens=10)
+    lists = block_lists(random_selection(cu, 2, 3, 16, seed=24).to(DEVICE), cu.to(DEVICE), 16, chunk_tokens=10)
     work = by_block_items(lists, 2, split)
-    items, bounds = work.items, work.bounds.tolist()
+    items, bounds, offsets = work.items.cpu(), work.bounds.tolist(), lists.offsets.cpu()
     per_chunk = lists.n_blocks * 2
     assert bounds[0] == 0 and len(bounds) == lists.n_chunks + 1 and len(work.grid) == lists.n_chunks
     assert items.shape[0] == sum(work.grid) >= bounds[-1]
@@ -473,12 +477,27 @@ def test_block_major_items_cover_each_list_in_pieces(split: int, seqlens: list[i
             assert bool((lengths <= split).all())
         for owner, start, end in chunk_items.tolist():
             lst = chunk * per_chunk + owner
-            assert lists.offsets[lst] <= start < end <= lists.offsets[lst + 1]
+            assert offsets[lst] <= start < end <= offsets[lst + 1]
             covered[start:end] += 1
-    n_used = int(lists.offsets[-1])  # the unused slots trail the lists in `pairs`
+    n_used = int(offsets[-1])  # the unused slots trail the lists in `pairs`
     assert bool((covered[:n_used] == 1).all()) and bool((covered[n_used:] == 0).all())
     if split == 0:  # whole lists: one item per non-empty list
-        assert bounds[-1] == int((lists.offsets[1:] > lists.offsets[:-1]).sum())
+        assert bounds[-1] == int((offsets[1:] > offsets[:-1]).sum())
+
+
+@kernel_test
+def test_tiles_never_straddle_sequences() -> None:
+    from videonsa.ops.triton.selection import tiles_of
+
+    cu = torch.tensor([0, 5, 5 + 18, 5 + 18 + 1], dtype=torch.int32, device=DEVICE)
+    tiles = tiles_of(cu, 9).tolist()
+    assert tiles == [[0, 5, 0, 5], [5, 9, 5, 23], [14, 9, 5, 23], [23, 1, 23, 24]]
+    # With a bound on the count (no host sync): the same tiles, then empty rows.
+    assert tiles_of(cu, 9, max_tiles=6).tolist() == tiles + [[24, 0, 24, 24]] * 2
+    # Empty sequences (first, inner, last) own no tile.
+    cu = torch.tensor([0, 0, 3, 3, 13, 13], dtype=torch.int32, device=DEVICE)
+    assert tiles_of(cu, 4).tolist() == [[0, 3, 0, 3], [3, 4, 3, 13], [7, 4, 3, 13], [11, 2, 3, 13]]
+    assert tiles_of(cu, 4, max_tiles=5).tolist()[4] == [13, 0, 13, 13]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -500,16 +519,6 @@ def test_split_lists_cover_every_list_once() -> None:
     assert bool((single[:, 3] == -1).all()), "unsplit lists write their final result directly"
     parts = sorted(int(p) for p in items[:, 3] if p >= 0)
     assert parts == list(range(7))
-
-
-def test_tiles_never_straddle_sequences() -> None:
-    from videonsa.ops.triton.selection import tiles_of
-
-    cu = torch.tensor([0, 5, 5 + 18, 5 + 18 + 1], dtype=torch.int32)
-    tiles = tiles_of(cu, 9).tolist()
-    assert tiles == [[0, 5, 0, 5], [5, 9, 5, 23], [14, 9, 5, 23], [23, 1, 23, 24]]
-    # With a bound on the count (no host sync): the same tiles, then empty rows.
-    assert tiles_of(cu, 9, max_tiles=6).tolist() == tiles + [[24, 0, 24, 24]] * 2
 
 
 def test_bad_inputs_are_rejected() -> None:

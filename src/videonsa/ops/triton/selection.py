@@ -111,38 +111,83 @@ def kernel_input(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _deal(counts: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Items 0..n-1 dealt in order, counts[i] of them to owner i (no host sync). Returns, per item, its owner,
-    its place among the owner's items, and whether it was dealt at all: items past counts.sum() were not, and
-    get the last owner (their place means nothing)."""
-    ends = torch.cumsum(counts, 0)
-    item = torch.arange(n, device=counts.device)
-    owner = torch.searchsorted(ends, item, right=True)
-    dealt = owner < len(counts)
-    owner = owner.clamp(max=len(counts) - 1)
-    return owner, item - (ends - counts)[owner], dealt
+@triton.jit
+def _searchsorted_right(sorted_ptr, x, n, n_iter):
+    """Per element of x: how many of the ascending values sorted[0:n] are <= x (torch.searchsorted with
+    right=True), by bisection; n_iter >= n.bit_length() halvings."""
+    lo = tl.zeros_like(x)
+    hi = lo + n
+    for _ in range(n_iter):
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        above = tl.load(sorted_ptr + mid, mask=open_, other=0) > x
+        hi = tl.where(open_ & above, mid, hi)
+        lo = tl.where(open_ & ~above, mid + 1, lo)
+    return lo
+
+
+def sequence_units(cu_seqlens: Tensor, unit: int) -> Tensor:
+    """int32 [N + 1]: where each sequence's run of `unit`-token pieces (tiles, key blocks) starts when they
+    are numbered sequence by sequence (ceil(length / unit) per sequence); the last entry is the total. One
+    small kernel, no host sync."""
+    n_seqs = cu_seqlens.numel() - 1
+    first = torch.empty(n_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
+    _units_prefix_kernel[(1,)](cu_seqlens, first, n_seqs, unit, BLOCK=1024)
+    return first
+
+
+@triton.jit
+def _units_prefix_kernel(cu_ptr, first_ptr, n_seqs, unit, BLOCK: tl.constexpr):
+    """One program: the exclusive running sum of ceil(length / unit) over the sequences, BLOCK at a time."""
+    tl.store(first_ptr, 0)
+    carry = tl.zeros([], dtype=tl.int32)
+    for s0 in range(0, n_seqs, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        ok = s < n_seqs
+        length = tl.load(cu_ptr + s + 1, mask=ok, other=0) - tl.load(cu_ptr + s, mask=ok, other=0)
+        units = (length + unit - 1) // unit
+        tl.store(first_ptr + s + 1, carry + tl.cumsum(units, 0), mask=ok)
+        carry += tl.sum(units, 0)
 
 
 def tiles_of(cu_seqlens: Tensor, tokens_per_tile: int, max_tiles: int | None = None) -> Tensor:
     """Split every sequence into tiles of `tokens_per_tile` consecutive tokens (the last one may be shorter).
 
-    cu_seqlens: int [N+1] on the kernels' device.
+    cu_seqlens: int32 [N+1] on the kernels' device.
     Returns int32 [n_tiles, 4]: (packed row of the tile's first token, tokens in the tile, packed row where
-    the tile's sequence starts, packed row where it ends). Built on the device; one host sync for the tile
+    the tile's sequence starts, packed row where it ends). Two small kernels; one host sync for the tile
     count, or none when the caller gives `max_tiles` (an upper bound such as `max_tiles_of`): the table then
     has max_tiles rows, those past the real tiles empty (T, 0, T, T).
     """
-    cu = cu_seqlens.long()
-    lengths = cu[1:] - cu[:-1]
-    per_seq = (lengths + tokens_per_tile - 1) // tokens_per_tile
-    n_tiles = int(per_seq.sum()) if max_tiles is None else max_tiles
-    seq, local, real = _deal(per_seq, n_tiles)
-    row0 = cu[seq] + local * tokens_per_tile
-    count = torch.where(real, torch.clamp(cu[seq + 1] - row0, max=tokens_per_tile), 0)
-    # Empty rows: (T, 0, T, T). Built from cu itself: a small host tensor copied over would sync the stream.
-    end = cu[-1]
-    table = [torch.where(real, row0, end), count, torch.where(real, cu[seq], end), cu[seq + 1]]
-    return torch.stack(table, dim=1).to(torch.int32).contiguous()
+    n_seqs = cu_seqlens.numel() - 1
+    first = sequence_units(cu_seqlens, tokens_per_tile)
+    n_tiles = int(first[-1]) if max_tiles is None else max_tiles
+    tiles = torch.empty((n_tiles, 4), dtype=torch.int32, device=cu_seqlens.device)
+    if n_tiles:
+        block = 256
+        _tiles_kernel[(triton.cdiv(n_tiles, block),)](
+            cu_seqlens, first, tiles, n_tiles, n_seqs, n_seqs.bit_length(), tokens_per_tile, BLOCK=block
+        )
+    return tiles
+
+
+@triton.jit
+def _tiles_kernel(cu_ptr, first_ptr, tiles_ptr, n_tiles, n_seqs, n_iter, tokens_per_tile, BLOCK: tl.constexpr):
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = r < n_tiles
+    # Tile r belongs to the sequence whose run of tiles holds it; rows past the real tiles get the last one.
+    seq = tl.minimum(_searchsorted_right(first_ptr + 1, r, n_seqs, n_iter), n_seqs - 1)
+    real = r < tl.load(first_ptr + n_seqs)
+    end = tl.load(cu_ptr + n_seqs)
+    seq_start = tl.load(cu_ptr + seq, mask=ok, other=0)
+    seq_end = tl.load(cu_ptr + seq + 1, mask=ok, other=0)
+    row0 = seq_start + (r - tl.load(first_ptr + seq, mask=ok, other=0)) * tokens_per_tile
+    count = tl.where(real, tl.minimum(seq_end - row0, tokens_per_tile), 0)
+    out = tiles_ptr + r.to(tl.int64) * 4
+    tl.store(out, tl.where(real, row0, end), mask=ok)
+    tl.store(out + 1, count, mask=ok)
+    tl.store(out + 2, tl.where(real, seq_start, end), mask=ok)
+    tl.store(out + 3, tl.where(real, seq_end, end), mask=ok)
 
 
 def max_tiles_of(total: int, n_seqs: int, tokens_per_tile: int) -> int:
@@ -224,16 +269,6 @@ def union_blocks_torch(
     # int64 -> int32 keeps the low 32 bits (two's complement), which is what the kernel shifts through.
     blocks = blocks[..., :width].to(torch.int32).contiguous()
     return blocks, count.contiguous(), bits.to(torch.int32).contiguous()
-
-
-def _sequence_blocks(cu_seqlens: Tensor, block_size: int, total: int) -> tuple[Tensor, Tensor]:
-    """(sequence of each packed token, long [T]; first global key block of each sequence, long [N]): global
-    block ids number the blocks of `tiles_of(cu_seqlens, block_size)`, sequence by sequence. No host sync."""
-    cu = cu_seqlens.long()
-    lengths = cu[1:] - cu[:-1]
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths, output_size=total)
-    blocks = (lengths + block_size - 1) // block_size
-    return seq, torch.cumsum(blocks, 0) - blocks
 
 
 def inverse_lists(
@@ -726,17 +761,14 @@ def _slc_dkdv_reduce_kernel(
     tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
-def _cut_lists(
-    offsets: Tensor, pieces: Tensor, split: int, n_items: int | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _cut_lists(offsets: Tensor, pieces: Tensor, split: int) -> tuple[Tensor, Tensor, Tensor]:
     """Pieces of consecutive `split` entries of the lists offsets [L + 1] (list l cut in pieces[l], the last
-    one shorter, 0 pieces: left out). Returns owner (list), start, end of n_items pieces, list by list, and
-    whether each is a real piece. n_items: pieces.sum() when None (one host sync); a caller without a sync
-    passes a bound instead, and the pieces past the real ones mean nothing."""
-    n_items = int(pieces.sum()) if n_items is None else n_items
-    owner, local, real = _deal(pieces, n_items)
-    start = offsets[owner] + local * split
-    return owner, start, torch.minimum(start + split, offsets[owner + 1]), real
+    one shorter, 0 pieces: left out). Returns owner (list), start and end of every piece, list by list. One
+    host sync (the piece count)."""
+    ends = torch.cumsum(pieces, 0)
+    owner = torch.searchsorted(ends, torch.arange(int(ends[-1]), device=pieces.device), right=True)
+    start = offsets[owner] + (torch.arange(len(owner), device=pieces.device) - (ends - pieces)[owner]) * split
+    return owner, start, torch.minimum(start + split, offsets[owner + 1])
 
 
 def split_lists(offsets: Tensor, split: int) -> tuple[Tensor, Tensor]:
@@ -750,7 +782,7 @@ def split_lists(offsets: Tensor, split: int) -> tuple[Tensor, Tensor]:
     """
     counts = offsets[1:] - offsets[:-1]
     pieces = torch.clamp((counts + split - 1) // split, min=1)
-    owner, start, end, _ = _cut_lists(offsets, pieces, split)
+    owner, start, end = _cut_lists(offsets, pieces, split)
     multi = pieces[owner] > 1
     part = torch.where(multi, torch.cumsum(multi, 0) - 1, -1)
     order = torch.sort(end - start, descending=True, stable=True).indices  # long items first
@@ -796,7 +828,8 @@ class BlockLists:
 def block_lists(
     block_indices: Tensor, cu_seqlens: Tensor, block_size: int, chunk_tokens: int, n_blocks: int | None = None
 ) -> BlockLists:
-    """Sort the selection's triples into `BlockLists` (one stable device sort, no host sync).
+    """Sort the selection's triples into `BlockLists` (one kernel for the sort keys, one stable device sort,
+    no host sync).
 
     n_blocks: the number of key blocks (rows of `tiles_of(cu_seqlens, block_size)`), or None for the bound
     `max_tiles_of`, which needs no sync (lists past the real blocks stay empty). A slot is used when its id
@@ -808,25 +841,44 @@ def block_lists(
     n_seqs = cu_seqlens.numel() - 1
     if n_blocks is None:
         n_blocks = max_tiles_of(total, n_seqs, block_size)
-    seq, first_block = _sequence_blocks(cu_seqlens, block_size, total)
-    own_block = (torch.arange(total, device=device) - cu_seqlens.long()[seq]) // block_size
-    chosen = torch.where(
-        (block_indices >= 0) & (block_indices <= own_block[:, None, None]), block_indices, -1
-    ).to(torch.int32)
     n_chunks = -(-total // chunk_tokens)
     n_lists = n_chunks * n_blocks * heads_kv
-    key_dtype = torch.int32 if n_lists < 2**31 - 1 else torch.int64
-    chunk = (torch.arange(total, device=device) // chunk_tokens).to(key_dtype)
-    group = torch.arange(heads_kv, device=device, dtype=key_dtype)[None, :, None]
-    key = ((chunk[:, None, None] * n_blocks + first_block[seq].to(key_dtype)[:, None, None] + chosen) * heads_kv
-           + group)
-    key = torch.where(chosen >= 0, key, n_lists).reshape(-1)
+    n_triples = block_indices.numel()
+    chosen = torch.empty_like(block_indices)
+    key = torch.empty(n_triples, dtype=torch.int32 if n_lists < 2**31 - 1 else torch.int64, device=device)
+    if n_triples:
+        block = 1024
+        _triple_keys_kernel[(triton.cdiv(n_triples, block),)](
+            block_indices, cu_seqlens, sequence_units(cu_seqlens, block_size), chosen, key,
+            n_triples, n_seqs, n_seqs.bit_length(), block_size, chunk_tokens, n_blocks, n_lists,
+            HKV=heads_kv, S=slots, BLOCK=block,
+        )
     sorted_key, order = torch.sort(key, stable=True)  # stable: tokens stay ascending within a list
     # List l starts where the sorted keys reach l: no histogram and no host sync (the unused slots, key
     # n_lists, stay at the end of `pairs`, past offsets[-1]).
-    offsets = torch.searchsorted(sorted_key, torch.arange(n_lists + 1, device=device, dtype=key_dtype))
-    pairs = order.to(torch.int32) if key.numel() < 2**31 else order
-    return BlockLists(offsets, pairs, chosen.contiguous(), chunk_tokens, n_chunks, n_blocks, block_size, n_seqs)
+    offsets = torch.searchsorted(sorted_key, torch.arange(n_lists + 1, device=device, dtype=key.dtype))
+    pairs = order.to(torch.int32) if n_triples < 2**31 else order
+    return BlockLists(offsets, pairs, chosen, chunk_tokens, n_chunks, n_blocks, block_size, n_seqs)
+
+
+@triton.jit
+def _triple_keys_kernel(
+    idx_ptr, cu_ptr, first_block_ptr, chosen_ptr, key_ptr, n_triples, n_seqs, n_iter, block_size, chunk_tokens,
+    n_blocks, n_lists, HKV: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per (token, group, slot) triple: the id if the slot is used (else -1), and the sort key
+    (chunk * n_blocks + global block) * HKV + group of its list (n_lists, past every list, if unused)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n_triples
+    t = i // (HKV * S)
+    seq = tl.minimum(_searchsorted_right(cu_ptr + 1, t.to(tl.int32), n_seqs, n_iter), n_seqs - 1)
+    own_block = (t - tl.load(cu_ptr + seq)) // block_size
+    blk = tl.load(idx_ptr + i, mask=ok, other=-1)
+    used = (blk >= 0) & (blk <= own_block)
+    tl.store(chosen_ptr + i, tl.where(used, blk, -1), mask=ok)
+    global_block = tl.load(first_block_ptr + seq) + blk
+    key = ((t // chunk_tokens) * n_blocks + global_block) * HKV + (i // S) % HKV
+    tl.store(key_ptr + i, tl.where(used, key, n_lists).to(key_ptr.dtype.element_ty), mask=ok)
 
 
 @dataclass
@@ -844,10 +896,10 @@ def by_block_items(lists: BlockLists, heads_kv: int, split: int) -> BlockItems:
     fill the tail). No host sync: the launch sizes are bounds computed from the shapes (chunk c's tokens
     [t0, t1) reach at most the lists of the blocks up to the one holding token t1 - 1, ((t1 - 1) // block +
     n_seqs) per group, and make at most one piece per non-empty list plus one per `split` triples), and the
-    programs past a chunk's real items return at once.
+    programs past a chunk's real items return at once. Two small kernels, a running sum and a sort.
     """
     offsets = lists.offsets
-    counts = offsets[1:] - offsets[:-1]
+    n_lists = offsets.numel() - 1
     per_chunk = lists.n_blocks * heads_kv
     total, _, slots = lists.block_indices.shape
     grid = []
@@ -856,17 +908,56 @@ def by_block_items(lists: BlockLists, heads_kv: int, split: int) -> BlockItems:
         triples = (t1 - t0) * heads_kv * slots
         reachable = min(per_chunk, ((t1 - 1) // lists.block_size + lists.n_seqs) * heads_kv, triples)
         grid.append(reachable + (triples // split if split > 0 else 0))
-    pieces = (counts + split - 1) // split if split > 0 else (counts > 0).to(counts.dtype)
-    longest = lists.chunk_tokens * slots  # no list piece of a chunk is longer
-    owner, start, end, real = _cut_lists(offsets, pieces, split if split > 0 else longest, n_items=sum(grid))
-    # The slots past the real pieces sort last.
-    key = torch.where(real, (owner // per_chunk) * (longest + 1) + longest - (end - start),
-                      lists.n_chunks * (longest + 1))
-    order = torch.sort(key, stable=True).indices
-    items = torch.stack([owner % per_chunk, start, end], dim=1)[order].contiguous()
-    # Lists are numbered chunk by chunk, so the chunks' item counts are sums of consecutive pieces.
-    bounds = torch.cat([pieces.new_zeros(1), torch.cumsum(pieces.view(lists.n_chunks, per_chunk).sum(1), 0)])
-    return BlockItems(items, bounds, grid)
+    longest = lists.chunk_tokens * slots  # no list of a chunk is longer
+    piece = split if split > 0 else longest
+    block = 1024
+    pieces = torch.empty(n_lists, dtype=torch.int64, device=offsets.device)
+    _list_pieces_kernel[(triton.cdiv(n_lists, block),)](offsets, pieces, n_lists, piece, BLOCK=block)
+    ends = torch.cumsum(pieces, 0)
+    n_slots = sum(grid)
+    unsorted = torch.empty((n_slots, 3), dtype=torch.int64, device=offsets.device)
+    key = torch.empty(n_slots, dtype=torch.int64, device=offsets.device)
+    bounds = torch.empty(lists.n_chunks + 1, dtype=torch.int64, device=offsets.device)
+    _block_items_kernel[(triton.cdiv(max(n_slots, lists.n_chunks + 1), block),)](
+        offsets, ends, unsorted, key, bounds, n_slots, n_lists, n_lists.bit_length(), per_chunk, lists.n_chunks,
+        piece, longest, BLOCK=block,
+    )
+    return BlockItems(unsorted[torch.sort(key, stable=True).indices], bounds, grid)
+
+
+@triton.jit
+def _list_pieces_kernel(offsets_ptr, pieces_ptr, n_lists, piece, BLOCK: tl.constexpr):
+    lst = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = lst < n_lists
+    count = tl.load(offsets_ptr + lst + 1, mask=ok, other=0) - tl.load(offsets_ptr + lst, mask=ok, other=0)
+    tl.store(pieces_ptr + lst, (count + piece - 1) // piece, mask=ok)
+
+
+@triton.jit
+def _block_items_kernel(
+    offsets_ptr, ends_ptr, items_ptr, key_ptr, bounds_ptr, n_slots, n_lists, n_iter, per_chunk, n_chunks,
+    piece, longest, BLOCK: tl.constexpr,
+):
+    """Item slot i: piece i of the lists' pieces dealt in order (ends = running sum of pieces per list), as
+    (list within its chunk, start, end), and its sort key: chunk, then longest first; slots past the real
+    pieces sort last. Also the chunks' bounds: chunk c's items start at the pieces of its first list."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n_slots
+    owner = _searchsorted_right(ends_ptr, i, n_lists, n_iter)
+    real = owner < n_lists
+    owner = tl.minimum(owner, n_lists - 1)
+    before = tl.load(ends_ptr + owner - 1, mask=ok & (owner > 0), other=0)
+    start = tl.load(offsets_ptr + owner, mask=ok, other=0) + (i - before) * piece
+    end = tl.minimum(start + piece, tl.load(offsets_ptr + owner + 1, mask=ok, other=0))
+    key = tl.where(real, (owner // per_chunk) * (longest + 1) + longest - (end - start), n_chunks * (longest + 1))
+    tl.store(items_ptr + i * 3, owner % per_chunk, mask=ok)
+    tl.store(items_ptr + i * 3 + 1, start, mask=ok)
+    tl.store(items_ptr + i * 3 + 2, end, mask=ok)
+    tl.store(key_ptr + i, key, mask=ok)
+    first_list = i * per_chunk  # chunk c = i
+    c_ok = i <= n_chunks
+    bound = tl.load(ends_ptr + first_list - 1, mask=c_ok & (i > 0), other=0)
+    tl.store(bounds_ptr + i, bound, mask=c_ok)
 
 
 def by_block_chunk_tokens(
