@@ -76,6 +76,17 @@ def test_auto_uses_triton_under_the_interpreter(monkeypatch, recording_triton) -
     assert recording_triton == ["attention", "parts"]
 
 
+def test_auto_keeps_float64_on_the_reference(monkeypatch, recording_triton) -> None:
+    """The kernels accumulate in float32; float64 callers (gradient checks, say) get the float64 reference."""
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    case = Case(q_heads=4, kv_heads=2, block_size=16, block_count=2, seq_len=40)
+    inputs = {name: x.detach() for name, x in make_inputs(case, torch.float64, seed=2).items()}
+    o = nsa_attention(**inputs, **case.settings())
+    assert o.dtype == torch.float64 and torch.equal(o, nsa_parts_reference(**inputs, **case.settings()).o)
+    assert recording_triton == []
+
+
 def test_auto_falls_back_to_the_reference_for_budgets_the_kernels_cannot_take(
     monkeypatch, inputs, recording_triton
 ) -> None:

@@ -299,6 +299,8 @@ def test_operator_rejects_bad_inputs():
                              x["g_slc"], x["g_swa"], block_size=16)
     with pytest.raises(ValueError, match="cu_seqlens"):
         nsa_attention_triton(**x, block_size=16, cu_seqlens=torch.tensor([0, 30], dtype=torch.int32))
+    with pytest.raises(ValueError, match="float64"):
+        nsa_attention_triton(**{n: v.double() for n, v in x.items()}, block_size=16, block_count=2, window_size=8)
 
 
 @pytest.mark.parametrize(

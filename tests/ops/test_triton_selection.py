@@ -348,6 +348,7 @@ def test_block_major_forward_ignores_out_of_sequence_and_future_blocks() -> None
     from videonsa.ops.triton.selection import launch_fwd_by_block
 
     q, k, v, _, cu = packed([40, 24], 7, 1, 16, seed=22)
+    q, k, v = (x.float() for x in (q, k, v))
     idx = random_selection(cu, 1, 3, 16, seed=22)
     idx[:40, 0, 2] = torch.where(idx[:40, 0, 2] < 0, 2, idx[:40, 0, 2])  # block 2 of sequence 0: future for t < 32
     idx[40:, 0, 2] = torch.where(idx[40:, 0, 2] < 0, 5, idx[40:, 0, 2])  # sequence 1 has 2 blocks
@@ -364,6 +365,7 @@ def test_backward_ignores_out_of_sequence_and_future_blocks() -> None:
     from videonsa.ops.triton.selection import selected_attention_bwd, selected_attention_fwd
 
     q, k, v, do, cu = packed([40, 24], 7, 1, 16, seed=23)
+    q, k, v, do = (x.float() for x in (q, k, v, do))
     idx = random_selection(cu, 1, 3, 16, seed=23)
     idx[:40, 0, 2] = torch.where(idx[:40, 0, 2] < 0, 2, idx[:40, 0, 2])  # block 2 of sequence 0: future for t < 32
     idx[:24, 0, 2] = 3  # past sequence 0's 3 blocks: global block 3 is sequence 1's first
@@ -533,6 +535,8 @@ def test_bad_inputs_are_rejected() -> None:
         selected_attention_fwd(torch.zeros(8, 4, 16), k, v, idx[:4], cu, 16, 0.25)
     with pytest.raises(ValueError, match="power of two"):
         selected_attention_fwd(torch.zeros(8, 4, 16), k, v, idx, cu, 24, 0.25)
+    with pytest.raises(ValueError, match="float64"):  # the kernels accumulate in float32: the reference's job
+        selected_attention_fwd(*(x.double() for x in (torch.zeros(8, 4, 16), k, v)), idx, cu, 16, 0.25)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 import warnings
 from functools import cache
 
+import torch
 from torch import Tensor
 
 from videonsa.ops.common import NSAParts
@@ -51,7 +52,8 @@ def _resolve_backend(backend: str | None, q: Tensor, block_size: int) -> str:
         raise ValueError(f"nsa_attention: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        use_triton = (q.is_cuda or interpret) and _triton_module() is not None
+        # float64 stays on the reference, which computes in float64; the kernels accumulate in float32.
+        use_triton = (q.is_cuda or interpret) and q.dtype != torch.float64 and _triton_module() is not None
         if use_triton and not triton_supports(block_size):
             _warn_reference_fallback(block_size)
             use_triton = False

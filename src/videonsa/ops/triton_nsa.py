@@ -38,7 +38,7 @@ from videonsa.ops.triton.compression import (
     mean_pool_fwd,
 )
 from videonsa.ops.triton.packing import pack
-from videonsa.ops.triton.selection import row_dot, selected_attention_bwd, selected_attention_fwd
+from videonsa.ops.triton.selection import KERNEL_DTYPES, row_dot, selected_attention_bwd, selected_attention_fwd
 from videonsa.ops.triton.topk import select_blocks_topk
 from videonsa.ops.triton.window import window_attention_bwd, window_attention_delta, window_attention_fwd
 
@@ -340,6 +340,8 @@ def _packed_call(q, k, v, g_cmp, g_slc, g_swa, block_size, block_count, window_s
     sequence_spans(cu_seqlens, batch, seq_len)  # validates cu_seqlens
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"nsa_attention: the Triton kernels need a power-of-two block_size >= 16, got {block_size}")
+    if q.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"nsa_attention: the Triton kernels take bfloat16, float16 or float32, got {q.dtype}")
     scale = head_dim**-0.5 if scale is None else float(scale)
     qp, cu = pack(q.contiguous(), cu_seqlens)
     kp, _ = pack(k.contiguous(), cu_seqlens)

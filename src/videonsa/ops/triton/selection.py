@@ -37,6 +37,8 @@ import triton.language as tl
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
+# What the kernels compute in (float32 accumulation throughout); float64 callers use the reference operator.
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Candidate tile heights (matrix rows per forward / dq program) and the measured time of one program step
 # (one union block of one tile) at each height, with the launch settings of `_launch_config`: H100, torch 2.11,
@@ -1176,6 +1178,11 @@ def _check(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: T
         )
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("selected attention: cu_seqlens must be 1-D with at least 2 entries")
+    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"selected attention: q, k, v must share one of bfloat16, float16, float32, got {q.dtype}, {k.dtype}, "
+            f"{v.dtype}"
+        )
 
 
 def _block_n(block_size: int) -> int:
@@ -1424,8 +1431,8 @@ def selected_attention_bwd(
 
 
 __all__ = [
-    "BlockItems", "BlockLists", "SelectionSample", "TilePlan", "block_lists", "by_block_estimate", "by_block_items",
-    "launch_dkdv", "launch_dq", "launch_fwd", "launch_fwd_by_block", "max_tiles_of", "next_pow2", "plan_forward",
-    "plan_tiles", "row_dot", "sample_selection", "selected_attention_bwd", "selected_attention_fwd", "split_lists",
-    "tile_estimate", "tiles_of", "union_blocks", "union_blocks_torch",
+    "KERNEL_DTYPES", "BlockItems", "BlockLists", "SelectionSample", "TilePlan", "block_lists", "by_block_estimate",
+    "by_block_items", "launch_dkdv", "launch_dq", "launch_fwd", "launch_fwd_by_block", "max_tiles_of", "next_pow2",
+    "plan_forward", "plan_tiles", "row_dot", "sample_selection", "selected_attention_bwd", "selected_attention_fwd",
+    "sequence_units", "split_lists", "tile_estimate", "tiles_of", "union_blocks", "union_blocks_torch",
 ]
