@@ -83,18 +83,17 @@ BY_BLOCK_LAUNCH = (4, 2)
 BY_BLOCK_MAX_REGISTERS = 168
 BY_BLOCK_MERGE_WARPS = 4
 # Cost model (same unit as TILE_STEP_COST: ns), fitted to the same runs: ns per program step of BY_BLOCK_ROWS
-# rows (implied 11.2-12.4 across randn and structured selections at 32K and 128K) and ns per token for what
-# scales with tokens (merge, index sort, small ops: 110-147 ns, part of it the fixed cost below). With these
-# constants the planner takes the block-major forward for structured 128K (measured 38.2 against 48.1 ms on
-# the 64-row tiles) and keeps structured 32K on the tiles (9.4 against 9.9 ms). BY_BLOCK_CALL_COST (ns per
-# call, spread over the tokens): what does not scale with tokens, the host work of building the lists and the
-# per-chunk launches, ~1.2 ms of the 9.7 ms at 32K (the two kernels take 8.0); it keeps 4K-16K on the tiles
-# (results/tune_selection_planner_h100_s5.jsonl; 16K randn would be 5.5 vs 6.7 ms block-major, but the tile
-# estimate is low for short sequences: 197 ns per token at 8K against 392 measured). Re-checked after the
-# list building lost its host syncs (results/tune_selection_planner_h100_s6.jsonl): still right or within 2%.
+# rows (implied 11.2-12.4 across randn and structured selections at 32K and 128K), ns per token for what scales
+# with tokens (merge, index sort, small kernels) and BY_BLOCK_CALL_COST (ns per call, spread over the tokens)
+# for what does not: launches and the planner's sync. The last two were refitted (least squares over randn and
+# structured, 4K-32K, results/tune_selection_planner_h100_s7.jsonl) after the list building became four small
+# kernels: 80 ns per token and 0.42 ms per call (before: 105 ns and 1.2 ms). With them the planner picks the
+# faster layout at every length of that sweep but 12K randn (block-major 3.80 vs tiles 3.92 ms, taken on
+# tiles): block-major for randn from 16K (4.38 vs 5.58 ms on tiles), the tiles for every structured length up
+# to 32K (8.32 vs 8.78 ms) and below 12K; structured 128K goes block-major (38.2 vs 48.1 ms, fifth session).
 BY_BLOCK_STEP_COST = 12.5
-BY_BLOCK_TOKEN_COST = 105.0
-BY_BLOCK_CALL_COST = 1.2e6
+BY_BLOCK_TOKEN_COST = 80.0
+BY_BLOCK_CALL_COST = 4.2e5
 
 
 def next_pow2(x: int) -> int:
