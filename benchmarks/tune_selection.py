@@ -25,6 +25,9 @@ selections: index sort alone, each (rows, warps, stages) launch and chunk size, 
 (key block, group) token list one program walks; 0 = whole lists), training and inference (fold_into) chunk
 sizes, outputs checked bit for bit against the first split.
 
+--dq-by-block times the block-major dq (`launch_dq_by_block`) for each launch variant against the query-tile
+dq with planning, checked against it, with the planner's estimates (for DQ_BY_BLOCK_*_COST).
+
 --dkdv times the dk/dv kernel (with do_scale, as the operator runs it) for each (rows, warps, stages)
 variant, checked against the default launch, next to the dq kernel's default time.
 
@@ -396,6 +399,54 @@ def run_defaults(name: str, seq_len: int) -> None:
         torch.cuda.empty_cache()
 
 
+# Block-major dq launch variants: (rows, warps, loop stages, register cap); the first is the library default.
+DQ_BY_BLOCK_VARIANTS = [(64, 4, 2, None), (64, 4, 2, 168), (64, 8, 2, None), (64, 4, 3, None), (32, 4, 2, None)]
+
+
+def run_dq_by_block(name: str, seq_len: int, deadline: float) -> None:
+    """The block-major dq (`launch_dq_by_block`) against the query-tile dq the planner would otherwise take:
+    times (with do_scale, as the operator runs it), each launch variant checked against the tile dq, and the
+    planner's estimates (ns per token; the block-major one without its per-call part) for refitting
+    DQ_BY_BLOCK_STEP_COST / _TOKEN_COST / _CALL_COST."""
+    q, k, v, cu, idx = operator_inputs(seq_len, name == "structured")
+    scale = D**-0.5
+    group = HQ // HKV
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    do = torch.randn(q.shape, device=DEVICE, dtype=q.dtype, generator=gen)
+    gate = torch.rand(q.shape[:2], device=DEVICE, generator=gen).to(q.dtype)
+    o, lse = slc.selected_attention_fwd(q, k, v, idx, cu, BLOCK, scale)
+    delta = slc.row_dot(o, do) * gate.float()
+
+    def tiles() -> torch.Tensor:  # what the operator ran before the block-major dq: planning included
+        plan = slc.plan_tiles(idx, cu, group, None, slc.DQ_TILE_STEP_COST)
+        return slc.launch_dq(q, k, v, do, lse, delta, plan, BLOCK, scale, do_scale=gate)
+
+    want = tiles()
+    sample = slc.sample_selection(idx, group, list(slc.TILE_CANDIDATES))
+    emit(kind="time", selection=name, T=seq_len, kernel="dq tiles (with planning)", ms=bench(tiles),
+         planner="by_block" if slc.plan_dq(idx, cu, group, BLOCK) is None else "tiles",
+         tile_estimates_ns_per_token={bm: slc.tile_estimate(sample, bm, slc.DQ_TILE_STEP_COST)
+                                      for bm in sample.steps_per_token},
+         by_block_estimate_without_call_ns_per_token=slc.by_block_estimate(sample, group, dq=True)
+         - slc.DQ_BY_BLOCK_CALL_COST / seq_len, used_per_token=sample.used_per_token)
+    for rows, warps, stages, regs in DQ_BY_BLOCK_VARIANTS:
+        if time.time() > deadline:
+            emit(kind="skip", selection=name, T=seq_len, reason="budget", rows=rows, warps=warps)
+            continue
+        fn = partial(slc.launch_dq_by_block, q, k, v, do, lse, delta, idx, cu, BLOCK, scale, do_scale=gate,
+                     rows=rows, num_warps=warps, num_stages=stages, max_registers=regs)
+        try:
+            got = fn()
+        except Exception as error:  # a launch that does not compile or fit
+            emit(kind="error", selection=name, T=seq_len, rows=rows, warps=warps, error=str(error)[:300])
+            continue
+        emit(kind="time", selection=name, T=seq_len, kernel="dq by block", rows=rows, warps=warps, stages=stages,
+             max_registers=regs, ms=bench(fn), rel_vs_tiles=rel(got, want), finite=bool(torch.isfinite(got).all()))
+        del got
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--length", type=int, default=131072)
@@ -405,6 +456,7 @@ def main() -> None:
     parser.add_argument("--defaults", action="store_true", help="time and check only the current defaults")
     parser.add_argument("--by-block", action="store_true", help="the block-major forward against the tiles")
     parser.add_argument("--dkdv", action="store_true", help="dk/dv launch variants")
+    parser.add_argument("--dq-by-block", action="store_true", help="the block-major dq against the query tiles")
     parser.add_argument("--lengths", type=int, nargs="*", help="several lengths (--by-block, --splits)")
     parser.add_argument("--splits", type=int, nargs="*",
                         help="time the block-major forward's list splits (BY_BLOCK_SPLIT values; 0 = none)")
@@ -421,6 +473,9 @@ def main() -> None:
                 run_by_block_splits(name, length, args.splits)
         elif args.dkdv:
             run_dkdv(name, args.length, share)
+        elif args.dq_by_block:
+            for length in args.lengths or [args.length]:
+                run_dq_by_block(name, length, share)
         elif args.by_block:
             for length in args.lengths or [args.length]:
                 run_by_block(name, length, share)
@@ -429,7 +484,8 @@ def main() -> None:
         else:
             run_selection(name, args.length, share)
     emit(kind="info", wall_s=time.time() - start)
-    tag = ("splits_" if args.splits else "dkdv_" if args.dkdv else "by_block_" if args.by_block
+    tag = ("splits_" if args.splits else "dkdv_" if args.dkdv else "dq_by_block_" if args.dq_by_block
+           else "by_block_" if args.by_block
            else "defaults_" if args.defaults else "")
     with open(os.path.join(args.out, f"tune_selection_{tag}{'_'.join(args.selections)}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in LINES)

@@ -262,10 +262,12 @@ def test_backward_do_scale_and_given_delta(dtype: torch.dtype) -> None:
     )
     delta = row_dot(o, dev(do)) * dev(gate).float()
     atol = 4e-5 if dtype == torch.float32 else 6e-3
-    for tile_rows, given in ((16, False), (64, True)):
+    # Query tiles of 16 and 64 rows, and the block-major dq, with delta derived from o or given.
+    for tile_rows, given, by_block in ((16, False, False), (64, True, False), (None, False, True), (None, True, True)):
         grads = selected_attention_bwd(
             dev(q), dev(k), dev(v), None if given else o, lse, dev(do), dev(idx), dev(cu), block_size, scale,
-            tile_rows=tile_rows, dkdv_split=6, do_scale=dev(gate), delta=delta if given else None,
+            tile_rows=tile_rows, dq_by_block=by_block, dkdv_split=6, do_scale=dev(gate),
+            delta=delta if given else None,
         )
         for name, got, leaf, unscaled, mat in zip(("dq", "dk", "dv"), grads, leaves, plain, materialised, strict=True):
             torch.testing.assert_close(got.cpu().double(), leaf.grad, atol=atol, rtol=atol, msg=name)
@@ -312,6 +314,51 @@ def test_block_major_forward_matches_dense(seq_lens, heads_q, heads_kv, head_dim
         o_split, lse_split = launch_fwd_by_block(*dev, 16, scale, chunk_tokens=chunk_tokens, rows=rows, split=split)
         torch.testing.assert_close(o_split, o, atol=atol, rtol=atol, msg=f"split {split}")
         torch.testing.assert_close(lse_split, lse, atol=1e-5, rtol=1e-5, msg=f"split {split}")
+
+
+@kernel_test
+@pytest.mark.parametrize(
+    ("seq_lens", "heads_q", "heads_kv", "head_dim", "slots", "dtype", "chunk_tokens", "rows"),
+    [
+        ([37, 20], 7, 1, 16, 3, torch.float32, 5, 16),  # chunks straddle the sequence boundary
+        ([17, 33, 5], 2, 2, 32, 2, torch.float16, 7, 16),  # 1:1, sequences shorter than a block
+        ([9, 0, 40, 1], 4, 2, 16, 3, torch.float32, 3, 16),  # an empty sequence, chunks of 3 tokens
+    ],
+)
+def test_block_major_dq_matches_dense(seq_lens, heads_q, heads_kv, head_dim, slots, dtype, chunk_tokens, rows):
+    """The block-major dq (a partial per (token, group, slot) from the program holding the block, summed per
+    token) equals the float64 gradient of masked dense attention, chunked or not, pieces of 2 triples or whole
+    lists, and equals the query-tile dq through `selected_attention_bwd`."""
+    from videonsa.ops.triton.selection import (
+        launch_dq_by_block,
+        row_dot,
+        selected_attention_bwd,
+        selected_attention_fwd,
+    )
+
+    q, k, v, do, cu = packed(seq_lens, heads_q, heads_kv, head_dim, seed=25)
+    q, k, v, do = (x.to(dtype) for x in (q, k, v, do))
+    idx = random_selection(cu, heads_kv, slots, 16, seed=25)
+    scale = head_dim**-0.5
+    dev = [x.to(DEVICE) for x in (q, k, v, idx, cu)]
+    o, lse = selected_attention_fwd(*dev, 16, scale)
+    leaf = q.double().requires_grad_()
+    o_ref, _ = dense_selected(leaf, k.double(), v.double(), idx, cu, 16, scale)
+    (o_ref * do.double()).sum().backward()
+    delta = row_dot(o, do.to(DEVICE))
+    atol = 4e-5 if dtype == torch.float32 else 4e-3
+    for split in (2, 0):
+        dq = launch_dq_by_block(dev[0], dev[1], dev[2], do.to(DEVICE), lse, delta, dev[3], dev[4], 16, scale,
+                                chunk_tokens=chunk_tokens, rows=rows, split=split)
+        assert dq.dtype == dtype
+        torch.testing.assert_close(dq.cpu().double(), leaf.grad, atol=atol, rtol=atol, msg=f"split {split}")
+    grads = {layout: selected_attention_bwd(*dev[:3], o, lse, do.to(DEVICE), *dev[3:], 16, scale, dq_by_block=layout)
+             for layout in (True, False)}
+    torch.testing.assert_close(grads[True][0], grads[False][0], atol=atol, rtol=atol)
+    for a, b in zip(grads[True][1:], grads[False][1:], strict=True):  # dk, dv do not depend on dq's layout
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="tile_rows"):
+        selected_attention_bwd(*dev[:3], o, lse, do.to(DEVICE), *dev[3:], 16, scale, dq_by_block=True, tile_rows=16)
 
 
 @kernel_test
@@ -413,6 +460,26 @@ def test_forward_layout_follows_cost_model(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ValueError, match="block_size <= 64"):
         slc.selected_attention_fwd(q, k, v, idx, torch.tensor([0, 8], dtype=torch.int32), 128, 0.25,
                                    by_block=True)
+
+
+@kernel_test
+def test_dq_layout_follows_its_own_cost_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`plan_dq` weighs the dq kernels' costs (DQ_TILE_STEP_COST against DQ_BY_BLOCK_*), not the forward's."""
+    from videonsa.ops.triton import selection as slc
+
+    cu = torch.tensor([0, 36], dtype=torch.int32, device=DEVICE)
+    same = torch.tensor([0, 1], dtype=torch.int32).expand(36, 1, 2).contiguous().to(DEVICE)
+    disjoint = (2 * torch.arange(36)[:, None, None] + torch.arange(2)).to(torch.int32).to(DEVICE)
+    for name in ("DQ_BY_BLOCK_TOKEN_COST", "DQ_BY_BLOCK_CALL_COST"):
+        monkeypatch.setattr(slc, name, 0.0)
+    monkeypatch.setattr(slc, "DQ_BY_BLOCK_STEP_COST", 20.0)  # 4.4 ns per token, as in the forward's test
+    monkeypatch.setattr(slc, "BY_BLOCK_STEP_COST", 1e6)  # the forward's block-major cost plays no part
+    assert slc.plan_dq(disjoint, cu, 7, 16) is None
+    assert slc.plan_forward(disjoint, cu, 7, 16).block_m == 16
+    assert slc.plan_dq(same, cu, 7, 16).block_m == 64
+    assert slc.plan_dq(disjoint, cu, 7, 128).block_m == 16  # blocks over 64 keys: query tiles only
+    monkeypatch.setattr(slc, "DQ_BY_BLOCK_TOKEN_COST", 1e6)
+    assert slc.plan_dq(disjoint, cu, 7, 16).block_m == 16
 
 
 @kernel_test
@@ -543,7 +610,9 @@ def test_bad_inputs_are_rejected() -> None:
 # GPU: real shapes
 
 
-def _gpu_case(seq_lens, heads_q, heads_kv, head_dim, dtype, clustered: bool, tile_rows=None, by_block=None) -> None:
+def _gpu_case(
+    seq_lens, heads_q, heads_kv, head_dim, dtype, clustered: bool, tile_rows=None, by_block=None, dq_by_block=None
+) -> None:
     gen = torch.Generator(device="cuda").manual_seed(sum(seq_lens) + heads_q)
     total = sum(seq_lens)
     cu = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
@@ -570,7 +639,8 @@ def _gpu_case(seq_lens, heads_q, heads_kv, head_dim, dtype, clustered: bool, til
 
     scale = head_dim**-0.5
     o, lse = selected_attention_fwd(q, k, v, idx, cu, block_size, scale, tile_rows=tile_rows, by_block=by_block)
-    grads = selected_attention_bwd(q, k, v, o, lse, do, idx, cu, block_size, scale, tile_rows=tile_rows)
+    grads = selected_attention_bwd(q, k, v, o, lse, do, idx, cu, block_size, scale, tile_rows=tile_rows,
+                                   dq_by_block=dq_by_block)
     # float32 reference on the same (rounded) values, one sequence at a time.
     group = heads_q // heads_kv
 
@@ -591,8 +661,8 @@ def test_gpu_real_shapes_7_to_1_varlen(clustered: bool, tile_rows: int | None) -
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("clustered", [False, True])
-def test_gpu_block_major_forward_7_to_1_varlen(clustered: bool) -> None:
-    _gpu_case([1000, 2600, 77, 400], 28, 4, 128, torch.bfloat16, clustered, by_block=True)
+def test_gpu_block_major_forward_and_dq_7_to_1_varlen(clustered: bool) -> None:
+    _gpu_case([1000, 2600, 77, 400], 28, 4, 128, torch.bfloat16, clustered, by_block=True, dq_by_block=True)
 
 
 @pytest.mark.gpu
@@ -619,8 +689,8 @@ def test_gpu_block_major_forward_never_waits_for_the_device() -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_block_major_forward_1_to_1_head_dim_64_fp16() -> None:
-    _gpu_case([3000], 4, 4, 64, torch.float16, clustered=True, by_block=True)
+def test_gpu_block_major_forward_and_dq_1_to_1_head_dim_64_fp16() -> None:
+    _gpu_case([3000], 4, 4, 64, torch.float16, clustered=True, by_block=True, dq_by_block=True)
 
 
 @pytest.mark.gpu

@@ -7,19 +7,22 @@ the keys of its selected blocks with key position <= t.
 
 Work layout (why it looks like this):
 
-* Forward and dq run one program per (query tile, KV group). A tile is BT consecutive tokens of one sequence
-  times the G heads of the group, flattened into BLOCK_M = BT * G (+ padding) rows, so a 7:1 ratio fills
-  the tensor-core tile without padding query heads. The program walks the *union* of the blocks its BT tokens
-  selected (built once per call by `union_blocks`), loads each key block once and masks, per row, whether
-  that row's token chose the block (a bitmask per union entry) and causality. Neighbouring tokens mostly pick
-  the same blocks in real models, so big tiles load far fewer key blocks than per-token programs. When
-  selections barely overlap (random inputs), big tiles waste rows on masked blocks; `plan_tiles` then falls
-  back to small tiles (BLOCK_M = 16: two tokens of a 7:1 group), which behave like per-token programs.
+* Forward and dq in the query-tile layout run one program per (query tile, KV group). A tile is BT consecutive
+  tokens of one sequence times the G heads of the group, flattened into BLOCK_M = BT * G (+ padding) rows, so a 7:1
+  ratio fills the tensor-core tile without padding query heads. The program walks the *union* of the blocks its BT
+  tokens selected (built once per call by `union_blocks`), loads each key block once and masks, per row, whether
+  that row's token chose the block (a bitmask per union entry) and causality. Neighbouring tokens mostly pick the
+  same blocks in real models, so big tiles load far fewer key blocks than per-token programs. When selections barely
+  overlap (random inputs), big tiles waste rows on masked blocks; `plan_tiles` then falls back to small tiles
+  (BLOCK_M = 16: two tokens of a 7:1 group), which behave like per-token programs.
 * When they share almost nothing, the forward can instead run block-major (`launch_fwd_by_block`): one
   program per (key block, KV group) walks the tokens that chose the block and writes one partial output per
   (token, group, slot), merged afterwards by log-sum-exp. That moves the query rows and the partials (2 x G
   rows per triple) instead of 32 KiB of keys and values per triple: 45 ms instead of 81 at 128K on random
   selections (H100). `plan_forward` picks the layout from the measured union sizes and a fitted cost model.
+* dq has the same two layouts: the query tiles (`launch_dq`) or block-major (`launch_dq_by_block`: the
+  forward's lists, one partial dq per triple, summed per token), chosen by `plan_dq` independently of the
+  forward (73 against 47 ms at 128K on random selections, H100).
 * dk/dv run one program per (key block, KV group) over the inverse index (`inverse_lists`): the sorted list
   of tokens that selected the block. Each program owns its keys, so dk/dv need no atomics and are
   deterministic; the tokens' query rows are gathered in chunks of BT tokens x G heads.
@@ -94,6 +97,19 @@ BY_BLOCK_MERGE_WARPS = 4
 BY_BLOCK_STEP_COST = 12.5
 BY_BLOCK_TOKEN_COST = 80.0
 BY_BLOCK_CALL_COST = 4.2e5
+# The block-major dq (`launch_dq_by_block`): launch (warps, loop stages), register cap, and its cost model in
+# the same units, weighed by `plan_dq` against the query-tile dq (DQ_TILE_STEP_COST). H100, bf16, D=128, 7:1,
+# with do_scale (benchmarks/tune_selection.py --dq-by-block, results/tune_selection_dq_by_block_h100_s7.jsonl):
+# 64 rows, 4 warps, 2 loop stages, no register cap: 46.9 ms at 128K randn (query tiles 73.3), 10.5 at 32K
+# (15.8), 5.3 at 16K (5.8); structured 44.5 at 128K (tiles 47.6), 10.3 at 32K (tiles 8.6). 3 stages within
+# 2%; a 168-register cap 11-15% slower, 8 warps 36-43%, 32 rows 28-40%. The measured 314-358 ns per token
+# fit 18.5 ns per step with the forward's per-token and per-call costs; with them `plan_dq` picks the faster
+# layout in all six cases (block-major for randn from 16K and structured 128K).
+DQ_BY_BLOCK_LAUNCH = (4, 2)
+DQ_BY_BLOCK_MAX_REGISTERS = None
+DQ_BY_BLOCK_STEP_COST = 18.5
+DQ_BY_BLOCK_TOKEN_COST = 80.0
+DQ_BY_BLOCK_CALL_COST = 4.2e5
 
 
 def next_pow2(x: int) -> int:
@@ -429,13 +445,16 @@ def tile_estimate(sample: SelectionSample, block_m: int, step_cost: dict[int, fl
     return sample.steps_per_token[block_m] * step_cost.get(block_m, max(step_cost.values()))
 
 
-def by_block_estimate(sample: SelectionSample, group: int, rows: int = BY_BLOCK_ROWS) -> float:
-    """Estimated ns per token of the block-major forward (`launch_fwd_by_block`): the used slots per token
-    (all groups) in steps of BT tokens, plus the per-token costs of sorting and merging and the fixed cost of
-    a call spread over the tokens."""
+def by_block_estimate(
+    sample: SelectionSample, group: int, rows: int = BY_BLOCK_ROWS, *, dq: bool = False
+) -> float:
+    """Estimated ns per token of the block-major forward (`launch_fwd_by_block`), or with dq of the block-major
+    dq (`launch_dq_by_block`): the used slots per token (all groups) in steps of BT tokens, plus the per-token
+    costs of sorting and merging and the fixed cost of a call spread over the tokens."""
     bt = _tile_rows(group, rows)[1]
-    return (sample.used_per_token / bt * BY_BLOCK_STEP_COST + BY_BLOCK_TOKEN_COST
-            + BY_BLOCK_CALL_COST / max(sample.tokens, 1))
+    step, token, call = ((DQ_BY_BLOCK_STEP_COST, DQ_BY_BLOCK_TOKEN_COST, DQ_BY_BLOCK_CALL_COST) if dq
+                         else (BY_BLOCK_STEP_COST, BY_BLOCK_TOKEN_COST, BY_BLOCK_CALL_COST))
+    return sample.used_per_token / bt * step + token + call / max(sample.tokens, 1)
 
 
 def plan_tiles(
@@ -466,9 +485,20 @@ def plan_forward(block_indices: Tensor, cu_seqlens: Tensor, group: int, block_si
     """The forward's layout with the least estimated time: a `TilePlan` (query tiles of each height in
     `TILE_CANDIDATES`), or None for the block-major forward (only for blocks of at most 64 keys, which one
     program holds). One host sync for the choice, and one more for the tile table when tiles win."""
+    return _plan_layout(block_indices, cu_seqlens, group, block_size, dq=False)
+
+
+def plan_dq(block_indices: Tensor, cu_seqlens: Tensor, group: int, block_size: int) -> TilePlan | None:
+    """dq's layout, as `plan_forward` chooses the forward's: query tiles priced by `DQ_TILE_STEP_COST`, or None
+    for the block-major dq (`launch_dq_by_block`). Independent of the forward's choice."""
+    return _plan_layout(block_indices, cu_seqlens, group, block_size, dq=True)
+
+
+def _plan_layout(block_indices: Tensor, cu_seqlens: Tensor, group: int, block_size: int, dq: bool) -> TilePlan | None:
     sample = sample_selection(block_indices, group, list(TILE_CANDIDATES))
-    estimates = {block_m: tile_estimate(sample, block_m, TILE_STEP_COST) for block_m in sample.steps_per_token}
-    if block_size <= 64 and by_block_estimate(sample, group) < min(estimates.values()):
+    step_cost = DQ_TILE_STEP_COST if dq else TILE_STEP_COST
+    estimates = {block_m: tile_estimate(sample, block_m, step_cost) for block_m in sample.steps_per_token}
+    if block_size <= 64 and by_block_estimate(sample, group, dq=dq) < min(estimates.values()):
         return None
     return _tile_plan(block_indices, cu_seqlens, min(estimates, key=estimates.get), group)
 
@@ -1103,6 +1133,18 @@ def _slc_merge_kernel(
     tl.store(lse_ptr + t * HQ + head, lse, mask=head_ok)
 
 
+def _by_block_work(
+    block_indices: Tensor, cu_seqlens: Tensor, block_size: int, chunk_tokens: int, split: int
+) -> tuple[Tensor, BlockLists, BlockItems]:
+    """The key-block table, the lists and the work items of a block-major pass (forward or dq). No host sync:
+    the table and the lists are sized by bounds (`max_tiles_of`, `by_block_items`), so the launches queue
+    behind the list building instead of waiting for it."""
+    total = block_indices.shape[0]
+    key_blocks = tiles_of(cu_seqlens, block_size, max_tiles_of(total, cu_seqlens.numel() - 1, block_size))
+    lists = block_lists(block_indices, cu_seqlens, block_size, chunk_tokens, n_blocks=key_blocks.shape[0])
+    return key_blocks, lists, by_block_items(lists, block_indices.shape[1], split)
+
+
 def launch_fwd_by_block(
     q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor, block_size: int, scale: float,
     *, chunk_tokens: int | None = None, rows: int = BY_BLOCK_ROWS, num_warps: int = BY_BLOCK_LAUNCH[0],
@@ -1129,17 +1171,13 @@ def launch_fwd_by_block(
         heads_q, heads_kv, slots, head_dim, q.element_size(), partial_bytes
     )
     chunk_tokens = min(chunk_tokens, total)
-    # No host sync from here on: the key-block table and the lists are sized by bounds (`max_tiles_of`,
-    # `by_block_items`), so the launches queue behind the list building instead of waiting for it.
-    key_blocks = tiles_of(cu_seqlens, block_size, max_tiles_of(total, cu_seqlens.numel() - 1, block_size))
-    lists = block_lists(block_indices, cu_seqlens, block_size, chunk_tokens, n_blocks=key_blocks.shape[0])
+    key_blocks, lists, work = _by_block_work(block_indices, cu_seqlens, block_size, chunk_tokens, split)
     o = fold_into if fold else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
     o_part = torch.empty((chunk_tokens * heads_kv * slots * group, head_dim), dtype=q.dtype, device=q.device)
     lse_part = torch.empty(chunk_tokens * heads_kv * slots * group, dtype=torch.float32, device=q.device)
     block_m, bt = _tile_rows(group, rows)
     block_d = max(32, next_pow2(head_dim))  # the main kernel's value halves are products of >= 16 columns
-    work = by_block_items(lists, heads_kv, split)
     for c in range(lists.n_chunks):
         t0 = c * chunk_tokens
         if work.grid[c]:  # else no token of the chunk can choose a block: the merge writes o = 0
@@ -1158,6 +1196,148 @@ def launch_fwd_by_block(
             BLOCK_G=max(2, next_pow2(group)), BLOCK_D=block_d, FOLD=fold, num_warps=merge_warps,
         )
     return o, lse
+
+
+@triton.jit
+def _slc_dq_by_block_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, do_scale_ptr, lse_ptr, delta_ptr, dq_part_ptr, key_blocks_ptr, items_ptr,
+    bounds_ptr, pairs_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    chunk, pair0, head_dim, qk_scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DO_SCALE: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):
+    """dq of the block-major layout: one program per work item of one chunk (as `_slc_fwd_by_block_kernel`).
+    For each triple of the item, the G rows of ds k over this block's keys, with p = 2^(s - lse) from the
+    forward's lse (the softmax over all of the token's blocks) and ds = p (do v^T - delta): the triple's share
+    of dq, unscaled. Writes dq_part [triple - pair0, G, D] in the partial dtype; `_slc_dq_merge_kernel` sums
+    a token's slots."""
+    item = tl.load(bounds_ptr + chunk) + tl.program_id(0)
+    if item >= tl.load(bounds_ptr + chunk + 1):
+        return
+    owner = tl.load(items_ptr + item * 3)
+    start = tl.load(items_ptr + item * 3 + 1)
+    end = tl.load(items_ptr + item * 3 + 2)
+    blk = owner // HKV
+    g = owner % HKV
+    k_row0 = tl.load(key_blocks_ptr + blk * 4)
+    n_keys = tl.load(key_blocks_ptr + blk * 4 + 1)
+    n = tl.arange(0, BLOCK_N)
+    k_row64 = (k_row0 + n).to(tl.int64)
+    k_ok = n < n_keys
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    kd_mask = k_ok[:, None] & d_ok[None, :]
+    kb = tl.load(k_ptr + k_row64[:, None] * stride_kt + g * stride_kh + d[None, :], mask=kd_mask, other=0.0)
+    vb = tl.load(v_ptr + k_row64[:, None] * stride_vt + g * stride_vh + d[None, :], mask=kd_mask, other=0.0)
+    full_from = k_row0 + BLOCK_N
+    short = n_keys < BLOCK_N
+
+    r = tl.arange(0, BLOCK_M)
+    tok = r // G
+    hh = r % G
+    head = g * G + hh
+    for c0 in tl.range(start, end, BT, num_stages=LOOP_STAGES):
+        row_ok = (tok < BT) & (c0 + tok < end)
+        pair = tl.load(pairs_ptr + c0 + tok, mask=row_ok, other=0).to(tl.int64)
+        t_row = pair // (HKV * S)
+        rd_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + t_row[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rd_mask,
+                    other=0.0, eviction_policy="evict_last")
+        do = tl.load(do_ptr + t_row[:, None] * stride_dot + head[:, None] * stride_doh + d[None, :], mask=rd_mask,
+                     other=0.0, eviction_policy="evict_last")
+        stat = t_row * HQ + head
+        lse2 = tl.load(lse_ptr + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + stat, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
+        # As in the forward: only steps starting before the block's end meet keys after a token. Every triple
+        # has a key at or before its token (block_lists drops later blocks), so its lse is finite.
+        if short | (tl.load(pairs_ptr + c0).to(tl.int64) // (HKV * S) < full_from):
+            s = tl.where(k_ok[None, :] & (k_row64[None, :] <= t_row[:, None]), s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
+        if HAS_DO_SCALE:  # as in the query-tile dq: the gate scales the float32 rows of do v^T
+            dp = dp * tl.load(do_scale_ptr + stat, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        ds = p * (dp - delta[:, None])
+        part = tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
+        slot = (pair - pair0) * G + hh
+        tl.store(dq_part_ptr + slot[:, None] * head_dim + d[None, :], part.to(dq_part_ptr.dtype.element_ty),
+                 mask=rd_mask, eviction_policy="evict_first")
+
+
+@triton.jit
+def _slc_dq_merge_kernel(
+    dq_part_ptr, idx_ptr, dq_ptr, stride_dqt, stride_dqh, t0, head_dim, scale,
+    HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (token of the chunk, group): dq of its G heads = scale * the sum of its used slots'
+    partial rows, in float32, in slot order (deterministic)."""
+    t_local = tl.program_id(0)
+    g = tl.program_id(1)
+    t = (t0 + t_local).to(tl.int64)
+    hh = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    head_ok = hh < G
+    gd_mask = head_ok[:, None] & (d < head_dim)[None, :]
+    idx_row = idx_ptr + (t * HKV + g) * S
+    triple0 = (t_local.to(tl.int64) * HKV + g) * S
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for s in tl.static_range(S):
+        slot_ok = hh < tl.where(tl.load(idx_row + s) >= 0, G, 0)
+        row = (triple0 + s) * G + hh
+        acc += tl.load(dq_part_ptr + row[:, None] * head_dim + d[None, :], mask=gd_mask & slot_ok[:, None],
+                       other=0.0).to(tl.float32)
+    head = g * G + hh
+    tl.store(dq_ptr + t * stride_dqt + head[:, None] * stride_dqh + d[None, :],
+             (acc * scale).to(dq_ptr.dtype.element_ty), mask=gd_mask)
+
+
+def launch_dq_by_block(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, block_indices: Tensor,
+    cu_seqlens: Tensor, block_size: int, scale: float, *, do_scale: Tensor | None = None,
+    chunk_tokens: int | None = None, rows: int = BY_BLOCK_ROWS, num_warps: int = DQ_BY_BLOCK_LAUNCH[0],
+    num_stages: int = DQ_BY_BLOCK_LAUNCH[1], split: int = BY_BLOCK_SPLIT,
+    max_registers: int | None = DQ_BY_BLOCK_MAX_REGISTERS,
+) -> Tensor:
+    """dq in the block-major layout (inputs already checked; block_size <= 64): the forward's lists and work
+    items, one partial dq per (token, group, slot) triple from the program that holds the block's keys and
+    values, summed per token by `_slc_dq_merge_kernel`. Moves each triple's query and gradient rows in and a
+    partial out and back instead of the block's 32 KiB of keys and values (`launch_dq`'s query tiles), which
+    pays when neighbouring tokens share few blocks. lse, delta float32 [T, HQ] contiguous; do_scale as in
+    `launch_dq`. The partials are in q's dtype (float32 for float32 inputs), chunked like the forward's
+    (`BY_BLOCK_PARTIAL_BYTES`). Returns dq [T, HQ, D]."""
+    total, heads_q, head_dim = q.shape
+    heads_kv = k.shape[1]
+    group = heads_q // heads_kv
+    slots = block_indices.shape[-1]
+    if block_size > 64:
+        raise ValueError(f"selected attention dq by block: block_size <= 64 needed, got {block_size}")
+    chunk_tokens = min(chunk_tokens or by_block_chunk_tokens(heads_q, heads_kv, slots, head_dim, q.element_size()),
+                       total)
+    key_blocks, lists, work = _by_block_work(block_indices, cu_seqlens, block_size, chunk_tokens, split)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq_part = torch.empty((chunk_tokens * heads_kv * slots * group, head_dim), dtype=q.dtype, device=q.device)
+    block_m, bt = _tile_rows(group, rows)
+    block_d = max(16, next_pow2(head_dim))
+    for c in range(lists.n_chunks):
+        t0 = c * chunk_tokens
+        if work.grid[c]:
+            _slc_dq_by_block_kernel[(work.grid[c],)](
+                q, k, v, do, do if do_scale is None else do_scale, lse, delta, dq_part, key_blocks, work.items,
+                work.bounds, lists.pairs,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
+                do.stride(1), c, t0 * heads_kv * slots, head_dim, scale * LOG2E,
+                HQ=heads_q, HKV=heads_kv, G=group, S=slots, BT=bt, BLOCK_M=block_m, BLOCK_N=_block_n(block_size),
+                BLOCK_D=block_d, DOT_PREC=dot_precision(q), HAS_DO_SCALE=do_scale is not None,
+                LOOP_STAGES=num_stages, num_warps=num_warps, num_stages=1, maxnreg=max_registers,
+            )
+        _slc_dq_merge_kernel[(min(chunk_tokens, total - t0), heads_kv)](
+            dq_part, lists.block_indices, dq, dq.stride(0), dq.stride(1), t0, head_dim, scale,
+            HKV=heads_kv, G=group, S=slots, BLOCK_G=max(2, next_pow2(group)), BLOCK_D=block_d,
+            num_warps=BY_BLOCK_MERGE_WARPS,
+        )
+    return dq
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1374,6 +1554,7 @@ def selected_attention_bwd(
     scale: float,
     *,
     tile_rows: int | None = None,
+    dq_by_block: bool | None = None,
     dkdv_rows: int = DKDV_ROWS,
     dkdv_split: int | None = None,
     delta: Tensor | None = None,
@@ -1385,9 +1566,11 @@ def selected_attention_bwd(
         q, k, v, block_indices, cu_seqlens, block_size, scale: as in the forward.
         o: [T, HQ, D] and lse float32 [T, HQ], the forward's outputs (o may be None when delta is given);
             do: [T, HQ, D], gradient of o, or (with do_scale) the gradient before a per-row factor.
-        tile_rows: rows per dq program (None: `plan_tiles` with the dq step costs; dq always runs on query
-            tiles, whichever layout the forward took); dkdv_rows: query rows per dk/dv step; dkdv_split: longest
-            token list of one dk/dv program (None: `DKDV_SPLIT` or more).
+        tile_rows: rows per program of the query-tile dq (implies dq_by_block=False); dq_by_block: True runs
+            the block-major dq (`launch_dq_by_block`, block_size <= 64), False the query tiles, None picks the
+            layout with the least estimated time (`plan_dq`; independent of the forward's layout). dkdv_rows:
+            query rows per dk/dv step; dkdv_split: longest token list of one dk/dv program (None: `DKDV_SPLIT`
+            or more).
         delta: float32 [T, HQ], sum_d o * (gradient of o), if the caller has it (else computed here).
         do_scale: [T, HQ] (any float dtype) or None. When given, the gradient of o is do * do_scale[..., None]
             (e.g. a gate times the gated sum's gradient). It is never formed: the kernels scale the float32
@@ -1417,8 +1600,20 @@ def selected_attention_bwd(
     elif delta.shape != q.shape[:2]:
         raise ValueError(f"selected attention: delta must be [T, HQ], got {tuple(delta.shape)}")
     delta = delta.float().contiguous()
-    plan = plan_tiles(block_indices, cu_seqlens, q.shape[1] // k.shape[1], tile_rows, DQ_TILE_STEP_COST)
-    dq = launch_dq(q, k, v, do, lse, delta, plan, block_size, scale, do_scale=do_scale)
+    group = q.shape[1] // k.shape[1]
+    if dq_by_block and tile_rows is not None:
+        raise ValueError("selected attention: tile_rows applies to the query-tile dq, not dq_by_block=True")
+    if tile_rows is not None or dq_by_block is False:
+        plan = plan_tiles(block_indices, cu_seqlens, group, tile_rows, DQ_TILE_STEP_COST)
+    elif dq_by_block:
+        plan = None
+    else:
+        plan = plan_dq(block_indices, cu_seqlens, group, block_size)
+    if plan is None:
+        dq = launch_dq_by_block(q, k, v, do, lse, delta, block_indices, cu_seqlens, block_size, scale,
+                                do_scale=do_scale)
+    else:
+        dq = launch_dq(q, k, v, do, lse, delta, plan, block_size, scale, do_scale=do_scale)
     del plan
     key_blocks = tiles_of(cu_seqlens, block_size)
     offsets, tokens = inverse_lists(block_indices, cu_seqlens, block_size, key_blocks.shape[0])
@@ -1430,8 +1625,9 @@ def selected_attention_bwd(
 
 
 __all__ = [
-    "KERNEL_DTYPES", "BlockItems", "BlockLists", "SelectionSample", "TilePlan", "block_lists", "by_block_estimate",
-    "by_block_items", "launch_dkdv", "launch_dq", "launch_fwd", "launch_fwd_by_block", "max_tiles_of", "next_pow2",
-    "plan_forward", "plan_tiles", "row_dot", "sample_selection", "selected_attention_bwd", "selected_attention_fwd",
-    "sequence_units", "split_lists", "tile_estimate", "tiles_of", "union_blocks", "union_blocks_torch",
+    "KERNEL_DTYPES", "BlockItems", "BlockLists", "SelectionSample", "TilePlan", "block_lists",
+    "by_block_estimate", "by_block_items", "launch_dkdv", "launch_dq", "launch_dq_by_block", "launch_fwd",
+    "launch_fwd_by_block", "max_tiles_of", "next_pow2", "plan_dq", "plan_forward", "plan_tiles", "row_dot",
+    "sample_selection", "selected_attention_bwd", "selected_attention_fwd", "sequence_units", "split_lists",
+    "tile_estimate", "tiles_of", "union_blocks", "union_blocks_torch",
 ]
