@@ -91,6 +91,16 @@ def operator_inputs(seq_len: int, structured: bool):
     return q, k, v, cu, idx.to(torch.int32).contiguous()
 
 
+def backward_inputs(name: str, seq_len: int):
+    """`operator_inputs` plus an upstream gradient do [T, HQ, D] and a gate [T, HQ] (the do_scale the operator
+    passes), both from a fixed seed."""
+    q, k, v, cu, idx = operator_inputs(seq_len, name == "structured")
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    do = torch.randn(q.shape, device=DEVICE, dtype=q.dtype, generator=gen)
+    gate = torch.rand(q.shape[:2], device=DEVICE, generator=gen).to(q.dtype)
+    return q, k, v, cu, idx, do, gate
+
+
 def run_selection(name: str, seq_len: int, deadline: float) -> None:
     structured = name == "structured"
     q, k, v, cu, idx = operator_inputs(seq_len, structured)
@@ -316,11 +326,8 @@ DKDV_TUNE_VARIANTS = [(16, 4, 3), (16, 4, 2), (16, 4, 4), (32, 4, 3), (32, 4, 2)
 
 
 def run_dkdv(name: str, seq_len: int, deadline: float) -> None:
-    q, k, v, cu, idx = operator_inputs(seq_len, name == "structured")
+    q, k, v, cu, idx, do, gate = backward_inputs(name, seq_len)
     scale = D**-0.5
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    do = torch.randn(q.shape, device=DEVICE, dtype=q.dtype, generator=gen)
-    gate = torch.rand(q.shape[:2], device=DEVICE, generator=gen).to(q.dtype)
     o, lse = slc.selected_attention_fwd(q, k, v, idx, cu, BLOCK, scale)
     delta = slc.row_dot(o, do) * gate.float()
     dq_plan = slc.plan_tiles(idx, cu, HQ // HKV, None, slc.DQ_TILE_STEP_COST)
@@ -347,12 +354,9 @@ def run_dkdv(name: str, seq_len: int, deadline: float) -> None:
 def run_defaults(name: str, seq_len: int) -> None:
     """Forward, dq and dk/dv at the current defaults, unscaled and with do_scale (checked against the unscaled
     kernels on the materialised do * gate)."""
-    q, k, v, cu, idx = operator_inputs(seq_len, name == "structured")
+    q, k, v, cu, idx, do, gate = backward_inputs(name, seq_len)
     scale = D**-0.5
     group = HQ // HKV
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    do = torch.randn(q.shape, device=DEVICE, dtype=q.dtype, generator=gen)
-    gate = torch.rand(q.shape[:2], device=DEVICE, generator=gen).to(q.dtype)
     scaled = (do.float() * gate.float()[..., None]).to(do.dtype)  # the materialised gradient of o
 
     fwd_plan = slc.plan_tiles(idx, cu, group)
@@ -408,12 +412,9 @@ def run_dq_by_block(name: str, seq_len: int, deadline: float) -> None:
     times (with do_scale, as the operator runs it), each launch variant checked against the tile dq, and the
     planner's estimates (ns per token; the block-major one without its per-call part) for refitting
     DQ_BY_BLOCK_STEP_COST / _TOKEN_COST / _CALL_COST."""
-    q, k, v, cu, idx = operator_inputs(seq_len, name == "structured")
+    q, k, v, cu, idx, do, gate = backward_inputs(name, seq_len)
     scale = D**-0.5
     group = HQ // HKV
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    do = torch.randn(q.shape, device=DEVICE, dtype=q.dtype, generator=gen)
-    gate = torch.rand(q.shape[:2], device=DEVICE, generator=gen).to(q.dtype)
     o, lse = slc.selected_attention_fwd(q, k, v, idx, cu, BLOCK, scale)
     delta = slc.row_dot(o, do) * gate.float()
 

@@ -1000,6 +1000,16 @@ def by_block_chunk_tokens(
 
 
 @triton.jit
+def _work_item(items_ptr, key_blocks_ptr, item, HKV: tl.constexpr):
+    """Block-major work item `item` (`by_block_items`): (first, end index into pairs, KV group, first key row
+    of its block, keys in the block)."""
+    owner = tl.load(items_ptr + item * 3)  # blk * HKV + g
+    blk = owner // HKV
+    return (tl.load(items_ptr + item * 3 + 1), tl.load(items_ptr + item * 3 + 2), owner % HKV,
+            tl.load(key_blocks_ptr + blk * 4), tl.load(key_blocks_ptr + blk * 4 + 1))
+
+
+@triton.jit
 def _slc_fwd_by_block_kernel(
     q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, key_blocks_ptr, items_ptr, bounds_ptr, pairs_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -1017,13 +1027,7 @@ def _slc_fwd_by_block_kernel(
     item = tl.load(bounds_ptr + chunk) + tl.program_id(0)
     if item >= tl.load(bounds_ptr + chunk + 1):
         return
-    owner = tl.load(items_ptr + item * 3)  # blk * HKV + g
-    start = tl.load(items_ptr + item * 3 + 1)
-    end = tl.load(items_ptr + item * 3 + 2)
-    blk = owner // HKV
-    g = owner % HKV
-    k_row0 = tl.load(key_blocks_ptr + blk * 4)
-    n_keys = tl.load(key_blocks_ptr + blk * 4 + 1)
+    start, end, g, k_row0, n_keys = _work_item(items_ptr, key_blocks_ptr, item, HKV)
     n = tl.arange(0, BLOCK_N)
     k_row = k_row0 + n
     k_ok = n < n_keys  # work items are never empty (`by_block_items`)
@@ -1216,13 +1220,7 @@ def _slc_dq_by_block_kernel(
     item = tl.load(bounds_ptr + chunk) + tl.program_id(0)
     if item >= tl.load(bounds_ptr + chunk + 1):
         return
-    owner = tl.load(items_ptr + item * 3)
-    start = tl.load(items_ptr + item * 3 + 1)
-    end = tl.load(items_ptr + item * 3 + 2)
-    blk = owner // HKV
-    g = owner % HKV
-    k_row0 = tl.load(key_blocks_ptr + blk * 4)
-    n_keys = tl.load(key_blocks_ptr + blk * 4 + 1)
+    start, end, g, k_row0, n_keys = _work_item(items_ptr, key_blocks_ptr, item, HKV)
     n = tl.arange(0, BLOCK_N)
     k_row64 = (k_row0 + n).to(tl.int64)
     k_ok = n < n_keys
