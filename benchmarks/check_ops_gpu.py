@@ -1,6 +1,7 @@
 """GPU correctness of the Triton NSA operator against the PyTorch reference at real shapes (one run, one GPU).
 
     python benchmarks/check_ops_gpu.py [--out DIR] [--lengths 1024 4096 16384 32768] [--budget-s 240]
+                                      [--selection-layout auto|block-major|tiles]
 
 For each case (7:1 = HQ 28 / HKV 4, D=128, bf16 at each length; a packed varlen batch; 1:1 with D=64 in fp16)
 it runs `nsa_parts_triton` forward and backward and the reference in float32 on the same values, given the
@@ -9,6 +10,9 @@ q, k, v and the three gates, the largest lse_cmp difference, NaN/inf counts, and
 bitwise deterministic (run twice). The block choice is checked on sampled tokens: ascending, -1 padded, forced
 blocks present, right count, and optimal up to a near-tie tolerance under the float32 importance.
 Cases run in order of size and stop once --budget-s seconds have passed (the skipped ones are listed).
+--selection-layout fixes the selection branch's forward and dq layouts for the whole run (by pricing the other
+out of the planners' cost models): "block-major" wherever blocks have at most 64 keys, "tiles" for the query
+tiles; "auto" (default) leaves the choice to the planners, as the operator runs.
 
 Prints a table last; writes OUT/check_ops_gpu.json.
 """
@@ -25,6 +29,7 @@ import torch
 
 from videonsa.ops import nsa_parts_reference
 from videonsa.ops.reference import compress_blocks
+from videonsa.ops.triton import selection
 from videonsa.ops.triton_nsa import nsa_parts_triton
 
 SETTINGS = dict(block_size=64, block_count=32, window_size=256, init_blocks=0, local_blocks=1)
@@ -152,8 +157,14 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "check_out"))
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     parser.add_argument("--budget-s", type=float, default=240.0)
+    parser.add_argument("--selection-layout", choices=["auto", "block-major", "tiles"], default="auto")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.selection_layout != "auto":
+        price = 0.0 if args.selection_layout == "block-major" else 1e9
+        for name in ("BY_BLOCK_STEP_COST", "BY_BLOCK_TOKEN_COST", "BY_BLOCK_CALL_COST", "DQ_BY_BLOCK_STEP_COST",
+                     "DQ_BY_BLOCK_TOKEN_COST", "DQ_BY_BLOCK_CALL_COST"):
+            setattr(selection, name, price)
 
     cases = [(f"7:1 bf16 T={n}", [n], 28, 4, 128, torch.bfloat16) for n in args.lengths]
     cases.insert(1, ("7:1 bf16 varlen", [3000, 77, 1200, 4000, 63], 28, 4, 128, torch.bfloat16))
@@ -173,9 +184,11 @@ def main() -> None:
         print(json.dumps(res), flush=True)
         torch.cuda.empty_cache()
         with open(os.path.join(args.out, "check_ops_gpu.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "results": results, "skipped": skipped}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "selection_layout": args.selection_layout,
+                       "results": results, "skipped": skipped}, f, indent=1)
 
-    print(f"\ndevice {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"\ndevice {torch.cuda.get_device_name()}, torch {torch.__version__}, selection layout "
+          f"{args.selection_layout}")
     print("| case | pass | o | o_cmp | o_slc | o_swa | dq | dk | dv | dg (cmp/slc/swa) | lse | sel bad/inexact "
           "| determ. | ours s | ref s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
