@@ -567,6 +567,10 @@ def test_tiles_never_straddle_sequences() -> None:
     cu = torch.tensor([0, 0, 3, 3, 13, 13], dtype=torch.int32, device=DEVICE)
     assert tiles_of(cu, 4).tolist() == [[0, 3, 0, 3], [3, 4, 3, 13], [7, 4, 3, 13], [11, 2, 3, 13]]
     assert tiles_of(cu, 4, max_tiles=5).tolist()[4] == [13, 0, 13, 13]
+    # int64 offsets and a strided view read the same (the kernels take a contiguous int32 copy).
+    assert tiles_of(cu.long(), 4).tolist() == tiles_of(cu, 4).tolist()
+    strided = torch.stack([cu, cu], dim=1)[:, 0]
+    assert tiles_of(strided, 4).tolist() == tiles_of(cu, 4).tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------

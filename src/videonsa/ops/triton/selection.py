@@ -143,10 +143,16 @@ def _searchsorted_right(sorted_ptr, x, n, n_iter):
     return lo
 
 
+def offsets32(cu_seqlens: Tensor) -> Tensor:
+    """cu_seqlens as the contiguous int32 tensor the index kernels read (itself when it already is one)."""
+    return cu_seqlens.to(torch.int32).contiguous()
+
+
 def sequence_units(cu_seqlens: Tensor, unit: int) -> Tensor:
     """int32 [N + 1]: where each sequence's run of `unit`-token pieces (tiles, key blocks) starts when they
     are numbered sequence by sequence (ceil(length / unit) per sequence); the last entry is the total. One
     small kernel, no host sync."""
+    cu_seqlens = offsets32(cu_seqlens)
     n_seqs = cu_seqlens.numel() - 1
     first = torch.empty(n_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
     _units_prefix_kernel[(1,)](cu_seqlens, first, n_seqs, unit, BLOCK=1024)
@@ -176,6 +182,7 @@ def tiles_of(cu_seqlens: Tensor, tokens_per_tile: int, max_tiles: int | None = N
     count, or none when the caller gives `max_tiles` (an upper bound such as `max_tiles_of`): the table then
     has max_tiles rows, those past the real tiles empty (T, 0, T, T).
     """
+    cu_seqlens = offsets32(cu_seqlens)
     n_seqs = cu_seqlens.numel() - 1
     first = sequence_units(cu_seqlens, tokens_per_tile)
     n_tiles = int(first[-1]) if max_tiles is None else max_tiles
@@ -869,6 +876,7 @@ def block_lists(
     """
     total, heads_kv, slots = block_indices.shape
     device = block_indices.device
+    cu_seqlens = offsets32(cu_seqlens)
     n_seqs = cu_seqlens.numel() - 1
     if n_blocks is None:
         n_blocks = max_tiles_of(total, n_seqs, block_size)
