@@ -1215,16 +1215,17 @@ def _slc_dq_by_block_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, do_scale_ptr, lse_ptr, delta_ptr, dq_part_ptr, key_blocks_ptr, items_ptr,
     bounds_ptr, pairs_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    chunk, pair0, head_dim, qk_scale,
+    chunk, pair0, head_dim, qk_scale, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     HAS_DO_SCALE: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     """dq of the block-major layout: one program per work item of one chunk (as `_slc_fwd_by_block_kernel`).
     For each triple of the item, the G rows of ds k over this block's keys, with p = 2^(s - lse) from the
-    forward's lse (the softmax over all of the token's blocks) and ds = p (do v^T - delta): the triple's share
-    of dq, unscaled. Writes dq_part [triple - pair0, G, D] in the partial dtype; `_slc_dq_merge_kernel` sums
-    a token's slots."""
+    forward's lse (the softmax over all of the token's blocks) and ds = p (do v^T - delta), times the softmax
+    scale: the triple's share of dq, so a partial has the magnitude of dq itself (fp16 partials overflow no
+    sooner than dq). Writes dq_part [triple - pair0, G, D] in the partial dtype; `_slc_dq_merge_kernel` sums a
+    token's slots."""
     item = tl.load(bounds_ptr + chunk) + tl.program_id(0)
     if item >= tl.load(bounds_ptr + chunk + 1):
         return
@@ -1268,17 +1269,17 @@ def _slc_dq_by_block_kernel(
         ds = p * (dp - delta[:, None])
         part = tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
         slot = (pair - pair0) * G + hh
-        tl.store(dq_part_ptr + slot[:, None] * head_dim + d[None, :], part.to(dq_part_ptr.dtype.element_ty),
+        tl.store(dq_part_ptr + slot[:, None] * head_dim + d[None, :], (part * scale).to(dq_part_ptr.dtype.element_ty),
                  mask=rd_mask, eviction_policy="evict_first")
 
 
 @triton.jit
 def _slc_dq_merge_kernel(
-    dq_part_ptr, idx_ptr, dq_ptr, stride_dqt, stride_dqh, t0, head_dim, scale,
+    dq_part_ptr, idx_ptr, dq_ptr, stride_dqt, stride_dqh, t0, head_dim,
     HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (token of the chunk, group): dq of its G heads = scale * the sum of its used slots'
-    partial rows, in float32, in slot order (deterministic)."""
+    """One program per (token of the chunk, group): dq of its G heads = the sum of its used slots' partial
+    rows, in float32, in slot order (deterministic)."""
     t_local = tl.program_id(0)
     g = tl.program_id(1)
     t = (t0 + t_local).to(tl.int64)
@@ -1296,7 +1297,7 @@ def _slc_dq_merge_kernel(
                        other=0.0).to(tl.float32)
     head = g * G + hh
     tl.store(dq_ptr + t * stride_dqt + head[:, None] * stride_dqh + d[None, :],
-             (acc * scale).to(dq_ptr.dtype.element_ty), mask=gd_mask)
+             acc.to(dq_ptr.dtype.element_ty), mask=gd_mask)
 
 
 def launch_dq_by_block(
@@ -1333,13 +1334,13 @@ def launch_dq_by_block(
                 q, k, v, do, do if do_scale is None else do_scale, lse, delta, dq_part, key_blocks, work.items,
                 work.bounds, lists.pairs,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
-                do.stride(1), c, t0 * heads_kv * slots, head_dim, scale * LOG2E,
+                do.stride(1), c, t0 * heads_kv * slots, head_dim, scale * LOG2E, scale,
                 HQ=heads_q, HKV=heads_kv, G=group, S=slots, BT=bt, BLOCK_M=block_m, BLOCK_N=_block_n(block_size),
                 BLOCK_D=block_d, DOT_PREC=dot_precision(q), HAS_DO_SCALE=do_scale is not None,
                 LOOP_STAGES=num_stages, num_warps=num_warps, num_stages=1, maxnreg=max_registers,
             )
         _slc_dq_merge_kernel[(min(chunk_tokens, total - t0), heads_kv)](
-            dq_part, lists.block_indices, dq, dq.stride(0), dq.stride(1), t0, head_dim, scale,
+            dq_part, lists.block_indices, dq, dq.stride(0), dq.stride(1), t0, head_dim,
             HKV=heads_kv, G=group, S=slots, BLOCK_G=max(2, next_pow2(group)), BLOCK_D=block_d,
             num_warps=BY_BLOCK_MERGE_WARPS,
         )
