@@ -1,10 +1,12 @@
 """Where the NSA operator's GPU time goes: torch.profiler self-CUDA time per kernel of one `nsa_attention`
 forward + backward (the Triton path), on the inputs of `bench_ops.py` (randn and structured), per length.
 
-    python benchmarks/profile_op.py [--lengths 32768 131072] [--inputs randn structured] [--rows 30]
+    python benchmarks/profile_op.py [--lengths 32768 131072] [--inputs randn structured] [--rows 30] [--gaps 12]
 
-Prints one profiler table per (length, inputs) after two warm-up steps. B=1, HQ=28, HKV=4, D=128, bf16 and the
-VideoNSA defaults, as in bench_ops.py.
+Prints one profiler table per (length, inputs) after two warm-up steps. With --gaps N it prints instead, for the
+forward and the backward separately, the GPU span, busy and idle time and the N longest idle gaps with the
+kernels on either side (where the GPU waits on the host: syncs and launch-bound stretches). B=1, HQ=28, HKV=4,
+D=128, bf16 and the VideoNSA defaults, as in bench_ops.py.
 """
 
 from __future__ import annotations
@@ -36,16 +38,61 @@ def profile_step(seq_len: int, structured: bool, rows: int) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
 
 
+def gap_report(seq_len: int, structured: bool, n_gaps: int) -> str:
+    """Span, busy and idle GPU time of one forward and one backward, with the longest gaps between kernels."""
+    x = make_inputs(seq_len, structured=structured)
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in x.items()}
+    do = torch.randn_like(x["q"])
+    for _ in range(2):
+        nsa_attention_triton(**leaves).backward(do)
+    torch.cuda.synchronize()
+    lines = []
+    holder = {}
+
+    def forward():
+        holder["o"] = nsa_attention_triton(**leaves)
+
+    def backward():
+        holder["o"].backward(do)
+
+    for name, fn in (("forward", forward), ("backward", backward)):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+        if not kernels:
+            continue
+        gaps, busy = [], 0.0
+        end, last = kernels[0].time_range.start, kernels[0].name
+        for e in kernels:
+            if e.time_range.start > end:
+                gaps.append((e.time_range.start - end, last, e.name))
+            busy += e.time_range.end - e.time_range.start
+            if e.time_range.end >= end:
+                end, last = e.time_range.end, e.name
+        span = end - kernels[0].time_range.start
+        idle = sum(g[0] for g in gaps)
+        lines.append(f"{name}: span {span / 1e3:.2f} ms, kernels {len(kernels)} busy {busy / 1e3:.2f} ms, "
+                     f"idle {idle / 1e3:.2f} ms in {len(gaps)} gaps")
+        for us, before, after in sorted(gaps, reverse=True)[:n_gaps]:
+            lines.append(f"  {us:8.1f} us  {before[:50]} -> {after[:50]}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--inputs", nargs="+", choices=["randn", "structured"], default=["randn", "structured"])
     parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--gaps", type=int, default=0, help="print the N longest idle gaps instead of the table")
     args = parser.parse_args()
     for seq_len in args.lengths:
         for kind in args.inputs:
             print(f"=== T={seq_len} structured={kind == 'structured'}", flush=True)
-            print(profile_step(seq_len, kind == "structured", args.rows), flush=True)
+            if args.gaps:
+                print(gap_report(seq_len, kind == "structured", args.gaps), flush=True)
+            else:
+                print(profile_step(seq_len, kind == "structured", args.rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -477,3 +477,30 @@ def test_lean_path_on_gpu(seq_len: int, against: str) -> None:
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest (sets TRITON_INTERPRET=1)"
     globals()[sys.argv[1]](**json.loads(sys.argv[2]))
+
+
+@pytest.mark.gpu
+def test_lean_path_never_drains_the_gpu_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With both selection passes block-major (what the planners pick for random selections from 16K), one
+    sequence's forward and backward make no synchronising call: the planners' counts and dk/dv's partial count
+    come back through non-blocking copies, and every tile table is sized by its bound (torch's sync debug mode
+    turns any synchronising operation into an error)."""
+    from videonsa.ops.triton import selection as slc
+    from videonsa.ops.triton_nsa import nsa_attention_triton
+
+    for name in ("BY_BLOCK_STEP_COST", "BY_BLOCK_TOKEN_COST", "BY_BLOCK_CALL_COST", "DQ_BY_BLOCK_STEP_COST",
+                 "DQ_BY_BLOCK_TOKEN_COST", "DQ_BY_BLOCK_CALL_COST"):
+        monkeypatch.setattr(slc, name, 0.0)
+    x, do = _gpu_inputs(4096, seed=2)
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+    nsa_attention_triton(**leaves).backward(do)  # compile first
+    grads = {k: v.grad.clone() for k, v in leaves.items()}
+    for v in leaves.values():
+        v.grad = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        nsa_attention_triton(**leaves).backward(do)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for k, v in leaves.items():
+        assert torch.equal(v.grad, grads[k]), k

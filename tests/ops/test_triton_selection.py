@@ -573,25 +573,83 @@ def test_tiles_never_straddle_sequences() -> None:
     assert tiles_of(strided, 4).tolist() == tiles_of(cu, 4).tolist()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Pure host-side pieces (no kernel)
-
-
-def test_split_lists_cover_every_list_once() -> None:
+@kernel_test
+@pytest.mark.parametrize("split", [4, 1, 100])
+def test_split_lists_cover_every_list_once(split: int) -> None:
+    """dk/dv work items: every list (empty ones too) in pieces of at most `split` tokens, longest first; the
+    pieces of a list cut in several get consecutive partial slots, in list order; the rows past the real
+    items (the launch is a bound) are never counted; the partial count reaches the host."""
     from videonsa.ops.triton.selection import split_lists
 
-    offsets = torch.tensor([0, 0, 3, 13, 14, 30])  # lengths 0, 3, 10, 1, 16
-    items, splits = split_lists(offsets, 4)
-    lengths = (items[:, 2] - items[:, 1]).tolist()
-    assert lengths == sorted(lengths, reverse=True), "longest pieces first"
-    covered = sorted((int(o), int(s), int(e)) for o, s, e, _ in items.tolist())
-    assert covered == [(0, 0, 0), (1, 0, 3), (2, 3, 7), (2, 7, 11), (2, 11, 13), (3, 13, 14),
-                       (4, 14, 18), (4, 18, 22), (4, 22, 26), (4, 26, 30)]
-    assert splits.tolist() == [[2, 0, 3], [4, 3, 4]]
-    single = items[torch.isin(items[:, 0], torch.tensor([0, 1, 3]))]
-    assert bool((single[:, 3] == -1).all()), "unsplit lists write their final result directly"
-    parts = sorted(int(p) for p in items[:, 3] if p >= 0)
-    assert parts == list(range(7))
+    lengths = [0, 3, 10, 1, 16]
+    offsets = torch.tensor([0, *lengths]).cumsum(0).to(DEVICE)
+    work = split_lists(offsets, split, n_triples=40)  # a bound above the 30 listed tokens
+    n_items = int(work.n_items)
+    assert work.items.shape[0] == len(lengths) + 40 // split >= n_items
+    items = work.items[:n_items].cpu()
+    piece_lengths = (items[:, 2] - items[:, 1]).tolist()
+    assert piece_lengths == sorted(piece_lengths, reverse=True), "longest pieces first"
+    expected, parts, next_part = [], {}, 0
+    for lst, length in enumerate(lengths):
+        start = int(offsets[lst])
+        cuts = list(range(start, start + length, split)) or [start]
+        for j, a in enumerate(cuts):
+            expected.append((lst, a, min(a + split, start + length)))
+            if len(cuts) > 1:
+                parts[(lst, a)] = next_part + j
+        next_part += len(cuts) if len(cuts) > 1 else 0
+    assert sorted((o, a, e) for o, a, e, _ in items.tolist()) == expected
+    for o, a, _, part in items.tolist():
+        assert part == parts.get((o, a), -1), "unsplit lists write their final result directly"
+    assert work.n_parts.tolist() == [next_part]
+    assert work.pieces.tolist() == [max(1, -(-n // split)) for n in lengths]
+    assert work.part_end.tolist()[-1] == next_part
+
+
+def test_host_copy_reads_the_values_at_copy_time() -> None:
+    from videonsa.ops.triton.host import HostCopy
+
+    x = torch.tensor([3, 1, 4])
+    copy = HostCopy(x)
+    x.add_(10)  # later writes to the source do not reach the copy
+    assert copy.tolist() == [3, 1, 4]
+    assert HostCopy(torch.tensor(7)).tolist() == 7
+
+
+@kernel_test
+def test_layout_chosen_ahead_gives_the_planned_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`choose_layout` started early and resolved later makes the same choice as `plan_forward` / `plan_dq`,
+    and the kernels run with it give the same outputs; a choice for another pass or selection is refused."""
+    from videonsa.ops.triton import selection as slc
+
+    cu = torch.tensor([0, 36], dtype=torch.int32, device=DEVICE)
+    disjoint = (2 * torch.arange(36)[:, None, None] + torch.arange(2)).to(torch.int32).to(DEVICE)
+    for name in ("BY_BLOCK_TOKEN_COST", "BY_BLOCK_CALL_COST", "DQ_BY_BLOCK_TOKEN_COST", "DQ_BY_BLOCK_CALL_COST"):
+        monkeypatch.setattr(slc, name, 0.0)
+    monkeypatch.setattr(slc, "BY_BLOCK_STEP_COST", 20.0)  # block-major for the forward (see the test above)
+    monkeypatch.setattr(slc, "DQ_BY_BLOCK_STEP_COST", 1e6)  # query tiles for dq
+    assert slc.choose_layout(disjoint, cu, 7, 16).resolve() is slc.plan_forward(disjoint, cu, 7, 16) is None
+    assert slc.choose_layout(disjoint, cu, 7, 16, dq=True).resolve().block_m == slc.plan_dq(disjoint, cu, 7, 16).block_m
+
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(36, 7, 16, generator=gen).to(DEVICE)
+    k, v, do = (torch.randn(36, 1, 16, generator=gen).to(DEVICE) for _ in range(3))
+    do = torch.randn(36, 7, 16, generator=gen).to(DEVICE)
+    idx = (disjoint % 3).clamp(max=1).to(torch.int32)  # blocks 0 and 1 of the 16-token blocks
+    o, lse = slc.selected_attention_fwd(q, k, v, idx, cu, 16, 0.25)
+    o2, lse2 = slc.selected_attention_fwd(q, k, v, idx, cu, 16, 0.25, layout=slc.choose_layout(idx, cu, 7, 16))
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+    grads = slc.selected_attention_bwd(q, k, v, o, lse, do, idx, cu, 16, 0.25)
+    grads2 = slc.selected_attention_bwd(q, k, v, o, lse, do, idx, cu, 16, 0.25,
+                                        dq_layout=slc.choose_layout(idx, cu, 7, 16, dq=True))
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads2, strict=True))
+    with pytest.raises(ValueError, match="chosen for the dq pass"):
+        slc.selected_attention_fwd(q, k, v, idx, cu, 16, 0.25, layout=slc.choose_layout(idx, cu, 7, 16, dq=True))
+    with pytest.raises(ValueError, match="chosen for block_indices"):
+        slc.selected_attention_fwd(q[:20], k[:20], v[:20], idx[:20], torch.tensor([0, 20], dtype=torch.int32,
+                                   device=DEVICE), 16, 0.25, layout=slc.choose_layout(idx, cu, 7, 16))
+    with pytest.raises(ValueError, match="forced layout"):
+        slc.selected_attention_fwd(q, k, v, idx, cu, 16, 0.25, by_block=True, layout=slc.choose_layout(idx, cu, 7, 16))
 
 
 def test_bad_inputs_are_rejected() -> None:

@@ -8,7 +8,9 @@ sequences take one code path. Forward, for b = block_size:
 2. `compressed_attention_fwd`: o_cmp and lse_cmp.
 3. `select_blocks_topk`: block_indices [total_T, HKV, block_count] from the compression softmax (recomputed
    tile by tile with lse_cmp; no score tensor in memory).
-4. `selected_attention_fwd`, `window_attention_fwd`: o_slc, o_swa (and their lse, kept for backward).
+4. `window_attention_fwd`, `selected_attention_fwd`: o_swa, o_slc (and their lse, kept for backward). The
+   selection's layout planner is started first (`choose_layout`) and read after the window kernel is queued,
+   so its one host read does not leave the GPU idle.
 5. `_gate_fwd_kernel`: o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa.
 
 Backward runs the same steps in reverse: `_gate_bwd_kernel` splits do into the three branch gradients and the
@@ -38,7 +40,14 @@ from videonsa.ops.triton.compression import (
     mean_pool_fwd,
 )
 from videonsa.ops.triton.packing import pack
-from videonsa.ops.triton.selection import KERNEL_DTYPES, row_dot, selected_attention_bwd, selected_attention_fwd
+from videonsa.ops.triton.selection import (
+    KERNEL_DTYPES,
+    LayoutChoice,
+    choose_layout,
+    row_dot,
+    selected_attention_bwd,
+    selected_attention_fwd,
+)
 from videonsa.ops.triton.topk import select_blocks_topk
 from videonsa.ops.triton.window import window_attention_bwd, window_attention_delta, window_attention_fwd
 
@@ -172,6 +181,15 @@ def _add_(acc: Tensor, x: Tensor) -> Tensor:
     return acc.add_(x.to(acc.dtype))
 
 
+def _choose_layout(
+    q: Tensor, k: Tensor, indices: Tensor, cu_seqlens: Tensor, block_size: int, dq: bool = False
+) -> LayoutChoice:
+    """Start the selection planner (`choose_layout`) before independent work is queued (the window branch in
+    the forward, the delta kernels in the backward): its counts reach the host while those kernels run, so
+    the GPU does not idle while the host decides and launches the selection."""
+    return choose_layout(indices, cu_seqlens, q.shape[1] // k.shape[1], block_size, dq=dq)
+
+
 def _compress_and_select(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, config: NSAConfig, scale: float):
     """The forward steps both autograd functions share: pooled keys, the compression branch and the top-k.
 
@@ -198,8 +216,9 @@ class _NSAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, config: NSAConfig, scale: float):
         b = config.block_size
         k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp, indices = _compress_and_select(q, k, v, cu_seqlens, config, scale)
-        o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale)
+        layout = _choose_layout(q, k, indices, cu_seqlens, b)
         o_swa, lse_swa = window_attention_fwd(q, k, v, cu_seqlens, config.window_size, scale)
+        o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale, layout=layout)
         o = gate_fwd(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
         ctx.save_for_backward(
             q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, k_cmp, v_cmp, cu_cmp,
@@ -270,6 +289,7 @@ class _NSALeanFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, config: NSAConfig, scale: float):
         b = config.block_size
         k_cmp, v_cmp, cu_cmp, o, lse_cmp, indices = _compress_and_select(q, k, v, cu_seqlens, config, scale)
+        layout = _choose_layout(q, k, indices, cu_seqlens, b)
         # o holds o_cmp: the window kernel turns it into g_cmp * o_cmp + g_swa * o_swa in place.
         o, lse_swa = window_attention_fwd(
             q, k, v, cu_seqlens, config.window_size, scale, fold_into=o, fold_scale=g_cmp, gate=g_swa
@@ -277,9 +297,11 @@ class _NSALeanFunction(torch.autograd.Function):
         if not any(ctx.needs_input_grad[:6]):
             # Nothing will call backward (inference): the selection adds g_slc * o_slc into o itself, so o_slc
             # is never made (one rounding fewer than the path below) and nothing is saved.
-            selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale, fold_into=o, fold_scale=g_slc)
+            selected_attention_fwd(
+                q, k, v, indices, cu_seqlens, b, scale, fold_into=o, fold_scale=g_slc, layout=layout
+            )
             return o
-        o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale)
+        o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale, layout=layout)
         gate_fold_(o, o_slc, g_slc)
         ctx.save_for_backward(
             q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, k_cmp, v_cmp, cu_cmp,
@@ -297,6 +319,8 @@ class _NSALeanFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_qkv = any(need[:3])
         do = do.contiguous()
+        # dq's layout is chosen first, so the host reads the planner's counts while the delta kernels run.
+        dq_layout = _choose_layout(q, k, indices, cu_seqlens, b, dq=True) if need_qkv else None
         # dg_b = sum_d do * o_b (float32). Computed only where a gate gradient or a branch backward needs it.
         dg_slc = row_dot(o_slc, do) if (need_qkv or need[4]) else None
         dg_swa = window_attention_delta(q, k, v, lse_swa, do, cu_seqlens, w, scale) if (need_qkv or need[5]) else None
@@ -308,7 +332,7 @@ class _NSALeanFunction(torch.autograd.Function):
         if need_qkv:
             dq, dk, dv = selected_attention_bwd(
                 q, k, v, None, lse_slc, do, indices, cu_seqlens, b, scale,
-                delta=dg_slc * g_slc.float(), do_scale=g_slc,
+                delta=dg_slc * g_slc.float(), do_scale=g_slc, dq_layout=dq_layout,
             )
             window_attention_bwd(
                 q, k, v, None, lse_swa, do, cu_seqlens, w, scale,

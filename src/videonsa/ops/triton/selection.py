@@ -39,6 +39,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from videonsa.ops.triton.host import HostCopy
+
 LOG2E = 1.4426950408889634
 # What the kernels compute in (float32 accumulation throughout); float64 callers use the reference operator.
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -173,18 +175,21 @@ def _units_prefix_kernel(cu_ptr, first_ptr, n_seqs, unit, BLOCK: tl.constexpr):
         carry += tl.sum(units, 0)
 
 
-def tiles_of(cu_seqlens: Tensor, tokens_per_tile: int, max_tiles: int | None = None) -> Tensor:
+def tiles_of(
+    cu_seqlens: Tensor, tokens_per_tile: int, max_tiles: int | None = None, units: Tensor | None = None
+) -> Tensor:
     """Split every sequence into tiles of `tokens_per_tile` consecutive tokens (the last one may be shorter).
 
     cu_seqlens: int32 [N+1] on the kernels' device.
     Returns int32 [n_tiles, 4]: (packed row of the tile's first token, tokens in the tile, packed row where
     the tile's sequence starts, packed row where it ends). Two small kernels; one host sync for the tile
     count, or none when the caller gives `max_tiles` (an upper bound such as `max_tiles_of`): the table then
-    has max_tiles rows, those past the real tiles empty (T, 0, T, T).
+    has max_tiles rows, those past the real tiles empty (T, 0, T, T). units: `sequence_units(cu_seqlens,
+    tokens_per_tile)` if the caller has it.
     """
     cu_seqlens = offsets32(cu_seqlens)
     n_seqs = cu_seqlens.numel() - 1
-    first = sequence_units(cu_seqlens, tokens_per_tile)
+    first = sequence_units(cu_seqlens, tokens_per_tile) if units is None else units
     n_tiles = int(first[-1]) if max_tiles is None else max_tiles
     tiles = torch.empty((n_tiles, 4), dtype=torch.int32, device=cu_seqlens.device)
     if n_tiles:
@@ -296,7 +301,7 @@ def union_blocks_torch(
 
 
 def inverse_lists(
-    block_indices: Tensor, cu_seqlens: Tensor, block_size: int, n_blocks: int
+    block_indices: Tensor, cu_seqlens: Tensor, block_size: int, n_blocks: int, units: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """For every (key block, KV group): the tokens that selected it, ascending.
 
@@ -305,10 +310,12 @@ def inverse_lists(
     Returns (offsets int64 [n_blocks * HKV + 1], tokens int32 [T * HKV * S]): the tokens of (block j, group g)
     are tokens[offsets[j * HKV + g] : offsets[j * HKV + g + 1]] (packed rows); entries past offsets[-1] belong
     to unused slots. These are `block_lists` with a single chunk, each triple reduced to its token (ids of
-    blocks with no key at or before the token, which add nothing to dk/dv, are left out there).
+    blocks with no key at or before the token, which add nothing to dk/dv, are left out there). units: as in
+    `block_lists`.
     """
     total, heads_kv, slots = block_indices.shape
-    lists = block_lists(block_indices, cu_seqlens, block_size, chunk_tokens=max(total, 1), n_blocks=n_blocks)
+    lists = block_lists(block_indices, cu_seqlens, block_size, chunk_tokens=max(total, 1), n_blocks=n_blocks,
+                        units=units)
     return lists.offsets, (lists.pairs // (heads_kv * slots)).to(torch.int32)
 
 
@@ -402,24 +409,41 @@ class SelectionSample:
 def sample_selection(block_indices: Tensor, group: int, heights: list[int]) -> SelectionSample:
     """Union sizes of the tiles of each height in `heights` (query rows), measured on sampled windows of
     consecutive packed tokens: one program per (window, group) sorts the window's ids (`_sample_kernel`), and
-    the counts come back in one small copy (one host sync; a few launches instead of building tile tables).
+    the counts come back in one small copy (one host read; a few launches instead of building tile tables).
     Windows ignore sequence boundaries: one straddling two sequences may merge equal block ids of both,
     which only matters for an estimate when sequences are a few tiles long."""
-    total, heads_kv, slots = block_indices.shape
-    bts = dict(_tile_rows(group, rows) for rows in heights)  # BLOCK_M -> tokens per tile
-    counts = torch.zeros(2 * len(bts) + 1, dtype=torch.int64, device=block_indices.device)
-    for h, bt in enumerate(bts.values() if total else ()):
-        stride = PLAN_SAMPLE_EVERY * bt
-        _sample_kernel[(-(-total // stride), heads_kv)](
-            block_indices, counts[2 * h :], counts[-1:], total, stride,
-            HKV=heads_kv, S=slots, BT=bt, BLOCK_E=next_pow2(bt * slots), COUNT_USED=h == 0,
+    return PendingSample.start(block_indices, group, heights).result()
+
+
+@dataclass
+class PendingSample:
+    """A `sample_selection` whose counts are still on their way to the host (`start` launches the sampling
+    and the copy; `result` waits for that copy alone)."""
+
+    counts: HostCopy  # per height: distinct ids, tokens; then the used slots of the first height's windows
+    block_ms: list[int]  # BLOCK_M of each height
+    tokens: int
+
+    @classmethod
+    def start(cls, block_indices: Tensor, group: int, heights: list[int]) -> PendingSample:
+        total, heads_kv, slots = block_indices.shape
+        bts = dict(_tile_rows(group, rows) for rows in heights)  # BLOCK_M -> tokens per tile
+        counts = torch.zeros(2 * len(bts) + 1, dtype=torch.int64, device=block_indices.device)
+        for h, bt in enumerate(bts.values() if total else ()):
+            stride = PLAN_SAMPLE_EVERY * bt
+            _sample_kernel[(-(-total // stride), heads_kv)](
+                block_indices, counts[2 * h :], counts[-1:], total, stride,
+                HKV=heads_kv, S=slots, BT=bt, BLOCK_E=next_pow2(bt * slots), COUNT_USED=h == 0,
+            )
+        return cls(HostCopy(counts), list(bts), total)
+
+    def result(self) -> SelectionSample:
+        host = self.counts.tolist()
+        first_tokens = max(host[1], 1)
+        return SelectionSample(
+            {block_m: host[2 * h] / max(host[2 * h + 1], 1) for h, block_m in enumerate(self.block_ms)},
+            host[-1] / first_tokens, self.tokens,
         )
-    host = counts.tolist()
-    first_tokens = max(host[1], 1)
-    return SelectionSample(
-        {block_m: host[2 * h] / max(host[2 * h + 1], 1) for h, block_m in enumerate(bts)},
-        host[-1] / first_tokens, total,
-    )
 
 
 @triton.jit
@@ -491,23 +515,48 @@ def _tile_plan(block_indices: Tensor, cu_seqlens: Tensor, block_m: int, group: i
 def plan_forward(block_indices: Tensor, cu_seqlens: Tensor, group: int, block_size: int) -> TilePlan | None:
     """The forward's layout with the least estimated time: a `TilePlan` (query tiles of each height in
     `TILE_CANDIDATES`), or None for the block-major forward (only for blocks of at most 64 keys, which one
-    program holds). One host sync for the choice, and one more for the tile table when tiles win."""
-    return _plan_layout(block_indices, cu_seqlens, group, block_size, dq=False)
+    program holds). One host read for the choice, and one sync more for the tile table when tiles win."""
+    return choose_layout(block_indices, cu_seqlens, group, block_size).resolve()
 
 
 def plan_dq(block_indices: Tensor, cu_seqlens: Tensor, group: int, block_size: int) -> TilePlan | None:
     """dq's layout, as `plan_forward` chooses the forward's: query tiles priced by `DQ_TILE_STEP_COST`, or None
     for the block-major dq (`launch_dq_by_block`). Independent of the forward's choice."""
-    return _plan_layout(block_indices, cu_seqlens, group, block_size, dq=True)
+    return choose_layout(block_indices, cu_seqlens, group, block_size, dq=True).resolve()
 
 
-def _plan_layout(block_indices: Tensor, cu_seqlens: Tensor, group: int, block_size: int, dq: bool) -> TilePlan | None:
-    sample = sample_selection(block_indices, group, list(TILE_CANDIDATES))
-    step_cost = DQ_TILE_STEP_COST if dq else TILE_STEP_COST
-    estimates = {block_m: tile_estimate(sample, block_m, step_cost) for block_m in sample.steps_per_token}
-    if block_size <= 64 and by_block_estimate(sample, group, dq=dq) < min(estimates.values()):
-        return None
-    return _tile_plan(block_indices, cu_seqlens, min(estimates, key=estimates.get), group)
+@dataclass
+class LayoutChoice:
+    """A layout decision in flight (`choose_layout`): the sample's counts travel to the host while the GPU
+    runs whatever the caller queues next; `resolve` waits for them alone and returns what `plan_forward` (or
+    with dq `plan_dq`) would."""
+
+    block_indices: Tensor
+    cu_seqlens: Tensor
+    group: int
+    block_size: int
+    dq: bool
+    sample: PendingSample
+
+    def resolve(self) -> TilePlan | None:
+        sample = self.sample.result()
+        step_cost = DQ_TILE_STEP_COST if self.dq else TILE_STEP_COST
+        estimates = {block_m: tile_estimate(sample, block_m, step_cost) for block_m in sample.steps_per_token}
+        if self.block_size <= 64 and by_block_estimate(sample, self.group, dq=self.dq) < min(estimates.values()):
+            return None
+        return _tile_plan(self.block_indices, self.cu_seqlens, min(estimates, key=estimates.get), self.group)
+
+
+def choose_layout(
+    block_indices: Tensor, cu_seqlens: Tensor, group: int, block_size: int, dq: bool = False
+) -> LayoutChoice:
+    """Start choosing the forward's (or dq's) layout: launches the planner's sampling and the copy of its
+    counts, and returns at once. Queue independent GPU work, then pass the result to `selected_attention_fwd`
+    (`layout=`) or `selected_attention_bwd` (`dq_layout=`): the host then waits for the counts, not for the
+    whole queue, and the GPU does not idle while it decides and launches. block_indices: int32 [T, HKV, S]
+    contiguous, as the kernels take it."""
+    sample = PendingSample.start(block_indices, group, list(TILE_CANDIDATES))
+    return LayoutChoice(block_indices, cu_seqlens, group, block_size, dq, sample)
 
 
 def _launch_config(block_m: int, head_dim: int, kind: str = "fwd") -> tuple[int, int]:
@@ -681,7 +730,7 @@ def _slc_bwd_dq_kernel(
 @triton.jit
 def _slc_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, do_scale_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dk_part_ptr, dv_part_ptr,
-    key_blocks_ptr, items_ptr, tokens_ptr,
+    key_blocks_ptr, items_ptr, n_items_ptr, tokens_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh,
     head_dim, qk_scale, scale,
@@ -691,6 +740,8 @@ def _slc_bwd_dkdv_kernel(
 ):
     item = tl.program_id(0)
     sub = tl.program_id(1)  # which BLOCK_N slice of the key block
+    if item >= tl.load(n_items_ptr):  # the launch is a bound on the item count (`split_lists`)
+        return
     owner = tl.load(items_ptr + item * 4)
     start = tl.load(items_ptr + item * 4 + 1)
     end = tl.load(items_ptr + item * 4 + 2)
@@ -771,15 +822,18 @@ def _slc_bwd_dkdv_kernel(
 
 @triton.jit
 def _slc_dkdv_reduce_kernel(
-    dk_ptr, dv_ptr, dk_part_ptr, dv_part_ptr, key_blocks_ptr, split_ptr,
+    dk_ptr, dv_ptr, dk_part_ptr, dv_part_ptr, key_blocks_ptr, pieces_ptr, part_end_ptr,
     stride_dkt, stride_dkh, head_dim, scale,
     HKV: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i = tl.program_id(0)
+    """One program per (list, BLOCK_N slice): a list cut in several pieces gets the sum of their partials;
+    the programs of the other lists (written whole by the dk/dv kernel) return."""
+    owner = tl.program_id(0)
     sub = tl.program_id(1)
-    owner = tl.load(split_ptr + i * 3)
-    first = tl.load(split_ptr + i * 3 + 1)
-    pieces = tl.load(split_ptr + i * 3 + 2)
+    pieces = tl.load(pieces_ptr + owner)
+    if pieces <= 1:
+        return
+    first = tl.load(part_end_ptr + owner) - pieces
     blk = owner // HKV
     g = owner % HKV
     k_row0 = tl.load(key_blocks_ptr + blk * 4)
@@ -799,36 +853,45 @@ def _slc_dkdv_reduce_kernel(
     tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
-def _cut_lists(offsets: Tensor, pieces: Tensor, split: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Pieces of consecutive `split` entries of the lists offsets [L + 1] (list l cut in pieces[l], the last
-    one shorter, 0 pieces: left out). Returns owner (list), start and end of every piece, list by list. One
-    host sync (the piece count)."""
-    ends = torch.cumsum(pieces, 0)
-    owner = torch.searchsorted(ends, torch.arange(int(ends[-1]), device=pieces.device), right=True)
-    start = offsets[owner] + (torch.arange(len(owner), device=pieces.device) - (ends - pieces)[owner]) * split
-    return owner, start, torch.minimum(start + split, offsets[owner + 1])
+@dataclass
+class ListPieces:
+    """Work items of the dk/dv kernels (`split_lists`)."""
+
+    items: Tensor  # int64 [n_slots, 4]: (list, first, end token index, partial slot or -1), longest first
+    n_items: Tensor  # int64 [1] on the device: the real items (rows past them are never run)
+    pieces: Tensor  # int64 [L]: pieces per list (>= 1)
+    part_end: Tensor  # int64 [L]: running sum of the pieces of the lists cut in several (their partial slots)
+    n_parts: HostCopy  # part_end[-1], the partial slots, on its way to the host
 
 
-def split_lists(offsets: Tensor, split: int) -> tuple[Tensor, Tensor]:
+def default_dkdv_split(n_triples: int) -> int:
+    """The longest token list of one dk/dv program: DKDV_SPLIT, more for huge inputs so that the partial
+    buffers stay bounded (at most 2 * 8192 pieces of a split list)."""
+    return max(DKDV_SPLIT, -(-n_triples // 8192))
+
+
+def split_lists(offsets: Tensor, split: int, n_triples: int | None = None) -> ListPieces:
     """Cut the inverse lists into work items of at most `split` tokens, longest first.
 
-    offsets: int64 [L + 1] from `inverse_lists` (list l = key block l // HKV, group l % HKV).
-    Returns items int64 [n_items, 4] = (list, first token index, end token index, partial slot or -1) in
-    launch order, and split int64 [n_split, 3] = (list, first partial slot, pieces) for the lists cut in
-    several pieces (their partial slots are consecutive, summed in order by the reduce kernel).
-    Every list, even an empty one, gets an item, so every key's dk/dv is written.
+    offsets: int64 [L + 1] from `inverse_lists` (list l = key block l // HKV, group l % HKV); n_triples: a bound
+    on the listed tokens (None: offsets[-1], read with a host sync).
+    Every list, even an empty one, gets an item, so every key's dk/dv is written; the pieces of a list cut in
+    several get consecutive partial slots, summed in order by the reduce kernel. Two small kernels, a running
+    sum and a sort, no host sync: the item rows are a bound (one item per list plus one per `split` tokens)
+    and the partial count is copied to the host without blocking (`ListPieces.n_parts`).
     """
-    counts = offsets[1:] - offsets[:-1]
-    pieces = torch.clamp((counts + split - 1) // split, min=1)
-    owner, start, end = _cut_lists(offsets, pieces, split)
-    multi = pieces[owner] > 1
-    part = torch.where(multi, torch.cumsum(multi, 0) - 1, -1)
-    order = torch.sort(end - start, descending=True, stable=True).indices  # long items first
-    items = torch.stack([owner, start, end, part], dim=1)[order].contiguous()
-    split_owner = torch.nonzero(pieces > 1).flatten()
-    first_part = part[(torch.cumsum(pieces, 0) - pieces)[split_owner]]
-    splits = torch.stack([split_owner, first_part, pieces[split_owner]], dim=1).contiguous()
-    return items, splits
+    n_lists = offsets.numel() - 1
+    if n_triples is None:
+        n_triples = int(offsets[-1])
+    block = 1024
+    pieces = torch.empty(n_lists, dtype=torch.int64, device=offsets.device)
+    _list_pieces_kernel[(triton.cdiv(n_lists, block),)](offsets, pieces, n_lists, split, 1, BLOCK=block)
+    part_end = torch.cumsum(torch.where(pieces > 1, pieces, 0), 0)
+    n_parts = HostCopy(part_end[-1:] if n_lists else part_end.new_zeros(1))
+    # One chunk of all lists, whose longest possible piece is `split` tokens.
+    items, bounds = _deal_pieces(offsets, pieces, n_lists + n_triples // split, n_lists, 1, split, split,
+                                 part_end=part_end)
+    return ListPieces(items, bounds[1:], pieces, part_end, n_parts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -864,7 +927,8 @@ class BlockLists:
 
 
 def block_lists(
-    block_indices: Tensor, cu_seqlens: Tensor, block_size: int, chunk_tokens: int, n_blocks: int | None = None
+    block_indices: Tensor, cu_seqlens: Tensor, block_size: int, chunk_tokens: int, n_blocks: int | None = None,
+    units: Tensor | None = None,
 ) -> BlockLists:
     """Sort the selection's triples into `BlockLists` (one kernel for the sort keys, one stable device sort,
     no host sync).
@@ -872,7 +936,8 @@ def block_lists(
     n_blocks: the number of key blocks (rows of `tiles_of(cu_seqlens, block_size)`), or None for the bound
     `max_tiles_of`, which needs no sync (lists past the real blocks stay empty). A slot is used when its id
     names a block of the token's sequence that starts at or before the token: ids past the sequence have no
-    keys, and a block after the token only masked ones, so dropping them changes no output.
+    keys, and a block after the token only masked ones, so dropping them changes no output. units:
+    `sequence_units(cu_seqlens, block_size)` if the caller has it.
     """
     total, heads_kv, slots = block_indices.shape
     device = block_indices.device
@@ -888,7 +953,8 @@ def block_lists(
     if n_triples:
         block = 1024
         _triple_keys_kernel[(triton.cdiv(n_triples, block),)](
-            block_indices, cu_seqlens, sequence_units(cu_seqlens, block_size), chosen, key,
+            block_indices, cu_seqlens, sequence_units(cu_seqlens, block_size) if units is None else units, chosen,
+            key,
             n_triples, n_seqs, n_seqs.bit_length(), block_size, chunk_tokens, n_blocks, n_lists,
             HKV=heads_kv, S=slots, BLOCK=block,
         )
@@ -951,35 +1017,53 @@ def by_block_items(lists: BlockLists, heads_kv: int, split: int) -> BlockItems:
     piece = split if split > 0 else longest
     block = 1024
     pieces = torch.empty(n_lists, dtype=torch.int64, device=offsets.device)
-    _list_pieces_kernel[(triton.cdiv(n_lists, block),)](offsets, pieces, n_lists, piece, BLOCK=block)
+    _list_pieces_kernel[(triton.cdiv(n_lists, block),)](offsets, pieces, n_lists, piece, 0, BLOCK=block)
+    items, bounds = _deal_pieces(offsets, pieces, sum(grid), per_chunk, lists.n_chunks, piece, longest)
+    return BlockItems(items, bounds, grid)
+
+
+def _deal_pieces(
+    offsets: Tensor, pieces: Tensor, n_slots: int, per_chunk: int, n_chunks: int, piece: int, longest: int,
+    part_end: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Deal the lists' pieces (pieces[l] of at most `piece` entries for list l of offsets [L + 1]) into
+    n_slots >= their count item rows, grouped by chunk of per_chunk lists and longest first within a chunk
+    (stable: list order among equals); the rows past the real pieces sort last. Returns the items, int64
+    [n_slots, 3] (list within its chunk, start, end), or with part_end [n_slots, 4] (list, start, end, partial
+    slot: part_end[l] - pieces[l] + piece index for lists in several pieces, else -1), and the chunk bounds
+    int64 [n_chunks + 1] (bounds[-1]: the real item count)."""
+    n_lists = offsets.numel() - 1
     ends = torch.cumsum(pieces, 0)
-    n_slots = sum(grid)
-    unsorted = torch.empty((n_slots, 3), dtype=torch.int64, device=offsets.device)
+    with_parts = part_end is not None
+    unsorted = torch.empty((n_slots, 4 if with_parts else 3), dtype=torch.int64, device=offsets.device)
     key = torch.empty(n_slots, dtype=torch.int64, device=offsets.device)
-    bounds = torch.empty(lists.n_chunks + 1, dtype=torch.int64, device=offsets.device)
-    _block_items_kernel[(triton.cdiv(max(n_slots, lists.n_chunks + 1), block),)](
-        offsets, ends, unsorted, key, bounds, n_slots, n_lists, n_lists.bit_length(), per_chunk, lists.n_chunks,
-        piece, longest, BLOCK=block,
+    bounds = torch.empty(n_chunks + 1, dtype=torch.int64, device=offsets.device)
+    block = 1024
+    _block_items_kernel[(triton.cdiv(max(n_slots, n_chunks + 1), block),)](
+        offsets, ends, part_end if with_parts else ends, unsorted, key, bounds, n_slots, n_lists,
+        n_lists.bit_length(), per_chunk, n_chunks, piece, longest, WITH_PARTS=with_parts, BLOCK=block,
     )
-    return BlockItems(unsorted[torch.sort(key, stable=True).indices], bounds, grid)
+    return unsorted[torch.sort(key, stable=True).indices], bounds
 
 
 @triton.jit
-def _list_pieces_kernel(offsets_ptr, pieces_ptr, n_lists, piece, BLOCK: tl.constexpr):
+def _list_pieces_kernel(offsets_ptr, pieces_ptr, n_lists, piece, min_pieces, BLOCK: tl.constexpr):
+    """Pieces of at most `piece` entries per list, at least min_pieces (1: empty lists get an item too)."""
     lst = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = lst < n_lists
     count = tl.load(offsets_ptr + lst + 1, mask=ok, other=0) - tl.load(offsets_ptr + lst, mask=ok, other=0)
-    tl.store(pieces_ptr + lst, (count + piece - 1) // piece, mask=ok)
+    tl.store(pieces_ptr + lst, tl.maximum((count + piece - 1) // piece, min_pieces), mask=ok)
 
 
 @triton.jit
 def _block_items_kernel(
-    offsets_ptr, ends_ptr, items_ptr, key_ptr, bounds_ptr, n_slots, n_lists, n_iter, per_chunk, n_chunks,
-    piece, longest, BLOCK: tl.constexpr,
+    offsets_ptr, ends_ptr, part_end_ptr, items_ptr, key_ptr, bounds_ptr, n_slots, n_lists, n_iter, per_chunk,
+    n_chunks, piece, longest, WITH_PARTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Item slot i: piece i of the lists' pieces dealt in order (ends = running sum of pieces per list), as
-    (list within its chunk, start, end), and its sort key: chunk, then longest first; slots past the real
-    pieces sort last. Also the chunks' bounds: chunk c's items start at the pieces of its first list."""
+    (list within its chunk, start, end[, partial slot]), and its sort key: chunk, then longest first; slots
+    past the real pieces sort last. Also the chunks' bounds: chunk c's items start at the pieces of its first
+    list."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n_slots
     owner = _searchsorted_right(ends_ptr, i, n_lists, n_iter)
@@ -989,9 +1073,14 @@ def _block_items_kernel(
     start = tl.load(offsets_ptr + owner, mask=ok, other=0) + (i - before) * piece
     end = tl.minimum(start + piece, tl.load(offsets_ptr + owner + 1, mask=ok, other=0))
     key = tl.where(real, (owner // per_chunk) * (longest + 1) + longest - (end - start), n_chunks * (longest + 1))
-    tl.store(items_ptr + i * 3, owner % per_chunk, mask=ok)
-    tl.store(items_ptr + i * 3 + 1, start, mask=ok)
-    tl.store(items_ptr + i * 3 + 2, end, mask=ok)
+    COLS: tl.constexpr = 4 if WITH_PARTS else 3
+    tl.store(items_ptr + i * COLS, owner % per_chunk, mask=ok)
+    tl.store(items_ptr + i * COLS + 1, start, mask=ok)
+    tl.store(items_ptr + i * COLS + 2, end, mask=ok)
+    if WITH_PARTS:
+        n_pieces = tl.load(ends_ptr + owner, mask=ok, other=0) - before
+        first_part = tl.load(part_end_ptr + owner, mask=ok, other=0) - n_pieces
+        tl.store(items_ptr + i * COLS + 3, tl.where(n_pieces > 1, first_part + i - before, -1), mask=ok)
     tl.store(key_ptr + i, key, mask=ok)
     first_list = i * per_chunk  # chunk c = i
     c_ok = i <= n_chunks
@@ -1151,10 +1240,20 @@ def _by_block_work(
     """The key-block table, the lists and the work items of a block-major pass (forward or dq). No host sync:
     the table and the lists are sized by bounds (`max_tiles_of`, `by_block_items`), so the launches queue
     behind the list building instead of waiting for it."""
-    total = block_indices.shape[0]
-    key_blocks = tiles_of(cu_seqlens, block_size, max_tiles_of(total, cu_seqlens.numel() - 1, block_size))
-    lists = block_lists(block_indices, cu_seqlens, block_size, chunk_tokens, n_blocks=key_blocks.shape[0])
+    key_blocks, units = _key_blocks(cu_seqlens, block_indices.shape[0], block_size)
+    lists = block_lists(
+        block_indices, cu_seqlens, block_size, chunk_tokens, n_blocks=key_blocks.shape[0], units=units
+    )
     return key_blocks, lists, by_block_items(lists, block_indices.shape[1], split)
+
+
+def _key_blocks(cu_seqlens: Tensor, total: int, block_size: int) -> tuple[Tensor, Tensor]:
+    """The key-block table sized by its bound (no host sync; rows past the real blocks empty) and the
+    sequences' first blocks (`sequence_units`), which the list building reuses."""
+    cu_seqlens = offsets32(cu_seqlens)
+    units = sequence_units(cu_seqlens, block_size)
+    bound = max_tiles_of(total, cu_seqlens.numel() - 1, block_size)
+    return tiles_of(cu_seqlens, block_size, bound, units=units), units
 
 
 def launch_fwd_by_block(
@@ -1371,6 +1470,22 @@ def _check(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: T
         )
 
 
+def _check_layout(layout: LayoutChoice | None, block_indices: Tensor, dq: bool, forced: bool) -> None:
+    """A layout choice passed in must be for this pass and this selection, and not come with a forced layout."""
+    if layout is None:
+        return
+    name = "dq_layout" if dq else "layout"
+    if forced:
+        raise ValueError(f"selected attention: {name} cannot be combined with tile_rows or a forced layout")
+    if layout.dq != dq:
+        raise ValueError(f"selected attention: {name} was chosen for the {'dq' if layout.dq else 'forward'} pass")
+    if layout.block_indices.shape != block_indices.shape:
+        raise ValueError(
+            f"selected attention: {name} was chosen for block_indices {tuple(layout.block_indices.shape)}, "
+            f"got {tuple(block_indices.shape)}"
+        )
+
+
 def _block_n(block_size: int) -> int:
     """Keys per inner step: the whole block up to 64 keys, else 64-key slices of it."""
     if block_size & (block_size - 1) != 0:
@@ -1439,10 +1554,12 @@ def launch_dkdv(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, key_blocks: Tensor,
     offsets: Tensor, tokens: Tensor, block_size: int, scale: float, rows: int = DKDV_ROWS,
     num_warps: int | None = None, num_stages: int | None = None, split: int | None = None,
-    *, do_scale: Tensor | None = None,
+    *, do_scale: Tensor | None = None, pieces: ListPieces | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The dk/dv kernels over the inverse lists (`inverse_lists`); returns dk, dv [T, HKV, D]. do_scale
-    [T, HQ] contiguous or None: as in `launch_dq`.
+    [T, HQ] contiguous or None: as in `launch_dq`. pieces: `split_lists` of these lists made earlier (then
+    split is not used), so that its host read overlaps the work queued since; None: made here, cut at `split`
+    tokens (None: `default_dkdv_split`).
 
     Lists longer than `split` tokens (blocks that many queries chose, e.g. attention sinks) are cut into
     pieces run by separate programs, whose float32 partial sums a second kernel adds in a fixed order, so
@@ -1456,28 +1573,27 @@ def launch_dkdv(
     block_n = _block_n(block_size)
     block_d = max(16, next_pow2(head_dim))
     n_sub = block_size // block_n
-    # Pieces of at least DKDV_SPLIT tokens, more for huge inputs so the partial buffers stay bounded.
-    split = split or max(DKDV_SPLIT, -(-tokens.numel() // 8192))
-    items, splits = split_lists(offsets, split)
-    n_parts = int(splits[:, 2].sum()) if splits.shape[0] else 0
+    if pieces is None:
+        pieces = split_lists(offsets, split or default_dkdv_split(tokens.numel()), tokens.numel())
+    n_parts = pieces.n_parts.tolist()[0]  # waits for that copy only: the work queued before goes on
     part_shape = (max(n_parts, 1), n_sub, block_n, block_d)
     dk_part = torch.empty(part_shape, dtype=torch.float32, device=q.device)
     dv_part = torch.empty(part_shape, dtype=torch.float32, device=q.device)
     block_m, bt = _tile_rows(group, rows)
     warps, stages = _launch_config(block_m, head_dim, "dkdv")
-    _slc_bwd_dkdv_kernel[(items.shape[0], n_sub)](
-        q, k, v, do, do if do_scale is None else do_scale, lse, delta, dk, dv, dk_part, dv_part, key_blocks, items,
-        tokens,
+    _slc_bwd_dkdv_kernel[(pieces.items.shape[0], n_sub)](
+        q, k, v, do, do if do_scale is None else do_scale, lse, delta, dk, dv, dk_part, dv_part, key_blocks,
+        pieces.items, pieces.n_items, tokens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), head_dim, scale * LOG2E, scale,
         HQ=heads_q, HKV=heads_kv, G=group, BT=bt,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PREC=dot_precision(q),
         HAS_DO_SCALE=do_scale is not None, num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
-    if splits.shape[0]:
-        _slc_dkdv_reduce_kernel[(splits.shape[0], n_sub)](
-            dk, dv, dk_part, dv_part, key_blocks, splits, dk.stride(0), dk.stride(1), head_dim, scale,
-            HKV=heads_kv, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+    if n_parts:
+        _slc_dkdv_reduce_kernel[(pieces.pieces.numel(), n_sub)](
+            dk, dv, dk_part, dv_part, key_blocks, pieces.pieces, pieces.part_end, dk.stride(0), dk.stride(1),
+            head_dim, scale, HKV=heads_kv, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
         )
     return dk, dv
 
@@ -1495,6 +1611,7 @@ def selected_attention_fwd(
     by_block: bool | None = None,
     fold_into: Tensor | None = None,
     fold_scale: Tensor | None = None,
+    layout: LayoutChoice | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal attention of each query over the keys of its selected blocks.
 
@@ -1513,6 +1630,9 @@ def selected_attention_fwd(
             float32, rounded once) and no separate output is made. For inference, where the selection output
             is not kept for a backward; the block-major forward then uses larger chunks
             (`BY_BLOCK_PARTIAL_BYTES_FOLDED`).
+        layout: the planner's choice started earlier by `choose_layout` on these block_indices (instead of
+            planning here), so that its host read overlaps the GPU work queued since; only with by_block and
+            tile_rows None.
 
     Returns:
         o [T, HQ, D] in q's dtype (0 for rows with no allowed key; fold_into itself when given) and lse float32
@@ -1536,10 +1656,13 @@ def selected_attention_fwd(
     group = q.shape[1] // k.shape[1]
     if by_block and tile_rows is not None:
         raise ValueError("selected attention: tile_rows applies to the query-tile forward, not by_block=True")
+    _check_layout(layout, block_indices, dq=False, forced=tile_rows is not None or by_block is not None)
     if tile_rows is not None or by_block is False:
         plan = plan_tiles(block_indices, cu_seqlens, group, tile_rows)
     elif by_block:
         plan = None
+    elif layout is not None:
+        plan = layout.resolve()
     else:
         plan = plan_forward(block_indices, cu_seqlens, group, block_size)
     fold = dict(fold_into=fold_into, fold_scale=fold_scale)
@@ -1566,6 +1689,7 @@ def selected_attention_bwd(
     dkdv_split: int | None = None,
     delta: Tensor | None = None,
     do_scale: Tensor | None = None,
+    dq_layout: LayoutChoice | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `selected_attention_fwd`.
 
@@ -1584,6 +1708,8 @@ def selected_attention_bwd(
             rows of p (for dv) and of do.v^T (for dp) by do_scale instead, so the result equals the gradient
             of do * do_scale in exact arithmetic, without the rounding of a materialised product. A missing
             delta is then do_scale * row_dot(o, do).
+        dq_layout: dq's layout choice started earlier by `choose_layout(..., dq=True)` on these block_indices
+            (see `selected_attention_fwd`'s layout); only with dq_by_block and tile_rows None.
 
     Returns:
         dq [T, HQ, D] (q's dtype), dk, dv [T, HKV, D] (k's dtype), summed over the G heads of each group and
@@ -1610,31 +1736,38 @@ def selected_attention_bwd(
     group = q.shape[1] // k.shape[1]
     if dq_by_block and tile_rows is not None:
         raise ValueError("selected attention: tile_rows applies to the query-tile dq, not dq_by_block=True")
+    _check_layout(dq_layout, block_indices, dq=True, forced=tile_rows is not None or dq_by_block is not None)
     if tile_rows is not None or dq_by_block is False:
         plan = plan_tiles(block_indices, cu_seqlens, group, tile_rows, DQ_TILE_STEP_COST)
     elif dq_by_block:
         plan = None
+    elif dq_layout is not None:
+        plan = dq_layout.resolve()
     else:
         plan = plan_dq(block_indices, cu_seqlens, group, block_size)
+    # dk/dv's lists and work items first: the host read of their partial count then waits only for them,
+    # while the dq kernels queued next keep the GPU busy.
+    key_blocks, units = _key_blocks(cu_seqlens, q.shape[0], block_size)
+    offsets, tokens = inverse_lists(block_indices, cu_seqlens, block_size, key_blocks.shape[0], units=units)
+    pieces = split_lists(offsets, dkdv_split or default_dkdv_split(tokens.numel()), tokens.numel())
     if plan is None:
         dq = launch_dq_by_block(q, k, v, do, lse, delta, block_indices, cu_seqlens, block_size, scale,
                                 do_scale=do_scale)
     else:
         dq = launch_dq(q, k, v, do, lse, delta, plan, block_size, scale, do_scale=do_scale)
     del plan
-    key_blocks = tiles_of(cu_seqlens, block_size)
-    offsets, tokens = inverse_lists(block_indices, cu_seqlens, block_size, key_blocks.shape[0])
     dk, dv = launch_dkdv(
-        q, k, v, do, lse, delta, key_blocks, offsets, tokens, block_size, scale, dkdv_rows, split=dkdv_split,
-        do_scale=do_scale,
+        q, k, v, do, lse, delta, key_blocks, offsets, tokens, block_size, scale, dkdv_rows, do_scale=do_scale,
+        pieces=pieces,
     )
     return dq, dk, dv
 
 
 __all__ = [
-    "KERNEL_DTYPES", "BlockItems", "BlockLists", "SelectionSample", "TilePlan", "block_lists",
-    "by_block_estimate", "by_block_items", "launch_dkdv", "launch_dq", "launch_dq_by_block", "launch_fwd",
-    "launch_fwd_by_block", "max_tiles_of", "next_pow2", "plan_dq", "plan_forward", "plan_tiles", "row_dot",
-    "sample_selection", "selected_attention_bwd", "selected_attention_fwd", "sequence_units", "split_lists",
-    "tile_estimate", "tiles_of", "union_blocks", "union_blocks_torch",
+    "KERNEL_DTYPES", "BlockItems", "BlockLists", "LayoutChoice", "ListPieces", "PendingSample", "SelectionSample",
+    "TilePlan", "block_lists", "by_block_estimate", "by_block_items", "choose_layout", "default_dkdv_split",
+    "launch_dkdv", "launch_dq", "launch_dq_by_block", "launch_fwd", "launch_fwd_by_block", "max_tiles_of",
+    "next_pow2", "plan_dq", "plan_forward", "plan_tiles", "row_dot", "sample_selection", "selected_attention_bwd",
+    "selected_attention_fwd", "sequence_units", "split_lists", "tile_estimate", "tiles_of", "union_blocks",
+    "union_blocks_torch",
 ]
