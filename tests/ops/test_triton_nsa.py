@@ -504,3 +504,60 @@ def test_lean_path_never_drains_the_gpu_queue(monkeypatch: pytest.MonkeyPatch) -
         torch.cuda.set_sync_debug_mode("default")
     for k, v in leaves.items():
         assert torch.equal(v.grad, grads[k]), k
+
+
+@pytest.mark.gpu
+def test_gpu_sequence_past_32_bit_offsets() -> None:
+    """One sequence of 640K tokens (7:1, D=128, bf16): q, o, do and dq hold 2.35e9 elements each, past 2^31,
+    so an int32 offset of any of their rows past token 599,186 would wrap; the top-k has 10,240 blocks per
+    row (its sorting kernel). Checked against the reference on windows of 8 queries at the start, around
+    the 2^31 boundary and at the end: o and dq (given the kernels' block choice, which itself mostly agrees
+    with the reference's), every output finite, and the value gradient's total equal to what the three
+    softmaxes imply (sum over keys of dv = sum over queries of do times its gates, per KV head)."""
+    from videonsa.ops.common import NSAConfig
+    from videonsa.ops.reference import _query_chunk, compress_blocks
+    from videonsa.ops.triton_nsa import _compress_and_select, nsa_attention_triton
+
+    seq_len, heads_q, heads_kv, head_dim = 655360, 28, 4, 128
+    config = NSAConfig(64, 32, 256, 0, 1)
+    settings = dict(block_size=64, block_count=32, window_size=256, init_blocks=0, local_blocks=1)
+    scale = head_dim**-0.5
+    assert seq_len * heads_q * head_dim > 2**31
+    x, do = _gpu_inputs(seq_len, seed=3)
+    leaves = {name: t.requires_grad_() for name, t in x.items()}
+    o = nsa_attention_triton(**leaves, **settings)
+    o.backward(do)
+    o = o.detach()
+    grads = {name: t.grad for name, t in leaves.items()}
+    assert bool(torch.isfinite(o).all()) and all(bool(torch.isfinite(g).all()) for g in grads.values())
+
+    q, k, v = (x[name].detach()[0] for name in ("q", "k", "v"))
+    cu = torch.tensor([0, seq_len], dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        indices = _compress_and_select(q, k, v, cu, config, scale)[-1]
+    kf, vf = k.float(), v.float()
+    k_cmp, v_cmp = compress_blocks(kf, 64), compress_blocks(vf, 64)
+    boundary = 2**31 // (heads_q * head_dim)
+    agree = []
+    for start in (0, 4096, boundary - 4, seq_len - 8):
+        rows = slice(start, start + 8)
+        q_rows = q[rows].float().requires_grad_()
+        o_cmp, o_slc, o_swa, own_choice, _ = _query_chunk(
+            q_rows, kf, vf, k_cmp, v_cmp, start, config, scale, indices[rows].long()
+        )
+        gates = [x[name].detach()[0, rows].float()[..., None] for name in ("g_cmp", "g_slc", "g_swa")]
+        o_ref = gates[0] * o_cmp + gates[1] * o_slc + gates[2] * o_swa
+        (o_ref * do[0, rows].float()).sum().backward()
+        o_err = (o[0, rows].float() - o_ref).norm() / o_ref.norm()
+        dq_err = (grads["q"][0, rows].float() - q_rows.grad).norm() / q_rows.grad.norm()
+        assert o_err < 1e-2 and dq_err < 2e-2, (start, float(o_err), float(dq_err))
+        with torch.no_grad():
+            reference_choice = _query_chunk(q_rows, kf, vf, k_cmp, v_cmp, start, config, scale, None)[3]
+        agree.append((reference_choice.sort(-1).values == indices[rows].sort(-1).values).all(-1).float().mean())
+    assert float(torch.stack(agree).mean()) >= 0.9, agree
+
+    pos = torch.arange(seq_len, device="cuda")
+    weight = (x["g_cmp"][0].float() * (pos >= 63)[:, None] + x["g_slc"][0].float() + x["g_swa"][0].float())
+    want = (do[0].float() * weight[..., None]).view(seq_len, heads_kv, heads_q // heads_kv, head_dim).sum((0, 2))
+    got = grads["v"][0].float().sum(0)
+    assert float((got - want).norm() / want.norm()) < 1e-2
