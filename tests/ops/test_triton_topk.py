@@ -32,10 +32,15 @@ def test_under_interpreter() -> None:
 
 
 def _select(q, k_cmp, lse, cu, cu_cmp, width: int, tokens: int | None = None, method: str = "bisect",
-            chunk: int = 64, half: bool = False, early_exit: bool = True, **kwargs) -> torch.Tensor:
+            chunk: int = 64, half: bool = False, early_exit: bool = True, row_chunk: int = 0,
+            **kwargs) -> torch.Tensor:
+    """row_chunk > 0: every key row is counted that many columns at a time (the path of rows too wide for
+    registers), however narrow."""
     saved = dict(topk.CONFIG)
     topk.CONFIG.update(candidates=width, bisect_tokens=tokens, bisect_chunk=chunk, bisect_half=half,
                        bisect_early_exit=early_exit)
+    if row_chunk:
+        topk.CONFIG.update(register_row_blocks=0, row_chunk=row_chunk)
     try:
         return topk.select_blocks_topk(q, k_cmp, lse, cu, cu_cmp, method=method, **kwargs)
     finally:
@@ -53,18 +58,20 @@ def _all_widths_equal(q, k, cu, block_size, kwargs) -> torch.Tensor:
     # that see only the first half of a (>= 32 wide) key row take the half-width selection, the others the full
     # one, within one launch (width 0: directly; width 4: as the overflow fallback). The full-width bisection
     # stops early by default (a row is done once some threshold has exactly S keys at or above it); the last
-    # setting runs its fixed 31 halvings.
-    settings = [(w, None, 64, False, True) for w in WIDTHS] + [
-        (WIDTHS[-1], 16, 64, False, True), (WIDTHS[-1], None, 16, False, True), (0, None, 64, True, True),
-        (4, None, 64, True, True), (0, None, 64, False, False),
+    # setting runs its fixed 31 halvings. The row chunks (the path of rows too wide for registers) take 16
+    # columns at a time (several per row here), and 64 (one, at most the row).
+    settings = [(w, None, 64, False, True, 0) for w in WIDTHS] + [
+        (WIDTHS[-1], 16, 64, False, True, 0), (WIDTHS[-1], None, 16, False, True, 0), (0, None, 64, True, True, 0),
+        (4, None, 64, True, True, 0), (0, None, 64, False, False, 0), (0, None, 16, False, True, 16),
+        (0, None, 64, False, True, 64),
     ]
-    for width, tokens, chunk, half, early_exit in settings:
+    for width, tokens, chunk, half, early_exit, row_chunk in settings:
         got = _select(q, k_cmp, lse, cu, cu_cmp, width, tokens, chunk=chunk, half=half, early_exit=early_exit,
-                      block_size=block_size, **kwargs)
+                      row_chunk=row_chunk, block_size=block_size, **kwargs)
         assert got.dtype == torch.int32 and got.shape == want.shape
         mismatch = (got != want).any(-1).nonzero()[:3].tolist()
         assert torch.equal(got, want), (f"width {width}, tokens {tokens}, chunk {chunk}, half {half}, early exit "
-                                        f"{early_exit}: rows {mismatch} differ from the sort")
+                                        f"{early_exit}, row chunk {row_chunk}: rows {mismatch} differ from the sort")
     return want
 
 

@@ -231,6 +231,63 @@ def _select_from_scratch(slot, n_loop, out_row, t_ok, idx_ptr, BT: tl.constexpr,
 
 
 @triton.jit
+def _row_chunk(slot, c0, n_loop, BT: tl.constexpr, NBP: tl.constexpr, CH: tl.constexpr):
+    """Keys int32 [BT, CH] of columns c0 .. c0 + CH - 1 of the scratch rows (0 past n_loop)."""
+    tt = tl.arange(0, BT)
+    col = c0 + tl.arange(0, CH)
+    return tl.load(slot + tt[:, None] * NBP + col[None, :], mask=(col[None, :] < n_loop) & (tt[:, None] < BT),
+                   other=0, cache_modifier=".cg")
+
+
+@triton.jit
+def _select_chunked(slot, n_loop, out_row, t_ok, idx_ptr, BT: tl.constexpr, NBP: tl.constexpr, CH: tl.constexpr,
+                    S: tl.constexpr, SP: tl.constexpr):
+    """The full-width selection for key rows too wide for registers: the same threshold, ties and output as
+    `_select_full_width`, with every count taken over the scratch rows CH columns at a time (each bisection
+    step re-reads the rows, from L2 while they fit there). Only columns < n_loop are read."""
+    n_valid = tl.zeros([BT], dtype=tl.int32)
+    for c0 in range(0, n_loop, CH):
+        n_valid += tl.sum((_row_chunk(slot, c0, n_loop, BT, NBP, CH) > 0).to(tl.int32), axis=1)
+    many = n_valid > S
+    lo = tl.full([BT], 1, dtype=tl.int32)
+    hi = tl.where(many, 0x7F800001, 1)
+    # Bisection as in `_select_full_width` (count(keys >= lo) >= S > count(keys > hi)), counted chunk by chunk,
+    # always with its early stop (a row is done once some mid has exactly S keys at or above it).
+    while tl.max(hi - lo, axis=0) > 0:
+        mid = lo + ((hi - lo + 1) >> 1)
+        neg_count = tl.zeros([BT], dtype=tl.int32)
+        for c0 in range(0, n_loop, CH):
+            keys = _row_chunk(slot, c0, n_loop, BT, NBP, CH)
+            neg_count += tl.sum((mid[:, None] - 1 - keys) >> 31, axis=1)
+        open_row = lo < hi
+        enough = neg_count <= -S
+        lo = tl.where(open_row & enough, mid, lo)
+        hi = tl.where(open_row, tl.where(neg_count == -S, mid, tl.where(enough, hi, mid - 1)), hi)
+    tau = tl.where(many, lo, 1)
+    n_above = tl.zeros([BT], dtype=tl.int32)
+    for c0 in range(0, n_loop, CH):
+        n_above += tl.sum((_row_chunk(slot, c0, n_loop, BT, NBP, CH) > tau[:, None]).to(tl.int32), axis=1)
+    need = tl.where(many, S - n_above, S)
+    # Write the chosen blocks in ascending order: running counts of the equal keys seen and the blocks written.
+    equal_seen = tl.zeros([BT], dtype=tl.int32)
+    written = tl.zeros([BT], dtype=tl.int32)
+    for c0 in range(0, n_loop, CH):
+        keys = _row_chunk(slot, c0, n_loop, BT, NBP, CH)
+        equal = keys == tau[:, None]
+        equal_rank = equal_seen[:, None] + tl.cumsum(equal.to(tl.int32), axis=1)
+        chosen = (keys > tau[:, None]) | (equal & (equal_rank <= need[:, None]))
+        rank = written[:, None] + tl.cumsum(chosen.to(tl.int32), axis=1) - 1
+        col = c0 + tl.arange(0, CH)
+        tl.store(idx_ptr + out_row[:, None] + rank, col[None, :] + tl.zeros([BT, CH], dtype=tl.int32),
+                 mask=chosen & t_ok[:, None])
+        equal_seen += tl.sum(equal.to(tl.int32), axis=1)
+        written += tl.sum(chosen.to(tl.int32), axis=1)
+    slots = tl.arange(0, SP)
+    tl.store(idx_ptr + out_row[:, None] + slots[None, :], tl.full([BT, SP], -1, dtype=tl.int32),
+             mask=(slots[None, :] >= written[:, None]) & (slots[None, :] < S) & t_ok[:, None])
+
+
+@triton.jit
 def _topk_bisect_kernel(
     q_ptr, kc_ptr, lse_ptr, idx_ptr, scratch_ptr, ckey_ptr, cblk_ptr, cu_ptr, cuc_ptr, tiles_ptr, n_work,
     qk_scale,
@@ -238,7 +295,7 @@ def _topk_bisect_kernel(
     BLOCK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NBP: tl.constexpr, S: tl.constexpr,
     SP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, CB: tl.constexpr,
     NCLS: tl.constexpr, CJ: tl.constexpr, SCORE_ONLY: tl.constexpr = False, HALF: tl.constexpr = False,
-    EARLY_EXIT: tl.constexpr = True,
+    EARLY_EXIT: tl.constexpr = True, ROW_CHUNK: tl.constexpr = 0,
 ):
     # SCORE_ONLY (benchmarks only, output not written): step 1 alone, the selection steps 2-4 compiled out, so
     # that timing it against the full kernel tells the score pass's share of the time.
@@ -371,6 +428,9 @@ def _topk_bisect_kernel(
                     # (L1/L2 hits) so that they are not held in registers across the compact branch.
                     _select_from_scratch(slot, n_loop, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr,
                                          BT, NBP, S, SP, HALF, EARLY_EXIT)
+            elif ROW_CHUNK > 0:  # rows too wide for registers: counted ROW_CHUNK columns at a time
+                _select_chunked(slot, n_loop, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, BT, NBP,
+                                ROW_CHUNK, S, SP)
             else:  # CB == 0: always the full-width path
                 _select_from_scratch(slot, n_loop, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, BT,
                                      NBP, S, SP, HALF, EARLY_EXIT)
@@ -410,17 +470,21 @@ def _topk_bisect_kernel(
 # 1.54, 64K 10.96 -> 6.24 (randn; structured alike). 3 or 4 programs are no better (32K: 2.00 / 1.59).
 CONFIG = {"method": "auto", "programs_per_sm": 2, "max_keys_per_thread": 64, "bisect_warps": None, "candidates": 0,
           "bisect_tokens": None, "bisect_chunk": 64, "bisect_stages": 3, "score_only": False, "bisect_half": True,
-          "bisect_early_exit": True}
+          "bisect_early_exit": True, "register_row_blocks": 2048, "row_chunk": 1024}
 
 
-def _bisect_shape(group_pow2: int, n_blocks_pow2: int) -> tuple[int, int] | None:
-    """(tokens per tile, num_warps) for the bisection kernel, or None when a key row does not fit registers."""
+def _bisect_shape(group_pow2: int, n_blocks_pow2: int) -> tuple[int, int, int] | None:
+    """(tokens per tile, num_warps, row chunk) for the bisection kernel, or None for settings it cannot run.
+    Key rows up to CONFIG["register_row_blocks"] wide are held in registers (row chunk 0); wider ones are
+    counted CONFIG["row_chunk"] columns at a time from the scratch rows."""
     # tl.dot needs M = tokens * GP >= 16; more tokens per tile let each K~ chunk load and product serve more rows.
     tokens = max(CONFIG["bisect_tokens"] or 8, triton.cdiv(16, group_pow2))
-    warps = CONFIG["bisect_warps"] or max(4, triton.cdiv(tokens * n_blocks_pow2, 32 * CONFIG["max_keys_per_thread"]))
+    row_chunk = 0 if n_blocks_pow2 <= CONFIG["register_row_blocks"] else min(CONFIG["row_chunk"], n_blocks_pow2)
+    held = row_chunk or n_blocks_pow2  # key columns in registers at once
+    warps = CONFIG["bisect_warps"] or max(4, triton.cdiv(tokens * held, 32 * CONFIG["max_keys_per_thread"]))
     if warps > 16 or warps & (warps - 1):
         return None
-    return tokens, warps
+    return tokens, warps, row_chunk
 
 
 def _num_programs(device: torch.device, n_work: int) -> int:
@@ -475,14 +539,14 @@ def select_blocks_topk(
         BLOCK=block_size, S=block_count, INIT=init_blocks, LOCAL=local_blocks, PREC=_dot_precision(q.dtype),
     )
     if method in ("auto", "bisect") and shape is not None:
-        tokens, warps = shape
+        tokens, warps, row_chunk = shape
         tiles = query_tiles(cu_seqlens, tokens, total)
         n_work = tiles.shape[0] * heads_kv
         n_prog = _num_programs(q.device, n_work)
         scratch = torch.empty(n_prog, tokens, max(n_blocks_pow2, 16), dtype=torch.int32, device=q.device)
         # Key rows at least 16 wide (tl.dot's N) and chunks of CONFIG['bisect_chunk'] blocks (at most the row).
         width = max(n_blocks_pow2, 16)
-        cand_width = CONFIG["candidates"]
+        cand_width = CONFIG["candidates"] if not row_chunk else 0  # the filter compacts register-held rows
         if cand_width & (cand_width - 1):
             raise ValueError(f"topk CONFIG['candidates'] must be 0 or a power of two, got {cand_width}")
         # NCLS strided column classes with 4 keys each bound the S-th largest key (4 * NCLS >= S); at most one
@@ -497,7 +561,7 @@ def select_blocks_topk(
             scale * LOG2E,
             BT=tokens, BC=chunk, NBP=width, SP=_pow2(block_count), CB=cand_width, NCLS=n_classes,
             CJ=min(16, max(cand_width, 1)), SCORE_ONLY=bool(CONFIG["score_only"]),
-            HALF=bool(CONFIG["bisect_half"]), EARLY_EXIT=bool(CONFIG["bisect_early_exit"]),
+            HALF=bool(CONFIG["bisect_half"]), EARLY_EXIT=bool(CONFIG["bisect_early_exit"]), ROW_CHUNK=row_chunk,
             **common, num_warps=warps, num_stages=CONFIG["bisect_stages"],
         )
         return indices
