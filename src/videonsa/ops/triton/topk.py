@@ -240,17 +240,18 @@ def _row_chunk(slot, c0, n_loop, BT: tl.constexpr, NBP: tl.constexpr, CH: tl.con
 
 
 @triton.jit
-def _select_chunked(slot, n_loop, out_row, t_ok, idx_ptr, BT: tl.constexpr, NBP: tl.constexpr, CH: tl.constexpr,
-                    S: tl.constexpr, SP: tl.constexpr):
+def _select_chunked(slot, n_loop, out_row, t_ok, idx_ptr, lo0, hi0, BT: tl.constexpr, NBP: tl.constexpr,
+                    CH: tl.constexpr, S: tl.constexpr, SP: tl.constexpr):
     """The full-width selection for key rows too wide for registers: the same threshold, ties and output as
     `_select_full_width`, with every count taken over the scratch rows CH columns at a time (each bisection
-    step re-reads the rows, from L2 while they fit there). Only columns < n_loop are read."""
+    step re-reads the rows). Only columns < n_loop are read. lo0 <= (S-th largest key) <= hi0 [BT]: the
+    bisection starts from that bracket (any valid one gives the same result, a narrow one in fewer steps)."""
     n_valid = tl.zeros([BT], dtype=tl.int32)
     for c0 in range(0, n_loop, CH):
         n_valid += tl.sum((_row_chunk(slot, c0, n_loop, BT, NBP, CH) > 0).to(tl.int32), axis=1)
     many = n_valid > S
-    lo = tl.full([BT], 1, dtype=tl.int32)
-    hi = tl.where(many, 0x7F800001, 1)
+    lo = tl.where(many, lo0, 1)
+    hi = tl.where(many, hi0, 1)
     # Bisection as in `_select_full_width` (count(keys >= lo) >= S > count(keys > hi)), counted chunk by chunk,
     # always with its early stop (a row is done once some mid has exactly S keys at or above it).
     while tl.max(hi - lo, axis=0) > 0:
@@ -295,7 +296,7 @@ def _topk_bisect_kernel(
     BLOCK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NBP: tl.constexpr, S: tl.constexpr,
     SP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, CB: tl.constexpr,
     NCLS: tl.constexpr, CJ: tl.constexpr, SCORE_ONLY: tl.constexpr = False, HALF: tl.constexpr = False,
-    EARLY_EXIT: tl.constexpr = True, ROW_CHUNK: tl.constexpr = 0,
+    EARLY_EXIT: tl.constexpr = True, ROW_CHUNK: tl.constexpr = 0, SC: tl.constexpr = 1,
 ):
     # SCORE_ONLY (benchmarks only, output not written): step 1 alone, the selection steps 2-4 compiled out, so
     # that timing it against the full kernel tells the score pass's share of the time.
@@ -344,6 +345,10 @@ def _topk_bisect_kernel(
         c1 = tl.zeros([BT, NCLS], dtype=tl.int32)
         c2 = tl.zeros([BT, NCLS], dtype=tl.int32)
         c3 = tl.zeros([BT, NCLS], dtype=tl.int32)
+        # For the chunked selection (ROW_CHUNK > 0): per row the largest key of each strided class j mod SC and
+        # the largest key that is not forced, which bracket the S-th largest key before any bisection step.
+        class_max = tl.zeros([BT, SC], dtype=tl.int32)
+        free_max = tl.zeros([BT], dtype=tl.int32)
         for j0 in range(0, n_loop, BC):
             j = j0 + tl.arange(0, BC)
             k_off = (cbos + j).to(tl.int64) * (HKV * D) + g * D
@@ -364,6 +369,9 @@ def _topk_bisect_kernel(
                 k0, k1, k2, k3 = tl.reduce((tl.reshape(key, [BT, BC // NCLS, NCLS]), zero, zero, zero), axis=1,
                                            combine_fn=_top4_combine)
                 c0, c1, c2, c3 = _top4_combine(c0, c1, c2, c3, k0, k1, k2, k3)
+            if ROW_CHUNK > 0:
+                class_max = tl.maximum(class_max, tl.max(tl.reshape(key, [BT, BC // SC, SC]), axis=1))
+                free_max = tl.maximum(free_max, tl.max(tl.where(key == 0x7F800001, 0, key), axis=1))
         if not SCORE_ONLY:
             tl.debug_barrier()  # the keys written by every thread are read back by others
 
@@ -429,16 +437,27 @@ def _topk_bisect_kernel(
                     _select_from_scratch(slot, n_loop, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr,
                                          BT, NBP, S, SP, HALF, EARLY_EXIT)
             elif ROW_CHUNK > 0:  # rows too wide for registers: counted ROW_CHUNK columns at a time
-                _select_chunked(slot, n_loop, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, BT, NBP,
-                                ROW_CHUNK, S, SP)
+                # The SC class maxima are SC distinct keys, so their minimum is at most the S-th largest key
+                # (SC >= S); above the largest free key only forced ones remain, fewer than S (INIT + LOCAL < S).
+                lo0 = tl.maximum(tl.min(class_max, axis=1), 1) if SC >= S else tl.full([BT], 1, dtype=tl.int32)
+                hi0 = free_max if INIT + LOCAL < S else tl.full([BT], 0x7F800001, dtype=tl.int32)
+                _select_chunked(slot, n_loop, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, lo0,
+                                hi0, BT, NBP, ROW_CHUNK, S, SP)
             else:  # CB == 0: always the full-width path
                 _select_from_scratch(slot, n_loop, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, BT,
                                      NBP, S, SP, HALF, EARLY_EXIT)
         tl.debug_barrier()  # the scratch rows are rewritten by the next work item
 
 
-# Launch settings; `benchmarks/bench_ops.py` sweeps them. method: "auto" (bisection when the key rows fit in
-# registers, else the sorting kernel), "bisect" or "sort".
+# Launch settings; `benchmarks/bench_ops.py` sweeps them. method: "auto" (the bisection kernel wherever its launch
+# settings are valid, else the sorting kernel), "bisect" or "sort".
+# register_row_blocks: key rows up to this many blocks are held in registers for the selection; wider ones
+# (longer sequences) are counted row_chunk columns at a time from the scratch rows (`_select_chunked`, bracketed
+# by the class maxima and the largest free key gathered in the score pass). H100, randn
+# (results/tune_topk_h100_s8_wide.jsonl, all equal to the sorting kernel): 128K (2048 blocks) 19.5 ms in
+# registers against 35.3-42.8 chunked; 256K (4096) 105.2 in registers at 16 warps against 132.5-150.2 chunked
+# (before the bracket); beyond 4096 blocks the registers do not hold a row and the sorting kernel took 1323 ms at
+# 640K, the chunked selection 863 (before the bracket).
 # candidates: the width CB of the compacted candidate rows of the bisection kernel (0: always the full-width
 # bisection); tiles with more candidates in a row than this take the full-width path. bisect_tokens: tokens per
 # tile of the bisection kernel (None: 8; a power of two). Default 0: on the H100 at 128K the filter (128) measured
@@ -470,7 +489,7 @@ def _topk_bisect_kernel(
 # 1.54, 64K 10.96 -> 6.24 (randn; structured alike). 3 or 4 programs are no better (32K: 2.00 / 1.59).
 CONFIG = {"method": "auto", "programs_per_sm": 2, "max_keys_per_thread": 64, "bisect_warps": None, "candidates": 0,
           "bisect_tokens": None, "bisect_chunk": 64, "bisect_stages": 3, "score_only": False, "bisect_half": True,
-          "bisect_early_exit": True, "register_row_blocks": 2048, "row_chunk": 1024}
+          "bisect_early_exit": True, "register_row_blocks": 4096, "row_chunk": 1024}
 
 
 def _bisect_shape(group_pow2: int, n_blocks_pow2: int) -> tuple[int, int, int] | None:
@@ -562,6 +581,7 @@ def select_blocks_topk(
             BT=tokens, BC=chunk, NBP=width, SP=_pow2(block_count), CB=cand_width, NCLS=n_classes,
             CJ=min(16, max(cand_width, 1)), SCORE_ONLY=bool(CONFIG["score_only"]),
             HALF=bool(CONFIG["bisect_half"]), EARLY_EXIT=bool(CONFIG["bisect_early_exit"]), ROW_CHUNK=row_chunk,
+            SC=min(_pow2(block_count), chunk),
             **common, num_warps=warps, num_stages=CONFIG["bisect_stages"],
         )
         return indices
