@@ -456,8 +456,9 @@ def _topk_bisect_kernel(
 # by the class maxima and the largest free key gathered in the score pass). H100, randn
 # (results/tune_topk_h100_s8_wide.jsonl, all equal to the sorting kernel): 128K (2048 blocks) 19.5 ms in
 # registers against 35.3-42.8 chunked; 256K (4096) 105.2 in registers at 16 warps against 132.5-150.2 chunked
-# (before the bracket); beyond 4096 blocks the registers do not hold a row and the sorting kernel took 1323 ms at
-# 640K, the chunked selection 863 (before the bracket).
+# (before the bracket); beyond 4096 blocks the registers do not hold a row: at 640K (10,240 blocks) the chunked
+# selection takes 552 / 561 ms (randn / structured; 842 with 2048-column chunks, 561 with 512) against the
+# sorting kernel's 1318 / 1324 in the same call (results/tune_topk_h100_s8_bracket.jsonl; 863 before the bracket).
 # candidates: the width CB of the compacted candidate rows of the bisection kernel (0: always the full-width
 # bisection); tiles with more candidates in a row than this take the full-width path. bisect_tokens: tokens per
 # tile of the bisection kernel (None: 8; a power of two). Default 0: on the H100 at 128K the filter (128) measured
