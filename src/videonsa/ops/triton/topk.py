@@ -8,6 +8,12 @@ for the visible compressed blocks j < (t+1) // b. The selected set is the forced
 c-local_blocks+1..c, those that exist) plus the highest-importance visible blocks, block_count in all; equal
 scores go to the earlier block. The output lists the chosen blocks ascending, padded with -1.
 
+Two kernels make this choice. The default, `_topk_bisect_kernel` (persistent; see its comments): the keys of a
+tile's rows go to a per-program scratch row block, and the S-th largest key of each row is found by bisection
+over the key values, the row held in registers, or, for rows wider than CONFIG["register_row_blocks"] (sequences
+past 256K tokens at block 64), counted chunk by chunk from the scratch (`_select_chunked`). The sorting kernel
+`_topk_kernel` (method="sort") is the exact oracle the tests compare it with:
+
 One program takes a tile of BT consecutive queries of one sequence and one KV head. Its rows are BT tokens x
 GP (G rounded up to a power of two) heads, so the per-token sum over heads is a reshape and a reduction. It
 recomputes the scores chunk by chunk (BC blocks at a time) and keeps, per token, the best KP = next power of
