@@ -10,7 +10,7 @@ sorting kernel or not) and appends it to $OUT/tune_topk.jsonl when OUT is set.
 --variants takes explicit launch settings instead of the widths x tokens x warps product, each a comma-separated
 list of CONFIG overrides (cand = candidates, tokens = bisect_tokens, warps = bisect_warps, chunk = bisect_chunk,
 stages = bisect_stages, pps = programs_per_sm, half = bisect_half, score = score_only, regrow =
-register_row_blocks, rowchunk = row_chunk). A score=1 variant runs
+register_row_blocks, rowchunk = row_chunk, bracket = bisect_bracket). A score=1 variant runs
 the score pass alone (the selection compiled out, nothing written): its time against the same variant without
 score=1 splits the kernel's time between the score pass and the selection; its output is not compared.
 
@@ -34,7 +34,8 @@ from videonsa.ops.triton.packing import pack
 # CONFIG keys of the bisection kernel and their short names on the command line and in the output rows.
 _SHORT = {"candidates": "cand", "bisect_tokens": "tokens", "bisect_warps": "warps", "bisect_chunk": "chunk",
           "bisect_stages": "stages", "programs_per_sm": "pps", "score_only": "score", "bisect_half": "half",
-          "bisect_early_exit": "exit", "register_row_blocks": "regrow", "row_chunk": "rowchunk"}
+          "bisect_early_exit": "exit", "register_row_blocks": "regrow", "row_chunk": "rowchunk",
+          "bisect_bracket": "bracket"}
 
 
 def _parse_variant(text: str) -> dict:

@@ -33,12 +33,13 @@ def test_under_interpreter() -> None:
 
 def _select(q, k_cmp, lse, cu, cu_cmp, width: int, tokens: int | None = None, method: str = "bisect",
             chunk: int = 64, half: bool = False, early_exit: bool = True, row_chunk: int = 0,
-            **kwargs) -> torch.Tensor:
+            bracket: bool = True, **kwargs) -> torch.Tensor:
     """row_chunk > 0: every key row is counted that many columns at a time (the path of rows too wide for
-    registers), however narrow."""
+    registers), however narrow. bracket: the bisection starts from the score pass's bracket (else from the
+    whole key range; the chunked path always brackets)."""
     saved = dict(topk.CONFIG)
     topk.CONFIG.update(candidates=width, bisect_tokens=tokens, bisect_chunk=chunk, bisect_half=half,
-                       bisect_early_exit=early_exit)
+                       bisect_early_exit=early_exit, bisect_bracket=bracket)
     if row_chunk:
         topk.CONFIG.update(register_row_blocks=0, row_chunk=row_chunk)
     try:
@@ -65,13 +66,16 @@ def _all_widths_equal(q, k, cu, block_size, kwargs) -> torch.Tensor:
         (4, None, 64, True, True, 0), (0, None, 64, False, False, 0), (0, None, 16, False, True, 16),
         (0, None, 64, False, True, 64),
     ]
-    for width, tokens, chunk, half, early_exit, row_chunk in settings:
+    settings = [(*setting, True) for setting in settings] + [(0, None, 64, True, True, 0, False),
+                                                            (4, None, 16, False, False, 0, False)]
+    for width, tokens, chunk, half, early_exit, row_chunk, bracket in settings:
         got = _select(q, k_cmp, lse, cu, cu_cmp, width, tokens, chunk=chunk, half=half, early_exit=early_exit,
-                      row_chunk=row_chunk, block_size=block_size, **kwargs)
+                      row_chunk=row_chunk, bracket=bracket, block_size=block_size, **kwargs)
         assert got.dtype == torch.int32 and got.shape == want.shape
         mismatch = (got != want).any(-1).nonzero()[:3].tolist()
         assert torch.equal(got, want), (f"width {width}, tokens {tokens}, chunk {chunk}, half {half}, early exit "
-                                        f"{early_exit}, row chunk {row_chunk}: rows {mismatch} differ from the sort")
+                                        f"{early_exit}, row chunk {row_chunk}, bracket {bracket}: rows {mismatch} "
+                                        "differ from the sort")
     return want
 
 

@@ -157,18 +157,20 @@ def _topk_kernel(
 
 
 @triton.jit
-def _select_full_width(keys, col, out_row, t_ok, idx_ptr, BT: tl.constexpr, NBP: tl.constexpr, S: tl.constexpr,
-                       SP: tl.constexpr, EARLY_EXIT: tl.constexpr):
+def _select_full_width(keys, col, out_row, t_ok, idx_ptr, lo0, hi0, BT: tl.constexpr, NBP: tl.constexpr,
+                       S: tl.constexpr, SP: tl.constexpr, EARLY_EXIT: tl.constexpr):
     """The bisection kernel's full-width path: keys int32 [BT, NBP] (0 = not a candidate), col [NBP],
-    out_row int64 [BT] (offset of each token's output row), t_ok [BT]. Writes each row's chosen blocks."""
+    out_row int64 [BT] (offset of each token's output row), t_ok [BT], lo0 <= (S-th largest key) <= hi0 [BT]
+    where a row has more than S candidates (the bisection's starting bracket; 1 and 0x7F800001 always hold).
+    Writes each row's chosen blocks."""
     # 3b. A threshold tau per row with count(keys >= tau) >= S >= count(keys > tau) (then the keys above tau
     #    and the earliest keys equal to it are the S best), by bisection over the int32 key range, keeping
     #    count(keys >= lo) >= S > count(keys > hi) until lo = hi. Rows with at most S candidates take all of
     #    them (tau = 1).
     n_valid = tl.sum((keys > 0).to(tl.int32), axis=1)
     many = n_valid > S
-    lo = tl.full([BT], 1, dtype=tl.int32)
-    hi = tl.where(many, 0x7F800001, 1)
+    lo = tl.where(many, lo0, 1)
+    hi = tl.where(many, hi0, 1)
     if EARLY_EXIT:
         # A row is done as soon as some mid has exactly S keys at or above it (then tau = mid, whether or not
         # mid is a key): that happens once mid falls between the S-th and (S+1)-th largest keys, typically
@@ -211,8 +213,8 @@ def _select_full_width(keys, col, out_row, t_ok, idx_ptr, BT: tl.constexpr, NBP:
 
 
 @triton.jit
-def _select_from_scratch(slot, n_loop, out_row, t_ok, idx_ptr, BT: tl.constexpr, NBP: tl.constexpr, S: tl.constexpr,
-                         SP: tl.constexpr, HALF: tl.constexpr, EARLY_EXIT: tl.constexpr):
+def _select_from_scratch(slot, n_loop, out_row, t_ok, idx_ptr, lo0, hi0, BT: tl.constexpr, NBP: tl.constexpr,
+                         S: tl.constexpr, SP: tl.constexpr, HALF: tl.constexpr, EARLY_EXIT: tl.constexpr):
     """The full-width path on the key rows read back from the scratch slot ([BT, NBP] int32; columns >= n_loop
     are not read: key 0). With HALF, a tile whose blocks all lie in the first half of the row (n_loop <= NBP / 2,
     half the tiles of a long sequence) runs it on [BT, NBP / 2]: the other columns hold key 0 and are never
@@ -223,17 +225,17 @@ def _select_from_scratch(slot, n_loop, out_row, t_ok, idx_ptr, BT: tl.constexpr,
             col_h = tl.arange(0, NBP // 2)
             keys_h = tl.load(slot + tt[:, None] * NBP + col_h[None, :],
                              mask=(col_h[None, :] < n_loop) & (tt[:, None] < BT), other=0, cache_modifier=".cg")
-            _select_full_width(keys_h, col_h, out_row, t_ok, idx_ptr, BT, NBP // 2, S, SP, EARLY_EXIT)
+            _select_full_width(keys_h, col_h, out_row, t_ok, idx_ptr, lo0, hi0, BT, NBP // 2, S, SP, EARLY_EXIT)
         else:
             col_f = tl.arange(0, NBP)
             keys_f = tl.load(slot + tt[:, None] * NBP + col_f[None, :],
                              mask=(col_f[None, :] < n_loop) & (tt[:, None] < BT), other=0, cache_modifier=".cg")
-            _select_full_width(keys_f, col_f, out_row, t_ok, idx_ptr, BT, NBP, S, SP, EARLY_EXIT)
+            _select_full_width(keys_f, col_f, out_row, t_ok, idx_ptr, lo0, hi0, BT, NBP, S, SP, EARLY_EXIT)
     else:
         col = tl.arange(0, NBP)
         keys = tl.load(slot + tt[:, None] * NBP + col[None, :], mask=(col[None, :] < n_loop) & (tt[:, None] < BT),
                        other=0, cache_modifier=".cg")
-        _select_full_width(keys, col, out_row, t_ok, idx_ptr, BT, NBP, S, SP, EARLY_EXIT)
+        _select_full_width(keys, col, out_row, t_ok, idx_ptr, lo0, hi0, BT, NBP, S, SP, EARLY_EXIT)
 
 
 @triton.jit
@@ -303,6 +305,7 @@ def _topk_bisect_kernel(
     SP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, CB: tl.constexpr,
     NCLS: tl.constexpr, CJ: tl.constexpr, SCORE_ONLY: tl.constexpr = False, HALF: tl.constexpr = False,
     EARLY_EXIT: tl.constexpr = True, ROW_CHUNK: tl.constexpr = 0, SC: tl.constexpr = 1,
+    BRACKET: tl.constexpr = False,
 ):
     # SCORE_ONLY (benchmarks only, output not written): step 1 alone, the selection steps 2-4 compiled out, so
     # that timing it against the full kernel tells the score pass's share of the time.
@@ -351,8 +354,8 @@ def _topk_bisect_kernel(
         c1 = tl.zeros([BT, NCLS], dtype=tl.int32)
         c2 = tl.zeros([BT, NCLS], dtype=tl.int32)
         c3 = tl.zeros([BT, NCLS], dtype=tl.int32)
-        # For the chunked selection (ROW_CHUNK > 0): per row the largest key of each strided class j mod SC and
-        # the largest key that is not forced, which bracket the S-th largest key before any bisection step.
+        # With BRACKET: per row the largest key of each strided class j mod SC and the largest key that is not
+        # forced, which bracket the S-th largest key before any bisection step.
         class_max = tl.zeros([BT, SC], dtype=tl.int32)
         free_max = tl.zeros([BT], dtype=tl.int32)
         for j0 in range(0, n_loop, BC):
@@ -375,11 +378,23 @@ def _topk_bisect_kernel(
                 k0, k1, k2, k3 = tl.reduce((tl.reshape(key, [BT, BC // NCLS, NCLS]), zero, zero, zero), axis=1,
                                            combine_fn=_top4_combine)
                 c0, c1, c2, c3 = _top4_combine(c0, c1, c2, c3, k0, k1, k2, k3)
-            if ROW_CHUNK > 0:
+            if BRACKET:
                 class_max = tl.maximum(class_max, tl.max(tl.reshape(key, [BT, BC // SC, SC]), axis=1))
                 free_max = tl.maximum(free_max, tl.max(tl.where(key == 0x7F800001, 0, key), axis=1))
         if not SCORE_ONLY:
             tl.debug_barrier()  # the keys written by every thread are read back by others
+            out_row = (bos + tpos).to(tl.int64) * (HKV * S) + g * S
+            # The bisection's starting bracket lo0 <= (S-th largest key) <= hi0: the SC class maxima are SC
+            # distinct keys, so their minimum is at most the S-th largest (SC >= S); above the largest free key
+            # only forced ones remain, fewer than S (INIT + LOCAL < S). Without BRACKET, the whole key range.
+            if BRACKET and SC >= S:  # noqa: SIM108 (a compile-time branch inside a Triton kernel)
+                lo0 = tl.maximum(tl.min(class_max, axis=1), 1)
+            else:
+                lo0 = tl.full([BT], 1, dtype=tl.int32)
+            if BRACKET and INIT + LOCAL < S:  # noqa: SIM108
+                hi0 = tl.maximum(free_max, lo0)
+            else:
+                hi0 = tl.full([BT], 0x7F800001, dtype=tl.int32)
 
             # 2. Candidate filter. A lower bound on each row's S-th largest key: the columns fall into NCLS strided
             #    classes (j mod NCLS); the 4th largest key of every class is reached by 4 distinct keys of that class,
@@ -431,7 +446,6 @@ def _topk_bisect_kernel(
                     cchosen = (ckey > 0) & (crank < S)
                     # 4a. Compaction kept the column order, so the chosen blocks' running count is their output slot.
                     cslot = tl.cumsum(cchosen.to(tl.int32), axis=1) - 1
-                    out_row = (bos + tpos).to(tl.int64) * (HKV * S) + g * S
                     tl.store(idx_ptr + out_row[:, None] + cslot, cblk, mask=cchosen & t_ok[:, None])
                     n_chosen = tl.sum(cchosen.to(tl.int32), axis=1)
                     slots = tl.arange(0, SP)
@@ -440,18 +454,12 @@ def _topk_bisect_kernel(
                 else:
                     # Fallback (a row with more than CB candidates): the full-width path. The keys are read again
                     # (L1/L2 hits) so that they are not held in registers across the compact branch.
-                    _select_from_scratch(slot, n_loop, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr,
-                                         BT, NBP, S, SP, HALF, EARLY_EXIT)
+                    _select_from_scratch(slot, n_loop, out_row, t_ok, idx_ptr, lo0, hi0, BT, NBP, S, SP, HALF,
+                                         EARLY_EXIT)
             elif ROW_CHUNK > 0:  # rows too wide for registers: counted ROW_CHUNK columns at a time
-                # The SC class maxima are SC distinct keys, so their minimum is at most the S-th largest key
-                # (SC >= S); above the largest free key only forced ones remain, fewer than S (INIT + LOCAL < S).
-                lo0 = tl.maximum(tl.min(class_max, axis=1), 1) if SC >= S else tl.full([BT], 1, dtype=tl.int32)
-                hi0 = free_max if INIT + LOCAL < S else tl.full([BT], 0x7F800001, dtype=tl.int32)
-                _select_chunked(slot, n_loop, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, lo0,
-                                hi0, BT, NBP, ROW_CHUNK, S, SP)
+                _select_chunked(slot, n_loop, out_row, t_ok, idx_ptr, lo0, hi0, BT, NBP, ROW_CHUNK, S, SP)
             else:  # CB == 0: always the full-width path
-                _select_from_scratch(slot, n_loop, (bos + tpos).to(tl.int64) * (HKV * S) + g * S, t_ok, idx_ptr, BT,
-                                     NBP, S, SP, HALF, EARLY_EXIT)
+                _select_from_scratch(slot, n_loop, out_row, t_ok, idx_ptr, lo0, hi0, BT, NBP, S, SP, HALF, EARLY_EXIT)
         tl.debug_barrier()  # the scratch rows are rewritten by the next work item
 
 
@@ -496,7 +504,7 @@ def _topk_bisect_kernel(
 # 1.54, 64K 10.96 -> 6.24 (randn; structured alike). 3 or 4 programs are no better (32K: 2.00 / 1.59).
 CONFIG = {"method": "auto", "programs_per_sm": 2, "max_keys_per_thread": 64, "bisect_warps": None, "candidates": 0,
           "bisect_tokens": None, "bisect_chunk": 64, "bisect_stages": 3, "score_only": False, "bisect_half": True,
-          "bisect_early_exit": True, "register_row_blocks": 4096, "row_chunk": 1024}
+          "bisect_early_exit": True, "register_row_blocks": 2048, "row_chunk": 1024, "bisect_bracket": True}
 
 
 def _bisect_shape(group_pow2: int, n_blocks_pow2: int) -> tuple[int, int, int] | None:
@@ -588,7 +596,7 @@ def select_blocks_topk(
             BT=tokens, BC=chunk, NBP=width, SP=_pow2(block_count), CB=cand_width, NCLS=n_classes,
             CJ=min(16, max(cand_width, 1)), SCORE_ONLY=bool(CONFIG["score_only"]),
             HALF=bool(CONFIG["bisect_half"]), EARLY_EXIT=bool(CONFIG["bisect_early_exit"]), ROW_CHUNK=row_chunk,
-            SC=min(_pow2(block_count), chunk),
+            SC=min(_pow2(block_count), chunk), BRACKET=bool(CONFIG["bisect_bracket"] or row_chunk),
             **common, num_warps=warps, num_stages=CONFIG["bisect_stages"],
         )
         return indices
