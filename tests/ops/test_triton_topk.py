@@ -33,7 +33,7 @@ def test_under_interpreter() -> None:
 
 def _select(q, k_cmp, lse, cu, cu_cmp, width: int, tokens: int | None = None, method: str = "bisect",
             chunk: int = 64, half: bool = False, early_exit: bool = True, row_chunk: int = 0,
-            bracket: bool = True, **kwargs) -> torch.Tensor:
+            bracket: bool = False, **kwargs) -> torch.Tensor:
     """row_chunk > 0: every key row is counted that many columns at a time (the path of rows too wide for
     registers), however narrow. bracket: the bisection starts from the score pass's bracket (else from the
     whole key range; the chunked path always brackets)."""
@@ -66,8 +66,8 @@ def _all_widths_equal(q, k, cu, block_size, kwargs) -> torch.Tensor:
         (4, None, 64, True, True, 0), (0, None, 64, False, False, 0), (0, None, 16, False, True, 16),
         (0, None, 64, False, True, 64),
     ]
-    settings = [(*setting, True) for setting in settings] + [(0, None, 64, True, True, 0, False),
-                                                            (4, None, 16, False, False, 0, False)]
+    settings = [(*setting, False) for setting in settings] + [(0, None, 64, True, True, 0, True),
+                                                             (4, None, 16, False, False, 0, True)]
     for width, tokens, chunk, half, early_exit, row_chunk, bracket in settings:
         got = _select(q, k_cmp, lse, cu, cu_cmp, width, tokens, chunk=chunk, half=half, early_exit=early_exit,
                       row_chunk=row_chunk, bracket=bracket, block_size=block_size, **kwargs)

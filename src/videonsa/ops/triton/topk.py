@@ -473,6 +473,12 @@ def _topk_bisect_kernel(
 # (before the bracket); beyond 4096 blocks the registers do not hold a row: at 640K (10,240 blocks) the chunked
 # selection takes 552 / 561 ms (randn / structured; 842 with 2048-column chunks, 561 with 512) against the
 # sorting kernel's 1318 / 1324 in the same call (results/tune_topk_h100_s8_bracket.jsonl; 863 before the bracket).
+# With the bracket, 256K goes faster chunked (84.2 / 84.3 ms randn / structured against 104.6 / 99.3 in registers,
+# results/tune_topk_h100_s8_256k_bracket.jsonl), so register_row_blocks is 2048 (128K: 19.7 in registers
+# against 23.2 chunked). bisect_bracket: the register-held bisection starts from the same bracket (the chunked
+# one always does). Off: gathering it costs the 255-register kernel more than the steps it saves at 128K (26.1
+# against 20.0 ms randn, 26.3 / 18.5 structured; 256K in registers 114.1 / 105.5) and gains 1-5% at 32K (1.59
+# / 1.61 randn, 1.61 / 1.69 structured; results/tune_topk_h100_s8_bracket_registers.jsonl).
 # candidates: the width CB of the compacted candidate rows of the bisection kernel (0: always the full-width
 # bisection); tiles with more candidates in a row than this take the full-width path. bisect_tokens: tokens per
 # tile of the bisection kernel (None: 8; a power of two). Default 0: on the H100 at 128K the filter (128) measured
@@ -504,7 +510,7 @@ def _topk_bisect_kernel(
 # 1.54, 64K 10.96 -> 6.24 (randn; structured alike). 3 or 4 programs are no better (32K: 2.00 / 1.59).
 CONFIG = {"method": "auto", "programs_per_sm": 2, "max_keys_per_thread": 64, "bisect_warps": None, "candidates": 0,
           "bisect_tokens": None, "bisect_chunk": 64, "bisect_stages": 3, "score_only": False, "bisect_half": True,
-          "bisect_early_exit": True, "register_row_blocks": 2048, "row_chunk": 1024, "bisect_bracket": True}
+          "bisect_early_exit": True, "register_row_blocks": 2048, "row_chunk": 1024, "bisect_bracket": False}
 
 
 def _bisect_shape(group_pow2: int, n_blocks_pow2: int) -> tuple[int, int, int] | None:
