@@ -11,7 +11,7 @@ scores go to the earlier block. The output lists the chosen blocks ascending, pa
 Two kernels make this choice. The default, `_topk_bisect_kernel` (persistent; see its comments): the keys of a
 tile's rows go to a per-program scratch row block, and the S-th largest key of each row is found by bisection
 over the key values, the row held in registers, or, for rows wider than CONFIG["register_row_blocks"] (sequences
-past 256K tokens at block 64), counted chunk by chunk from the scratch (`_select_chunked`). The sorting kernel
+past 128K tokens at block 64), counted chunk by chunk from the scratch (`_select_chunked`). The sorting kernel
 `_topk_kernel` (method="sort") is the exact oracle the tests compare it with:
 
 One program takes a tile of BT consecutive queries of one sequence and one KV head. Its rows are BT tokens x
