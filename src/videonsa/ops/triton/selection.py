@@ -225,6 +225,14 @@ def max_tiles_of(total: int, n_seqs: int, tokens_per_tile: int) -> int:
     return total // tokens_per_tile + n_seqs
 
 
+def bounded_tiles_of(cu_seqlens: Tensor, total: int, tokens_per_tile: int, units: Tensor | None = None) -> Tensor:
+    """`tiles_of` sized by `max_tiles_of` for `total` packed tokens: no host sync, so the host keeps queueing
+    while the GPU works; the (at most one per sequence) rows past the real tiles are empty (T, 0, T, T), and
+    kernels reading them load and store nothing. units: as in `tiles_of`."""
+    bound = max_tiles_of(total, cu_seqlens.numel() - 1, tokens_per_tile)
+    return tiles_of(cu_seqlens, tokens_per_tile, bound, units=units)
+
+
 def row_dot(o: Tensor, do: Tensor) -> Tensor:
     """delta [T, H] float32 = sum_d o * do, for o, do [T, H, D] (the softmax backward's row term)."""
     o, do = o.contiguous(), do.contiguous()
@@ -1248,12 +1256,10 @@ def _by_block_work(
 
 
 def _key_blocks(cu_seqlens: Tensor, total: int, block_size: int) -> tuple[Tensor, Tensor]:
-    """The key-block table sized by its bound (no host sync; rows past the real blocks empty) and the
-    sequences' first blocks (`sequence_units`), which the list building reuses."""
-    cu_seqlens = offsets32(cu_seqlens)
+    """The key-block table sized by its bound (`bounded_tiles_of`) and the sequences' first blocks
+    (`sequence_units`), which the list building reuses."""
     units = sequence_units(cu_seqlens, block_size)
-    bound = max_tiles_of(total, cu_seqlens.numel() - 1, block_size)
-    return tiles_of(cu_seqlens, block_size, bound, units=units), units
+    return bounded_tiles_of(cu_seqlens, total, block_size, units=units), units
 
 
 def launch_fwd_by_block(
@@ -1470,20 +1476,34 @@ def _check(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: T
         )
 
 
-def _check_layout(layout: LayoutChoice | None, block_indices: Tensor, dq: bool, forced: bool) -> None:
-    """A layout choice passed in must be for this pass and this selection, and not come with a forced layout."""
-    if layout is None:
-        return
-    name = "dq_layout" if dq else "layout"
-    if forced:
-        raise ValueError(f"selected attention: {name} cannot be combined with tile_rows or a forced layout")
-    if layout.dq != dq:
-        raise ValueError(f"selected attention: {name} was chosen for the {'dq' if layout.dq else 'forward'} pass")
-    if layout.block_indices.shape != block_indices.shape:
-        raise ValueError(
-            f"selected attention: {name} was chosen for block_indices {tuple(layout.block_indices.shape)}, "
-            f"got {tuple(block_indices.shape)}"
-        )
+def _pass_plan(
+    block_indices: Tensor, cu_seqlens: Tensor, group: int, block_size: int, tile_rows: int | None,
+    by_block: bool | None, layout: LayoutChoice | None, dq: bool,
+) -> TilePlan | None:
+    """The layout of the forward (or with dq of the dq pass) from the caller's switches: query tiles of
+    tile_rows rows (or the planned height) when tile_rows is given or by_block is False, block-major (None)
+    when by_block is True, else the planner's choice (`layout`, started earlier by `choose_layout`, or made
+    here). A layout choice must be for this pass and this selection, and not come with a forced layout."""
+    pass_name, switch, layout_name = ("dq", "dq_by_block", "dq_layout") if dq else ("forward", "by_block", "layout")
+    if by_block and tile_rows is not None:
+        raise ValueError(f"selected attention: tile_rows applies to the query-tile {pass_name}, not {switch}=True")
+    if layout is not None:
+        if tile_rows is not None or by_block is not None:
+            raise ValueError(f"selected attention: {layout_name} cannot be combined with tile_rows or a forced layout")
+        if layout.dq != dq:
+            raise ValueError(
+                f"selected attention: {layout_name} was chosen for the {'dq' if layout.dq else 'forward'} pass"
+            )
+        if layout.block_indices.shape != block_indices.shape:
+            raise ValueError(
+                f"selected attention: {layout_name} was chosen for block_indices "
+                f"{tuple(layout.block_indices.shape)}, got {tuple(block_indices.shape)}"
+            )
+    if tile_rows is not None or by_block is False:
+        return plan_tiles(block_indices, cu_seqlens, group, tile_rows, DQ_TILE_STEP_COST if dq else None)
+    if by_block:
+        return None
+    return (layout or choose_layout(block_indices, cu_seqlens, group, block_size, dq=dq)).resolve()
 
 
 def _block_n(block_size: int) -> int:
@@ -1654,17 +1674,7 @@ def selected_attention_fwd(
         o = torch.empty_like(q) if fold_into is None else fold_into
         return o, torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     group = q.shape[1] // k.shape[1]
-    if by_block and tile_rows is not None:
-        raise ValueError("selected attention: tile_rows applies to the query-tile forward, not by_block=True")
-    _check_layout(layout, block_indices, dq=False, forced=tile_rows is not None or by_block is not None)
-    if tile_rows is not None or by_block is False:
-        plan = plan_tiles(block_indices, cu_seqlens, group, tile_rows)
-    elif by_block:
-        plan = None
-    elif layout is not None:
-        plan = layout.resolve()
-    else:
-        plan = plan_forward(block_indices, cu_seqlens, group, block_size)
+    plan = _pass_plan(block_indices, cu_seqlens, group, block_size, tile_rows, by_block, layout, dq=False)
     fold = dict(fold_into=fold_into, fold_scale=fold_scale)
     if plan is None:
         return launch_fwd_by_block(q, k, v, block_indices, cu_seqlens, block_size, scale, **fold)
@@ -1734,17 +1744,7 @@ def selected_attention_bwd(
         raise ValueError(f"selected attention: delta must be [T, HQ], got {tuple(delta.shape)}")
     delta = delta.float().contiguous()
     group = q.shape[1] // k.shape[1]
-    if dq_by_block and tile_rows is not None:
-        raise ValueError("selected attention: tile_rows applies to the query-tile dq, not dq_by_block=True")
-    _check_layout(dq_layout, block_indices, dq=True, forced=tile_rows is not None or dq_by_block is not None)
-    if tile_rows is not None or dq_by_block is False:
-        plan = plan_tiles(block_indices, cu_seqlens, group, tile_rows, DQ_TILE_STEP_COST)
-    elif dq_by_block:
-        plan = None
-    elif dq_layout is not None:
-        plan = dq_layout.resolve()
-    else:
-        plan = plan_dq(block_indices, cu_seqlens, group, block_size)
+    plan = _pass_plan(block_indices, cu_seqlens, group, block_size, tile_rows, dq_by_block, dq_layout, dq=True)
     # dk/dv's lists and work items first: the host read of their partial count then waits only for them,
     # while the dq kernels queued next keep the GPU busy.
     key_blocks, units = _key_blocks(cu_seqlens, q.shape[0], block_size)
@@ -1765,9 +1765,9 @@ def selected_attention_bwd(
 
 __all__ = [
     "KERNEL_DTYPES", "BlockItems", "BlockLists", "LayoutChoice", "ListPieces", "PendingSample", "SelectionSample",
-    "TilePlan", "block_lists", "by_block_estimate", "by_block_items", "choose_layout", "default_dkdv_split",
-    "launch_dkdv", "launch_dq", "launch_dq_by_block", "launch_fwd", "launch_fwd_by_block", "max_tiles_of",
-    "next_pow2", "plan_dq", "plan_forward", "plan_tiles", "row_dot", "sample_selection", "selected_attention_bwd",
-    "selected_attention_fwd", "sequence_units", "split_lists", "tile_estimate", "tiles_of", "union_blocks",
-    "union_blocks_torch",
+    "TilePlan", "block_lists", "bounded_tiles_of", "by_block_estimate", "by_block_items", "choose_layout",
+    "default_dkdv_split", "launch_dkdv", "launch_dq", "launch_dq_by_block", "launch_fwd", "launch_fwd_by_block",
+    "max_tiles_of", "next_pow2", "plan_dq", "plan_forward", "plan_tiles", "row_dot", "sample_selection",
+    "selected_attention_bwd", "selected_attention_fwd", "sequence_units", "split_lists", "tile_estimate",
+    "tiles_of", "union_blocks", "union_blocks_torch",
 ]

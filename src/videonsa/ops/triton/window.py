@@ -25,12 +25,11 @@ from torch import Tensor
 
 from videonsa.ops.triton.selection import (
     LOG2E,
+    bounded_tiles_of,
     dot_precision,
     kernel_input,
-    max_tiles_of,
     next_pow2,
     row_dot,
-    tiles_of,
 )
 
 # Matrix rows (tokens x heads of a group) per query program, and keys per step.
@@ -280,13 +279,6 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window_size: int
         raise ValueError(f"window attention: window_size must be positive, got {window_size}")
 
 
-def _tiles(cu_seqlens: Tensor, total: int, tokens_per_tile: int) -> Tensor:
-    """Tiles of every sequence, sized by their bound (`max_tiles_of`): no host sync, so the host keeps queueing
-    while the GPU works; the (at most one per sequence) rows past the real tiles are empty, and their programs
-    load and store nothing."""
-    return tiles_of(cu_seqlens, tokens_per_tile, max_tiles_of(total, cu_seqlens.numel() - 1, tokens_per_tile))
-
-
 def _launch_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window_size: int, scale: float, mode: int,
     o: Tensor, lse: Tensor, g_in: Tensor | None, gate: Tensor | None, do: Tensor | None, dot: Tensor | None,
@@ -296,7 +288,7 @@ def _launch_fwd(
     total, heads_q, head_dim = q.shape
     group = heads_q // k.shape[1]
     block_m, bt = _rows(group, tile_rows)
-    tiles = _tiles(cu_seqlens, q.shape[0], bt)
+    tiles = bounded_tiles_of(cu_seqlens, q.shape[0], bt)
     warps, stages = _launch_config(block_m, head_dim)
     out = do if mode == 2 else o
     _swa_fwd_kernel[(tiles.shape[0], k.shape[1])](
@@ -424,7 +416,7 @@ def launch_dq(
     if dq is None:
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     block_m, bt = _rows(group, tile_rows)
-    tiles = _tiles(cu_seqlens, q.shape[0], bt)
+    tiles = bounded_tiles_of(cu_seqlens, q.shape[0], bt)
     warps, stages = _launch_config(block_m, head_dim)
     _swa_bwd_dq_kernel[(tiles.shape[0], heads_kv)](
         q, k, v, do, do if do_scale is None else do_scale, lse, delta, dq, tiles,
@@ -453,7 +445,7 @@ def launch_dkdv(
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     block_m, bt = _rows(group, rows)
-    key_tiles = _tiles(cu_seqlens, q.shape[0], key_step)
+    key_tiles = bounded_tiles_of(cu_seqlens, q.shape[0], key_step)
     warps, stages = _launch_config(block_m, head_dim)
     _swa_bwd_dkdv_kernel[(key_tiles.shape[0], heads_kv)](
         q, k, v, do, do if do_scale is None else do_scale, lse, delta, dk, dv, key_tiles,
