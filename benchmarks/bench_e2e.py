@@ -1,7 +1,9 @@
 """End-to-end prefill: the Qwen2.5-VL-7B language model (random weights, bf16) on prompts that are mostly video
-tokens, VideoNSA (vision tokens sparse) against dense attention, in one run on one GPU.
+tokens, VideoNSA (vision tokens sparse) against dense attention and the `official` mode (the released
+checkpoint's original attention), in one run on one GPU.
 
     python benchmarks/bench_e2e.py --lengths 32768 65536 131072 --out results/e2e.json
+    python benchmarks/bench_e2e.py --lengths 32768 --modes nsa official dense
 
 Vision tokens are fed as embeddings (the vision tower is not timed). Prints a table: prefill milliseconds and
 peak memory per mode and length, and the speed-up of VideoNSA over dense.
@@ -47,7 +49,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", default=["nsa", "dense"], choices=["nsa", "dense"])
+    parser.add_argument("--modes", nargs="+", default=["nsa", "dense"], choices=["nsa", "dense", "official"])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -66,11 +68,13 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     versions = f"torch {torch.__version__}"
     print(f"\nPrefill, Qwen2.5-VL-7B language model ({args.layers} layers, random weights, bf16), {device}, {versions}")
-    print(f"{'T':>8} {'nsa ms':>10} {'dense ms':>10} {'speed-up':>9} {'nsa GiB':>9} {'dense GiB':>10}")
+    print(f"{'T':>8} {'nsa ms':>10} {'dense ms':>10} {'official ms':>12} {'dense/nsa':>10} {'official/nsa':>13} "
+          f"{'nsa GiB':>9} {'dense GiB':>10} {'official GiB':>13}")
     for row in rows:
         get = lambda key: row.get(key, float("nan"))  # noqa: B023
-        print(f"{row['T']:>8} {get('nsa_ms'):>10.1f} {get('dense_ms'):>10.1f} {get('dense_ms') / get('nsa_ms'):>8.2f}x "
-              f"{get('nsa_peak_gib'):>9.1f} {get('dense_peak_gib'):>10.1f}")
+        print(f"{row['T']:>8} {get('nsa_ms'):>10.1f} {get('dense_ms'):>10.1f} {get('official_ms'):>12.1f} "
+              f"{get('dense_ms') / get('nsa_ms'):>9.2f}x {get('official_ms') / get('nsa_ms'):>12.2f}x "
+              f"{get('nsa_peak_gib'):>9.1f} {get('dense_peak_gib'):>10.1f} {get('official_peak_gib'):>13.1f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         summary = {"device": device, "versions": versions, "layers": args.layers, "rows": rows}

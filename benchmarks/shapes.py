@@ -52,13 +52,38 @@ def random_model(config: VideoNSAConfig, device: str = "cuda", dtype: torch.dtyp
     return model.eval()
 
 
-def video_prompt(seq_len: int, text_before: int = 64, text_after: int = 64, hidden: int = 3584, device: str = "cuda"):
+def video_prompt(
+    seq_len: int,
+    text_before: int = 64,
+    text_after: int = 64,
+    hidden: int = 3584,
+    device: str = "cuda",
+    tokens_per_frame: tuple[int, int] = (8, 8),
+    time_step: int = 2,
+):
     """A prompt that is mostly video: [text_before text | video tokens | text_after text].
+
+    Position ids are Qwen2.5-VL's M-RoPE ids of such a prompt: text counts up on all three axes; the video
+    is a grid of temporal patches of `tokens_per_frame` (rows, columns) merged tokens, token (g, r, c) at
+    (start + g * time_step, start + r, start + c) (time_step = tokens_per_second * seconds per patch); the text
+    after it continues from the largest id + 1. The `official` mode tells vision from text by these ids.
 
     Returns (inputs_embeds [1, T, hidden] bf16, mm_token_type_ids [1, T], position_ids [3, 1, T]).
     """
     token_type = torch.zeros(1, seq_len, dtype=torch.long, device=device)
     token_type[:, text_before : seq_len - text_after] = 2
     embeds = torch.randn(1, seq_len, hidden, device=device, dtype=torch.bfloat16) * 0.02
-    positions = torch.arange(seq_len, device=device).expand(3, 1, seq_len)
-    return embeds, token_type, positions
+    rows, cols = tokens_per_frame
+    video = torch.arange(seq_len - text_before - text_after, device=device)
+    grid = torch.stack((video // (rows * cols) * time_step, video // cols % rows, video % cols))
+    video_ids = text_before + grid
+    after_start = int(video_ids.max()) + 1 if video.numel() else text_before
+    positions = torch.cat(
+        (
+            torch.arange(text_before, device=device).expand(3, text_before),
+            video_ids,
+            torch.arange(after_start, after_start + text_after, device=device).expand(3, text_after),
+        ),
+        dim=1,
+    )
+    return embeds, token_type, positions[:, None, :]
