@@ -24,6 +24,8 @@ The function, in the order the code below follows it:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
@@ -118,11 +120,15 @@ def next_power_of_two(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def naive_topk(q: Tensor, k_cmp: Tensor, lse: Tensor, block_counts: int, block_size: int, scale: float) -> Tensor:
+def naive_topk(
+    q: Tensor, k_cmp: Tensor, lse: Tensor, block_counts: int, block_size: int, scale: float,
+    tokens: Iterable[int] | None = None,
+) -> Tensor:
     """The original top-k, one (batch, token, KV group) at a time.
 
     q: [B, T, HP, D] padded queries; k_cmp: [B, NB, HKV, D]; lse: [B, HP, T] (the compression's, heads
-    first). Returns int32 [B, T, HKV, S], S = next power of two >= block_counts.
+    first). Returns int32 [B, T, HKV, S], S = next power of two >= block_counts. With `tokens`, only those
+    rows are computed (the others stay -1).
 
     The normaliser of (token t, padded head h) is entry 64*t + h of the flattened per-sample lse, i.e. lse
     read as if it were [B, T, HP] (the original's layout bug): a value of another head and another token.
@@ -136,7 +142,7 @@ def naive_topk(q: Tensor, k_cmp: Tensor, lse: Tensor, block_counts: int, block_s
     lse_as_read = lse.reshape(batch, padded_heads * length).to(torch.float64)
     out = torch.full((batch, length, kv_heads, selected), -1, dtype=torch.int32)
     for b in range(batch):
-        for t in range(length):
+        for t in range(length) if tokens is None else tokens:
             current = t // block_size
             for i in range(kv_heads):
                 heads = list(range(i * group, (i + 1) * group))
