@@ -79,7 +79,8 @@ def test_flat_config_with_top_level_settings_is_read(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     model = VideoNSAForConditionalGeneration.from_pretrained(tmp_path)
     settings = model.sparse_settings
-    assert (settings.block_size, settings.block_count, settings.window_size, settings.mode) == (8, 5, 16, "nsa")
+    # No attention_mode recorded, gates in the legacy layout: the released checkpoint's shape, official mode.
+    assert (settings.block_size, settings.block_count, settings.window_size, settings.mode) == (8, 5, 16, "official")
 
 
 def test_plain_qwen2_5_vl_loads_with_fresh_gates_and_one_notice(tmp_path, batch, message_log):

@@ -22,7 +22,9 @@ from videonsa.video.patches import CLIP_MEAN, CLIP_STD
 
 # Everything a model directory holds besides its weights (config, tokenizer, processor, chat template).
 SMALL_FILE_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
-ATTENTION_MODES = ("nsa", "dense")
+# "auto": the mode the checkpoint runs by default (`resolve_attention`); the others are explicit choices.
+ATTENTION_MODES = ("auto", "nsa", "dense", "official")
+logger = logging.getLogger(__name__)
 DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
@@ -203,20 +205,64 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def check_attention(attention: str) -> str:
-    """Return `attention` if it is "nsa" or "dense", else raise `UserError`."""
+    """Return `attention` if it is "auto", "nsa", "dense" or "official", else raise `UserError`."""
     if attention not in ATTENTION_MODES:
         raise UserError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got '{attention}'")
     return attention
 
 
+@dataclass(frozen=True)
+class AttentionChoice:
+    """The attention mode a model will run, and where that came from.
+
+    mode: "nsa", "dense" or "official". from_checkpoint: True when the user asked for "auto" and the checkpoint
+    decided, False for an explicit choice. source: "user" for an explicit choice, else why the checkpoint
+    decided: "config" (its config.json records attention_mode), "released-layout" (the released Enxin/VideoNSA
+    checkpoint as published: gates in the legacy flat layout, no recorded mode) or "default" (nothing recorded:
+    "nsa"). notice: the one line to show the user (official mode chosen by the checkpoint), else None.
+    """
+
+    mode: str
+    from_checkpoint: bool
+    source: str
+    notice: str | None = None
+
+
+def resolve_attention(files: ModelFiles, attention: str = "auto") -> AttentionChoice:
+    """Which attention mode `files`' model runs for the user's `attention` setting, from its small files only
+    (config.json and the tensor names of the weights index or header; no weights are read).
+
+    An explicit "nsa", "dense" or "official" always wins. "auto" takes the checkpoint's default: the mode its
+    config.json records; "official" for the released checkpoint's layout (the function it was trained with);
+    "nsa" otherwise. Raises `UserError` for an unknown setting or a checkpoint that records an unknown mode.
+    """
+    from videonsa.models.checkpoints import checkpoint_attention_mode
+
+    if check_attention(attention) != "auto":
+        return AttentionChoice(attention, from_checkpoint=False, source="user")
+    default = checkpoint_attention_mode(files.directory)
+    if default.mode not in ATTENTION_MODES[1:]:
+        raise UserError(
+            f"model '{files.name}': config.json records attention_mode '{default.mode}', not one of "
+            f"{', '.join(ATTENTION_MODES[1:])}; pass the attention mode explicitly"
+        )
+    return AttentionChoice(default.mode, from_checkpoint=True, source=default.source, notice=default.notice(files.name))
+
+
 def load_weights(files: ModelFiles, *, attention: str, device: torch.device, dtype: torch.dtype):
-    """Load the model (VideoNSA, or plain Qwen2.5-VL with fresh gates) in eval mode on `device`."""
+    """Load the model (VideoNSA, or plain Qwen2.5-VL with fresh gates) in eval mode on `device`.
+
+    attention: "auto" (the checkpoint decides, see `resolve_attention`; an official-mode default is announced
+    in one logged warning line) or an explicit "nsa", "dense" or "official"."""
     from videonsa.models import VideoNSAForConditionalGeneration
 
+    choice = resolve_attention(files, attention)
+    if choice.notice:
+        logger.warning(choice.notice)
     directory = _download(files.hub_id, None) if files.hub_id else files.directory
     try:
         model = VideoNSAForConditionalGeneration.from_pretrained(
-            directory, dtype=dtype, device_map=str(device), attention_mode=check_attention(attention)
+            directory, dtype=dtype, device_map=str(device), attention_mode=choice.mode
         )
     except OSError as error:
         raise UserError(f"model '{files.name}': cannot load its weights ({str(error).splitlines()[0]})") from None

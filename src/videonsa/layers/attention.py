@@ -18,7 +18,9 @@ from videonsa.errors import UserError
 from videonsa.layers.split import TokenSplit
 from videonsa.ops import NSAConfig, nsa_attention
 
-ATTENTION_MODES = ("nsa", "dense")
+# "nsa": vision tokens through NSA, text dense (the corrected function); "dense": every token dense causal;
+# "official": the function the original VideoNSA code computes, quirks included (docs/official-mode.md).
+ATTENTION_MODES = ("nsa", "dense", "official")
 
 # Dense attention of gathered text queries: q [B, HQ, L, D], k/v [B, HKV, T, D], and the split, whose
 # text_attention_mask (bool [B, 1, L, T], True = may attend) says what each query sees -> [B, L, HQ, D].
@@ -31,7 +33,9 @@ DenseAttend = Callable[[Tensor, Tensor, Tensor, TokenSplit], Tensor]
 class SparseSettings:
     """How the vision path runs: the NSA budget, the gate temperature and the attention mode.
 
-    mode "nsa" sends vision tokens through NSA; "dense" runs every token dense and causal (Dense-NSA).
+    mode "nsa" sends vision tokens through NSA; "dense" runs every token dense and causal (Dense-NSA);
+    "official" runs the original VideoNSA code's function (docs/official-mode.md), which reads block_size,
+    block_count, window_size and gate_temperature but has no forced blocks (init_blocks / local_blocks unused).
     """
 
     block_size: int = 64
@@ -55,6 +59,15 @@ class SparseSettings:
             NSAConfig(self.block_size, self.block_count, self.window_size, self.init_blocks, self.local_blocks)
         except ValueError as error:
             raise UserError(str(error).removeprefix("nsa_attention: ")) from None
+        if self.mode == "official":
+            # The original top-k fills S = next power of two >= block_count slots from blocks of block_size
+            # candidates, and needs S <= block_size.
+            slots = 1 << (self.block_count - 1).bit_length()
+            if slots > self.block_size:
+                raise UserError(
+                    f"attention_mode 'official' needs block_counts rounded up to a power of two ({slots}) to be at "
+                    f"most block_size ({self.block_size}), as the original top-k kernel does"
+                )
 
     def nsa_kwargs(self) -> dict[str, int]:
         """The budget as keyword arguments of `videonsa.ops.nsa_attention`."""

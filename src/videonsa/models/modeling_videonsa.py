@@ -13,6 +13,12 @@ or the placeholder token ids, computed once per forward in `VideoNSAModel.forwar
 In `attention_mode="dense"`, and for chunks without vision tokens (text prompts, decoding steps), the layer
 runs exactly the stock Qwen2.5-VL attention.
 
+In `attention_mode="official"` a chunk with vision tokens runs the function the original VideoNSA code computes
+(`videonsa.layers.official.official_attention`, docs/official-mode.md): vision tokens are told from text by the
+M-RoPE position ids as the original does (`official_mode.vision_from_positions`, computed once per forward in
+`VideoNSATextModel.forward` from the ids that rotate q and k), the gate logits come from the same gate MLP, and
+the KV cache keeps the unmasked keys and values, over which decoding steps attend densely (the stock path).
+
 Sequence parallelism (`enable_sequence_parallel`, training only): the text model keeps each rank's slice of the
 merged embeddings, and each attention layer trades its sequence slice for a head slice (whole KV groups) around
 the unchanged attention above, with Ulysses all-to-alls (`videonsa.parallel`).
@@ -48,8 +54,16 @@ from videonsa.layers import (
     videonsa_attention,
 )
 from videonsa.layers.attention import grouped_text_sdpa
-from videonsa.models.checkpoints import LEGACY_KEY_MAPPING, checkpoint_has_gates
+from videonsa.models.checkpoints import LEGACY_KEY_MAPPING, checkpoint_attention_mode, checkpoint_has_gates
 from videonsa.models.configuration_videonsa import NSA_CONFIG_DEFAULTS, VideoNSAConfig
+from videonsa.models.official_mode import (
+    check_official_heads,
+    official_gate_logits,
+    refuse_cached_vision,
+    refuse_padding,
+    refuse_training,
+    vision_from_positions,
+)
 from videonsa.models.time_positions import fractional_video_time_positions
 from videonsa.parallel import SequenceParallel, all_reduce_sum, heads_to_sequence, sequence_to_heads
 
@@ -57,6 +71,8 @@ logger = logging.get_logger(__name__)
 
 # Keyword under which the token split travels from the text model to its attention layers.
 SPLIT_KWARG = "videonsa_split"
+# Keyword under which official mode's vision mask (bool [B, T], from the M-RoPE ids) travels to the layers.
+OFFICIAL_VISION_KWARG = "videonsa_official_vision"
 # The split of the forward pass in progress, set by VideoNSAModel.forward for its text model. A context
 # variable rather than a forward argument because Qwen2.5-VL passes its extra arguments to the vision tower too.
 _CURRENT_SPLIT: contextvars.ContextVar[TokenSplit | None] = contextvars.ContextVar("videonsa_split", default=None)
@@ -110,11 +126,14 @@ class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
         *,
         cache: Any = None,
         videonsa_split: TokenSplit | None = None,
+        videonsa_official_vision: Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None]:
         """hidden_states [B, T, hidden] (after input_layernorm) -> ([B, T, hidden], attention weights or None).
 
         The KV cache arrives as `cache` (newer transformers 5.x) or `past_key_values` (older 5.x, e.g. 5.17).
+        `videonsa_split` (nsa mode) and `videonsa_official_vision` (official mode, bool [B, T]) come from
+        `VideoNSATextModel.forward`.
         """
         cache = cache if cache is not None else past_key_values
         batch, seq_len, _ = hidden_states.shape
@@ -124,6 +143,21 @@ class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = qwen.apply_rotary_pos_emb(query, key, cos, sin)
+
+        if self.settings.mode == "official":
+            refuse_training(self)
+            if videonsa_official_vision is None:
+                raise UserError(
+                    "VideoNSA attention in attention_mode 'official' got no vision mask: run it through "
+                    "VideoNSAModel or VideoNSAForConditionalGeneration"
+                )
+            if self.sequence_parallel is not None:
+                raise UserError("attention_mode 'official' does not run sequence-parallel: disable_sequence_parallel()")
+            # A chunk without vision tokens (a text prompt, every decoding step) is plain dense causal attention
+            # over the cache in the original too: the stock path below.
+            if bool(videonsa_official_vision.any()):
+                output = self._official_forward(hidden_states, query, key, value, cache, videonsa_official_vision)
+                return self.o_proj(output.reshape(batch, seq_len, -1)), None
 
         if self.sequence_parallel is not None:
             output = self._sequence_parallel_forward(hidden_states, query, key, value, cache, videonsa_split)
@@ -176,6 +210,32 @@ class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
         return videonsa_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), gates, split, self.settings,
             attend=self._dense_attend, scale=self.scaling,
+        )
+
+    def _official_forward(
+        self, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor, cache: Any, is_vision: Tensor
+    ) -> Tensor:
+        """The original code's attention of a prefill chunk holding vision tokens: q [B, HQ, T, D],
+        k/v [B, HKV, T, D], is_vision bool [B, T] -> [B, T, HQ, D] (the input of o_proj).
+
+        The chunk must start the sequence (empty cache); the cache keeps the unmasked k and v, as the original's
+        does, for the dense decoding steps."""
+        from videonsa.layers.official import official_attention
+
+        check_official_heads(self.num_heads, self.num_key_value_heads)
+        if cache is not None:
+            refuse_cached_vision(cache.get_seq_length(self.layer_idx))
+            cache.update(key, value, self.layer_idx)
+        gate_logits = official_gate_logits(hidden_states, self.g_proj_1, self.g_proj_2, self.num_heads)
+        # Under autocast the rotary embedding promotes q and k to float32 while v keeps the autocast dtype:
+        # compute in v's dtype, as the vision path of nsa mode does.
+        dtype = value.dtype
+        settings = self.settings
+        return official_attention(
+            query.transpose(1, 2).to(dtype), key.transpose(1, 2).to(dtype), value.transpose(1, 2),
+            is_vision, gate_logits.to(dtype),
+            block_size=settings.block_size, block_counts=settings.block_count, window_size=settings.window_size,
+            scale=self.scaling, gate_temperature=settings.gate_temperature,
         )
 
     def _sequence_parallel_forward(
@@ -263,11 +323,29 @@ class VideoNSATextModel(_GateInitMixin, qwen.Qwen2_5_VLTextModel):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault(SPLIT_KWARG, _CURRENT_SPLIT.get())
+        if self.layers[0].self_attn.settings.mode == "official":
+            kwargs.setdefault(OFFICIAL_VISION_KWARG, self._official_vision(args, kwargs))
         if self.sequence_parallel is None:
             return super().forward(*args, **kwargs)
         if args:
             raise TypeError("with sequence parallelism on, pass the text model's inputs as keyword arguments")
         return self._sequence_parallel_forward(**kwargs)
+
+    def _official_vision(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """Official mode's vision mask of this forward pass, bool [B, T], from the position ids the rotary
+        embedding will use (see `official_mode.vision_from_positions`); refuses padded batches with vision.
+
+        `args` / `kwargs` are those of Qwen2_5_VLTextModel.forward (input_ids, attention_mask, position_ids, ...),
+        whose handling of position_ids is the same in transformers 5.17 and 5.25."""
+        named = dict(zip(("input_ids", "attention_mask", "position_ids"), args, strict=False)) | kwargs
+        tokens = named.get("inputs_embeds")
+        tokens = tokens if tokens is not None else named.get("input_ids")
+        if tokens is None:
+            raise UserError("VideoNSATextModel needs input_ids or inputs_embeds")
+        is_vision = vision_from_positions(named.get("position_ids"), tokens.shape[0], tokens.shape[1], tokens.device)
+        if bool(is_vision.any()):
+            refuse_padding(named.get("attention_mask"))
+        return is_vision
 
     def _sequence_parallel_forward(
         self,
@@ -372,8 +450,10 @@ class VideoNSAModel(_GateInitMixin, qwen.Qwen2_5_VLModel):
     ) -> Any:
         """Qwen2_5_VLModel.forward, with the vision/text split of the tokens computed first (nsa mode)."""
         split = None
-        if self.language_model.layers[0].self_attn.settings.mode == "nsa":
-            _refuse_packed_sequences(position_ids, attention_mask)
+        mode = self.language_model.layers[0].self_attn.settings.mode
+        if mode in ("nsa", "official"):
+            _refuse_packed_sequences(position_ids, attention_mask, mode)
+        if mode == "nsa":
             split = self.token_split(input_ids, mm_token_type_ids, attention_mask, inputs_embeds)
         with _current_split(split):
             return super().forward(
@@ -455,6 +535,11 @@ class VideoNSAForConditionalGeneration(_GateInitMixin, qwen.Qwen2_5_VLForConditi
         VideoNSA settings can be given as keyword arguments and override the checkpoint's: `attention_mode`,
         `block_size`, `block_counts`, `window_size`, `init_blocks`, `local_blocks`, `gate_temperature`.
         Everything else goes to transformers' `from_pretrained`.
+
+        Without `attention_mode` (and without a `config` object) the checkpoint decides
+        (`checkpoints.checkpoint_attention_mode`): the mode its config.json records; "official" for the released
+        checkpoint as published (gates in the legacy flat layout, no recorded mode), said in one logged line;
+        else "nsa".
         """
         settings = {key: kwargs.pop(key) for key in NSA_CONFIG_DEFAULTS if key in kwargs}
         wants_info = kwargs.pop("output_loading_info", False)
@@ -463,7 +548,14 @@ class VideoNSAForConditionalGeneration(_GateInitMixin, qwen.Qwen2_5_VLForConditi
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
         hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "token", "revision", "local_files_only") if k in kwargs}
-        if checkpoint_has_gates(pretrained_model_name_or_path, kwargs.get("subfolder", ""), **hub_kwargs) is False:
+        subfolder = kwargs.get("subfolder", "")
+        if "attention_mode" not in settings and kwargs.get("config") is None:
+            default = checkpoint_attention_mode(pretrained_model_name_or_path, subfolder, **hub_kwargs)
+            if default.source == "released-layout":
+                settings["attention_mode"] = default.mode
+            if notice := default.notice(str(pretrained_model_name_or_path)):
+                logger.warning(notice)
+        if checkpoint_has_gates(pretrained_model_name_or_path, subfolder, **hub_kwargs) is False:
             layers = model.config.text_config.num_hidden_layers
             logger.warning(
                 f"{pretrained_model_name_or_path} has no VideoNSA gates: initialised g_proj_1/g_proj_2 of all "
@@ -477,7 +569,8 @@ class VideoNSAForConditionalGeneration(_GateInitMixin, qwen.Qwen2_5_VLForConditi
         return (model, info) if wants_info else model
 
     def set_attention_mode(self, mode: str) -> None:
-        """"nsa" (vision tokens sparse) or "dense" (every token dense causal, gates unused); no reload."""
+        """"nsa" (vision tokens sparse), "dense" (every token dense causal, gates unused) or "official" (the
+        original code's function, inference only; docs/official-mode.md); no reload."""
         set_attention_mode(self, mode)
 
     def set_sparsity(self, **knobs: Any) -> None:
@@ -516,7 +609,8 @@ class VideoNSAForConditionalGeneration(_GateInitMixin, qwen.Qwen2_5_VLForConditi
 
 
 def set_attention_mode(model: nn.Module, mode: str) -> None:
-    """Switch every VideoNSA layer of `model` to attention mode "nsa" or "dense", and record it in the config."""
+    """Switch every VideoNSA layer of `model` to attention mode "nsa", "dense" or "official", and record it in
+    the config."""
     _apply_settings(model, mode=mode)
 
 
@@ -600,6 +694,8 @@ def _sharded_causal_lm_loss(
 def _apply_settings(model: nn.Module, **changes: Any) -> None:
     layers = _attention_layers(model)
     settings = dataclasses.replace(layers[0].settings, **changes)  # validates
+    if settings.mode == "official":
+        check_official_heads(layers[0].num_heads, layers[0].num_key_value_heads)
     for layer in layers:
         layer.settings = settings
     config = getattr(model, "config", None)
@@ -614,16 +710,17 @@ def _attention_layers(model: nn.Module) -> list[VideoNSAAttention]:
     return layers
 
 
-def _refuse_packed_sequences(position_ids: Tensor | None, attention_mask: Tensor | None) -> None:
+def _refuse_packed_sequences(position_ids: Tensor | None, attention_mask: Tensor | None, mode: str = "nsa") -> None:
     """Qwen2.5-VL reads several sequences packed in one row from [4, B, T] position ids whose text positions
-    restart, given without an attention mask. The NSA split treats a row as one sample, so refuse that."""
+    restart, given without an attention mask. The NSA split (and official mode) treat a row as one sample, so
+    refuse that."""
     if attention_mask is not None or position_ids is None or position_ids.dim() != 3 or position_ids.shape[0] != 4:
         return
     text_positions = position_ids[0]
     if bool((text_positions[:, 1:] < text_positions[:, :-1]).any()):
         raise UserError(
             "packed sequences (position ids that restart within a row) are not supported in attention_mode "
-            "'nsa': pad the samples of a batch instead"
+            f"'{mode}': pad the samples of a batch instead"
         )
 
 

@@ -124,6 +124,9 @@ class TrainConfig:
             raise UserError(f"data.max_frames must be at least 1 {where}")
         if not any(getattr(self.trainable, part) for part in TRAINABLE_PARTS):
             raise UserError(f"every part is frozen {where}: nothing to train")
+        if self.model.sparse.get("attention_mode") == "official":
+            raise UserError(f"model.sparse.attention_mode 'official' reproduces the original code's inference "
+                            f"function and cannot be trained {where}: use 'nsa' or 'dense'")
         if self.model.architecture == "qwen2_5_vl" and self.trainable.frozen() == list(TRAINABLE_PARTS[:3]):
             raise UserError(f"gates-only training needs model.architecture videonsa {where}")
         if self.strategy not in STRATEGIES and not self.strategy.endswith(".json"):

@@ -82,9 +82,15 @@ def load_model(settings: ModelSettings) -> Any:
     for key in settings.sparse:
         if key not in NSA_CONFIG_DEFAULTS:
             raise UserError(f"unknown setting model.sparse.{key} (known: {', '.join(NSA_CONFIG_DEFAULTS)})")
-    return VideoNSAForConditionalGeneration.from_pretrained(
+    model = VideoNSAForConditionalGeneration.from_pretrained(
         path, dtype=dtype, attn_implementation=settings.attn_implementation, **settings.sparse
     )
+    if model.sparse_settings.mode == "official" and "attention_mode" not in settings.sparse:
+        # The released checkpoint (or one recording official) loads in the inference-only official mode by
+        # default; training runs the corrected NSA unless model.sparse.attention_mode says otherwise.
+        model.set_attention_mode("nsa")
+        logger.info("%s runs attention_mode 'official' by default, which cannot train: training in 'nsa'", path)
+    return model
 
 
 def _checkpoint_dir(path: str | None) -> Path:
