@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from videonsa.errors import UserError
 from videonsa.inference.generation import Answer, GenerationSettings, TextCallback, generate_answer
 from videonsa.inference.model_files import (
     ModelFiles,
@@ -25,12 +26,14 @@ from videonsa.inference.model_files import (
     resolve_device,
     resolve_dtype,
 )
-from videonsa.inference.prompt import QuestionPrompt, build_prompt
+from videonsa.inference.prompt import QuestionPrompt, build_preset_prompt
 from videonsa.video import DEFAULT_FPS, SamplingSettings, VideoInput, VideoPlan, plan_video, probe_video
-from videonsa.video.decoding import Progress, decode_video
+from videonsa.video.decoding import Progress
+from videonsa.video.paper import PaperSettings, decode_planned_video, plan_paper_video, resolve_preset
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingSettings)}
 _GENERATION_FIELDS = {f.name for f in dataclasses.fields(GenerationSettings)}
+_PAPER_FIELDS = {f.name for f in dataclasses.fields(PaperSettings)}
 
 
 @dataclass(frozen=True)
@@ -52,18 +55,39 @@ def plan_question(
     generation: GenerationSettings | None = None,
     backend: str = "pyav",
     frames_fps: float = DEFAULT_FPS,
+    preset: str = "planner",
+    paper: PaperSettings | None = None,
 ) -> PlannedQuestion:
     """Check every input (settings, question, options, video) and plan the frames; loads no weights.
 
-    The budget covers the prompt, the video and the answer (max_new_tokens, or one letter for options).
+    preset: "planner" (our token-budget planner, `sampling`) or "paper" (the paper's evaluation preprocessing,
+    `paper`; greedy decoding). For the planner the budget covers the prompt, the video and the answer
+    (max_new_tokens, or one letter for options); the paper preset has no budget.
     """
-    sampling = (sampling or SamplingSettings()).validate()
+    if preset not in ("paper", "planner"):
+        raise UserError(f"preset must be 'paper' or 'planner' here (resolve 'auto' first), got {preset!r}")
     generation = (generation or GenerationSettings()).validate()
-    prompt = build_prompt(files, question, options)
+    if preset == "paper":
+        _check_paper_generation(generation)
+        paper = (paper or PaperSettings()).validate()
+    else:
+        sampling = (sampling or SamplingSettings()).validate()
+    prompt = build_preset_prompt(files, question, options, preset=preset)
     info = probe_video(video, backend=backend, frames_fps=frames_fps)
     text_tokens = prompt.text_tokens + generation.answer_tokens(bool(prompt.letters))
-    plan = plan_video(info, sampling, text_tokens=text_tokens, geometry=files.geometry)
+    if preset == "paper":
+        plan = plan_paper_video(info, paper, text_tokens=text_tokens, geometry=files.geometry)
+    else:
+        plan = plan_video(info, sampling, text_tokens=text_tokens, geometry=files.geometry)
     return PlannedQuestion(prompt=prompt, plan=plan, generation=generation)
+
+
+def _check_paper_generation(generation: GenerationSettings) -> None:
+    if generation.temperature > 0:
+        raise UserError(
+            f"temperature={generation.temperature:g}: the paper preset decodes greedily (temperature 0), as the "
+            f"paper's evaluation did; use the planner preset to sample"
+        )
 
 
 def split_settings(
@@ -72,6 +96,12 @@ def split_settings(
     """Apply keyword overrides (fields of either settings class) on top of the given or default settings."""
     unknown = sorted(set(overrides) - _SAMPLING_FIELDS - _GENERATION_FIELDS)
     if unknown:
+        wrong_preset = [name for name in unknown if name in _PAPER_FIELDS]
+        if wrong_preset:
+            raise UserError(
+                f"{wrong_preset[0]} is a setting of the paper preset (preset='paper'); the planner preset takes "
+                f"{', '.join(sorted(_SAMPLING_FIELDS))}"
+            )
         known = ", ".join(sorted(_SAMPLING_FIELDS | _GENERATION_FIELDS))
         raise TypeError(f"unknown setting(s) {', '.join(unknown)}; known: {known}")
     sampling = dataclasses.replace(
@@ -81,6 +111,30 @@ def split_settings(
         generation or GenerationSettings(), **{k: v for k, v in overrides.items() if k in _GENERATION_FIELDS}
     )
     return sampling, generation
+
+
+def split_paper_settings(
+    overrides: dict[str, Any], paper: PaperSettings | None, generation: GenerationSettings | None
+) -> tuple[PaperSettings, GenerationSettings]:
+    """Like `split_settings` for the paper preset: overrides are fields of `PaperSettings` or generation's.
+
+    A planner-only setting (budget_tokens, prefer, pixels_per_frame, min_pixels_per_frame) is a `UserError`.
+    """
+    unknown = sorted(set(overrides) - _PAPER_FIELDS - _GENERATION_FIELDS)
+    if unknown:
+        wrong_preset = [name for name in unknown if name in _SAMPLING_FIELDS]
+        if wrong_preset:
+            raise UserError(
+                f"{wrong_preset[0]} is a setting of the planner preset; the paper preset takes "
+                f"{', '.join(sorted(_PAPER_FIELDS))} and has no token budget"
+            )
+        known = ", ".join(sorted(_PAPER_FIELDS | _GENERATION_FIELDS))
+        raise TypeError(f"unknown setting(s) {', '.join(unknown)}; known: {known}")
+    paper = dataclasses.replace(paper or PaperSettings(), **{k: v for k, v in overrides.items() if k in _PAPER_FIELDS})
+    generation = dataclasses.replace(
+        generation or GenerationSettings(), **{k: v for k, v in overrides.items() if k in _GENERATION_FIELDS}
+    )
+    return paper, generation
 
 
 class VideoQA:
@@ -111,12 +165,29 @@ class VideoQA:
         options: Sequence[str] | None = None,
         backend: str = "pyav",
         frames_fps: float = DEFAULT_FPS,
+        preset: str = "auto",
         sampling: SamplingSettings | None = None,
+        paper: PaperSettings | None = None,
         generation: GenerationSettings | None = None,
         **settings: Any,
     ) -> VideoPlan:
         """The frames `ask` would use for this question, without decoding them (see `ask` for arguments)."""
-        sampling, generation = split_settings(settings, sampling, generation)
+        return self._plan_question(
+            video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings
+        ).plan
+
+    def _plan_question(
+        self, video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings
+    ) -> PlannedQuestion:
+        preset = resolve_preset(preset, self.attention)
+        if preset == "paper":
+            if sampling is not None:
+                raise UserError("sampling= holds planner settings; the paper preset takes paper=PaperSettings(...)")
+            paper, generation = split_paper_settings(settings, paper, generation)
+        else:
+            if paper is not None:
+                raise UserError("paper= holds paper-preset settings; pass preset='paper' to use them")
+            sampling, generation = split_settings(settings, sampling, generation)
         return plan_question(
             self.files,
             video,
@@ -126,7 +197,9 @@ class VideoQA:
             generation=generation,
             backend=backend,
             frames_fps=frames_fps,
-        ).plan
+            preset=preset,
+            paper=paper,
+        )
 
     def ask(
         self,
@@ -138,7 +211,9 @@ class VideoQA:
         progress: Progress | None = None,
         backend: str = "pyav",
         frames_fps: float = DEFAULT_FPS,
+        preset: str = "auto",
         sampling: SamplingSettings | None = None,
+        paper: PaperSettings | None = None,
         generation: GenerationSettings | None = None,
         **settings: Any,
     ) -> Answer:
@@ -147,22 +222,19 @@ class VideoQA:
         options: multiple-choice answers; the answer's `choice` is then the chosen letter.
         on_text: called with each piece of the answer as it is generated (e.g. `print`, with end="").
         progress: called as `progress(done, total)` while frames decode.
-        settings: fields of `SamplingSettings` (fps, max_frames, pixels_per_frame, min_pixels_per_frame,
-            budget_tokens, prefer) or `GenerationSettings` (max_new_tokens, temperature, top_p, top_k, seed),
-            applied over `sampling` / `generation`.
+        preset: how frames are chosen and prompted. "planner": our token-budget planner (`sampling`);
+            "paper": the paper's evaluation preprocessing (`paper`: frame indices and sizes as the original
+            video reader picked them, 1.0 s per temporal patch, its prompt layout, greedy decoding);
+            "auto" (default): "paper" when the attention mode is "official", else "planner".
+        settings: keyword overrides. Planner: fields of `SamplingSettings` (fps, max_frames, pixels_per_frame,
+            min_pixels_per_frame, budget_tokens, prefer). Paper: fields of `PaperSettings` (fps, max_frames,
+            min_pixels, max_pixels, total_pixels; with max_pixels below min_pixels, small frames are scaled UP
+            to min_pixels). Both: `GenerationSettings` (max_new_tokens, temperature, top_p, top_k, seed).
         """
-        sampling, generation = split_settings(settings, sampling, generation)
-        planned = plan_question(
-            self.files,
-            video,
-            question,
-            options=options,
-            sampling=sampling,
-            generation=generation,
-            backend=backend,
-            frames_fps=frames_fps,
+        planned = self._plan_question(
+            video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings
         )
-        decoded = decode_video(planned.plan, progress=progress)
+        decoded = decode_planned_video(planned.plan, progress=progress)
         return generate_answer(self.model, self.files, planned.prompt, decoded, planned.generation, on_text=on_text)
 
 
@@ -187,4 +259,4 @@ def load(
     return VideoQA(files, weights)
 
 
-__all__ = ["PlannedQuestion", "VideoQA", "load", "plan_question", "split_settings"]
+__all__ = ["PlannedQuestion", "VideoQA", "load", "plan_question", "split_paper_settings", "split_settings"]

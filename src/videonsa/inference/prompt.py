@@ -15,6 +15,7 @@ import torch
 from videonsa.errors import UserError
 from videonsa.inference.model_files import ModelFiles
 from videonsa.video import DecodedVideo, frames_to_patches
+from videonsa.video.paper import PAPER_SYSTEM_PROMPT
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # The instruction long-video benchmarks (Video-MME, LongVideoBench, MLVU, ...) put after the options.
@@ -96,12 +97,24 @@ def _video_token(files: ModelFiles) -> tuple[str, int]:
     return token, token_id
 
 
-def build_prompt(files: ModelFiles, question: str, options: Sequence[str] | None = None) -> QuestionPrompt:
-    """Render the model's chat template for one user turn holding the video and `question` (with `options`)."""
+def build_prompt(
+    files: ModelFiles,
+    question: str,
+    options: Sequence[str] | None = None,
+    *,
+    system_prompt: str | None = None,
+) -> QuestionPrompt:
+    """Render the model's chat template for one user turn holding the video and `question` (with `options`).
+
+    The user turn is the video, then the text. `system_prompt`, when given, is sent as a system turn before it
+    (the paper preset sends "You are a helpful assistant."); else the template's own default applies.
+    """
     letters, lines = label_options(options) if options else ((), ())
     messages = [
         {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question_text(question, lines)}]}
     ]
+    if system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt})
     text = files.tokenizer.apply_chat_template(
         messages, chat_template=files.chat_template, tokenize=False, add_generation_prompt=True
     )
@@ -120,12 +133,27 @@ def build_prompt(files: ModelFiles, question: str, options: Sequence[str] | None
     )
 
 
+def build_preset_prompt(
+    files: ModelFiles, question: str, options: Sequence[str] | None = None, *, preset: str = "planner"
+) -> QuestionPrompt:
+    """The prompt for `preset`: "paper" is the paper's evaluation layout, "planner" our default one.
+
+    The paper layout: system turn "You are a helpful assistant.", then one user turn with the video first and
+    the text after it, with any "<image>" marker removed from the text (as the evaluation did with benchmark
+    prompts). Options keep our formatting in both.
+    """
+    if preset == "paper":
+        return build_prompt(files, question.replace("<image>", ""), options, system_prompt=PAPER_SYSTEM_PROMPT)
+    return build_prompt(files, question, options)
+
+
 def model_inputs(prompt: QuestionPrompt, video: DecodedVideo, files: ModelFiles) -> dict[str, torch.Tensor]:
     """Qwen2.5-VL inputs for one sample: the prompt with one placeholder per video token, and the video.
 
     input_ids, attention_mask, mm_token_type_ids: [1, L]; pixel_values_videos: [patches, 3 * 2 * 14 * 14];
-    video_grid_thw: [1, 3]; second_per_grid_ts: [1], the real seconds between temporal patches, which sets
-    the M-RoPE time positions.
+    video_grid_thw: [1, 3]; second_per_grid_ts: [1], the seconds between temporal patches, which sets the
+    M-RoPE time positions: the plan's fixed value where it has one (the paper preset's 1.0), else the real
+    spacing fitted to the decoded frames' timestamps.
     """
     pixels, grid = frames_to_patches(video.frames, files.geometry, mean=files.image_mean, std=files.image_std)
     merge = files.geometry.merge_size
@@ -140,5 +168,10 @@ def model_inputs(prompt: QuestionPrompt, video: DecodedVideo, files: ModelFiles)
         "mm_token_type_ids": (input_ids == prompt.video_token_id).long() * VIDEO_TOKEN_TYPE,
         "pixel_values_videos": pixels,
         "video_grid_thw": grid,
-        "second_per_grid_ts": torch.tensor([video.seconds_per_patch], dtype=torch.float32),
+        "second_per_grid_ts": torch.tensor([_seconds_per_patch(video)], dtype=torch.float32),
     }
+
+
+def _seconds_per_patch(video: DecodedVideo) -> float:
+    fixed = video.plan.second_per_grid_ts
+    return video.seconds_per_patch if fixed is None else fixed

@@ -79,7 +79,12 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class VideoPlan:
-    """Which frames to sample, at which size, and what they cost in tokens."""
+    """Which frames to sample, at which size, and what they cost in tokens.
+
+    `preset` names the rule that made the plan ("planner" here; `videonsa.video.paper` makes "paper" plans).
+    `second_per_grid_ts`, when set, is the seconds per temporal patch the model is told whatever the frames'
+    real timestamps (the paper preset fixes it); None lets the decoded timestamps decide.
+    """
 
     info: VideoInfo
     timestamps: tuple[float, ...]
@@ -92,6 +97,8 @@ class VideoPlan:
     geometry: VisionGeometry = field(default_factory=VisionGeometry)
     wanted_frames: int = 0
     wanted_tokens_per_patch: int = 0
+    preset: str = "planner"
+    second_per_grid_ts: float | None = None
 
     @property
     def frame_count(self) -> int:
