@@ -12,6 +12,15 @@ import re
 import sys
 
 from videonsa.errors import UserError
+from videonsa.inference.model_files import ATTENTION_MODES
+from videonsa.video.paper import (
+    DEFAULT_PAPER_FPS,
+    DEFAULT_PAPER_MAX_FRAMES,
+    DEFAULT_PAPER_MAX_PIXELS,
+    DEFAULT_PAPER_MIN_PIXELS,
+    DEFAULT_PAPER_TOTAL_PIXELS,
+    PRESETS,
+)
 from videonsa.video.planning import (
     DEFAULT_BUDGET_TOKENS,
     DEFAULT_FPS,
@@ -19,6 +28,17 @@ from videonsa.video.planning import (
     DEFAULT_PIXELS_PER_FRAME,
     PREFERENCES,
 )
+
+# Flags that only one preset reads, and what the other preset takes instead.
+PLANNER_ONLY_FLAGS = {
+    "budget": ("--budget", "the paper preset has no token budget"),
+    "prefer": ("--prefer", "the paper preset has no token budget"),
+    "pixels": ("--pixels", "the paper preset takes --max-pixels and --min-pixels"),
+}
+PAPER_ONLY_FLAGS = {
+    "max_pixels": ("--max-pixels", "the planner takes --pixels"),
+    "total_pixels": ("--total-pixels", "the planner fits frames to --budget instead"),
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,43 +64,71 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="CHOICE",
         help="multiple-choice answers (labelled A, B, ... in order); prints the chosen letter",
     )
-    budget = parser.add_argument_group("frames and token budget")
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="auto",
+        help="how frames are chosen and the prompt is laid out: planner fits frames to --budget (our default); "
+        "paper reproduces the paper's evaluation (its frame indices and sizes, 1.0 s per temporal patch, its "
+        "prompt, greedy decoding); auto (default) picks paper for official attention, else planner",
+    )
+    budget = parser.add_argument_group("frames (both presets)")
     budget.add_argument(
-        "--budget",
+        "--fps",
+        type=float,
+        help=f"frames sampled per second of video (default {DEFAULT_FPS:g}; paper preset {DEFAULT_PAPER_FPS:g})",
+    )
+    budget.add_argument(
+        "--max-frames",
         type=int,
-        default=DEFAULT_BUDGET_TOKENS,
-        help=f"total context in tokens: prompt + video + answer (default {DEFAULT_BUDGET_TOKENS})",
-    )
-    budget.add_argument(
-        "--prefer",
-        choices=PREFERENCES,
-        default="balanced",
-        help="what gives way when the video does not fit: frames keeps every frame at lower "
-        "detail, detail keeps detail with fewer frames, balanced lowers both (default)",
-    )
-    budget.add_argument(
-        "--fps", type=float, default=DEFAULT_FPS, help=f"frames sampled per second of video (default {DEFAULT_FPS:g})"
-    )
-    budget.add_argument("--max-frames", type=int, help="at most this many frames (default: no cap)")
-    budget.add_argument(
-        "--pixels",
-        type=int,
-        default=DEFAULT_PIXELS_PER_FRAME,
-        help=f"pixels per frame when the budget allows (default {DEFAULT_PIXELS_PER_FRAME}, 224x224)",
+        help=f"at most this many frames (default: no cap; paper preset {DEFAULT_PAPER_MAX_FRAMES}, rounded down to "
+        "even)",
     )
     budget.add_argument(
         "--min-pixels",
         type=int,
-        default=DEFAULT_MIN_PIXELS_PER_FRAME,
-        help=f"never fewer pixels per frame (default {DEFAULT_MIN_PIXELS_PER_FRAME}, 112x112)",
+        help=f"never fewer pixels per frame (default {DEFAULT_MIN_PIXELS_PER_FRAME}, 112x112; paper preset "
+        f"{DEFAULT_PAPER_MIN_PIXELS}, 448x448: frames are scaled UP to it, even when --max-pixels is lower)",
     )
-    budget.add_argument(
+    planner = parser.add_argument_group("planner preset")
+    planner.add_argument(
+        "--budget",
+        type=int,
+        help=f"total context in tokens: prompt + video + answer (default {DEFAULT_BUDGET_TOKENS})",
+    )
+    planner.add_argument(
+        "--prefer",
+        choices=PREFERENCES,
+        help="what gives way when the video does not fit: frames keeps every frame at lower "
+        "detail, detail keeps detail with fewer frames, balanced lowers both (default)",
+    )
+    planner.add_argument(
+        "--pixels",
+        type=int,
+        help=f"pixels per frame when the budget allows (default {DEFAULT_PIXELS_PER_FRAME}, 224x224)",
+    )
+    paper = parser.add_argument_group("paper preset")
+    paper.add_argument(
+        "--max-pixels",
+        type=int,
+        help=f"per-frame pixel cap (default {DEFAULT_PAPER_MAX_PIXELS}; the cap in force is at most 602112 and "
+        "shrinks for long videos, never below 1.05 x --min-pixels). Below --min-pixels, frames that round to at "
+        "most --max-pixels are scaled UP to the --min-pixels floor, as the paper's evaluation did",
+    )
+    paper.add_argument(
+        "--total-pixels",
+        type=int,
+        help=f"pixel allowance of the whole video, which lowers the per-frame cap for many frames (default "
+        f"{DEFAULT_PAPER_TOTAL_PIXELS}, the evaluation's VIDEO_MAX_PIXELS default)",
+    )
+    source = parser.add_argument_group("video input")
+    source.add_argument(
         "--frames-fps",
         type=float,
         default=DEFAULT_FPS,
         help="for a folder of frame images: how many frames make one second (default 4)",
     )
-    budget.add_argument(
+    source.add_argument(
         "--backend",
         choices=("pyav", "decord"),
         default="pyav",
@@ -89,12 +137,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model = parser.add_argument_group("model and generation")
     model.add_argument(
         "--attention",
-        choices=("nsa", "dense"),
+        choices=ATTENTION_MODES,
         default="nsa",
-        help="nsa: sparse attention over video tokens (default); dense: full attention",
+        help="nsa: sparse attention over video tokens (default); dense: full attention"
+        + (
+            "; official: the function the released checkpoint was evaluated with"
+            if "official" in ATTENTION_MODES
+            else ""
+        ),
     )
     model.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
-    model.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default), else sample")
+    model.add_argument(
+        "--temperature", type=float, default=0.0, help="0 for greedy decoding (default; the paper preset's only choice)"
+    )
     model.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
     model.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
     model.add_argument("--seed", type=int, help="random seed for sampling")
@@ -115,19 +170,43 @@ def _question(args: argparse.Namespace) -> str:
     return question
 
 
-def _settings(args: argparse.Namespace):
-    """(SamplingSettings, GenerationSettings) from the flags, validated; messages name the flag."""
+def _refuse_other_preset_flags(args: argparse.Namespace, preset: str) -> None:
+    """A flag only the other preset reads is a mistake: one line saying what this preset takes instead."""
+    other = PAPER_ONLY_FLAGS if preset == "planner" else PLANNER_ONLY_FLAGS
+    for name, (flag, instead) in other.items():
+        if getattr(args, name) is not None:
+            owner = "paper" if preset == "planner" else "planner"
+            raise UserError(f"{flag} is a setting of the {owner} preset, but the {preset} preset runs; {instead}")
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _settings(args: argparse.Namespace, preset: str):
+    """(SamplingSettings or PaperSettings, GenerationSettings) from the flags, validated; messages name the flag."""
     from videonsa.inference import GenerationSettings
     from videonsa.video import SamplingSettings
+    from videonsa.video.paper import PaperSettings
 
-    sampling = SamplingSettings(
-        fps=args.fps,
-        max_frames=args.max_frames,
-        pixels_per_frame=args.pixels,
-        min_pixels_per_frame=args.min_pixels,
-        budget_tokens=args.budget,
-        prefer=args.prefer,
-    )
+    _refuse_other_preset_flags(args, preset)
+    if preset == "paper":
+        frames = PaperSettings(
+            fps=_or(args.fps, DEFAULT_PAPER_FPS),
+            max_frames=_or(args.max_frames, DEFAULT_PAPER_MAX_FRAMES),
+            min_pixels=_or(args.min_pixels, DEFAULT_PAPER_MIN_PIXELS),
+            max_pixels=_or(args.max_pixels, DEFAULT_PAPER_MAX_PIXELS),
+            total_pixels=_or(args.total_pixels, DEFAULT_PAPER_TOTAL_PIXELS),
+        )
+    else:
+        frames = SamplingSettings(
+            fps=_or(args.fps, DEFAULT_FPS),
+            max_frames=args.max_frames,
+            pixels_per_frame=_or(args.pixels, DEFAULT_PIXELS_PER_FRAME),
+            min_pixels_per_frame=_or(args.min_pixels, DEFAULT_MIN_PIXELS_PER_FRAME),
+            budget_tokens=_or(args.budget, DEFAULT_BUDGET_TOKENS),
+            prefer=_or(args.prefer, "balanced"),
+        )
     generation = GenerationSettings(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -137,8 +216,13 @@ def _settings(args: argparse.Namespace):
     )
     if not args.frames_fps > 0:
         raise UserError(f"--frames-fps must be a positive frame rate, got {args.frames_fps}")
+    if preset == "paper" and args.temperature > 0:
+        raise UserError(
+            f"--temperature {args.temperature:g}: the paper preset decodes greedily, as the paper's evaluation "
+            f"did; pass --preset planner to sample"
+        )
     try:
-        return sampling.validate(), generation.validate()
+        return frames.validate(), generation.validate()
     except UserError as error:
         raise UserError(_flag_names(str(error))) from None
 
@@ -154,6 +238,9 @@ _FLAGS = {
     "top_p": "--top-p",
     "top_k": "--top-k",
     "fps": "--fps",
+    "min_pixels": "--min-pixels",
+    "max_pixels": "--max-pixels",
+    "total_pixels": "--total-pixels",
 }
 
 
@@ -164,11 +251,11 @@ def _flag_names(message: str) -> str:
 
 
 def _decode_with_progress(plan, console):
-    """Decode the planned frames with a transient progress bar on stderr."""
+    """Decode the planned frames (either preset) with a transient progress bar on stderr."""
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from videonsa.video import decode_video
+    from videonsa.video.paper import decode_planned_video
 
     columns = (
         TextColumn("[progress.description]{task.description}"),
@@ -178,7 +265,7 @@ def _decode_with_progress(plan, console):
     )
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"decoding {escape(plan.info.name)}", total=plan.frame_count)
-        return decode_video(plan, progress=lambda done, total: progress.update(task, completed=done))
+        return decode_planned_video(plan, progress=lambda done, total: progress.update(task, completed=done))
 
 
 def _print_choice(answer, console) -> None:
@@ -201,26 +288,31 @@ def run_ask(args: argparse.Namespace) -> int:
         resolve_device,
         resolve_dtype,
     )
-    from videonsa.inference.prompt import build_prompt
+    from videonsa.inference.prompt import build_preset_prompt
     from videonsa.video import plan_video, probe_video
+    from videonsa.video.paper import plan_paper_video, resolve_preset
 
     question = _question(args)
-    sampling, generation = _settings(args)
     check_attention(args.attention)
+    preset = resolve_preset(args.preset, args.attention)
+    frames, generation = _settings(args, preset)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     files = open_model_files(args.model)
-    prompt = build_prompt(files, question, args.options)
+    prompt = build_preset_prompt(files, question, args.options, preset=preset)
     info = probe_video(args.video, backend=args.backend, frames_fps=args.frames_fps)
     text_tokens = prompt.text_tokens + generation.answer_tokens(bool(prompt.letters))
-    try:
-        plan = plan_video(info, sampling, text_tokens=text_tokens, geometry=files.geometry)
-    except UserError as error:
-        raise UserError(_flag_names(str(error))) from None
+    if preset == "paper":
+        plan = plan_paper_video(info, frames, text_tokens=text_tokens, geometry=files.geometry)
+    else:
+        try:
+            plan = plan_video(info, frames, text_tokens=text_tokens, geometry=files.geometry)
+        except UserError as error:
+            raise UserError(_flag_names(str(error))) from None
     console = Console(stderr=True, soft_wrap=True)
     video = _decode_with_progress(plan, console)
     console.print(f"video  {info.describe()}", highlight=False, markup=False)
-    console.print(f"plan   {plan.describe()}", highlight=False, markup=False)
+    console.print(f"plan   {plan.describe()} [preset {plan.preset}]", highlight=False, markup=False)
     _quiet_transformers_loading()
     with console.status(f"loading {escape(args.model)} ({args.attention} attention, {device}, {str(dtype)[6:]})"):
         model = load_weights(files, attention=args.attention, device=device, dtype=dtype)
