@@ -138,13 +138,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument(
         "--attention",
         choices=ATTENTION_MODES,
-        default="nsa",
-        help="nsa: sparse attention over video tokens (default); dense: full attention"
-        + (
-            "; official: the function the released checkpoint was evaluated with"
-            if "official" in ATTENTION_MODES
-            else ""
-        ),
+        default="auto",
+        help="auto (default): the checkpoint decides (official for the released Enxin/VideoNSA layout, else the "
+        "mode its config records, else nsa); nsa: sparse attention over video tokens; dense: full attention; "
+        "official: the function the released checkpoint was trained and evaluated with",
     )
     model.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     model.add_argument(
@@ -285,6 +282,7 @@ def run_ask(args: argparse.Namespace) -> int:
         check_attention,
         load_weights,
         open_model_files,
+        resolve_attention,
         resolve_device,
         resolve_dtype,
     )
@@ -293,12 +291,18 @@ def run_ask(args: argparse.Namespace) -> int:
     from videonsa.video.paper import plan_paper_video, resolve_preset
 
     question = _question(args)
-    check_attention(args.attention)
-    preset = resolve_preset(args.preset, args.attention)
-    frames, generation = _settings(args, preset)
+    attention = check_attention(args.attention)
+    # Settings are checked before any file is read, unless the preset waits on the checkpoint's attention mode.
+    early_preset = None if args.preset == "auto" and attention == "auto" else resolve_preset(args.preset, attention)
+    if early_preset is not None:
+        frames, generation = _settings(args, early_preset)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     files = open_model_files(args.model)
+    choice = resolve_attention(files, attention)
+    preset = resolve_preset(args.preset, choice.mode)
+    if early_preset is None:
+        frames, generation = _settings(args, preset)
     prompt = build_preset_prompt(files, question, args.options, preset=preset)
     info = probe_video(args.video, backend=args.backend, frames_fps=args.frames_fps)
     text_tokens = prompt.text_tokens + generation.answer_tokens(bool(prompt.letters))
@@ -313,9 +317,11 @@ def run_ask(args: argparse.Namespace) -> int:
     video = _decode_with_progress(plan, console)
     console.print(f"video  {info.describe()}", highlight=False, markup=False)
     console.print(f"plan   {plan.describe()} [preset {plan.preset}]", highlight=False, markup=False)
+    if choice.notice:
+        console.print(f"note   {choice.notice}", highlight=False, markup=False)
     _quiet_transformers_loading()
-    with console.status(f"loading {escape(args.model)} ({args.attention} attention, {device}, {str(dtype)[6:]})"):
-        model = load_weights(files, attention=args.attention, device=device, dtype=dtype)
+    with console.status(f"loading {escape(args.model)} ({choice.mode} attention, {device}, {str(dtype)[6:]})"):
+        model = load_weights(files, attention=choice.mode, device=device, dtype=dtype)
     answer = generate_answer(model, files, prompt, video, generation, on_text=_stream_to_stdout)
     sys.stdout.write("\n")
     sys.stdout.flush()

@@ -23,6 +23,7 @@ from videonsa.inference.model_files import (
     check_attention,
     load_weights,
     open_model_files,
+    resolve_attention,
     resolve_device,
     resolve_dtype,
 )
@@ -141,7 +142,7 @@ class VideoQA:
     """A loaded VideoNSA (or Qwen2.5-VL) model that answers questions about videos.
 
     Use `videonsa.load` to make one. `ask` plans the frames within the token budget, decodes them, and
-    generates; `attention` switches between "nsa" and "dense" without reloading.
+    generates; `attention` switches between "nsa", "dense" and "official" without reloading.
     """
 
     def __init__(self, files: ModelFiles, model: torch.nn.Module) -> None:
@@ -150,12 +151,12 @@ class VideoQA:
 
     @property
     def attention(self) -> str:
-        """The attention mode in use: "nsa" or "dense"."""
+        """The attention mode in use: "nsa", "dense" or "official"; it picks the preset `ask` uses by default."""
         return self.model.config.text_config.attention_mode
 
     @attention.setter
     def attention(self, mode: str) -> None:
-        self.model.set_attention_mode(check_attention(mode))
+        self.model.set_attention_mode(resolve_attention(self.files, check_attention(mode)).mode)
 
     def plan(
         self,
@@ -241,13 +242,15 @@ class VideoQA:
 def load(
     model: str,
     *,
-    attention: str = "nsa",
+    attention: str = "auto",
     device: str = "auto",
     dtype: str = "auto",
 ) -> VideoQA:
     """Load a model from a local directory or a Hugging Face Hub id, ready to `ask`.
 
-    attention: "nsa" (sparse attention over video tokens) or "dense". device: "auto", "cpu", "cuda" or
+    attention: "auto" (default: the checkpoint decides; "official" for the released Enxin/VideoNSA layout,
+    which also makes `ask` use the paper preset), "nsa" (sparse attention over video tokens), "dense", or
+    "official" (the function the released checkpoint was evaluated with). device: "auto", "cpu", "cuda" or
     "cuda:N". dtype: "auto" (bfloat16 on GPU, float32 on CPU), "bfloat16", "float16" or "float32".
     Raises `UserError` with one line for a missing directory, an unreachable hub id or a bad setting.
     """
