@@ -17,6 +17,7 @@ from torch.nn.attention.bias import causal_lower_right
 from videonsa.errors import UserError
 from videonsa.layers.split import TokenSplit
 from videonsa.ops import NSAConfig, nsa_attention
+from videonsa.ops.official import check_topk_settings
 
 # "nsa": vision tokens through NSA, text dense (the corrected function); "dense": every token dense causal;
 # "official": the function the original VideoNSA code computes, quirks included (docs/official-mode.md).
@@ -60,14 +61,11 @@ class SparseSettings:
         except ValueError as error:
             raise UserError(str(error).removeprefix("nsa_attention: ")) from None
         if self.mode == "official":
-            # The original top-k fills S = next power of two >= block_count slots from blocks of block_size
-            # candidates, and needs S <= block_size.
-            slots = 1 << (self.block_count - 1).bit_length()
-            if slots > self.block_size:
-                raise UserError(
-                    f"attention_mode 'official' needs block_counts rounded up to a power of two ({slots}) to be at "
-                    f"most block_size ({self.block_size}), as the original top-k kernel does"
-                )
+            # The original top-k: block_size a power of two, next_power_of_two(block_count) <= block_size.
+            try:
+                check_topk_settings(self.block_count, self.block_size)
+            except ValueError as error:
+                raise UserError(f"attention_mode 'official': {str(error).removeprefix('official top-k: ')}") from None
 
     def nsa_kwargs(self) -> dict[str, int]:
         """The budget as keyword arguments of `videonsa.ops.nsa_attention`."""
