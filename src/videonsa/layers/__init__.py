@@ -10,6 +10,7 @@ from videonsa.layers.attention import (
     vision_nsa_attention,
 )
 from videonsa.layers.gates import GATE_INIT_STD, branch_gates, init_gate_projections_, make_gate_projections
+from videonsa.layers.official import official_attention
 from videonsa.layers.split import TokenSplit, build_token_split
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "dense_text_attention",
     "init_gate_projections_",
     "make_gate_projections",
+    "official_attention",
     "sdpa_attend",
     "videonsa_attention",
     "vision_nsa_attention",

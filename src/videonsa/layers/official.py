@@ -1,0 +1,376 @@
+"""`official_attention`: the attention function the released VideoNSA checkpoint was evaluated with.
+
+docs/official-mode.md describes the function step by step and how it differs from our `nsa` mode. In short, for
+a mixed text/vision batch: q, k, v are zeroed at text positions, the query heads are padded to 64 ([q, q, 0]),
+NSA runs over the whole sequence (anti-causal compression, the original top-k with its quirks, selection,
+sliding window), the two head copies are averaged, and a dense causal attention of the text queries (zero at
+vision positions, so a causal mean of v there) is added. Gates are sigmoid(logits / temperature), 0.5 at text.
+
+Two implementations share this entry point: the plain-PyTorch blocks of `videonsa.ops.official` (any device and
+dtype, float64 in float64) and, on CUDA, Triton kernels for the top-k, the selection and the window branch with
+chunked matrix products for the compression (`fast_branches`). Inference only: nothing here is
+differentiable by design.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from videonsa.ops.official import (
+    PADDED_HEADS,
+    anticausal_compression,
+    causal_mean,
+    check_topk_settings,
+    dense_causal_attention_reference,
+    mean_pool_blocks,
+    original_topk_reference,
+    selected_attention_reference,
+    window_attention_reference,
+)
+
+BACKENDS = ("auto", "triton", "reference")
+# What the Triton path computes in; float64 (and anything else) runs the reference.
+FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Elements of the boolean mask one dense text-attention call may build.
+_TEXT_MASK_ELEMENTS = 1 << 26
+# float32 scores one chunk of the fast compression may hold (1 GiB): 4 chunks at 32K, 64 at 128K (64 heads).
+_COMPRESSION_SCORE_ELEMENTS = 1 << 28
+
+
+def official_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    is_vision: Tensor,
+    gate_logits: Tensor,
+    *,
+    block_size: int = 64,
+    block_counts: int = 32,
+    window_size: int = 256,
+    scale: float | None = None,
+    gate_temperature: float = 0.3,
+    backend: str | None = None,
+) -> Tensor:
+    """The original VideoNSA prefill attention (see docs/official-mode.md).
+
+    Args:
+        q: [B, T, HQ, D]; k, v: [B, T, HKV, D], rotary positions applied. Needs 2 * HQ <= 64 and 64 % HKV == 0.
+        is_vision: bool [B, T], True at vision tokens.
+        gate_logits: [B, T, HQ, 3] gate projections before the temperature, branches (compression, selection,
+            window) along the last axis; used in q's dtype.
+        block_size, block_counts, window_size: the original's budget (64, 32, 256); block_size must be a power of
+            two and next_power_of_two(block_counts) <= block_size.
+        scale: softmax scale, default D ** -0.5.
+        gate_temperature: logits are divided by it before the sigmoid (0.3).
+        backend: "auto" (Triton kernels for CUDA bf16/fp16/fp32 tensors, the PyTorch blocks otherwise), "triton"
+            or "reference".
+
+    Returns:
+        [B, T, HQ, D] in q's dtype: what the original feeds (flattened to [B, T, HQ * D]) to o_proj. A batch
+        without vision tokens gets plain dense causal attention, an all-vision batch the NSA part alone with
+        sigmoid gates everywhere (neither with the original's scrambled output layout).
+    """
+    _check_inputs(q, k, v, is_vision, gate_logits, block_size, block_counts, window_size, gate_temperature)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    fast = _use_fast_path(backend, q, block_size)
+    budget = dict(block_size=block_size, block_counts=block_counts, window_size=window_size, scale=scale)
+    gate_logits = gate_logits.to(q.dtype)
+    if not bool(is_vision.any()):
+        return dense_causal_attention(q, k, v, scale)
+    if bool(is_vision.all()):
+        gates = (gate_logits / gate_temperature).sigmoid()
+        return padded_nsa(q, k, v, gates, fast=fast, **budget)
+    # Mixed batch: text positions are zeroed (not removed) for NSA and get gate logits 0, i.e. gates 0.5.
+    vision = is_vision[:, :, None, None]
+    gates = ((gate_logits / gate_temperature) * vision).sigmoid()
+    nsa = padded_nsa(q * vision, k * vision, v * vision, gates, fast=fast, **budget)
+    return nsa + dense_text_part(q, k, v, is_vision, scale, fast=fast)
+
+
+def _check_inputs(
+    q: Tensor, k: Tensor, v: Tensor, is_vision: Tensor, gate_logits: Tensor,
+    block_size: int, block_counts: int, window_size: int, gate_temperature: float,
+) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"official_attention: q must be [B, T, HQ, D], got shape {tuple(q.shape)}")
+    batch, seq_len, heads_q, dim = q.shape
+    for name, x in (("k", k), ("v", v)):
+        if x.dim() != 4 or x.shape[:2] != q.shape[:2] or x.shape[3] != dim:
+            raise ValueError(
+                f"official_attention: {name} must be [B={batch}, T={seq_len}, HKV, D={dim}], got {tuple(x.shape)}"
+            )
+    if k.shape != v.shape:
+        raise ValueError(f"official_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    heads_kv = k.shape[2]
+    if heads_kv == 0 or heads_q % heads_kv:
+        raise ValueError(f"official_attention: HQ={heads_q} is not a multiple of HKV={heads_kv}")
+    if 2 * heads_q > PADDED_HEADS or PADDED_HEADS % heads_kv:
+        raise ValueError(
+            f"official_attention: the original pads the query heads to {PADDED_HEADS} as [q, q, zeros], which "
+            f"needs 2 * HQ <= {PADDED_HEADS} and {PADDED_HEADS} % HKV == 0; got q {tuple(q.shape)}, k "
+            f"{tuple(k.shape)}"
+        )
+    if tuple(is_vision.shape) != (batch, seq_len) or is_vision.dtype != torch.bool:
+        raise ValueError(
+            f"official_attention: is_vision must be bool [B, T] = [{batch}, {seq_len}], got {is_vision.dtype} "
+            f"{tuple(is_vision.shape)}"
+        )
+    if tuple(gate_logits.shape) != (batch, seq_len, heads_q, 3):
+        raise ValueError(
+            f"official_attention: gate_logits must be [B, T, HQ, 3] = [{batch}, {seq_len}, {heads_q}, 3], got "
+            f"{tuple(gate_logits.shape)}"
+        )
+    if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"official_attention: q, k, v must share a floating dtype, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    for name, x in (("k", k), ("v", v), ("is_vision", is_vision), ("gate_logits", gate_logits)):
+        if x.device != q.device:
+            raise ValueError(f"official_attention: {name} is on {x.device} but q is on {q.device}")
+    check_topk_settings(block_counts, block_size)
+    if window_size < 1:
+        raise ValueError(f"official_attention: window_size must be positive, got {window_size}")
+    if not gate_temperature > 0:
+        raise ValueError(f"official_attention: gate_temperature must be positive, got {gate_temperature}")
+
+
+def _use_fast_path(backend: str | None, q: Tensor, block_size: int) -> bool:
+    backend = backend or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"official_attention: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return False
+    supported = q.dtype in FAST_DTYPES and block_size >= 16
+    if backend == "triton":
+        if not supported:
+            raise ValueError(
+                f"official_attention: the Triton path needs bf16/fp16/fp32 and block_size >= 16, got {q.dtype}, "
+                f"block_size={block_size}"
+            )
+        return True
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return supported and (q.is_cuda or interpret) and _triton_available()
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The NSA part over padded heads
+
+
+def pad_heads(x: Tensor) -> Tensor:
+    """[B, T, HQ, ...] -> [B, T, 64, ...]: heads [x, x, zeros], as the original pads queries and gates."""
+    heads = x.shape[2]
+    padded = x.new_zeros(*x.shape[:2], PADDED_HEADS, *x.shape[3:])
+    padded[:, :, :heads] = x
+    padded[:, :, heads : 2 * heads] = x
+    return padded
+
+
+def padded_nsa(
+    q: Tensor, k: Tensor, v: Tensor, gates: Tensor, *,
+    block_size: int, block_counts: int, window_size: int, scale: float, fast: bool,
+) -> Tensor:
+    """The NSA part: padded heads, three branches, gated sum, the two head copies averaged.
+
+    Args:
+        q: [B, T, HQ, D]; k, v: [B, T, HKV, D] (already zeroed at text positions in the mixed path).
+        gates: [B, T, HQ, 3] in q's dtype, after the sigmoid.
+
+    Returns:
+        [B, T, HQ, D]: (o64[j] + o64[j + HQ]) * 0.5, rounded in q's dtype after each operation like the original.
+    """
+    heads = q.shape[2]
+    q64 = pad_heads(q)
+    g64 = pad_heads(gates)
+    k_cmp, v_cmp = mean_pool_blocks(k, block_size), mean_pool_blocks(v, block_size)
+    if fast:
+        o_cmp, o_slc, o_swa = fast_branches(q64, k, v, k_cmp, v_cmp, block_size, block_counts, window_size, scale)
+    else:
+        o_cmp, lse = anticausal_compression(q64, k_cmp, v_cmp, block_size, scale)
+        indices = original_topk_reference(q64, k_cmp, lse, block_counts, block_size, scale)
+        o_slc = selected_attention_reference(q64, k, v, indices, block_size, scale)
+        o_swa = window_attention_reference(q64, k, v, window_size, scale)
+    g_cmp, g_slc, g_swa = (g[..., None] for g in g64.unbind(-1))
+    o64 = o_cmp * g_cmp + o_slc * g_slc + o_swa * g_swa
+    return (o64[:, :, :heads] + o64[:, :, heads : 2 * heads]) * 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dense parts
+
+
+def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Plain causal attention, GQA j -> j // (HQ / HKV): q [B, T, HQ, D], k/v [B, T, HKV, D] -> [B, T, HQ, D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True
+    )
+    return out.transpose(1, 2)
+
+
+def dense_text_part(q: Tensor, k: Tensor, v: Tensor, is_vision: Tensor, scale: float, *, fast: bool) -> Tensor:
+    """The dense term the mixed path adds: causal attention of the text queries over every earlier key, text and
+    vision, unmasked; at vision positions the query is zero, which gives the causal mean of v.
+
+    Returns [B, T, HQ, D] in q's dtype.
+    """
+    batch, seq_len, heads, dim = q.shape
+    group = heads // k.shape[2]
+    out = causal_mean(v).repeat_interleave(group, dim=2)
+    for b in range(batch):
+        positions = torch.nonzero(~is_vision[b]).squeeze(1)
+        if positions.numel() == 0:
+            continue
+        if fast:
+            out[b, positions] = _text_attention_sdpa(q[b, positions], positions, k[b], v[b], scale)
+        else:
+            out[b, positions] = dense_causal_attention_reference(q[b, positions], positions, k[b], v[b], scale)
+    return out
+
+
+def _text_attention_sdpa(q: Tensor, positions: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Causal attention of the few text queries q [L, HQ, D] at `positions` over k, v [T, HKV, D] on SDPA.
+
+    The G = HQ / HKV query heads of a KV head are folded into G * L rows of that head, so no key is repeated
+    and one boolean mask row per (query, head) says which keys it sees. Chunked so the mask stays small.
+    """
+    count, heads, dim = q.shape
+    heads_kv = k.shape[1]
+    group = heads // heads_kv
+    seq_len = int(positions.max()) + 1
+    keys, values = k[:seq_len].transpose(0, 1)[None], v[:seq_len].transpose(0, 1)[None]  # [1, HKV, S, D]
+    key_pos = torch.arange(seq_len, device=q.device)
+    chunk = max(1, _TEXT_MASK_ELEMENTS // (group * seq_len))
+    pieces = []
+    for start in range(0, count, chunk):
+        end = min(count, start + chunk)
+        rows = q[start:end].view(end - start, heads_kv, group, dim).permute(1, 2, 0, 3)  # [HKV, G, L, D]
+        rows = rows.reshape(1, heads_kv, group * (end - start), dim)
+        mask = (key_pos[None, :] <= positions[start:end, None]).repeat(group, 1)  # row g * L + l
+        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask[None, None], scale=scale)
+        out = out.view(heads_kv, group, end - start, dim).permute(2, 0, 1, 3).reshape(end - start, heads, dim)
+        pieces.append(out)
+    return torch.cat(pieces)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fast path (CUDA; also runs under TRITON_INTERPRET=1 on a CPU, which is how the tests check it)
+
+
+@cache
+def _topk_implementation() -> Callable[..., Tensor]:
+    """The Triton version of the original top-k when its module exists, else the PyTorch emulation."""
+    try:
+        from videonsa.ops.triton.official_topk import original_topk_triton
+    except ModuleNotFoundError as error:
+        if error.name != "videonsa.ops.triton.official_topk":
+            raise
+        return original_topk_reference
+    return original_topk_triton
+
+
+def fast_branches(
+    q64: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor,
+    block_size: int, block_counts: int, window_size: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The three branch outputs [B, T, 64, D] of the padded-head NSA on the kernels.
+
+    q64: [B, T, 64, D]; k, v: [B, T, HKV, D]; k_cmp, v_cmp: [B, NB, HKV, D]. The batch is packed as B
+    sequences of T tokens for the selection and window kernels, which run on all 64 heads (the 8 zero heads cost
+    one eighth more rows but keep the group of 16 heads per KV head the kernels expect).
+    """
+    from videonsa.ops.triton.selection import selected_attention_fwd
+    from videonsa.ops.triton.window import window_attention_fwd
+
+    batch, seq_len = q64.shape[:2]
+    o_cmp, lse = compression_fast(q64, k_cmp, v_cmp, block_size, scale)
+    indices = _topk_implementation()(q64, k_cmp, lse, block_counts, block_size, scale)
+    packed = lambda x: x.reshape(batch * seq_len, *x.shape[2:])  # noqa: E731
+    cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=q64.device)
+    # The original's selection is one softmax over the union of the listed blocks, so their order is free;
+    # the kernel wants them ascending with the empty slots last.
+    ids = ascending_block_ids(packed(indices))
+    o_slc, _ = selected_attention_fwd(packed(q64), packed(k), packed(v), ids, cu_seqlens, block_size, scale)
+    o_swa, _ = window_attention_fwd(packed(q64), packed(k), packed(v), cu_seqlens, window_size, scale)
+    return o_cmp, o_slc.view(q64.shape), o_swa.view(q64.shape)
+
+
+def ascending_block_ids(indices: Tensor) -> Tensor:
+    """int [..., S] block ids with -1 for empty slots -> int32, each row ascending with the -1 entries last."""
+    largest = torch.iinfo(torch.int32).max
+    keyed = torch.where(indices < 0, largest, indices.to(torch.int32))
+    ordered = keyed.sort(dim=-1).values
+    return torch.where(ordered == largest, -1, ordered).contiguous()
+
+
+def _matmul_float32(a: Tensor, b: Tensor) -> Tensor:
+    """Batched a @ b with a float32 result: [N, M, K] x [N, K, P] -> [N, M, P]. Half-precision CUDA inputs are
+    multiplied on the tensor cores with float32 accumulation and a float32 output (no rounding of the sums to
+    the input dtype, like the fused attention kernels); elsewhere the inputs are converted first."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _bmm_has_out_dtype():
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+@cache
+def _bmm_has_out_dtype() -> bool:
+    probe = torch.ones(1, 1, 1, dtype=torch.bfloat16, device="cuda")
+    try:
+        torch.bmm(probe, probe, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def compression_fast(
+    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, block_size: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    """`anticausal_compression` on batched matrix products, chunked over whole query blocks.
+
+    A chunk of query blocks j0..j1-1 needs the compressed keys j0..NB-1 only (query t sees blocks c >= t // b);
+    the mask touches just the chunk's own columns j0..j1-1. Scores and softmax statistics are float32, the
+    probabilities are rounded to the input dtype for the P.V product.
+
+    Args:
+        q: [B, T, HP, D]; k_cmp, v_cmp: [B, NB, HKV, D].
+
+    Returns:
+        o [B, T, HP, D] in q's dtype, lse float32 [B, HP, T] (natural log, contiguous).
+    """
+    batch, seq_len, heads, dim = q.shape
+    n_blocks, heads_kv = k_cmp.shape[1], k_cmp.shape[2]
+    group = heads // heads_kv
+    o = torch.empty_like(q)
+    lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
+    chunk_blocks = max(1, _COMPRESSION_SCORE_ELEMENTS // (block_size * heads * n_blocks))
+    for b in range(batch):
+        keys_t = k_cmp[b].permute(1, 2, 0).contiguous()  # [HKV, D, NB]
+        values = v_cmp[b].transpose(0, 1).contiguous()  # [HKV, NB, D]
+        for j0 in range(0, n_blocks, chunk_blocks):
+            j1 = min(n_blocks, j0 + chunk_blocks)
+            start, end = j0 * block_size, min(seq_len, j1 * block_size)
+            count = end - start
+            rows = q[b, start:end].view(count, heads_kv, group, dim).transpose(0, 1).reshape(heads_kv, -1, dim)
+            scores = _matmul_float32(rows, keys_t[:, :, j0:]).mul_(scale)  # [HKV, C*G, NB - j0]
+            own = (torch.arange(start, end, device=q.device) // block_size - j0).repeat_interleave(group)
+            hidden = torch.arange(j1 - j0, device=q.device)[None, :] < own[:, None]  # earlier blocks of the chunk
+            scores[:, :, : j1 - j0].masked_fill_(hidden[None], float("-inf"))
+            row_max = scores.amax(dim=-1, keepdim=True)
+            probs = scores.sub_(row_max).exp_()
+            total = probs.sum(dim=-1, keepdim=True)
+            out = _matmul_float32(probs.to(q.dtype), values[:, j0:]).div_(total)  # [HKV, C*G, D]
+            o[b, start:end] = out.view(heads_kv, count, group, dim).transpose(0, 1).reshape(count, heads, dim)
+            stat = (row_max + torch.log(total)).view(heads_kv, count, group)
+            lse[b, :, start:end] = stat.permute(0, 2, 1).reshape(heads, count)
+    return o, lse
