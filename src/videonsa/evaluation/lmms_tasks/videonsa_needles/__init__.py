@@ -1,0 +1,1 @@
+"""The `videonsa_needles` lmms-eval task folder (a YAML and the `utils.py` its `!function` entries name)."""
