@@ -55,7 +55,7 @@ def test_attention_switches_between_nsa_and_dense_without_reloading(loaded, inpu
         loaded.attention = "dense"
         answer = loaded.ask(inputs.video, "What moves?", options=["square", "disc"], **TINY)
         assert answer.report.attention == "dense" and answer.choice in {"A", "B"}
-        with pytest.raises(UserError, match="attention must be one of nsa, dense"):
+        with pytest.raises(UserError, match="attention must be one of auto, nsa, dense, official"):
             loaded.attention = "sparse"
     finally:
         loaded.attention = "nsa"
