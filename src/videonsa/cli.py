@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "videonsa.commands.data",
     "videonsa.commands.train",
     "videonsa.commands.convert",
+    "videonsa.commands.eval",
 )
 
 
