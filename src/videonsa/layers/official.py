@@ -15,7 +15,7 @@ differentiable by design.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache
 
 import torch
@@ -193,18 +193,34 @@ def padded_nsa(
     """
     heads = q.shape[2]
     q64 = pad_heads(q)
-    g64 = pad_heads(gates)
     k_cmp, v_cmp = mean_pool_blocks(k, block_size), mean_pool_blocks(v, block_size)
-    if fast:
-        o_cmp, o_slc, o_swa = fast_branches(q64, k, v, k_cmp, v_cmp, block_size, block_counts, window_size, scale)
-    else:
-        o_cmp, lse = anticausal_compression(q64, k_cmp, v_cmp, block_size, scale)
-        indices = original_topk_reference(q64, k_cmp, lse, block_counts, block_size, scale)
-        o_slc = selected_attention_reference(q64, k, v, indices, block_size, scale)
-        o_swa = window_attention_reference(q64, k, v, window_size, scale)
-    g_cmp, g_slc, g_swa = (g[..., None] for g in g64.unbind(-1))
-    o64 = o_cmp * g_cmp + o_slc * g_slc + o_swa * g_swa
-    return (o64[:, :, :heads] + o64[:, :, heads : 2 * heads]) * 0.5
+    branches = fast_branches if fast else reference_branches
+    # Padded heads 2 HQ .. 63 have zero gates and are dropped by the copy average: only 0 .. 2 HQ - 1 are summed.
+    # One branch output is alive at a time; each sum is rounded in q's dtype, as the original's (a + b) + c.
+    o64 = None
+    outputs = branches(q64, k, v, k_cmp, v_cmp, block_size, block_counts, window_size, scale)
+    for out, gate in zip(outputs, gates.unbind(-1), strict=True):
+        term = out[:, :, : 2 * heads] * torch.cat([gate, gate], dim=2)[..., None]
+        del out
+        o64 = term if o64 is None else o64.add_(term)
+    return (o64[:, :, :heads] + o64[:, :, heads:]) * 0.5
+
+
+def reference_branches(
+    q64: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor,
+    block_size: int, block_counts: int, window_size: int, scale: float,
+) -> Iterator[Tensor]:
+    """Yields the compression, selection and window outputs [B, T, 64, D] of the PyTorch blocks, in that order.
+
+    q64: [B, T, 64, D]; k, v: [B, T, HKV, D]; k_cmp, v_cmp: [B, NB, HKV, D].
+    """
+    compressed = anticausal_compression(q64, k_cmp, v_cmp, block_size, scale)
+    lse = compressed[1]
+    yield compressed[0]
+    del compressed
+    indices = original_topk_reference(q64, k_cmp, lse, block_counts, block_size, scale)
+    yield selected_attention_reference(q64, k, v, indices, block_size, scale)
+    yield window_attention_reference(q64, k, v, window_size, scale)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,8 +299,8 @@ def _topk_implementation() -> Callable[..., Tensor]:
 def fast_branches(
     q64: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor,
     block_size: int, block_counts: int, window_size: int, scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The three branch outputs [B, T, 64, D] of the padded-head NSA on the kernels.
+) -> Iterator[Tensor]:
+    """Yields the compression, selection and window outputs [B, T, 64, D] of the padded-head NSA on the kernels.
 
     q64: [B, T, 64, D]; k, v: [B, T, HKV, D]; k_cmp, v_cmp: [B, NB, HKV, D]. The batch is packed as B
     sequences of T tokens for the selection and window kernels, which run on all 64 heads (the 8 zero heads cost
@@ -294,16 +310,23 @@ def fast_branches(
     from videonsa.ops.triton.window import window_attention_fwd
 
     batch, seq_len = q64.shape[:2]
-    o_cmp, lse = compression_fast(q64, k_cmp, v_cmp, block_size, scale)
+    compressed = compression_fast(q64, k_cmp, v_cmp, block_size, scale)
+    lse = compressed[1]
+    yield compressed[0]
+    del compressed
     indices = _topk_implementation()(q64, k_cmp, lse, block_counts, block_size, scale)
+    del lse
     packed = lambda x: x.reshape(batch * seq_len, *x.shape[2:])  # noqa: E731
     cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=q64.device)
     # The original's selection is one softmax over the union of the listed blocks, so their order is free;
     # the kernel wants them ascending with the empty slots last.
     ids = ascending_block_ids(packed(indices))
-    o_slc, _ = selected_attention_fwd(packed(q64), packed(k), packed(v), ids, cu_seqlens, block_size, scale)
-    o_swa, _ = window_attention_fwd(packed(q64), packed(k), packed(v), cu_seqlens, window_size, scale)
-    return o_cmp, o_slc.view(q64.shape), o_swa.view(q64.shape)
+    del indices
+    yield selected_attention_fwd(packed(q64), packed(k), packed(v), ids, cu_seqlens, block_size, scale)[0].view(
+        q64.shape
+    )
+    del ids
+    yield window_attention_fwd(packed(q64), packed(k), packed(v), cu_seqlens, window_size, scale)[0].view(q64.shape)
 
 
 def ascending_block_ids(indices: Tensor) -> Tensor:
