@@ -173,7 +173,10 @@ def _refuse_other_preset_flags(args: argparse.Namespace, preset: str) -> None:
     for name, (flag, instead) in other.items():
         if getattr(args, name) is not None:
             owner = "paper" if preset == "planner" else "planner"
-            raise UserError(f"{flag} is a setting of the {owner} preset, but the {preset} preset runs; {instead}")
+            raise UserError(
+                f"{flag} is a setting of the {owner} preset, but the {preset} preset runs ({instead}); "
+                f"pass --preset {owner} to use it"
+            )
 
 
 def _or(value, default):

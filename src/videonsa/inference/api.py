@@ -1,10 +1,11 @@
 """Load once, ask many: `videonsa.load(...)` returns a `VideoQA` whose `ask` answers questions about videos.
 
 >>> import videonsa
->>> model = videonsa.load("Enxin/VideoNSA")                       # or a local directory
->>> answer = model.ask("talk.mp4", "What is written on the board?", budget_tokens=65_536)
+>>> model = videonsa.load("Enxin/VideoNSA")     # or a local directory; the released layout runs official attention
+>>> answer = model.ask("talk.mp4", "What is written on the board?")     # so the paper preset: its frames, prompt
 >>> answer.text, answer.report.describe()
 >>> model.ask("talk.mp4", "Who speaks first?", options=["the host", "the guest"]).choice   # "A" or "B"
+>>> model.ask("talk.mp4", "What happens?", preset="planner", budget_tokens=65_536)          # our planner instead
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def split_settings(
         wrong_preset = [name for name in unknown if name in _PAPER_FIELDS]
         if wrong_preset:
             raise UserError(
-                f"{wrong_preset[0]} is a setting of the paper preset (preset='paper'); the planner preset takes "
-                f"{', '.join(sorted(_SAMPLING_FIELDS))}"
+                f"{wrong_preset[0]} is a setting of the paper preset, but the planner preset runs (it takes "
+                f"{', '.join(sorted(_SAMPLING_FIELDS))}); pass preset='paper' to use it"
             )
         known = ", ".join(sorted(_SAMPLING_FIELDS | _GENERATION_FIELDS))
         raise TypeError(f"unknown setting(s) {', '.join(unknown)}; known: {known}")
@@ -126,8 +127,8 @@ def split_paper_settings(
         wrong_preset = [name for name in unknown if name in _SAMPLING_FIELDS]
         if wrong_preset:
             raise UserError(
-                f"{wrong_preset[0]} is a setting of the planner preset; the paper preset takes "
-                f"{', '.join(sorted(_PAPER_FIELDS))} and has no token budget"
+                f"{wrong_preset[0]} is a setting of the planner preset, but the paper preset runs (it takes "
+                f"{', '.join(sorted(_PAPER_FIELDS))} and has no token budget); pass preset='planner' to use it"
             )
         known = ", ".join(sorted(_PAPER_FIELDS | _GENERATION_FIELDS))
         raise TypeError(f"unknown setting(s) {', '.join(unknown)}; known: {known}")
