@@ -4,13 +4,14 @@ and plans decoded from real files (frame indices checked against the index drawn
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from videonsa.errors import UserError
+from videonsa.video import VideoInfo, probe_video, synthetic
 from videonsa.video import paper as paper_module
-from videonsa.video import probe_video, synthetic
 from videonsa.video.paper import (
     PaperSettings,
     PaperVideoPlan,
@@ -129,9 +130,15 @@ def test_a_processor_resize_with_the_wrapper_pixels_leaves_the_size_unless_max_i
     assert smart_resize(*size, factor=28, min_pixels=flipped.min_pixels, max_pixels=flipped.max_pixels) == (224, 224)
 
 
-def test_elongated_frames_are_refused():
+def test_elongated_frames_are_refused_naming_the_video():
     with pytest.raises(UserError, match="too elongated"):
         paper_frame_size(10, 2100, 8, PaperSettings())
+    thin = VideoInfo(
+        name="thin.mp4", backend="pyav", paths=(Path("thin.mp4"),), width=2100, height=10, start_time=0.0,
+        duration=4.0, frame_count=100, frame_count_is_exact=True, average_fps=25.0,
+    )  # fmt: skip
+    with pytest.raises(UserError, match=r"^thin\.mp4: frames of 2100x10 are too elongated"):
+        plan_paper_video(thin)
 
 
 @pytest.mark.parametrize(

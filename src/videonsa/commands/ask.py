@@ -46,8 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "ask",
         help="answer a question about a video",
-        description="Answer a question about a video with VideoNSA (or any Qwen2.5-VL checkpoint). Frames are "
-        "sampled at --fps and sized to fit --budget tokens; the plan is shown before the model runs.",
+        description="Answer a question about a video with VideoNSA (or any Qwen2.5-VL checkpoint). The planner "
+        "preset samples frames at --fps and sizes them to fit --budget tokens; the paper preset (the default for "
+        "the released checkpoint) picks frames and sizes as the paper's evaluation did. The plan is shown before "
+        "the model runs.",
     )
     parser.add_argument("question", nargs="?", help="the question about the video (or give it with --question)")
     parser.add_argument(

@@ -211,9 +211,11 @@ def count_video_frames(info: VideoInfo) -> int:
     """
     if info.frame_count is not None and info.frame_count_is_exact:
         return info.frame_count
-    import av
-
     path = info.paths[0]
+    try:
+        import av
+    except ImportError:
+        raise UserError(f"{path}: counting its frames needs PyAV (pip install av)") from None
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
@@ -240,9 +242,14 @@ def plan_paper_video(
     geometry = geometry or VisionGeometry()
     total = count_video_frames(info)
     source_fps = _source_fps(info)
-    count = paper_frame_count(total, source_fps, settings.fps, settings.max_frames)
+    try:
+        count = paper_frame_count(total, source_fps, settings.fps, settings.max_frames)
+        height, width = paper_frame_size(
+            info.height, info.width, count, settings, factor=geometry.pixels_per_token_side
+        )
+    except UserError as error:
+        raise UserError(f"{info.name}: {error}") from None
     indices = paper_frame_indices(total, count)
-    height, width = paper_frame_size(info.height, info.width, count, settings, factor=geometry.pixels_per_token_side)
     # Frame i shows from start + i / fps on (constant frame rate); its middle is robust to rounded timestamps.
     timestamps = tuple(info.start_time + (index + 0.5) / source_fps for index in indices)
     tokens_per_patch = geometry.tokens_per_patch(height, width)
