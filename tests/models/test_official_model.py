@@ -62,7 +62,7 @@ def record(model) -> Recorder:
             recorder.calls[index].append(LayerCall(
                 hidden_states=kwargs.get("hidden_states", args[0] if args else None),
                 position_embeddings=kwargs["position_embeddings"],
-                is_vision=kwargs.get("videonsa_official_vision"),
+                is_vision=kwargs["videonsa_official_tokens"].is_vision,
             ))
 
         def after(_module, _args, output, index=index):

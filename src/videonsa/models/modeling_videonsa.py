@@ -57,12 +57,12 @@ from videonsa.layers.attention import grouped_text_sdpa
 from videonsa.models.checkpoints import LEGACY_KEY_MAPPING, checkpoint_attention_mode, checkpoint_has_gates
 from videonsa.models.configuration_videonsa import NSA_CONFIG_DEFAULTS, VideoNSAConfig
 from videonsa.models.official_mode import (
+    OfficialTokens,
     check_official_heads,
+    classify_tokens,
     official_gate_logits,
     refuse_cached_vision,
-    refuse_padding,
     refuse_training,
-    vision_from_positions,
 )
 from videonsa.models.time_positions import fractional_video_time_positions
 from videonsa.parallel import SequenceParallel, all_reduce_sum, heads_to_sequence, sequence_to_heads
@@ -71,8 +71,8 @@ logger = logging.get_logger(__name__)
 
 # Keyword under which the token split travels from the text model to its attention layers.
 SPLIT_KWARG = "videonsa_split"
-# Keyword under which official mode's vision mask (bool [B, T], from the M-RoPE ids) travels to the layers.
-OFFICIAL_VISION_KWARG = "videonsa_official_vision"
+# Keyword under which official mode's token types (an OfficialTokens, from the M-RoPE ids) travel to the layers.
+OFFICIAL_TOKENS_KWARG = "videonsa_official_tokens"
 # The split of the forward pass in progress, set by VideoNSAModel.forward for its text model. A context
 # variable rather than a forward argument because Qwen2.5-VL passes its extra arguments to the vision tower too.
 _CURRENT_SPLIT: contextvars.ContextVar[TokenSplit | None] = contextvars.ContextVar("videonsa_split", default=None)
@@ -126,13 +126,13 @@ class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
         *,
         cache: Any = None,
         videonsa_split: TokenSplit | None = None,
-        videonsa_official_vision: Tensor | None = None,
+        videonsa_official_tokens: OfficialTokens | None = None,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None]:
         """hidden_states [B, T, hidden] (after input_layernorm) -> ([B, T, hidden], attention weights or None).
 
         The KV cache arrives as `cache` (newer transformers 5.x) or `past_key_values` (older 5.x, e.g. 5.17).
-        `videonsa_split` (nsa mode) and `videonsa_official_vision` (official mode, bool [B, T]) come from
+        `videonsa_split` (nsa mode) and `videonsa_official_tokens` (official mode) come from
         `VideoNSATextModel.forward`.
         """
         cache = cache if cache is not None else past_key_values
@@ -146,7 +146,7 @@ class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
 
         if self.settings.mode == "official":
             refuse_training(self)
-            if videonsa_official_vision is None:
+            if videonsa_official_tokens is None:
                 raise UserError(
                     "VideoNSA attention in attention_mode 'official' got no vision mask: run it through "
                     "VideoNSAModel or VideoNSAForConditionalGeneration"
@@ -155,8 +155,10 @@ class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
                 raise UserError("attention_mode 'official' does not run sequence-parallel: disable_sequence_parallel()")
             # A chunk without vision tokens (a text prompt, every decoding step) is plain dense causal attention
             # over the cache in the original too: the stock path below.
-            if bool(videonsa_official_vision.any()):
-                output = self._official_forward(hidden_states, query, key, value, cache, videonsa_official_vision)
+            if videonsa_official_tokens.has_vision:
+                output = self._official_forward(
+                    hidden_states, query, key, value, cache, videonsa_official_tokens.is_vision
+                )
                 return self.o_proj(output.reshape(batch, seq_len, -1)), None
 
         if self.sequence_parallel is not None:
@@ -324,16 +326,16 @@ class VideoNSATextModel(_GateInitMixin, qwen.Qwen2_5_VLTextModel):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault(SPLIT_KWARG, _CURRENT_SPLIT.get())
         if self.layers[0].self_attn.settings.mode == "official":
-            kwargs.setdefault(OFFICIAL_VISION_KWARG, self._official_vision(args, kwargs))
+            kwargs.setdefault(OFFICIAL_TOKENS_KWARG, self._official_tokens(args, kwargs))
         if self.sequence_parallel is None:
             return super().forward(*args, **kwargs)
         if args:
             raise TypeError("with sequence parallelism on, pass the text model's inputs as keyword arguments")
         return self._sequence_parallel_forward(**kwargs)
 
-    def _official_vision(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        """Official mode's vision mask of this forward pass, bool [B, T], from the position ids the rotary
-        embedding will use (see `official_mode.vision_from_positions`); refuses padded batches with vision.
+    def _official_tokens(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> OfficialTokens:
+        """Official mode's token types of this forward pass, from the position ids the rotary embedding will
+        use (see `official_mode.vision_from_positions`); refuses padded batches with vision.
 
         `args` / `kwargs` are those of Qwen2_5_VLTextModel.forward (input_ids, attention_mask, position_ids, ...),
         whose handling of position_ids is the same in transformers 5.17 and 5.25."""
@@ -342,10 +344,9 @@ class VideoNSATextModel(_GateInitMixin, qwen.Qwen2_5_VLTextModel):
         tokens = tokens if tokens is not None else named.get("input_ids")
         if tokens is None:
             raise UserError("VideoNSATextModel needs input_ids or inputs_embeds")
-        is_vision = vision_from_positions(named.get("position_ids"), tokens.shape[0], tokens.shape[1], tokens.device)
-        if bool(is_vision.any()):
-            refuse_padding(named.get("attention_mask"))
-        return is_vision
+        return classify_tokens(
+            named.get("position_ids"), named.get("attention_mask"), tokens.shape[0], tokens.shape[1], tokens.device
+        )
 
     def _sequence_parallel_forward(
         self,

@@ -13,6 +13,8 @@ holds the whole video with an empty KV cache, no training. Anything else is refu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -51,6 +53,30 @@ def vision_from_positions(position_ids: Tensor | None, batch: int, seq_len: int,
         return torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
     temporal, height, width = rows.to(device)
     return ~((temporal == height) & (height == width)).expand(batch, seq_len)
+
+
+@dataclass(frozen=True)
+class OfficialTokens:
+    """The token types of one forward pass in official mode, found once by the text model for all its layers.
+
+    is_vision: bool [B, T] (`vision_from_positions`); has_vision: whether any token is vision (read once, so
+    the layers need not ask the device again).
+    """
+
+    is_vision: Tensor
+    has_vision: bool
+
+
+def classify_tokens(
+    position_ids: Tensor | None, attention_mask: Tensor | None, batch: int, seq_len: int, device: torch.device
+) -> OfficialTokens:
+    """The token types of a forward pass (see `vision_from_positions`); refuses a padded batch with vision
+    tokens (`refuse_padding`). A chunk without vision runs the stock dense attention, padded or not."""
+    is_vision = vision_from_positions(position_ids, batch, seq_len, device)
+    has_vision = bool(is_vision.any())
+    if has_vision:
+        refuse_padding(attention_mask)
+    return OfficialTokens(is_vision, has_vision)
 
 
 def official_gate_logits(x: Tensor, proj_1: nn.Linear, proj_2: nn.Linear, num_heads: int) -> Tensor:
