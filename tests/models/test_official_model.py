@@ -386,3 +386,21 @@ def _forget_recorded_mode(path) -> None:
     config = json.loads((path / "config.json").read_text())
     config["text_config"].pop("attention_mode")
     (path / "config.json").write_text(json.dumps(config))
+
+
+# ---------------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_official_mode_on_gpu_matches_the_cpu_reference_and_generates():
+    # The Triton branches take power-of-two blocks of at least 16 tokens: a 2x16x16-patch video (128 tokens).
+    model = official_model(seed=16, block_size=16, block_counts=2, window_size=32)
+    batch = testing.tiny_video_batch(((2, 16, 16),), text_before=5, text_after=6, seed=4)
+    reference = logits_of(model, batch)
+    model.to("cuda")
+    inputs = {name: tensor.cuda() for name, tensor in batch.as_kwargs().items()}
+    with torch.no_grad():
+        fast = model(**inputs).logits
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(fast.cpu(), reference, rtol=1e-4, atol=1e-4)
+    assert out.shape[1] == batch.input_ids.shape[1] + 4
