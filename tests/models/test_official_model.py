@@ -402,5 +402,5 @@ def test_official_mode_on_gpu_matches_the_cpu_reference_and_generates():
     with torch.no_grad():
         fast = model(**inputs).logits
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    torch.testing.assert_close(fast.cpu(), reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.cpu(), reference, rtol=1e-3, atol=1e-3)
     assert out.shape[1] == batch.input_ids.shape[1] + 4
