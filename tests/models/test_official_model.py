@@ -277,19 +277,19 @@ def test_cache_holds_the_unmasked_keys_and_values_of_the_prefill():
 
 
 def test_generate_runs_the_official_prefill_then_dense_decoding(monkeypatch):
-    import videonsa.layers.official as official_layer
+    import videonsa.models.modeling_videonsa as modeling
 
     model = official_model(seed=11)
     batch = one_video_batch()
     prompt = batch.input_ids.shape[1]
     lengths = []
-    library_function = official_layer.official_attention
+    library_function = modeling.official_attention
 
     def counted(q, *args, **kwargs):
         lengths.append(q.shape[1])
         return library_function(q, *args, **kwargs)
 
-    monkeypatch.setattr(official_layer, "official_attention", counted)
+    monkeypatch.setattr(modeling, "official_attention", counted)
     recorder = record(model)
     with torch.no_grad():
         out = model.generate(**batch.as_kwargs(), max_new_tokens=5, do_sample=False, return_dict_in_generate=True,

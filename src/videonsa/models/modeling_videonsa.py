@@ -54,6 +54,7 @@ from videonsa.layers import (
     videonsa_attention,
 )
 from videonsa.layers.attention import grouped_text_sdpa
+from videonsa.layers.official import official_attention
 from videonsa.models.checkpoints import LEGACY_KEY_MAPPING, checkpoint_attention_mode, checkpoint_has_gates
 from videonsa.models.configuration_videonsa import NSA_CONFIG_DEFAULTS, VideoNSAConfig
 from videonsa.models.official_mode import (
@@ -148,7 +149,7 @@ class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
             refuse_training(self)
             if videonsa_official_tokens is None:
                 raise UserError(
-                    "VideoNSA attention in attention_mode 'official' got no vision mask: run it through "
+                    "VideoNSA attention in attention_mode 'official' got no token types: run it through "
                     "VideoNSAModel or VideoNSAForConditionalGeneration"
                 )
             if self.sequence_parallel is not None:
@@ -222,8 +223,6 @@ class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
 
         The chunk must start the sequence (empty cache); the cache keeps the unmasked k and v, as the original's
         does, for the dense decoding steps."""
-        from videonsa.layers.official import official_attention
-
         check_official_heads(self.num_heads, self.num_key_value_heads)
         if cache is not None:
             refuse_cached_vision(cache.get_seq_length(self.layer_idx))
