@@ -163,7 +163,7 @@ def run_lmms_eval(
 ) -> LmmsRun:
     """Run lmms-eval's CLI on `tasks` with the videonsa model; its output goes to this process's terminal.
 
-    model_args: `--model_args` of the videonsa model (docs/evaluation.md), `pretrained` required.
+    model_args: `--model_args` of the videonsa model (docs/lmms-eval.md), `pretrained` required.
     questions: a needle set (folder or questions.jsonl) for the `videonsa_needles` task, whose task folder
         is written under `out_dir/lmms_tasks`. include_paths: more task folders. limit: documents per task.
     Results land under `out_dir` as lmms-eval writes them (`<model>/<time>_results.json`, and samples with
