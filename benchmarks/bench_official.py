@@ -1,0 +1,186 @@
+"""One attention layer of the 7B model in `official` mode (the original VideoNSA function) against `nsa` mode.
+
+    python benchmarks/bench_official.py --lengths 8192 32768 131072 --out benchmarks/results/bench_official.json
+
+Inputs: HQ 28, HKV 4, D 128, bf16, a video prompt of ~100 text tokens, T - 200 vision tokens, ~100 text tokens
+(random q, k, v and gate logits). Times, with CUDA events (triton.testing.do_bench, median):
+
+* nsa: what `nsa` mode computes per layer, `videonsa_attention` (NSA on the vision tokens + text on SDPA);
+* official: `official_attention` on its CUDA path, and its parts one by one on the same inputs: glue before
+  the branches (masking, head padding, gates, block means), compression, top-k, selection, window, dense part;
+  "glue (rest)" is the whole call minus the parts (the gated sum, the copy average, the final addition).
+
+`--check-length` (default the smallest length) also runs the PyTorch reference path once at that length and
+reports how far the CUDA path is from it, and whether the Triton top-k and the PyTorch emulation pick the same
+blocks in the same slots from the same inputs. Prints a table; --out writes JSON with the card and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+
+def make_inputs(seq_len: int, text_before: int = 100, text_after: int = 100, seed: int = 0) -> dict:
+    """q [1, T, 28, 128], k, v [1, T, 4, 128], gate logits [1, T, 28, 3] (bf16) and is_vision [1, T]."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shape = lambda heads: (1, seq_len, heads, 128)  # noqa: E731
+    rand = lambda *s: torch.randn(*s, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    is_vision = torch.zeros(1, seq_len, dtype=torch.bool, device="cuda")
+    is_vision[:, text_before : seq_len - text_after] = True
+    return dict(q=rand(*shape(28)), k=rand(*shape(4)), v=rand(*shape(4)), gate_logits=rand(1, seq_len, 28, 3),
+                is_vision=is_vision)
+
+
+def timer(quick: bool):
+    import triton.testing
+
+    warmup, rep = (5, 20) if quick else (25, 200)
+    return lambda fn: triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def nsa_mode_layer(x: dict):
+    """A closure computing what `nsa` mode computes for the layer (token split built once, as the model does)."""
+    from videonsa.layers import SparseSettings, build_token_split, sdpa_attend, videonsa_attention
+
+    split = build_token_split(x["is_vision"])
+    gates = tuple(split.gather_vision(g) for g in (x["gate_logits"] / 0.3).sigmoid().unbind(-1))
+    settings, attend = SparseSettings(), sdpa_attend()
+    return lambda: videonsa_attention(x["q"], x["k"], x["v"], gates, split, settings, attend)
+
+
+def official_parts(x: dict, block_size: int = 64, block_counts: int = 32, window_size: int = 256) -> dict:
+    """Closures for each step of the official CUDA path on x, run on the intermediate values of one call."""
+    from videonsa.layers import official
+    from videonsa.ops.official import mean_pool_blocks
+    from videonsa.ops.triton.selection import selected_attention_fwd
+    from videonsa.ops.triton.window import window_attention_fwd
+
+    q, k, v, is_vision = x["q"], x["k"], x["v"], x["is_vision"]
+    scale = q.shape[-1] ** -0.5
+    batch, seq_len = q.shape[:2]
+
+    def glue_before():
+        vision = is_vision[:, :, None, None]
+        gates = ((x["gate_logits"] / 0.3) * vision).sigmoid()
+        q_m, k_m, v_m = q * vision, k * vision, v * vision
+        q64 = official.pad_heads(q_m)
+        return q64, k_m, v_m, gates, mean_pool_blocks(k_m, block_size), mean_pool_blocks(v_m, block_size)
+
+    q64, k_m, v_m, _, k_cmp, v_cmp = glue_before()
+    _, lse = official.compression_fast(q64, k_cmp, v_cmp, block_size, scale)
+    topk = official._topk_implementation()
+    indices = topk(q64, k_cmp, lse, block_counts, block_size, scale)
+    packed = lambda t: t.reshape(batch * seq_len, *t.shape[2:])  # noqa: E731
+    cu = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=q.device)
+
+    def selection():
+        ids = official.ascending_block_ids(packed(indices))
+        return selected_attention_fwd(packed(q64), packed(k_m), packed(v_m), ids, cu, block_size, scale)
+
+    return {
+        "glue_before": glue_before,
+        "compression": lambda: official.compression_fast(q64, k_cmp, v_cmp, block_size, scale),
+        "topk": lambda: topk(q64, k_cmp, lse, block_counts, block_size, scale),
+        "selection": selection,
+        "window": lambda: window_attention_fwd(packed(q64), packed(k_m), packed(v_m), cu, window_size, scale),
+        "dense": lambda: official.dense_text_part(q, k, v, is_vision, scale, fast=True),
+        "_state": (q64, k_cmp, lse, indices, scale, topk),
+    }
+
+
+def peak_gib(fn) -> float:
+    """Memory fn() allocates beyond what was allocated before it (GiB)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def check_against_reference(x: dict, parts: dict) -> dict:
+    """The CUDA path against the PyTorch reference path (bf16 both) and the two top-k on identical inputs."""
+    from videonsa.layers import official_attention
+    from videonsa.ops.official import original_topk_reference
+
+    args = (x["q"], x["k"], x["v"], x["is_vision"], x["gate_logits"])
+    fast = official_attention(*args, backend="triton").float()
+    reference = official_attention(*args, backend="reference").float()
+    diff = (fast - reference).abs()
+    q64, k_cmp, lse, indices, scale, topk = parts["_state"]
+    emulated = original_topk_reference(q64, k_cmp, lse, 32, 64, scale)
+    same_rows = (emulated == indices).all(dim=-1).float().mean().item()
+    return {
+        "topk_implementation": f"{topk.__module__}.{topk.__name__}",
+        "topk_rows_identical_to_emulation": same_rows,
+        "output_max_abs_diff": diff.max().item(),
+        "output_mean_abs_diff": diff.mean().item(),
+        "output_mean_abs": reference.abs().mean().item(),
+        "tokens_with_diff_above_1e-2": (diff.amax(dim=(2, 3)) > 1e-2).float().mean().item(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--check-length", type=int, default=None,
+                        help="length at which the reference path is compared (default: the smallest; 0: none)")
+    parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_official.py needs a CUDA GPU")
+
+    import triton
+
+    from videonsa.layers import official_attention
+
+    bench = timer(args.quick)
+    check_length = min(args.lengths) if args.check_length is None else args.check_length
+    rows = []
+    for seq_len in args.lengths:
+        x = make_inputs(seq_len)
+        call = lambda x=x: official_attention(x["q"], x["k"], x["v"], x["is_vision"], x["gate_logits"])  # noqa: E731
+        with torch.no_grad():
+            nsa = nsa_mode_layer(x)
+            row = {"T": seq_len, "vision_tokens": int(x["is_vision"].sum())}
+            row["nsa_ms"] = bench(nsa)
+            row["official_ms"] = bench(call)
+            row["nsa_peak_gib"], row["official_peak_gib"] = peak_gib(nsa), peak_gib(call)
+            parts = official_parts(x)
+            for name, fn in parts.items():
+                if not name.startswith("_"):
+                    row[f"{name}_ms"] = bench(fn)
+            named = ("glue_before", "compression", "topk", "selection", "window", "dense")
+            row["glue_rest_ms"] = row["official_ms"] - sum(row[f"{n}_ms"] for n in named)
+            row["official_over_nsa"] = row["official_ms"] / row["nsa_ms"]
+            if seq_len == check_length:
+                row["check"] = check_against_reference(x, parts)
+            del parts
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+
+    device = torch.cuda.get_device_name()
+    versions = f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
+    print(f"\nOne 7B attention layer (HQ 28, HKV 4, D 128, bf16, ~200 text tokens), {device}, {versions}; ms")
+    cols = ["nsa", "official", "glue_before", "compression", "topk", "selection", "window", "dense", "glue_rest"]
+    print(f"{'T':>8} " + " ".join(f"{c:>12}" for c in cols) + f" {'off/nsa':>8}")
+    for row in rows:
+        print(f"{row['T']:>8} " + " ".join(f"{row[c + '_ms']:>12.2f}" for c in cols)
+              + f" {row['official_over_nsa']:>7.2f}x")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        summary = {"device": device, "versions": versions, "rows": rows}
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()
