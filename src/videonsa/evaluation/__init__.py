@@ -4,6 +4,7 @@ runner and its report. See docs/evaluation.md.
 >>> from videonsa.evaluation import make_needle_set, load_questions, run_eval, EvalSettings
 >>> needle_set = make_needle_set("needles", count=2, lengths=[60, 600], seed=0)
 >>> summary = run_eval(videonsa.load("Enxin/VideoNSA"), load_questions("needles"), "results", EvalSettings())
+>>> print(summary.describe())
 
 Names are imported on first use, so `import videonsa.evaluation` stays cheap.
 """
@@ -20,10 +21,13 @@ _EXPORTS = {
     "write_questions": "videonsa.evaluation.questions",
     "NeedleSet": "videonsa.evaluation.needles",
     "make_needle_set": "videonsa.evaluation.needles",
+    "NeedleTiming": "videonsa.evaluation.needles",
     "EvalSettings": "videonsa.evaluation.runner",
     "run_eval": "videonsa.evaluation.runner",
+    "read_answers": "videonsa.evaluation.runner",
     "Summary": "videonsa.evaluation.report",
     "summarize": "videonsa.evaluation.report",
+    "write_report": "videonsa.evaluation.report",
 }
 
 
