@@ -206,21 +206,79 @@ def length_label(seconds: int) -> str:
     return "".join(parts) or "0s"
 
 
-def _letter(options: Sequence[str], correct: str) -> str:
-    return OPTION_LETTERS[list(options).index(correct)]
+@dataclass(frozen=True)
+class _Draft:
+    """A question before it has an id and a video: its text, options, correct option and needle frame spans."""
+
+    kind: str
+    text: str
+    options: list[str]
+    correct: str
+    spans: list[tuple[int, int]]
+
+    def question(self, name: str, file: str, seconds: int, fps: int) -> Question:
+        return Question(
+            id=f"{name}-{self.kind}",
+            video=file,
+            question=self.text,
+            options=tuple(self.options),
+            answer=OPTION_LETTERS[self.options.index(self.correct)],
+            kind=self.kind,
+            video_seconds=float(seconds),
+            needle_times=tuple((_seconds(start, fps), _seconds(end, fps)) for start, end in self.spans),
+            length_bin=length_label(seconds),
+        )
 
 
-def _retrieval(rng: np.random.Generator, start: int, frames: int) -> tuple[Card, str, list[str], str]:
-    """A card with a word (or, one time in three, a three-digit number), its question, options and answer."""
+def _retrieval(rng: np.random.Generator, start: int, frames: int) -> tuple[Card, _Draft]:
+    """A card with a word (or, one time in three, a three-digit number) and its question."""
     if rng.integers(3) == 0:
-        numbers = [str(value) for value in rng.choice(np.arange(100, 1000), OPTIONS_PER_QUESTION, replace=False)]
-        text, options = numbers[0], [numbers[i] for i in rng.permutation(OPTIONS_PER_QUESTION)]
-        question = "At one point in the video a white card with a number on it appears. Which number is on the card?"
+        texts = [str(value) for value in rng.choice(np.arange(100, 1000), OPTIONS_PER_QUESTION, replace=False)]
+        what = "number"
     else:
-        words = [WORDS[i] for i in rng.choice(len(WORDS), OPTIONS_PER_QUESTION, replace=False)]
-        text, options = words[0], [words[i] for i in rng.permutation(OPTIONS_PER_QUESTION)]
-        question = "At one point in the video a white card with a word on it appears. Which word is on the card?"
-    return Card(text=text, start=start, end=start + frames), question, options, text
+        texts = [WORDS[i] for i in rng.choice(len(WORDS), OPTIONS_PER_QUESTION, replace=False)]
+        what = "word"
+    options = [texts[i] for i in rng.permutation(OPTIONS_PER_QUESTION)]
+    card = Card(text=texts[0], start=start, end=start + frames)
+    text = f"At one point in the video a white card with a {what} on it appears. Which {what} is on the card?"
+    return card, _Draft("retrieval", text, options, texts[0], [(card.start, card.end)])
+
+
+def _counting(
+    rng: np.random.Generator, start: int, count: int, colour: str, timing: NeedleTiming, fps: int, size: tuple[int, int]
+) -> tuple[Flashes, _Draft]:
+    """A shape of `colour` flashing `count` times from frame `start`, and its question."""
+    on = timing.flash_seconds * fps
+    spans = [(start + 2 * k * on, start + (2 * k + 1) * on) for k in range(count)]
+    radius = max(4, round(min(size) * 0.1))
+    shape = str(rng.choice(NEEDLE_SHAPES))
+    flashes = Flashes(shape, colour, _point(rng, *size, radius), radius, tuple(spans))
+    others = [c for c in range(1, timing.max_flashes + 2) if c != count]
+    options = sorted([count, *(int(c) for c in rng.choice(others, OPTIONS_PER_QUESTION - 1, replace=False))])
+    text = (
+        f"At one point in the video a {colour} {shape} flashes on and off in one place. How many times does it appear?"
+    )
+    return flashes, _Draft("counting", text, [str(option) for option in options], str(count), spans)
+
+
+def _order(
+    rng: np.random.Generator,
+    starts: Sequence[int],
+    shapes: Sequence[str],
+    colours: Sequence[str],
+    frames: int,
+    size: tuple[int, int],
+) -> tuple[list[Crossing], _Draft]:
+    """Shapes crossing the screen from the given start frames, and the question which came first."""
+    crossings = [_crossing(rng, shape, colour, start, frames, *size) for shape, colour, start in
+                 zip(shapes, colours, starts, strict=True)]  # fmt: skip
+    in_time = sorted(crossings, key=lambda crossing: crossing.start)
+    options = [crossings[i].label for i in rng.permutation(len(crossings))]
+    text = (
+        f"{_number_word(len(crossings)).capitalize()} coloured shapes each cross the screen once, at different "
+        "times in the video. Which of them appears first?"
+    )
+    return crossings, _Draft("order", text, options, in_time[0].label, [(c.start, c.end) for c in in_time])
 
 
 def _point(rng: np.random.Generator, width: int, height: int, radius: int) -> tuple[int, int]:
@@ -293,74 +351,27 @@ def plan_needle_video(
             strict=True,
         )
     )
-    questions: list[dict] = []
+    drafts: list[_Draft] = []
     cards, flashes, crossings = [], [], []
     if "retrieval" in kinds:
-        card, question, options, answer = _retrieval(rng, starts["retrieval"], timing.card_seconds * fps)
+        card, draft = _retrieval(rng, starts["retrieval"], timing.card_seconds * fps)
         cards.append(card)
-        times = [[_seconds(card.start, fps), _seconds(card.end, fps)]]
-        questions.append(
-            {"kind": "retrieval", "question": question, "options": options, "answer": answer, "times": times}
-        )
+        drafts.append(draft)
     if "counting" in kinds:
-        on = timing.flash_seconds * fps
-        spans = tuple(
-            (starts["counting"] + 2 * k * on, starts["counting"] + (2 * k + 1) * on) for k in range(flash_count)
-        )
-        radius = max(4, round(min(width, height) * 0.1))
-        shape, colour = str(rng.choice(NEEDLE_SHAPES)), colours[timing.order_shapes]
-        flashes.append(Flashes(shape, colour, _point(rng, width, height, radius), radius, spans))
-        candidates = [c for c in range(1, timing.max_flashes + 2) if c != flash_count]
-        options = sorted(
-            [flash_count, *(int(c) for c in rng.choice(candidates, OPTIONS_PER_QUESTION - 1, replace=False))]
-        )
-        questions.append(
-            {
-                "kind": "counting",
-                "question": f"At one point in the video a {colour} {shape} flashes on and off in one place. "
-                "How many times does it appear?",
-                "options": [str(option) for option in options],
-                "answer": str(flash_count),
-                "times": [[_seconds(start, fps), _seconds(end, fps)] for start, end in spans],
-            }
-        )
+        colour = colours[timing.order_shapes]  # one the crossings do not use
+        flash, draft = _counting(rng, starts["counting"], flash_count, colour, timing, fps, size)
+        flashes.append(flash)
+        drafts.append(draft)
     if "order" in kinds:
-        for k in range(timing.order_shapes):
-            crossings.append(
-                _crossing(
-                    rng, shapes[k], colours[k], starts[f"order-{k}"], timing.crossing_seconds * fps, width, height
-                )
-            )
-        first = min(crossings, key=lambda crossing: crossing.start)
-        options = [crossings[i].label for i in rng.permutation(timing.order_shapes)]
-        in_time = sorted(crossings, key=lambda crossing: crossing.start)
-        questions.append(
-            {
-                "kind": "order",
-                "question": f"{_number_word(timing.order_shapes).capitalize()} coloured shapes each cross the "
-                "screen once, at different times in the video. Which of them appears first?",
-                "options": options,
-                "answer": first.label,
-                "times": [[_seconds(c.start, fps), _seconds(c.end, fps)] for c in in_time],
-            }
-        )
+        order_starts = [starts[f"order-{k}"] for k in range(timing.order_shapes)]
+        crossings, draft = _order(
+            rng, order_starts, shapes[: timing.order_shapes], colours[: timing.order_shapes],
+            timing.crossing_seconds * fps, size,
+        )  # fmt: skip
+        drafts.append(draft)
     footage_offset = None if footage_seconds is None else round(float(rng.uniform(0, footage_seconds)), 3)
     scenes = plan_scenes(rng, total, fps, width, height) if footage_seconds is None else ()
     file = f"videos/{name}.mp4"
-    built = tuple(
-        Question(
-            id=f"{name}-{item['kind']}",
-            video=file,
-            question=item["question"],
-            options=tuple(item["options"]),
-            answer=_letter(item["options"], item["answer"]),
-            kind=item["kind"],
-            video_seconds=float(seconds),
-            needle_times=tuple(tuple(span) for span in item["times"]),
-            length_bin=length_label(seconds),
-        )
-        for item in questions
-    )
     return NeedleVideo(
         name=name,
         file=file,
@@ -373,7 +384,7 @@ def plan_needle_video(
         cards=tuple(cards),
         flashes=tuple(flashes),
         crossings=tuple(crossings),
-        questions=built,
+        questions=tuple(draft.question(name, file, seconds, fps) for draft in drafts),
     )
 
 
