@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from eval_helpers import FAST_FRAMES
 
 from videonsa.errors import UserError
-from videonsa.evaluation.questions import Question
+from videonsa.evaluation.questions import Question, load_questions
 from videonsa.evaluation.report import PLOT_FILE, SUMMARY_FILE, summarize, wilson_interval
 from videonsa.evaluation.runner import ANSWERS_FILE, EvalSettings, read_answers, run_eval
 from videonsa.video import SamplingSettings
@@ -138,11 +139,18 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(loaded, needle_set, 
     assert record["frames"] == 8 and record["video_tokens"] > 0 and record["prefill_seconds"] > 0
     assert record["correct"] == (record["choice"] == questions.by_id()[record["id"]].answer)
 
+    moved = tmp_path / "moved"  # the set in another folder: still the same questions
+    shutil.copytree(needle_set.directory, moved)
     again: list[str] = []
-    run_eval(
-        loaded, questions, tmp_path / "resumed", settings, progress=False, on_answer=lambda r: again.append(r["id"])
+    rescored = run_eval(
+        loaded,
+        load_questions(moved),
+        tmp_path / "resumed",
+        settings,
+        progress=False,
+        on_answer=lambda r: again.append(r),
     )
-    assert again == []  # a finished run only rescores
+    assert again == [] and rescored.accuracy == whole.accuracy  # a finished run only rescores
 
 
 def test_other_settings_in_the_same_directory_are_refused(loaded, needle_set, tmp_path):

@@ -91,7 +91,8 @@ def resolved_settings(model, settings: EvalSettings) -> EvalSettings:
 
 def run_record(model, questions: QuestionSet, settings: EvalSettings) -> dict[str, Any]:
     """What identifies a run: model, attention, preset, frame and generation settings, sparse budget, question
-    file (path and SHA-256). Two runs into one directory must agree on all of it. `settings` are resolved."""
+    file (SHA-256; its path is recorded too). Two runs into one directory must agree on all of it but the path.
+    `settings` are resolved."""
     sparse = getattr(model.model, "sparse_settings", None)
     return {
         "model": settings.model or model.files.name,
@@ -115,7 +116,9 @@ def _claim_run(out_dir: Path, record: Mapping[str, Any]) -> None:
             existing = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise UserError(f"{path}: unreadable ({error}); delete it or use another --out") from None
-        changed = sorted(key for key in set(existing) | set(record) if existing.get(key) != record.get(key))
+        # The question file is known by its contents: a set moved to another folder still resumes.
+        keys = (set(existing) | set(record)) - {"questions_file"}
+        changed = sorted(key for key in keys if existing.get(key) != record.get(key))
         if changed:
             raise UserError(
                 f"{out_dir}: holds answers of a run with other settings ({', '.join(changed)} differ); "
