@@ -223,6 +223,26 @@ def test_topk_against_loops(block_counts: int, block_size: int, seq_len: int) ->
     assert valid.unique().numel() == valid.numel()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_zero_queries_tie_every_earlier_block_exactly(dtype) -> None:
+    """A zero query scores every earlier block with the same sum of 16 heads' exp(-lse); the sums must be
+    bit-equal (whatever order a vectorised reduction would use), so the network alone decides the ties."""
+    seq_len, block = 164, 8
+    q = torch.zeros(1, seq_len, 64, 8, dtype=dtype)
+    k_cmp = randn(1, 21, 4, 8, seed=60).to(dtype)
+    lse = randn(1, 64, seq_len, seed=61).to(dtype).abs() + 1.0
+    indices = original_topk_reference(q, k_cmp, lse, 4, block, 0.35)
+    flat = lse.reshape(seq_len, 64)
+    for t in (137, 146, 163):
+        current = t // block
+        for i in range(4):
+            tied = float(torch.exp(-flat[t, 16 * i : 16 * i + 16]).sum())
+            width = (current // block + 1) * block
+            row = [tied] * current + [16.0] + [0.0] * (width - current - 1)
+            expected = [x - 1 for x in network_one_row(row, current, block)[:4]]
+            assert indices[0, t, i].tolist() == expected, f"token {t}, group {i}"
+
+
 def test_topk_float32_matches_float64_on_clear_margins() -> None:
     q = randn(1, 50, 4, 8, seed=11)
     k_cmp = randn(1, 7, 2, 8, seed=12) * 3

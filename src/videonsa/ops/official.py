@@ -304,7 +304,12 @@ def original_topk_reference(
             masked = torch.where(block < cur, scores, -math.inf)
             norm = lse_used[b, start:end].view(end - start, heads_kv, group, 1)
             probs = torch.where(block == cur, torch.ones((), dtype=work, device=q.device), torch.exp(masked - norm))
-            importance = probs.sum(dim=2).reshape(-1, width)  # [C * HKV, W]
+            # Head by head in one fixed order, so that equal scores give bit-equal importance (exact ties stay
+            # ties, as in the kernel's per-column sum); torch's reduction may order the columns' sums differently.
+            importance = probs[:, :, 0]
+            for g in range(1, group):
+                importance = importance + probs[:, :, g]
+            importance = importance.reshape(-1, width)  # [C * HKV, W]
             order = bitonic_block_order(importance, current.repeat_interleave(heads_kv), block_size)
             out[b, start:end] = (order[:, :slots] - 1).view(end - start, heads_kv, slots)
     return out
