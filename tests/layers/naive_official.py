@@ -24,6 +24,7 @@ The function, in the order the code below follows it:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -146,10 +147,14 @@ def naive_topk(
             current = t // block_size
             for i in range(kv_heads):
                 heads = list(range(i * group, (i + 1) * group))
-                normaliser = lse_as_read[b, [t * padded_heads + h for h in heads]]  # [G]
-                scores = (q[b, t, heads].double() * scale) @ k_cmp[b, :current, i].double().T  # [G, current]
-                earlier = torch.exp(scores - normaliser[:, None]).sum(dim=0)
-                importance = earlier.tolist() + [float(group)]
+                normaliser = lse_as_read[b, [t * padded_heads + h for h in heads]].tolist()  # [G]
+                scores = ((q[b, t, heads].double() * scale) @ k_cmp[b, :current, i].double().T).tolist()
+                # Plain Python exp and left-to-right sums: equal scores give bit-equal importance, so exact
+                # ties stay exact (a vectorised reduction may round the columns of one tensor differently).
+                importance = [
+                    sum(math.exp(scores[g][c] - normaliser[g]) for g in range(group)) for c in range(current)
+                ]
+                importance.append(float(group))  # the token's own block: 1.0 per head
                 out[b, t, i] = torch.tensor(original_topk_row(importance, block_size, selected))
     return out
 
@@ -187,7 +192,8 @@ def naive_compression(
 ) -> tuple[Tensor, Tensor]:
     """Anti-causal compression: token t attends to the pooled blocks t // block_size .. NB - 1.
 
-    q: [B, T, HP, D]; k_cmp, v_cmp: [B, NB, HKV, D]. Returns (o [B, T, HP, D], lse float32 [B, HP, T]).
+    q: [B, T, HP, D]; k_cmp, v_cmp: [B, NB, HKV, D]. Returns (o [B, T, HP, D], lse [B, HP, T], natural log).
+    The original's lse is float32 (its inputs were bf16); this oracle keeps it in float64, the exact function.
     """
     batch, length, padded_heads, _ = q.shape
     kv_of = _kv_of_padded_head(padded_heads, k_cmp.shape[2])
@@ -197,7 +203,7 @@ def naive_compression(
         for t in range(length):
             visible = slice(t // block_size, None)
             out[b, t], lse[b, :, t] = _attend(q[b, t], k_cmp[b, visible][:, kv_of], v_cmp[b, visible][:, kv_of], scale)
-    return out, lse.to(torch.float32)
+    return out, lse
 
 
 def naive_selection(q: Tensor, k: Tensor, v: Tensor, block_ids: Tensor, block_size: int, scale: float) -> Tensor:

@@ -182,7 +182,10 @@ def test_mean_pool_blocks_matches_the_oracle_with_a_partial_last_block():
     torch.testing.assert_close(mean_pool_blocks(x, 8), expected, rtol=0, atol=1e-12)
 
 
-def test_anticausal_compression_matches_the_oracle():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_anticausal_compression_matches_the_oracle(dtype):
+    """Outputs [B, T, 64, D] and the natural-log lse laid out [B, 64, T] contiguous (float32 from float32
+    inputs, as the original's; float64 inputs may keep float64)."""
     from videonsa.ops.official import anticausal_compression
 
     generator = torch.Generator().manual_seed(1)
@@ -191,11 +194,15 @@ def test_anticausal_compression_matches_the_oracle():
     q[:, :, 56:] = 0
     k_cmp, v_cmp = (torch.randn(2, 6, 4, 8, dtype=DTYPE, generator=generator) for _ in range(2))
     expected_o, expected_lse = naive_compression(q, k_cmp, v_cmp, 8, 8**-0.5)
-    o, lse = anticausal_compression(q, k_cmp, v_cmp, 8, 8**-0.5)
-    assert lse.dtype == torch.float32 and lse.shape == (2, 64, 45) and lse.is_contiguous()
-    torch.testing.assert_close(o, expected_o, rtol=0, atol=1e-10)
-    torch.testing.assert_close(lse, expected_lse, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(lse[:, 60, 3], torch.full((2,), float(torch.tensor(6.0).log())), rtol=1e-6, atol=0)
+    o, lse = anticausal_compression(q.to(dtype), k_cmp.to(dtype), v_cmp.to(dtype), 8, 8**-0.5)
+    assert lse.shape == (2, 64, 45) and lse.is_contiguous()
+    assert lse.dtype == torch.float32 if dtype == torch.float32 else lse.dtype in (torch.float32, torch.float64)
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(o.double(), expected_o, rtol=0, atol=tolerance)
+    lse_tolerance = 1e-10 if lse.dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(lse.double(), expected_lse, rtol=0, atol=lse_tolerance)
+    # Token 3 (zero query) in block 0 sees all 6 blocks.
+    torch.testing.assert_close(lse[:, 60, 3].double(), torch.full((2,), 6.0, dtype=DTYPE).log(), rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
