@@ -385,14 +385,14 @@ def compression_fast(
             start, end = j0 * block_size, min(seq_len, j1 * block_size)
             count = end - start
             rows = q[b, start:end].view(count, heads_kv, group, dim).transpose(0, 1).reshape(heads_kv, -1, dim)
-            scores = _matmul_float32(rows, keys_t[:, :, j0:]).mul_(scale)  # [HKV, C*G, NB - j0]
+            scores = _matmul_float32(rows, keys_t[:, :, j0:].contiguous()).mul_(scale)  # [HKV, C*G, NB - j0]
             own = (torch.arange(start, end, device=q.device) // block_size - j0).repeat_interleave(group)
             hidden = torch.arange(j1 - j0, device=q.device)[None, :] < own[:, None]  # earlier blocks of the chunk
             scores[:, :, : j1 - j0].masked_fill_(hidden[None], float("-inf"))
             row_max = scores.amax(dim=-1, keepdim=True)
             probs = scores.sub_(row_max).exp_()
             total = probs.sum(dim=-1, keepdim=True)
-            out = _matmul_float32(probs.to(q.dtype), values[:, j0:]).div_(total)  # [HKV, C*G, D]
+            out = _matmul_float32(probs.to(q.dtype), values[:, j0:].contiguous()).div_(total)  # [HKV, C*G, D]
             o[b, start:end] = out.view(heads_kv, count, group, dim).transpose(0, 1).reshape(count, heads, dim)
             stat = (row_max + torch.log(total)).view(heads_kv, count, group)
             lse[b, :, start:end] = stat.permute(0, 2, 1).reshape(heads, count)
