@@ -57,7 +57,7 @@ class OfficialTopkLaunch:
     """
 
     tokens_per_program: int = 8
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
 
     def __post_init__(self) -> None:
@@ -155,7 +155,8 @@ def _original_topk_kernel(
     TOK: tl.constexpr, N_LOG: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     BC: tl.constexpr = BS
-    tile = tl.program_id(0)
+    # Late tiles walk the most chunks: start them first so that the short ones fill the tail of the launch.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1) // HKV
     i = tl.program_id(1) % HKV
     t0 = tile * TOK
