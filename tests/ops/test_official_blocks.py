@@ -317,3 +317,16 @@ def test_causal_mean() -> None:
     out = causal_mean(v)
     for t in range(9):
         torch.testing.assert_close(out[:, t], v[:, : t + 1].mean(dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_mean_innermost_scan_matches(dtype) -> None:
+    """The innermost-dim scan (what CUDA runs) gives the outer-dim scan's sums to float32 rounding."""
+    from videonsa.ops.official import cumsum_over_tokens
+
+    v = randn(2, 300, 3, 8, seed=51).to(dtype)
+    outer = cumsum_over_tokens(v, torch.float32, innermost=False)
+    inner = cumsum_over_tokens(v, torch.float32, innermost=True)
+    assert inner.shape == outer.shape == v.shape
+    torch.testing.assert_close(inner, outer, atol=1e-4, rtol=1e-6)
+    assert causal_mean(v).is_contiguous() and causal_mean(v).dtype == dtype
