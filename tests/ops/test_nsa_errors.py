@@ -114,3 +114,70 @@ def test_empty_sequence_gives_empty_parts_and_gradients() -> None:
     assert parts.lse_cmp.shape == (B, 0, HQ)
     parts.o.sum().backward()
     assert tensors["q"].grad.shape == tensors["q"].shape
+
+
+NON_INTEGER_SIZES = {
+    "block_size_float": (dict(block_size=4.0), r"block_size must be an integer, got 4.0"),
+    "window_size_fraction": (dict(window_size=4.5), r"window_size must be an integer, got 4.5"),
+    "block_count_bool": (dict(block_count=True, local_blocks=0), r"block_count must be an integer, got True"),
+    "local_blocks_bool": (dict(local_blocks=False), r"local_blocks must be an integer, got False"),
+}
+
+
+@pytest.mark.parametrize("case", list(NON_INTEGER_SIZES))
+def test_float_or_bool_sizes_are_refused_not_rounded(case: str) -> None:
+    tensors, settings = valid_call()
+    changes, message = NON_INTEGER_SIZES[case]
+    with pytest.raises(ValueError, match=message):
+        nsa_attention(**tensors, **{**settings, **changes})
+
+
+def test_integer_like_sizes_are_accepted() -> None:
+    """Sizes that are integers of another type (numpy, 0-d tensors read with int()) give the same result."""
+    import numpy as np
+
+    tensors, settings = valid_call()
+    expected = nsa_attention(**tensors, **settings)
+    numpy_sizes = {name: np.int64(value) for name, value in settings.items()}
+    torch.testing.assert_close(nsa_attention(**tensors, **numpy_sizes), expected, rtol=0, atol=0)
+
+
+def test_zero_head_dim_is_a_clear_error() -> None:
+    tensors, settings = valid_call()
+    for name in ("q", "k", "v"):
+        tensors[name] = tensors[name][..., :0]
+    with pytest.raises(ValueError, match=r"nsa_attention: head dimension D must be positive, got D=0"):
+        nsa_attention(**tensors, **settings)
+
+
+def test_zero_query_heads_is_a_clear_error() -> None:
+    tensors, settings = valid_call()
+    tensors["q"] = tensors["q"][:, :, :0]
+    for name in ("g_cmp", "g_slc", "g_swa"):
+        tensors[name] = tensors[name][..., :0]
+    with pytest.raises(ValueError, match=r"nsa_attention: HQ=0"):
+        nsa_attention(**tensors, **settings)
+
+
+@pytest.mark.parametrize("entry", [nsa_attention, nsa_attention_parts], ids=["attention", "parts"])
+def test_empty_batch_gives_empty_result_and_gradients(entry: Callable) -> None:
+    """B = 0 is an empty batch, not an error: the output is empty and backward gives empty gradients."""
+    tensors, settings = valid_call()
+    tensors = {name: x[:0].clone().requires_grad_() for name, x in tensors.items()}
+    result = entry(**tensors, **settings)
+    parts = result if entry is nsa_attention_parts else None
+    output = result.o if parts is not None else result
+    assert output.shape == (0, T, HQ, D) and output.dtype == tensors["q"].dtype
+    if parts is not None:
+        assert parts.block_indices.shape == (0, T, HKV, settings["block_count"])
+        assert parts.lse_cmp.shape == (0, T, HQ)
+    output.sum().backward()
+    for name, x in tensors.items():
+        assert x.grad is not None and x.grad.shape == x.shape, name
+
+
+def test_empty_batch_is_still_checked() -> None:
+    tensors, settings = valid_call()
+    tensors = {name: x[:0] for name, x in tensors.items()}
+    with pytest.raises(ValueError, match=r"block_size must be positive"):
+        nsa_attention(**tensors, **{**settings, "block_size": 0})

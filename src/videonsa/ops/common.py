@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ class NSAConfig:
     local_blocks: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("block_size", "block_count", "window_size", "init_blocks", "local_blocks"):
+            object.__setattr__(self, name, _integer_size(name, getattr(self, name)))
         for name in ("block_size", "block_count", "window_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"nsa_attention: {name} must be positive, got {getattr(self, name)}")
@@ -31,6 +34,17 @@ class NSAConfig:
                 f"nsa_attention: block_count={self.block_count} is smaller than the forced blocks "
                 f"(init_blocks={self.init_blocks} + local_blocks={self.local_blocks} = {forced})"
             )
+
+
+def _integer_size(name: str, value: object) -> int:
+    """`value` as a Python int if it is an integer of any kind (int, numpy integer); floats and bools are refused
+    rather than rounded or read as 0/1, since a size given as 4.5 or True is a mistake."""
+    if isinstance(value, bool):
+        raise ValueError(f"nsa_attention: {name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"nsa_attention: {name} must be an integer, got {value!r}") from None
 
 
 @dataclass
@@ -78,6 +92,10 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, g_cmp: Tensor, g_slc: Tensor, 
     if q.dim() != 4:
         raise ValueError(f"nsa_attention: q must be [B, T, HQ, D], got shape {tuple(q.shape)}")
     batch, seq_len, heads_q, head_dim = q.shape
+    if head_dim == 0:
+        raise ValueError("nsa_attention: head dimension D must be positive, got D=0")
+    if heads_q == 0:
+        raise ValueError("nsa_attention: HQ=0: q needs at least one head")
     for name, x in (("k", k), ("v", v)):
         if x.dim() != 4 or x.shape[0] != batch or x.shape[1] != seq_len or x.shape[3] != head_dim:
             raise ValueError(
@@ -100,3 +118,20 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, g_cmp: Tensor, g_slc: Tensor, 
             raise ValueError(f"nsa_attention: {name} has dtype {x.dtype} but q has {q.dtype}")
         if x.device != q.device:
             raise ValueError(f"nsa_attention: {name} is on {x.device} but q is on {q.device}")
+
+
+def empty_batch_parts(
+    q: Tensor, k: Tensor, v: Tensor, g_cmp: Tensor, g_slc: Tensor, g_swa: Tensor, block_count: int
+) -> NSAParts:
+    """The parts of a call with no sequences (B = 0): every tensor empty, with the right shapes and dtypes.
+
+    The outputs are connected to every input (through sums of empty tensors, which are 0), so backward gives
+    each input an empty gradient of its own shape instead of None.
+    """
+    batch, seq_len, heads_q, _ = q.shape
+    heads_kv = k.shape[2]
+    anchor = sum(x.sum() for x in (k, v, g_cmp, g_slc, g_swa)) * 0
+    o = (q * 0 + anchor.to(q.dtype)).contiguous()
+    indices = torch.full((batch, seq_len, heads_kv, block_count), -1, dtype=torch.int32, device=q.device)
+    lse = torch.full((batch, seq_len, heads_q), -torch.inf, dtype=torch.float32, device=q.device)
+    return NSAParts(o, o.clone(), o.clone(), o.clone(), indices, lse)

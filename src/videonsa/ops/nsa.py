@@ -9,7 +9,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from videonsa.ops.common import NSAParts
+from videonsa.ops.common import NSAConfig, NSAParts
 from videonsa.ops.reference import nsa_parts_reference
 
 BACKENDS = ("auto", "triton", "reference")
@@ -46,10 +46,13 @@ def triton_supports(block_size: int) -> bool:
     return block_size >= 16 and block_size & (block_size - 1) == 0
 
 
-def _resolve_backend(backend: str | None, q: Tensor, block_size: int) -> str:
+def _resolve_backend(backend: str | None, q: Tensor, config: NSAConfig) -> str:
     backend = backend or os.environ.get(_ENV_BACKEND, "auto")
     if backend not in BACKENDS:
         raise ValueError(f"nsa_attention: backend must be one of {BACKENDS}, got {backend!r}")
+    if q.dim() == 4 and q.shape[0] == 0:
+        return "reference"  # an empty batch: nothing to compute, the reference returns the empty result
+    block_size = config.block_size
     if backend == "auto":
         interpret = os.environ.get("TRITON_INTERPRET") == "1"
         # float64 stays on the reference, which computes in float64; the kernels accumulate in float32.
@@ -99,7 +102,8 @@ def nsa_attention(
         block_size=block_size, block_count=block_count, window_size=window_size,
         init_blocks=init_blocks, local_blocks=local_blocks, cu_seqlens=cu_seqlens, scale=scale,
     )
-    if _resolve_backend(backend, q, block_size) == "triton":
+    config = NSAConfig(block_size, block_count, window_size, init_blocks, local_blocks)  # checked first
+    if _resolve_backend(backend, q, config) == "triton":
         return _triton_module().nsa_attention_triton(q, k, v, g_cmp, g_slc, g_swa, **kwargs)
     return nsa_parts_reference(q, k, v, g_cmp, g_slc, g_swa, **kwargs).o
 
@@ -126,6 +130,7 @@ def nsa_attention_parts(
         block_size=block_size, block_count=block_count, window_size=window_size,
         init_blocks=init_blocks, local_blocks=local_blocks, cu_seqlens=cu_seqlens, scale=scale,
     )
-    if _resolve_backend(backend, q, block_size) == "triton":
+    config = NSAConfig(block_size, block_count, window_size, init_blocks, local_blocks)  # checked first
+    if _resolve_backend(backend, q, config) == "triton":
         return _triton_module().nsa_parts_triton(q, k, v, g_cmp, g_slc, g_swa, **kwargs)
     return nsa_parts_reference(q, k, v, g_cmp, g_slc, g_swa, **kwargs)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from videonsa.ops.common import NSAConfig, NSAParts, check_inputs, sequence_spans
+from videonsa.ops.common import NSAConfig, NSAParts, check_inputs, empty_batch_parts, sequence_spans
 
 # Elements of gathered keys/values/scores one query chunk may hold; bounds the reference's working memory.
 _CHUNK_ELEMENTS = 1 << 25
@@ -80,10 +80,12 @@ def nsa_parts_reference(
     batch, seq_len, heads_q, head_dim = q.shape
     heads_kv = k.shape[2]
     spans = sequence_spans(cu_seqlens, batch, seq_len)
+    if batch == 0:
+        return empty_batch_parts(q, k, v, g_cmp, g_slc, g_swa, config.block_count)
     scale = head_dim**-0.5 if scale is None else float(scale)
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    indices = torch.full((batch, seq_len, heads_kv, block_count), -1, dtype=torch.int32, device=q.device)
+    indices = torch.full((batch, seq_len, heads_kv, config.block_count), -1, dtype=torch.int32, device=q.device)
     lse_cmp = torch.full((batch, seq_len, heads_q), -math.inf, dtype=torch.float32, device=q.device)
     # Branch outputs per sequence, joined afterwards so autograd sees plain concatenations.
     pieces: dict[str, list[Tensor]] = {"o_cmp": [], "o_slc": [], "o_swa": []}
