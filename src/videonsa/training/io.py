@@ -4,27 +4,116 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from videonsa.errors import UserError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: abandoned temporaries are not cleaned up
+    fcntl = None
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
+_TEMPORARY_SUFFIX = ".tmp"
+# A temporary file younger than this is never removed by another writer, even if unlocked: it may belong to a
+# writer between creating it and locking it.
+_ABANDONED_AFTER_SECONDS = 5.0
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call write(temporary_path) and rename the result onto `path`, so `path` is either the old or the new file.
+
+    The temporary file is created empty in `path`'s folder with the permissions a plain `open` would give (0666
+    less the umask), and `write` may reopen or truncate it by name. It is removed if `write` or the rename
+    fails; one left by a writer that was killed (SIGKILL, power loss) is removed by the next write to `path`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_abandoned_temporaries(path)
+    temporary, lock = _create_locked_temporary(path)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
+        write(str(temporary))
+        os.fsync(lock)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(lock)
+    _fsync_folder(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically (see `atomic_write`)."""
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as stream:
+            stream.write(text)
+
+    atomic_write(path, write)
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _create_locked_temporary(path: Path) -> tuple[Path, int]:
+    """A new empty file next to `path`, created with mode 0666 (the umask applies, as for `open`) and held under
+    an exclusive lock for as long as the returned descriptor is open: the lock tells other writers it is alive."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        temporary = path.parent / f"{_temporary_prefix(path)}{secrets.token_hex(8)}{_TEMPORARY_SUFFIX}"
+        try:
+            descriptor = os.open(temporary, flags, 0o666)
+        except FileExistsError:
+            continue
+        if fcntl is not None:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        return temporary, descriptor
+
+
+def _remove_abandoned_temporaries(path: Path) -> None:
+    """Remove temporaries of `path` whose writer is gone: unlocked, and not just created."""
+    if fcntl is None:
+        return
+    prefix = _temporary_prefix(path)
+    for candidate in path.parent.iterdir():
+        name = candidate.name
+        if not (name.startswith(prefix) and name.endswith(_TEMPORARY_SUFFIX)):
+            continue
+        if len(name) != len(prefix) + 16 + len(_TEMPORARY_SUFFIX):  # not one of ours (random part: 16 hex digits)
+            continue
+        try:
+            descriptor = os.open(candidate, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            if time.time() - os.fstat(descriptor).st_mtime < _ABANDONED_AFTER_SECONDS:
+                continue
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer holds it
+            candidate.unlink(missing_ok=True)
+        finally:
+            os.close(descriptor)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable (best effort: not every platform or file system can open a folder)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def atomic_write_json(path: str | Path, value: Any) -> None:

@@ -1,0 +1,108 @@
+"""The atomic-write helper: files get the permissions a plain open would give, and a writer killed between
+writing and renaming leaves nothing behind once the next write to the same file has run."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from videonsa.training.io import atomic_write, atomic_write_json, atomic_write_text
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_follow_the_umask_like_a_plain_open(tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as handle:
+            handle.write("x")
+        atomic_write_text(tmp_path / "atomic.txt", "x")
+        atomic_write_json(tmp_path / "atomic.json", {"a": 1})
+        atomic_write(tmp_path / "atomic.bin", lambda temporary: Path(temporary).write_bytes(b"x"))
+    finally:
+        os.umask(previous)
+    expected = _mode(tmp_path / "plain.txt")
+    assert expected == 0o666 & ~umask
+    for name in ("atomic.txt", "atomic.json", "atomic.bin"):
+        assert _mode(tmp_path / name) == expected, name
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_a_kill_before_the_rename_leaves_no_temporary_after_the_next_write(tmp_path: Path) -> None:
+    target = tmp_path / "manifest.jsonl"
+    target.write_text("old\n")
+    # A writer that gets SIGKILL after writing its temporary file, before the rename.
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from videonsa.training import io
+        os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+        io.atomic_write_text({str(target)!r}, "new\\n")
+        """
+    )
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr.decode()
+    leftovers = _leftovers(tmp_path)
+    assert len(leftovers) == 1 and target.read_text() == "old\n"  # the kill did leave one behind
+    # Its writer is dead (no lock held); make it older than a writer that is just starting.
+    past = time.time() - 60
+    os.utime(tmp_path / leftovers[0], (past, past))
+    atomic_write_text(target, "newer\n")
+    assert target.read_text() == "newer\n"
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_live_writers_temporary_is_left_alone(tmp_path: Path) -> None:
+    """Another process still writing the same file keeps its temporary file (it holds a lock on it)."""
+    target = tmp_path / "report.json"
+    script = textwrap.dedent(
+        f"""
+        import os, sys, time
+        from videonsa.training import io
+        def slow(temporary):
+            open(temporary, "w").write("slow")
+            past = time.time() - 60
+            os.utime(temporary, (past, past))
+            print("writing", flush=True)
+            sys.stdin.readline()
+        io.atomic_write({str(target)!r}, slow)
+        """
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        atomic_write_text(target, "fast")
+        assert len(_leftovers(tmp_path)) == 1  # the slow writer's temporary survives
+        writer.stdin.write("\n")
+        writer.stdin.flush()
+        assert writer.wait(timeout=60) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert target.read_text() == "slow" and _leftovers(tmp_path) == []
+
+
+def test_a_failed_write_removes_its_temporary_and_keeps_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+
+    def fail(temporary: str) -> None:
+        Path(temporary).write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(target, fail)
+    assert target.read_text() == "old" and _leftovers(tmp_path) == []
