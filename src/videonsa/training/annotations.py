@@ -13,12 +13,18 @@ Two record layouts are understood, in JSON (a list of records) or JSONL (one rec
 Every sample is normalised to the same form: turns of ``system`` / ``user`` / ``assistant`` text in which the
 clip is marked either by exactly one ``<video>`` (all frames together) or, for frame lists whose ``<image>`` tags
 sit in the text one per frame, by one ``<image>`` per frame. A record that cannot be understood becomes a
-`Rejected` entry with the reason, never an exception, so that one bad line does not stop a 200K-record job.
+`Rejected` entry with the reason, never an exception, so that one bad line does not stop a 200K-record job
+(a line that is not UTF-8, not JSON, or nested too deeply for the JSON reader included).
+
+Media paths are untrusted input: by default they must stay inside the video root (see `confined_path`), so an
+annotation file cannot make training read, or the drop report reveal, files from elsewhere on the machine.
+docs/training-data.md describes the rules.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,8 +40,24 @@ ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+# Files FFmpeg reads as lists of other files or streams (HLS, M3U, PLS, XSPF, ASX, concat scripts, DASH
+# manifests, SDP session descriptions): never opened from annotations, whatever the root.
+PLAYLIST_SUFFIXES = frozenset({".m3u8", ".m3u", ".pls", ".xspf", ".asx", ".wpl", ".ffconcat", ".concat", ".mpd",
+                               ".sdp", ".ism", ".ismc", ".f4m"})
+# A path starting like ``http:``, ``file:``, ``concat:`` or ``pipe:`` names an FFmpeg protocol, not a file.
+URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
 class MalformedRecord(ValueError):
     """A record that cannot be read as a training sample; the message says why."""
+
+    reason = "malformed"
+
+
+class UnsafePath(MalformedRecord):
+    """A media path that leaves the video root, or names a URL or a playlist."""
+
+    reason = "unsafe_path"
 
 
 @dataclass(frozen=True)
@@ -105,14 +127,27 @@ class AnnotationSet:
     samples: list[Sample] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
 
+    @property
+    def duplicate_ids(self) -> dict[str, list[str]]:
+        """Ids that more than one sample carries, each with the origins (``file:line``) of those samples."""
+        origins: dict[str, list[str]] = {}
+        for sample in self.samples:
+            origins.setdefault(sample.id, []).append(sample.origin)
+        return {sample_id: places for sample_id, places in origins.items() if len(places) > 1}
+
 
 def read_annotations(
-    paths: str | Path | Sequence[str | Path], media_root: str | Path | None = None
+    paths: str | Path | Sequence[str | Path],
+    media_root: str | Path | None = None,
+    *,
+    allow_outside_root: bool = False,
 ) -> AnnotationSet:
     """Read LLaVA-Video-178K or frames-as-images annotation files (JSON or JSONL, layouts may be mixed).
 
-    Relative video and frame paths are resolved against `media_root`, or against each annotation file's folder
-    when it is None. A missing or undecodable file raises `UserError`; a bad record is returned in `rejected`.
+    Video and frame paths are resolved against `media_root`, or against each annotation file's folder when it is
+    None, into absolute paths. They must stay inside that root (symlinks resolved) unless `allow_outside_root`;
+    URLs and playlists are always refused (reason ``unsafe_path``). A missing or undecodable file raises
+    `UserError`; a bad record is returned in `rejected`.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -123,26 +158,66 @@ def read_annotations(
         root = Path(media_root) if media_root is not None else path.parent
         if media_root is not None and not root.is_dir():
             raise UserError(f"video root {root} is not a folder")
+        place = MediaPlace(root.resolve(), allow_outside_root)
         for origin, record in _records(path):
             try:
                 if isinstance(record, MalformedRecord):
                     raise record
-                result.samples.append(parse_record(record, root, origin))
+                result.samples.append(_without_stray_bytes(parse_record(record, place, origin)))
             except MalformedRecord as error:
-                record_id = str(record.get("id", origin)) if isinstance(record, dict) else origin
-                result.rejected.append(Rejected(record_id, origin, "malformed", str(error)))
+                record_id = _printable(record.get("id", origin)) if isinstance(record, dict) else origin
+                result.rejected.append(Rejected(record_id, origin, error.reason, _printable(str(error))))
     return result
 
 
-def parse_record(record: Any, media_root: Path, origin: str) -> Sample:
-    """Normalise one record of either layout into a `Sample`; raises `MalformedRecord` with the reason."""
+@dataclass(frozen=True)
+class MediaPlace:
+    """Where a record's media paths may point: inside `root` (absolute, symlinks resolved), or anywhere."""
+
+    root: Path
+    allow_outside_root: bool = False
+
+
+def parse_record(record: Any, media: MediaPlace | Path, origin: str) -> Sample:
+    """Normalise one record of either layout into a `Sample`; raises `MalformedRecord` with the reason.
+
+    `media`: where the record's media paths may point (a bare `Path` is a root they must stay inside).
+    """
+    place = media if isinstance(media, MediaPlace) else MediaPlace(Path(media).resolve())
     if not isinstance(record, dict):
         raise MalformedRecord(f"expected a JSON object, got {type(record).__name__}")
     if "conversations" in record:
-        return _parse_llava(record, media_root, origin)
+        return _parse_llava(record, place, origin)
     if "messages" in record:
-        return _parse_messages(record, media_root, origin)
+        return _parse_messages(record, place, origin)
     raise MalformedRecord("has neither 'conversations' (LLaVA-Video layout) nor 'messages' (frames layout)")
+
+
+def confined_path(path: str, place: MediaPlace) -> str:
+    """The absolute path a record's media `path` names; raises `UnsafePath` if it may not be read.
+
+    Always refused: URLs and FFmpeg protocols (``http:``, ``file:``, ``concat:``, ``pipe:``...) and playlists.
+    Unless `place.allow_outside_root`: absolute paths, ``~``, ``..`` components, and paths that a symlink takes
+    out of the root. The message depends only on the path as written and on links inside the root, so the drop
+    report never tells whether some file elsewhere on the machine exists.
+    """
+    if "\0" in path:
+        raise UnsafePath(f"{path!r} holds a NUL character")
+    if URL_PATTERN.match(path):
+        raise UnsafePath(f"{path!r} is a URL or protocol, not a file path")
+    if Path(path).suffix.lower() in PLAYLIST_SUFFIXES:
+        raise UnsafePath(f"{path!r} is a playlist; list the media files themselves")
+    if place.allow_outside_root:
+        return os.path.abspath(place.root / Path(path).expanduser())
+    if path.startswith("~") or Path(path).is_absolute():
+        raise UnsafePath(f"{path!r} is not relative to the video root (pass --allow-outside-root to permit)")
+    if ".." in Path(path).parts:
+        raise UnsafePath(f"{path!r} climbs out with '..' (pass --allow-outside-root to permit)")
+    # Resolving follows symlinks inside the root; whatever lies outside is never looked at.
+    resolved = (place.root / path).resolve()
+    if not resolved.is_relative_to(place.root):
+        raise UnsafePath(f"{path!r} is a link out of the video root (pass --allow-outside-root to permit)")
+    return str(resolved)
 
 
 def _records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -150,7 +225,9 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
     `MalformedRecord` in place of the record, so that it is reported like any other bad record."""
     if not path.is_file():
         raise UserError(f"annotation file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    # Bytes that are not UTF-8 become lone surrogates, so the rest of the file still parses and only the records
+    # holding them are rejected (by `_without_stray_bytes`).
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
         for line_number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -160,18 +237,23 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
                 yield origin, json.loads(line)
             except json.JSONDecodeError as error:
                 yield origin, MalformedRecord(f"line is not JSON ({error.msg})")
+            except RecursionError:
+                yield origin, MalformedRecord("line is nested too deeply to read as JSON")
         return
     try:
         records = json.loads(text)
     except json.JSONDecodeError as error:
         raise UserError(f"annotation file {path} is not valid JSON: {error.msg} at line {error.lineno}") from None
+    except RecursionError:
+        raise UserError(f"annotation file {path} is nested too deeply to read as JSON "
+                        "(write it as JSONL, one record per line, to reject only the bad records)") from None
     if not isinstance(records, list):
         raise UserError(f"annotation file {path} must hold a JSON list of records")
     for index, record in enumerate(records):
         yield f"{path}[{index}]", record
 
 
-def _parse_llava(record: dict[str, Any], media_root: Path, origin: str) -> Sample:
+def _parse_llava(record: dict[str, Any], place: MediaPlace, origin: str) -> Sample:
     video = record.get("video")
     if not isinstance(video, str) or not video:
         raise MalformedRecord("LLaVA-Video record without a 'video' path")
@@ -187,11 +269,11 @@ def _parse_llava(record: dict[str, Any], media_root: Path, origin: str) -> Sampl
             raise MalformedRecord(f"unknown speaker {message['from']!r} (expected human, gpt or system)")
         turns.append(Turn(role, _as_text(message["value"])))
     turns = _single_clip_tag(turns)
-    return _checked(Sample(_record_id(record, origin), tuple(turns), video=_resolve(video, media_root),
+    return _checked(Sample(_record_id(record, origin), tuple(turns), video=confined_path(video, place),
                            origin=origin))
 
 
-def _parse_messages(record: dict[str, Any], media_root: Path, origin: str) -> Sample:
+def _parse_messages(record: dict[str, Any], place: MediaPlace, origin: str) -> Sample:
     messages = record["messages"]
     if not isinstance(messages, list):
         raise MalformedRecord("'messages' is not a list")
@@ -214,7 +296,7 @@ def _parse_messages(record: dict[str, Any], media_root: Path, origin: str) -> Sa
     if not per_frame:
         turns = _single_clip_tag(turns)
     return _checked(Sample(_record_id(record, origin), tuple(turns),
-                           frames=tuple(_resolve(f, media_root) for f in frames),
+                           frames=tuple(confined_path(f, place) for f in frames),
                            per_frame_tags=per_frame, origin=origin))
 
 
@@ -273,9 +355,26 @@ def _record_id(record: dict[str, Any], origin: str) -> str:
     return str(record_id) if record_id not in (None, "") else origin
 
 
-def _resolve(path: str, media_root: Path) -> str:
-    candidate = Path(path).expanduser()
-    return str(candidate if candidate.is_absolute() else media_root / candidate)
+def _without_stray_bytes(sample: Sample) -> Sample:
+    """`sample` unless one of its strings holds bytes that were not UTF-8 (lone surrogates after decoding)."""
+    strings = [sample.id, *(turn.text for turn in sample.turns), *sample.media_paths]
+    if any(_has_surrogates(text) for text in strings):
+        raise MalformedRecord("holds bytes that are not UTF-8 text")
+    return sample
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _printable(value: Any) -> str:
+    """`value` as text that can be written as UTF-8 (stray bytes shown as ``\\xff``)."""
+    text = str(value)
+    return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
 
 
 def _as_text(value: Any) -> str:
