@@ -5,24 +5,30 @@
     >>> model = videonsa.models.VideoNSAForConditionalGeneration.from_pretrained("path/to/VideoNSA")
     >>> answer = videonsa.load("path/to/VideoNSA").ask("talk.mp4", "What is written on the board?")
 
-Importing the package registers the VideoNSA model with the transformers Auto classes.
+`models`, `ops` and `load` are imported on first use, so `import videonsa` (and the `videonsa` command's
+`--help`) does not pay seconds for torch and transformers. Importing `videonsa.models` (first use of
+`videonsa.models` or `videonsa.load` does) registers the VideoNSA model with the transformers Auto classes.
 """
 
+import importlib
 from typing import Any
 
-from videonsa import models, ops
 from videonsa.errors import UserError
 
 __version__ = "0.1.0"
 
+# Names loaded on first use -> the module that provides them. `load` pulls in video decoding (PyAV) as well,
+# which model-only users (a training node fed pre-extracted frames) may not have installed.
+_LAZY_SUBMODULES = ("models", "ops")
+_LAZY_NAMES = {"load": "videonsa.inference"}
+
 
 def __getattr__(name: str) -> Any:
-    # `load` pulls in video decoding (PyAV); import it on first use so that model-only users (and machines
-    # without PyAV, such as a training node fed pre-extracted frames) import the package without it.
-    if name == "load":
-        from videonsa.inference import load
-
-        return load
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"videonsa.{name}")
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
     raise AttributeError(f"module 'videonsa' has no attribute {name!r}")
+
 
 __all__ = ["load", "models", "ops", "UserError", "__version__"]

@@ -11,9 +11,10 @@ import argparse
 import re
 import sys
 
+# Only light modules here: `videonsa ask --help` and argument errors must not wait for torch (run_ask imports it).
 from videonsa.errors import UserError
-from videonsa.inference.model_files import ATTENTION_MODES
-from videonsa.video.paper import (
+from videonsa.options import (
+    ATTENTION_MODES,
     DEFAULT_PAPER_FPS,
     DEFAULT_PAPER_MAX_FRAMES,
     DEFAULT_PAPER_MAX_PIXELS,

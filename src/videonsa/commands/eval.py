@@ -19,10 +19,10 @@ import os
 import re
 from pathlib import Path
 
+# Only light modules here and in the parser builders: `videonsa eval --help` must not wait for torch.
 from videonsa.errors import UserError
-from videonsa.inference.model_files import ATTENTION_MODES
-from videonsa.video.paper import PRESETS
-from videonsa.video.planning import PREFERENCES
+from videonsa.options import ATTENTION_MODES, DEFAULT_PAPER_FPS, DEFAULT_PAPER_MAX_FRAMES, PRESETS
+from videonsa.video.planning import DEFAULT_BUDGET_TOKENS, DEFAULT_FPS, DEFAULT_PIXELS_PER_FRAME, PREFERENCES
 
 NEEDLES_PREFIX = "needles:"
 
@@ -43,9 +43,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    from videonsa.video.paper import DEFAULT_PAPER_FPS, DEFAULT_PAPER_MAX_FRAMES
-    from videonsa.video.planning import DEFAULT_BUDGET_TOKENS, DEFAULT_FPS, DEFAULT_PIXELS_PER_FRAME
-
     parser.add_argument("--model", help="model directory or Hugging Face Hub id (e.g. Enxin/VideoNSA)")
     parser.add_argument(
         "--task",
@@ -94,7 +91,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_make_needles(commands: argparse._SubParsersAction) -> None:
-    from videonsa.evaluation.needles import DEFAULT_FPS, DEFAULT_LENGTHS, DEFAULT_SIZE, NEEDLE_KINDS
+    from videonsa.evaluation.questions import NEEDLE_KINDS
+    from videonsa.options import DEFAULT_NEEDLE_FPS as DEFAULT_FPS
+    from videonsa.options import DEFAULT_NEEDLE_LENGTHS as DEFAULT_LENGTHS
+    from videonsa.options import DEFAULT_NEEDLE_SIZE as DEFAULT_SIZE
 
     parser = commands.add_parser(
         "make-needles",

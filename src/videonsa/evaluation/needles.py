@@ -37,14 +37,14 @@ from videonsa.evaluation.questions import (
     load_questions,
     write_questions,
 )
+from videonsa.options import DEFAULT_NEEDLE_FPS as DEFAULT_FPS  # defaults live where `--help` reads them cheaply
+from videonsa.options import DEFAULT_NEEDLE_LENGTHS as DEFAULT_LENGTHS
+from videonsa.options import DEFAULT_NEEDLE_SIZE as DEFAULT_SIZE
 from videonsa.video.info import VideoInfo
 
 SET_FILE = "set.json"
 SET_FORMAT = "videonsa-needles"
 SET_VERSION = 1
-DEFAULT_LENGTHS: tuple[int, ...] = (60, 300, 900, 1800, 3600)
-DEFAULT_SIZE = (320, 240)
-DEFAULT_FPS = 2
 MAX_SECONDS = 24 * 3600
 # H.264 at constant quality. Byte-identical files for one seed matter more here than encoding speed or size:
 # one thread (x264's output depends on its thread count) and no macroblock-tree rate control (with it, the

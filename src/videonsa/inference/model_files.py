@@ -17,13 +17,12 @@ from typing import Any
 import torch
 
 from videonsa.errors import UserError
+from videonsa.options import ATTENTION_MODES
 from videonsa.video import VisionGeometry
 from videonsa.video.patches import CLIP_MEAN, CLIP_STD
 
 # Everything a model directory holds besides its weights (config, tokenizer, processor, chat template).
 SMALL_FILE_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
-# "auto": the mode the checkpoint runs by default (`resolve_attention`); the others are explicit choices.
-ATTENTION_MODES = ("auto", "nsa", "dense", "official")
 logger = logging.getLogger(__name__)
 DTYPES = {
     "bfloat16": torch.bfloat16,

@@ -10,63 +10,47 @@ The paper preset (`videonsa.video.paper`) picks frames and sizes as the paper's 
 `plan_paper_video(info, PaperSettings())`, decoded with `decode_paper_video` (or `decode_planned_video`, either kind).
 """
 
-from videonsa.video.decoding import (
-    BACKENDS,
-    DecodedVideo,
-    VideoInput,
-    decode_video,
-    load_video,
-    probe_video,
-)
-from videonsa.video.info import VideoInfo
-from videonsa.video.limits import DEFAULT_MAX_SOURCE_PIXELS
-from videonsa.video.paper import (
-    PRESETS,
-    PaperSettings,
-    PaperVideoPlan,
-    decode_paper_video,
-    decode_planned_video,
-    plan_paper_video,
-)
-from videonsa.video.patches import frames_to_patches, seconds_per_temporal_patch
-from videonsa.video.planning import (
-    DEFAULT_BUDGET_TOKENS,
-    DEFAULT_FPS,
-    DEFAULT_MIN_PIXELS_PER_FRAME,
-    DEFAULT_PIXELS_PER_FRAME,
-    PREFERENCES,
-    SamplingSettings,
-    VideoPlan,
-    VisionGeometry,
-    frame_size,
-    plan_video,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BACKENDS",
-    "DEFAULT_BUDGET_TOKENS",
-    "DEFAULT_FPS",
-    "DEFAULT_MAX_SOURCE_PIXELS",
-    "DEFAULT_MIN_PIXELS_PER_FRAME",
-    "DEFAULT_PIXELS_PER_FRAME",
-    "PREFERENCES",
-    "PRESETS",
-    "PaperSettings",
-    "PaperVideoPlan",
-    "DecodedVideo",
-    "SamplingSettings",
-    "VideoInfo",
-    "VideoInput",
-    "VideoPlan",
-    "VisionGeometry",
-    "decode_paper_video",
-    "decode_planned_video",
-    "decode_video",
-    "frame_size",
-    "frames_to_patches",
-    "load_video",
-    "plan_paper_video",
-    "plan_video",
-    "probe_video",
-    "seconds_per_temporal_patch",
-]
+import importlib
+from typing import Any
+
+# Name -> module. Loaded on first use: decoding needs PyAV, numpy and torch, while the planner and its
+# defaults (read by the command line to build `--help`) need none of them.
+_EXPORTS = {
+    "BACKENDS": "videonsa.video.decoding",
+    "DecodedVideo": "videonsa.video.decoding",
+    "VideoInput": "videonsa.video.decoding",
+    "decode_video": "videonsa.video.decoding",
+    "load_video": "videonsa.video.decoding",
+    "probe_video": "videonsa.video.decoding",
+    "VideoInfo": "videonsa.video.info",
+    "DEFAULT_MAX_SOURCE_PIXELS": "videonsa.video.limits",
+    "PRESETS": "videonsa.video.paper",
+    "PaperSettings": "videonsa.video.paper",
+    "PaperVideoPlan": "videonsa.video.paper",
+    "decode_paper_video": "videonsa.video.paper",
+    "decode_planned_video": "videonsa.video.paper",
+    "plan_paper_video": "videonsa.video.paper",
+    "frames_to_patches": "videonsa.video.patches",
+    "seconds_per_temporal_patch": "videonsa.video.patches",
+    "DEFAULT_BUDGET_TOKENS": "videonsa.video.planning",
+    "DEFAULT_FPS": "videonsa.video.planning",
+    "DEFAULT_MIN_PIXELS_PER_FRAME": "videonsa.video.planning",
+    "DEFAULT_PIXELS_PER_FRAME": "videonsa.video.planning",
+    "PREFERENCES": "videonsa.video.planning",
+    "SamplingSettings": "videonsa.video.planning",
+    "VideoPlan": "videonsa.video.planning",
+    "VisionGeometry": "videonsa.video.planning",
+    "frame_size": "videonsa.video.planning",
+    "plan_video": "videonsa.video.planning",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'videonsa.video' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+__all__ = sorted(_EXPORTS)

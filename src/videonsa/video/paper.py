@@ -34,25 +34,26 @@ import numpy as np
 import torch
 
 from videonsa.errors import UserError
+from videonsa.options import (  # the preset's defaults, kept where `--help` reads them cheaply
+    DEFAULT_PAPER_FPS,
+    DEFAULT_PAPER_MAX_FRAMES,
+    DEFAULT_PAPER_MAX_PIXELS,
+    DEFAULT_PAPER_MIN_PIXELS,
+    DEFAULT_PAPER_TOTAL_PIXELS,
+    PRESETS,
+)
 from videonsa.video.decoding import DecodedVideo, Progress, decode_video
 from videonsa.video.info import VideoInfo
 from videonsa.video.planning import VideoPlan, VisionGeometry, frame_size
 
-PRESETS: tuple[str, ...] = ("auto", "paper", "planner")
 # The system turn of the paper's evaluation prompt.
 PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
 # Seconds per temporal patch the evaluation's processor reported for every video (its temporal patch size 2
 # over its default 2.0 fps, because it was never told the real sampling rate).
 PAPER_SECOND_PER_GRID_TS = 1.0
 
-# Defaults of the evaluation wrapper; fps had none there (it had to be given), 4 is the paper's sampling rate.
-DEFAULT_PAPER_FPS = 4.0
-DEFAULT_PAPER_MAX_FRAMES = 32
-DEFAULT_PAPER_MIN_PIXELS = 256 * 28 * 28  # 200,704
-DEFAULT_PAPER_MAX_PIXELS = 2048 * 28 * 28  # 1,605,632 (above the per-frame cap below, so the cap rules)
-# The evaluation's video reader: a whole video may hold at most this many pixels (over pairs of frames; the
-# original read it from the environment variable VIDEO_MAX_PIXELS), one frame at most PER_FRAME_PIXEL_CAP.
-DEFAULT_PAPER_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)  # 90,316,800
+# The evaluation's video reader: one frame holds at most PER_FRAME_PIXEL_CAP pixels (the defaults, the total
+# pixel allowance among them, are in `videonsa.options`, which the command line reads without this module).
 PER_FRAME_PIXEL_CAP = 768 * 28 * 28  # 602,112
 # The share of the total is per pair of frames, and the cap never goes below 1.05 x min_pixels.
 TOTAL_PIXELS_FRAME_FACTOR = 2

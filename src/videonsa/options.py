@@ -1,0 +1,32 @@
+"""Choices and defaults users pick from, in a module that imports nothing heavy.
+
+The command line lists these in `--help` and checks flags against them while parsing, so they live apart from
+the code that acts on them (which needs torch, transformers or PyAV): `videonsa --help`, `--version` and
+argument errors then answer without loading those libraries. The modules that act on a choice import it from
+here, so each value is written once.
+"""
+
+from __future__ import annotations
+
+# Attention modes a user may ask for. "auto": the mode the checkpoint runs by default
+# (`videonsa.inference.model_files.resolve_attention`); the others are explicit choices.
+ATTENTION_MODES: tuple[str, ...] = ("auto", "nsa", "dense", "official")
+
+# How frames are chosen and the prompt laid out: "planner" (the token-budget planner, `videonsa.video.planning`),
+# "paper" (the paper's evaluation, `videonsa.video.paper`), "auto" (paper for official attention, else planner).
+PRESETS: tuple[str, ...] = ("auto", "paper", "planner")
+
+# Defaults of the paper preset, from the paper's evaluation wrapper; fps had none there (it had to be given),
+# 4 is the paper's sampling rate.
+DEFAULT_PAPER_FPS = 4.0
+DEFAULT_PAPER_MAX_FRAMES = 32
+DEFAULT_PAPER_MIN_PIXELS = 256 * 28 * 28  # 200,704
+DEFAULT_PAPER_MAX_PIXELS = 2048 * 28 * 28  # 1,605,632 (above the per-frame cap, so the cap rules)
+# The evaluation's video reader: a whole video may hold at most this many pixels (over pairs of frames; the
+# original read it from the environment variable VIDEO_MAX_PIXELS).
+DEFAULT_PAPER_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)  # 90,316,800
+
+# Defaults of `videonsa eval make-needles`: video lengths in seconds, (width, height), frames per second.
+DEFAULT_NEEDLE_LENGTHS: tuple[int, ...] = (60, 300, 900, 1800, 3600)
+DEFAULT_NEEDLE_SIZE = (320, 240)
+DEFAULT_NEEDLE_FPS = 2
