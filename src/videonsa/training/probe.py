@@ -12,6 +12,11 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# How text files that list other media begin (lower-cased): FFmpeg concat scripts, M3U/HLS, PLS, XML playlists
+# and manifests (XSPF, ASX, DASH, SMIL), SDP session descriptions.
+PLAYLIST_SIGNATURES = (b"ffconcat", b"#extm3u", b"#extinf", b"[playlist]", b"<?xml", b"<mpd", b"<smil", b"<asx",
+                       b"<playlist", b"v=0")
+
 
 class ClipUnreadable(RuntimeError):
     """The clip exists but cannot be decoded (corrupt file, unknown codec, no video stream)."""
@@ -47,9 +52,11 @@ def probe_clip(media: tuple[str, ...], is_video: bool) -> ClipInfo:
 
 
 def probe_video_file(path: str) -> ClipInfo:
-    """Probe a video file with `videonsa.video.probe_video` (opens it, decodes its first two frames)."""
+    """Probe a video file with `videonsa.video.probe_video`, the probe `videonsa ask` uses (it opens the file and
+    decodes its first two frames). Files that list other files (playlists, concat scripts) are never opened."""
     if not os.path.isfile(path):
         raise ClipMissing(path)
+    _refuse_playlist(path)
     from videonsa.errors import UserError
 
     try:
@@ -60,11 +67,19 @@ def probe_video_file(path: str) -> ClipInfo:
         info = probe_video(path)
     except UserError as error:
         raise ClipUnreadable(str(error)) from None
-    frames = info.frame_count
-    if frames is None:
-        frames = round(info.duration * info.average_fps) if info.average_fps else 0
-    return ClipInfo(num_frames=int(frames), width=info.width, height=info.height, fps=info.average_fps,
+    if info.frame_count is None:
+        raise ClipUnreadable(f"{path}: cannot tell how many frames it has")
+    return ClipInfo(num_frames=int(info.frame_count), width=info.width, height=info.height, fps=info.average_fps,
                     duration=info.duration, start_time=info.start_time)
+
+
+def _refuse_playlist(path: str) -> None:
+    """Raise `ClipUnreadable` if the file starts like a text list of other media (FFmpeg detects some of these
+    by content, whatever the file is called, and would then read the files they name)."""
+    with open(path, "rb") as stream:
+        head = stream.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(PLAYLIST_SIGNATURES):
+        raise ClipUnreadable(f"{path}: is a playlist or list of other files, not a video")
 
 
 def probe_frame_list(paths: tuple[str, ...]) -> ClipInfo:
@@ -80,6 +95,8 @@ def probe_frame_list(paths: tuple[str, ...]) -> ClipInfo:
             with Image.open(path) as image:
                 image.verify()
                 sizes.add(image.size)
+        except Image.DecompressionBombError:
+            raise ClipUnreadable(f"frame {path}: image is too large to decode safely") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise ClipUnreadable(f"frame {path}: {error}") from None
     if len(sizes) != 1:

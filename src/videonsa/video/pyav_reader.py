@@ -91,6 +91,12 @@ def _average_fps(stream) -> float | None:
     return None
 
 
+def _count_packets(container, stream) -> int:
+    """Video packets in the stream (one per frame), counted by demuxing from the start."""
+    container.seek(0)
+    return sum(1 for packet in container.demux(stream) if packet.size)
+
+
 def probe_file(path: Path, *, max_source_pixels: int) -> VideoInfo:
     """Open `path`, check it has a decodable video stream of sane size, and read its timing.
 
@@ -111,6 +117,11 @@ def probe_file(path: Path, *, max_source_pixels: int) -> VideoInfo:
         duration = end_time - start_time
         exact = bool(stream.frames)
         frame_count = stream.frames if exact else (round(duration * average_fps) if average_fps else None)
+        if frame_count is None:
+            # No usable rate in the header (variable-rate Matroska reports its 1 ms time base as 1000 fps):
+            # count the packets, which reads the file without decoding it, and take the true average rate.
+            frame_count, exact = _count_packets(container, stream), True
+            average_fps = frame_count / duration
         return VideoInfo(
             name=str(path),
             backend="pyav",
