@@ -8,8 +8,11 @@ stdout; the plan and the report go to stderr, so `videonsa ask ... > answer.txt`
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import re
 import sys
+from collections.abc import Callable, Iterator
 
 # Only light modules here: `videonsa ask --help` and argument errors must not wait for torch (run_ask imports it).
 from videonsa.errors import UserError
@@ -29,6 +32,9 @@ from videonsa.video.planning import (
     DEFAULT_PIXELS_PER_FRAME,
     PREFERENCES,
 )
+
+# Seconds between prefill progress lines when stderr is not a terminal (a live line is drawn on a terminal).
+PREFILL_LOG_SECONDS = 30.0
 
 # Flags that only one preset reads, and what the other preset takes instead.
 PLANNER_ONLY_FLAGS = {
@@ -271,6 +277,33 @@ def _decode_with_progress(plan, console):
         return decode_planned_video(plan, progress=lambda done, total: progress.update(task, completed=done))
 
 
+@contextlib.contextmanager
+def prefill_display(console, *, log_every_seconds: float = PREFILL_LOG_SECONDS) -> Iterator[Callable]:
+    """A callback for `PrefillProgress` reports: a live line on a terminal (gone once the prefill ends), else a
+    plain line at most every `log_every_seconds` (for logs of long runs)."""
+    if console.is_terminal:
+        with console.status("prefill", spinner="dots") as status:
+            live = [True]
+
+            def show(progress) -> None:
+                if progress.finished and live[0]:
+                    status.stop()  # the answer streams to stdout next: no live line under it
+                    live[0] = False
+                elif live[0]:
+                    status.update(progress.describe())
+
+            yield show
+        return
+    last_line_at = [-math.inf]
+
+    def log(progress) -> None:
+        if not progress.finished and progress.seconds - last_line_at[0] >= log_every_seconds:
+            last_line_at[0] = progress.seconds
+            console.print(progress.describe(), highlight=False, markup=False)
+
+    yield log
+
+
 def _print_choice(answer, console) -> None:
     if answer.choice is None:
         return
@@ -320,15 +353,19 @@ def run_ask(args: argparse.Namespace) -> int:
         except UserError as error:
             raise UserError(_flag_names(str(error))) from None
     console = Console(stderr=True, soft_wrap=True)
-    video = _decode_with_progress(plan, console)
+    # The plan first: a user who sees the wrong frame count or size can stop before decoding starts.
     console.print(f"video  {info.describe()}", highlight=False, markup=False)
     console.print(f"plan   {plan.describe()} [preset {plan.preset}]", highlight=False, markup=False)
     if choice.notice:
         console.print(f"note   {choice.notice}", highlight=False, markup=False)
+    video = _decode_with_progress(plan, console)
     _quiet_transformers_loading()
     with console.status(f"loading {escape(args.model)} ({choice.mode} attention, {device}, {str(dtype)[6:]})"):
         model = load_weights(files, attention=choice.mode, device=device, dtype=dtype)
-    answer = generate_answer(model, files, prompt, video, generation, on_text=_stream_to_stdout)
+    with prefill_display(console) as show_prefill:
+        answer = generate_answer(
+            model, files, prompt, video, generation, on_text=_stream_to_stdout, on_prefill=show_prefill
+        )
     sys.stdout.write("\n")
     sys.stdout.flush()
     _print_choice(answer, console)

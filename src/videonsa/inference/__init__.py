@@ -3,6 +3,7 @@
 from videonsa.inference.api import PlannedQuestion, VideoQA, load, plan_question
 from videonsa.inference.generation import Answer, AskReport, GenerationSettings
 from videonsa.inference.model_files import ModelFiles, load_weights, open_model_files
+from videonsa.inference.prefill_progress import PrefillProgress
 from videonsa.inference.prompt import QuestionPrompt, build_prompt, model_inputs
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "GenerationSettings",
     "ModelFiles",
     "PlannedQuestion",
+    "PrefillProgress",
     "QuestionPrompt",
     "VideoQA",
     "build_prompt",

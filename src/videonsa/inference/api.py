@@ -28,6 +28,7 @@ from videonsa.inference.model_files import (
     resolve_device,
     resolve_dtype,
 )
+from videonsa.inference.prefill_progress import PrefillCallback
 from videonsa.inference.prompt import QuestionPrompt, build_preset_prompt
 from videonsa.video import DEFAULT_FPS, SamplingSettings, VideoInput, VideoPlan, plan_video, probe_video
 from videonsa.video.decoding import Progress
@@ -211,6 +212,7 @@ class VideoQA:
         options: Sequence[str] | None = None,
         on_text: TextCallback | None = None,
         progress: Progress | None = None,
+        on_prefill: PrefillCallback | None = None,
         backend: str = "pyav",
         frames_fps: float = DEFAULT_FPS,
         preset: str = "auto",
@@ -224,6 +226,8 @@ class VideoQA:
         options: multiple-choice answers; the answer's `choice` is then the chosen letter.
         on_text: called with each piece of the answer as it is generated (e.g. `print`, with end="").
         progress: called as `progress(done, total)` while frames decode.
+        on_prefill: called with a `PrefillProgress` after each vision block and decoder layer of the prefill
+            (the forward pass over the whole prompt) and once at its end; `.describe()` is a line for people.
         preset: how frames are chosen and prompted. "planner": our token-budget planner (`sampling`);
             "paper": the paper's evaluation preprocessing (`paper`: frame indices and sizes as the original
             video reader picked them, 1.0 s per temporal patch, its prompt layout, greedy decoding);
@@ -237,7 +241,15 @@ class VideoQA:
             video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings
         )
         decoded = decode_planned_video(planned.plan, progress=progress)
-        return generate_answer(self.model, self.files, planned.prompt, decoded, planned.generation, on_text=on_text)
+        return generate_answer(
+            self.model,
+            self.files,
+            planned.prompt,
+            decoded,
+            planned.generation,
+            on_text=on_text,
+            on_prefill=on_prefill,
+        )
 
 
 def load(

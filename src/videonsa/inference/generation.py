@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from transformers import GenerationConfig, TextStreamer
 
 from videonsa.errors import UserError
 from videonsa.inference.model_files import ModelFiles
+from videonsa.inference.prefill_progress import PrefillCallback, PrefillMeter
 from videonsa.inference.prompt import QuestionPrompt, model_inputs
 from videonsa.video import DecodedVideo, VideoPlan
 
@@ -160,11 +162,13 @@ def generate_answer(
     settings: GenerationSettings,
     *,
     on_text: TextCallback | None = None,
+    on_prefill: PrefillCallback | None = None,
 ) -> Answer:
     """Run the model on the prompt and video and return the answer with its report.
 
     A multiple-choice prompt generates one token restricted to the option letters; its `choice` is that
-    letter. Text is passed to `on_text` as it is generated.
+    letter. Text is passed to `on_text` as it is generated. `on_prefill` receives a `PrefillProgress` after
+    each vision block and decoder layer of the prefill and once at its end (see `PrefillMeter`).
     """
     settings = settings.validate()
     multiple_choice = bool(prompt.letters)
@@ -178,7 +182,11 @@ def generate_answer(
         extra = {"prefix_allowed_tokens_fn": lambda batch, ids: allowed}
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
-    with torch.inference_mode():
+    meter = contextlib.nullcontext()
+    if on_prefill is not None:
+        video_rows = inputs["pixel_values_videos"].shape[0] if "pixel_values_videos" in inputs else 0
+        meter = PrefillMeter(model, prompt_tokens=prompt_tokens, vision_rows=video_rows, callback=on_prefill)
+    with torch.inference_mode(), meter:
         output = model.generate(
             **inputs,
             generation_config=_generation_config(model, settings, multiple_choice),
