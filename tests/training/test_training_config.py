@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -49,7 +50,7 @@ def test_a_config_file_overrides_the_recipe(tmp_path, suffix):
     assert config.trainer["learning_rate"] == 2e-6 and config.trainer["save_steps"] == 7
     assert config.trainer["gradient_accumulation_steps"] == 4  # untouched recipe value
     assert config.model.sparse == {"block_counts": 16}
-    assert config.data.manifest == ["a.jsonl"]
+    assert config.data.manifest == [str(tmp_path / "a.jsonl")]  # relative to the config file
     assert config.trainable.frozen() == ["vision_tower"]
 
 
@@ -146,3 +147,99 @@ def test_export_configs(tmp_path, capsys):
     assert "recipe.yaml" in names and "accelerate_zero3.yaml" in names and "deepspeed_zero2.json" in names
     assert main(["train", "--export-configs", str(tmp_path / "cfg")]) == 2  # never overwrites
     assert "already exists" in capsys.readouterr().err
+
+
+def write_yaml(path, content: dict):
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_every_badly_typed_or_out_of_range_setting_is_reported_at_once(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {
+        "model": {"path": "ckpt", "dtype": "float64"},
+        "data": {"manifest": "m.jsonl", "sample_fps": "fast", "max_tokens": 0},
+        "trainable": {"vision_tower": "false"},  # a string: would have been truthy
+        "trainer": {"output_dir": "o", "learning_rate": -1e-6, "per_device_train_batch_size": 0,
+                    "gradient_accumulation_steps": 0, "num_train_epochs": -1, "save_steps": "often"},
+    })
+    with pytest.raises(UserError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+    for field in ("model.dtype", "data.sample_fps", "data.max_tokens", "trainable.vision_tower",
+                  "trainer.learning_rate", "trainer.per_device_train_batch_size",
+                  "trainer.gradient_accumulation_steps", "trainer.num_train_epochs", "trainer.save_steps"):
+        assert field in message, field
+    assert "'false'" in message  # the offending value is shown
+
+
+@pytest.mark.parametrize(("override", "value"), [
+    ("model.sparse.block_size", 0), ("model.sparse.block_counts", "many"), ("model.sparse.blocks", 3),
+    ("model.sparse.attention_mode", "sparse"), ("trainer.max_steps", 0), ("trainer.dataloader_num_workers", -2),
+    ("data.min_pixels", 10), ("trainable.gates", 1), ("trainer.bf16", "yes"),
+])
+def test_single_bad_values_name_their_setting(tmp_path, override, value):
+    with pytest.raises(UserError, match=override.replace(".", r"\.")):
+        load_config(None, minimal(tmp_path, **{override: value}))
+
+
+def test_numbers_written_as_integers_are_accepted_where_floats_belong(tmp_path):
+    config = load_config(None, minimal(tmp_path, **{"data.sample_fps": 2, "trainer.learning_rate": 1,
+                                                     "trainer.max_steps": -1}))
+    assert config.data.sample_fps == 2 and config.trainer["learning_rate"] == 1
+
+
+def test_all_problems_of_a_config_are_listed_together(tmp_path):
+    config = load_config(None, {"trainable.gates": False, "trainable.vision_tower": False,
+                                "trainable.projector": False, "trainable.language_model": False})
+    with pytest.raises(UserError) as caught:
+        config.validate()
+    message = str(caught.value)
+    for part in ("model.path", "data.manifest or data.annotations", "nothing to train", "trainer.output_dir"):
+        assert part in message, part
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    # Ten levels of ten aliases each: 10**10 strings once expanded (saving the config record would never end).
+    levels = ['&a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    levels += [f"&a{level} [{', '.join([f'*a{level - 1}'] * 10)}]" for level in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"trainer: {{output_dir: o, run_name: [{', '.join(levels)}]}}\n")
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(UserError, match="bomb.yaml"):
+        load_config(path)
+    assert time.monotonic() - start < 5
+
+
+def test_recursive_and_deeply_nested_yaml_is_a_user_error(tmp_path):
+    recursive = tmp_path / "loop.yaml"
+    recursive.write_text("model: &m {path: x, sparse: *m}\n")
+    with pytest.raises(UserError, match="loop.yaml"):
+        load_config(recursive)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("trainer: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UserError, match="deep.yaml"):
+        load_config(deep)
+
+
+def test_relative_paths_in_a_config_file_resolve_against_its_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    path = write_yaml(folder / "train.yaml", {
+        "model": {"path": "../ckpt", "tokenizer": "~/tok"},
+        "data": {"annotations": ["../data/a.jsonl"], "media_root": "../media"},
+        "trainer": {"output_dir": "runs/x"},
+    })
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(path, {"data.media_root": "here/media"})
+    project = tmp_path / "project"
+    assert config.model.path == str(project / "ckpt")
+    assert config.model.tokenizer == str(Path("~/tok").expanduser())
+    assert config.data.annotations == [str(project / "data" / "a.jsonl")]
+    assert config.trainer["output_dir"] == str(folder / "runs" / "x")
+    # Command-line values are relative to where the command runs.
+    assert config.data.media_root == str(elsewhere / "here" / "media")

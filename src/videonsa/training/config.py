@@ -15,45 +15,74 @@ The shipped ``configs/recipe.yaml`` holds every default with comments; `load_con
 from __future__ import annotations
 
 import copy
-import dataclasses
-from dataclasses import dataclass, field
+import os
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from videonsa.errors import UserError
-from videonsa.training.io import load_mapping, load_yaml
+from videonsa.training.config_files import load_mapping, load_yaml
 
 STRATEGIES = ("auto", "ddp", "zero2", "zero3", "fsdp2")
 TRAINABLE_PARTS = ("vision_tower", "projector", "language_model", "gates")
 ARCHITECTURES = ("videonsa", "qwen2_5_vl")
 DTYPES = ("float32", "bfloat16", "float16")
+SECTIONS = ("model", "data", "trainable", "strategy", "trainer")
+# Settings that name files or folders; relative ones are resolved against the config file that sets them (or the
+# working directory, for command-line values). See docs/training.md.
+PATH_SETTINGS = (("model", "path"), ("model", "tokenizer"), ("data", "manifest"), ("data", "annotations"),
+                 ("data", "media_root"), ("trainer", "output_dir"), ("trainer", "logging_dir"),
+                 ("trainer", "deepspeed"))
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveNumber = Annotated[float, Field(gt=0)]
+NonNegativeNumber = Annotated[float, Field(ge=0)]
 
 
-@dataclass
-class ModelSettings:
+class _Settings(BaseModel):
+    """Strict settings: unknown keys and values of the wrong type (``"false"`` for a bool, ``"4"`` for a number)
+    are errors rather than conversions; integers are accepted where a float belongs."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelSettings(_Settings):
     """Where the weights come from and how the model is built.
 
     path: a Qwen2.5-VL checkpoint (VideoNSA gates are added, freshly initialised) or a VideoNSA checkpoint.
     architecture: ``videonsa`` (sparse vision attention) or ``qwen2_5_vl`` (the dense baseline, stock model).
     sparse: VideoNSA settings (block_size, block_counts, window_size, init_blocks, local_blocks,
         gate_temperature, attention_mode) that override the checkpoint's; empty keeps the checkpoint's, or
-        VideoNSA's defaults for a Qwen2.5-VL checkpoint.
+        VideoNSA's defaults for a Qwen2.5-VL checkpoint. Checked by `SparseOverrides`.
     dtype: the dtype of the weights held in memory; float32 with ``trainer.bf16`` is mixed precision, which
         keeps lr 1e-6 updates from vanishing in bf16 rounding (DeepSpeed keeps its own fp32 master copy).
     tokenizer: where the tokenizer and chat template come from (default: `path`).
     """
 
     path: str | None = None
-    architecture: str = "videonsa"
-    sparse: dict[str, Any] = field(default_factory=dict)
+    architecture: Literal["videonsa", "qwen2_5_vl"] = "videonsa"
+    sparse: dict[str, Any] = Field(default_factory=dict)
     attn_implementation: str = "sdpa"
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     tokenizer: str | None = None
 
 
-@dataclass
-class DataSettings:
+class SparseOverrides(_Settings):
+    """The keys `model.sparse` may hold, with their types (the model checks how they fit together when built)."""
+
+    block_size: PositiveInt | None = None
+    block_counts: PositiveInt | None = None
+    window_size: NonNegativeInt | None = None
+    init_blocks: NonNegativeInt | None = None
+    local_blocks: NonNegativeInt | None = None
+    gate_temperature: PositiveNumber | None = None
+    attention_mode: Literal["nsa", "dense", "official"] | None = None
+
+
+class DataSettings(_Settings):
     """What the model sees of each sample.
 
     manifest: one or more manifests from ``videonsa data prepare`` (the normal path).
@@ -67,20 +96,26 @@ class DataSettings:
     max_consecutive_skips: how many unreadable samples in a row are skipped before giving up.
     """
 
-    manifest: list[str] = field(default_factory=list)
-    annotations: list[str] = field(default_factory=list)
+    manifest: list[str] = Field(default_factory=list)
+    annotations: list[str] = Field(default_factory=list)
     media_root: str | None = None
-    sample_fps: float = 4.0
-    max_frames: int | None = None
-    min_pixels: int = 3136
-    max_pixels: int = 50176
-    frames_as: str = "images"
-    max_tokens: int = 36864
-    max_consecutive_skips: int = 16
+    sample_fps: PositiveNumber = 4.0
+    max_frames: PositiveInt | None = None
+    min_pixels: Annotated[int, Field(ge=784)] = 3136
+    max_pixels: Annotated[int, Field(ge=784)] = 50176
+    frames_as: Literal["images", "video"] = "images"
+    max_tokens: PositiveInt = 36864
+    max_consecutive_skips: NonNegativeInt = 16
+
+    @field_validator("manifest", "annotations", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
 
 
-@dataclass
-class TrainableSettings:
+class TrainableSettings(_Settings):
     """Which parts of the model are trained; the recipe trains everything."""
 
     vision_tower: bool = True
@@ -92,54 +127,91 @@ class TrainableSettings:
         return [part for part in TRAINABLE_PARTS if not getattr(self, part)]
 
 
-@dataclass
-class TrainConfig:
+class TrainerValues(_Settings):
+    """Types and ranges of the `trainer` settings this pipeline relies on. Any other `TrainingArguments` field
+    is allowed and checked by `TrainingArguments` itself. ``auto`` is resolved by `training_arguments`."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    output_dir: str | None = None
+    learning_rate: PositiveNumber | None = None
+    adam_beta1: Annotated[float, Field(ge=0, lt=1)] | None = None
+    adam_beta2: Annotated[float, Field(ge=0, lt=1)] | None = None
+    adam_epsilon: PositiveNumber | None = None
+    weight_decay: NonNegativeNumber | None = None
+    max_grad_norm: NonNegativeNumber | None = None
+    warmup_steps: NonNegativeNumber | None = None
+    per_device_train_batch_size: PositiveInt | None = None
+    gradient_accumulation_steps: PositiveInt | None = None
+    num_train_epochs: PositiveNumber | None = None
+    max_steps: Annotated[int, Field(ge=-1)] | None = None
+    save_steps: PositiveNumber | None = None
+    save_total_limit: PositiveInt | None = None
+    logging_steps: PositiveNumber | Literal["auto"] | None = None
+    seed: NonNegativeInt | None = None
+    dataloader_num_workers: NonNegativeInt | Literal["auto"] | None = None
+    report_to: str | list[str] | None = None
+    bf16: bool | None = None
+    fp16: bool | None = None
+    gradient_checkpointing: bool | None = None
+    dataloader_persistent_workers: bool | None = None
+    disable_tqdm: bool | None = None
+
+    @field_validator("max_steps")
+    @classmethod
+    def _positive_or_unset(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("should be at least 1, or -1 to train for num_train_epochs")
+        return value
+
+
+class TrainConfig(_Settings):
     """Everything `videonsa train` needs. `trainer` holds `TrainingArguments` fields by name."""
 
-    model: ModelSettings = field(default_factory=ModelSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    trainable: TrainableSettings = field(default_factory=TrainableSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    trainable: TrainableSettings = Field(default_factory=TrainableSettings)
     strategy: str = "auto"
-    trainer: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = Field(default_factory=dict)
     source: str = "<defaults>"
 
     def validate(self) -> TrainConfig:
-        """Return self, or raise `UserError` naming the first setting that cannot work."""
-        where = f"in {self.source}"
-        if not self.model.path:
-            raise UserError(f"model.path is not set {where} (a Qwen2.5-VL or VideoNSA checkpoint)")
-        if self.model.architecture not in ARCHITECTURES:
-            raise UserError(f"model.architecture must be one of {', '.join(ARCHITECTURES)} {where}")
-        if self.model.dtype not in DTYPES:
-            raise UserError(f"model.dtype must be one of {', '.join(DTYPES)} {where}")
-        if bool(self.data.manifest) == bool(self.data.annotations):
-            raise UserError(f"set exactly one of data.manifest or data.annotations {where}")
-        if self.data.frames_as not in ("images", "video"):
-            raise UserError(f"data.frames_as must be 'images' or 'video' {where}")
-        if self.data.sample_fps <= 0 or self.data.max_tokens <= 0:
-            raise UserError(f"data.sample_fps and data.max_tokens must be positive {where}")
-        if not 784 <= self.data.min_pixels <= self.data.max_pixels:
-            raise UserError(f"need 784 <= data.min_pixels <= data.max_pixels {where}")
-        if self.data.max_frames is not None and self.data.max_frames < 1:
-            raise UserError(f"data.max_frames must be at least 1 {where}")
-        if not any(getattr(self.trainable, part) for part in TRAINABLE_PARTS):
-            raise UserError(f"every part is frozen {where}: nothing to train")
-        if self.model.sparse.get("attention_mode") == "official":
-            raise UserError(f"model.sparse.attention_mode 'official' reproduces the original code's inference "
-                            f"function and cannot be trained {where}: use 'nsa' or 'dense'")
-        if self.model.architecture == "qwen2_5_vl" and self.trainable.frozen() == list(TRAINABLE_PARTS[:3]):
-            raise UserError(f"gates-only training needs model.architecture videonsa {where}")
-        if self.strategy not in STRATEGIES and not self.strategy.endswith(".json"):
-            raise UserError(f"strategy must be one of {', '.join(STRATEGIES)} or a DeepSpeed .json file {where}")
-        if not self.trainer.get("output_dir"):
-            raise UserError(f"trainer.output_dir is not set {where} (or pass --output-dir)")
+        """Return self, or raise `UserError` listing every setting that cannot work (what a complete run needs,
+        and settings that contradict each other; types and ranges were checked when the config was read)."""
+        problems = self.problems()
+        if len(problems) == 1:
+            what, hint = problems[0]
+            raise UserError(f"{what} in {self.source}" + (f": {hint}" if hint else ""))
+        if problems:
+            listed = "; ".join(what + (f" ({hint})" if hint else "") for what, hint in problems)
+            raise UserError(f"{len(problems)} problems in {self.source}: {listed}")
         return self
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(what is wrong, how to fix it) for each setting that stops this config from training."""
+        problems = []
+        if not self.model.path:
+            problems.append(("model.path is not set", "a Qwen2.5-VL or VideoNSA checkpoint folder"))
+        if bool(self.data.manifest) == bool(self.data.annotations):
+            problems.append(("set exactly one of data.manifest or data.annotations", ""))
+        if self.data.min_pixels > self.data.max_pixels:
+            problems.append(("data.min_pixels is above data.max_pixels", ""))
+        if not any(getattr(self.trainable, part) for part in TRAINABLE_PARTS):
+            problems.append(("every part is frozen", "nothing to train"))
+        if self.model.sparse.get("attention_mode") == "official":
+            problems.append(("model.sparse.attention_mode 'official' reproduces the original code's inference "
+                             "function and cannot be trained", "use 'nsa' or 'dense'"))
+        if self.model.architecture == "qwen2_5_vl" and self.trainable.frozen() == list(TRAINABLE_PARTS[:3]):
+            problems.append(("gates-only training needs model.architecture videonsa", ""))
+        if self.strategy not in STRATEGIES and not self.strategy.endswith(".json"):
+            problems.append((f"strategy must be one of {', '.join(STRATEGIES)} or a DeepSpeed .json file", ""))
+        if not self.trainer.get("output_dir"):
+            problems.append(("trainer.output_dir is not set", "set it or pass --output-dir"))
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data (what is saved next to the checkpoints)."""
-        data = dataclasses.asdict(self)
-        data.pop("source")
-        return data
+        return self.model_dump(exclude={"source"})
 
 
 def recipe_path() -> Path:
@@ -158,15 +230,17 @@ def config_file(name: str) -> Path:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The recipe, updated by the file at `path` (YAML or JSON), then by dotted `overrides` (``"a.b": value``).
 
-    Unknown keys are errors, so a typo never silently falls back to a default.
+    Every setting's type and range is checked here, and all the bad ones are reported in one `UserError`;
+    unknown keys are errors too, so a typo never silently falls back to a default. Relative paths in the file
+    are relative to the file's folder, those in `overrides` to the working directory.
     """
     merged = load_mapping(recipe_path())
     source = "<defaults>"
     if path is not None:
-        merged = _deep_merge(merged, load_mapping(path))
+        merged = _deep_merge(merged, _resolve_paths(load_mapping(path), Path(path).absolute().parent))
         source = str(path)
     for dotted, value in (overrides or {}).items():
-        merged = _deep_merge(merged, _nest(dotted, value))
+        merged = _deep_merge(merged, _resolve_paths(_nest(dotted, value), Path.cwd()))
     return _from_mapping(merged, source)
 
 
@@ -185,40 +259,116 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _from_mapping(mapping: dict[str, Any], source: str) -> TrainConfig:
-    sections = {"model": ModelSettings, "data": DataSettings, "trainable": TrainableSettings}
-    unknown = set(mapping) - {*sections, "strategy", "trainer"}
-    if unknown:
-        raise UserError(f"unknown section {sorted(unknown)[0]!r} in {source} "
-                        f"(expected model, data, trainable, strategy, trainer)")
-    built = {name: _section(kind, mapping.get(name) or {}, name, source) for name, kind in sections.items()}
-    for key in ("manifest", "annotations"):
-        value = getattr(built["data"], key)
-        setattr(built["data"], key, [value] if isinstance(value, str) else list(value or []))
-    trainer = mapping.get("trainer") or {}
+    """Check the merged settings against the schema; raise one `UserError` listing every bad one."""
+    problems = [f"unknown section {key!r} (expected {', '.join(SECTIONS)})" for key in mapping if key not in SECTIONS]
+    values = {key: mapping[key] for key in SECTIONS if mapping.get(key) is not None}
+    trainer = values.pop("trainer", {})
     if not isinstance(trainer, dict):
-        raise UserError(f"trainer in {source} must be a mapping of TrainingArguments settings")
-    _check_trainer_keys(trainer, source)
-    strategy = str(mapping.get("strategy") or "auto")
-    return TrainConfig(**built, strategy=strategy, trainer=dict(trainer), source=source)
+        problems.append("trainer must be a mapping of TrainingArguments settings")
+        trainer = {}
+    config = None
+    try:
+        config = TrainConfig.model_validate({**copy.deepcopy(values), "trainer": dict(trainer), "source": source})
+    except ValidationError as error:
+        problems += _describe(error, (), TrainConfig)
+    sparse = (values.get("model") or {}).get("sparse") if isinstance(values.get("model"), dict) else None
+    if isinstance(sparse, dict):
+        problems += _validation_problems(SparseOverrides, sparse, ("model", "sparse"))
+    problems += _validation_problems(TrainerValues, trainer, ("trainer",))
+    problems += _unknown_trainer_keys(trainer)
+    if problems:
+        raise UserError(_one_line(problems, source))
+    assert config is not None
+    return config
 
 
-def _section(kind: type, values: Any, name: str, source: str) -> Any:
-    if not isinstance(values, dict):
-        raise UserError(f"{name} in {source} must be a mapping")
-    known = {f.name for f in dataclasses.fields(kind)}
-    for key in values:
-        if key not in known:
-            raise UserError(f"unknown setting {name}.{key} in {source} (known: {', '.join(sorted(known))})")
-    return kind(**copy.deepcopy(values))
+def _validation_problems(schema: type[BaseModel], values: dict[str, Any], prefix: tuple[str, ...]) -> list[str]:
+    try:
+        schema.model_validate(values)
+    except ValidationError as error:
+        return _describe(error, prefix, schema)
+    return []
 
 
-def _check_trainer_keys(trainer: dict[str, Any], source: str) -> None:
+def _describe(error: ValidationError, prefix: tuple[str, ...], schema: type[BaseModel]) -> list[str]:
+    """One phrase per bad setting, e.g. ``trainer.learning_rate: should be greater than 0, got -1e-06``.
+
+    A value checked against several alternatives (``a number or 'auto'``) yields one error per alternative from
+    pydantic; they are merged into one phrase. Locations deeper than the setting (list items, the alternatives'
+    tags) are left out.
+    """
+    found: dict[str, tuple[list[str], Any]] = {}
+    for item in error.errors():
+        loc = tuple(str(part) for part in item["loc"])
+        depth = 2 if schema is TrainConfig and loc and loc[0] in ("model", "data", "trainable") else 1
+        name = ".".join(prefix + loc[:depth])
+        if item["type"] == "extra_forbidden":
+            found[f"unknown setting {name}"] = ([_known_keys(schema, loc[:depth - 1])], None)
+            continue
+        if item["type"] == "model_type":
+            found[f"{name} must be a mapping"] = ([], None)
+            continue
+        expected = item["msg"].removeprefix("Input ").removeprefix("Value error, ")
+        messages, _ = found.setdefault(name, ([], item.get("input")))
+        if expected not in messages:
+            messages.append(expected)
+    phrases = []
+    for name, (messages, value) in found.items():
+        if name.startswith("unknown setting") or name.endswith("must be a mapping"):
+            phrases.append(name + (f" (known: {messages[0]})" if messages else ""))
+            continue
+        merged = messages[0] + "".join(f" or {text.removeprefix('should be ')}" for text in messages[1:])
+        phrases.append(f"{name}: {merged}, got {_short_repr(value)}")
+    return phrases
+
+
+def _known_keys(schema: type[BaseModel], section: tuple[str, ...]) -> str:
+    if section:
+        schema = TrainConfig.model_fields[section[0]].annotation
+    return ", ".join(sorted(name for name in schema.model_fields if name != "source"))
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unknown_trainer_keys(trainer: dict[str, Any]) -> list[str]:
+    import dataclasses
+
     from transformers import TrainingArguments
 
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    for key in trainer:
-        if key not in known:
-            raise UserError(f"unknown setting trainer.{key} in {source} (not a transformers TrainingArguments field)")
+    known = {field.name for field in dataclasses.fields(TrainingArguments)}
+    return [f"unknown setting trainer.{key} (not a transformers TrainingArguments field)"
+            for key in trainer if key not in known]
+
+
+def _one_line(problems: list[str], source: str) -> str:
+    if len(problems) == 1:
+        return f"{problems[0]} in {source}"
+    return f"{len(problems)} problems in {source}: {'; '.join(problems)}"
+
+
+def _resolve_paths(mapping: dict[str, Any], base: Path) -> dict[str, Any]:
+    """`mapping` with the relative paths of `PATH_SETTINGS` (and a DeepSpeed ``strategy`` file) made absolute
+    against `base`; ``~`` is expanded. Values of the wrong type are left for validation to report."""
+    resolved = copy.copy(mapping)
+    for section, key in PATH_SETTINGS:
+        values = resolved.get(section)
+        if isinstance(values, dict) and key in values:
+            resolved[section] = {**values, key: _absolute(values[key], base)}
+    strategy = resolved.get("strategy")
+    if isinstance(strategy, str) and strategy.endswith(".json"):
+        resolved["strategy"] = _absolute(strategy, base)
+    return resolved
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    if isinstance(value, list):
+        return [_absolute(item, base) for item in value]
+    if not isinstance(value, str) or not value:
+        return value
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
