@@ -9,25 +9,32 @@ Random weights make the accuracy meaningless; the time and memory are real. What
 what `videonsa eval --preset planner` runs: plan the frames within the token budget, decode them with PyAV, run
 the vision tower and the language model's prefill, generate one option letter, append the answer to
 answers.jsonl; each (mode, budget) pair is one `run_eval` call into a fresh directory, whose summary.json gives
-the numbers. The model is built in memory (no 16 GB checkpoint is written): its config and a tiny byte-level
-tokenizer (`videonsa.testing`) are written to a temporary directory and opened with `open_model_files`, as
-`videonsa.load` does, and the in-memory weights are wrapped into the same `VideoQA` object `load` returns.
+the numbers. The model is built in memory, directly on the GPU (no 16 GB checkpoint is written), and wrapped
+into the `VideoQA` object `videonsa.load` returns, with a tiny byte-level tokenizer (`videonsa.testing`; token
+ids below 300 of the real 152,064-row embedding, which costs the same whatever the ids).
 
 Frames: the planner preset for every mode, official included (its default, the paper preset, samples at most 32
 frames, which measures nothing about long videos): `--fps` 4 at `--pixels` 224x224 per frame, `--prefer frames`
-(every frame kept, the detail lowered to fit the budget). The needle videos are 2 fps, so 4 fps takes every
-frame: a 60-minute video is 7,200 frames. Sparse settings are the model's defaults (the paper's: blocks of 64,
-32 selected blocks, window 256).
+(every frame kept while the detail can still drop to `--min-pixels`, 112x112; below that, frames give way). The
+needle videos are 2 fps at 320x240, so 4 fps takes every frame: a 60-minute video is 7,200 frames. Sparse
+settings are the model's defaults (the paper's: blocks of 64, 32 selected blocks, window 256).
 
+Set: `--count` videos per length (1), one question per kind in `--kinds` (default retrieval only: the kind
+changes a question's text by a few dozen tokens, not its cost, and three kinds triple the time). The set is
+generated once into `--set-dir` and reused by later runs with the same arguments.
+
+Order: one warm-up question per mode (kernel compilation, first allocations; the set's first question at the
+smallest budget) is not counted; then budget by budget, largest first, every mode back to back. `--stop-after S`
+starts no run after S seconds, so a time limit still ends with the table; `--out` is rewritten after every run.
 Printed last: one row per mode and budget (questions per hour, prefill and vision-tower seconds, tokens and
-frames per question, peak GPU memory, wall time of the run). Before it: per video length, the prefill and tokens.
-One warm-up question per mode (kernel compilation) runs first and is not counted.
+frames per question, peak GPU memory, wall time of the run); before it, per video length, frames, tokens and
+prefill seconds. A question's prefill (the runner's: from the start of generation to the first token) includes
+its vision tower; frame decoding and patching are outside it but inside questions per hour and wall time.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -48,8 +55,9 @@ from videonsa.evaluation import EvalSettings, load_questions, run_eval  # noqa: 
 from videonsa.evaluation.needles import NeedleTiming, make_needle_set, parse_duration  # noqa: E402
 from videonsa.evaluation.questions import NEEDLE_KINDS, QuestionSet  # noqa: E402
 from videonsa.evaluation.runner import ANSWERS_FILE, read_answers  # noqa: E402
-from videonsa.inference import VideoQA, open_model_files  # noqa: E402
-from videonsa.video import DEFAULT_MIN_PIXELS_PER_FRAME, SamplingSettings  # noqa: E402
+from videonsa.inference import ModelFiles, VideoQA  # noqa: E402
+from videonsa.video import DEFAULT_MIN_PIXELS_PER_FRAME, SamplingSettings, VisionGeometry  # noqa: E402
+from videonsa.video.patches import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 # Qwen2.5-VL-7B-Instruct's vision tower (its config.json's vision_config).
 QWEN2_5_VL_7B_VISION = dict(
@@ -68,12 +76,13 @@ QWEN2_5_VL_7B_VISION = dict(
     hidden_act="silu",
 )
 DEFAULT_LENGTHS = ("5m", "15m", "30m", "1h")
-DEFAULT_BUDGETS = (32768, 65536, 131072)
+# Largest first: the long-context rows matter most and come first if --stop-after cuts the run short.
+DEFAULT_BUDGETS = (131072, 65536, 32768)
 # --tiny: videos of a few seconds (needles shortened to fit), 64x64 frames at 2 fps planned at 56x56 (4 tokens per
 # pair of frames, down to 28x28), budgets just above the byte-level prompt (~270 text tokens) so that the smaller
 # one lowers the detail, as the real budgets do on long videos.
 TINY_LENGTHS = ("16s", "24s")
-TINY_BUDGETS = (320, 1024)
+TINY_BUDGETS = (1024, 320)
 TINY_TIMING = NeedleTiming(card_seconds=2, flash_seconds=1, max_flashes=2, crossing_seconds=1, gap_seconds=1)
 TINY_SIZE = (64, 64)
 TINY_PIXELS = 56 * 56
@@ -121,14 +130,35 @@ def random_generation_model(config, device: str | torch.device, dtype: torch.dty
     return model.eval()
 
 
-def wrap_in_memory_model(model, directory: Path, name: str) -> VideoQA:
-    """The `VideoQA` `videonsa.load` would return for `model`: its config and the tiny tokenizer and processor
-    files are written to `directory` and read back by `open_model_files`; the weights stay in memory."""
+def in_memory_model_files(model, directory: Path, name: str) -> ModelFiles:
+    """The `ModelFiles` `open_model_files` would read for `model` with the tiny tokenizer: config, tokenizer, chat
+    template, vision geometry, CLIP pixel statistics (the tiny processor's).
+
+    Built from the objects in memory rather than by `open_model_files`, which checks the folder's weight files
+    against the config and would need the 16 GB of weights on disk. The config and tokenizer files are still
+    written to `directory`, so the record of the run points at a folder describing the model.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(directory)
-    testing.save_tiny_processor(directory)
-    files = dataclasses.replace(open_model_files(directory), name=name)
-    return VideoQA(files, model)
+    tokenizer = testing.tiny_tokenizer()
+    tokenizer.save_pretrained(directory)
+    vision = model.config.vision_config
+    return ModelFiles(
+        name=name,
+        directory=directory,
+        hub_id=None,
+        config=model.config.to_dict(),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        geometry=VisionGeometry(
+            patch_size=vision.patch_size,
+            merge_size=vision.spatial_merge_size,
+            temporal_patch_size=vision.temporal_patch_size,
+        ),
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        tokens_per_second=float(vision.tokens_per_second),
+    )
 
 
 def build_model(tiny: bool, device: torch.device, directory: Path) -> tuple[VideoQA, str]:
@@ -142,7 +172,8 @@ def build_model(tiny: bool, device: torch.device, directory: Path) -> tuple[Vide
         description += "random weights, bfloat16"
     parameters = sum(parameter.numel() for parameter in model.parameters())
     description += f", {parameters / 1e9:.2f}B parameters" if parameters >= 1e9 else f", {parameters:,} parameters"
-    return wrap_in_memory_model(model, directory, "random-qwen2.5-vl-7b" if not tiny else "random-tiny"), description
+    files = in_memory_model_files(model, directory, "random-tiny" if tiny else "random-qwen2.5-vl-7b")
+    return VideoQA(files, model), description
 
 
 def build_needle_set(args: argparse.Namespace) -> QuestionSet:
@@ -313,6 +344,8 @@ def _format(value: float | None, spec: str) -> str:
 
 
 def print_tables(rows: Sequence[dict[str, Any]], header: str) -> None:
+    """The per-length table, then the main one; rows by budget (ascending), modes in run order."""
+    rows = sorted(rows, key=lambda row: row["budget_tokens"])
     print("\nPer video length (mean per question)")
     print(f"{'mode':<9} {'budget':>7} {'length':>7} {'frames':>7} {'tokens':>8} {'prefill s':>10} {'question s':>11}")
     for row in rows:
@@ -384,7 +417,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default cuda:0 (cpu with --tiny)")
     parser.add_argument("--runs-dir", type=Path, default=None,
                         help="keep every run's directory (answers.jsonl, summary.json) here; default: deleted")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--stop-after", type=float, default=0,
+                        help="start no further run after this many seconds (the rows so far are kept); 0: no limit")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the results as JSON here (rewritten after every run)")
     args = parser.parse_args(argv)
     lengths = args.lengths or (TINY_LENGTHS if args.tiny else DEFAULT_LENGTHS)
     args.lengths = [parse_duration(str(text)) for text in lengths]
@@ -399,8 +435,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def missing_modules() -> list[str]:
+    """Python packages `videonsa eval` needs here that are not installed (PyAV, rich, matplotlib)."""
+    import importlib.util
+
+    needed = {"av": "PyAV", "rich": "rich", "matplotlib": "matplotlib"}
+    return [name for module, name in needed.items() if importlib.util.find_spec(module) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    missing = missing_modules()
+    if missing:
+        print(f"error: {', '.join(missing)} not installed: videonsa eval needs them (install or carry their wheels)",
+              file=sys.stderr)
+        return 2
     if args.device.type == "cuda":
         torch.cuda.set_device(args.device)
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
@@ -434,6 +483,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Budget-major order: the modes of one budget run back to back, so drift hits them alike.
             for budget in args.budgets:
                 for mode in args.modes:
+                    elapsed = time.perf_counter() - started
+                    if args.stop_after and elapsed > args.stop_after:
+                        print(f"skipped {mode} budget {budget:,}: {elapsed:.0f} s past --stop-after", flush=True)
+                        record.setdefault("skipped", []).append({"mode": mode, "budget_tokens": budget})
+                        continue
                     rows.append(measure(qa, questions, mode, budget, args, runs_dir, vision, args.device))
                     print(json.dumps({key: value for key, value in rows[-1].items() if key != "per_length"}),
                           flush=True)
