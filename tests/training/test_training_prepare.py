@@ -10,8 +10,9 @@ import pytest
 from videonsa.cli import main
 from videonsa.errors import UserError
 from videonsa.training.prepare import ClipFilter, prepare_manifest, read_manifest
-from videonsa.training.probe import ClipInfo, frames_at_rate, probe_clip
-from videonsa.video.synthetic import write_image_folder, write_video
+from videonsa.training.probe import ClipInfo, ClipUnreadable, frames_at_rate, probe_clip
+from videonsa.video import probe_video
+from videonsa.video.synthetic import write_image_folder, write_variable_frame_rate_video, write_video
 
 # Frames are counted at 4 fps; keep 8 to 16 of them (2 to 4 seconds of video).
 SMALL_FILTER = ClipFilter(sample_fps=4.0, min_frames=8, max_frames=16)
@@ -87,7 +88,8 @@ def test_filter_keeps_and_drops_the_right_samples(media, tmp_path, workers):
     report = json.loads(summary.report.read_text())
     assert report["kept"] == 3 and report["dropped"] == 8 and report["total"] == 11
     assert report["dropped_by_reason"] == {
-        "malformed": 1, "missing": 2, "unreadable": 1, "fps": 1, "too_few_frames": 2, "too_many_frames": 1}
+        "malformed": 1, "unsafe_path": 0, "missing": 2, "unreadable": 1, "fps": 1, "too_few_frames": 2,
+        "too_many_frames": 1}
     assert {item["id"]: item["reason"] for item in report["dropped_samples"]} == EXPECTED_DROPS
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
 
@@ -146,3 +148,92 @@ def test_cli_prepare_reports_user_mistakes_in_one_line(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "does not exist" in error and "Traceback" not in error and error.count("\n") == 1
     assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_unsafe_paths_are_dropped_with_their_own_reason(media, tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(llava("good", "good.mp4")) + "\n" + json.dumps(llava("up", "../good.mp4")) + "\n")
+    summary = prepare_manifest(path, tmp_path / "m.jsonl", media_root=media / "frames10", clip_filter=SMALL_FILTER,
+                               workers=0, progress=False)
+    assert summary.kept == 0 and summary.dropped == {"unsafe_path": 1, "missing": 1}
+    summary = prepare_manifest(path, tmp_path / "m.jsonl", media_root=media / "frames10", clip_filter=SMALL_FILTER,
+                               workers=0, progress=False, allow_outside_root=True)
+    assert summary.kept == 1
+
+
+@pytest.mark.parametrize("script", ["ffconcat version 1.0\nfile seg.ts\n", "#EXTM3U\n#EXTINF:3,\nseg.ts\n"])
+def test_a_list_of_files_disguised_as_a_video_is_never_opened(tmp_path, script):
+    write_video(tmp_path / "seg.ts", frame_count=30, fps=10, width=56, height=56)  # what the script would pull in
+    fake = tmp_path / "clip.mp4"
+    fake.write_text(script)
+    with pytest.raises(ClipUnreadable, match="is a playlist"):
+        probe_clip((str(fake),), True)
+
+
+def test_variable_frame_rate_mkv_is_probed_as_ask_reads_it(tmp_path):
+    # Matroska with a 1 ms time base: FFmpeg reports 1000 fps, which is no real frame rate.
+    times = [0.0, 0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.9, 1.0, 1.1, 1.3, 1.4, 1.5, 1.7, 1.8, 1.9, 2.1, 2.2, 2.3, 2.5]
+    video = write_variable_frame_rate_video(tmp_path / "vfr.mkv", times, end_time=2.6, width=56, height=56)
+    clip = probe_clip((str(video),), True)
+    assert clip.num_frames == 20 and clip.fps == pytest.approx(20 / 2.6) and clip.duration == pytest.approx(2.6)
+    assert frames_at_rate(clip, 4.0) == 10
+    info = probe_video(video)
+    assert (info.frame_count, info.average_fps) == (clip.num_frames, clip.fps)
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(llava("vfr", "vfr.mkv")) + "\n")
+    summary = prepare_manifest(path, tmp_path / "m.jsonl", clip_filter=ClipFilter(min_frames=8, max_frames=16),
+                               workers=0, progress=False)
+    assert summary.kept == 1, summary.dropped
+
+
+def test_manifest_is_found_from_another_directory(media, tmp_path, monkeypatch):
+    monkeypatch.chdir(media)
+    summary = prepare_manifest(annotation_file(media).name, tmp_path / "m.jsonl", media_root=".",
+                               clip_filter=SMALL_FILTER, workers=0, progress=False)
+    monkeypatch.chdir(tmp_path)
+    for entry in read_manifest(summary.manifest):
+        assert all(Path(path).is_absolute() and Path(path).is_file() for path in entry.sample.media_paths)
+
+
+def test_relative_manifest_paths_resolve_against_the_manifest(media, tmp_path, monkeypatch):
+    summary = prepare_manifest(annotation_file(media), media / "m.jsonl", clip_filter=SMALL_FILTER, workers=0,
+                               progress=False)
+    records = [json.loads(line) for line in summary.manifest.read_text().splitlines()]
+    for record in records:
+        record["video"] = record["video"] and str(Path(record["video"]).relative_to(media))
+        record["frames"] = [str(Path(frame).relative_to(media)) for frame in record["frames"]]
+    moved = media / "m.jsonl"
+    moved.write_text("".join(json.dumps(record) + "\n" for record in records))
+    monkeypatch.chdir(tmp_path)
+    entries = read_manifest(moved)
+    assert entries[0].sample.media_paths[0] == str(media / Path(records[0]["video"] or records[0]["frames"][0]))
+    assert all(Path(path).is_file() for entry in entries for path in entry.sample.media_paths)
+
+
+def test_duplicate_ids_are_in_the_report(media, tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(llava("same", str(media / "good.mp4"))) + "\n" +
+                    json.dumps(llava("same", str(media / "long.mp4"))) + "\n")
+    summary = prepare_manifest(path, tmp_path / "m.jsonl", media_root=media, allow_outside_root=True,
+                               clip_filter=SMALL_FILTER, workers=0, progress=False)
+    report = json.loads(summary.report.read_text())
+    assert list(report["duplicate_ids"]) == ["same"] and len(report["duplicate_ids"]["same"]) == 2
+    assert summary.duplicate_ids == 1
+
+
+def test_cli_prepare_keeping_nothing_fails_with_a_hint(media, tmp_path, capsys):
+    code = main(["data", "prepare", str(annotation_file(media)), "-o", str(tmp_path / "m.jsonl"), "--workers", "0",
+                 "--quiet"])  # the paper's 350-550 frames: none of these short clips pass
+    assert code != 0
+    error = capsys.readouterr().err
+    assert "kept 0 of 11" in error and "--min-frames" in error
+    assert (tmp_path / "m.report.json").is_file()
+
+
+def test_oversized_frame_image_is_unreadable_not_fatal(tmp_path, monkeypatch):
+    from PIL import Image
+
+    write_image_folder(tmp_path / "f", frame_count=3, width=56, height=56, suffix=".png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 56 x 56 is then a decompression bomb
+    with pytest.raises(ClipUnreadable, match="too large"):
+        probe_clip(tuple(str(tmp_path / "f" / f"frame_{i}.png") for i in (1, 2, 3)), False)

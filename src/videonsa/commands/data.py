@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 DEFAULT_WORKERS_NOTE = "number of CPUs"
 
@@ -20,8 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     prepare.add_argument("annotations", nargs="+", help="annotation files (.json or .jsonl)")
     prepare.add_argument("-o", "--output", required=True, help="manifest to write (.jsonl)")
-    prepare.add_argument("--video-root", help="folder the video/frame paths are relative to "
+    prepare.add_argument("--video-root", help="folder the video/frame paths are relative to, and must stay in "
                          "(default: each annotation file's folder)")
+    prepare.add_argument("--allow-outside-root", action="store_true",
+                         help="accept absolute paths, ~ and .. that leave the video root (URLs and playlists are "
+                         "refused regardless); only for annotation files you trust")
     prepare.add_argument("--report", help="drop report to write (default: <manifest>.report.json)")
     prepare.add_argument("--fps", type=float, default=4.0, help="sampling rate frames are counted at (4)")
     prepare.add_argument("--min-fps", type=float, default=None,
@@ -52,6 +56,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         report=args.report,
         workers=args.workers,
         progress=not args.quiet,
+        allow_outside_root=args.allow_outside_root,
     )
     from rich.console import Console
     from rich.table import Table
@@ -66,4 +71,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     console = Console()
     console.print(table)
     console.print(f"manifest: {summary.manifest}\nreport:   {summary.report}")
+    if summary.duplicate_ids:
+        console.print(f"note: {summary.duplicate_ids} ids are carried by more than one sample (all kept; listed "
+                      "under duplicate_ids in the report)")
+    if summary.kept == 0:
+        print(f"error: data prepare kept 0 of {summary.total} samples; {summary.empty_hint()}", file=sys.stderr)
+        return 1
     return 0

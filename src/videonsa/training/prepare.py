@@ -4,9 +4,13 @@ The manifest is JSONL, one `ManifestEntry` per line (the normalised sample plus 
 the training dataset. The report (JSON) says how many samples were kept and dropped, the count per reason, and
 every dropped sample with its reason, so a filter that removes too much is visible before hours of training.
 
-Drop reasons: ``malformed`` (the annotation record), ``missing`` (a file is not on disk), ``unreadable`` (the
-clip cannot be decoded), ``fps`` (native frame rate below the minimum), ``too_few_frames`` and
-``too_many_frames`` (frames counted at the sampling rate, as training will see them).
+Drop reasons: ``malformed`` (the annotation record), ``unsafe_path`` (a media path outside the video root, a URL
+or a playlist), ``missing`` (a file is not on disk), ``unreadable`` (the clip cannot be decoded), ``fps`` (native
+frame rate below the minimum), ``too_few_frames`` and ``too_many_frames`` (frames counted at the sampling rate, as
+training will see them). Ids carried by more than one sample are listed in the report (all are kept).
+
+Media paths are stored absolute; `read_manifest` resolves any relative path against the manifest's own folder,
+so training finds the files whatever directory it runs in.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +28,9 @@ from videonsa.errors import UserError
 from videonsa.training.annotations import Rejected, Sample, read_annotations
 from videonsa.training.io import atomic_write_json, atomic_write_text
 from videonsa.training.probe import ClipInfo, ClipMissing, ClipUnreadable, frames_at_rate, probe_clip
+from videonsa.training.workers import die_with_parent
 
-DROP_REASONS = ("malformed", "missing", "unreadable", "fps", "too_few_frames", "too_many_frames")
+DROP_REASONS = ("malformed", "unsafe_path", "missing", "unreadable", "fps", "too_few_frames", "too_many_frames")
 
 # One clip key: the files it is made of, and whether they form a video file (True) or a frame list (False).
 ClipKey = tuple[tuple[str, ...], bool]
@@ -91,10 +96,30 @@ class PrepareSummary:
     dropped: Counter
     manifest: Path
     report: Path
+    clip_filter: ClipFilter = ClipFilter()
+    duplicate_ids: int = 0
 
     @property
     def total(self) -> int:
         return self.kept + sum(self.dropped.values())
+
+    def empty_hint(self) -> str:
+        """What to change when nothing was kept: the setting behind the most common drop reason."""
+        if not self.dropped:
+            return "the annotation files hold no records"
+        reason, count = self.dropped.most_common(1)[0]
+        rule = self.clip_filter
+        min_fps = rule.sample_fps if rule.min_fps is None else rule.min_fps
+        hints = {
+            "malformed": "the records are not in a known layout; see the report's details",
+            "unsafe_path": "media paths leave the video root; set --video-root, or --allow-outside-root",
+            "missing": "media files are not where the paths point; check --video-root",
+            "unreadable": "the clips cannot be decoded; see the report's details",
+            "fps": f"native frame rates are below --min-fps {min_fps:g}",
+            "too_few_frames": f"clips are shorter than --min-frames {rule.min_frames} at --fps {rule.sample_fps:g}",
+            "too_many_frames": f"clips are longer than --max-frames {rule.max_frames} at --fps {rule.sample_fps:g}",
+        }
+        return f"{count} dropped as {reason}: {hints[reason]}"
 
 
 def prepare_manifest(
@@ -107,17 +132,19 @@ def prepare_manifest(
     workers: int | None = None,
     prober: Prober = probe_clip,
     progress: bool = True,
+    allow_outside_root: bool = False,
 ) -> PrepareSummary:
     """Read annotations, probe each distinct clip once (in `workers` processes), filter, write manifest + report.
 
     The report goes to `report`, or next to the manifest as ``<name>.report.json``. Both are written atomically.
     `workers` defaults to the number of CPUs; 0 probes in this process. `prober` must be picklable when
-    `workers` > 0 (a module-level function).
+    `workers` > 0 (a module-level function). Media paths must stay inside `media_root` unless
+    `allow_outside_root` (see `videonsa.training.annotations.confined_path`).
     """
     clip_filter = clip_filter or ClipFilter()
     output = Path(output)
     report_path = Path(report) if report is not None else output.with_name(output.stem + ".report.json")
-    annotation_set = read_annotations(annotations, media_root)
+    annotation_set = read_annotations(annotations, media_root, allow_outside_root=allow_outside_root)
     clips = sorted({_clip_key(sample) for sample in annotation_set.samples})
     probed = probe_all(clips, prober=prober, workers=os.cpu_count() if workers is None else workers,
                        progress=progress)
@@ -134,8 +161,10 @@ def prepare_manifest(
 
     atomic_write_text(output, "".join(json.dumps(entry.to_json(), ensure_ascii=False) + "\n" for entry in kept))
     dropped = Counter(item.reason for item in rejected)
-    atomic_write_json(report_path, _report(annotations, clip_filter, len(kept), dropped, rejected))
-    return PrepareSummary(kept=len(kept), dropped=dropped, manifest=output, report=report_path)
+    duplicates = annotation_set.duplicate_ids
+    atomic_write_json(report_path, _report(annotations, clip_filter, len(kept), dropped, rejected, duplicates))
+    return PrepareSummary(kept=len(kept), dropped=dropped, manifest=output, report=report_path,
+                          clip_filter=clip_filter, duplicate_ids=len(duplicates))
 
 
 def probe_all(
@@ -159,7 +188,8 @@ def _probe_stream(clips: Sequence[ClipKey], prober: Prober, workers: int) -> Ite
     jobs = [(prober, media, is_video) for media, is_video in clips]
     if workers <= 1 or len(clips) < 2:
         return map(_probe_one, jobs)
-    executor = ProcessPoolExecutor(max_workers=min(workers, len(clips)))
+    executor = ProcessPoolExecutor(max_workers=min(workers, len(clips)), initializer=die_with_parent,
+                                   initargs=(os.getpid(),))
     # Chunks keep inter-process traffic low for 100K+ clips while the bar still moves steadily.
     chunksize = max(1, min(64, len(clips) // (workers * 8)))
     return _closing(executor, executor.map(_probe_one, jobs, chunksize=chunksize))
@@ -185,7 +215,12 @@ def _clip_key(sample: Sample) -> ClipKey:
 
 
 def _report(
-    annotations: Any, clip_filter: ClipFilter, kept: int, dropped: Counter, rejected: list[Rejected]
+    annotations: Any,
+    clip_filter: ClipFilter,
+    kept: int,
+    dropped: Counter,
+    rejected: list[Rejected],
+    duplicate_ids: dict[str, list[str]],
 ) -> dict[str, Any]:
     files = [str(annotations)] if isinstance(annotations, (str, Path)) else [str(path) for path in annotations]
     return {
@@ -196,11 +231,15 @@ def _report(
         "dropped": sum(dropped.values()),
         "dropped_by_reason": {reason: dropped.get(reason, 0) for reason in DROP_REASONS},
         "dropped_samples": [asdict(item) for item in rejected],
+        "duplicate_ids": duplicate_ids,
     }
 
 
 def read_manifest(path: str | Path) -> list[ManifestEntry]:
-    """Read a manifest written by `prepare_manifest`; a damaged line is a `UserError` naming it."""
+    """Read a manifest written by `prepare_manifest`; a damaged line is a `UserError` naming it.
+
+    Relative media paths are taken relative to the manifest's folder (not the working directory).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"manifest {path} does not exist (write one with `videonsa data prepare`)")
@@ -209,7 +248,18 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
         if not line.strip():
             continue
         try:
-            entries.append(ManifestEntry.from_json(json.loads(line)))
+            entries.append(_anchored(ManifestEntry.from_json(json.loads(line)), path.parent))
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise UserError(f"manifest {path} line {line_number} is damaged ({error!r})") from None
     return entries
+
+
+def _anchored(entry: ManifestEntry, folder: Path) -> ManifestEntry:
+    """`entry` with its relative media paths joined to `folder` (absolute paths stay as they are)."""
+    sample = entry.sample
+    if all(os.path.isabs(path) for path in sample.media_paths):
+        return entry
+    folder = folder.absolute()
+    video = str(folder / sample.video) if sample.video is not None else None
+    frames = tuple(str(folder / frame) for frame in sample.frames)
+    return ManifestEntry(replace(sample, video=video, frames=frames), entry.clip)
