@@ -153,3 +153,44 @@ def test_even_positions_spread_over_the_whole_clip():
     assert len(set(chosen)) == 7 and chosen[0] < 100 and chosen[-1] > 900
     gaps = np.diff(chosen)
     assert gaps.max() - gaps.min() <= 1
+
+
+def test_an_oversized_frame_image_skips_the_sample_like_a_bad_video(tokenizer, tmp_path, monkeypatch, caplog):
+    from PIL import Image
+
+    write_image_folder(tmp_path / "small", frame_count=4, width=56, height=56, suffix=".png")
+    write_image_folder(tmp_path / "big", frame_count=4, width=56, height=56, suffix=".png")
+    Image.new("RGB", (300, 300)).save(tmp_path / "big" / "frame_3.png")  # a bomb in the middle of the clip
+    lines = [frames_sample("bomb", "big", 4), frames_sample("fine", "small", 4)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    dataset = VideoChatDataset(read_annotations(tmp_path / "a.jsonl").samples, tokenizer, settings())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 300 x 300 is then over twice the limit
+    with caplog.at_level(logging.WARNING, logger="videonsa.training"):
+        item = dataset[0]
+    assert item["data_stats"][0] == 1  # the bomb's sample skipped, the next one used
+    assert "bomb" in caplog.text and "too large" in caplog.text
+
+
+def test_frame_images_are_resized_as_each_is_read(tokenizer, tmp_path, monkeypatch):
+    """At most one full-resolution image is alive at a time, however many frames a sample has."""
+    import gc
+
+    from PIL import Image
+
+    side = 560
+    write_image_folder(tmp_path / "clip", frame_count=8, width=side, height=side, suffix=".png")
+    (tmp_path / "a.jsonl").write_text(json.dumps(frames_sample("big", "clip", 8)) + "\n")
+    dataset = VideoChatDataset(read_annotations(tmp_path / "a.jsonl").samples, tokenizer, settings())
+    peak = []
+    resize = Image.Image.resize
+
+    def counting_resize(self, *args, **kwargs):
+        full = [obj for obj in gc.get_objects()
+                if issubclass(type(obj), Image.Image) and obj.size == (side, side) and obj._im is not None]
+        peak.append(len(full))
+        return resize(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", counting_resize)
+    item = dataset[0]
+    assert item["vision_frames"].shape == (8, FRAME_SIDE, FRAME_SIDE, 3)
+    assert peak and max(peak) <= 2

@@ -1,8 +1,10 @@
 """Reading the chosen frames of a training clip: frame images with Pillow, video files through `videonsa.video`.
 
 Both return uint8 frames [k, H, W, 3] already at the size the vision tower takes (`pixels.resized_frame_size`),
-so the dataset never holds full-resolution frames. Any failure is raised as `ClipReadError`, which the dataset
-logs and skips; PyAV is imported only when a video file is read.
+so the dataset never holds full-resolution frames: frame images are resized one by one as they are read, so a
+550-frame 1080p sample peaks at one full-size image, not 550. Any failure (an image too large to decode safely
+included) is raised as `ClipReadError`, which the dataset logs and skips; PyAV is imported only when a video
+file is read.
 """
 
 from __future__ import annotations
@@ -51,16 +53,30 @@ class MediaReader:
 
     @staticmethod
     def _read_images(paths: Sequence[str], pixels: PixelRange) -> np.ndarray:
+        """Load and resize the images one at a time, so at most one is ever held at full resolution."""
         from PIL import Image
 
-        images = []
+        frames: np.ndarray | None = None
+        first_size = (0, 0)
         try:
-            for path in paths:
+            for index, path in enumerate(paths):
                 with Image.open(path) as image:
-                    images.append(image.convert("RGB"))
-            return resize_frames(images, pixels)
+                    if frames is None:
+                        first_size = image.size
+                        _check_source_size(path, *first_size)
+                        frames = np.empty((len(paths), *resized_frame_size(image.height, image.width, pixels), 3),
+                                          dtype=np.uint8)
+                    elif image.size != first_size:
+                        raise ClipReadError(f"frame {path} is {image.width}x{image.height} but the first is "
+                                            f"{first_size[0]}x{first_size[1]}")
+                    frames[index] = resize_frames([image], pixels)[0]
+        except Image.DecompressionBombError as error:
+            raise ClipReadError(f"frame image too large to decode safely ({error})") from None
         except (OSError, ValueError, SyntaxError) as error:
             raise ClipReadError(f"{type(error).__name__}: {error}") from None
+        if frames is None:
+            raise ClipReadError("no frames to read")
+        return frames
 
     @staticmethod
     def _read_video(
@@ -72,6 +88,15 @@ class MediaReader:
             return _decode_video(path, clip, times, height, width)
         except Exception as error:  # decoding damaged files raises many error types; all mean "skip it"
             raise ClipReadError(f"{type(error).__name__}: {error}") from None
+
+
+def _check_source_size(path: str, width: int, height: int) -> None:
+    """Refuse frames larger than any sane video's before decoding them (the limit `videonsa ask` applies)."""
+    from videonsa.video.limits import DEFAULT_MAX_SOURCE_PIXELS
+
+    if width * height > DEFAULT_MAX_SOURCE_PIXELS:
+        raise ClipReadError(f"frame {path} of {width}x{height} is too large (over {DEFAULT_MAX_SOURCE_PIXELS:,} "
+                            "pixels)")
 
 
 def _decode_video(path: str, clip: ClipInfo, times: Sequence[float], height: int, width: int) -> np.ndarray:
