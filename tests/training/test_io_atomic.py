@@ -20,6 +20,15 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+def _replace_with_private_file(temporary: str) -> None:
+    """Write as safetensors' save_file does: a new 0600 file renamed over the given path."""
+    private = temporary + ".own"
+    descriptor = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(descriptor, b"x")
+    os.close(descriptor)
+    os.replace(private, temporary)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_written_files_follow_the_umask_like_a_plain_open(tmp_path: Path, umask: int) -> None:
     previous = os.umask(umask)
@@ -29,11 +38,12 @@ def test_written_files_follow_the_umask_like_a_plain_open(tmp_path: Path, umask:
         atomic_write_text(tmp_path / "atomic.txt", "x")
         atomic_write_json(tmp_path / "atomic.json", {"a": 1})
         atomic_write(tmp_path / "atomic.bin", lambda temporary: Path(temporary).write_bytes(b"x"))
+        atomic_write(tmp_path / "replaced.bin", _replace_with_private_file)
     finally:
         os.umask(previous)
     expected = _mode(tmp_path / "plain.txt")
     assert expected == 0o666 & ~umask
-    for name in ("atomic.txt", "atomic.json", "atomic.bin"):
+    for name in ("atomic.txt", "atomic.json", "atomic.bin", "replaced.bin"):
         assert _mode(tmp_path / name) == expected, name
 
 

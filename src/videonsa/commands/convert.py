@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                         help="weight dtype to write (default: as stored)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new gates' initialisation (default 0)")
+    parser.add_argument("--fresh-gates", action="store_true",
+                        help="accept a SOURCE that stores gates for some layers only, initialising the missing "
+                        "ones fresh (without it such a checkpoint is refused, naming the layers)")
     parser.add_argument("--block-size", type=int, help="vision tokens per NSA block (default 64)")
     parser.add_argument("--block-counts", type=int, help="blocks each query selects (default 32)")
     parser.add_argument("--window-size", type=int, help="sliding-window length in vision tokens (default 256)")
@@ -45,6 +48,7 @@ def run_convert(args: argparse.Namespace) -> int:
         raise UserError("source and destination must be different folders")
     destination = convert_checkpoint(
         args.source, args.destination, legacy_layout=args.legacy_layout, dtype=args.dtype, seed=args.seed,
+        fresh_gates=args.fresh_gates,
         **settings,
     )
     layout = "legacy flat" if args.legacy_layout else "current transformers"

@@ -149,12 +149,18 @@ def open_model_files(model: str | Path) -> ModelFiles:
     """Find `model` (a local directory or a Hub id) and read all but its weights.
 
     Raises `UserError` with one line naming the model for a missing directory, an unreachable or unknown hub
-    id, or a directory without config, tokenizer or chat template.
+    id, or a directory without config, tokenizer or chat template, and one naming the file for an implausible
+    config.json or (local folders) weights that are not safetensors or disagree with the config
+    (`videonsa.models.checkpoint_checks.check_checkpoint`).
     """
+    from videonsa.models.checkpoint_checks import check_checkpoint, read_config
+
     directory, hub_id = locate_model(model)
     if not (directory / "config.json").is_file():
         raise UserError(f"model '{model}': {directory} has no config.json, so it is not a model directory")
-    config = _read_json(directory / "config.json")
+    # A local folder is checked whole now (config against the weights' headers), before any frame is decoded; a
+    # hub model's weights are not downloaded yet, so `load_weights` checks them.
+    config = read_config(directory) if hub_id else check_checkpoint(directory).config
     vision = config.get("vision_config") or {}
     tokenizer = _load_tokenizer(directory)
     mean, std = _pixel_statistics(directory)
@@ -248,11 +254,14 @@ def resolve_attention(files: ModelFiles, attention: str = "auto") -> AttentionCh
     return AttentionChoice(default.mode, from_checkpoint=True, source=default.source, notice=default.notice(files.name))
 
 
-def load_weights(files: ModelFiles, *, attention: str, device: torch.device, dtype: torch.dtype):
+def load_weights(
+    files: ModelFiles, *, attention: str, device: torch.device, dtype: torch.dtype, fresh_gates: bool = False
+):
     """Load the model (VideoNSA, or plain Qwen2.5-VL with fresh gates) in eval mode on `device`.
 
     attention: "auto" (the checkpoint decides, see `resolve_attention`; an official-mode default is announced
-    in one logged warning line) or an explicit "nsa", "dense" or "official"."""
+    in one logged warning line) or an explicit "nsa", "dense" or "official". fresh_gates: accept a checkpoint
+    with gates in some layers only, initialising the missing ones fresh (otherwise a `UserError`)."""
     from videonsa.models import VideoNSAForConditionalGeneration
 
     choice = resolve_attention(files, attention)
@@ -261,7 +270,7 @@ def load_weights(files: ModelFiles, *, attention: str, device: torch.device, dty
     directory = _download(files.hub_id, None) if files.hub_id else files.directory
     try:
         model = VideoNSAForConditionalGeneration.from_pretrained(
-            directory, dtype=dtype, device_map=str(device), attention_mode=choice.mode
+            directory, dtype=dtype, device_map=str(device), attention_mode=choice.mode, fresh_gates=fresh_gates
         )
     except OSError as error:
         raise UserError(f"model '{files.name}': cannot load its weights ({str(error).splitlines()[0]})") from None

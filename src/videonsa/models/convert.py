@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from videonsa.errors import UserError
+from videonsa.models.checkpoint_checks import check_checkpoint
 from videonsa.models.checkpoints import to_current_key, to_legacy_key
+from videonsa.training.io import atomic_write
 
 # Shards of at most this many bytes, as transformers writes them by default.
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -86,6 +88,7 @@ def convert_checkpoint(
     legacy_layout: bool = False,
     dtype: str = "auto",
     seed: int = 0,
+    fresh_gates: bool = False,
     **settings: Any,
 ) -> Path:
     """Write a VideoNSA checkpoint made from the Qwen2.5-VL (or VideoNSA) checkpoint folder `source`.
@@ -94,9 +97,14 @@ def convert_checkpoint(
     Tokenizer, processor and other non-weight files are copied. `settings` (block_size, block_counts,
     window_size, init_blocks, local_blocks, gate_temperature, attention_mode) are recorded in the new config.
 
+    `source` is checked first (`checkpoint_checks.check_checkpoint`): a malformed config, weights that are not
+    safetensors or disagree with it, or gates stored for some layers only (unless `fresh_gates`) are a
+    `UserError`, and nothing is written.
+
     Args:
         legacy_layout: write the released checkpoint's flat layout instead of transformers' current one.
         dtype: "auto" (as stored), "bfloat16", "float16" or "float32".
+        fresh_gates: accept a source with gates in some layers only; the missing ones are initialised fresh.
     """
     from videonsa.models.modeling_videonsa import VideoNSAForConditionalGeneration
 
@@ -106,13 +114,16 @@ def convert_checkpoint(
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise UserError(f"{destination}: already exists and is not an empty folder")
     torch_dtype = _parse_dtype(dtype)
+    check_checkpoint(source)  # before the (possibly minutes-long) load; from_pretrained checks again, cheaply
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = VideoNSAForConditionalGeneration.from_pretrained(source, dtype=torch_dtype, **settings)
+        model = VideoNSAForConditionalGeneration.from_pretrained(
+            source, dtype=torch_dtype, fresh_gates=fresh_gates, **settings
+        )
 
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.partial-"))
+    staging = _make_staging_folder(destination)
     try:
         _save(model, staging, legacy=legacy_layout, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES)
         for item in source.iterdir():
@@ -165,16 +176,21 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
     return shards
 
 
+def _make_staging_folder(destination: Path) -> Path:
+    """A new empty folder beside `destination` with the permissions `mkdir` gives (0777 less the umask; a
+    `tempfile.mkdtemp` folder would be 0700 and the renamed checkpoint unreadable to anyone else)."""
+    while True:
+        staging = destination.parent / f".{destination.name}.partial-{secrets.token_hex(8)}"
+        try:
+            staging.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        return staging
+
+
 def _write_atomic(path: Path, write: Any) -> None:
-    """Run write(temporary_path) and rename the result to `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Run write(temporary_path) and rename the result to `path` (`videonsa.training.io.atomic_write`)."""
+    atomic_write(path, write)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,7 +56,14 @@ from videonsa.layers import (
 )
 from videonsa.layers.attention import grouped_text_sdpa
 from videonsa.layers.official import official_attention
-from videonsa.models.checkpoints import LEGACY_KEY_MAPPING, checkpoint_attention_mode, checkpoint_has_gates
+from videonsa.models.checkpoint_checks import (
+    GateCoverage,
+    check_checkpoint,
+    describe_layers,
+    gate_coverage,
+    refuse_partial_gates,
+)
+from videonsa.models.checkpoints import LEGACY_KEY_MAPPING, checkpoint_attention_mode, checkpoint_tensor_names
 from videonsa.models.configuration_videonsa import NSA_CONFIG_DEFAULTS, VideoNSAConfig
 from videonsa.models.official_mode import (
     OfficialTokens,
@@ -534,7 +542,13 @@ class VideoNSAForConditionalGeneration(_GateInitMixin, qwen.Qwen2_5_VLForConditi
 
         VideoNSA settings can be given as keyword arguments and override the checkpoint's: `attention_mode`,
         `block_size`, `block_counts`, `window_size`, `init_blocks`, `local_blocks`, `gate_temperature`.
-        Everything else goes to transformers' `from_pretrained`.
+        `fresh_gates=True` accepts a checkpoint whose gates are stored for some layers only, initialising the
+        others fresh (with one warning naming them); without it such a checkpoint is a `UserError` naming the
+        layers. Only safetensors weights are read (never pickle files). Everything else goes to transformers'
+        `from_pretrained`.
+
+        A local folder (without a `config` object) is checked before anything is built: config.json plausible and
+        agreeing with the weights' shapes (`checkpoint_checks.check_checkpoint`, one `UserError` line).
 
         Without `attention_mode` (and without a `config` object) the checkpoint decides
         (`checkpoints.checkpoint_attention_mode`): the mode its config.json records; "official" for the released
@@ -542,25 +556,32 @@ class VideoNSAForConditionalGeneration(_GateInitMixin, qwen.Qwen2_5_VLForConditi
         else "nsa".
         """
         settings = {key: kwargs.pop(key) for key in NSA_CONFIG_DEFAULTS if key in kwargs}
+        fresh_gates = bool(kwargs.pop("fresh_gates", False))
         wants_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("key_mapping", LEGACY_KEY_MAPPING)
+        kwargs.setdefault("use_safetensors", True)  # pickle-format weights are never unpickled
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "token", "revision", "local_files_only") if k in kwargs}
+        subfolder = kwargs.get("subfolder", "")
+        name = str(pretrained_model_name_or_path)
+        local = Path(pretrained_model_name_or_path, subfolder)
+        coverage = None
+        if local.is_dir() and kwargs.get("config") is None:
+            coverage = check_checkpoint(local).gates
+            _check_gates(coverage, name, fresh_gates)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
-        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "token", "revision", "local_files_only") if k in kwargs}
-        subfolder = kwargs.get("subfolder", "")
         if "attention_mode" not in settings and kwargs.get("config") is None:
             default = checkpoint_attention_mode(pretrained_model_name_or_path, subfolder, **hub_kwargs)
             if default.source == "released-layout":
                 settings["attention_mode"] = default.mode
-            if notice := default.notice(str(pretrained_model_name_or_path)):
+            if notice := default.notice(name):
                 logger.warning(notice)
-        if checkpoint_has_gates(pretrained_model_name_or_path, subfolder, **hub_kwargs) is False:
-            layers = model.config.text_config.num_hidden_layers
-            logger.warning(
-                f"{pretrained_model_name_or_path} has no VideoNSA gates: initialised g_proj_1/g_proj_2 of all "
-                f"{layers} layers fresh (weights N(0, {GATE_INIT_STD}), biases 0); fine-tune before use"
-            )
+        if coverage is None:
+            names = checkpoint_tensor_names(pretrained_model_name_or_path, subfolder, **hub_kwargs)
+            if names is not None:
+                coverage = gate_coverage(names, model.config.text_config.num_hidden_layers)
+                _check_gates(coverage, name, fresh_gates)
         mode = settings.pop("attention_mode", None)
         if settings:
             model.set_sparsity(**settings)
@@ -606,6 +627,19 @@ class VideoNSAForConditionalGeneration(_GateInitMixin, qwen.Qwen2_5_VLForConditi
     def sparse_settings(self) -> SparseSettings:
         """The settings every VideoNSA layer runs with now."""
         return _attention_layers(self)[0].settings
+
+
+def _check_gates(coverage: GateCoverage, name: str, fresh_gates: bool) -> None:
+    """Refuse a partly gated checkpoint unless `fresh_gates`; say which layers get fresh gates."""
+    if coverage.complete:
+        return
+    if not fresh_gates:
+        refuse_partial_gates(coverage, name)
+    fresh = "all" if not coverage.gated else f"layer(s) {describe_layers(coverage.missing)} of"
+    logger.warning(
+        f"{name} has no VideoNSA gates for {fresh} {coverage.layers} layers: initialised g_proj_1/g_proj_2 there "
+        f"fresh (weights N(0, {GATE_INIT_STD}), biases 0); fine-tune before use"
+    )
 
 
 def set_attention_mode(model: nn.Module, mode: str) -> None:

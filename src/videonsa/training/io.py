@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +35,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     temporary, lock = _create_locked_temporary(path)
     try:
         write(str(temporary))
-        os.fsync(lock)
+        _settle(temporary, lock)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -98,6 +99,20 @@ def _remove_abandoned_temporaries(path: Path) -> None:
             candidate.unlink(missing_ok=True)
         finally:
             os.close(descriptor)
+
+
+def _settle(temporary: Path, lock: int) -> None:
+    """Flush the written file to disk, with the mode the temporary was created with: some writers (safetensors'
+    `save_file`) replace the file at the path they are given by their own, created 0600."""
+    created = os.fstat(lock)
+    descriptor = os.open(temporary, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        written = os.fstat(descriptor)
+        if (written.st_dev, written.st_ino) != (created.st_dev, created.st_ino):
+            os.fchmod(descriptor, stat.S_IMODE(created.st_mode))
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _fsync_folder(folder: Path) -> None:
