@@ -48,7 +48,7 @@ def _image_size(path: Path) -> tuple[int, int]:
             with Image.open(path) as image:
                 return image.size
     except Image.DecompressionBombError as error:
-        raise UserError(f"{path}: image resolution is enormous ({error})") from None
+        raise UserError(f"{path}: image is too large to decode safely ({error})") from None
     except (UnidentifiedImageError, OSError) as error:
         raise UserError(f"{path}: not a readable image ({error})") from None
 
@@ -79,7 +79,8 @@ def probe_images(name: str, paths: Sequence[Path], *, frames_fps: float, max_sou
 
 
 def _load_frame(path: Path, expected_size: tuple[int, int], height: int, width: int) -> np.ndarray:
-    """One image as uint8 RGB [height, width, 3], resized with bicubic filtering."""
+    """One image as uint8 RGB [height, width, 3], resized with bicubic filtering as soon as it is decoded, so only
+    one image is ever held at full resolution."""
     try:
         with Image.open(path) as image:
             if image.size != expected_size:
@@ -91,6 +92,8 @@ def _load_frame(path: Path, expected_size: tuple[int, int], height: int, width: 
             if rgb.size != (width, height):
                 rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
             return np.asarray(rgb, dtype=np.uint8)
+    except Image.DecompressionBombError as error:
+        raise UserError(f"{path}: image is too large to decode safely ({error})") from None
     except (UnidentifiedImageError, OSError) as error:
         raise UserError(f"{path}: not a readable image ({error})") from None
 
