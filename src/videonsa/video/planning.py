@@ -8,6 +8,11 @@ The plan starts from the paper's sampling, `fps` frames per second (4) at `pixel
 224 x 224). When that does not fit the token budget left after the text, `prefer` decides what gives way:
 "frames" keeps every frame and lowers the resolution, "detail" keeps the resolution and drops frames, and
 "balanced" lowers both by the same factor. Sampled frames are spread evenly over the whole video.
+
+Two promises hold whatever the rounding to 28-pixel sides does: no plan has fewer than `min_pixels_per_frame`
+pixels per frame (the floor's size is the smallest of the video's shape at or above it, which may exceed
+`pixels_per_frame` by part of a token row when the two are close), and a "balanced" plan is never strictly
+worse than the "frames" plan (fewer frames at no more detail): tokens its rounding leaves unused go to frames.
 """
 
 from __future__ import annotations
@@ -188,34 +193,46 @@ def evenly_spaced_times(info: VideoInfo, count: int) -> tuple[float, ...]:
 def _largest_size_within(
     info: VideoInfo, max_tokens: int, settings: SamplingSettings, geometry: VisionGeometry
 ) -> tuple[int, int]:
-    """The largest rounded frame size with at most `max_tokens` tokens per patch and `pixels_per_frame`.
+    """The largest rounded frame size with at most `max_tokens` tokens per patch and `pixels_per_frame`,
+    never below the `min_pixels_per_frame` floor (the floor's size when nothing larger fits).
 
     Rounding is not monotonic (a lower pixel cap can round both sides down), so this lowers the cap one
     token's area at a time from the largest that could help and keeps the first size that fits.
     """
     side = geometry.pixels_per_token_side
     unit = side * side
+    floor = settings.min_pixels_per_frame
     # Floor rounding loses at most one token row and column, so caps above 4x the target never fit better.
     max_pixels = min(settings.pixels_per_frame, 4 * (max_tokens + 1) * unit)
-    while max_pixels > unit:
-        min_pixels = min(settings.min_pixels_per_frame, max_pixels)
-        height, width = frame_size(info.height, info.width, max_pixels=max_pixels, min_pixels=min_pixels, factor=side)
-        if geometry.tokens_per_patch(height, width) <= max_tokens:
+    # A cap below the floor scales frames below it too: stop there.
+    while max_pixels >= max(floor, unit):
+        height, width = frame_size(info.height, info.width, max_pixels=max_pixels, min_pixels=floor, factor=side)
+        if height * width >= floor and geometry.tokens_per_patch(height, width) <= max_tokens:
             return height, width
         max_pixels -= unit
-    return side, side
+    return _smallest_size(info, settings, geometry)
 
 
 def _smallest_size(info: VideoInfo, settings: SamplingSettings, geometry: VisionGeometry) -> tuple[int, int]:
-    """The frame size at `min_pixels_per_frame`, the floor every plan respects."""
+    """The smallest frame size of the video's shape with at least `min_pixels_per_frame` pixels: the floor.
+
+    Scaling to the floor and rounding each side to the nearest multiple of 28 (Qwen2.5-VL's smart resize) can
+    land below it (1920x1080 at 12,544 pixels gives 140x84 = 11,760), so one side is the exact scaled side
+    rounded down or up, and the other the smallest multiple of 28 that brings the area to the floor; of those
+    (either side first), the smallest area wins, then the shape closest to the video's.
+    """
     side = geometry.pixels_per_token_side
-    return frame_size(
-        info.height,
-        info.width,
-        max_pixels=settings.min_pixels_per_frame,
-        min_pixels=settings.min_pixels_per_frame,
-        factor=side,
-    )
+    floor = settings.min_pixels_per_frame
+    scale = math.sqrt(floor / (info.height * info.width))
+    candidates = []
+    for first, other in ((info.height, info.width), (info.width, info.height)):
+        for rounding in (math.floor, math.ceil):
+            first_side = max(side, rounding(first * scale / side) * side)
+            other_side = max(side, -(-floor // (first_side * side)) * side)  # ceil(floor / first_side) to 28s
+            aspect_error = abs(math.log((first_side / other_side) / (first / other)))
+            size = (first_side, other_side) if first is info.height else (other_side, first_side)
+            candidates.append((first_side * other_side, aspect_error, size))
+    return min(candidates)[2]
 
 
 def _frames_and_tokens(
@@ -237,6 +254,39 @@ def _frames_and_tokens(
         frames = min(wanted_frames, patches_at_floor * step, max(step, math.floor(wanted_frames * shrink)))
     frames -= frames % step
     return frames, min(wanted_tokens, video_budget // (frames // step))
+
+
+def _balanced_without_waste(
+    info: VideoInfo,
+    settings: SamplingSettings,
+    geometry: VisionGeometry,
+    frames: int,
+    size: tuple[int, int],
+    wanted_frames: int,
+    video_budget: int,
+) -> tuple[int, int, int]:
+    """(frames, height, width) of a balanced plan with the tokens its rounding left unused spent on frames.
+
+    Sides round down to multiples of 28, so the chosen size often costs fewer tokens per patch than the
+    share it was given, and the frames it left out may fit at that same size: add them. Then the plan is
+    never strictly worse than "frames" (as many frames and as much detail or more): when the "frames" plan
+    keeps more frames at no less detail, it is the better balance and is taken.
+    """
+    step = geometry.temporal_patch_size
+    tokens = geometry.tokens_per_patch(*size)
+    frames = max(frames, min(wanted_frames, video_budget // tokens * step))
+    frames -= frames % step
+    # Re-size for the final count: the tokens per patch it allows may round to a larger size.
+    resized = _largest_size_within(info, video_budget // (frames // step), settings, geometry)
+    if geometry.tokens_per_patch(*resized) > tokens:
+        size, tokens = resized, geometry.tokens_per_patch(*resized)
+    min_tokens = geometry.tokens_per_patch(*_smallest_size(info, settings, geometry))
+    frames_only = min(wanted_frames, video_budget // min_tokens * step)
+    frames_only -= frames_only % step
+    frames_size = _largest_size_within(info, video_budget // (frames_only // step), settings, geometry)
+    if frames_only > frames and geometry.tokens_per_patch(*frames_size) >= tokens:
+        return frames_only, *frames_size
+    return frames, *size
 
 
 def plan_video(
@@ -272,6 +322,10 @@ def plan_video(
             wanted_frames, wanted_tokens, video_budget, min_tokens, settings.prefer, step
         )
     height, width = _largest_size_within(info, max_tokens, settings, geometry)
+    if settings.prefer == "balanced" and frames < wanted_frames:
+        frames, height, width = _balanced_without_waste(
+            info, settings, geometry, frames, (height, width), wanted_frames, video_budget
+        )
     return VideoPlan(
         info=info,
         timestamps=evenly_spaced_times(info, frames),
