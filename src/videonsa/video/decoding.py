@@ -10,6 +10,7 @@ A video is a file (PyAV by default, decord if asked), a folder of frame images, 
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,10 +87,26 @@ def probe_video(
     if path.is_dir():
         paths = image_reader.frame_images_in(path)
         return image_reader.probe_images(str(path), paths, frames_fps=frames_fps, max_source_pixels=max_source_pixels)
+    _require_regular_file(path)
     if backend == "decord":
         decord_reader.import_decord()
     info = pyav_reader.probe_file(path, max_source_pixels=max_source_pixels)
     return info if backend == "pyav" else _with_backend(info, backend)
+
+
+def _require_regular_file(path: Path) -> None:
+    """Refuse named pipes, sockets and devices: opening one for reading blocks until a writer appears (a FIFO)
+    or never ends (/dev/zero), so `videonsa ask` would hang instead of saying what is wrong."""
+    mode = path.stat().st_mode
+    if stat.S_ISREG(mode):
+        return
+    kind = (
+        "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+        else "a socket" if stat.S_ISSOCK(mode)
+        else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a special file"
+    )
+    raise UserError(f"{path}: is {kind}, not a file; pass a video file or a folder of frames")
 
 
 def _with_backend(info: VideoInfo, backend: str) -> VideoInfo:
