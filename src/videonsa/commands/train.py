@@ -41,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated parts not to train: vision_tower, projector, language_model, gates")
     parser.add_argument("--gates-only", action="store_true", help="train only the VideoNSA gates")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (trainer.max_steps)")
+    parser.add_argument("--accept-config-changes", action="store_true",
+                        help="resume even though the config differs from the one the checkpoint was trained with "
+                        "(the differences are listed when refused; the original record is kept)")
+    parser.add_argument("--report-to", metavar="NAME[,NAME]",
+                        help="where metrics go besides the log lines: auto (TensorBoard if installed), none, "
+                        "tensorboard, wandb, ... (trainer.report_to)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set trainer.learning_rate=2e-6 (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the merged config and exit")
@@ -63,6 +69,9 @@ def run_train(args: argparse.Namespace) -> int:
         overrides["trainer.output_dir"] = args.output_dir
     if args.max_steps is not None:
         overrides["trainer.max_steps"] = args.max_steps
+    if args.report_to:
+        names = [name.strip() for name in args.report_to.split(",") if name.strip()]
+        overrides["trainer.report_to"] = names[0] if len(names) == 1 else names
     for part in _parts(args.freeze, TRAINABLE_PARTS):
         overrides[f"trainable.{part}"] = False
     if args.gates_only:
@@ -76,13 +85,22 @@ def run_train(args: argparse.Namespace) -> int:
     from videonsa.training.trainer import run_training
 
     _show_progress_messages()
-    outcome = run_training(config, resume=args.resume)
+    outcome = run_training(config, resume=args.resume, accept_config_changes=args.accept_config_changes)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    if outcome.resumed_from is not None:
-        print(f"resumed from {outcome.resumed_from}")
-    print(f"trained {outcome.global_step} steps, mean loss {outcome.training_loss:.4f}; model in {outcome.output_dir}")
+    print(_summary(outcome))
     return 0
+
+
+def _summary(outcome) -> str:
+    """The last line of a run: steps, mean loss over the whole run, where the model is."""
+    loss = f"mean loss {outcome.training_loss:.4f} over {outcome.global_step} steps"
+    if outcome.already_finished:
+        return (f"already finished: {loss}; model in {outcome.output_dir} "
+                "(to train further raise --max-steps or num_train_epochs with --accept-config-changes; "
+                "--resume never starts over)")
+    resumed = f" (resumed from {outcome.resumed_from})" if outcome.resumed_from is not None else ""
+    return f"trained {outcome.global_step} steps{resumed}, {loss}; model in {outcome.output_dir}"
 
 
 def _show_progress_messages() -> None:

@@ -6,14 +6,19 @@ scheduler, RNG and trainer state; a ``videonsa-complete`` marker is written once
 saving, and resuming picks the newest checkpoint with that marker. The final model is saved to the output folder
 itself and marked the same way. The sampler is seeded and the Trainer skips
 the batches already seen, so a resumed run sees the same samples in the same order with the same optimizer state.
+
+Before anything is loaded, a rerun is checked against what the run recorded (`run_records`): a finished run is
+reported and left alone, and a resume with a changed config is refused unless the changes are accepted.
+Training logs one readable line per logged step (`log_lines`). See docs/training.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import logging
+import math
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -21,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from videonsa.errors import UserError
 from videonsa.training.annotations import read_annotations
@@ -29,15 +34,31 @@ from videonsa.training.collator import VideoChatCollator
 from videonsa.training.config import TrainConfig, config_file
 from videonsa.training.conversation import IGNORE_INDEX
 from videonsa.training.dataset import STAT_NAMES, VideoChatDataset
-from videonsa.training.io import atomic_write_text
+from videonsa.training.io import atomic_write_json, atomic_write_text
+from videonsa.training.log_lines import TrainingLog
 from videonsa.training.model_setup import load_model, load_tokenizer, set_trainable
 from videonsa.training.pixels import patchify_frames
 from videonsa.training.prepare import read_manifest
+from videonsa.training.run_records import (
+    CONFIG_RECORD,
+    RESULT_RECORD,
+    FinishedRun,
+    RunProgress,
+    check_resume,
+    finished_run,
+    mean_loss,
+    read_trainer_state,
+    refuse_different_finished_run,
+    write_result,
+    write_start_record,
+)
 
 logger = logging.getLogger("videonsa.training")
 
 COMPLETE_MARKER = "videonsa-complete"
-CONFIG_COPY = "videonsa-train-config.json"
+CONFIG_COPY = CONFIG_RECORD
+# `logging_steps: auto`: log every step of a short run, at least ten times a run, at most every AUTO_LOG_EVERY steps.
+AUTO_LOG_EVERY = 10
 # Files a checkpoint folder needs besides what `save_pretrained` writes, so that it loads with a processor.
 PROCESSOR_FILES = (
     "preprocessor_config.json",
@@ -148,10 +169,12 @@ class VideoNSATrainer(Trainer):
 
 
 class CheckpointFinisher(TrainerCallback):
-    """After each checkpoint is fully written by every process: add the processor files, mark it complete."""
+    """After each checkpoint is fully written by every process: add the processor files and the config it was
+    trained with (what a resume compares against), then mark it complete."""
 
-    def __init__(self, model_source: Path) -> None:
+    def __init__(self, model_source: Path, config_record: dict[str, Any]) -> None:
         self.model_source = model_source
+        self.config_record = config_record
 
     def on_save(self, args, state, control, **kwargs):
         from accelerate import PartialState
@@ -160,8 +183,42 @@ class CheckpointFinisher(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
+                atomic_write_json(folder / CONFIG_RECORD, self.config_record)
                 finish_checkpoint(folder, self.model_source)
         PartialState().wait_for_everyone()
+
+
+class LogSchedule(TrainerCallback):
+    """When losses are logged: ``logging_steps: auto`` picks an interval that suits the run's length, and the
+    steps that save a checkpoint and the last step are always logged, so the logs cover every step of a run,
+    resumed or not (the mean loss over the whole run is computed from them)."""
+
+    def __init__(self, auto_interval: bool) -> None:
+        self.auto_interval = auto_interval
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.auto_interval:
+            state.logging_steps = max(1, min(AUTO_LOG_EVERY, state.max_steps // 10))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
+
+
+class CurrentLearningRate(TrainerCallback):
+    """A resume restores the scheduler's saved state, base learning rate included; when the config's
+    ``learning_rate`` was changed (and the change accepted), the schedule continues from the new rate."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if optimizer is None or not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        if all(math.isclose(rate, args.learning_rate) for rate in lr_scheduler.base_lrs):
+            return
+        lr_scheduler.base_lrs = [args.learning_rate] * len(lr_scheduler.base_lrs)
+        rates = [args.learning_rate * factor(lr_scheduler.last_epoch) for factor in lr_scheduler.lr_lambdas]
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["initial_lr"], group["lr"] = args.learning_rate, rate
+        lr_scheduler._last_lr = rates
 
 
 def finish_checkpoint(folder: Path, model_source: Path) -> None:
@@ -197,6 +254,12 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 def training_arguments(config: TrainConfig) -> TrainingArguments:
     """`TrainingArguments` from `config.trainer` plus what this pipeline needs and the chosen strategy."""
     settings = dict(config.trainer)
+    if settings.get("logging_steps") == "auto":
+        settings["logging_steps"] = AUTO_LOG_EVERY  # the run's own interval is set by `LogSchedule`
+    if settings.get("dataloader_num_workers") == "auto":
+        settings["dataloader_num_workers"] = default_dataloader_workers()
+    if settings.get("report_to") == "auto":
+        settings["report_to"] = available_reporters()
     settings["remove_unused_columns"] = False  # the collator's keys are not the model's signature
     settings["label_names"] = ["labels"]
     settings.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
@@ -211,6 +274,28 @@ def training_arguments(config: TrainConfig) -> TrainingArguments:
     except (ValueError, TypeError, ImportError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"trainer settings in {config.source}: {message}") from None
+
+
+def default_dataloader_workers(cpus: int | None = None, processes: int | None = None) -> int:
+    """``dataloader_num_workers: auto``: worker processes per training process that fit the machine.
+
+    Frames are decoded in the workers, so more help until the cores run out; the training process needs a core
+    of its own. With two cores or fewer per process the main process decodes (0 workers): a worker would only
+    compete with it. Otherwise one core less than each process's share, at most 4.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if processes is None:
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    per_process = cpus // max(processes, 1)
+    return 0 if per_process <= 2 else min(4, per_process - 1)
+
+
+def available_reporters() -> list[str] | str:
+    """``report_to: auto``: TensorBoard when it is installed (logs under ``output_dir/runs``), else nothing."""
+    from transformers.integrations import is_tensorboard_available
+
+    return ["tensorboard"] if is_tensorboard_available() else "none"
 
 
 def _use_current_checkpointing_names(settings: dict[str, Any]) -> None:
@@ -252,9 +337,10 @@ class TrainingOutcome:
 
     output_dir: Path
     global_step: int
-    training_loss: float
+    training_loss: float  # mean loss per step over the whole run, resumed parts included
     resumed_from: Path | None
     data_totals: dict[str, int]
+    already_finished: bool = False  # nothing was trained: the run in output_dir had finished
 
 
 def build_dataset(config: TrainConfig, tokenizer: Any) -> VideoChatDataset:
@@ -283,13 +369,37 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 
 
 def run_training(
-    config: TrainConfig, *, resume: str = "auto", callbacks: list[TrainerCallback] | None = None
+    config: TrainConfig,
+    *,
+    resume: str = "auto",
+    callbacks: list[TrainerCallback] | None = None,
+    accept_config_changes: bool = False,
 ) -> TrainingOutcome:
-    """Train as `config` says; `resume` is ``auto``, ``never`` or a checkpoint folder."""
+    """Train as `config` says; `resume` is ``auto``, ``never`` or a checkpoint folder.
+
+    A finished run in the output folder (same config, target reached) is reported without training. Resuming
+    with a config that differs from the checkpoint's record raises `UserError` unless `accept_config_changes`.
+    """
     config.validate()
     # TrainingArguments first: with DeepSpeed ZeRO-3 it must exist before the model is built.
     args = training_arguments(config)
+    output_dir = Path(args.output_dir)
     model_source = Path(config.model.path).expanduser()
+    resumed_from = resolve_resume(resume, output_dir)
+    if resume != "never":
+        finished = finished_run(config, output_dir, COMPLETE_MARKER)
+        if finished is not None:
+            logger.info("the run in %s finished at step %d", output_dir, finished.progress.global_step)
+            return _finished_outcome(output_dir, finished)
+    accepted = []
+    if resumed_from is not None:
+        accepted = check_resume(config, resumed_from, output_dir, accept_config_changes)
+        state = read_trainer_state(resumed_from)
+        if RunProgress.of_state(state).reached(config.trainer):
+            return _finish_from_checkpoint(config, args, resumed_from, state)
+    elif resume == "auto":
+        refuse_different_finished_run(config, output_dir)
+
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.path)
     dataset = build_dataset(config, tokenizer)
     model = load_model(config.model)
@@ -297,9 +407,10 @@ def run_training(
         if config_part is not None:
             config_part.use_cache = False  # no KV cache in training (and none with gradient checkpointing)
     set_trainable(model, config.trainable)
-    resumed_from = resolve_resume(resume, args.output_dir)
     if args.process_index == 0:
-        atomic_write_text(Path(args.output_dir) / CONFIG_COPY, json.dumps(config.to_dict(), indent=2) + "\n")
+        resumed_step = int(read_trainer_state(resumed_from)["global_step"]) if resumed_from else None
+        write_start_record(config, output_dir, resumed_step, accepted)
+        _forget_final_model(output_dir)
 
     trainer = VideoNSATrainer(
         model=model,
@@ -307,18 +418,65 @@ def run_training(
         train_dataset=dataset,
         data_collator=VideoChatCollator(pad_token_id=tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[CheckpointFinisher(model_source), *(callbacks or [])],
+        callbacks=[CheckpointFinisher(model_source, config.to_dict()),
+                   LogSchedule(auto_interval=config.trainer.get("logging_steps") == "auto"),
+                   CurrentLearningRate(), *(callbacks or [])],
         frames_as_video=config.data.frames_as == "video",
     )
+    _use_readable_log_lines(trainer)
     if resumed_from is not None:
         logger.info("resuming from %s", resumed_from)
     result = trainer.train(resume_from_checkpoint=str(resumed_from) if resumed_from else None)
     # The final model also goes to output_dir itself, marked complete only once fully written.
-    if trainer.is_world_process_zero():
-        (Path(args.output_dir) / COMPLETE_MARKER).unlink(missing_ok=True)
     trainer.save_model(args.output_dir)
-    if trainer.is_world_process_zero():
-        finish_checkpoint(Path(args.output_dir), model_source)
     totals = trainer.data_totals()
-    return TrainingOutcome(Path(args.output_dir), result.global_step, float(result.training_loss), resumed_from,
-                           totals)
+    loss, _ = mean_loss(trainer.state.log_history)
+    if trainer.is_world_process_zero():
+        finish_checkpoint(output_dir, model_source)
+        progress = RunProgress(result.global_step, trainer.state.max_steps, trainer.state.num_train_epochs)
+        write_result(output_dir, config, progress, loss, totals)
+    return TrainingOutcome(output_dir, result.global_step, loss, resumed_from, totals)
+
+
+def _use_readable_log_lines(trainer: Trainer) -> None:
+    """Replace the Trainer's printing of raw log dicts by `TrainingLog`'s lines (progress bar kept if enabled)."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(TrainingLog(progress_bar=not trainer.args.disable_tqdm))
+
+
+def _forget_final_model(output_dir: Path) -> None:
+    """Training starts or goes on: the final model (if any) no longer is one, until this run writes its own."""
+    (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+    (output_dir / RESULT_RECORD).unlink(missing_ok=True)
+
+
+def _finished_outcome(output_dir: Path, finished: FinishedRun) -> TrainingOutcome:
+    return TrainingOutcome(output_dir, finished.progress.global_step, finished.training_loss, None,
+                           finished.data_totals, already_finished=True)
+
+
+def _finish_from_checkpoint(config: TrainConfig, args: TrainingArguments, checkpoint: Path,
+                            state: dict[str, Any]) -> TrainingOutcome:
+    """The last checkpoint is at the run's final step but the final model was not written (the run stopped
+    while saving it): write it from that checkpoint rather than train past the end."""
+    output_dir = Path(args.output_dir)
+    progress = RunProgress.of_state(state)
+    loss, _ = mean_loss(state["log_history"])
+    totals = _logged_data_totals(state["log_history"])
+    if args.process_index == 0:
+        logger.info("%s is at the final step %d: writing the final model from it", checkpoint, progress.global_step)
+        _forget_final_model(output_dir)
+        model = load_model(config.model.model_copy(update={"path": str(checkpoint)}))
+        model.save_pretrained(output_dir)
+        load_tokenizer(str(checkpoint)).save_pretrained(output_dir)
+        finish_checkpoint(output_dir, Path(config.model.path).expanduser())
+        write_result(output_dir, config, progress, loss, totals)
+    return TrainingOutcome(output_dir, progress.global_step, loss, checkpoint, totals, already_finished=True)
+
+
+def _logged_data_totals(log_history: list[dict[str, Any]]) -> dict[str, int]:
+    for entry in reversed(log_history):
+        if all(f"data/{name}" in entry for name in STAT_NAMES):
+            return {name: int(entry[f"data/{name}"]) for name in STAT_NAMES}
+    return dict.fromkeys(STAT_NAMES, 0)
