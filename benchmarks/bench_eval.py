@@ -329,7 +329,7 @@ def measure(
         "wall_seconds": wall,
         "accuracy": summary.accuracy,
         "per_length": per_length(answers),
-        "out_dir": str(out_dir),
+        "out_dir": str(out_dir) if args.runs_dir else None,  # a temporary one is deleted at the end
     }
     print(
         f"done {mode} budget {budget:,}: {row['questions_per_hour']:,.0f} questions/hour, prefill "
@@ -485,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for mode in args.modes:
                     elapsed = time.perf_counter() - started
                     if args.stop_after and elapsed > args.stop_after:
-                        print(f"skipped {mode} budget {budget:,}: {elapsed:.0f} s past --stop-after", flush=True)
+                        print(f"skipped {mode} budget {budget:,}: {elapsed:.0f} s elapsed, past --stop-after "
+                              f"{args.stop_after:g}", flush=True)
                         record.setdefault("skipped", []).append({"mode": mode, "budget_tokens": budget})
                         continue
                     rows.append(measure(qa, questions, mode, budget, args, runs_dir, vision, args.device))
@@ -508,6 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.fps:g} fps, {args.pixels:,} pixels per frame (at least {args.min_pixels:,}), prefer {args.prefer}; "
         "prefill s includes vision s"
     )
+    if record.get("skipped"):
+        skipped = ", ".join(f"{run['mode']} {run['budget_tokens']}" for run in record["skipped"])
+        print(f"\nnot run (--stop-after {args.stop_after:g} s): {skipped}")
     print_tables(rows, header)
     print(f"total {record['total_seconds']:.0f} s", flush=True)
     return 0
