@@ -1,4 +1,4 @@
-"""The original VideoNSA top-k block selection in Triton, bit for bit (docs/official-mode.md, "Top-k selection").
+"""The original VideoNSA top-k block selection in Triton (docs/official-mode.md, "The Triton top-k kernel").
 
 `original_topk_triton` has the signature and the output of `videonsa.ops.official.original_topk_reference`: for
 token t of sequence b and KV group i (query heads h = i*G .. i*G+G-1), with cur = t // block_size,
@@ -49,7 +49,8 @@ _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @dataclass(frozen=True)
 class OfficialTopkLaunch:
-    """Launch settings of `original_topk_triton` (the output does not depend on them).
+    """Launch settings of `original_topk_triton` (the choice does not depend on them, except that the float32
+    dot products may round differently with another tile shape and so flip a near tie).
 
     tokens_per_program: consecutive tokens of one program (a power of two; used as min(it, block_size)). The
         program's score tile is tokens * G rows of q against block_size compressed keys.
