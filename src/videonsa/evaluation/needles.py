@@ -40,6 +40,7 @@ from videonsa.evaluation.questions import (
 from videonsa.options import DEFAULT_NEEDLE_FPS as DEFAULT_FPS  # defaults live where `--help` reads them cheaply
 from videonsa.options import DEFAULT_NEEDLE_LENGTHS as DEFAULT_LENGTHS
 from videonsa.options import DEFAULT_NEEDLE_SIZE as DEFAULT_SIZE
+from videonsa.training.workers import die_with_parent
 from videonsa.video.info import VideoInfo
 
 SET_FILE = "set.json"
@@ -565,7 +566,10 @@ def _write_videos(videos, directory, codec, infos, workers, progress) -> None:
             if progress is not None:
                 progress(done, total)
         return
-    with ProcessPoolExecutor(max_workers=min(workers, total)) as pool:
+    # Workers die with this process: a killed `make-needles` leaves no encoder running.
+    with ProcessPoolExecutor(
+        max_workers=min(workers, total), initializer=die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         futures = [pool.submit(write_needle_video, video, directory, codec, infos) for video in videos]
         for done, future in enumerate(futures, start=1):
             future.result()
