@@ -136,19 +136,20 @@ def test_text_tokens_get_half_gates_and_the_dense_part_in_the_mixed_path():
 
 
 @pytest.mark.parametrize(
-    "bad, message",
+    "bad, shape_named",
     [
-        (dict(query_heads=40, kv_heads=4), "2*HQ > 64"),
-        (dict(query_heads=6, kv_heads=3), "64 not a multiple of HKV"),
-        (dict(short_k=True), "k shorter than q"),
-        (dict(short_v=True), "v not shaped like k"),
-        (dict(short_is_vision=True), "is_vision not [B, T]"),
-        (dict(two_gates=True), "gate_logits not [B, T, HQ, 3]"),
-        (dict(wide_k=True), "k's head_dim differs from q's"),
+        (dict(query_heads=40, kv_heads=4), "(1, 28, 40, 8)"),  # 2 * HQ > 64
+        (dict(query_heads=6, kv_heads=3), "(1, 28, 3, 8)"),  # 64 not a multiple of HKV
+        (dict(short_k=True), "(1, 27, 2, 8)"),
+        (dict(short_v=True), "(1, 27, 2, 8)"),
+        (dict(short_is_vision=True), "(1, 27)"),
+        (dict(two_gates=True), "(1, 28, 4, 2)"),
+        (dict(wide_k=True), "(1, 28, 2, 16)"),
     ],
-    ids=lambda value: value if isinstance(value, str) else None,
+    ids=["too_many_heads", "kv_heads_not_dividing_64", "short_k", "short_v", "short_is_vision", "two_gates", "wide_k"],
 )
-def test_official_attention_refuses_bad_inputs(bad, message):
+def test_official_attention_refuses_bad_inputs(bad, shape_named):
+    """One ValueError line naming the offending shape."""
     query_heads, kv_heads = bad.get("query_heads", 4), bad.get("kv_heads", 2)
     inputs = make_inputs([layout(("text", 6), ("vision", 16), ("text", 6))], query_heads, kv_heads, 8, seed=0)
     if bad.get("short_k"):
@@ -164,7 +165,20 @@ def test_official_attention_refuses_bad_inputs(bad, message):
         inputs["k"] = torch.cat([inputs["k"], inputs["k"]], dim=-1)
     with pytest.raises(ValueError) as error:
         official_attention(**inputs, block_size=4, block_counts=2, window_size=8)
-    assert str(error.value).strip() and "\n" not in str(error.value).strip(), message
+    message = str(error.value).strip()
+    assert "\n" not in message
+    assert shape_named in message
+
+
+def test_official_attention_in_float32_matches_the_oracle():
+    """float32 inputs give a float32 result equal to the float64 oracle's to float32 precision (the cases
+    hold no near-ties, so both pick the same blocks)."""
+    inputs = make_inputs([SEVERAL_RUNS], 28, 4, 8, seed=11)
+    settings = dict(block_size=8, block_counts=4, window_size=10)
+    expected = naive_official_attention(**inputs, **settings)
+    actual = official_attention(**{k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}, **settings)
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual.double(), expected, rtol=0, atol=2e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------
