@@ -82,10 +82,11 @@ def run_train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
+    from videonsa.training.checkpoint_dir import check_resume
     from videonsa.training.trainer import run_training
 
     _show_progress_messages()
-    outcome = run_training(config, resume=args.resume, accept_config_changes=args.accept_config_changes)
+    outcome = run_training(config, resume=check_resume(args.resume), accept_config_changes=args.accept_config_changes)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(_summary(outcome))
