@@ -176,7 +176,8 @@ def test_every_badly_typed_or_out_of_range_setting_is_reported_at_once(tmp_path)
 @pytest.mark.parametrize(("override", "value"), [
     ("model.sparse.block_size", 0), ("model.sparse.block_counts", "many"), ("model.sparse.blocks", 3),
     ("model.sparse.attention_mode", "sparse"), ("trainer.max_steps", 0), ("trainer.dataloader_num_workers", -2),
-    ("data.min_pixels", 10), ("trainable.gates", 1), ("trainer.bf16", "yes"),
+    ("data.min_pixels", 10), ("trainable.gates", 1), ("trainer.bf16", "yes"), ("trainer.learning_rate", float("nan")),
+    ("data.sample_fps", float("inf")),
 ])
 def test_single_bad_values_name_their_setting(tmp_path, override, value):
     with pytest.raises(UserError, match=override.replace(".", r"\.")):

@@ -44,9 +44,10 @@ NonNegativeNumber = Annotated[float, Field(ge=0)]
 
 class _Settings(BaseModel):
     """Strict settings: unknown keys and values of the wrong type (``"false"`` for a bool, ``"4"`` for a number)
-    are errors rather than conversions; integers are accepted where a float belongs."""
+    are errors rather than conversions; integers are accepted where a float belongs; inf and nan are not numbers
+    here."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ModelSettings(_Settings):
@@ -131,7 +132,7 @@ class TrainerValues(_Settings):
     """Types and ranges of the `trainer` settings this pipeline relies on. Any other `TrainingArguments` field
     is allowed and checked by `TrainingArguments` itself. ``auto`` is resolved by `training_arguments`."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     output_dir: str | None = None
     learning_rate: PositiveNumber | None = None

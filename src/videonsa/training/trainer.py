@@ -377,7 +377,8 @@ def run_training(
 ) -> TrainingOutcome:
     """Train as `config` says; `resume` is ``auto``, ``never`` or a checkpoint folder.
 
-    A finished run in the output folder (same config, target reached) is reported without training. Resuming
+    With ``auto``, a finished run in the output folder (same config, target reached) is reported without
+    training; a checkpoint already at the final step gives the final model without training either. Resuming
     with a config that differs from the checkpoint's record raises `UserError` unless `accept_config_changes`.
     """
     config.validate()
@@ -386,7 +387,7 @@ def run_training(
     output_dir = Path(args.output_dir)
     model_source = Path(config.model.path).expanduser()
     resumed_from = resolve_resume(resume, output_dir)
-    if resume != "never":
+    if resume == "auto":
         finished = finished_run(config, output_dir, COMPLETE_MARKER)
         if finished is not None:
             logger.info("the run in %s finished at step %d", output_dir, finished.progress.global_step)
