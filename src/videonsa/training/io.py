@@ -27,7 +27,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
     The temporary file is created empty in `path`'s folder with the permissions a plain `open` would give (0666
     less the umask), and `write` may reopen or truncate it by name. It is removed if `write` or the rename
-    fails; one left by a writer that was killed (SIGKILL, power loss) is removed by the next write to `path`.
+    fails; one left by a writer that was killed (SIGKILL, power loss) is removed by the next write to `path`
+    (docs/model-files.md, "Writing files").
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
