@@ -7,9 +7,12 @@ Inputs: HQ 28, HKV 4, D 128, bf16, a video prompt of ~100 text tokens, T - 200 v
 
 * nsa: what `nsa` mode computes per layer, `videonsa_attention` (NSA on the vision tokens + text on SDPA);
 * official: `official_attention` on its CUDA path, and its parts one by one on the same inputs: glue before
-  the branches (masking, head padding, gates, block means), compression, top-k, selection, window, dense part;
-  "glue (rest)" is the whole call minus the parts (the gated sum, the copy average, the final addition).
+  the branches (masking, head padding, gates, block means), compression (the kernel, storing the gated output),
+  top-k, selection and window (each adding its gated output into the sum), the copy average, the dense part
+  (causal mean of v added everywhere, text rows on SDPA); "glue_rest" is the whole call minus the parts.
 
+`--selection-layout auto by-block tiles` times the layer once per selection kernel layout (one row each);
+`--compression-sweep` also times the compression kernel over a grid of launch settings (`CompressionLaunch`).
 `--check-length` (default the smallest length) also runs the PyTorch reference path once at that length and
 reports how far the CUDA path is from it, and whether the Triton top-k and the PyTorch emulation pick the same
 blocks in the same slots from the same inputs. Prints a table; --out writes JSON with the card and versions.
@@ -18,6 +21,8 @@ blocks in the same slots from the same inputs. Prints a table; --out writes JSON
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import platform
 from pathlib import Path
@@ -53,44 +58,82 @@ def nsa_mode_layer(x: dict):
     return lambda: videonsa_attention(x["q"], x["k"], x["v"], gates, split, settings, attend)
 
 
-def official_parts(x: dict, block_size: int = 64, block_counts: int = 32, window_size: int = 256) -> dict:
-    """Closures for each step of the official CUDA path on x, run on the intermediate values of one call."""
+def official_parts(x: dict, settings, block_size: int = 64, block_counts: int = 32, window_size: int = 256) -> dict:
+    """Closures for each step of the official CUDA path on x (with FastPathSettings `settings`), run on the
+    intermediate values of one call. The fold steps add into a scratch copy of the gated sum (its values drift
+    over the repetitions; the work does not)."""
     from videonsa.layers import official
-    from videonsa.ops.official import mean_pool_blocks
+    from videonsa.ops.triton.official_compression import DEFAULT_LAUNCH, anticausal_compression_triton
     from videonsa.ops.triton.selection import selected_attention_fwd
     from videonsa.ops.triton.window import window_attention_fwd
 
     q, k, v, is_vision = x["q"], x["k"], x["v"], x["is_vision"]
     scale = q.shape[-1] ** -0.5
-    batch, seq_len = q.shape[:2]
+    batch, seq_len, heads = q.shape[:3]
+    launch = settings.compression or DEFAULT_LAUNCH
 
     def glue_before():
-        vision = is_vision[:, :, None, None]
-        gates = ((x["gate_logits"] / 0.3) * vision).sigmoid()
-        q_m, k_m, v_m = q * vision, k * vision, v * vision
-        q64 = official.pad_heads(q_m)
-        return q64, k_m, v_m, gates, mean_pool_blocks(k_m, block_size), mean_pool_blocks(v_m, block_size)
+        return official.prepare_fast_inputs(q, k, v, is_vision, x["gate_logits"], 0.3, block_size)
 
-    q64, k_m, v_m, _, k_cmp, v_cmp = glue_before()
-    _, lse = official.compression_fast(q64, k_cmp, v_cmp, block_size, scale)
+    q64, k_m, v_m, gates64, k_cmp, v_cmp = glue_before()
+    g_cmp = gates64[0].view(q64.shape[:3])
+
+    def compression():
+        return anticausal_compression_triton(q64, k_cmp, v_cmp, block_size, scale, gate=g_cmp, launch=launch)
+
+    o64, lse = compression()
     topk = official._topk_implementation()
     indices = topk(q64, k_cmp, lse, block_counts, block_size, scale)
     packed = lambda t: t.reshape(batch * seq_len, *t.shape[2:])  # noqa: E731
     cu = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=q.device)
+    scratch = packed(o64.clone())
+    by_block = official.SELECTION_LAYOUTS[settings.selection_layout]
 
     def selection():
         ids = official.ascending_block_ids(packed(indices))
-        return selected_attention_fwd(packed(q64), packed(k_m), packed(v_m), ids, cu, block_size, scale)
+        return selected_attention_fwd(packed(q64), packed(k_m), packed(v_m), ids, cu, block_size, scale,
+                                      fold_into=scratch, fold_scale=gates64[1], by_block=by_block)
 
+    def window():
+        return window_attention_fwd(packed(q64), packed(k_m), packed(v_m), cu, window_size, scale,
+                                    fold_into=scratch, gate=gates64[2])
+
+    nsa_sum = o64[:, :, :heads] + o64[:, :, heads : 2 * heads]
     return {
         "glue_before": glue_before,
-        "compression": lambda: official.compression_fast(q64, k_cmp, v_cmp, block_size, scale),
+        "compression": compression,
         "topk": lambda: topk(q64, k_cmp, lse, block_counts, block_size, scale),
         "selection": selection,
-        "window": lambda: window_attention_fwd(packed(q64), packed(k_m), packed(v_m), cu, window_size, scale),
-        "dense": lambda: official.dense_text_part(q, k, v, is_vision, scale, fast=True),
-        "_state": (q64, k_cmp, lse, indices, scale, topk),
+        "window": window,
+        "copy_average": lambda: o64[:, :, :heads] + o64[:, :, heads : 2 * heads],
+        "dense": lambda: official.add_dense_text_part(nsa_sum, q, k, v, is_vision, scale),
+        "_state": (q64, k_cmp, v_cmp, lse, indices, scale, topk),
     }
+
+
+def compression_sweep(x: dict, bench, block_size: int = 64) -> list[dict]:
+    """Times the compression kernel for a grid of launch settings on x's padded queries (ms, sorted)."""
+    from videonsa.layers import official
+    from videonsa.ops.triton.official_compression import CompressionLaunch, anticausal_compression_triton
+
+    q64, _, _, gates64, k_cmp, v_cmp = official.prepare_fast_inputs(
+        x["q"], x["k"], x["v"], x["is_vision"], x["gate_logits"], 0.3, block_size)
+    gate = gates64[0].view(q64.shape[:3])
+    scale = q64.shape[-1] ** -0.5
+    results = []
+    for rows, block_n, warps, stages in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (1, 2, 3)):
+        launch = CompressionLaunch(rows=rows, block_n=block_n, num_warps=warps, num_stages=stages)
+        try:
+            ms = bench(lambda launch=launch: anticausal_compression_triton(q64, k_cmp, v_cmp, block_size, scale,
+                                                                         gate=gate, launch=launch))
+        except Exception as error:  # noqa: BLE001 - a launch that does not fit (shared memory) is reported
+            results.append({"launch": dataclasses.asdict(launch), "error": str(error).splitlines()[0][:200]})
+            continue
+        results.append({"launch": dataclasses.asdict(launch), "ms": ms})
+    return sorted(results, key=lambda r: r.get("ms", float("inf")))
+
+
+PART_NAMES = ("glue_before", "compression", "topk", "selection", "window", "copy_average", "dense")
 
 
 def peak_gib(fn) -> float:
@@ -106,16 +149,21 @@ def peak_gib(fn) -> float:
 def check_against_reference(x: dict, parts: dict) -> dict:
     """The CUDA path against the PyTorch reference path (bf16 both) and the two top-k on identical inputs."""
     from videonsa.layers import official_attention
-    from videonsa.ops.official import original_topk_reference
+    from videonsa.ops.official import anticausal_compression, original_topk_reference
+    from videonsa.ops.triton.official_compression import anticausal_compression_triton
 
     args = (x["q"], x["k"], x["v"], x["is_vision"], x["gate_logits"])
     fast = official_attention(*args, backend="triton").float()
     reference = official_attention(*args, backend="reference").float()
     diff = (fast - reference).abs()
-    q64, k_cmp, lse, indices, scale, topk = parts["_state"]
+    q64, k_cmp, v_cmp, lse, indices, scale, topk = parts["_state"]
     emulated = original_topk_reference(q64, k_cmp, lse, 32, 64, scale)
     same_rows = (emulated == indices).all(dim=-1).float().mean().item()
+    o_ref, lse_ref = anticausal_compression(q64, k_cmp, v_cmp, 64, scale)
+    o_kernel, lse_kernel = anticausal_compression_triton(q64, k_cmp, v_cmp, 64, scale)
     return {
+        "compression_o_max_abs_diff": (o_kernel.float() - o_ref.float()).abs().max().item(),
+        "compression_lse_max_abs_diff": (lse_kernel - lse_ref).abs().max().item(),
         "topk_implementation": f"{topk.__module__}.{topk.__name__}",
         "topk_rows_identical_to_emulation": same_rows,
         "output_max_abs_diff": diff.max().item(),
@@ -130,6 +178,10 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--check-length", type=int, default=None,
                         help="length at which the reference path is compared (default: the smallest; 0: none)")
+    parser.add_argument("--selection-layout", nargs="+", default=["auto"], choices=["auto", "by-block", "tiles"],
+                        help="selection kernel layout(s) to time, one row each (default: auto)")
+    parser.add_argument("--compression-sweep", action="store_true",
+                        help="also time the compression kernel over a grid of launch settings at each length")
     parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -139,44 +191,55 @@ def main() -> None:
     import triton
 
     from videonsa.layers import official_attention
+    from videonsa.layers.official import FastPathSettings
 
     bench = timer(args.quick)
     check_length = min(args.lengths) if args.check_length is None else args.check_length
-    rows = []
+    rows, sweeps = [], {}
     for seq_len in args.lengths:
         x = make_inputs(seq_len)
-        call = lambda x=x: official_attention(x["q"], x["k"], x["v"], x["is_vision"], x["gate_logits"])  # noqa: E731
         with torch.no_grad():
             nsa = nsa_mode_layer(x)
-            row = {"T": seq_len, "vision_tokens": int(x["is_vision"].sum())}
-            row["nsa_ms"] = bench(nsa)
-            row["official_ms"] = bench(call)
-            row["nsa_peak_gib"], row["official_peak_gib"] = peak_gib(nsa), peak_gib(call)
-            parts = official_parts(x)
-            for name, fn in parts.items():
-                if not name.startswith("_"):
-                    row[f"{name}_ms"] = bench(fn)
-            named = ("glue_before", "compression", "topk", "selection", "window", "dense")
-            row["glue_rest_ms"] = row["official_ms"] - sum(row[f"{n}_ms"] for n in named)
-            row["official_over_nsa"] = row["official_ms"] / row["nsa_ms"]
-            if seq_len == check_length:
-                row["check"] = check_against_reference(x, parts)
-            del parts
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            nsa_ms, nsa_peak = bench(nsa), peak_gib(nsa)
+            for layout in args.selection_layout:
+                settings = FastPathSettings(selection_layout=layout)
+                call = lambda x=x, s=settings: official_attention(  # noqa: E731
+                    x["q"], x["k"], x["v"], x["is_vision"], x["gate_logits"], fast_settings=s)
+                row = {"T": seq_len, "vision_tokens": int(x["is_vision"].sum()), "selection_layout": layout}
+                row["nsa_ms"], row["nsa_peak_gib"] = nsa_ms, nsa_peak
+                row["official_ms"], row["official_peak_gib"] = bench(call), peak_gib(call)
+                parts = official_parts(x, settings)
+                for name, fn in parts.items():
+                    if not name.startswith("_"):
+                        row[f"{name}_ms"] = bench(fn)
+                row["glue_rest_ms"] = row["official_ms"] - sum(row[f"{n}_ms"] for n in PART_NAMES)
+                row["official_over_nsa"] = row["official_ms"] / row["nsa_ms"]
+                if seq_len == check_length and layout == args.selection_layout[0]:
+                    row["check"] = check_against_reference(x, parts)
+                del parts
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            if args.compression_sweep:
+                sweeps[seq_len] = compression_sweep(x, bench)
+                print(json.dumps({"T": seq_len, "compression_sweep_best": sweeps[seq_len][:5]}), flush=True)
         torch.cuda.empty_cache()
 
     device = torch.cuda.get_device_name()
     versions = f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
     print(f"\nOne 7B attention layer (HQ 28, HKV 4, D 128, bf16, ~200 text tokens), {device}, {versions}; ms")
-    cols = ["nsa", "official", "glue_before", "compression", "topk", "selection", "window", "dense", "glue_rest"]
-    print(f"{'T':>8} " + " ".join(f"{c:>12}" for c in cols) + f" {'off/nsa':>8}")
+    cols = ["nsa", "official", *PART_NAMES, "glue_rest"]
+    print(f"{'T':>8} {'layout':>9} " + " ".join(f"{c[:12]:>12}" for c in cols) + f" {'off/nsa':>8}")
     for row in rows:
-        print(f"{row['T']:>8} " + " ".join(f"{row[c + '_ms']:>12.2f}" for c in cols)
+        print(f"{row['T']:>8} {row['selection_layout']:>9} " + " ".join(f"{row[c + '_ms']:>12.2f}" for c in cols)
               + f" {row['official_over_nsa']:>7.2f}x")
+    for seq_len, results in sweeps.items():
+        print(f"\ncompression kernel launch sweep at T={seq_len} (ms, best first):")
+        for result in results[:10]:
+            print(f"  {result.get('ms', float('nan')):8.3f}  {result['launch']}  {result.get('error', '')}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        summary = {"device": device, "versions": versions, "rows": rows}
+        summary = {"device": device, "versions": versions, "rows": rows,
+                   "compression_sweeps": {str(k): v for k, v in sweeps.items()}}
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")
         tmp.write_text(json.dumps(summary, indent=1))
         tmp.replace(args.out)

@@ -7,8 +7,9 @@ sliding window), the two head copies are averaged, and a dense causal attention 
 vision positions, so a causal mean of v there) is added. Gates are sigmoid(logits / temperature), 0.5 at text.
 
 Two implementations share this entry point: the plain-PyTorch blocks of `videonsa.ops.official` (any device and
-dtype, float64 in float64) and, on CUDA, Triton kernels for the top-k, the selection and the window branch with
-chunked matrix products for the compression (`fast_branches`). Inference only: nothing here is
+dtype, float64 in float64; `padded_nsa`, `dense_text_part`) and, on CUDA, Triton kernels for every NSA branch
+(`fast_official`): the compression kernel writes the gated compression output, which starts the gated sum, and
+the selection and window kernels add their gated outputs into it in place. Inference only: nothing here is
 differentiable by design.
 """
 
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +37,37 @@ from videonsa.ops.official import (
     window_attention_reference,
 )
 
+if TYPE_CHECKING:
+    from videonsa.ops.triton.official_compression import CompressionLaunch
+
 BACKENDS = ("auto", "triton", "reference")
 # What the Triton path computes in; float64 (and anything else) runs the reference.
 FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Elements of the boolean mask one dense text-attention call may build.
 _TEXT_MASK_ELEMENTS = 1 << 26
-# float32 scores one chunk of the fast compression may hold (1 GiB): 4 chunks at 32K, 64 at 128K (64 heads).
-_COMPRESSION_SCORE_ELEMENTS = 1 << 28
+# `FastPathSettings.selection_layout` -> the selection kernel's `by_block` switch.
+SELECTION_LAYOUTS = {"auto": None, "by-block": True, "tiles": False}
+
+
+@dataclass(frozen=True)
+class FastPathSettings:
+    """Tuning of the CUDA path; the result does not depend on it beyond float32 rounding.
+
+    compression: launch settings of the compression kernel (None: its measured default).
+    selection_layout: the selection kernel's work layout: "auto" (its planner's choice from the selected blocks),
+        "by-block" (one program per key block and KV group) or "tiles" (one program per query tile and group).
+    """
+
+    compression: CompressionLaunch | None = None
+    selection_layout: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.selection_layout not in SELECTION_LAYOUTS:
+            raise ValueError(f"FastPathSettings.selection_layout must be one of {tuple(SELECTION_LAYOUTS)}, got "
+                             f"{self.selection_layout!r}")
+
+
+DEFAULT_FAST_SETTINGS = FastPathSettings()
 
 
 def official_attention(
@@ -56,6 +83,7 @@ def official_attention(
     scale: float | None = None,
     gate_temperature: float = 0.3,
     backend: str | None = None,
+    fast_settings: FastPathSettings | None = None,
 ) -> Tensor:
     """The original VideoNSA prefill attention (see docs/official-mode.md).
 
@@ -70,6 +98,7 @@ def official_attention(
         gate_temperature: logits are divided by it before the sigmoid (0.3).
         backend: "auto" (Triton kernels for CUDA bf16/fp16/fp32 tensors, the PyTorch blocks otherwise), "triton"
             or "reference".
+        fast_settings: tuning of the Triton path (`FastPathSettings`; default `DEFAULT_FAST_SETTINGS`).
 
     Returns:
         [B, T, HQ, D] in q's dtype: what the original feeds (flattened to [B, T, HQ * D]) to o_proj. A batch
@@ -83,14 +112,18 @@ def official_attention(
     gate_logits = gate_logits.to(q.dtype)
     if not bool(is_vision.any()):
         return dense_causal_attention(q, k, v, scale)
+    if fast:
+        return fast_official(q, k, v, is_vision, gate_logits, mixed=not bool(is_vision.all()),
+                             gate_temperature=gate_temperature, settings=fast_settings or DEFAULT_FAST_SETTINGS,
+                             **budget)
     if bool(is_vision.all()):
         gates = (gate_logits / gate_temperature).sigmoid()
-        return padded_nsa(q, k, v, gates, fast=fast, **budget)
+        return padded_nsa(q, k, v, gates, **budget)
     # Mixed batch: text positions are zeroed (not removed) for NSA and get gate logits 0, i.e. gates 0.5.
     vision = is_vision[:, :, None, None]
     gates = ((gate_logits / gate_temperature) * vision).sigmoid()
-    nsa = padded_nsa(q * vision, k * vision, v * vision, gates, fast=fast, **budget)
-    return nsa + dense_text_part(q, k, v, is_vision, scale, fast=fast)
+    nsa = padded_nsa(q * vision, k * vision, v * vision, gates, **budget)
+    return nsa + dense_text_part(q, k, v, is_vision, scale)
 
 
 def _check_inputs(
@@ -180,7 +213,7 @@ def pad_heads(x: Tensor) -> Tensor:
 
 def padded_nsa(
     q: Tensor, k: Tensor, v: Tensor, gates: Tensor, *,
-    block_size: int, block_counts: int, window_size: int, scale: float, fast: bool,
+    block_size: int, block_counts: int, window_size: int, scale: float,
 ) -> Tensor:
     """The NSA part: padded heads, three branches, gated sum, the two head copies averaged.
 
@@ -194,11 +227,10 @@ def padded_nsa(
     heads = q.shape[2]
     q64 = pad_heads(q)
     k_cmp, v_cmp = mean_pool_blocks(k, block_size), mean_pool_blocks(v, block_size)
-    branches = fast_branches if fast else reference_branches
     # Padded heads 2 HQ .. 63 have zero gates and are dropped by the copy average: only 0 .. 2 HQ - 1 are summed.
     # One branch output is alive at a time; each sum is rounded in q's dtype, as the original's (a + b) + c.
     o64 = None
-    outputs = branches(q64, k, v, k_cmp, v_cmp, block_size, block_counts, window_size, scale)
+    outputs = reference_branches(q64, k, v, k_cmp, v_cmp, block_size, block_counts, window_size, scale)
     for out, gate in zip(outputs, gates.unbind(-1), strict=True):
         term = out[:, :, : 2 * heads] * torch.cat([gate, gate], dim=2)[..., None]
         del out
@@ -235,7 +267,7 @@ def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Ten
     return out.transpose(1, 2)
 
 
-def dense_text_part(q: Tensor, k: Tensor, v: Tensor, is_vision: Tensor, scale: float, *, fast: bool) -> Tensor:
+def dense_text_part(q: Tensor, k: Tensor, v: Tensor, is_vision: Tensor, scale: float) -> Tensor:
     """The dense term the mixed path adds: causal attention of the text queries over every earlier key, text and
     vision, unmasked; at vision positions the query is zero, which gives the causal mean of v.
 
@@ -248,10 +280,7 @@ def dense_text_part(q: Tensor, k: Tensor, v: Tensor, is_vision: Tensor, scale: f
         positions = torch.nonzero(~is_vision[b]).squeeze(1)
         if positions.numel() == 0:
             continue
-        if fast:
-            out[b, positions] = _text_attention_sdpa(q[b, positions], positions, k[b], v[b], scale)
-        else:
-            out[b, positions] = dense_causal_attention_reference(q[b, positions], positions, k[b], v[b], scale)
+        out[b, positions] = dense_causal_attention_reference(q[b, positions], positions, k[b], v[b], scale)
     return out
 
 
@@ -280,8 +309,120 @@ def _text_attention_sdpa(q: Tensor, positions: Tensor, k: Tensor, v: Tensor, sca
     return torch.cat(pieces)
 
 
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The fast path (CUDA; also runs under TRITON_INTERPRET=1 on a CPU, which is how the tests check it)
+
+
+def fast_official(
+    q: Tensor, k: Tensor, v: Tensor, is_vision: Tensor, gate_logits: Tensor, *, mixed: bool,
+    block_size: int, block_counts: int, window_size: int, scale: float, gate_temperature: float,
+    settings: FastPathSettings = DEFAULT_FAST_SETTINGS,
+) -> Tensor:
+    """`official_attention` for a batch with vision tokens on the Triton kernels.
+
+    mixed: True for the mixed path (text masked, dense part added), False for an all-vision batch (pure NSA).
+    Other arguments as in `official_attention` (checked there). Returns [B, T, HQ, D] in q's dtype.
+
+    Passes over the big [B, T, 64, D] tensors: one to build the padded queries, one per branch kernel (the
+    compression writes the start of the gated sum, selection and window add into it), one for the copy average.
+    """
+    heads = q.shape[2]
+    prepared = prepare_fast_inputs(q, k, v, is_vision if mixed else None, gate_logits, gate_temperature, block_size)
+    o64 = gated_branch_sum(*prepared, block_size=block_size, block_counts=block_counts, window_size=window_size,
+                           scale=scale, settings=settings)
+    nsa_sum = o64[:, :, :heads] + o64[:, :, heads : 2 * heads]  # the original's in-place o[:HQ] += o[HQ:2HQ]
+    del o64
+    if not mixed:
+        return nsa_sum.mul_(0.5)
+    return add_dense_text_part(nsa_sum, q, k, v, is_vision, scale)
+
+
+def prepare_fast_inputs(
+    q: Tensor, k: Tensor, v: Tensor, is_vision: Tensor | None, gate_logits: Tensor, gate_temperature: float,
+    block_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Everything the branch kernels read: (q64, k, v, gates64, k_cmp, v_cmp).
+
+    q [B, T, HQ, D], k, v [B, T, HKV, D], gate_logits [B, T, HQ, 3] in q's dtype; is_vision bool [B, T] for the
+    mixed path (text positions zeroed, gate logits there 0), None for an all-vision batch.
+
+    Returns q64 [B, T, 64, D] (heads [q, q, 0], written in one pass), k, v (masked), gates64 [3, B * T, 64] in
+    q's dtype (branch, token, padded head; zero for heads 2 HQ .. 63), k_cmp, v_cmp [B, NB, HKV, D].
+    """
+    batch, seq_len, heads, dim = q.shape
+    logits = gate_logits / gate_temperature
+    q64 = q.new_empty(batch, seq_len, PADDED_HEADS, dim)
+    q64[:, :, 2 * heads :].zero_()
+    copies = q64[:, :, : 2 * heads].unflatten(2, (2, heads))
+    two_q = q.unsqueeze(2).expand(-1, -1, 2, -1, -1)
+    if is_vision is None:
+        copies.copy_(two_q)
+    else:
+        vision = is_vision[:, :, None, None]
+        torch.mul(two_q, vision.unsqueeze(2), out=copies)  # q * vision as the original masks (NaN stays NaN)
+        k, v, logits = k * vision, v * vision, logits * vision
+    gates64 = q.new_zeros(3, batch, seq_len, PADDED_HEADS)
+    gates64[..., : 2 * heads].unflatten(-1, (2, heads)).copy_(logits.sigmoid().permute(3, 0, 1, 2).unsqueeze(3))
+    k_cmp, v_cmp = mean_pool_blocks(k, block_size), mean_pool_blocks(v, block_size)
+    return q64, k, v, gates64.view(3, batch * seq_len, PADDED_HEADS), k_cmp, v_cmp
+
+
+def gated_branch_sum(
+    q64: Tensor, k: Tensor, v: Tensor, gates64: Tensor, k_cmp: Tensor, v_cmp: Tensor, *,
+    block_size: int, block_counts: int, window_size: int, scale: float,
+    settings: FastPathSettings = DEFAULT_FAST_SETTINGS,
+) -> Tensor:
+    """o64 = o_cmp * g_cmp + o_slc * g_slc + o_swa * g_swa over the 64 padded heads: [B, T, 64, D] in q's dtype.
+
+    Inputs as `prepare_fast_inputs` returns them. The compression kernel stores round(round(o_cmp) * g_cmp) (the
+    original's product, bit for bit); the selection and window kernels then add their gated outputs into that
+    buffer in place, each sum formed in float32 and rounded once (docs/official-mode.md, section 7). The batch is
+    packed as B sequences of T tokens for the selection and window kernels, which run on all 64 heads (the 8
+    zero heads cost one eighth more rows but keep the group of 16 heads per KV head).
+    """
+    from videonsa.ops.triton.official_compression import DEFAULT_LAUNCH, anticausal_compression_triton
+    from videonsa.ops.triton.selection import selected_attention_fwd
+    from videonsa.ops.triton.window import window_attention_fwd
+
+    batch, seq_len = q64.shape[:2]
+    g_cmp, g_slc, g_swa = gates64.unbind(0)
+    o64, lse = anticausal_compression_triton(q64, k_cmp, v_cmp, block_size, scale, gate=g_cmp.view(q64.shape[:3]),
+                                             launch=settings.compression or DEFAULT_LAUNCH)
+    indices = _topk_implementation()(q64, k_cmp, lse, block_counts, block_size, scale)
+    del lse
+    packed = lambda x: x.reshape(batch * seq_len, *x.shape[2:])  # noqa: E731
+    cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=q64.device)
+    # The original's selection is one softmax over the union of the listed blocks, so their order is free;
+    # the kernel wants them ascending with the empty slots last.
+    ids = ascending_block_ids(packed(indices))
+    del indices
+    q_p, k_p, v_p, o_p = packed(q64), packed(k), packed(v), packed(o64)
+    selected_attention_fwd(q_p, k_p, v_p, ids, cu_seqlens, block_size, scale, fold_into=o_p, fold_scale=g_slc,
+                           by_block=SELECTION_LAYOUTS[settings.selection_layout])
+    del ids
+    window_attention_fwd(q_p, k_p, v_p, cu_seqlens, window_size, scale, fold_into=o_p, gate=g_swa)
+    return o64
+
+
+def add_dense_text_part(nsa_sum: Tensor, q: Tensor, k: Tensor, v: Tensor, is_vision: Tensor, scale: float) -> Tensor:
+    """nsa_sum * 0.5 + the dense text part (`dense_text_part`), in place in nsa_sum [B, T, HQ, D].
+
+    The causal mean of v is added to every position in one pass without repeating it over the query heads; the
+    few text positions are then recomputed with their attention on SDPA. Rounding as the original: the halving
+    is exact, the addition rounded once.
+    """
+    batch, seq_len, heads, dim = q.shape
+    heads_kv = k.shape[2]
+    text = [torch.nonzero(~is_vision[b]).squeeze(1) for b in range(batch)]
+    halves = [nsa_sum[b, positions] * 0.5 for b, positions in enumerate(text)]
+    grouped = nsa_sum.view(batch, seq_len, heads_kv, heads // heads_kv, dim)
+    torch.add(causal_mean(v).unsqueeze(3), grouped, alpha=0.5, out=grouped)
+    for b, (positions, half) in enumerate(zip(text, halves, strict=True)):
+        if positions.numel():
+            nsa_sum[b, positions] = half + _text_attention_sdpa(q[b, positions], positions, k[b], v[b], scale)
+    return nsa_sum
 
 
 @cache
@@ -296,104 +437,9 @@ def _topk_implementation() -> Callable[..., Tensor]:
     return original_topk_triton
 
 
-def fast_branches(
-    q64: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor,
-    block_size: int, block_counts: int, window_size: int, scale: float,
-) -> Iterator[Tensor]:
-    """Yields the compression, selection and window outputs [B, T, 64, D] of the padded-head NSA on the kernels.
-
-    q64: [B, T, 64, D]; k, v: [B, T, HKV, D]; k_cmp, v_cmp: [B, NB, HKV, D]. The batch is packed as B
-    sequences of T tokens for the selection and window kernels, which run on all 64 heads (the 8 zero heads cost
-    one eighth more rows but keep the group of 16 heads per KV head the kernels expect).
-    """
-    from videonsa.ops.triton.selection import selected_attention_fwd
-    from videonsa.ops.triton.window import window_attention_fwd
-
-    batch, seq_len = q64.shape[:2]
-    compressed = compression_fast(q64, k_cmp, v_cmp, block_size, scale)
-    lse = compressed[1]
-    yield compressed[0]
-    del compressed
-    indices = _topk_implementation()(q64, k_cmp, lse, block_counts, block_size, scale)
-    del lse
-    packed = lambda x: x.reshape(batch * seq_len, *x.shape[2:])  # noqa: E731
-    cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=q64.device)
-    # The original's selection is one softmax over the union of the listed blocks, so their order is free;
-    # the kernel wants them ascending with the empty slots last.
-    ids = ascending_block_ids(packed(indices))
-    del indices
-    yield selected_attention_fwd(packed(q64), packed(k), packed(v), ids, cu_seqlens, block_size, scale)[0].view(
-        q64.shape
-    )
-    del ids
-    yield window_attention_fwd(packed(q64), packed(k), packed(v), cu_seqlens, window_size, scale)[0].view(q64.shape)
-
-
 def ascending_block_ids(indices: Tensor) -> Tensor:
     """int [..., S] block ids with -1 for empty slots -> int32, each row ascending with the -1 entries last."""
     largest = torch.iinfo(torch.int32).max
     keyed = torch.where(indices < 0, largest, indices.to(torch.int32))
     ordered = keyed.sort(dim=-1).values
     return torch.where(ordered == largest, -1, ordered).contiguous()
-
-
-def _matmul_float32(a: Tensor, b: Tensor) -> Tensor:
-    """Batched a @ b with a float32 result: [N, M, K] x [N, K, P] -> [N, M, P]. Half-precision CUDA inputs are
-    multiplied on the tensor cores with float32 accumulation and a float32 output (no rounding of the sums to
-    the input dtype, like the fused attention kernels); elsewhere the inputs are converted first."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _bmm_has_out_dtype():
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a.float(), b.float())
-
-
-@cache
-def _bmm_has_out_dtype() -> bool:
-    probe = torch.ones(1, 1, 1, dtype=torch.bfloat16, device="cuda")
-    try:
-        torch.bmm(probe, probe, out_dtype=torch.float32)
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
-def compression_fast(
-    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, block_size: int, scale: float
-) -> tuple[Tensor, Tensor]:
-    """`anticausal_compression` on batched matrix products, chunked over whole query blocks.
-
-    A chunk of query blocks j0..j1-1 needs the compressed keys j0..NB-1 only (query t sees blocks c >= t // b);
-    the mask touches just the chunk's own columns j0..j1-1. Scores and softmax statistics are float32, the
-    probabilities are rounded to the input dtype for the P.V product.
-
-    Args:
-        q: [B, T, HP, D]; k_cmp, v_cmp: [B, NB, HKV, D].
-
-    Returns:
-        o [B, T, HP, D] in q's dtype, lse float32 [B, HP, T] (natural log, contiguous).
-    """
-    batch, seq_len, heads, dim = q.shape
-    n_blocks, heads_kv = k_cmp.shape[1], k_cmp.shape[2]
-    group = heads // heads_kv
-    o = torch.empty_like(q)
-    lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
-    chunk_blocks = max(1, _COMPRESSION_SCORE_ELEMENTS // (block_size * heads * n_blocks))
-    for b in range(batch):
-        keys_t = k_cmp[b].permute(1, 2, 0).contiguous()  # [HKV, D, NB]
-        values = v_cmp[b].transpose(0, 1).contiguous()  # [HKV, NB, D]
-        for j0 in range(0, n_blocks, chunk_blocks):
-            j1 = min(n_blocks, j0 + chunk_blocks)
-            start, end = j0 * block_size, min(seq_len, j1 * block_size)
-            count = end - start
-            rows = q[b, start:end].view(count, heads_kv, group, dim).transpose(0, 1).reshape(heads_kv, -1, dim)
-            scores = _matmul_float32(rows, keys_t[:, :, j0:].contiguous()).mul_(scale)  # [HKV, C*G, NB - j0]
-            own = (torch.arange(start, end, device=q.device) // block_size - j0).repeat_interleave(group)
-            hidden = torch.arange(j1 - j0, device=q.device)[None, :] < own[:, None]  # earlier blocks of the chunk
-            scores[:, :, : j1 - j0].masked_fill_(hidden[None], float("-inf"))
-            row_max = scores.amax(dim=-1, keepdim=True)
-            probs = scores.sub_(row_max).exp_()
-            total = probs.sum(dim=-1, keepdim=True)
-            out = _matmul_float32(probs.to(q.dtype), values[:, j0:].contiguous()).div_(total)  # [HKV, C*G, D]
-            o[b, start:end] = out.view(heads_kv, count, group, dim).transpose(0, 1).reshape(count, heads, dim)
-            stat = (row_max + torch.log(total)).view(heads_kv, count, group)
-            lse[b, :, start:end] = stat.permute(0, 2, 1).reshape(heads, count)
-    return o, lse
