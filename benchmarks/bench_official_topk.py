@@ -143,9 +143,10 @@ def main() -> None:
 
     settings = [DEFAULT_LAUNCH]
     if args.sweep:
-        settings += [OfficialTopkLaunch(tokens_per_program=t, num_warps=w, num_stages=s)
-                     for t, w, s in itertools.product(args.tokens, args.warps, args.stages)
-                     if OfficialTopkLaunch(t, w, s) != DEFAULT_LAUNCH]
+        group = 64 // HEADS_KV
+        swept = [OfficialTopkLaunch(tokens_per_program=t, max_rows=max(128, t * group), num_warps=w, num_stages=s)
+                 for t, w, s in itertools.product(args.tokens, args.warps, args.stages)]
+        settings += [launch for launch in swept if launch != DEFAULT_LAUNCH]
     original = load_original(args.original) if args.original else None
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     for length in args.lengths:

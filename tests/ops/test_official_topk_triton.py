@@ -26,7 +26,7 @@ from interpreter_harness import DEVICE, HAS_CUDA, kernels_runnable_here, run_fil
 from videonsa.ops import official
 from videonsa.ops.official import anticausal_compression, mean_pool_blocks, original_topk_reference
 from videonsa.ops.triton import official_topk
-from videonsa.ops.triton.official_topk import OfficialTopkLaunch, original_topk_triton
+from videonsa.ops.triton.official_topk import DEFAULT_LAUNCH, OfficialTopkLaunch, original_topk_triton
 
 RUNNABLE = kernels_runnable_here(official_topk._original_topk_kernel)
 kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
@@ -128,20 +128,21 @@ def _run_case(q, k_cmp, lse, block_counts: int, block_size: int, launch: Officia
 
 
 CASES = {
-    # Partial last block (150 = 9*16 + 6), block_counts 3 -> 4 slots, a partial last token tile, float32.
-    "partial-block-counts3-fp32": dict(shape=(1, 150, 32, 2, 32), block_size=16, block_counts=3, dtype="float32",
-                                       launch=OfficialTopkLaunch(tokens_per_program=8, num_warps=4)),
+    # Partial last block (150 = 9*16 + 6), block_counts 3 -> 4 slots, a partial last token tile, float32,
+    # groups of 32 heads (the 3B's padded grouping) with the default launch (4 tokens per program there).
+    "partial-block-counts3-g32-fp32": dict(shape=(1, 150, 64, 2, 32), block_size=16, block_counts=3,
+                                           dtype="float32", launch=DEFAULT_LAUNCH),
     # block_counts 20 -> 32 slots (more slots than blocks: trailing -1), 4 groups, float16, 16-token tiles.
     "counts20-4groups-fp16": dict(shape=(1, 200, 64, 4, 16), block_size=32, block_counts=20, dtype="float16",
-                                  launch=OfficialTopkLaunch(tokens_per_program=16, num_warps=4)),
+                                  launch=OfficialTopkLaunch(tokens_per_program=16, max_rows=256, num_warps=4)),
     # Running merge over 3 chunks of 16 candidates, B = 2, text tokens and zero blocks (exact ties), float16.
     "running-merge-ties-b2-fp16": dict(shape=(2, 560, 32, 2, 16), block_size=16, block_counts=5, dtype="float16",
                                        text_every=3, zero_block_every=2,
-                                       launch=OfficialTopkLaunch(tokens_per_program=16, num_warps=8)),
+                                       launch=OfficialTopkLaunch(tokens_per_program=16, max_rows=256, num_warps=8)),
     # S = 64 = block_size with 66 blocks (the running merge drops candidates: not a true top-64), ties too.
     "s64-66-blocks-fp32": dict(shape=(1, 4200, 16, 1, 16), block_size=64, block_counts=34, dtype="float32",
                                text_every=5, zero_block_every=3,
-                               launch=OfficialTopkLaunch(tokens_per_program=64, num_warps=8)),
+                               launch=OfficialTopkLaunch(tokens_per_program=64, max_rows=1024, num_warps=8)),
     # Groups of 4 heads, block_size 8: the tile is too small for tl.dot (products summed in float32), 1 token
     # per program.
     "small-group-no-dot-fp16": dict(shape=(1, 40, 8, 2, 8), block_size=8, block_counts=3, dtype="float16",
@@ -214,8 +215,14 @@ def test_bad_settings_raise(change: dict, message: str) -> None:
 def test_launch_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="tokens_per_program"):
         OfficialTopkLaunch(tokens_per_program=3)
+    with pytest.raises(ValueError, match="max_rows"):
+        OfficialTopkLaunch(max_rows=96)
     with pytest.raises(ValueError, match="num_warps"):
         OfficialTopkLaunch(num_warps=0)
+    launch = OfficialTopkLaunch(tokens_per_program=16, max_rows=128)
+    # tokens per program: at most tokens_per_program, block_size, and max_rows // G (at least 1)
+    assert [launch.tokens_for(g, 64) for g in (4, 16, 32, 256)] == [16, 8, 4, 1]
+    assert launch.tokens_for(4, 2) == 2
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -52,22 +52,30 @@ class OfficialTopkLaunch:
     """Launch settings of `original_topk_triton` (the choice does not depend on them, except that the float32
     dot products may round differently with another tile shape and so flip a near tie).
 
-    tokens_per_program: consecutive tokens of one program (a power of two; used as min(it, block_size)). The
-        program's score tile is tokens * G rows of q against block_size compressed keys.
+    tokens_per_program: consecutive tokens of one program (a power of two). A program scores its tokens x G
+        query rows against block_size compressed keys at a time; it takes min(tokens_per_program, block_size,
+        max(1, max_rows // G)) tokens, so that a tile stays inside one block and within max_rows query rows.
+    max_rows: the most query rows (tokens x G) one program holds (a power of two); with G = 16 (the 7B) the
+        default admits 8 tokens, with G = 32 (the 3B) 4.
     num_warps, num_stages: Triton's launch settings.
     """
 
     tokens_per_program: int = 8
+    max_rows: int = 128
     num_warps: int = 8
     num_stages: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("tokens_per_program", "num_warps"):
+        for name in ("tokens_per_program", "max_rows", "num_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"OfficialTopkLaunch.{name} must be a power of two >= 1, got {value}")
         if self.num_stages < 1:
             raise ValueError(f"OfficialTopkLaunch.num_stages must be >= 1, got {self.num_stages}")
+
+    def tokens_for(self, group: int, block_size: int) -> int:
+        """Tokens per program for G = `group` query heads per KV head and this block size."""
+        return min(self.tokens_per_program, block_size, max(1, self.max_rows // group))
 
 
 DEFAULT_LAUNCH = OfficialTopkLaunch()
@@ -243,7 +251,7 @@ def original_topk_triton(q: Tensor, k_cmp: Tensor, lse: Tensor, block_counts: in
     if batch == 0 or length == 0:
         return out
     group = heads // heads_kv
-    tokens = min(launch.tokens_per_program, block_size)
+    tokens = launch.tokens_for(group, block_size)
     head_dim_tile = max(16, triton.next_power_of_2(dim))
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_cmp = k_cmp if k_cmp.stride(-1) == 1 else k_cmp.contiguous()
