@@ -155,3 +155,28 @@ def test_changed_trainable_parts_are_refused_even_when_accepted(interrupted_run,
     changed = {**interrupted_run, "trainable.vision_tower": False}
     with pytest.raises(UserError, match=r"trainable\.vision_tower.*optimizer state"):
         run_training(load_config(None, changed), resume="auto", accept_config_changes=True)
+
+
+def test_a_finished_run_trains_further_only_when_the_longer_run_is_accepted(videonsa_checkpoint, colour_clips,
+                                                                            tmp_path):
+    overrides = train_overrides(videonsa_checkpoint, colour_clips(3, frames=2), tmp_path / "run", max_steps=2,
+                                save_steps=2)
+    run_training(load_config(None, overrides), resume="auto")
+    longer = load_config(None, {**overrides, "trainer.max_steps": 3})
+    with pytest.raises(UserError, match=r"trainer\.max_steps 2 -> 3.*--accept-config-changes"):
+        run_training(longer, resume="auto")
+    outcome = run_training(longer, resume="auto", accept_config_changes=True)
+    assert not outcome.already_finished and outcome.global_step == 3
+    assert outcome.resumed_from == tmp_path / "run" / "checkpoint-2"
+    assert run_training(longer, resume="auto").already_finished
+
+
+def test_a_config_with_bad_values_fails_in_one_line_before_loading_anything(tmp_path, capsys):
+    path = config_file(tmp_path / "bad.yaml", {"model.path": str(tmp_path / "missing"), "data.manifest": "m.jsonl",
+                                               "trainer.output_dir": "out", "trainer.num_train_epochs": -1,
+                                               "trainer.per_device_train_batch_size": 0})
+    assert main(["train", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "Traceback" not in error
+    assert "trainer.num_train_epochs" in error and "trainer.per_device_train_batch_size" in error
+    assert not (tmp_path / "out").exists()
