@@ -89,3 +89,13 @@ def test_convert_writes_a_folder_readable_per_umask(tmp_path):
 def test_describe_layers():
     assert describe_layers([7, 0, 1, 2, 5, 8]) == "0-2, 5, 7-8"
     assert describe_layers([]) == ""
+
+
+def test_videonsa_load_takes_fresh_gates_too(tmp_path):
+    import videonsa.inference
+
+    folder = testing.save_tiny_checkpoint(tmp_path / "ckpt", seed=5)
+    _drop(folder, r"layers\.1\.self_attn\.g_proj_1\.weight$")
+    with pytest.raises(UserError, match=r"missing for layer\(s\) 1 of 2"):
+        videonsa.inference.load(str(folder), device="cpu")
+    assert videonsa.inference.load(str(folder), device="cpu", fresh_gates=True) is not None

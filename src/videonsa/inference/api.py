@@ -258,6 +258,7 @@ def load(
     attention: str = "auto",
     device: str = "auto",
     dtype: str = "auto",
+    fresh_gates: bool = False,
 ) -> VideoQA:
     """Load a model from a local directory or a Hugging Face Hub id, ready to `ask`.
 
@@ -265,13 +266,17 @@ def load(
     which also makes `ask` use the paper preset), "nsa" (sparse attention over video tokens), "dense", or
     "official" (the function the released checkpoint was evaluated with). device: "auto", "cpu", "cuda" or
     "cuda:N". dtype: "auto" (bfloat16 on GPU, float32 on CPU), "bfloat16", "float16" or "float32".
-    Raises `UserError` with one line for a missing directory, an unreachable hub id or a bad setting.
+    fresh_gates: accept a checkpoint storing gates for some layers only, initialising the others fresh (without it
+    such a checkpoint is refused, naming the layers). Raises `UserError` with one line for a missing directory,
+    an unreachable hub id, a bad setting, or a broken model folder (docs/model-files.md).
     """
     check_attention(attention)
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     files = open_model_files(model)
-    weights = load_weights(files, attention=attention, device=resolved_device, dtype=resolved_dtype)
+    weights = load_weights(
+        files, attention=attention, device=resolved_device, dtype=resolved_dtype, fresh_gates=fresh_gates
+    )
     return VideoQA(files, weights)
 
 
