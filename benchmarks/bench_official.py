@@ -11,7 +11,8 @@ Inputs: HQ 28, HKV 4, D 128, bf16, a video prompt of ~100 text tokens, T - 200 v
   top-k, selection and window (each adding its gated output into the sum), the copy average, the dense part
   (causal mean of v added everywhere, text rows on SDPA); "glue_rest" is the whole call minus the parts.
 
-`--selection-layout auto by-block tiles` times the layer once per selection kernel layout (one row each);
+`--selection-layout auto by-block tiles tiles-16 tiles-64` times the layer once per selection kernel layout (one
+row each; tiles-N: query tiles of N rows, N / 16 tokens x 16 heads);
 `--compression-sweep` also times the compression kernel over a grid of launch settings (`CompressionLaunch`).
 `--check-length` (default the smallest length) also runs the PyTorch reference path once at that length and
 reports how far the CUDA path is from it, and whether the Triton top-k and the PyTorch emulation pick the same
@@ -87,12 +88,11 @@ def official_parts(x: dict, settings, block_size: int = 64, block_counts: int = 
     packed = lambda t: t.reshape(batch * seq_len, *t.shape[2:])  # noqa: E731
     cu = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=q.device)
     scratch = packed(o64.clone())
-    by_block = official.SELECTION_LAYOUTS[settings.selection_layout]
 
     def selection():
         ids = official.ascending_block_ids(packed(indices))
         return selected_attention_fwd(packed(q64), packed(k_m), packed(v_m), ids, cu, block_size, scale,
-                                      fold_into=scratch, fold_scale=gates64[1], by_block=by_block)
+                                      fold_into=scratch, fold_scale=gates64[1], **settings.selection_switches())
 
     def window():
         return window_attention_fwd(packed(q64), packed(k_m), packed(v_m), cu, window_size, scale,
@@ -109,6 +109,15 @@ def official_parts(x: dict, settings, block_size: int = 64, block_counts: int = 
         "dense": lambda: official.add_dense_text_part(nsa_sum, q, k, v, is_vision, scale),
         "_state": (q64, k_cmp, v_cmp, lse, indices, scale, topk),
     }
+
+
+def selection_settings(layout: str):
+    """FastPathSettings for a --selection-layout value ("auto", "by-block", "tiles", "tiles-N")."""
+    from videonsa.layers.official import FastPathSettings
+
+    if layout.startswith("tiles-"):
+        return FastPathSettings(selection_layout="tiles", selection_tile_rows=int(layout.split("-")[1]))
+    return FastPathSettings(selection_layout=layout)
 
 
 def compression_sweep(x: dict, bench, block_size: int = 64) -> list[dict]:
@@ -178,8 +187,10 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--check-length", type=int, default=None,
                         help="length at which the reference path is compared (default: the smallest; 0: none)")
-    parser.add_argument("--selection-layout", nargs="+", default=["auto"], choices=["auto", "by-block", "tiles"],
-                        help="selection kernel layout(s) to time, one row each (default: auto)")
+    parser.add_argument("--selection-layout", nargs="+", default=["auto"],
+                        choices=["auto", "by-block", "tiles", "tiles-16", "tiles-32", "tiles-64", "tiles-128"],
+                        help="selection kernel layout(s) to time, one row each (default: auto); tiles-N: query "
+                             "tiles of N rows (N / 16 tokens)")
     parser.add_argument("--compression-sweep", action="store_true",
                         help="also time the compression kernel over a grid of launch settings at each length")
     parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
@@ -191,7 +202,6 @@ def main() -> None:
     import triton
 
     from videonsa.layers import official_attention
-    from videonsa.layers.official import FastPathSettings
 
     bench = timer(args.quick)
     check_length = min(args.lengths) if args.check_length is None else args.check_length
@@ -202,7 +212,7 @@ def main() -> None:
             nsa = nsa_mode_layer(x)
             nsa_ms, nsa_peak = bench(nsa), peak_gib(nsa)
             for layout in args.selection_layout:
-                settings = FastPathSettings(selection_layout=layout)
+                settings = selection_settings(layout)
                 call = lambda x=x, s=settings: official_attention(  # noqa: E731
                     x["q"], x["k"], x["v"], x["is_vision"], x["gate_logits"], fast_settings=s)
                 row = {"T": seq_len, "vision_tokens": int(x["is_vision"].sum()), "selection_layout": layout}

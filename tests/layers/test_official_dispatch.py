@@ -155,10 +155,10 @@ def test_fast_float16_mixed_batch() -> None:
 
 
 @kernel_test
-@pytest.mark.parametrize("layout", ["by-block", "tiles"])
-def test_fast_selection_layouts(layout: str) -> None:
-    """Both work layouts of the selection kernel give the same result (the bench times them)."""
-    settings = official.FastPathSettings(selection_layout=layout)
+@pytest.mark.parametrize(("layout", "rows"), [("by-block", None), ("tiles", None), ("tiles", 16)])
+def test_fast_selection_layouts(layout: str, rows: int | None) -> None:
+    """Every work layout of the selection kernel gives the same result (the bench times them)."""
+    settings = official.FastPathSettings(selection_layout=layout, selection_tile_rows=rows)
     check_fast_against_reference(2, 70, 4, 2, 16, vision_layout(2, 70), seed=7, fast_settings=settings,
                                  block_size=16, block_counts=3, window_size=20)
 
@@ -209,3 +209,9 @@ def test_dense_part_added_in_place_matches_the_reference_rounding() -> None:
 def test_fast_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="selection_layout must be one of"):
         official.FastPathSettings(selection_layout="blocks")
+    with pytest.raises(ValueError, match="selection_tile_rows must be a power of two >= 16"):
+        official.FastPathSettings(selection_layout="by-block", selection_tile_rows=64)
+    with pytest.raises(ValueError, match="selection_tile_rows must be a power of two >= 16"):
+        official.FastPathSettings(selection_layout="tiles", selection_tile_rows=24)
+    assert official.FastPathSettings(selection_layout="tiles", selection_tile_rows=64).selection_switches() == {
+        "tile_rows": 64}

@@ -56,15 +56,28 @@ class FastPathSettings:
     compression: launch settings of the compression kernel (None: its measured default).
     selection_layout: the selection kernel's work layout: "auto" (its planner's choice from the selected blocks),
         "by-block" (one program per key block and KV group) or "tiles" (one program per query tile and group).
+    selection_tile_rows: with "tiles", the matrix rows per program (tokens x the 16 heads of a group: 16 is one
+        token, 64 four); None lets the planner pick the height.
     """
 
     compression: CompressionLaunch | None = None
     selection_layout: str = "auto"
+    selection_tile_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.selection_layout not in SELECTION_LAYOUTS:
             raise ValueError(f"FastPathSettings.selection_layout must be one of {tuple(SELECTION_LAYOUTS)}, got "
                              f"{self.selection_layout!r}")
+        rows = self.selection_tile_rows
+        if rows is not None and (self.selection_layout != "tiles" or rows < 16 or rows & (rows - 1)):
+            raise ValueError(f"FastPathSettings.selection_tile_rows must be a power of two >= 16 and goes with "
+                             f"selection_layout='tiles', got {rows} with {self.selection_layout!r}")
+
+    def selection_switches(self) -> dict:
+        """The keyword arguments of `selected_attention_fwd` that choose its layout."""
+        if self.selection_tile_rows is not None:
+            return {"tile_rows": self.selection_tile_rows}
+        return {"by_block": SELECTION_LAYOUTS[self.selection_layout]}
 
 
 DEFAULT_FAST_SETTINGS = FastPathSettings()
@@ -400,7 +413,7 @@ def gated_branch_sum(
     del indices
     q_p, k_p, v_p, o_p = packed(q64), packed(k), packed(v), packed(o64)
     selected_attention_fwd(q_p, k_p, v_p, ids, cu_seqlens, block_size, scale, fold_into=o_p, fold_scale=g_slc,
-                           by_block=SELECTION_LAYOUTS[settings.selection_layout])
+                           **settings.selection_switches())
     del ids
     window_attention_fwd(q_p, k_p, v_p, cu_seqlens, window_size, scale, fold_into=o_p, gate=g_swa)
     return o64
