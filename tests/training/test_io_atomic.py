@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from videonsa.training.io import atomic_write, atomic_write_json, atomic_write_text
+from videonsa.training.io import atomic_write, atomic_write_json, atomic_write_text, staging_folder
 
 
 def _mode(path: Path) -> int:
@@ -116,3 +116,36 @@ def test_a_failed_write_removes_its_temporary_and_keeps_the_old_file(tmp_path: P
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_write(target, fail)
     assert target.read_text() == "old" and _leftovers(tmp_path) == []
+
+
+def test_staging_folder_mode_cleanup_and_removal_on_error(tmp_path: Path) -> None:
+    destination = tmp_path / "converted"
+    # A conversion killed while filling its staging folder (simulated in a subprocess killed by SIGKILL).
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from videonsa.training.io import staging_folder
+        with staging_folder({str(destination)!r}) as staging:
+            (staging / "model.safetensors").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr.decode()
+    (abandoned,) = [p for p in tmp_path.iterdir() if p.name.startswith(".converted.partial-")]
+    past = time.time() - 60
+    os.utime(abandoned, (past, past))
+
+    previous = os.umask(0o022)
+    try:
+        with pytest.raises(RuntimeError, match="failed"), staging_folder(destination) as staging:
+            assert not abandoned.exists()  # removed when the next conversion started
+            assert _mode(staging) == 0o755
+            raise RuntimeError("failed")
+    finally:
+        os.umask(previous)
+    assert list(tmp_path.iterdir()) == []
+    with staging_folder(destination) as staging:
+        (staging / "a").write_text("x")
+        os.replace(staging, destination)
+    assert [p.name for p in tmp_path.iterdir()] == ["converted"] and (destination / "a").read_text() == "x"

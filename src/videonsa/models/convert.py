@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,8 @@ import torch
 from torch import nn
 
 from videonsa.errors import UserError
-from videonsa.models.checkpoint_checks import check_checkpoint
 from videonsa.models.checkpoints import to_current_key, to_legacy_key
-from videonsa.training.io import atomic_write
+from videonsa.training.io import atomic_write, staging_folder
 
 # Shards of at most this many bytes, as transformers writes them by default.
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -97,9 +95,10 @@ def convert_checkpoint(
     Tokenizer, processor and other non-weight files are copied. `settings` (block_size, block_counts,
     window_size, init_blocks, local_blocks, gate_temperature, attention_mode) are recorded in the new config.
 
-    `source` is checked first (`checkpoint_checks.check_checkpoint`): a malformed config, weights that are not
-    safetensors or disagree with it, or gates stored for some layers only (unless `fresh_gates`) are a
-    `UserError`, and nothing is written.
+    `source` is checked first (`from_pretrained` runs `checkpoint_checks.check_checkpoint`): a malformed config,
+    weights that are not safetensors or disagree with it, or gates stored for some layers only (unless
+    `fresh_gates`) are a `UserError`, and nothing is written. Staging folders of a killed earlier conversion to
+    the same destination are removed (`videonsa.training.io.staging_folder`).
 
     Args:
         legacy_layout: write the released checkpoint's flat layout instead of transformers' current one.
@@ -114,7 +113,6 @@ def convert_checkpoint(
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise UserError(f"{destination}: already exists and is not an empty folder")
     torch_dtype = _parse_dtype(dtype)
-    check_checkpoint(source)  # before the (possibly minutes-long) load; from_pretrained checks again, cheaply
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -122,9 +120,7 @@ def convert_checkpoint(
             source, dtype=torch_dtype, fresh_gates=fresh_gates, **settings
         )
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = _make_staging_folder(destination)
-    try:
+    with staging_folder(destination) as staging:
         _save(model, staging, legacy=legacy_layout, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES)
         for item in source.iterdir():
             if item.is_file() and not _is_model_file(item.name) and not (staging / item.name).exists():
@@ -132,9 +128,6 @@ def convert_checkpoint(
         if destination.exists():
             destination.rmdir()  # empty, checked above
         os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return destination
 
 
@@ -174,18 +167,6 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
         shards[-1][name] = tensor
         size += nbytes
     return shards
-
-
-def _make_staging_folder(destination: Path) -> Path:
-    """A new empty folder beside `destination` with the permissions `mkdir` gives (0777 less the umask; a
-    `tempfile.mkdtemp` folder would be 0700 and the renamed checkpoint unreadable to anyone else)."""
-    while True:
-        staging = destination.parent / f".{destination.name}.partial-{secrets.token_hex(8)}"
-        try:
-            staging.mkdir(mode=0o777)
-        except FileExistsError:
-            continue
-        return staging
 
 
 def _write_atomic(path: Path, write: Any) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +79,17 @@ def _create_locked_temporary(path: Path) -> tuple[Path, int]:
 
 def _remove_abandoned_temporaries(path: Path) -> None:
     """Remove temporaries of `path` whose writer is gone: unlocked, and not just created."""
+    _remove_abandoned(path.parent, _temporary_prefix(path), _TEMPORARY_SUFFIX)
+
+
+def _remove_abandoned(folder: Path, prefix: str, suffix: str) -> None:
+    """Remove the files or folders `prefix` + 16 hex digits + `suffix` in `folder` that no live writer holds
+    locked and that are older than `_ABANDONED_AFTER_SECONDS`."""
     if fcntl is None:
         return
-    prefix = _temporary_prefix(path)
-    for candidate in path.parent.iterdir():
+    for candidate in folder.iterdir():
         name = candidate.name
-        if not (name.startswith(prefix) and name.endswith(_TEMPORARY_SUFFIX)):
-            continue
-        if len(name) != len(prefix) + 16 + len(_TEMPORARY_SUFFIX):  # not one of ours (random part: 16 hex digits)
+        if not (name.startswith(prefix) and name.endswith(suffix) and len(name) == len(prefix) + 16 + len(suffix)):
             continue
         try:
             descriptor = os.open(candidate, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -97,9 +102,44 @@ def _remove_abandoned_temporaries(path: Path) -> None:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # a live writer holds it
-            candidate.unlink(missing_ok=True)
+            if candidate.is_dir() and not candidate.is_symlink():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                candidate.unlink(missing_ok=True)
         finally:
             os.close(descriptor)
+
+
+@contextlib.contextmanager
+def staging_folder(destination: str | Path) -> Iterator[Path]:
+    """A new empty folder beside `destination` to fill and then rename onto it (`os.replace(staging,
+    destination)` inside the `with`).
+
+    It gets the permissions `mkdir` gives (0777 less the umask; `tempfile.mkdtemp` would make it 0700) and is
+    locked while the `with` runs; on an exception it is removed. Staging folders of `destination` left by a
+    killed process are removed first, as `atomic_write` does for files.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{destination.name}.partial-"
+    _remove_abandoned(destination.parent, prefix, "")
+    while True:
+        staging = destination.parent / f"{prefix}{secrets.token_hex(8)}"
+        try:
+            staging.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        break
+    lock = os.open(staging, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        os.close(lock)
 
 
 def _settle(temporary: Path, lock: int) -> None:
