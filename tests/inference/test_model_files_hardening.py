@@ -84,6 +84,11 @@ BROKEN = {
     ),
     "layer_types_disagree": (_set("text_config", num_hidden_layers=3), r"config\.json: not a usable.*layer_types"),
     "other_mlp_width": (_set("text_config", intermediate_size=96), r"mlp\.gate_proj\.weight.*\[96, 64\].*\[128, 64\]"),
+    "vision_width_differs": (_set("vision_config", out_hidden_size=32), r"out_hidden_size 32 differs from the text"),
+    "mrope_sections": (
+        _edit_config(lambda c: c["text_config"]["rope_parameters"].update(mrope_section=[2, 3, 4])),
+        r"mrope_section \[2, 3, 4\] sums to 9, not half the head dimension 16",
+    ),
     "block_size_zero": (_set("text_config", block_size=0), r"config\.json: block_size must be positive"),
     "truncated_weights": (_truncate, r"model\.safetensors: not a readable safetensors file .*truncated"),
     "garbage_weights": (_garbage, r"model\.safetensors: not a readable safetensors file"),

@@ -150,13 +150,35 @@ def check_config(config: Any, where: str | Path) -> None:
             _VisionArchitecture.model_validate(config["vision_config"])
         except ValidationError as error:
             problems += _problems(error, "vision_config")
-    vocab = text.get("vocab_size")
-    if not problems and isinstance(vocab, int):
-        for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-            if isinstance(config.get(key), int) and config[key] >= vocab:
-                problems.append(f"{key} {config[key]} is not below vocab_size {vocab}")
+    if not problems:
+        problems += _cross_checks(config, text)
     if problems:
         raise UserError(f"{where}: {'; '.join(problems)}")
+
+
+def _cross_checks(config: dict[str, Any], text: dict[str, Any]) -> list[str]:
+    """Agreements between sections that no tensor shape shows: token ids inside the vocabulary, the vision
+    tower's output width equal to the text width, M-RoPE sections covering half the head dimension."""
+    problems = []
+    vocab = text["vocab_size"]
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        if isinstance(config.get(key), int) and config[key] >= vocab:
+            problems.append(f"{key} {config[key]} is not below vocab_size {vocab}")
+    out_width = config["vision_config"].get("out_hidden_size")
+    if out_width is not None and out_width != text["hidden_size"]:
+        width = text["hidden_size"]
+        problems.append(f"vision_config.out_hidden_size {out_width} differs from the text hidden_size {width}")
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    for key in ("rope_parameters", "rope_scaling"):
+        section = text.get(key).get("mrope_section") if isinstance(text.get(key), dict) else None
+        if section is None:
+            continue
+        if not isinstance(section, list) or not all(type(x) is int and x > 0 for x in section):
+            problems.append(f"{key}.mrope_section must be a list of positive integers, got {section!r}")
+        elif 2 * sum(section) != head_dim:
+            problems.append(f"{key}.mrope_section {section} sums to {sum(section)}, not half the head dimension "
+                            f"{head_dim}")
+    return problems
 
 
 def read_config(directory: Path) -> dict[str, Any]:
