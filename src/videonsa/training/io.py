@@ -48,6 +48,33 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     _fsync_folder(path.parent)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the platform allows (Linux /proc), else by setting
+    and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_modes(folder: str | Path) -> None:
+    """Give every regular file in `folder` (not in its subfolders) the mode a plain `open` gives (0666 less the
+    umask).
+
+    For folders written by libraries that create private files: transformers' `save_pretrained` writes
+    model.safetensors through safetensors, which makes it 0600, so a checkpoint would be unreadable to the
+    collaborators the umask allows."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(folder).iterdir():
+        if path.is_file() and not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) != mode:
+            path.chmod(mode)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically (see `atomic_write`)."""
 
