@@ -34,7 +34,7 @@ from videonsa.training.collator import VideoChatCollator
 from videonsa.training.config import TrainConfig, config_file
 from videonsa.training.conversation import IGNORE_INDEX
 from videonsa.training.dataset import STAT_NAMES, VideoChatDataset
-from videonsa.training.io import atomic_write_json, atomic_write_text
+from videonsa.training.io import apply_umask_modes, atomic_write_json, atomic_write_text
 from videonsa.training.log_lines import TrainingLog
 from videonsa.training.model_setup import load_model, load_tokenizer, set_trainable
 from videonsa.training.pixels import patchify_frames
@@ -224,6 +224,7 @@ class CurrentLearningRate(TrainerCallback):
 def finish_checkpoint(folder: Path, model_source: Path) -> None:
     """Copy processor files the model folder lacks from `model_source`, then write the completion marker."""
     copy_processor_files(folder, model_source)
+    apply_umask_modes(folder)  # save_pretrained's safetensors files are 0600 (docs/model-files.md)
     atomic_write_text(folder / COMPLETE_MARKER, "complete\n")
 
 
