@@ -91,7 +91,7 @@ def official_parts(x: dict, settings, block_size: int = 64, block_counts: int = 
 
     def selection():
         ids = official.ascending_block_ids(packed(indices))
-        return selected_attention_fwd(packed(q64), packed(k_m), packed(v_m), ids, cu, block_size, scale,
+        return selected_attention_fwd(packed(q64) * scale, packed(k_m), packed(v_m), ids, cu, block_size, 1.0,
                                       fold_into=scratch, fold_scale=gates64[1], **settings.selection_switches())
 
     def window():

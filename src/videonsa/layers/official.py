@@ -412,9 +412,12 @@ def gated_branch_sum(
     ids = ascending_block_ids(packed(indices))
     del indices
     q_p, k_p, v_p, o_p = packed(q64), packed(k), packed(v), packed(o64)
-    selected_attention_fwd(q_p, k_p, v_p, ids, cu_seqlens, block_size, scale, fold_into=o_p, fold_scale=g_slc,
+    # The original's selection scores round(q * scale) . k (q * scale rounded to the input dtype), the kernel
+    # scores fp32(q . k) * scale: hand it the rounded product and a scale of 1.
+    q_scaled = q_p * scale
+    selected_attention_fwd(q_scaled, k_p, v_p, ids, cu_seqlens, block_size, 1.0, fold_into=o_p, fold_scale=g_slc,
                            **settings.selection_switches())
-    del ids
+    del ids, q_scaled
     window_attention_fwd(q_p, k_p, v_p, cu_seqlens, window_size, scale, fold_into=o_p, gate=g_swa)
     return o64
 
