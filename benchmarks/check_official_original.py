@@ -107,6 +107,7 @@ def topk_agreement(seq_len: int, device: torch.device, block_size: int, block_co
     """Same q64 / k_cmp / lse into the original fla top-k and ours: fraction of (token, group) rows whose block
     lists are identical slot by slot, and whose block sets are identical."""
     from fla.ops.nsa.parallel import parallel_nsa_topk
+
     from videonsa.ops.official import PADDED_HEADS, original_topk_reference
 
     try:
