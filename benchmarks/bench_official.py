@@ -130,7 +130,7 @@ def compression_sweep(x: dict, bench, block_size: int = 64) -> list[dict]:
     gate = gates64[0].view(q64.shape[:3])
     scale = q64.shape[-1] ** -0.5
     results = []
-    for rows, block_n, warps, stages in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (1, 2, 3)):
+    for rows, block_n, warps, stages in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3)):
         launch = CompressionLaunch(rows=rows, block_n=block_n, num_warps=warps, num_stages=stages)
         try:
             ms = bench(lambda launch=launch: anticausal_compression_triton(q64, k_cmp, v_cmp, block_size, scale,
