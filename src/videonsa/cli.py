@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "videonsa.commands.train",
     "videonsa.commands.convert",
     "videonsa.commands.eval",
+    "videonsa.commands.analyze",
 )
 
 
