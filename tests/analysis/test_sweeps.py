@@ -1,0 +1,152 @@
+"""`videonsa analyze budget` / `context` on a tiny model and a one-video needle set: one line per grid point,
+resuming without asking again, numbers equal to the points' own answers, heatmaps written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from videonsa import testing
+from videonsa.cli import main
+from videonsa.evaluation.needles import make_needle_set
+from videonsa.evaluation.runner import read_answers
+from videonsa.inference.api import VideoQA
+
+PNG = b"\x89PNG\r\n\x1a\n"
+FAST = ["--device", "cpu", "--fps", "1", "--limit", "2", "--warmup", "0"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return testing.save_tiny_checkpoint(tmp_path_factory.mktemp("sweeps") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def needle_set(tmp_path_factory):
+    return make_needle_set(tmp_path_factory.mktemp("sweeps") / "set", count=1, lengths=[40], size=(64, 64), seed=3)
+
+
+@pytest.fixture
+def asked(monkeypatch) -> list[dict]:
+    """Every question the model is asked, with the model's sparse budget at that moment."""
+    calls: list[dict] = []
+    original = VideoQA.ask
+
+    def ask(self, video, question, **kwargs):
+        settings = self.model.sparse_settings
+        calls.append({"question": question, "block_count": settings.block_count, "window": settings.window_size,
+                      "max_frames": kwargs["sampling"].max_frames if kwargs.get("sampling") else None})
+        return original(self, video, question, **kwargs)
+
+    monkeypatch.setattr(VideoQA, "ask", ask)
+    return calls
+
+
+def budget_args(checkpoint, needle_set, out, *extra) -> list[str]:
+    return ["analyze", "budget", "--out", str(out), "--model", str(checkpoint), "--attention", "nsa",
+            "--task", f"needles:{needle_set.directory}", "--block-counts", "1", "2", "--windows", "4", "8",
+            "--max-frames", "8", "--budget", "4096", *FAST, *extra]
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_budget_sweep_one_line_per_point_resumes_and_matches_the_answers(checkpoint, needle_set, tmp_path, asked):
+    out = tmp_path / "run"
+    assert main(budget_args(checkpoint, needle_set, out)) == 0
+    # 4 points x 2 questions, each asked with its own budget set on the model.
+    assert len(asked) == 8
+    assert [(c["block_count"], c["window"]) for c in asked[::2]] == [(1, 4), (1, 8), (2, 4), (2, 8)]
+    records = lines(out / "budget.jsonl")
+    assert [r["id"] for r in records] == ["b1-w4", "b1-w8", "b2-w4", "b2-w8"]
+    questions = {q.id: q for q in needle_set.questions}
+    for record in records:
+        answers = read_answers(out / record["directory"] / "answers.jsonl")
+        assert len(answers) == record["questions"] == 2
+        correct = sum(a["choice"] == questions[a["id"]].answer for a in answers)
+        assert record["correct"] == correct and record["accuracy"] == correct / 2
+        assert record["prefill_seconds"] == pytest.approx(sum(a["prefill_seconds"] for a in answers) / 2)
+        assert record["prefill_seconds"] > 0
+        run = json.loads((out / record["directory"] / "run.json").read_text())
+        assert (run["sparsity"]["block_count"], run["sparsity"]["window_size"]) == (
+            record["block_count"], record["window"]
+        )
+    summary = json.loads((out / "budget.json").read_text())
+    assert summary["analysis"] == "budget" and summary["complete"]
+    assert summary["block_counts"] == [1, 2] and summary["windows"] == [4, 8]
+    assert summary["accuracy"] == [[records[0]["accuracy"], records[1]["accuracy"]],
+                                   [records[2]["accuracy"], records[3]["accuracy"]]]
+    assert summary["prefill_seconds"][1][0] == records[2]["prefill_seconds"]
+    assert [p["id"] for p in summary["points"]] == [r["id"] for r in records]
+    assert summary["settings"]["limit"] == 2 and summary["best"]["id"] in {r["id"] for r in records}
+    for name in ("budget_accuracy.png", "budget_prefill.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    assert (out / "report.html").is_file()
+
+    # A rerun asks nothing and leaves the record as it was.
+    before = (out / "budget.jsonl").read_text()
+    assert main(budget_args(checkpoint, needle_set, out)) == 0
+    assert len(asked) == 8 and (out / "budget.jsonl").read_text() == before
+
+    # A kill while the last point's line was written: the cut line goes, the point's answers are on disk
+    # (nothing asked again); a point whose line and answers are gone runs again, alone.
+    kept = before.splitlines(keepends=True)
+    (out / "budget.jsonl").write_text("".join(kept[:2]) + kept[3][:25])
+    for name in ("answers.jsonl", "run.json", "summary.json"):
+        (out / "budget" / "b2-w4" / name).unlink()
+    assert main(budget_args(checkpoint, needle_set, out)) == 0
+    assert len(asked) == 10 and {(c["block_count"], c["window"]) for c in asked[8:]} == {(2, 4)}
+    assert sorted(r["id"] for r in lines(out / "budget.jsonl")) == ["b1-w4", "b1-w8", "b2-w4", "b2-w8"]
+
+
+def test_budget_sweep_refuses_other_settings_and_bad_grids(checkpoint, needle_set, tmp_path, asked, capsys):
+    out = tmp_path / "run"
+    args = budget_args(checkpoint, needle_set, out)
+    one_point = args[: args.index("--block-counts")] + ["--block-counts", "2", "--windows", "8"] + args[
+        args.index("--max-frames"):]
+    assert main(one_point) == 0 and len(asked) == 2
+    capsys.readouterr()
+    assert main([*one_point, "--min-pixels", "3136"]) == 2
+    error = capsys.readouterr().err
+    assert "budget.jsonl: holds points of a sweep with other settings (frames differ)" in error
+    assert len(error.strip().splitlines()) == 1
+    assert main([*one_point[:-len(FAST)], "--device", "cpu", "--block-counts", "0"]) == 2
+    assert "--block-counts: values must be positive integers, got 0" in capsys.readouterr().err
+    dense = [*one_point]
+    dense[dense.index("nsa")] = "dense"
+    assert main(dense) == 2
+    assert "block counts and windows have no effect" in capsys.readouterr().err
+    assert main([*one_point, "--task", "videomme"]) == 2
+    assert "needle format" in capsys.readouterr().err
+    assert len(asked) == 2  # nothing was asked by the refused runs
+
+
+def test_context_sweep_plans_each_point_under_the_fixed_budget(checkpoint, needle_set, tmp_path, asked):
+    out = tmp_path / "run"
+    # 40 s at 1 fps: up to 40 frames wanted; a 300-token budget (prompt included) cannot hold 32 frames.
+    argv = ["analyze", "context", "--out", str(out), "--model", str(checkpoint), "--attention", "nsa",
+            "--task", f"needles:{needle_set.directory}", "--max-frames", "4", "32", "--pixels", "3136", "6272",
+            "--min-pixels", "3136", "--budget", "300", "--prefer", "frames", *FAST]
+    assert main(argv) == 0
+    records = lines(out / "context.jsonl")
+    assert [r["id"] for r in records] == ["f4-p3136", "f4-p6272", "f32-p3136", "f32-p6272"]
+    assert [c["max_frames"] for c in asked[::2]] == [4, 4, 32, 32]
+    for record in records:
+        answers = read_answers(out / record["directory"] / "answers.jsonl")
+        frames = [a["frames"] for a in answers]
+        assert record["frames_per_question"] == sum(frames) / len(frames) <= record["max_frames"]
+        assert all(a["prompt_tokens"] <= 300 for a in answers)  # the budget held at every point
+        assert record["video_tokens_per_frame"] == pytest.approx(
+            sum(a["video_tokens"] / a["frames"] for a in answers) / len(answers)
+        )
+    assert records[0]["frames_per_question"] == 4
+    assert records[2]["frames_per_question"] < 32  # trimmed to the budget
+    summary = json.loads((out / "context.json").read_text())
+    assert summary["budget_tokens"] == 300 and summary["frame_counts"] == [4, 32]
+    assert summary["frames_per_question"][1][0] == records[2]["frames_per_question"]
+    for name in ("context_accuracy.png", "context_prefill.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    assert main(argv) == 0 and len(asked) == 8  # resumed: nothing asked again
