@@ -143,13 +143,24 @@ def json_ready(value: Any) -> Any:
 
 
 def new_figure(width: float = 6.4, height: float = 4.0, dpi: int = 110) -> Figure:
-    """A matplotlib Figure on the Agg canvas (no pyplot, no display needed, no global state)."""
+    """A matplotlib Figure on the Agg canvas (no pyplot, no display needed, no global state), laid out by
+    matplotlib's constrained layout (titles, labels and colorbars never overlap)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=dpi)
+    figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
+
+
+def integer_ticks(axis: Any, x: bool = True, y: bool = True) -> None:
+    """Only whole-number ticks on the chosen axes (layers, heads)."""
+    from matplotlib.ticker import MaxNLocator
+
+    if x:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if y:
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def save_figure(figure: Figure, out: str | Path, name: str) -> Path:
