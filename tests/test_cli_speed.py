@@ -8,6 +8,7 @@ loaded; no timing is asserted.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -92,3 +93,46 @@ def test_import_videonsa_stays_light_until_a_heavy_part_is_used() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "True", "VideoNSAConfig"]
+
+
+def _command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every subcommand path of `parser` (("ask",), ("data", "prepare"), ...), nested ones included."""
+    paths = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                paths.append((*prefix, name))
+                paths.extend(_command_paths(subparser, (*prefix, name)))
+    return paths
+
+
+# Ask for each command's help in turn in one interpreter; report the heavy modules loaded after each.
+EVERY_HELP_PROBE = """
+import json, sys
+from videonsa.cli import main
+for path in json.loads(sys.argv[1]):
+    try:
+        main([*path, "--help"])
+    except SystemExit:
+        pass
+    heavy = sorted(name for name in {heavy!r} if name in sys.modules)
+    print(json.dumps({{"path": path, "heavy": heavy}}), file=sys.stderr)
+"""
+
+
+def test_every_subcommand_help_imports_no_heavy_library() -> None:
+    """Also commands added later: each registered command's --help, nested actions included."""
+    from videonsa.cli import build_parser
+
+    paths = _command_paths(build_parser())
+    assert ("ask",) in paths and ("data", "prepare") in paths
+    result = subprocess.run(
+        [sys.executable, "-c", EVERY_HELP_PROBE.format(heavy=HEAVY_MODULES), json.dumps(paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    reports = [json.loads(line) for line in result.stderr.splitlines() if line.startswith('{"path"')]
+    assert len(reports) == len(paths), result.stderr[-3000:]
+    for report in reports:
+        assert report["heavy"] == [], f"`videonsa {' '.join(report['path'])} --help` imported {report['heavy']}"
