@@ -119,7 +119,8 @@ class SinkStatistics:
         spacing, spacing_share = None, None
         gaps = self.gaps[layer][branch]
         if sum(gaps.values()) >= 2:
-            spacing, count = gaps.most_common(1)[0]
+            count = max(gaps.values())
+            spacing = min(gap for gap, seen in gaps.items() if seen == count)  # ties: the shortest spacing
             spacing_share = count / sum(gaps.values())
         return {
             "sink_ratio": ratio("sinks", "pairs"),
