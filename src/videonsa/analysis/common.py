@@ -96,11 +96,18 @@ def add_video_arguments(parser: argparse.ArgumentParser) -> None:
 # The run folder
 
 
-def prepare_out_dir(out: str | Path) -> Path:
-    """The run folder, created if missing; `UserError` if it is a file or cannot be created."""
+def check_out_dir(out: str | Path) -> Path:
+    """The run folder's path; `UserError` if it names a file. Creates nothing: call it before the slow checks,
+    and `prepare_out_dir` once they passed, so that a mistake leaves no empty folder behind."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder")
+    return path
+
+
+def prepare_out_dir(out: str | Path) -> Path:
+    """The run folder, created if missing; `UserError` if it is a file or cannot be created."""
+    path = check_out_dir(out)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:

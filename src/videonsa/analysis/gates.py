@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     """Plan and check the videos, load the model, one prefill per video, then gates.json, plots, report."""
     from videonsa.analysis.common import (
         capture_attention_inputs,
+        check_out_dir,
         finish_run,
         open_analysis_model,
         plan_videos,
@@ -140,9 +141,10 @@ def run(args: argparse.Namespace) -> int:
         write_json,
     )
 
-    out = prepare_out_dir(args.out)
+    check_out_dir(args.out)
     opened = open_analysis_model(args)
     plans = plan_videos(opened, args)
+    out = prepare_out_dir(args.out)
     model = opened.load()
     text_config = model.config.text_config
     statistics = GateStatistics(text_config.num_hidden_layers, text_config.num_attention_heads)

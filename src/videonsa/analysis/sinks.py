@@ -189,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
 
     from videonsa.analysis.common import (
         capture_attention_inputs,
+        check_out_dir,
         finish_run,
         open_analysis_model,
         plan_videos,
@@ -201,9 +202,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.threshold < 1:
         raise UserError(f"--threshold must be between 0 and 1, got {args.threshold:g}")
-    out = prepare_out_dir(args.out)
+    check_out_dir(args.out)
     opened = open_analysis_model(args)
     plans = plan_videos(opened, args)
+    out = prepare_out_dir(args.out)
     model = opened.load()
     settings = model.sparse_settings
     statistics = SinkStatistics(model.config.text_config.num_hidden_layers, args.threshold)
