@@ -26,8 +26,10 @@ from torch import Tensor
 
 from videonsa.ops.reference import compress_blocks
 
-# Elements of the score / probability tensors one query chunk may hold (float32: 4 bytes each).
+# Elements of the score / gathered-key tensors one query chunk may hold (float32: 4 bytes each): 64 MB on a CPU;
+# 256 MB on a GPU, where fewer, larger chunks keep the kernel launches per layer in the hundreds at 64K tokens.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
+CUDA_CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def branch_key_mass(
     block_size: int,
     window_size: int,
     scale: float,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> dict[str, KeyMass]:
     """Per-key attention mass of the three branches over one sequence.
 
@@ -61,7 +63,8 @@ def branch_key_mass(
         block_indices: int [T, HKV, S], the operator's selected blocks (-1 = unused slot).
         lse_cmp: float [T, HQ], the operator's compression log-sum-exp (-inf where no block is visible).
         block_size, window_size, scale: the operator's settings.
-        chunk_elements: bound on the elements of one chunk's scores (sets the query chunk size).
+        chunk_elements: bound on the elements of one chunk's tensors (sets the query chunk size); default
+            `DEFAULT_CHUNK_ELEMENTS` on a CPU, `CUDA_CHUNK_ELEMENTS` on a GPU.
 
     Returns:
         {"cmp": KeyMass over the NB = T // block_size compressed blocks, "slc": over the T keys,
@@ -69,6 +72,8 @@ def branch_key_mass(
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k = q.to(compute), k.to(compute)
+    if chunk_elements is None:
+        chunk_elements = CUDA_CHUNK_ELEMENTS if q.is_cuda else DEFAULT_CHUNK_ELEMENTS
     return {
         "cmp": compression_mass(q, k, lse_cmp, block_size, scale, chunk_elements),
         "slc": selection_mass(q, k, block_indices, block_size, scale, chunk_elements),
