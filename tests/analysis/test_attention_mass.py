@@ -76,3 +76,23 @@ def test_float32_inputs_accumulate_in_float64():
                                 window_size=5, scale=8**-0.5)
     for branch in masses:
         torch.testing.assert_close(masses[branch].mass, reference[branch].mass, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_key_mass_from_the_triton_parts_on_the_gpu():
+    """The masses from the Triton operator's parts (its selected blocks and lse, bf16 inputs) against dense
+    float64 softmaxes over the same selection."""
+    seq_len, heads_q, heads_kv, dim = 1000, 28, 4, 128
+    q, k, v = (x.cuda() for x in inputs(seq_len, heads_q, heads_kv, dim, seed=5))
+    q, k, v = (x * 0.3 for x in (q, k, v))
+    gates = [torch.rand(1, seq_len, heads_q, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    budget = dict(block_size=64, block_count=4, window_size=128)
+    parts = nsa_attention_parts(*(x[None].bfloat16() for x in (q, k, v)), *gates, backend="triton", **budget)
+    q16, k16 = q.bfloat16(), k.bfloat16()
+    masses = branch_key_mass(q16, k16, parts.block_indices[0], parts.lse_cmp[0], block_size=64, window_size=128,
+                             scale=dim**-0.5)
+    dense = dense_probabilities(q16.double().cpu(), k16.double().cpu(), parts.block_indices[0].cpu(), 64, 128,
+                                dim**-0.5)
+    for branch, (probs, mask) in dense.items():
+        torch.testing.assert_close(masses[branch].mass.cpu(), probs.sum(0), atol=2e-2, rtol=2e-3, msg=branch)
+        torch.testing.assert_close(masses[branch].audience.cpu(), mask.sum(0).double(), msg=branch)
