@@ -123,3 +123,40 @@ def test_settings_default_lengths_follow_the_device():
     latency.add_arguments(parser)
     args = parser.parse_args([])
     assert latency.settings_from_args(args, torch.device("cpu")).lengths == latency.CPU_LENGTHS
+
+
+_TRITON_CHECK = """
+import torch
+from videonsa.analysis.latency import LatencySettings, make_inputs, triton_calls
+from videonsa.ops import nsa_parts_reference
+
+settings = LatencySettings(lengths=(80,), heads_q=4, heads_kv=2, head_dim=16, block_size=16, block_count=2,
+                           window_size=24, backward=True, backend="triton")
+x = make_inputs(80, settings, torch.device("cpu"), torch.float32, seed=5)
+calls = triton_calls(x, settings)
+want = nsa_parts_reference(**{n: t.double() for n, t in x.items()}, **settings.nsa_kwargs())
+got = {"o_cmp": calls.forward["compression"]()[0], "o_slc": calls.forward["selection"]()[0],
+       "o_swa": calls.forward["window"]()[0], "o": calls.forward["gating"]()}
+for name, value in got.items():
+    torch.testing.assert_close(value.double(), getattr(want, name)[0], rtol=2e-3, atol=2e-4)
+assert torch.equal(calls.forward["topk"](), want.block_indices[0])
+for name, call in calls.backward.items():
+    call()
+print("triton branches agree")
+"""
+
+
+def test_triton_branch_calls_compute_the_operator_parts_under_the_interpreter():
+    """The GPU path's branch calls (Triton kernels) give the reference's parts; run under the Triton interpreter
+    in a child process, since TRITON_INTERPRET must be set before Triton is first imported."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("the GPU test above runs the kernels directly")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "triton branches agree" in proc.stdout
