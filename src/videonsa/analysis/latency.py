@@ -527,6 +527,7 @@ def latency_record(settings: LatencySettings, info: dict[str, Any], rows: list[d
     """latency.json: the settings, the environment and one row per length measured so far."""
     return {
         "analysis": "latency",
+        "summary": _overview(settings, info, rows),
         "settings": {**asdict(settings), "lengths": list(settings.lengths)},
         "environment": info,
         "branches": list(BRANCHES),
@@ -534,6 +535,25 @@ def latency_record(settings: LatencySettings, info: dict[str, Any], rows: list[d
         "rows": rows,
         "complete": len(rows) == len(settings.lengths),
     }
+
+
+def _overview(settings: LatencySettings, info: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's table: where it ran and the longest length's numbers."""
+    overview: dict[str, Any] = {
+        "device": info.get("gpu") or info["device"],
+        "backend": settings.backend,
+        "shape": f"HQ {settings.heads_q}, HKV {settings.heads_kv}, D {settings.head_dim}, {info['dtype']}",
+        "lengths": f"{len(rows)} of {len(settings.lengths)} measured",
+    }
+    if rows:
+        last = rows[-1]
+        overview["longest"] = last["length"]
+        overview["longest_forward_ms"] = last["forward_ms"]
+        overview["longest_nsa_forward_ms"] = last["nsa_forward_ms"]
+        overview["longest_compression_share"] = last["compression_share"]
+        if "dense_forward_ms" in last:
+            overview["longest_dense_over_nsa_forward"] = last["dense_forward_ms"] / last["nsa_forward_ms"]
+    return overview
 
 
 def plot_latency(out_dir: Path, rows: list[dict[str, Any]], direction: str) -> Path:
@@ -548,7 +568,6 @@ def plot_latency(out_dir: Path, rows: list[dict[str, Any]], direction: str) -> P
     positions = np.arange(len(rows))
     times = np.array([[row[f"{direction}_ms"][name] for row in rows] for name in names])
     figure = new_figure(11.0, 4.4)
-    figure.set_layout_engine("tight")
     absolute, shares = figure.subplots(1, 2)
     bottom = np.zeros(len(rows))
     share_bottom = np.zeros(len(rows))

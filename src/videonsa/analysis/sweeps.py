@@ -214,7 +214,6 @@ def draw_heatmap(
                 colour = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
             axes.text(j, i, text + (f"\n{note}" if note else ""), ha="center", va="center", color=colour, fontsize=8)
     figure.colorbar(image, ax=axes)
-    figure.tight_layout()
     save_figure(figure, path.parent, path.name)
 
 
@@ -426,8 +425,20 @@ def summary_record(
         for field in ("accuracy", "prefill_seconds", "frames_per_question", "video_tokens_per_frame",
                       "video_tokens_per_question")
     }
+    accuracies = [r["accuracy"] for r in measured]
+    prefills = [r["prefill_seconds"] for r in done if r.get("prefill_seconds") is not None]
+    overview = {
+        "model": identity.get("model"),
+        "attention": identity.get("attention"),
+        "task": identity.get("task"),
+        "points": f"{len(done)} of {len(points)}",
+        "best": None if best is None else f"{best['id']} ({100 * best['accuracy']:.1f}%)",
+        "accuracy_range": [min(accuracies), max(accuracies)] if accuracies else None,
+        "prefill_seconds_range": [min(prefills), max(prefills)] if prefills else None,
+    }
     return {
         "analysis": sub,
+        "summary": overview,
         **axes,
         "settings": dict(identity),
         "points": done,
