@@ -196,7 +196,10 @@ def draw_heatmap(
     axes.set_facecolor("#dddddd")
     finite = data[np.isfinite(data)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    image = axes.imshow(masked, cmap=colormap, aspect="auto", vmin=low, vmax=high if high > low else low + 1e-9)
+    if high <= low:  # one value everywhere: a colour scale around it rather than one of zero width
+        pad = 0.1 * abs(low) or 0.1
+        low, high = low - pad, high + pad
+    image = axes.imshow(masked, cmap=colormap, aspect="auto", vmin=low, vmax=high)
     axes.set_xticks(range(len(column_labels)), labels=list(column_labels))
     axes.set_yticks(range(len(row_labels)), labels=list(row_labels))
     axes.set_xlabel(xlabel)
