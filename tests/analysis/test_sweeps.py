@@ -150,3 +150,21 @@ def test_context_sweep_plans_each_point_under_the_fixed_budget(checkpoint, needl
     for name in ("context_accuracy.png", "context_prefill.png"):
         assert (out / name).read_bytes()[:8] == PNG
     assert main(argv) == 0 and len(asked) == 8  # resumed: nothing asked again
+
+
+def test_budget_sweep_on_the_released_layout_runs_official_attention(analysis_inputs, needle_set, tmp_path, asked):
+    """The released checkpoint layout runs official attention by default, which reads the block count and window
+    as well; the points set them on the model like on this package's checkpoints."""
+    out = tmp_path / "run"
+    argv = ["analyze", "budget", "--out", str(out), "--model", str(analysis_inputs.released),
+            "--task", f"needles:{needle_set.directory}", "--block-counts", "1", "2", "--windows", "8",
+            "--preset", "planner", "--max-frames", "4", "--budget", "4096", *FAST[:-4], "--limit", "1",
+            "--warmup", "1"]
+    assert main(argv) == 0
+    records = lines(out / "budget.jsonl")
+    assert [r["id"] for r in records] == ["b1-w8", "b2-w8"]
+    assert all(r["settings"]["attention"] == "official" for r in records)
+    # One warm-up and one timed question per point, each at the point's budget.
+    assert [(c["block_count"], c["window"]) for c in asked] == [(1, 8), (1, 8), (2, 8), (2, 8)]
+    run = json.loads((out / "budget" / "b2-w8" / "run.json").read_text())
+    assert run["attention"] == "official" and run["sparsity"]["block_count"] == 2
