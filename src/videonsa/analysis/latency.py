@@ -142,13 +142,14 @@ def make_inputs(length: int, settings: LatencySettings, device, dtype, seed: int
     [0, 1]."""
     import torch
 
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    # Drawn on the device itself: at 128K tokens a CPU draw and copy would take longer than the timings.
+    generator = torch.Generator(device=device).manual_seed(seed)
     shape_q = (1, length, settings.heads_q, settings.head_dim)
     shape_kv = (1, length, settings.heads_kv, settings.head_dim)
 
     def draw(shape, uniform=False):
-        values = torch.rand(shape, generator=generator) if uniform else torch.randn(shape, generator=generator)
-        return values.to(device=device, dtype=dtype)
+        sample = torch.rand if uniform else torch.randn
+        return sample(shape, generator=generator, device=device).to(dtype)
 
     gates = (1, length, settings.heads_q)
     return {"q": draw(shape_q), "k": draw(shape_kv), "v": draw(shape_kv),
@@ -326,7 +327,10 @@ def reference_calls(x: dict[str, Any], settings: LatencySettings) -> BranchCalls
 
     config = NSAConfig(**settings.nsa_kwargs())
     steps = ReferenceBranches(config, settings.head_dim**-0.5)
-    q, k, v, g_cmp, g_slc, g_swa = (x[name][0] for name in ("q", "k", "v", "g_cmp", "g_slc", "g_swa"))
+    # The reference computes in float32 (float64 for float64 inputs) whatever the input dtype: so do its steps.
+    compute = torch.float64 if x["q"].dtype == torch.float64 else torch.float32
+    names = ("q", "k", "v", "g_cmp", "g_slc", "g_swa")
+    q, k, v, g_cmp, g_slc, g_swa = (x[name][0].to(compute) for name in names)
     length = q.shape[0]
     with torch.no_grad():
         parts = steps.run_all(q, k, v, g_cmp, g_slc, g_swa)
