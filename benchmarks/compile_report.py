@@ -3,7 +3,7 @@ and shared memory per kernel and launch.
 
     python benchmarks/compile_report.py                        # default launches, 7B shape, bf16
     python benchmarks/compile_report.py --sweep compression    # also the grid bench_official.py times
-    python benchmarks/compile_report.py --sweep topk --json out.json
+    python benchmarks/compile_report.py --sweep topk --json out.json   # 40 launches: ~10 min on 2 busy cores
 
 With a Triton that is not the GPU machine's (e.g. the interpreter's 3.9 here), run it from an environment with
 the GPU machine's Triton (3.6) and borrow torch from another one with --site (appended to sys.path, so the
