@@ -168,3 +168,15 @@ def test_budget_sweep_on_the_released_layout_runs_official_attention(analysis_in
     assert [(c["block_count"], c["window"]) for c in asked] == [(1, 8), (1, 8), (2, 8), (2, 8)]
     run = json.loads((out / "budget" / "b2-w8" / "run.json").read_text())
     assert run["attention"] == "official" and run["sparsity"]["block_count"] == 2
+
+
+def test_context_sweep_runs_dense_attention_but_not_with_a_sparse_budget(checkpoint, needle_set, tmp_path, capsys):
+    argv = ["analyze", "context", "--out", str(tmp_path / "run"), "--model", str(checkpoint), "--attention",
+            "dense", "--task", f"needles:{needle_set.directory}", "--max-frames", "4", "--pixels", "3136",
+            "--min-pixels", "3136", "--budget", "300", *FAST[:-4], "--limit", "1", "--warmup", "0"]
+    assert main(argv) == 0
+    record = lines(tmp_path / "run" / "context.jsonl")[0]
+    assert record["settings"]["attention"] == "dense" and record["frames_per_question"] == 4
+    capsys.readouterr()
+    assert main([*argv, "--block-counts", "2"]) == 2
+    assert "block counts and windows have no effect" in capsys.readouterr().err

@@ -300,7 +300,7 @@ def evaluate_point(context: SweepContext, point: GridPoint, settings) -> dict[st
         resolved = resolve(context.model, settings)
         for question in pending[: context.warmup]:
             answer_question(context.model, question, resolved)
-    summary = run_eval(context.model, context.questions, point_dir, settings, progress=False, limit=context.limit)
+    summary = run_eval(context.model, context.questions, point_dir, settings, progress=True, limit=context.limit)
     record = summary.to_json()
     result = {name: record.get(name) for name in _SUMMARY_FIELDS}
     answers = read_answers(point_dir / ANSWERS_FILE)
@@ -468,7 +468,7 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     add_frame_arguments(parser, context=False)
 
 
-def _prepare(args: argparse.Namespace, preset_flag: str | None):
+def _prepare(args: argparse.Namespace, preset_flag: str | None, *, sparse_only: bool):
     """Checks that need no weights (flags, question set, model files), then the model: (questions, model,
     preset, frames, generation); model is a `VideoQA`, as the evaluation runner takes."""
     from videonsa.analysis.common import open_analysis_model
@@ -479,10 +479,10 @@ def _prepare(args: argparse.Namespace, preset_flag: str | None):
     check_common(args)
     questions = load_questions_of(args.task)
     opened = open_analysis_model(args)
-    if opened.attention == "dense":
+    if sparse_only and opened.attention == "dense":
         raise UserError(
             f"--attention {args.attention}: the model runs dense attention, on which block counts and windows "
-            "have no effect; sweep with --attention nsa (or official)"
+            "have no effect; use --attention nsa (or official)"
         )
     preset = resolve_preset(preset_flag or "auto", opened.attention)
     frames, generation = _settings(args, preset)
@@ -512,7 +512,7 @@ def run_budget(args: argparse.Namespace) -> int:
 
     block_counts = positive_values("--block-counts", args.block_counts)
     windows = positive_values("--windows", args.windows)
-    questions, model, preset, frames, generation = _prepare(args, args.preset)
+    questions, model, preset, frames, generation = _prepare(args, args.preset, sparse_only=True)
     _check_budgets(model, [(b, w) for b in block_counts for w in windows])
     out_dir = prepare_out_dir(Path(args.out).expanduser())
     settings = EvalSettings(preset=preset, frames=frames, generation=generation, backend=args.backend,
@@ -603,9 +603,10 @@ def run_context(args: argparse.Namespace) -> int:
             checks.max_frames, checks.pixels = count, size
             _grid_settings(checks)
     args.max_frames = args.pixels = None
-    questions, model, preset, frames, generation = _prepare(args, "planner")
     sparse = {"block_counts": args.block_counts, "window_size": args.window}
     sparse = {name: value for name, value in sparse.items() if value is not None}
+    # Dense attention is a fine context sweep, unless a sparse budget was asked for.
+    questions, model, preset, frames, generation = _prepare(args, "planner", sparse_only=bool(sparse))
     if sparse:
         _check_budgets(model, [(sparse.get("block_counts", model.model.sparse_settings.block_count),
                                 sparse.get("window_size", model.model.sparse_settings.window_size))])
