@@ -13,7 +13,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from videonsa.errors import UserError
 from videonsa.evaluation.lmms_tasks import NEEDLE_TASK_DIR, NEEDLE_TASK_NAME
+from videonsa.training.io import atomic_write_text
 
 LMMS_MODEL_NAME = "videonsa"
 QUESTIONS_FILE = "questions.jsonl"
@@ -95,9 +95,7 @@ def _yaml_string(text: str) -> str:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
+    atomic_write_text(path, text)
 
 
 def install_needle_task(questions: str | os.PathLike, task_dir: str | os.PathLike) -> Path:

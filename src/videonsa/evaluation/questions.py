@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from videonsa.errors import UserError
+from videonsa.training.io import atomic_write_text
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 NEEDLE_KINDS: tuple[str, ...] = ("retrieval", "counting", "order")
@@ -241,9 +242,7 @@ def write_questions(path: str | os.PathLike, questions: Iterable[Question]) -> P
     """Write `questions` as JSONL, atomically (a temporary file renamed over `path`)."""
     path = Path(path)
     text = "".join(json.dumps(question.to_json(), ensure_ascii=False) + "\n" for question in questions)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write_text(path, text)
     return path
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from videonsa.evaluation.questions import Question
+from videonsa.training.io import atomic_write
 
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "accuracy_by_length.png"
@@ -160,9 +161,7 @@ def summarize(
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    atomic_write(path, lambda temporary: Path(temporary).write_bytes(data))
 
 
 def write_summary(summary: Summary, out_dir: str | os.PathLike) -> Path:

@@ -27,6 +27,7 @@ from typing import Any
 from videonsa.errors import UserError
 from videonsa.evaluation.questions import Question, QuestionSet
 from videonsa.evaluation.report import Summary, summarize, write_report
+from videonsa.training.io import atomic_write_text
 
 ANSWERS_FILE = "answers.jsonl"
 RUN_FILE = "run.json"
@@ -125,9 +126,7 @@ def _claim_run(out_dir: Path, record: Mapping[str, Any]) -> None:
                 "use another --out, or delete the directory to start over"
             )
         return
-    temporary = out_dir / f".{RUN_FILE}.tmp"
-    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def read_answers(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
