@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "videonsa.commands.convert",
     "videonsa.commands.eval",
     "videonsa.commands.analyze",
+    "videonsa.commands.demo",
 )
 
 
