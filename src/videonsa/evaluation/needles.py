@@ -5,6 +5,10 @@ haystack videos, with multiple-choice questions of three kinds (docs/evaluation.
 - counting: a shape of a given colour flashes N times in one place; "how many times does it flash?"
 - order: four coloured shapes each cross the screen once, at separate times; "which appears first?"
 
+One more kind is available on request (`kinds=("colour",)`, not in the default set): the whole screen turns one
+of four colours for a moment, "which colour?", options always in the same order. It is made for tiny models
+trained from scratch (`videonsa demo`): recognisable from a 28 x 28 frame, answer letter tied to the colour.
+
 >>> needle_set = make_needle_set("needles", count=5, lengths=[60, 600, 3600], seed=0)
 >>> len(needle_set.questions)      # 3 questions per video: 45
 
@@ -53,6 +57,11 @@ MAX_SECONDS = 24 * 3600
 X264_OPTIONS = {"crf": "23", "preset": "veryfast", "threads": "1", "x264-params": "no-mbtree=1"}
 KEYFRAME_SECONDS = 10
 OPTIONS_PER_QUESTION = 4
+# Kinds made only when asked for (not in the default `NEEDLE_KINDS`): "colour", a frame-filling colour.
+EXTRA_KINDS: tuple[str, ...] = ("colour",)
+KNOWN_KINDS: tuple[str, ...] = NEEDLE_KINDS + EXTRA_KINDS
+# The "colour" kind's colours, in the fixed order its options always take (so "A" always means red).
+FILL_COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 
 WORDS = (
     "ANCHOR", "APRICOT", "BADGER", "BAMBOO", "BANJO", "BEACON", "BISCUIT", "BUCKET", "CACTUS", "CAMEL", "CANDLE",
@@ -76,6 +85,7 @@ class NeedleTiming:
     crossing_seconds: int = 3
     gap_seconds: int = 2  # at least this between needles and from either end of the video
     order_shapes: int = OPTIONS_PER_QUESTION
+    fill_seconds: int = 2  # the "colour" kind: how long the screen shows the colour
 
     def seconds_needed(self, kinds: Sequence[str]) -> int:
         """The shortest video that holds the needles of `kinds` with their gaps."""
@@ -91,6 +101,8 @@ class NeedleTiming:
             durations.append((2 * flashes - 1) * self.flash_seconds)
         if "order" in kinds:
             durations += [self.crossing_seconds] * self.order_shapes
+        if "colour" in kinds:
+            durations.append(self.fill_seconds)
         return durations
 
 
@@ -141,6 +153,15 @@ class Crossing:
 
 
 @dataclass(frozen=True)
+class Fill:
+    """A colour needle: the whole frame filled with `colour` over frames [start, end)."""
+
+    colour: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class NeedleVideo:
     """One planned video: its haystack, its needles and the questions about them."""
 
@@ -156,6 +177,7 @@ class NeedleVideo:
     flashes: tuple[Flashes, ...] = ()
     crossings: tuple[Crossing, ...] = ()
     questions: tuple[Question, ...] = field(default=(), compare=False)
+    fills: tuple[Fill, ...] = ()
 
     @property
     def frame_count(self) -> int:
@@ -164,6 +186,9 @@ class NeedleVideo:
     def draw_needles(self, image: Image.Image, frame: int) -> None:
         """Draw every needle showing at `frame` onto `image` (in place)."""
         draw = ImageDraw.Draw(image)
+        for fill in self.fills:
+            if fill.start <= frame < fill.end:
+                draw.rectangle((0, 0, self.width, self.height), fill=NEEDLE_COLOURS[fill.colour])
         for card in self.cards:
             if card.start <= frame < card.end:
                 draw_card(draw, card.text, self.width, self.height)
@@ -282,6 +307,14 @@ def _order(
     return crossings, _Draft("order", text, options, in_time[0].label, [(c.start, c.end) for c in in_time])
 
 
+def _colour_fill(rng: np.random.Generator, start: int, frames: int) -> tuple[Fill, _Draft]:
+    """The screen filled with one of `FILL_COLOURS` from frame `start`, and its question (fixed option order)."""
+    colour = FILL_COLOURS[int(rng.integers(len(FILL_COLOURS)))]
+    fill = Fill(colour, start, start + frames)
+    text = "Which colour fills the screen?"
+    return fill, _Draft("colour", text, list(FILL_COLOURS), colour, [(fill.start, fill.end)])
+
+
 def _point(rng: np.random.Generator, width: int, height: int, radius: int) -> tuple[int, int]:
     return int(rng.integers(radius, width - radius + 1)), int(rng.integers(radius, height - radius + 1))
 
@@ -344,6 +377,8 @@ def plan_needle_video(
         blocks.append(("counting", (2 * flash_count - 1) * timing.flash_seconds * fps))
     if "order" in kinds:
         blocks += [(f"order-{k}", timing.crossing_seconds * fps) for k in range(timing.order_shapes)]
+    if "colour" in kinds:
+        blocks.append(("colour", timing.fill_seconds * fps))
     blocks = [blocks[i] for i in rng.permutation(len(blocks))]
     starts = dict(
         zip(
@@ -370,6 +405,11 @@ def plan_needle_video(
             timing.crossing_seconds * fps, size,
         )  # fmt: skip
         drafts.append(draft)
+    fills = []
+    if "colour" in kinds:
+        fill, draft = _colour_fill(rng, starts["colour"], timing.fill_seconds * fps)
+        fills.append(fill)
+        drafts.append(draft)
     footage_offset = None if footage_seconds is None else round(float(rng.uniform(0, footage_seconds)), 3)
     scenes = plan_scenes(rng, total, fps, width, height) if footage_seconds is None else ()
     file = f"videos/{name}.mp4"
@@ -386,6 +426,7 @@ def plan_needle_video(
         flashes=tuple(flashes),
         crossings=tuple(crossings),
         questions=tuple(draft.question(name, file, seconds, fps) for draft in drafts),
+        fills=tuple(fills),
     )
 
 
@@ -446,9 +487,9 @@ def _check_arguments(
         raise UserError(f"--size {width}x{height}: width and height must be even, from 48 to 3840 pixels")
     if not 1 <= fps <= 30:
         raise UserError(f"--fps must be a whole number of frames per second from 1 to 30, got {fps}")
-    unknown = sorted(set(kinds) - set(NEEDLE_KINDS))
+    unknown = sorted(set(kinds) - set(KNOWN_KINDS))
     if unknown or not kinds:
-        raise UserError(f"--kinds: choose among {', '.join(NEEDLE_KINDS)}, got {', '.join(kinds) or 'none'}")
+        raise UserError(f"--kinds: choose among {', '.join(KNOWN_KINDS)}, got {', '.join(kinds) or 'none'}")
     needed = timing.seconds_needed(kinds)
     for seconds in lengths:
         if not needed <= seconds <= MAX_SECONDS:
@@ -459,6 +500,9 @@ def _check_arguments(
 
 
 def _set_description(count, lengths, size, fps, kinds, seed, timing, codec, footage) -> dict:
+    timing = asdict(timing)
+    if "colour" not in kinds:
+        del timing["fill_seconds"]  # sets without the colour kind describe themselves as before it existed
     return {
         "format": SET_FORMAT,
         "version": SET_VERSION,
@@ -468,7 +512,7 @@ def _set_description(count, lengths, size, fps, kinds, seed, timing, codec, foot
         "size": list(size),
         "fps": fps,
         "kinds": list(kinds),
-        "timing": asdict(timing),
+        "timing": timing,
         "codec": codec,
         "footage": footage,
     }
@@ -530,7 +574,7 @@ def make_needle_set(
     timing = timing or NeedleTiming()
     lengths = [int(seconds) for seconds in lengths]
     size = (int(size[0]), int(size[1]))
-    kinds = [kind for kind in NEEDLE_KINDS if kind in kinds] + sorted(set(kinds) - set(NEEDLE_KINDS))
+    kinds = [kind for kind in KNOWN_KINDS if kind in kinds] + sorted(set(kinds) - set(KNOWN_KINDS))
     _check_arguments(count, lengths, size, fps, kinds, timing)
     directory = Path(out_dir).expanduser()
     infos: tuple[VideoInfo, ...] = ()
@@ -581,7 +625,11 @@ __all__ = [
     "DEFAULT_LENGTHS",
     "Card",
     "Crossing",
+    "EXTRA_KINDS",
+    "FILL_COLOURS",
+    "Fill",
     "Flashes",
+    "KNOWN_KINDS",
     "NeedleSet",
     "NeedleTiming",
     "NeedleVideo",

@@ -1,0 +1,97 @@
+"""Training the demo model with `videonsa train`'s own code: a `TrainConfig` made of the shipped recipe plus the
+demo's overrides, handed to `run_training` (same dataset, collator, Trainer, checkpoints and resuming).
+
+What the demo changes in the recipe, and why (docs/demo.md):
+
+* data: the generated annotations, every frame at the videos' 2 fps, fed as one video (as `videonsa ask` feeds
+  it) at 28 x 28 pixels, one token per temporal patch;
+* optimisation: a model trained from scratch needs a learning rate near 1e-3 rather than the fine-tuning 1e-6,
+  batches of 8 videos, a fixed number of steps; float32 (bf16 autocast is slow on most CPUs), no gradient
+  checkpointing (nothing to save at this size);
+* checkpoints: every `save_steps` steps, so a stopped run resumes close to where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from videonsa.demo.task import DemoTask
+
+FRAME_PIXELS = 28 * 28  # one token per temporal patch
+
+
+@dataclass(frozen=True)
+class DemoTraining:
+    """The optimisation settings the demo overrides in the recipe."""
+
+    steps: int = 800
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    warmup: float = 0.1  # fraction of the steps
+    weight_decay: float = 0.01
+    save_steps: int = 20
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def training_overrides(
+    checkpoint: Path, annotations: Path, media_root: Path, output_dir: Path, task: DemoTask, training: DemoTraining
+) -> dict[str, Any]:
+    """Dotted overrides of the shipped recipe (`load_config`'s second argument) for the demo run."""
+    return {
+        "model.path": str(checkpoint),
+        "model.dtype": "float32",
+        "data.annotations": [str(annotations)],
+        "data.media_root": str(media_root),
+        "data.sample_fps": float(task.fps),
+        "data.frames_as": "video",
+        "data.min_pixels": FRAME_PIXELS,
+        "data.max_pixels": FRAME_PIXELS,
+        "data.max_tokens": 4096,
+        "trainer.output_dir": str(output_dir),
+        "trainer.learning_rate": training.learning_rate,
+        "trainer.warmup_steps": training.warmup,
+        "trainer.weight_decay": training.weight_decay,
+        "trainer.per_device_train_batch_size": training.batch_size,
+        "trainer.gradient_accumulation_steps": 1,
+        "trainer.max_steps": training.steps,
+        "trainer.bf16": False,
+        "trainer.gradient_checkpointing": False,
+        "trainer.save_steps": training.save_steps,
+        "trainer.logging_steps": max(1, training.steps // 100),  # ~100 points for the loss curve
+        "trainer.seed": training.seed,
+        "trainer.report_to": "none",
+        "trainer.dataloader_num_workers": 0,
+        "trainer.dataloader_persistent_workers": False,
+    }
+
+
+def training_config(*args: Any, **kwargs: Any):
+    """The demo's `TrainConfig` (arguments as `training_overrides`), checked like any `videonsa train` config."""
+    from videonsa.training.config import load_config
+
+    return load_config(None, training_overrides(*args, **kwargs))
+
+
+class StepTimer(TrainerCallback):
+    """Seconds spent in training steps, summed over this process's part of the run (a resumed run adds to the
+    time recorded before it stopped)."""
+
+    def __init__(self, already: float = 0.0) -> None:
+        self.seconds = already
+        self._started: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
