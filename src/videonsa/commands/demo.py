@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_OUT = "videonsa-demo"
-DEFAULT_MINUTES = 5.0
+DEFAULT_MINUTES = 4.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="train a small VideoNSA from scratch on a generated long-video task and evaluate it (CPU, no download)",
         description="Generate needle-in-a-long-video questions (the screen turns red, green, blue or yellow for "
-        "2 s somewhere in a 2-minute video: which colour?), build a small VideoNSA from scratch, train it with the "
+        "4 s somewhere in a 2-minute video: which colour?), build a small VideoNSA from scratch, train it with the "
         "videonsa train recipe, evaluate it on held-out videos with the videonsa eval runner and print its "
         "accuracy against chance. Rerunning the same command into the same --out resumes a stopped run.",
     )

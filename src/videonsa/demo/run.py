@@ -44,7 +44,7 @@ from videonsa.demo.plots import (
     plot_loss,
 )
 from videonsa.demo.task import DemoTask, chat_texts, make_videos, write_annotations
-from videonsa.demo.training import FRAME_PIXELS, DemoTraining, StepTimer, training_config
+from videonsa.demo.training import FRAME_PIXELS, DemoTraining, training_config
 from videonsa.errors import UserError
 from videonsa.training.io import atomic_write_json
 
@@ -68,7 +68,7 @@ class DemoSettings:
     task: DemoTask = field(default_factory=DemoTask)
     model: DemoModelSpec = field(default_factory=DemoModelSpec)
     training: DemoTraining = field(default_factory=DemoTraining)
-    minutes: float | None = 5.0
+    minutes: float | None = 4.0
 
     def validate(self) -> DemoSettings:
         if self.attention not in ATTENTION_CHOICES:
@@ -122,23 +122,21 @@ class _Stages:
 
 
 class TrainingClock(TrainerCallback):
-    """Adds the time spent training to `DIR/timings.json` at every checkpoint and at the end, so that a resumed
-    run's `train_seconds` covers every part of it (up to the last checkpoint of a part that was killed)."""
+    """Adds the wall time spent training (data loading included) to `DIR/timings.json` at every checkpoint and at
+    the end, so that a resumed run's `train_seconds` covers every part of it (up to the last checkpoint of a part
+    that was killed)."""
 
     def __init__(self, stages: _Stages) -> None:
         self.stages = stages
-        self.timer = StepTimer()
-        self.recorded = 0.0
+        self.mark = time.perf_counter()
 
     def _flush(self) -> None:
-        self.stages.record("train", self.timer.seconds - self.recorded)
-        self.recorded = self.timer.seconds
+        now = time.perf_counter()
+        self.stages.record("train", now - self.mark)
+        self.mark = now
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.timer.on_step_begin(args, state, control)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.timer.on_step_end(args, state, control)
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.mark = time.perf_counter()
 
     def on_save(self, args, state, control, **kwargs):
         self._flush()
@@ -241,7 +239,7 @@ def _measure_steps(out_dir: Path, settings: DemoSettings, config, echo) -> DemoS
     with _quiet_training():
         run_training(config(probe, scratch), resume="never", callbacks=callbacks)
     shutil.rmtree(scratch, ignore_errors=True)
-    per_step = statistics.median(timer.durations[2:] or timer.durations)
+    per_step = statistics.median(timer.durations[1:] or timer.durations)
     steps = max(MIN_STEPS, int(settings.minutes * 60 / per_step))
     echo(f"      {per_step:.2f} s per step: {steps} steps fit {settings.minutes:g} minutes")
     recorded = _read_settings(out_dir)
@@ -251,15 +249,17 @@ def _measure_steps(out_dir: Path, settings: DemoSettings, config, echo) -> DemoS
 
 
 class _PerStepTimer(TrainerCallback):
+    """Wall time between consecutive step ends: a whole step, reading and decoding its videos included."""
+
     def __init__(self) -> None:
         self.durations: list[float] = []
-        self._started = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._started = time.perf_counter()
+        self._last: float | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.durations.append(time.perf_counter() - self._started)
+        now = time.perf_counter()
+        if self._last is not None:
+            self.durations.append(now - self._last)
+        self._last = now
 
 
 class _quiet_training:

@@ -35,7 +35,7 @@ class DemoTask:
     seconds: int = 120
     fps: int = 2
     size: tuple[int, int] = (56, 56)
-    fill_seconds: int = 2
+    fill_seconds: int = 4
     train_videos: int = 512
     heldout_videos: int = 200
     seed: int = 0

@@ -13,12 +13,9 @@ What the demo changes in the recipe, and why (docs/demo.md):
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-from transformers import TrainerCallback
 
 from videonsa.demo.task import DemoTask
 
@@ -78,20 +75,3 @@ def training_config(*args: Any, **kwargs: Any):
     from videonsa.training.config import load_config
 
     return load_config(None, training_overrides(*args, **kwargs))
-
-
-class StepTimer(TrainerCallback):
-    """Seconds spent in training steps, summed over this process's part of the run (a resumed run adds to the
-    time recorded before it stopped)."""
-
-    def __init__(self, already: float = 0.0) -> None:
-        self.seconds = already
-        self._started: float | None = None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._started is not None:
-            self.seconds += time.perf_counter() - self._started
-            self._started = None
