@@ -76,7 +76,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
     logger.setLevel(logging.INFO)
     result = run_demo(args.out, settings)
     print(result.describe())
-    print(f"files in {result.out_dir}: summary.json, loss.png, accuracy_by_position.png, model/ (try it: videonsa "
-          f"ask --model {result.out_dir / 'model'} --video {result.out_dir / 'videos/heldout/videos'}/"
-          "<name>.mp4 --fps 2 --pixels 28x28 ...)")
+    video = sorted((result.out_dir / "videos" / "heldout" / "videos").glob("*.mp4"))[0]
+    print(f"in {result.out_dir}: summary.json, loss.png, accuracy_by_position.png, the model in model/; ask it:")
+    print(f"  videonsa ask --model {result.out_dir / 'model'} --video {video} --fps 2 --pixels 784 "
+          '--min-pixels 784 "Which colour fills the screen?" --options red green blue yellow')
     return 0

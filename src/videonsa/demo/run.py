@@ -196,7 +196,7 @@ def _claim(out_dir: Path, settings: DemoSettings) -> DemoSettings:
     """Record the settings in DIR/demo.json, or check that a run already there used the same ones (a measured step
     count is taken from the record)."""
     recorded = _read_settings(out_dir)
-    wanted = settings.to_json()
+    wanted = json.loads(json.dumps(settings.to_json()))  # as read back from the file (tuples become lists)
     if recorded:
         steps_measured = recorded.get("steps_measured")
         mine = {key: value for key, value in recorded.items() if key != "steps_measured"}

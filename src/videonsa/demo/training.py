@@ -28,7 +28,7 @@ class DemoTraining:
 
     steps: int = 800
     batch_size: int = 8
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     warmup: float = 0.1  # fraction of the steps
     weight_decay: float = 0.01
     save_steps: int = 20

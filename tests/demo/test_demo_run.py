@@ -1,0 +1,105 @@
+"""A short `videonsa demo` in CI: a small VideoNSA trained from scratch with the recipe must answer held-out needle
+questions far above chance, and the stages must hand over real artefacts (a checkpoint `videonsa ask` answers
+with, the eval's answers.jsonl, the plots, summary.json); a rerun resumes instead of redoing the work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from videonsa.cli import main
+from videonsa.demo import DemoSettings, DemoTask, DemoTraining, run_demo
+from videonsa.errors import UserError
+
+# 60 s videos (60 video tokens), 64 training and 40 held-out videos, 150 steps: about a minute on 2 cores.
+SMALL_TASK = DemoTask(seconds=60, train_videos=64, heldout_videos=40, seed=3)
+SMALL_TRAINING = DemoTraining(steps=150, save_steps=50, seed=3)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The demo's ops are tiny: one thread is faster than two that wait for each other (as the command does)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    settings = DemoSettings(task=SMALL_TASK, training=SMALL_TRAINING, minutes=None)
+    lines: list[str] = []
+    result = run_demo(out, settings, echo=lines.append, progress=False)
+    return out, settings, result, lines
+
+
+def test_held_out_accuracy_is_far_above_chance(demo_run):
+    _, _, result, _ = demo_run
+    summary = result.summary
+    assert summary["questions"] == SMALL_TASK.heldout_videos
+    assert summary["chance"] == pytest.approx(0.25)
+    # 4-way questions: chance is 25%; a model that had not found the needle could not pass 50% on any colour
+    # split. The recipe reached 100% with this seed; 60% leaves room for numeric differences between machines.
+    assert summary["accuracy"] >= 0.6, summary
+    interval = summary["accuracy_interval"]
+    assert interval[0] > summary["chance"]
+    assert summary["steps"] == SMALL_TRAINING.steps
+    assert summary["train_seconds"] > 0
+    assert summary["attention"] == "nsa" and summary["ablation"] == "none"
+
+
+def test_needles_early_in_the_video_are_answered(demo_run):
+    """The first tenth of the video is where the sliding window of the last video tokens never reaches."""
+    out, _, result, _ = demo_run
+    bins = result.summary["accuracy_by_position"]
+    early = [b for b in bins if b["end"] <= 0.3 and b["questions"]]
+    assert early and sum(b["correct"] for b in early) / sum(b["questions"] for b in early) >= 0.5
+    assert sum(b["questions"] for b in bins) == SMALL_TASK.heldout_videos
+
+
+def test_stages_hand_over_real_artefacts(demo_run):
+    out, _, result, _ = demo_run
+    answers = [json.loads(line) for line in (out / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == SMALL_TASK.heldout_videos
+    assert all(answer["frames"] == SMALL_TASK.frames and answer["video_tokens"] == SMALL_TASK.frames // 2
+               for answer in answers)
+    for name in ("loss.png", "accuracy_by_position.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["accuracy"] == result.summary["accuracy"]
+    annotations = (out / "train.annotations.jsonl").read_text().splitlines()
+    assert len(annotations) == SMALL_TASK.train_videos
+
+
+def test_videonsa_ask_answers_with_the_trained_checkpoint(demo_run, capsys):
+    out, _, _, _ = demo_run
+    questions = [json.loads(line) for line in (out / "videos/heldout/questions.jsonl").read_text().splitlines()]
+    question = questions[0]
+    code = main(["ask", "--model", str(out / "model"), "--video", str(out / "videos/heldout" / question["video"]),
+                 "--fps", "2", "--pixels", "784", "--min-pixels", "784", question["question"],
+                 "--options", *question["options"]])
+    assert code == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed and printed[0] in "ABCD"
+    answers = {json.loads(line)["id"]: json.loads(line)["choice"]
+               for line in (out / "eval/answers.jsonl").read_text().splitlines()}
+    assert printed[0] == answers[question["id"]]  # the same model, the same frames, the same prompt
+
+
+def test_rerun_resumes_without_redoing_work(demo_run):
+    out, settings, result, _ = demo_run
+    timings = json.loads((out / "timings.json").read_text())
+    lines: list[str] = []
+    again = run_demo(out, settings, echo=lines.append, progress=False)
+    assert any("already written" in line for line in lines)
+    assert again.summary["accuracy"] == result.summary["accuracy"]
+    assert json.loads((out / "timings.json").read_text())["train"] == timings["train"]  # nothing trained
+
+
+def test_rerun_with_other_settings_is_refused(demo_run):
+    out, settings, _, _ = demo_run
+    with pytest.raises(UserError, match="attention"):
+        run_demo(out, DemoSettings(attention="dense", task=settings.task, training=settings.training, minutes=None))
