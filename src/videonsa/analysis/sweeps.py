@@ -94,27 +94,6 @@ def _differing(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
 
 
-@contextlib.contextmanager
-def _sweep_lock(out_dir: Path, sub: str) -> Iterator[None]:
-    """An exclusive lock on the sweep's record, so that two sweeps never append to one file."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; the user keeps runs apart
-        yield
-        return
-    with (out_dir / _LOCK_FILE).open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(
-                f"{out_dir}: another videonsa analyze {sub} is writing there; wait for it or use another --out"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _append_line(handle, record: Mapping[str, Any]) -> None:
     """Append one JSON line and push it to disk before going on (a kill loses at most the point in progress)."""
     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -134,9 +113,11 @@ def run_grid(
     identity: the sweep's settings; every line carries them, and a record written with other settings is
     refused (one line naming what differs). Returns the records of `points` by key (earlier and new ones).
     """
+    from videonsa.evaluation.runner import exclusive_folder
+
     path = out_dir / f"{sub}.jsonl"
     identity = json.loads(json.dumps(identity))  # as it reads back from the file
-    with _sweep_lock(out_dir, sub):
+    with exclusive_folder(out_dir, _LOCK_FILE, f"videonsa analyze {sub}"):
         records = read_points(path)
         for record in records:
             changed = _differing(record.get("settings") or {}, identity)

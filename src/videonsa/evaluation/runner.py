@@ -157,19 +157,20 @@ def read_answers(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _exclusive(out_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `out_dir` so that two runs never append to one answers file."""
+def exclusive_folder(out_dir: Path, lock_name: str, command: str) -> Iterator[None]:
+    """Hold an exclusive lock (file `lock_name` in `out_dir`) so that two runs never append to one record file;
+    a second `command` writing there gets one line."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; the user keeps runs apart
         yield
         return
-    with (out_dir / LOCK_FILE).open("w") as handle:
+    with (out_dir / lock_name).open("w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise UserError(
-                f"{out_dir}: another videonsa eval is writing there; wait for it or use another --out"
+                f"{out_dir}: another {command} is writing there; wait for it or use another --out"
             ) from None
         try:
             yield
@@ -286,7 +287,7 @@ def run_eval(
     apply_sparsity(model, settings)
     settings = resolved_settings(model, settings)
     record = run_record(model, questions, settings)
-    with _exclusive(out_dir):
+    with exclusive_folder(out_dir, LOCK_FILE, "videonsa eval"):
         _claim_run(out_dir, record)
         answers_path = out_dir / ANSWERS_FILE
         answers = read_answers(answers_path, repair=True)
