@@ -124,7 +124,7 @@ def json_path(out: str | Path, sub: str) -> Path:
 
 def write_json(out: str | Path, sub: str, data: dict[str, Any]) -> Path:
     """Write `data` to DIR/<sub>.json atomically; NaN and infinities become null (strict JSON)."""
-    from videonsa.training.io import atomic_write_json
+    from videonsa.files import atomic_write_json
 
     path = json_path(out, sub)
     atomic_write_json(path, json_ready(data))
@@ -172,7 +172,7 @@ def integer_ticks(axis: Any, x: bool = True, y: bool = True) -> None:
 
 def save_figure(figure: Figure, out: str | Path, name: str) -> Path:
     """Write `figure` as DIR/<name> (a PNG named `<sub>_*.png`) atomically; returns the path."""
-    from videonsa.training.io import atomic_write
+    from videonsa.files import atomic_write
 
     if not name.endswith(".png") or "/" in name or "_" not in name:
         raise ValueError(f"plot names are <sub>_<what>.png, got {name!r}")

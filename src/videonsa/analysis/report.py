@@ -41,7 +41,7 @@ def analyses_in(out: str | Path) -> list[str]:
 
 def write_report(out: str | Path) -> Path:
     """Write DIR/report.html from the JSON files and PNGs of the run folder; returns its path."""
-    from videonsa.training.io import atomic_write_text
+    from videonsa.files import atomic_write_text
 
     folder = Path(out)
     sections = [_section(folder, sub) for sub in analyses_in(folder)]

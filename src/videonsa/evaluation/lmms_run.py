@@ -20,7 +20,7 @@ from typing import Any
 
 from videonsa.errors import UserError
 from videonsa.evaluation.lmms_tasks import NEEDLE_TASK_DIR, NEEDLE_TASK_NAME
-from videonsa.training.io import atomic_write_text
+from videonsa.files import atomic_write_text
 
 LMMS_MODEL_NAME = "videonsa"
 QUESTIONS_FILE = "questions.jsonl"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from videonsa.errors import UserError
-from videonsa.training.io import atomic_write_text
+from videonsa.files import atomic_write_text
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 NEEDLE_KINDS: tuple[str, ...] = ("retrieval", "counting", "order")

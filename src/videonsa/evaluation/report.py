@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from videonsa.evaluation.questions import Question
-from videonsa.training.io import atomic_write
+from videonsa.files import atomic_write
 
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "accuracy_by_length.png"

@@ -27,7 +27,7 @@ from typing import Any
 from videonsa.errors import UserError
 from videonsa.evaluation.questions import Question, QuestionSet
 from videonsa.evaluation.report import Summary, summarize, write_report
-from videonsa.training.io import atomic_write_text
+from videonsa.files import atomic_write_text
 
 ANSWERS_FILE = "answers.jsonl"
 RUN_FILE = "run.json"

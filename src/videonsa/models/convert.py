@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from videonsa.errors import UserError
+from videonsa.files import atomic_write, staging_folder
 from videonsa.models.checkpoints import to_current_key, to_legacy_key
-from videonsa.training.io import atomic_write, staging_folder
 
 # Shards of at most this many bytes, as transformers writes them by default.
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -98,7 +98,7 @@ def convert_checkpoint(
     `source` is checked first (`from_pretrained` runs `checkpoint_checks.check_checkpoint`): a malformed config,
     weights that are not safetensors or disagree with it, or gates stored for some layers only (unless
     `fresh_gates`) are a `UserError`, and nothing is written. Staging folders of a killed earlier conversion to
-    the same destination are removed (`videonsa.training.io.staging_folder`).
+    the same destination are removed (`videonsa.files.staging_folder`).
 
     Args:
         legacy_layout: write the released checkpoint's flat layout instead of transformers' current one.
@@ -170,7 +170,7 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
 
 
 def _write_atomic(path: Path, write: Any) -> None:
-    """Run write(temporary_path) and rename the result to `path` (`videonsa.training.io.atomic_write`)."""
+    """Run write(temporary_path) and rename the result to `path` (`videonsa.files.atomic_write`)."""
     atomic_write(path, write)
 
 

@@ -385,7 +385,7 @@ def _as_text(value: Any) -> str:
 
 def write_samples_jsonl(samples: Iterable[Sample], path: str | Path) -> int:
     """Write samples as JSONL atomically (temporary file, then rename); returns how many were written."""
-    from videonsa.training.io import atomic_write_text
+    from videonsa.files import atomic_write_text
 
     lines = [json.dumps(sample.to_json(), ensure_ascii=False) for sample in samples]
     atomic_write_text(path, "".join(line + "\n" for line in lines))

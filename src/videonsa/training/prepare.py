@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from videonsa.errors import UserError
+from videonsa.files import atomic_write_json, atomic_write_text
 from videonsa.training.annotations import Rejected, Sample, read_annotations
-from videonsa.training.io import atomic_write_json, atomic_write_text
 from videonsa.training.probe import ClipInfo, ClipMissing, ClipUnreadable, frames_at_rate, probe_clip
 from videonsa.training.workers import die_with_parent
 

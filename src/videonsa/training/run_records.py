@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from videonsa.errors import UserError
+from videonsa.files import atomic_write_json
 from videonsa.training.config import TrainConfig
-from videonsa.training.io import atomic_write_json
 
 CONFIG_RECORD = "videonsa-train-config.json"
 RESULT_RECORD = "videonsa-train-result.json"

@@ -29,12 +29,12 @@ import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from videonsa.errors import UserError
+from videonsa.files import apply_umask_modes, atomic_write_json, atomic_write_text
 from videonsa.training.annotations import read_annotations
 from videonsa.training.collator import VideoChatCollator
 from videonsa.training.config import TrainConfig, config_file
 from videonsa.training.conversation import IGNORE_INDEX
 from videonsa.training.dataset import STAT_NAMES, VideoChatDataset
-from videonsa.training.io import apply_umask_modes, atomic_write_json, atomic_write_text
 from videonsa.training.log_lines import TrainingLog
 from videonsa.training.model_setup import load_model, load_tokenizer, set_trainable
 from videonsa.training.pixels import patchify_frames

@@ -1,5 +1,5 @@
-"""The atomic-write helper: files get the permissions a plain open would give, and a writer killed between
-writing and renaming leaves nothing behind once the next write to the same file has run."""
+"""`videonsa.files`, the atomic-write helpers: files get the permissions a plain open would give, and a writer
+killed between writing and renaming leaves nothing behind once the next write to the same file has run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from videonsa.training.io import atomic_write, atomic_write_json, atomic_write_text, staging_folder
+from videonsa.files import atomic_write, atomic_write_json, atomic_write_text, staging_folder
 
 
 def _mode(path: Path) -> int:
@@ -58,9 +58,9 @@ def test_a_kill_before_the_rename_leaves_no_temporary_after_the_next_write(tmp_p
     script = textwrap.dedent(
         f"""
         import os, signal
-        from videonsa.training import io
+        from videonsa import files
         os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
-        io.atomic_write_text({str(target)!r}, "new\\n")
+        files.atomic_write_text({str(target)!r}, "new\\n")
         """
     )
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
@@ -81,14 +81,14 @@ def test_a_live_writers_temporary_is_left_alone(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os, sys, time
-        from videonsa.training import io
+        from videonsa import files
         def slow(temporary):
             open(temporary, "w").write("slow")
             past = time.time() - 60
             os.utime(temporary, (past, past))
             print("writing", flush=True)
             sys.stdin.readline()
-        io.atomic_write({str(target)!r}, slow)
+        files.atomic_write({str(target)!r}, slow)
         """
     )
     writer = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -124,7 +124,7 @@ def test_staging_folder_mode_cleanup_and_removal_on_error(tmp_path: Path) -> Non
     script = textwrap.dedent(
         f"""
         import os, signal
-        from videonsa.training.io import staging_folder
+        from videonsa.files import staging_folder
         with staging_folder({str(destination)!r}) as staging:
             (staging / "model.safetensors").write_bytes(b"half")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -151,20 +151,12 @@ def test_staging_folder_mode_cleanup_and_removal_on_error(tmp_path: Path) -> Non
     assert [p.name for p in tmp_path.iterdir()] == ["converted"] and (destination / "a").read_text() == "x"
 
 
-def test_a_finished_checkpoint_is_readable_per_umask(tmp_path: Path) -> None:
-    """save_pretrained writes model.safetensors 0600 (through safetensors); finishing the checkpoint fixes it."""
-    import torch
-    from safetensors.torch import save_file
-
-    from videonsa.training.trainer import COMPLETE_MARKER, finish_checkpoint
-
-    folder = tmp_path / "checkpoint-2"
-    folder.mkdir()
-    previous = os.umask(0o022)
-    try:
-        save_file({"w": torch.zeros(2)}, folder / "model.safetensors")
-        assert _mode(folder / "model.safetensors") == 0o600  # what the library does
-        finish_checkpoint(folder, tmp_path / "no-source")
-    finally:
-        os.umask(previous)
-    assert {p.name: _mode(p) for p in folder.iterdir()} == {"model.safetensors": 0o644, COMPLETE_MARKER: 0o644}
+def test_the_model_package_writes_files_without_the_training_package() -> None:
+    """`videonsa.models` (checkpoint conversion included) stands below training: it imports nothing of it."""
+    script = (
+        "import sys, videonsa.models.convert\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('videonsa.training', 'videonsa.evaluation'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
