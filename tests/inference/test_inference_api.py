@@ -85,6 +85,33 @@ def test_unknown_and_bad_settings(loaded, inputs):
         loaded.ask(inputs.video, "What moves?", prefer="everything")
 
 
+def test_resolve_settings_applies_overrides_to_the_presets_settings():
+    from videonsa.inference.api import resolve_settings
+    from videonsa.video import SamplingSettings
+    from videonsa.video.paper import PaperSettings
+
+    given = SamplingSettings(fps=2.0, budget_tokens=9000)
+    sampling, paper, generation = resolve_settings(
+        "planner", {"prefer": "frames", "max_new_tokens": 5}, sampling=given
+    )
+    assert paper is None and generation.max_new_tokens == 5
+    assert (sampling.fps, sampling.budget_tokens, sampling.prefer) == (2.0, 9000, "frames")
+    assert given.prefer == "balanced"  # the caller's object is left as it was
+
+    sampling, paper, generation = resolve_settings("paper", {"max_pixels": 3136, "fps": 1.0, "seed": 4})
+    assert sampling is None and generation.seed == 4
+    assert (paper.max_pixels, paper.fps, paper.min_pixels) == (3136, 1.0, PaperSettings().min_pixels)
+
+    with pytest.raises(UserError, match="total_pixels is a setting of the paper preset, but the planner preset"):
+        resolve_settings("planner", {"total_pixels": 10})
+    with pytest.raises(UserError, match=r"pixels_per_frame is a setting of the planner preset.*no token budget"):
+        resolve_settings("paper", {"pixels_per_frame": 10})
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) colour; known: .*min_pixels"):
+        resolve_settings("paper", {"colour": 1})
+    with pytest.raises(UserError, match="resolve 'auto' first"):
+        resolve_settings("auto", {})
+
+
 def test_load_errors_name_the_model(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"^model '\./missing-model': no such directory$"):
         videonsa.inference.load("./missing-model")

@@ -34,9 +34,7 @@ from videonsa.video import DEFAULT_FPS, SamplingSettings, VideoInput, VideoPlan,
 from videonsa.video.decoding import Progress
 from videonsa.video.paper import PaperSettings, decode_planned_video, plan_paper_video, resolve_preset
 
-_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingSettings)}
 _GENERATION_FIELDS = {f.name for f in dataclasses.fields(GenerationSettings)}
-_PAPER_FIELDS = {f.name for f in dataclasses.fields(PaperSettings)}
 
 
 @dataclass(frozen=True)
@@ -93,51 +91,58 @@ def _check_paper_generation(generation: GenerationSettings) -> None:
         )
 
 
-def split_settings(
-    overrides: dict[str, Any], sampling: SamplingSettings | None, generation: GenerationSettings | None
-) -> tuple[SamplingSettings, GenerationSettings]:
-    """Apply keyword overrides (fields of either settings class) on top of the given or default settings."""
-    unknown = sorted(set(overrides) - _SAMPLING_FIELDS - _GENERATION_FIELDS)
-    if unknown:
-        wrong_preset = [name for name in unknown if name in _PAPER_FIELDS]
-        if wrong_preset:
-            raise UserError(
-                f"{wrong_preset[0]} is a setting of the paper preset, but the planner preset runs (it takes "
-                f"{', '.join(sorted(_SAMPLING_FIELDS))}); pass preset='paper' to use it"
-            )
-        known = ", ".join(sorted(_SAMPLING_FIELDS | _GENERATION_FIELDS))
-        raise TypeError(f"unknown setting(s) {', '.join(unknown)}; known: {known}")
-    sampling = dataclasses.replace(
-        sampling or SamplingSettings(), **{k: v for k, v in overrides.items() if k in _SAMPLING_FIELDS}
-    )
-    generation = dataclasses.replace(
-        generation or GenerationSettings(), **{k: v for k, v in overrides.items() if k in _GENERATION_FIELDS}
-    )
-    return sampling, generation
+# Each preset's frame settings class, and how it differs from the other preset (said when a setting is misplaced).
+_PRESET_SETTINGS = {"planner": SamplingSettings, "paper": PaperSettings}
+_PRESET_NOTES = {"planner": "", "paper": " and has no token budget"}
 
 
-def split_paper_settings(
-    overrides: dict[str, Any], paper: PaperSettings | None, generation: GenerationSettings | None
-) -> tuple[PaperSettings, GenerationSettings]:
-    """Like `split_settings` for the paper preset: overrides are fields of `PaperSettings` or generation's.
+def resolve_settings(
+    preset: str,
+    overrides: dict[str, Any],
+    *,
+    sampling: SamplingSettings | None = None,
+    paper: PaperSettings | None = None,
+    generation: GenerationSettings | None = None,
+) -> tuple[SamplingSettings | None, PaperSettings | None, GenerationSettings]:
+    """The settings a question runs with: `overrides` (keyword arguments of `ask` / `plan`) applied on top of the
+    given or default settings of `preset` ("planner" or "paper") and of generation.
 
-    A planner-only setting (budget_tokens, prefer, pixels_per_frame, min_pixels_per_frame) is a `UserError`.
+    Returns (sampling, paper, generation), the settings object of the other preset being None. An override or a
+    settings object that belongs to the other preset is a `UserError` saying which preset takes it; a name
+    neither preset knows is a `TypeError`, as for any unknown keyword argument.
     """
-    unknown = sorted(set(overrides) - _PAPER_FIELDS - _GENERATION_FIELDS)
+    if preset not in _PRESET_SETTINGS:
+        raise UserError(f"preset must be 'paper' or 'planner' here (resolve 'auto' first), got {preset!r}")
+    if preset == "paper" and sampling is not None:
+        raise UserError("sampling= holds planner settings; the paper preset takes paper=PaperSettings(...)")
+    if preset == "planner" and paper is not None:
+        raise UserError("paper= holds paper-preset settings; pass preset='paper' to use them")
+    other = "paper" if preset == "planner" else "planner"
+    own_fields, other_fields = _field_names(_PRESET_SETTINGS[preset]), _field_names(_PRESET_SETTINGS[other])
+    unknown = sorted(set(overrides) - own_fields - _GENERATION_FIELDS)
     if unknown:
-        wrong_preset = [name for name in unknown if name in _SAMPLING_FIELDS]
-        if wrong_preset:
+        misplaced = [name for name in unknown if name in other_fields]
+        if misplaced:
             raise UserError(
-                f"{wrong_preset[0]} is a setting of the planner preset, but the paper preset runs (it takes "
-                f"{', '.join(sorted(_PAPER_FIELDS))} and has no token budget); pass preset='planner' to use it"
+                f"{misplaced[0]} is a setting of the {other} preset, but the {preset} preset runs (it takes "
+                f"{', '.join(sorted(own_fields))}{_PRESET_NOTES[preset]}); pass preset='{other}' to use it"
             )
-        known = ", ".join(sorted(_PAPER_FIELDS | _GENERATION_FIELDS))
+        known = ", ".join(sorted(own_fields | _GENERATION_FIELDS))
         raise TypeError(f"unknown setting(s) {', '.join(unknown)}; known: {known}")
-    paper = dataclasses.replace(paper or PaperSettings(), **{k: v for k, v in overrides.items() if k in _PAPER_FIELDS})
+    given = paper if preset == "paper" else sampling
+    frames = dataclasses.replace(
+        given or _PRESET_SETTINGS[preset](), **{k: v for k, v in overrides.items() if k in own_fields}
+    )
     generation = dataclasses.replace(
         generation or GenerationSettings(), **{k: v for k, v in overrides.items() if k in _GENERATION_FIELDS}
     )
-    return paper, generation
+    if preset == "paper":
+        return None, frames, generation
+    return frames, None, generation
+
+
+def _field_names(settings_class: type) -> set[str]:
+    return {field.name for field in dataclasses.fields(settings_class)}
 
 
 class VideoQA:
@@ -183,14 +188,9 @@ class VideoQA:
         self, video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings
     ) -> PlannedQuestion:
         preset = resolve_preset(preset, self.attention)
-        if preset == "paper":
-            if sampling is not None:
-                raise UserError("sampling= holds planner settings; the paper preset takes paper=PaperSettings(...)")
-            paper, generation = split_paper_settings(settings, paper, generation)
-        else:
-            if paper is not None:
-                raise UserError("paper= holds paper-preset settings; pass preset='paper' to use them")
-            sampling, generation = split_settings(settings, sampling, generation)
+        sampling, paper, generation = resolve_settings(
+            preset, settings, sampling=sampling, paper=paper, generation=generation
+        )
         return plan_question(
             self.files,
             video,
@@ -280,4 +280,4 @@ def load(
     return VideoQA(files, weights)
 
 
-__all__ = ["PlannedQuestion", "VideoQA", "load", "plan_question", "split_paper_settings", "split_settings"]
+__all__ = ["PlannedQuestion", "VideoQA", "load", "plan_question", "resolve_settings"]
