@@ -6,7 +6,7 @@
 - the shared options (`add_common_arguments`: --out, --model, --device, --dtype, --attention) and the video
   options (`add_video_arguments`: the frame planning of `videonsa ask`);
 - loading a model and planning / decoding videos through the inference API (`open_analysis_model`,
-  `plan_videos`, `video_inputs`);
+  `plan_videos`, `video_inputs`), and the prologue of the prefill analyses (`start_prefill_analysis`);
 - one prefill with the attention layers' inputs captured by forward hooks (`capture_attention_inputs`,
   `run_prefill`), which is how `gates` and `sinks` see every layer without changing the model.
 
@@ -292,6 +292,53 @@ def video_inputs(opened: AnalysisModel, planned: PlannedQuestion, path: str) -> 
     return VideoInputs(path=path, inputs=inputs, frames=planned.plan.frame_count, vision_tokens=vision,
                        prompt_tokens=int(inputs["input_ids"].shape[1]),
                        tokens_per_frame=int(grid[1] * grid[2]) // (merge * merge))
+
+
+@dataclass
+class PrefillAnalysis:
+    """An analysis run that looks at one hooked prefill per video (`gates`, `sinks`), after its prologue
+    (`start_prefill_analysis`): the videos planned, the run folder ready, the model loaded.
+
+    name: the subcommand (its JSON file, its lines on stdout); planned: (path, plan) per `--video`.
+    """
+
+    name: str
+    opened: AnalysisModel
+    model: Any
+    out: Path
+    planned: list[tuple[str, PlannedQuestion]]
+
+    def videos(self) -> Iterator[VideoInputs]:
+        """Each video's model inputs in `--video` order, decoded only when reached (one video in memory)."""
+        for path, planned in self.planned:
+            yield video_inputs(self.opened, planned, path)
+
+    def prefill(self, prepared: VideoInputs, callback: Callable[[LayerCall], None]) -> None:
+        """One prefill over `prepared` with `callback` called at each attention layer; prints one line."""
+        with capture_attention_inputs(self.model, callback):
+            run_prefill(self.model, prepared.inputs)
+        print(f"{self.name}: {prepared.path}: {prepared.vision_tokens} vision tokens in {prepared.frames} frames")
+
+    def write(self, result: dict[str, Any], plot: Callable[[dict[str, Any], Path], Any]) -> Path:
+        """Add the model facts to `result`, write DIR/<name>.json and the plots (`plot(result, out)`), then
+        regenerate report.html; returns the report's path."""
+        result.update(self.opened.describe())
+        write_json(self.out, self.name, result)
+        plot(result, self.out)
+        return finish_run(self.out)
+
+
+def start_prefill_analysis(args: argparse.Namespace, name: str) -> PrefillAnalysis:
+    """The prologue `gates` and `sinks` share, ordered so that a mistake costs no waiting and leaves no folder:
+    check --out, open the model's small files, check and plan every video (its prompt built, nothing decoded),
+    then create the run folder and load the weights."""
+    check_out_dir(args.out)
+    opened = open_analysis_model(args)
+    plans = plan_videos(opened, args)
+    out = prepare_out_dir(args.out)
+    model = opened.load()
+    return PrefillAnalysis(name=name, opened=opened, model=model, out=out,
+                           planned=list(zip(args.video, plans, strict=True)))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -128,51 +128,29 @@ def layer_gates(call: Any, vision: Any, mode: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Plan and check the videos, load the model, one prefill per video, then gates.json, plots, report."""
-    from videonsa.analysis.common import (
-        capture_attention_inputs,
-        check_out_dir,
-        finish_run,
-        open_analysis_model,
-        plan_videos,
-        prepare_out_dir,
-        run_prefill,
-        video_inputs,
-        vision_mask,
-        write_json,
-    )
+    from videonsa.analysis.common import start_prefill_analysis, vision_mask
 
-    check_out_dir(args.out)
-    opened = open_analysis_model(args)
-    plans = plan_videos(opened, args)
-    out = prepare_out_dir(args.out)
-    model = opened.load()
+    analysis = start_prefill_analysis(args, "gates")
+    model, mode = analysis.model, analysis.opened.attention
     text_config = model.config.text_config
     statistics = GateStatistics(text_config.num_hidden_layers, text_config.num_attention_heads)
-    videos, per_video = [], []
-    for path, planned in zip(args.video, plans, strict=True):
-        prepared = video_inputs(opened, planned, path)
+    videos = []
+    for prepared in analysis.videos():
         before = statistics.sum.clone(), statistics.tokens.clone()
 
         def collect(call, inputs=prepared.inputs):
-            statistics.add(call.layer, layer_gates(call, vision_mask(call, inputs, opened.attention)[0:1],
-                                                   opened.attention))
+            statistics.add(call.layer, layer_gates(call, vision_mask(call, inputs, mode)[0:1], mode))
 
-        with capture_attention_inputs(model, collect):
-            run_prefill(model, prepared.inputs)
-        videos.append(prepared.describe())
-        per_video.append(_video_means(statistics, *before))
-        print(f"gates: {path}: {prepared.vision_tokens} vision tokens in {prepared.frames} frames")
-    result = gate_results(statistics, model.sparse_settings, opened.attention)
-    result.update(opened.describe())
-    result["videos"] = [dict(video, mean_by_layer=means) for video, means in zip(videos, per_video, strict=True)]
-    write_json(out, "gates", result)
-    plot_gates(result, out)
-    report = finish_run(out)
+        analysis.prefill(prepared, collect)
+        videos.append(dict(prepared.describe(), mean_by_layer=_video_means(statistics, *before)))
+    result = gate_results(statistics, model.sparse_settings, mode)
+    result["videos"] = videos
+    report = analysis.write(result, plot_gates)
     for branch in BRANCHES:
         line = result["summary"][branch]
         print(f"gates: {BRANCH_NAMES[branch]}: mean {line['mean']:.3f}, std {line['std']:.3f}, "
               f"inter-head cosine {line['head_cosine']:.3f}")
-    print(f"gates: wrote {out / 'gates.json'} and {report}")
+    print(f"gates: wrote {analysis.out / 'gates.json'} and {report}")
     return 0
 
 

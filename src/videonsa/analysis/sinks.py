@@ -187,31 +187,16 @@ def run(args: argparse.Namespace) -> int:
     """Plan and check the videos, load the model, one hooked prefill per video, then sinks.json, plots, report."""
     import torch
 
-    from videonsa.analysis.common import (
-        capture_attention_inputs,
-        check_out_dir,
-        finish_run,
-        open_analysis_model,
-        plan_videos,
-        prepare_out_dir,
-        run_prefill,
-        video_inputs,
-        write_json,
-    )
+    from videonsa.analysis.common import start_prefill_analysis
     from videonsa.errors import UserError
 
     if not 0 < args.threshold < 1:
         raise UserError(f"--threshold must be between 0 and 1, got {args.threshold:g}")
-    check_out_dir(args.out)
-    opened = open_analysis_model(args)
-    plans = plan_videos(opened, args)
-    out = prepare_out_dir(args.out)
-    model = opened.load()
-    settings = model.sparse_settings
-    statistics = SinkStatistics(model.config.text_config.num_hidden_layers, args.threshold)
+    analysis = start_prefill_analysis(args, "sinks")
+    settings = analysis.model.sparse_settings
+    statistics = SinkStatistics(analysis.model.config.text_config.num_hidden_layers, args.threshold)
     videos = []
-    for path, planned in zip(args.video, plans, strict=True):
-        prepared = video_inputs(opened, planned, path)
+    for prepared in analysis.videos():
         vision = prepared.inputs["mm_token_type_ids"][0] > 0
         seq_len = int(vision.sum())
 
@@ -225,22 +210,17 @@ def run(args: argparse.Namespace) -> int:
                 statistics.add(call.layer, branch, mass.share(), mass.audience, positions.to(mass.mass.device),
                                norms[branch], seq_len, settings.block_size, per_frame)
 
-        with capture_attention_inputs(model, collect):
-            run_prefill(model, prepared.inputs)
+        analysis.prefill(prepared, collect)
         videos.append(prepared.describe())
-        print(f"sinks: {path}: {prepared.vision_tokens} vision tokens in {prepared.frames} frames")
-    result = sink_results(statistics, settings, args.threshold, opened.attention)
-    result.update(opened.describe())
+    result = sink_results(statistics, settings, args.threshold, analysis.opened.attention)
     result["videos"] = videos
-    write_json(out, "sinks", result)
-    plot_sinks(result, out)
-    report = finish_run(out)
+    report = analysis.write(result, plot_sinks)
     for branch in BRANCHES:
         line = result["summary"][branch]
         print(f"sinks: {BRANCH_NAMES[branch]}: sink ratio {_percent(line['sink_ratio'])}, "
               f"{line['layers_with_sinks']} of {statistics.layers} layers with sinks, "
               f"low value norm {_percent(line['low_value_norm_sinks'])} of sinks")
-    print(f"sinks: wrote {out / 'sinks.json'} and {report}")
+    print(f"sinks: wrote {analysis.out / 'sinks.json'} and {report}")
     return 0
 
 
