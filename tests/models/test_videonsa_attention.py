@@ -235,7 +235,7 @@ def test_span_fast_path_gives_the_index_path_model_exactly(batch, monkeypatch):
 @pytest.mark.parametrize("one_sample", [False, True], ids=["padded-pair", "one-sample"])
 @pytest.mark.parametrize("heads", [(4, 2), (6, 3), (7, 1)], ids=["gqa4:2", "gqa6:3", "gqa7:1"])
 def test_text_attention_equals_transformers_sdpa_with_repeated_key_value_heads(batch, heads, one_sample):
-    """`_dense_attend` folds each KV group's query heads into rows (padded pair) or needs no mask at all (one
+    """`dense_attend` folds each KV group's query heads into rows (padded pair) or needs no mask at all (one
     unpadded sample); transformers' SDPA path (what the layer called before) repeats K and V instead. Same
     result up to float rounding, forward and backward."""
     num_heads, num_kv_heads = heads
@@ -252,7 +252,7 @@ def test_text_attention_equals_transformers_sdpa_with_repeated_key_value_heads(b
     k, v = (torch.randn(batch_size, num_kv_heads, seq_len, dim, generator=generator) for _ in range(2))
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    got = attn._dense_attend(*leaves, split)
+    got = attn.dense_attend(*leaves, split)
     want, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](
         attn, *ref_leaves, split.text_attention_mask, dropout=0.0, scaling=attn.scaling
     )

@@ -19,9 +19,9 @@ M-RoPE position ids as the original does (`official_mode.vision_from_positions`,
 `VideoNSATextModel.forward` from the ids that rotate q and k), the gate logits come from the same gate MLP, and
 the KV cache keeps the unmasked keys and values, over which decoding steps attend densely (the stock path).
 
-Sequence parallelism (`enable_sequence_parallel`, training only): the text model keeps each rank's slice of the
-merged embeddings, and each attention layer trades its sequence slice for a head slice (whole KV groups) around
-the unchanged attention above, with Ulysses all-to-alls (`videonsa.parallel`).
+Sequence parallelism (`enable_sequence_parallel`, training only) lives in `videonsa.parallel.sequence`: once it
+is on, the text model and every attention layer hand their work to their `sequence_parallel` setting, which runs
+the code above on a slice of the sequence or of the heads.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import functools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +36,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import initialization as hf_init
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
@@ -50,7 +48,6 @@ from videonsa.layers import (
     TokenSplit,
     branch_gates,
     build_token_split,
-    dense_text_attention,
     make_gate_projections,
     videonsa_attention,
 )
@@ -74,7 +71,12 @@ from videonsa.models.official_mode import (
     refuse_training,
 )
 from videonsa.models.time_positions import fractional_video_time_positions
-from videonsa.parallel import SequenceParallel, all_reduce_sum, heads_to_sequence, sequence_to_heads
+from videonsa.parallel import (
+    SequenceParallel,
+    SequenceParallelModule,
+    disable_sequence_parallel,
+    enable_sequence_parallel,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -111,19 +113,18 @@ def settings_from_text_config(text_config: Any) -> SparseSettings:
     )
 
 
-class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
+class VideoNSAAttention(SequenceParallelModule, qwen.Qwen2_5_VLAttention):
     """Qwen2.5-VL text attention with the VideoNSA vision path and gates (`g_proj_1`, `g_proj_2`).
 
     `settings` (a SparseSettings) holds the mode and budget; `set_attention_mode` / `set_sparsity` change it
-    on a loaded model.
+    on a loaded model. When `sequence_parallel` is set, hidden_states hold this rank's slice of the sequence
+    and the attention itself runs in `sequence_parallel.attention`.
     """
 
     def __init__(self, config: Any, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
         self.g_proj_1, self.g_proj_2 = make_gate_projections(config.hidden_size, self.num_heads)
         self.settings = settings_from_text_config(config)
-        # Set by enable_sequence_parallel: then hidden_states hold this rank's slice of the sequence.
-        self.sequence_parallel: SequenceParallel | None = None
 
     def forward(
         self,
@@ -171,7 +172,7 @@ class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
                 return self.o_proj(output.reshape(batch, seq_len, -1)), None
 
         if self.sequence_parallel is not None:
-            output = self._sequence_parallel_forward(hidden_states, query, key, value, cache, videonsa_split)
+            output = self.sequence_parallel.attention(self, hidden_states, query, key, value, cache, videonsa_split)
             return self.o_proj(output.reshape(batch, seq_len, -1)), None
 
         if self.settings.mode == "nsa":
@@ -214,13 +215,10 @@ class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
                 )
             # Later decoding steps attend densely to these keys.
             cache.update(key, value, self.layer_idx)
-        gates = branch_gates(
-            split.gather_vision(hidden_states), self.g_proj_1, self.g_proj_2,
-            self.num_heads, self.settings.gate_temperature,
-        )
         return videonsa_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), gates, split, self.settings,
-            attend=self._dense_attend, scale=self.scaling,
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            self.gates(split.gather_vision(hidden_states)), split, self.settings,
+            attend=self.dense_attend, scale=self.scaling,
         )
 
     def _official_forward(
@@ -247,47 +245,11 @@ class VideoNSAAttention(qwen.Qwen2_5_VLAttention):
             scale=self.scaling, gate_temperature=settings.gate_temperature,
         )
 
-    def _sequence_parallel_forward(
-        self, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor, cache: Any, split: TokenSplit | None
-    ) -> Tensor:
-        """Attention of this rank's slice of the sequence: hidden_states [B, T/P, hidden], q [B, HQ, T/P, D],
-        k/v [B, HKV, T/P, D] -> [B, T/P, HQ, D].
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The branch gates (g_cmp, g_slc, g_swa) of layer inputs x [..., hidden], each [..., HQ] in [0, 1]."""
+        return branch_gates(x, self.g_proj_1, self.g_proj_2, self.num_heads, self.settings.gate_temperature)
 
-        q, k, v and the gates go to a head slice of the whole sequence ([B, T, H/P, ...]; P divides HKV, so each
-        rank holds whole KV groups and the NSA selection of a group stays on one rank), the single-process
-        attention runs there on the whole-sequence `split` (padded to T), and the output comes back.
-        """
-        sp = self.sequence_parallel
-        if cache is not None:
-            raise UserError("sequence parallelism keeps no KV cache: disable_sequence_parallel() before generating")
-        if split is None:
-            raise UserError("sequence-parallel VideoNSA attention got no token split: run it through VideoNSAModel")
-        q, k, v = (sequence_to_heads(x.transpose(1, 2), sp.group) for x in (query, key, value))
-        if self.settings.mode == "nsa" and split.has_vision:
-            # Gates of every local token (one exchange for all three), then those of the packed vision tokens.
-            gates = branch_gates(
-                hidden_states, self.g_proj_1, self.g_proj_2, self.num_heads, self.settings.gate_temperature
-            )
-            gates = split.gather_vision(sequence_to_heads(torch.stack(gates, dim=-1), sp.group)).unbind(-1)
-            output = videonsa_attention(
-                q, k, v, gates, split, self.settings, attend=self._dense_attend, scale=self.scaling
-            )
-        elif bool(split.token_mask.all()):
-            # Dense causal attention without padding: the backend's causal kernel, no [T, T] mask.
-            attend = qwen.ALL_ATTENTION_FUNCTIONS["sdpa"]
-            dropout = 0.0 if not self.training else self.attention_dropout
-            output, _ = attend(
-                self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None,
-                dropout=dropout, scaling=self.scaling, is_causal=True,
-            )
-        else:
-            # Padded batch without vision tokens: every token is text; the mask is [B, 1, T, T].
-            output = split.merge(q.new_zeros(1, 0, *q.shape[2:]), dense_text_attention(
-                q, k, v, split, self._dense_attend
-            ))
-        return heads_to_sequence(output, sp.group)
-
-    def _dense_attend(self, query: Tensor, key: Tensor, value: Tensor, split: TokenSplit) -> Tensor:
+    def dense_attend(self, query: Tensor, key: Tensor, value: Tensor, split: TokenSplit) -> Tensor:
         """Text queries through the model's attention backend with the split's text mask: q [B, HQ, L, D],
         k/v [B, HKV, T, D] -> [B, L, HQ, D].
 
@@ -318,8 +280,11 @@ class _GateInitMixin:
                 hf_init.zeros_(proj.bias)
 
 
-class VideoNSATextModel(_GateInitMixin, qwen.Qwen2_5_VLTextModel):
-    """The Qwen2.5-VL text model with VideoNSAAttention layers; it hands the token split to every layer."""
+class VideoNSATextModel(_GateInitMixin, SequenceParallelModule, qwen.Qwen2_5_VLTextModel):
+    """The Qwen2.5-VL text model with VideoNSAAttention layers; it hands the token split to every layer.
+
+    When `sequence_parallel` is set, `sequence_parallel.text_model_forward` runs it on this rank's slice of the
+    sequence."""
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -327,8 +292,6 @@ class VideoNSATextModel(_GateInitMixin, qwen.Qwen2_5_VLTextModel):
             layer.self_attn = VideoNSAAttention(config, layer_idx)
         # Initialises the new attention modules only: the others are marked initialised already.
         self.post_init()
-        # Set by enable_sequence_parallel.
-        self.sequence_parallel: SequenceParallel | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault(SPLIT_KWARG, _CURRENT_SPLIT.get())
@@ -338,7 +301,14 @@ class VideoNSATextModel(_GateInitMixin, qwen.Qwen2_5_VLTextModel):
             return super().forward(*args, **kwargs)
         if args:
             raise TypeError("with sequence parallelism on, pass the text model's inputs as keyword arguments")
-        return self._sequence_parallel_forward(**kwargs)
+        # The sequence-parallel layers mask with the split alone, never with the attention mask.
+        _refuse_packed_sequences(kwargs.get("position_ids"), kwargs.get("attention_mask"))
+        split = kwargs.pop(SPLIT_KWARG)
+        return self.sequence_parallel.text_model_forward(self._forward_with_split, self.embed_tokens, split, **kwargs)
+
+    def _forward_with_split(self, split: TokenSplit | None, **kwargs: Any) -> Any:
+        """Qwen2.5-VL's text model forward with `split` handed to every layer (sequence parallelism's callback)."""
+        return super().forward(**kwargs, **{SPLIT_KWARG: split})
 
     def _official_tokens(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> OfficialTokens:
         """Official mode's token types of this forward pass, from the position ids the rotary embedding will
@@ -354,59 +324,6 @@ class VideoNSATextModel(_GateInitMixin, qwen.Qwen2_5_VLTextModel):
         return classify_tokens(
             named.get("position_ids"), named.get("attention_mask"), tokens.shape[0], tokens.shape[1], tokens.device
         )
-
-    def _sequence_parallel_forward(
-        self,
-        *,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        inputs_embeds: Tensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """The text model on this rank's slice of the whole sequence (input_ids / inputs_embeds [B, T, ...],
-        attention_mask [B, T], position_ids [B, T], [3, B, T] or [4, B, T], all of the whole sequence).
-
-        T is padded at the end to a multiple of P with masked tokens; rank r runs tokens [r T_pad / P,
-        (r + 1) T_pad / P). The last hidden state is gathered to [B, T, hidden] if the setting's
-        `gather_output`, else this rank's [B, T_pad / P, hidden] slice is returned (as are, always, the
-        per-layer hidden states of `output_hidden_states`).
-        """
-        sp = self.sequence_parallel
-        caches = [kwargs.pop(name, None) for name in ("cache", "past_key_values")]  # 5.x names
-        if use_cache or any(cache is not None for cache in caches):
-            raise UserError(
-                "sequence parallelism is for training and keeps no KV cache: pass use_cache=False, or call "
-                "disable_sequence_parallel() before generating"
-            )
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch, seq_len = inputs_embeds.shape[:2]
-        if position_ids is None:
-            position_ids = torch.arange(seq_len, device=inputs_embeds.device).expand(3, batch, seq_len)
-        elif position_ids.ndim == 2:
-            position_ids = position_ids.expand(3, batch, seq_len)
-        _refuse_packed_sequences(position_ids, attention_mask)
-        split = kwargs.pop(SPLIT_KWARG)
-        if split is None:  # dense mode: every token is text
-            vision = torch.zeros(batch, seq_len, dtype=torch.bool, device=inputs_embeds.device)
-            split = build_token_split(vision, attention_mask)
-        if split.shape != (batch, seq_len):
-            raise ValueError(f"token split is for {split.shape} tokens but the input has {(batch, seq_len)}")
-        # The whole sequence's split, padding included (masked text tokens at the end).
-        split = build_token_split(sp.pad(split.vision_mask, 1, False), sp.pad(split.token_mask, 1, False))
-        outputs = super().forward(
-            inputs_embeds=sp.shard(inputs_embeds, 1),
-            position_ids=sp.shard(position_ids, -1, replicate=True),
-            attention_mask=None,  # the layers mask with the split; a mask of the local slice would be wrong
-            use_cache=False,
-            **{SPLIT_KWARG: split},
-            **kwargs,
-        )
-        if sp.gather_output:
-            outputs.last_hidden_state = sp.gather(outputs.last_hidden_state, seq_len)
-        return outputs
 
 
 class VideoNSAModel(_GateInitMixin, qwen.Qwen2_5_VLModel):
@@ -506,7 +423,7 @@ class VideoNSAModel(_GateInitMixin, qwen.Qwen2_5_VLModel):
     def enable_sequence_parallel(
         self, group: dist.ProcessGroup | None = None, *, gather_output: bool = True
     ) -> SequenceParallel:
-        """Run the text model sequence-parallel over `group`; see `enable_sequence_parallel`."""
+        """Run the text model sequence-parallel over `group` (`videonsa.parallel.enable_sequence_parallel`)."""
         return enable_sequence_parallel(self, group, gather_output=gather_output)
 
     def disable_sequence_parallel(self) -> None:
@@ -602,7 +519,7 @@ class VideoNSAForConditionalGeneration(_GateInitMixin, qwen.Qwen2_5_VLForConditi
     def enable_sequence_parallel(
         self, group: dist.ProcessGroup | None = None, *, gather_output: bool = True
     ) -> SequenceParallel:
-        """Run the text model sequence-parallel over `group`; see `enable_sequence_parallel`. With
+        """Run the text model sequence-parallel over `group` (`videonsa.parallel.enable_sequence_parallel`). With
         `gather_output=False`, logits are this rank's slice and the loss of `labels` is combined over the group."""
         return enable_sequence_parallel(self, group, gather_output=gather_output)
 
@@ -613,10 +530,10 @@ class VideoNSAForConditionalGeneration(_GateInitMixin, qwen.Qwen2_5_VLForConditi
     @property
     def loss_function(self) -> Callable[..., Tensor]:
         """transformers' causal LM loss; when sequence parallel without gathered outputs, the loss of the whole
-        sequence from this rank's slice of the logits, summed over the group (`_sharded_causal_lm_loss`)."""
+        sequence from this rank's slice of the logits, summed over the group (`SequenceParallel.causal_lm_loss`)."""
         sp = self.model.language_model.sequence_parallel
         if sp is not None and not sp.gather_output:
-            return functools.partial(_sharded_causal_lm_loss, sp=sp)
+            return sp.causal_lm_loss
         return super().loss_function
 
     @loss_function.setter
@@ -659,70 +576,6 @@ def set_sparsity(model: nn.Module, **knobs: Any) -> None:
     except UserError as error:
         given = ", ".join(f"{name}={value!r}" for name, value in knobs.items())
         raise UserError(f"set_sparsity({given}): {error}") from None
-
-
-def enable_sequence_parallel(
-    model: nn.Module, group: dist.ProcessGroup | None = None, *, gather_output: bool = True
-) -> SequenceParallel:
-    """Run `model`'s VideoNSA text model sequence-parallel (Ulysses) over `group` (default: the whole world).
-
-    For training: every rank of the group gets the same batch; after the vision embeddings are merged, each
-    rank keeps a contiguous slice of the sequence (padded to a multiple of the group size P), attention swaps it
-    for a slice of whole KV groups over the whole sequence, and the final hidden states are gathered
-    (`gather_output`) so that everything after the text model, the loss included, is the single-process one.
-    Gradients average over the group to the single-process gradient (the DDP / FSDP convention). The vision
-    tower runs whole on every rank. P must divide the number of KV heads; no KV cache.
-    """
-    if not dist.is_available() or not dist.is_initialized():
-        raise UserError("sequence parallelism needs torch.distributed initialised (init_process_group) first")
-    sp = SequenceParallel(group, gather_output)
-    text_models = [module for module in model.modules() if isinstance(module, VideoNSATextModel)]
-    if not text_models:
-        raise UserError(f"{type(model).__name__} has no VideoNSA text model to run sequence-parallel")
-    for text_model in text_models:
-        config = text_model.config
-        if config.num_key_value_heads % sp.world_size:
-            raise UserError(
-                f"sequence parallelism over {sp.world_size} ranks needs num_key_value_heads divisible by "
-                f"{sp.world_size} (whole KV groups per rank), got {config.num_key_value_heads}"
-            )
-        if getattr(config, "use_sliding_window", False):
-            raise UserError("sequence parallelism does not support use_sliding_window; turn it off in the config")
-    for text_model in text_models:
-        text_model.sequence_parallel = sp
-        for layer in _attention_layers(text_model):
-            layer.sequence_parallel = sp
-    return sp
-
-
-def disable_sequence_parallel(model: nn.Module) -> None:
-    """Back to the single-process forward for every VideoNSA text model of `model`."""
-    for module in model.modules():
-        if isinstance(module, (VideoNSATextModel, VideoNSAAttention)):
-            module.sequence_parallel = None
-
-
-def _sharded_causal_lm_loss(
-    logits: Tensor,
-    labels: Tensor,
-    vocab_size: int | None = None,
-    num_items_in_batch: Tensor | int | None = None,
-    ignore_index: int = -100,
-    *,
-    sp: SequenceParallel,
-    **kwargs: Any,
-) -> Tensor:
-    """Causal LM loss of the whole sequence from this rank's logits [B, T_pad / P, vocab] and the whole
-    labels [B, T]: token t predicts label t + 1, as transformers' ForCausalLMLoss (float32). The mean over
-    predicted tokens, or the sum over `num_items_in_batch` (gradient accumulation), same on every rank."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index).to(logits.device)
-    local = sp.shard(targets, 1, value=ignore_index)
-    total = F.cross_entropy(
-        logits.float().flatten(0, 1), local.flatten(), ignore_index=ignore_index, reduction="sum"
-    )
-    total = all_reduce_sum(total, sp.group)
-    count = num_items_in_batch if num_items_in_batch is not None else (targets != ignore_index).sum()
-    return total / count
 
 
 def _apply_settings(model: nn.Module, **changes: Any) -> None:

@@ -1,7 +1,16 @@
-"""Sequence parallelism (Ulysses) for contexts longer than one GPU holds."""
+"""Sequence parallelism (Ulysses) for contexts longer than one GPU holds.
 
-from videonsa.parallel.ulysses import (
+`ulysses` holds the differentiable collectives (all-to-all between sequence and head shards, gather, sum);
+`sequence` what the VideoNSA text model and its attention layers do with them (`enable_sequence_parallel`).
+"""
+
+from videonsa.parallel.sequence import (
     SequenceParallel,
+    SequenceParallelModule,
+    disable_sequence_parallel,
+    enable_sequence_parallel,
+)
+from videonsa.parallel.ulysses import (
     all_reduce_sum,
     all_to_all,
     gather_sequence,
@@ -12,8 +21,11 @@ from videonsa.parallel.ulysses import (
 
 __all__ = [
     "SequenceParallel",
+    "SequenceParallelModule",
     "all_reduce_sum",
     "all_to_all",
+    "disable_sequence_parallel",
+    "enable_sequence_parallel",
     "gather_sequence",
     "heads_to_sequence",
     "sequence_to_heads",

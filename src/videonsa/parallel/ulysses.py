@@ -9,8 +9,6 @@ heads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -114,50 +112,3 @@ def all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
         return x
     return _AllReduceSum.apply(x, group)
 
-
-@dataclass(frozen=True)
-class SequenceParallel:
-    """A sequence-parallel setting: the process group whose ranks share one sequence, and what the model
-    returns (the gathered hidden states of the whole sequence, or each rank's slice of them).
-
-    Every rank of the group gets the same batch. Rank r keeps tokens [r * T_pad / P, (r + 1) * T_pad / P) of the
-    sequence padded at the end to T_pad, a multiple of P. Gradients follow the data-parallel convention: their
-    mean over the group (what DDP and FSDP compute when the group is part of their data-parallel group) equals
-    the single-process gradient.
-    """
-
-    group: dist.ProcessGroup | None = None
-    gather_output: bool = True
-
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size(self.group)
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank(self.group)
-
-    def padded_length(self, seq_len: int) -> int:
-        """The smallest multiple of the group size that holds `seq_len` tokens."""
-        return -(-seq_len // self.world_size) * self.world_size
-
-    def pad(self, x: Tensor, dim: int, value: float | int = 0, replicate: bool = False) -> Tensor:
-        """x padded at the end of `dim` to `padded_length`; with `replicate`, by copies of its last entry."""
-        dim = dim % x.dim()
-        missing = self.padded_length(x.shape[dim]) - x.shape[dim]
-        if not missing:
-            return x
-        if replicate:
-            tail = x.narrow(dim, x.shape[dim] - 1, 1)
-            filler = tail.expand(*x.shape[:dim], missing, *x.shape[dim + 1 :])
-        else:
-            filler = x.new_full((*x.shape[:dim], missing, *x.shape[dim + 1 :]), value)
-        return torch.cat([x, filler], dim=dim)
-
-    def shard(self, x: Tensor, dim: int, value: float | int = 0, replicate: bool = False) -> Tensor:
-        """This rank's slice of `x` along `dim` after `pad`: [..., T, ...] -> [..., T_pad / P, ...]."""
-        return shard_sequence(self.pad(x, dim, value, replicate), self.group, seq_dim=dim % x.dim())
-
-    def gather(self, x: Tensor, seq_len: int, dim: int = 1) -> Tensor:
-        """Differentiable inverse of `shard`: [..., T_pad / P, ...] -> [..., seq_len, ...]."""
-        return gather_sequence(x, self.group, seq_dim=dim).narrow(dim, 0, seq_len)
