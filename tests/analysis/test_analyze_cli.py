@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ def test_gates_and_sinks_are_registered_with_the_shared_options():
     for analysis in ("gates", "sinks"):
         args = parser.parse_args(["analyze", analysis, "--out", "o", "--model", "m", "--video", "a.mp4", "b.mp4"])
         assert args.analysis == analysis and args.video == ["a.mp4", "b.mp4"]
-        assert (args.attention, args.device, args.dtype) == ("auto", "auto", "auto")
+        assert (args.attention, args.device, args.dtype, args.fresh_gates) == ("auto", "auto", "auto", False)
     assert parser.parse_args(["analyze", "sinks", "--out", "o", "--model", "m", "--video", "v"]).threshold == 0.1
 
 
@@ -82,3 +83,19 @@ def test_sinks_threshold_must_be_a_share(tmp_path, capsys, analysis_inputs):
                                   str(analysis_inputs.ours), "--video", str(analysis_inputs.short_video),
                                   "--threshold", "1.5", *SMALL_FRAMES])
     assert "--threshold" in err
+
+
+def test_fresh_gates_lets_a_partly_gated_checkpoint_be_analysed(tmp_path, capsys, analysis_inputs):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "partly-gated"
+    shutil.copytree(analysis_inputs.ours, folder)
+    tensors = load_file(folder / "model.safetensors")
+    save_file({name: tensor for name, tensor in tensors.items() if ".layers.0.self_attn.g_proj_" not in name},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    argv = ["analyze", "gates", "--out", str(tmp_path / "out"), "--model", str(folder),
+            "--video", str(analysis_inputs.short_video), *SMALL_FRAMES]
+    err = one_line_error(capsys, argv)
+    assert "missing for layer(s) 0 of 2" in err and "--fresh-gates" in err
+    assert main([*argv, "--fresh-gates"]) == 0
+    assert json.loads((tmp_path / "out" / "gates.json").read_text())["layers"] == 2

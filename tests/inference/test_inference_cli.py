@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from videonsa import cli
+from videonsa import cli, testing
 from videonsa.inference import model_files
 from videonsa.video import synthetic
 
@@ -168,3 +168,23 @@ def test_hub_id_offline_in_a_fresh_process(inputs, tmp_path):
         "videonsa ask: error: model 'Enxin/VideoNSA': cannot download it from the Hugging Face Hub "
         "(HF_HUB_OFFLINE is set) and it is not in the local cache; pass a local model directory instead"
     ]
+
+
+def test_fresh_gates_lets_a_partly_gated_checkpoint_answer(inputs, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = testing.save_tiny_checkpoint(tmp_path / "partly-gated", seed=5)
+    tensors = load_file(folder / "model.safetensors")
+    kept = {name: tensor for name, tensor in tensors.items() if ".layers.1.self_attn.g_proj_" not in name}
+    assert len(kept) == len(tensors) - 4
+    save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
+    argv = ask(inputs, "--max-new-tokens", "2", "What moves?", model=folder)
+    capsys.readouterr()
+
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the plan: the gates are read with the weights
+    assert error.startswith("videonsa ask: error: ") and "Traceback" not in error
+    assert "missing for layer(s) 1 of 2" in error and "--fresh-gates" in error
+    assert cli.main([*argv, "--fresh-gates"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and re.search(r"^report .*\[attention nsa\]", err, re.MULTILINE), err

@@ -3,8 +3,8 @@
 - the run folder `--out DIR`: each subcommand writes `DIR/<sub>.json` (`write_json`) and PNGs named
   `<sub>_*.png` (`save_figure`), then `videonsa.analysis.report.write_report(DIR)`; every file is written to a
   temporary name and renamed, so a killed run never leaves half a file;
-- the shared options (`add_common_arguments`: --out, --model, --device, --dtype, --attention) and the video
-  options (`add_video_arguments`: the frame planning of `videonsa ask`);
+- the shared options (`add_common_arguments`: --out, --model, --device, --dtype, --attention, --fresh-gates) and
+  the video options (`add_video_arguments`: the frame planning of `videonsa ask`);
 - loading a model and planning / decoding videos through the inference API (`open_analysis_model`,
   `plan_videos`, `video_inputs`), and the prologue of the prefill analyses (`start_prefill_analysis`);
 - one prefill with the attention layers' inputs captured by forward hooks (`capture_attention_inputs`,
@@ -49,8 +49,8 @@ _SUBCOMMAND_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, model: bool = True) -> None:
-    """--out DIR (required) and, with `model`, --model (required), --attention, --device, --dtype; without a
-    model only --device and --dtype (e.g. `latency`, which builds random tensors)."""
+    """--out DIR (required) and, with `model`, --model (required), --attention, --fresh-gates, --device, --dtype;
+    without a model only --device and --dtype (e.g. `latency`, which builds random tensors)."""
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="run folder: SUB.json, SUB_*.png and report.html are written there")
     if model:
@@ -61,6 +61,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, model: bool = True) ->
             help="auto (default: the checkpoint decides; official for the released Enxin/VideoNSA layout), nsa, "
             "dense or official",
         )
+        from videonsa.commands.ask import FRESH_GATES_HELP
+
+        parser.add_argument("--fresh-gates", action="store_true", help=FRESH_GATES_HELP)
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto",
                         help="auto (default: bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32")
@@ -201,6 +204,7 @@ class AnalysisModel:
     attention: str
     device: torch.device
     dtype: torch.dtype
+    fresh_gates: bool = False
     model: Any = None
 
     def load(self) -> Any:
@@ -210,7 +214,8 @@ class AnalysisModel:
             from videonsa.inference.model_files import load_weights
 
             _quiet_transformers_loading()
-            self.model = load_weights(self.files, attention=self.attention, device=self.device, dtype=self.dtype)
+            self.model = load_weights(self.files, attention=self.attention, device=self.device, dtype=self.dtype,
+                                      fresh_gates=self.fresh_gates)
         return self.model
 
     def describe(self) -> dict[str, Any]:
@@ -234,7 +239,8 @@ def open_analysis_model(args: argparse.Namespace) -> AnalysisModel:
     dtype = resolve_dtype(args.dtype, device)
     files = open_model_files(args.model)
     choice = resolve_attention(files, args.attention)
-    return AnalysisModel(files=files, attention=choice.mode, device=device, dtype=dtype)
+    return AnalysisModel(files=files, attention=choice.mode, device=device, dtype=dtype,
+                         fresh_gates=args.fresh_gates)
 
 
 def plan_videos(opened: AnalysisModel, args: argparse.Namespace) -> list[PlannedQuestion]:

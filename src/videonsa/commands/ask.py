@@ -36,6 +36,12 @@ from videonsa.video.planning import (
 # Seconds between prefill progress lines when stderr is not a terminal (a live line is drawn on a terminal).
 PREFILL_LOG_SECONDS = 30.0
 
+# `--fresh-gates` of the commands that load a model (`ask`, `analyze`), as `videonsa convert` has it.
+FRESH_GATES_HELP = (
+    "accept a checkpoint whose VideoNSA gates are stored for some layers only, initialising the missing ones fresh "
+    "(refused without it, naming the layers; a plain Qwen2.5-VL checkpoint gets fresh gates either way)"
+)
+
 # Flags that only one preset reads, and what the other preset takes instead.
 PLANNER_ONLY_FLAGS = {
     "budget": ("--budget", "the paper preset has no token budget"),
@@ -152,6 +158,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "mode its config records, else nsa); nsa: sparse attention over video tokens; dense: full attention; "
         "official: the function the released checkpoint was trained and evaluated with",
     )
+    model.add_argument("--fresh-gates", action="store_true", help=FRESH_GATES_HELP)
     model.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     model.add_argument(
         "--temperature", type=float, default=0.0, help="0 for greedy decoding (default; the paper preset's only choice)"
@@ -361,7 +368,9 @@ def run_ask(args: argparse.Namespace) -> int:
     video = _decode_with_progress(plan, console)
     _quiet_transformers_loading()
     with console.status(f"loading {escape(args.model)} ({choice.mode} attention, {device}, {str(dtype)[6:]})"):
-        model = load_weights(files, attention=choice.mode, device=device, dtype=dtype)
+        model = load_weights(
+            files, attention=choice.mode, device=device, dtype=dtype, fresh_gates=args.fresh_gates
+        )
     with prefill_display(console) as show_prefill:
         answer = generate_answer(
             model, files, prompt, video, generation, on_text=_stream_to_stdout, on_prefill=show_prefill
