@@ -96,6 +96,17 @@ def test_deepspeed_strategies_say_how_to_install_deepspeed(tmp_path):
         training_arguments(config)
 
 
+def test_fresh_gates_is_off_by_default_and_needs_the_videonsa_architecture(tmp_path):
+    assert load_config(None, minimal(tmp_path)).model.fresh_gates is False
+    config = load_config(None, minimal(tmp_path, **{"model.fresh_gates": True})).validate()
+    assert config.model.fresh_gates is True and config.to_dict()["model"]["fresh_gates"] is True
+    stock = load_config(None, minimal(tmp_path, **{"model.fresh_gates": True, "model.architecture": "qwen2_5_vl"}))
+    with pytest.raises(UserError, match="model.fresh_gates needs model.architecture videonsa"):
+        stock.validate()
+    with pytest.raises(UserError, match="model.fresh_gates"):
+        load_config(None, minimal(tmp_path, **{"model.fresh_gates": "yes"}))
+
+
 def test_override_parsing():
     # YAML 1.1 reads 2e-5 (no dot) as a string; configs and overrides read it as the number users mean.
     assert parse_override("trainer.learning_rate=2e-5") == ("trainer.learning_rate", 2e-5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from videonsa import testing
 from videonsa.errors import UserError
@@ -97,6 +97,29 @@ def test_model_settings_mistakes_are_user_errors(tmp_path, videonsa_checkpoint):
         load_model(ModelSettings(path=str(videonsa_checkpoint), sparse={"blocks": 3}))
     with pytest.raises(UserError, match="qwen2_5_vl"):
         load_model(ModelSettings(path=str(videonsa_checkpoint), architecture="qwen2_5_vl", sparse={"block_size": 8}))
+
+
+def test_a_partly_gated_checkpoint_trains_only_with_fresh_gates(tmp_path):
+    folder = testing.save_tiny_checkpoint(tmp_path / "partly-gated", seed=5)
+    stored = load_file(str(folder / "model.safetensors"))
+    save_file({name: t for name, t in stored.items() if ".layers.1.self_attn.g_proj_" not in name},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"gates are missing for layer\(s\) 1 of 2"):
+        load_model(ModelSettings(path=str(folder)))
+
+    torch.manual_seed(0)
+    model = load_model(ModelSettings(path=str(folder), fresh_gates=True))
+    saved, parameters = saved_weights(folder), dict(model.named_parameters())
+    kept = [name for name in saved if ".g_proj_" in name]
+    assert len(kept) == 4 and all(".layers.0." in name for name in kept)
+    for name in kept:
+        torch.testing.assert_close(parameters[name], saved[name])
+    fresh = {name: p for name, p in parameters.items() if ".layers.1.self_attn.g_proj_" in name}
+    assert len(fresh) == 4
+    assert all(torch.count_nonzero(p) == 0 for name, p in fresh.items() if name.endswith("bias"))
+    assert 0.01 < torch.cat([p.flatten() for n, p in fresh.items() if n.endswith("weight")]).std().item() < 0.03
+    with pytest.raises(UserError, match="model.fresh_gates is set but model.architecture is qwen2_5_vl"):
+        load_model(ModelSettings(path=str(folder), architecture="qwen2_5_vl", fresh_gates=True))
 
 
 def test_tokenizer_comes_with_its_chat_template(videonsa_checkpoint):

@@ -146,7 +146,7 @@ def test_resuming_with_a_changed_config_is_refused_and_the_record_kept(interrupt
 
 def test_harmless_changes_resume_without_asking(interrupted_run, tmp_path):
     changed = {**interrupted_run, "trainer.logging_steps": 2, "trainer.save_total_limit": 3,
-               "trainer.dataloader_num_workers": 1}
+               "trainer.dataloader_num_workers": 1, "model.fresh_gates": True}
     outcome = run_training(load_config(None, changed), resume="auto")
     assert outcome.resumed_from == tmp_path / "run" / "checkpoint-2" and outcome.global_step == 4
 

@@ -54,6 +54,8 @@ class ModelSettings(_Settings):
     """Where the weights come from and how the model is built.
 
     path: a Qwen2.5-VL checkpoint (VideoNSA gates are added, freshly initialised) or a VideoNSA checkpoint.
+    fresh_gates: also accept a checkpoint with gates stored for some layers only (a partly converted one),
+        initialising the missing gates fresh; without it such a checkpoint is refused, naming the layers.
     architecture: ``videonsa`` (sparse vision attention) or ``qwen2_5_vl`` (the dense baseline, stock model).
     sparse: VideoNSA settings (block_size, block_counts, window_size, init_blocks, local_blocks,
         gate_temperature, attention_mode) that override the checkpoint's; empty keeps the checkpoint's, or
@@ -64,6 +66,7 @@ class ModelSettings(_Settings):
     """
 
     path: str | None = None
+    fresh_gates: bool = False
     architecture: Literal["videonsa", "qwen2_5_vl"] = "videonsa"
     sparse: dict[str, Any] = Field(default_factory=dict)
     attn_implementation: str = "sdpa"
@@ -204,6 +207,8 @@ class TrainConfig(_Settings):
                              "function and cannot be trained", "use 'nsa' or 'dense'"))
         if self.model.architecture == "qwen2_5_vl" and self.trainable.frozen() == list(TRAINABLE_PARTS[:3]):
             problems.append(("gates-only training needs model.architecture videonsa", ""))
+        if self.model.architecture == "qwen2_5_vl" and self.model.fresh_gates:
+            problems.append(("model.fresh_gates needs model.architecture videonsa", "the stock model has no gates"))
         if self.strategy not in STRATEGIES and not self.strategy.endswith(".json"):
             problems.append((f"strategy must be one of {', '.join(STRATEGIES)} or a DeepSpeed .json file", ""))
         if not self.trainer.get("output_dir"):

@@ -64,8 +64,9 @@ def load_model(settings: ModelSettings) -> Any:
     """Load the checkpoint at `settings.path` as the model to train.
 
     ``architecture: videonsa`` loads a VideoNSA checkpoint as is, or a plain Qwen2.5-VL checkpoint with new gates
-    (`settings.sparse` overrides the sparse-attention settings either way). ``qwen2_5_vl`` loads transformers'
-    stock model, the dense baseline.
+    (`settings.sparse` overrides the sparse-attention settings either way); with `settings.fresh_gates` also a
+    checkpoint with gates in some layers only, the missing ones new (docs/model-files.md). ``qwen2_5_vl`` loads
+    transformers' stock model, the dense baseline.
     """
     path = _checkpoint_dir(settings.path)
     dtype = getattr(torch, settings.dtype)
@@ -74,6 +75,9 @@ def load_model(settings: ModelSettings) -> Any:
 
         if settings.sparse:
             raise UserError("model.sparse is set but model.architecture is qwen2_5_vl (dense, no sparse settings)")
+        if settings.fresh_gates:
+            raise UserError("model.fresh_gates is set but model.architecture is qwen2_5_vl (the stock model has no "
+                            "gates)")
         return Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path, dtype=dtype, attn_implementation=settings.attn_implementation
         )
@@ -83,7 +87,11 @@ def load_model(settings: ModelSettings) -> Any:
         if key not in NSA_CONFIG_DEFAULTS:
             raise UserError(f"unknown setting model.sparse.{key} (known: {', '.join(NSA_CONFIG_DEFAULTS)})")
     model = VideoNSAForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, attn_implementation=settings.attn_implementation, **settings.sparse
+        path,
+        dtype=dtype,
+        attn_implementation=settings.attn_implementation,
+        fresh_gates=settings.fresh_gates,
+        **settings.sparse,
     )
     if model.sparse_settings.mode == "official" and "attention_mode" not in settings.sparse:
         # The released checkpoint (or one recording official) loads in the inference-only official mode by

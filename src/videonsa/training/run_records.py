@@ -30,8 +30,11 @@ CONFIG_RECORD = "videonsa-train-config.json"
 RESULT_RECORD = "videonsa-train-result.json"
 ACCEPT_FLAG = "--accept-config-changes"
 
-# Changing these does not change what the model learns, only how it is logged, saved or fed.
+# Changing these does not change what the model learns, only how it is logged, saved or fed (or, for
+# model.fresh_gates, whether the starting checkpoint may load at all: a resume takes every weight, gates included,
+# from the checkpoint it resumes).
 FREE_TO_CHANGE = frozenset({
+    "model.fresh_gates",
     "trainer.output_dir", "trainer.logging_dir", "trainer.logging_steps", "trainer.logging_first_step",
     "trainer.logging_strategy", "trainer.report_to", "trainer.run_name", "trainer.disable_tqdm",
     "trainer.save_steps", "trainer.save_total_limit", "trainer.save_strategy",
