@@ -72,7 +72,7 @@ def test_a_qwen_checkpoint_loads_with_new_gates(qwen_checkpoint):
     weights = torch.cat([p.flatten() for name, p in gates.items() if name.endswith("weight")])
     biases = torch.cat([p.flatten() for name, p in gates.items() if name.endswith("bias")])
     assert biases.abs().max() == 0
-    assert 0.01 < weights.std().item() < 0.03  # N(0, 0.02), as DESIGN.md asks of new gates
+    assert 0.01 < weights.std().item() < 0.03  # N(0, 0.02), how new gates start (docs/layer.md, the gates)
     saved = saved_weights(qwen_checkpoint)
     parameters = dict(model.named_parameters())
     for name in saved:

@@ -145,7 +145,7 @@ def test_bad_settings_name_the_setting(settings, message):
 def test_geometry_counts_tokens_per_temporal_patch():
     geometry = VisionGeometry()
     assert geometry.pixels_per_token_side == 28
-    assert geometry.tokens_per_patch(224, 224) == 64  # DESIGN.md section 3
+    assert geometry.tokens_per_patch(224, 224) == 64  # (224 / 28)^2 tokens per frame pair (docs/layer.md)
     plan = plan_video(make_info(4.0, width=224, height=224), SamplingSettings(fps=4))
     assert plan.video_tokens == 16 // 2 * 64
     assert plan.tokens_per_frame == 32
