@@ -1,7 +1,8 @@
 """VideoNSA attention over a split batch: NSA on the packed vision streams, dense causal attention for text.
 
 Nothing here knows Qwen: the model file computes q, k, v (rotary positions applied) and the gates, and hands
-over a function that runs dense attention through the model's own backend.
+over a function that runs dense attention through the model's own backend. What each query attends to:
+docs/layer.md.
 """
 
 from __future__ import annotations

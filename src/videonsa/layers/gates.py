@@ -3,7 +3,8 @@
     gates = sigmoid(g_proj_2(gelu(g_proj_1(x))) / temperature), viewed [..., HQ, 3] as (cmp, slc, swa)
 
 g_proj_1: Linear(hidden, hidden, bias), g_proj_2: Linear(hidden, 3 * HQ, bias). The projections live directly
-on the attention module (as `g_proj_1` / `g_proj_2`) because that is where the released checkpoint keeps them.
+on the attention module (as `g_proj_1` / `g_proj_2`) because that is where the released checkpoint keeps them
+(docs/layer.md, the gates; docs/checkpoints.md, their tensors).
 """
 
 from __future__ import annotations

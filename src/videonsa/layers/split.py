@@ -5,7 +5,8 @@ the streams of all samples are packed end to end into one sequence of N tokens w
 layout `videonsa.ops.nsa_attention` takes with B = 1). Every other token is a text token; text tokens are
 gathered per sample into a [B, L] grid (L = the most text tokens of any sample), unused slots marked invalid.
 
-The split is computed once per forward pass and shared by all layers.
+The split is computed once per forward pass and shared by all layers. Which tokens are vision and what each
+query attends to: docs/layer.md.
 
 Fast path: when each sample's vision tokens form one contiguous run (the usual prompt: text, one video, text),
 the split records the runs as Python ints and moves tokens with slices and one `torch.cat` instead of advanced

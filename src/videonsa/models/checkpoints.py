@@ -9,7 +9,7 @@ Two layouts of the same Qwen2.5-VL weights exist:
 Which attention mode a checkpoint runs by default (`checkpoint_attention_mode`): the `attention_mode` its
 config.json records (this package always records one); else, for a checkpoint with gates in the legacy flat layout
 and no recorded mode, that is the released Enxin/VideoNSA checkpoint as published, trained and evaluated with the
-original code: "official"; else "nsa".
+original code: "official"; else "nsa". Both layouts and the config keys: docs/checkpoints.md.
 """
 
 from __future__ import annotations

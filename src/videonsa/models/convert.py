@@ -3,7 +3,7 @@
 The legacy layout is the released Enxin/VideoNSA checkpoint's: weights under `model.*` (text), `visual.*` and
 `lm_head.*`, config with `model_type: qwen2_5_vl` and `architectures: ["VideoNSAForConditionalGeneration"]`.
 Everything is written to temporary names first and renamed into place, so a failure leaves no half-written
-checkpoint behind.
+checkpoint behind. The formats: docs/checkpoints.md.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ before, then
 
 with the gates computed from the layer input. Which tokens are vision tokens comes from `mm_token_type_ids`
 or the placeholder token ids, computed once per forward in `VideoNSAModel.forward` and handed to the layers.
+docs/layer.md describes this layer in full, docs/attention-modes.md the three modes.
 
 In `attention_mode="dense"`, and for chunks without vision tokens (text prompts, decoding steps), the layer
 runs exactly the stock Qwen2.5-VL attention.

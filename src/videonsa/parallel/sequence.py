@@ -11,7 +11,7 @@ each rank keeps its slice and the loss is summed over the group (`SequenceParall
 The model opts in through one attribute: modules deriving from `SequenceParallelModule` (VideoNSA's text model
 and attention layers) hold `sequence_parallel`, None for the single-process forward or the `SequenceParallel`
 that `enable_sequence_parallel` set, whose `text_model_forward` and `attention` they call in its place.
-Training only: no KV cache.
+Training only: no KV cache. docs/layer.md (sequence parallelism) states what it guarantees and its limits.
 """
 
 from __future__ import annotations
