@@ -81,6 +81,19 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
         enable_sequence_parallel(_model("nsa", num_heads=4, num_kv_heads=1))
     except UserError as error:
         errors["kv_heads"] = str(error)
+    try:
+        enable_sequence_parallel(torch.nn.Linear(2, 2))
+    except UserError as error:
+        errors["no_text_model"] = str(error)
+    official = _model("official").eval()
+    official.enable_sequence_parallel()
+    one_sample = testing.tiny_video_batch(((2, 4, 4),), seed=2).as_kwargs()
+    one_sample["pixel_values_videos"] = one_sample["pixel_values_videos"].double()
+    try:
+        with torch.no_grad():
+            official(**one_sample)
+    except UserError as error:
+        errors["official"] = str(error)
     model.disable_sequence_parallel()
     errors["disabled_logits"] = model(**kwargs).logits.detach()
     if rank == 0:
@@ -124,6 +137,8 @@ def test_misuse_is_refused_and_disabling_restores_the_single_process_model(distr
     errors = distributed_results["errors"]
     assert "no KV cache" in errors["use_cache"]
     assert "num_key_value_heads divisible by 2" in errors["kv_heads"]
+    assert "no VideoNSA text model" in errors["no_text_model"]
+    assert "'official' does not run sequence-parallel" in errors["official"]
     kwargs, _ = _batch()
     with torch.no_grad():
         want = _model("nsa")(**kwargs).logits
