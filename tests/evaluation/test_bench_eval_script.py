@@ -1,4 +1,4 @@
-"""benchmarks/bench_eval.py: its --tiny run end to end on the CPU (needle set, in-memory model, one `run_eval` per
+"""benchmarks/bench/bench_eval.py: its --tiny run end to end on the CPU (needle set, in-memory model, one `run_eval` per
 mode and budget, the JSON and the tables), and the 7B-shaped config the GPU run builds."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks" / "bench"
 
 
 def test_tiny_run_writes_one_row_per_mode_and_budget(tmp_path):
@@ -20,7 +20,7 @@ def test_tiny_run_writes_one_row_per_mode_and_budget(tmp_path):
         sys.executable, str(BENCHMARKS / "bench_eval.py"), "--tiny", "--set-dir", str(tmp_path / "set"),
         "--budgets", "320", "1024", "--runs-dir", str(runs), "--workers", "2", "--out", str(out),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=BENCHMARKS.parent)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=BENCHMARKS.parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
 
     record = json.loads(out.read_text())

@@ -1,10 +1,10 @@
 """Selection forward / dq kernels at a real shape: launch settings and tile heights, old defaults against new.
 
-    PYTHONPATH=src python benchmarks/tune_selection.py [--length 131072] [--budget-s 85] [--out $OUT]
-    PYTHONPATH=src python benchmarks/tune_selection.py --defaults [--out $OUT]
+    python benchmarks/tune/tune_selection.py [--length 131072] [--budget-s 85] [--out DIR]
+    python benchmarks/tune/tune_selection.py --defaults
 
-Shape: B=1, HQ=28, HKV=4, D=128, bf16, block 64, 32 blocks (bench_ops.py's constants). Selections are the
-operator's own: `bench_ops.make_inputs(T, structured)` -> mean pooling -> compressed attention -> top-k, for
+Shape: B=1, HQ=28, HKV=4, D=128, bf16, block 64, 32 blocks (`harness.shapes`). Selections are the operator's
+own (`harness.operator.operator_selection`: make_inputs -> mean pooling -> compressed attention -> top-k), for
 "randn" (plain randn inputs: every token's top-k an independent draw, neighbouring tokens share almost
 nothing) and "structured" (queries drifting over 256-token stretches, keys with per-block offsets).
 
@@ -35,27 +35,27 @@ variant, checked against the default launch, next to the dq kernel's default tim
 and dk/dv each without and with `do_scale` (a random gate), the do_scale results checked against the
 unscaled kernels run on the materialised do * gate (kind = "default" lines, plus "check" lines).
 
-Prints one JSON object per line (kind = "info" / "time" / "check" / "summary") and writes them all to
-OUT/tune_selection_<selections>.jsonl.
+Prints one JSON object per line (kind = "time" / "check" / "summary" / "info") and writes them to
+OUT/tune_selection_<mode>_<selections>.jsonl, the environment first (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import BLOCK, COUNT, HKV, HQ, INIT, LOCAL, D, bench, make_inputs  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import BLOCK, COUNT, HKV, HQ, D, Results, add_output_arguments, bench, environment, kernel_split  # noqa: E402
+from harness import rel_error as rel  # noqa: E402
+from harness.operator import operator_selection as operator_inputs  # noqa: E402
+
+# Kernel internals: the selection module's launchers, planners and list builders (the only ones used here).
 from videonsa.ops.triton import selection as slc  # noqa: E402
-from videonsa.ops.triton.compression import compressed_attention_fwd, mean_pool_fwd  # noqa: E402
-from videonsa.ops.triton.packing import pack  # noqa: E402
-from videonsa.ops.triton.topk import select_blocks_topk  # noqa: E402
 
 # Launch settings before this change (selection.py at commit a937654): 4 warps below 128 rows, 3 stages.
 OLD_DQ = {16: (4, 3), 64: (4, 3), 128: (8, 3)}
@@ -64,31 +64,12 @@ OLD_FWD = {16: (4, 3), 64: (4, 3), 128: (8, 3)}
 FWD_VARIANTS = {16: [(4, 3), (4, 2)], 64: [(4, 3), (8, 3), (4, 2)], 128: [(8, 3)]}
 DQ_VARIANTS = {16: [(4, 3), (4, 2), (8, 3)], 64: [(4, 3), (8, 3), (8, 2), (4, 2)], 128: [(8, 3), (8, 2)]}
 DKDV_VARIANTS = [(32, 4, 2), (32, 8, 2), (16, 4, 2)]  # (rows, warps, stages); first = old default
-LINES: list[dict] = []
 DEVICE = "cuda"
+RESULTS: Results | None = None  # set by main()
 
 
 def emit(**row) -> None:
-    LINES.append(row)
-    print(json.dumps(row), flush=True)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
-
-
-def operator_inputs(seq_len: int, structured: bool):
-    """Packed q, k, v [T, H, D] bf16, cu_seqlens, and the operator's block_indices int32 [T, HKV, COUNT]."""
-    x = make_inputs(seq_len, seed=0, structured=structured)
-    q, cu = pack(x["q"], None)
-    k, _ = pack(x["k"], None)
-    v, _ = pack(x["v"], None)
-    scale = D**-0.5
-    k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, v, cu, BLOCK)
-    _, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, BLOCK, scale)
-    idx = select_blocks_topk(q, k_cmp, lse_cmp, cu, cu_cmp, block_size=BLOCK, block_count=COUNT,
-                             init_blocks=INIT, local_blocks=LOCAL, scale=scale)
-    return q, k, v, cu, idx.to(torch.int32).contiguous()
+    RESULTS.row(row)
 
 
 def backward_inputs(name: str, seq_len: int):
@@ -200,23 +181,6 @@ def by_block_steps(idx: torch.Tensor, cu: torch.Tensor, group: int, rows: int, c
     lists = slc.block_lists(idx, cu, BLOCK, chunk_tokens)
     lengths = lists.offsets[1:] - lists.offsets[:-1]
     return int(((lengths + bt - 1) // bt).sum())
-
-
-def kernel_split(fn) -> dict[str, float]:
-    """Self CUDA ms per kernel name of one call of fn (torch profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    split: dict[str, float] = {}
-    for event in prof.key_averages():
-        ms = getattr(event, "self_device_time_total", 0) / 1e3
-        if ms > 0.005:
-            split[event.key[:60]] = round(ms, 3)
-    return dict(sorted(split.items(), key=lambda kv: -kv[1]))
 
 
 def run_by_block(name: str, seq_len: int, deadline: float) -> None:
@@ -448,12 +412,12 @@ def run_dq_by_block(name: str, seq_len: int, deadline: float) -> None:
         torch.cuda.empty_cache()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--length", type=int, default=131072)
     parser.add_argument("--selections", nargs="*", default=["randn", "structured"])
     parser.add_argument("--budget-s", type=float, default=85.0, help="skip remaining variants past this")
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    add_output_arguments(parser)
     parser.add_argument("--defaults", action="store_true", help="time and check only the current defaults")
     parser.add_argument("--by-block", action="store_true", help="the block-major forward against the tiles")
     parser.add_argument("--dkdv", action="store_true", help="dk/dv launch variants")
@@ -461,11 +425,12 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", help="several lengths (--by-block, --splits)")
     parser.add_argument("--splits", type=int, nargs="*",
                         help="time the block-major forward's list splits (BY_BLOCK_SPLIT values; 0 = none)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     start = time.time()
-    import triton
-
-    emit(kind="info", device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__)
+    global RESULTS
+    tag = ("splits_" if args.splits else "dkdv_" if args.dkdv else "dq_by_block_" if args.dq_by_block
+           else "by_block_" if args.by_block else "defaults_" if args.defaults else "")
+    RESULTS = Results(f"tune_selection_{tag}{'_'.join(args.selections)}", args.out, environment())
     for i, name in enumerate(args.selections):
         # Each selection gets its share of the budget (the summary of each still runs).
         share = start + args.budget_s * (i + 1) / len(args.selections) - 8.0
@@ -485,11 +450,6 @@ def main() -> None:
         else:
             run_selection(name, args.length, share)
     emit(kind="info", wall_s=time.time() - start)
-    tag = ("splits_" if args.splits else "dkdv_" if args.dkdv else "dq_by_block_" if args.dq_by_block
-           else "by_block_" if args.by_block
-           else "defaults_" if args.defaults else "")
-    with open(os.path.join(args.out, f"tune_selection_{tag}{'_'.join(args.selections)}.jsonl"), "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in LINES)
 
 
 if __name__ == "__main__":

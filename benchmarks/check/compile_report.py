@@ -1,15 +1,15 @@
 """Compile the official mode's Triton kernels for an H100 ahead of time (no GPU needed); report registers, spills
 and shared memory per kernel and launch.
 
-    python benchmarks/compile_report.py                        # default launches, 7B shape, bf16
-    python benchmarks/compile_report.py --sweep compression    # also the grid bench_official.py times
-    python benchmarks/compile_report.py --sweep topk --json out.json   # 40 launches: ~10 min on 2 busy cores
+    python benchmarks/check/compile_report.py                        # default launches, 7B shape, bf16
+    python benchmarks/check/compile_report.py --sweep compression    # also the grid bench_official.py times
+    python benchmarks/check/compile_report.py --sweep topk --json out.json   # 40 launches: ~10 min, 2 busy cores
 
 With a Triton that is not the GPU machine's (e.g. the interpreter's 3.9 here), run it from an environment with
 the GPU machine's Triton (3.6) and borrow torch from another one with --site (appended to sys.path, so the
 environment's own triton still wins):
 
-    /work/scratch/venv36/bin/python benchmarks/compile_report.py \\
+    /work/scratch/venv36/bin/python benchmarks/check/compile_report.py \\
         --site /root/.pyenv/versions/3.11.7/lib/python3.11/site-packages
 
 How: each launcher (`anticausal_compression_triton`, `original_topk_triton`) is called on meta tensors of the
@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TARGET_CAPABILITY = 90  # H100
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB); a launch above it fails
 
@@ -233,7 +233,7 @@ def topk_launches(sweep: bool, group: int):
 
     if not sweep:
         return [DEFAULT_LAUNCH], DEFAULT_LAUNCH
-    # the grid `bench_official_topk.py --sweep` times (its default --tokens / --warps / --stages)
+    # the grid `tune_official_topk.py --sweep` times (its default --tokens / --warps / --stages)
     grid = [OfficialTopkLaunch(tokens_per_program=t, max_rows=max(128, t * group), num_warps=w, num_stages=s)
             for t, w, s in itertools.product((1, 2, 4, 8, 16), (1, 2, 4, 8), (1, 2))]
     return [DEFAULT_LAUNCH] + [launch for launch in grid if launch != DEFAULT_LAUNCH], DEFAULT_LAUNCH
@@ -293,9 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"triton": triton.__version__, "capability": TARGET_CAPABILITY, "shape": {
             key: value for key, value in vars(args).items() if key not in ("site", "json", "sweep", "kernels")},
             "reports": [asdict(report) for report in reports]}
-        temporary = args.json.with_suffix(args.json.suffix + ".tmp")
-        temporary.write_text(json.dumps(payload, indent=1, default=str))
-        temporary.replace(args.json)
+        sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared harness, imported once the paths are set
+        from harness.output import write_json
+
+        write_json(args.json, json.loads(json.dumps(payload, default=str)))
     bad_defaults = [report for report in reports if report.default and not report.clean]
     return 1 if bad_defaults else 0
 

@@ -1,9 +1,10 @@
 """One attention layer of the 7B model in `official` mode (the original VideoNSA function) against `nsa` mode.
 
-    python benchmarks/bench_official.py --lengths 8192 32768 131072 --out benchmarks/results/bench_official.json
+    python benchmarks/bench/bench_official.py --lengths 8192 32768 131072 [--compare-baseline]
 
 Inputs: HQ 28, HKV 4, D 128, bf16, a video prompt of ~100 text tokens, T - 200 vision tokens, ~100 text tokens
-(random q, k, v and gate logits). Times, with CUDA events (triton.testing.do_bench, median):
+(random q, k, v and gate logits). Times: median of CUDA-event timed runs with the L2 cache flushed before each
+(`harness.bench(..., flush_l2=True)`, as triton.testing.do_bench does):
 
 * nsa: what `nsa` mode computes per layer, `videonsa_attention` (NSA on the vision tokens + text on SDPA);
 * official: `official_attention` on its CUDA path, and its parts one by one on the same inputs: glue before
@@ -16,7 +17,7 @@ row each; tiles-N: query tiles of N rows, N / 16 tokens x 16 heads);
 `--compression-sweep` also times the compression kernel over a grid of launch settings (`CompressionLaunch`).
 `--check-length` (default the smallest length) also runs the PyTorch reference path once at that length and
 reports how far the CUDA path is from it, and whether the Triton top-k and the PyTorch emulation pick the same
-blocks in the same slots from the same inputs. Prints a table; --out writes JSON with the card and versions.
+blocks in the same slots from the same inputs. Writes OUT/bench_official.{jsonl,json,md} (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -25,10 +26,26 @@ import argparse
 import dataclasses
 import itertools
 import json
-import platform
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import Results, add_output_arguments, bench, describe, environment, fmt, markdown_table, peak_gib  # noqa: E402
+from harness import baseline as baselines  # noqa: E402
+from videonsa.layers import official, official_attention  # noqa: E402
+from videonsa.layers.official import FastPathSettings  # noqa: E402
+from videonsa.ops.official import anticausal_compression, original_topk_reference  # noqa: E402
+
+# Kernel internals timed one by one (the only ones this script uses).
+from videonsa.ops.triton.official_compression import (  # noqa: E402
+    DEFAULT_LAUNCH,
+    CompressionLaunch,
+    anticausal_compression_triton,
+)
+from videonsa.ops.triton.selection import selected_attention_fwd  # noqa: E402
+from videonsa.ops.triton.window import window_attention_fwd  # noqa: E402
 
 
 def make_inputs(seq_len: int, text_before: int = 100, text_after: int = 100, seed: int = 0) -> dict:
@@ -43,15 +60,14 @@ def make_inputs(seq_len: int, text_before: int = 100, text_after: int = 100, see
 
 
 def timer(quick: bool):
-    import triton.testing
-
-    warmup, rep = (5, 20) if quick else (25, 200)
-    return lambda fn: triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    """Median ms of a call, L2 flushed before each run; --quick: about 20 ms of runs instead of 200."""
+    budget = 20.0 if quick else 200.0
+    return lambda fn: bench(fn, warmup=2, min_reps=3, max_reps=1000, budget_ms=budget, flush_l2=True)
 
 
 def nsa_mode_layer(x: dict):
     """A closure computing what `nsa` mode computes for the layer (token split built once, as the model does)."""
-    from videonsa.layers import SparseSettings, build_token_split, sdpa_attend, videonsa_attention
+    from videonsa.layers import SparseSettings, build_token_split, sdpa_attend, videonsa_attention  # public API
 
     split = build_token_split(x["is_vision"])
     gates = tuple(split.gather_vision(g) for g in (x["gate_logits"] / 0.3).sigmoid().unbind(-1))
@@ -63,11 +79,6 @@ def official_parts(x: dict, settings, block_size: int = 64, block_counts: int = 
     """Closures for each step of the official CUDA path on x (with FastPathSettings `settings`), run on the
     intermediate values of one call. The fold steps add into a scratch copy of the gated sum (its values drift
     over the repetitions; the work does not)."""
-    from videonsa.layers import official
-    from videonsa.ops.triton.official_compression import DEFAULT_LAUNCH, anticausal_compression_triton
-    from videonsa.ops.triton.selection import selected_attention_fwd
-    from videonsa.ops.triton.window import window_attention_fwd
-
     q, k, v, is_vision = x["q"], x["k"], x["v"], x["is_vision"]
     scale = q.shape[-1] ** -0.5
     batch, seq_len, heads = q.shape[:3]
@@ -113,8 +124,6 @@ def official_parts(x: dict, settings, block_size: int = 64, block_counts: int = 
 
 def selection_settings(layout: str):
     """FastPathSettings for a --selection-layout value ("auto", "by-block", "tiles", "tiles-N")."""
-    from videonsa.layers.official import FastPathSettings
-
     if layout.startswith("tiles-"):
         return FastPathSettings(selection_layout="tiles", selection_tile_rows=int(layout.split("-")[1]))
     return FastPathSettings(selection_layout=layout)
@@ -122,9 +131,6 @@ def selection_settings(layout: str):
 
 def compression_sweep(x: dict, bench, block_size: int = 64) -> list[dict]:
     """Times the compression kernel for a grid of launch settings on x's padded queries (ms, sorted)."""
-    from videonsa.layers import official
-    from videonsa.ops.triton.official_compression import CompressionLaunch, anticausal_compression_triton
-
     q64, _, _, gates64, k_cmp, v_cmp = official.prepare_fast_inputs(
         x["q"], x["k"], x["v"], x["is_vision"], x["gate_logits"], 0.3, block_size)
     gate = gates64[0].view(q64.shape[:3])
@@ -145,22 +151,8 @@ def compression_sweep(x: dict, bench, block_size: int = 64) -> list[dict]:
 PART_NAMES = ("glue_before", "compression", "topk", "selection", "window", "copy_average", "dense")
 
 
-def peak_gib(fn) -> float:
-    """Memory fn() allocates beyond what was allocated before it (GiB)."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
-
-
 def check_against_reference(x: dict, parts: dict) -> dict:
     """The CUDA path against the PyTorch reference path (bf16 both) and the two top-k on identical inputs."""
-    from videonsa.layers import official_attention
-    from videonsa.ops.official import anticausal_compression, original_topk_reference
-    from videonsa.ops.triton.official_compression import anticausal_compression_triton
-
     args = (x["q"], x["k"], x["v"], x["is_vision"], x["gate_logits"])
     fast = official_attention(*args, backend="triton").float()
     reference = official_attention(*args, backend="reference").float()
@@ -182,7 +174,7 @@ def check_against_reference(x: dict, parts: dict) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--check-length", type=int, default=None,
@@ -194,18 +186,16 @@ def main() -> None:
     parser.add_argument("--compression-sweep", action="store_true",
                         help="also time the compression kernel over a grid of launch settings at each length")
     parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = parser.parse_args()
+    add_output_arguments(parser, baseline=True)
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_official.py needs a CUDA GPU")
 
-    import triton
-
-    from videonsa.layers import official_attention
-
+    env = environment()
+    results = Results("bench_official", args.out, env)
     bench = timer(args.quick)
     check_length = min(args.lengths) if args.check_length is None else args.check_length
-    rows, sweeps = [], {}
+    sweeps = {}
     for seq_len in args.lengths:
         x = make_inputs(seq_len)
         with torch.no_grad():
@@ -227,32 +217,31 @@ def main() -> None:
                 if seq_len == check_length and layout == args.selection_layout[0]:
                     row["check"] = check_against_reference(x, parts)
                 del parts
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                results.row(row)
             if args.compression_sweep:
                 sweeps[seq_len] = compression_sweep(x, bench)
                 print(json.dumps({"T": seq_len, "compression_sweep_best": sweeps[seq_len][:5]}), flush=True)
         torch.cuda.empty_cache()
 
-    device = torch.cuda.get_device_name()
-    versions = f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
-    print(f"\nOne 7B attention layer (HQ 28, HKV 4, D 128, bf16, ~200 text tokens), {device}, {versions}; ms")
+    results.write_json({"compression_sweeps": {str(k): v for k, v in sweeps.items()}})
     cols = ["nsa", "official", *PART_NAMES, "glue_rest"]
-    print(f"{'T':>8} {'layout':>9} " + " ".join(f"{c[:12]:>12}" for c in cols) + f" {'off/nsa':>8}")
-    for row in rows:
-        print(f"{row['T']:>8} {row['selection_layout']:>9} " + " ".join(f"{row[c + '_ms']:>12.2f}" for c in cols)
-              + f" {row['official_over_nsa']:>7.2f}x")
-    for seq_len, results in sweeps.items():
-        print(f"\ncompression kernel launch sweep at T={seq_len} (ms, best first):")
-        for result in results[:10]:
-            print(f"  {result.get('ms', float('nan')):8.3f}  {result['launch']}  {result.get('error', '')}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        summary = {"device": device, "versions": versions, "rows": rows,
-                   "compression_sweeps": {str(k): v for k, v in sweeps.items()}}
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=1))
-        tmp.replace(args.out)
+    lines = [[f"{row['T']:,}", row["selection_layout"], *(fmt(row[f"{c}_ms"]) for c in cols),
+              f"{row['official_over_nsa']:.2f}x"] for row in results.rows]
+    text = (f"One 7B attention layer (HQ 28, HKV 4, D 128, bf16, ~200 text tokens), ms; {describe(env)}\n\n"
+            + markdown_table(["T", "layout", *cols, "official / nsa"], lines))
+    for seq_len, sweep in sweeps.items():
+        text += f"\n\ncompression kernel launch sweep at T={seq_len} (ms, best first):\n"
+        text += "\n".join(f"    {r.get('ms', float('nan')):8.3f}  {r['launch']}  {r.get('error', '')}"
+                          for r in sweep[:10])
+    results.write_markdown(text)
+    if args.compare_baseline:
+        print(baselines.report(metrics(results.rows), env["device"], args.compare_baseline))
+
+
+def metrics(rows: list[dict]) -> dict[str, float]:
+    """Flat metric names for the baseline comparison: official/layer/T<T>/<layout>/<nsa|official>_ms."""
+    return {f"official/layer/T{row['T']}/{row['selection_layout']}/{name}_ms": row[f"{name}_ms"]
+            for row in rows for name in ("nsa", "official")}
 
 
 if __name__ == "__main__":

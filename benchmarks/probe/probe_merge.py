@@ -1,9 +1,9 @@
 """How close the block-major selection forward's merge gets to the card's read rate, and which layout of its
 loads does best: variants of `selection._slc_merge_kernel` on the operator's own partial outputs.
 
-    PYTHONPATH=src python benchmarks/probe_merge.py [--lengths 32768 131072] [--out $OUT]
+    python benchmarks/probe/probe_merge.py [--lengths 32768 131072] [--out DIR]
 
-For each length (randn inputs, bench_ops' shape) the main kernel fills the partial buffer for the last full chunk
+For each length (randn inputs, `harness.shapes`) the main kernel fills the partial buffer for the last full chunk
 (nearly every slot used there); each variant then merges that chunk once per chunk of the sequence (the merge's work
 per chunk; earlier chunks use fewer slots, so this is an upper bound for all variants alike). Every variant's
 o and lse are compared bit for bit with the library merge on the same partials. Variants:
@@ -21,17 +21,16 @@ Prints one JSON line per variant and launch setting; writes OUT/probe_merge.json
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import BLOCK, COUNT, HKV, HQ, D, bench  # noqa: E402
-from tune_selection import operator_inputs  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import BLOCK, COUNT, HKV, HQ, D, Results, add_output_arguments, bench, environment  # noqa: E402
+from harness.operator import operator_selection as operator_inputs  # noqa: E402
 from videonsa.ops.triton import selection as slc  # noqa: E402
 
 LOG2E = 1.4426950408889634
@@ -195,23 +194,19 @@ def probe(seq_len: int, emit) -> None:
          used_slots=used, read_gb=round(read_bytes / 1e9, 4))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = parser.parse_args()
-    lines = []
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    results = Results("probe_merge", args.out, environment())
 
     def emit(**row) -> None:
-        lines.append(row)
-        print(json.dumps(row), flush=True)
+        results.row(row)
 
-    emit(kind="info", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     for seq_len in args.lengths:
         probe(seq_len, emit)
         torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "probe_merge.jsonl"), "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in lines)
 
 
 if __name__ == "__main__":

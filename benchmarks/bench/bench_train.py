@@ -7,10 +7,10 @@ gradient checkpointing, everything trained, batch 1. The sample is synthetic and
 PyAV, no files): frames of 224 x 224 fed as images, 64 tokens each, as many as fit `--seq-len` with a short
 question and a 32-token answer.
 
-    python benchmarks/bench_train.py --layers 4 --seq-len 36864 --out results/train.json
+    python benchmarks/bench/bench_train.py --layers 4 --seq-len 36864 [--compare-baseline]
     (on an 80 GB card, --layers 4 is close to the limit: about 43 GB of weights, gradients and AdamW state plus
     about 25 GB of checkpointed vision-tower activations for 140K patches; use --layers 2 if it runs out)
-    python benchmarks/bench_train.py --shape tiny --device cpu --seq-len 2048 --steps 2   # smoke test
+    python benchmarks/bench/bench_train.py --shape tiny --device cpu --seq-len 2048 --steps 2   # smoke test
 
 Prints one JSON line per mode and a table: median milliseconds per optimizer step (after warm-up), tokens per
 second per process, peak GPU memory (allocated, whole run including weights and optimizer state). Under torchrun
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -35,25 +34,19 @@ import torch
 from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
-from videonsa.models import VideoNSAConfig, VideoNSAForConditionalGeneration
-from videonsa.training.collator import VideoChatCollator
-from videonsa.training.config import TrainableSettings, load_config
-from videonsa.training.model_setup import set_trainable
-from videonsa.training.trainer import VideoNSATrainer, training_arguments
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import Results, add_output_arguments, describe, environment, fmt, markdown_table  # noqa: E402
+from harness import baseline as baselines  # noqa: E402
+from harness.shapes import QWEN2_5_VL_7B_TEXT, QWEN2_5_VL_7B_VISION  # noqa: E402
+from videonsa.models import VideoNSAConfig, VideoNSAForConditionalGeneration  # noqa: E402
+from videonsa.training.collator import VideoChatCollator  # noqa: E402
+from videonsa.training.config import TrainableSettings, load_config  # noqa: E402
+from videonsa.training.model_setup import set_trainable  # noqa: E402
+from videonsa.training.trainer import VideoNSATrainer, training_arguments  # noqa: E402
 
-# Qwen2.5-VL-7B-Instruct's token ids and shapes.
+# Qwen2.5-VL-7B-Instruct's token ids.
 QWEN_IDS = {"endoftext": 151643, "im_start": 151644, "im_end": 151645, "vision_start": 151652,
             "vision_end": 151653, "image_pad": 151655, "video_pad": 151656}
-QWEN_7B_TEXT = dict(
-    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-    num_key_value_heads=4, max_position_embeddings=128000, tie_word_embeddings=False,
-    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
-)
-QWEN_7B_VISION = dict(
-    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
-    temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-    tokens_per_second=2, hidden_act="silu",
-)
 FRAME_SIDE = 224  # 50,176 pixels: 16 x 16 patches, 64 tokens per frame
 TOKENS_PER_FRAME = (FRAME_SIDE // 28) ** 2
 TEXT_BEFORE, TEXT_AFTER, ANSWER = 48, 24, 32  # system + question tokens, tokens after the clip, answer tokens
@@ -65,10 +58,11 @@ def model_config(shape: str, layers: int, vision_layers: int, mode: str) -> Vide
         from videonsa.testing import tiny_videonsa_config
 
         return tiny_videonsa_config(num_layers=layers, attention_mode=mode, max_position_embeddings=1 << 17)
-    text = {**QWEN_7B_TEXT, "num_hidden_layers": layers, "attention_mode": mode, "bos_token_id": QWEN_IDS["endoftext"],
-            "eos_token_id": QWEN_IDS["im_end"], "pad_token_id": QWEN_IDS["endoftext"]}
-    vision = {**QWEN_7B_VISION, "depth": vision_layers,
-              "fullatt_block_indexes": [i for i in QWEN_7B_VISION["fullatt_block_indexes"] if i < vision_layers]
+    text = {**QWEN2_5_VL_7B_TEXT, "num_hidden_layers": layers, "attention_mode": mode,
+            "bos_token_id": QWEN_IDS["endoftext"], "eos_token_id": QWEN_IDS["im_end"],
+            "pad_token_id": QWEN_IDS["endoftext"]}
+    vision = {**QWEN2_5_VL_7B_VISION, "depth": vision_layers,
+              "fullatt_block_indexes": [i for i in QWEN2_5_VL_7B_VISION["fullatt_block_indexes"] if i < vision_layers]
               or [vision_layers - 1]}
     config = VideoNSAConfig(
         text_config=text, vision_config=vision, image_token_id=QWEN_IDS["image_pad"],
@@ -211,49 +205,46 @@ def main() -> None:
     parser.add_argument("--strategy", default="auto", help="auto | ddp | zero2 | zero3 | fsdp2 (under torchrun)")
     parser.add_argument("--shape", choices=["7b", "tiny"], default="7b")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    add_output_arguments(parser, baseline=True)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device (use --device cpu --shape tiny for a smoke test)")
 
     frames = frames_for(args.seq_len)
-    rows = []
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    env = environment()
+    results = Results("bench_train", args.out, env) if rank0 else None
     for mode in args.modes:
         row = run_mode(args, mode, frames)
-        rows.append(row)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps(row), flush=True)
-    if int(os.environ.get("RANK", "0")) != 0:
+        if results is not None:
+            results.row(row)
+    if results is None:
         return
 
     from videonsa.ops import available_backends
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    import transformers
-
-    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    print(f"\nTraining step, Qwen2.5-VL-7B shape ({args.shape}, {args.layers} LM layers, {args.vision_layers} vision "
-          f"blocks, random weights), {frames} frames x {TOKENS_PER_FRAME} tokens as images, batch 1 x "
-          f"{args.grad_accum}, fp32 weights{' + bf16 autocast' if args.device == 'cuda' else ''}, AdamW, "
-          f"gradient checkpointing; {device}; {versions}; "
-          f"NSA backends {available_backends()}")
-    print(f"{'mode':>6} {'T':>7} {'step ms':>9} {'tokens/s/GPU':>13} {'peak GiB':>9}"
-          f"   (process 0 of {rows[0]['processes']})")
-    for row in rows:
-        if "error" in row:
-            print(f"{row['mode']:>6} {row['T']:>7} {row['error']}")
-            continue
-        peak = row.get("peak_gib", float("nan"))
-        print(f"{row['mode']:>6} {row['T']:>7} {row['step_ms']:>9.0f} {row['tokens_per_s_per_process']:>13.0f} "
-              f"{peak:>9.1f}")
+    rows = results.rows
+    results.write_json({"args": {k: str(v) for k, v in vars(args).items()}})
+    caption = (f"Training step, Qwen2.5-VL-7B shape ({args.shape}, {args.layers} LM layers, {args.vision_layers} "
+               f"vision blocks, random weights), {frames} frames x {TOKENS_PER_FRAME} tokens as images, batch 1 x "
+               f"{args.grad_accum}, fp32 weights{' + bf16 autocast' if args.device == 'cuda' else ''}, AdamW, "
+               f"gradient checkpointing; process 0 of {rows[0]['processes']}; NSA backends {available_backends()}; "
+               f"{describe(env)}")
+    lines = [[row["mode"], row["T"], row.get("error") or fmt(row.get("step_ms"), 0),
+              fmt(row.get("tokens_per_s_per_process"), 0), fmt(row.get("peak_gib"), 1)] for row in rows]
+    text = caption + "\n\n" + markdown_table(["mode", "T", "step ms", "tokens/s/GPU", "peak GiB"], lines)
     timed = {row["mode"]: row["step_ms"] for row in rows if "step_ms" in row}
     if {"nsa", "dense"} <= timed.keys():
-        print(f"VideoNSA step is {timed['dense'] / timed['nsa']:.2f}x as fast as dense")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        summary = {"device": device, "versions": versions, "args": {k: str(v) for k, v in vars(args).items()},
-                   "rows": rows}
-        args.out.write_text(json.dumps(summary, indent=1))
+        text += f"\n\nVideoNSA step is {timed['dense'] / timed['nsa']:.2f}x as fast as dense"
+    results.write_markdown(text)
+    if args.compare_baseline:
+        print(baselines.report(metrics(rows), env["device"], args.compare_baseline))
+
+
+def metrics(rows: list[dict]) -> dict[str, float]:
+    """Flat metric names for the baseline comparison: train/T<T>/<mode>/step_ms and peak_gib."""
+    return {f"train/T{row['T']}/{row['mode']}/{field}": row[field]
+            for row in rows for field in ("step_ms", "peak_gib") if field in row}
 
 
 if __name__ == "__main__":

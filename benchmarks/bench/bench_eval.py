@@ -1,9 +1,9 @@
 """Throughput of `videonsa eval` (the library runner, `run_eval`) on a generated needle set: a Qwen2.5-VL-7B-shaped
 VideoNSA with random weights (vision tower included), attention modes side by side, on one GPU.
 
-    python benchmarks/bench_eval.py --set-dir /tmp/needles-bench --out results/eval_throughput.json
-    python benchmarks/bench_eval.py --modes nsa dense official --budgets 131072 --kinds retrieval counting order
-    python benchmarks/bench_eval.py --tiny --out /tmp/tiny.json     # tiny model, seconds-long videos, CPU, ~15 s
+    python benchmarks/bench/bench_eval.py --set-dir /tmp/needles-bench   # -> benchmarks/results/bench_eval.json
+    python benchmarks/bench/bench_eval.py --modes nsa dense official --budgets 131072 --kinds retrieval counting order
+    python benchmarks/bench/bench_eval.py --tiny --out /tmp/tiny.json     # tiny model, seconds-long videos, CPU, ~15 s
 
 Random weights make the accuracy meaningless; the time and memory are real. What runs per question is exactly
 what `videonsa eval --preset planner` runs: plan the frames within the token budget, decode them with PyAV, run
@@ -47,8 +47,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import QWEN2_5_VL_7B_TEXT  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness.env import environment  # noqa: E402
+from harness.models import qwen7b_config, random_model  # noqa: E402
+from harness.output import default_file, write_json  # noqa: E402
 from videonsa import testing  # noqa: E402
 from videonsa.errors import UserError  # noqa: E402
 from videonsa.evaluation import EvalSettings, load_questions, run_eval  # noqa: E402
@@ -59,22 +61,6 @@ from videonsa.inference import ModelFiles, VideoQA  # noqa: E402
 from videonsa.video import DEFAULT_MIN_PIXELS_PER_FRAME, SamplingSettings, VisionGeometry  # noqa: E402
 from videonsa.video.patches import CLIP_MEAN, CLIP_STD  # noqa: E402
 
-# Qwen2.5-VL-7B-Instruct's vision tower (its config.json's vision_config).
-QWEN2_5_VL_7B_VISION = dict(
-    depth=32,
-    hidden_size=1280,
-    intermediate_size=3420,
-    num_heads=16,
-    in_channels=3,
-    out_hidden_size=3584,
-    patch_size=14,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    tokens_per_second=2,
-    window_size=112,
-    fullatt_block_indexes=[7, 15, 23, 31],
-    hidden_act="silu",
-)
 DEFAULT_LENGTHS = ("5m", "15m", "30m", "1h")
 # Largest first: the long-context rows matter most and come first if --stop-after cuts the run short.
 DEFAULT_BUDGETS = (131072, 65536, 32768)
@@ -93,41 +79,14 @@ SET_SIZE = (320, 240)  # make_needle_set's default frame size
 def qwen7b_vl_config(attention_mode: str = "nsa"):
     """A VideoNSAConfig of Qwen2.5-VL-7B's shape (28-layer language model, 32-block vision tower) whose special
     tokens are `videonsa.testing`'s tiny tokenizer's."""
-    from videonsa.models import VideoNSAConfig
-
-    ids = testing.TOKEN_IDS
-    text = {
-        **QWEN2_5_VL_7B_TEXT,
-        "attention_mode": attention_mode,
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
-    config = VideoNSAConfig(
-        text_config=text,
-        vision_config=dict(QWEN2_5_VL_7B_VISION),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = "sdpa"
-    return config
+    return qwen7b_config(28, attention_mode, vision="7b")
 
 
 def random_generation_model(config, device: str | torch.device, dtype: torch.dtype):
     """VideoNSAForConditionalGeneration with random weights, built directly on `device` in `dtype`, eval mode."""
     from videonsa.models import VideoNSAForConditionalGeneration
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = VideoNSAForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    return random_model(config, device, dtype, cls=VideoNSAForConditionalGeneration)
 
 
 def in_memory_model_files(model, directory: Path, name: str) -> ModelFiles:
@@ -386,13 +345,6 @@ def _versions() -> str:
     return versions
 
 
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model and seconds-long videos (CPU, seconds)")
@@ -420,7 +372,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stop-after", type=float, default=0,
                         help="start no further run after this many seconds (the rows so far are kept); 0: no limit")
     parser.add_argument("--out", type=Path, default=None,
-                        help="write the results as JSON here (rewritten after every run)")
+                        help="the JSON result file, rewritten after every run (default: bench_eval.json in "
+                             "$VIDEONSA_BENCH_DIR, else benchmarks/results/)")
     args = parser.parse_args(argv)
     lengths = args.lengths or (TINY_LENGTHS if args.tiny else DEFAULT_LENGTHS)
     args.lengths = [parse_duration(str(text)) for text in lengths]
@@ -459,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    out = default_file(args.out, "bench_eval.json")
     runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="videonsa-bench-eval-"))
     runs_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -473,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             record = {
                 "device": device_name,
                 "versions": _versions(),
+                "environment": environment(),
                 "model": description,
                 "set": {"dir": str(args.set_dir), "lengths": args.lengths, "count": args.count, "kinds": args.kinds,
                         "questions": len(questions)},
@@ -492,8 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rows.append(measure(qa, questions, mode, budget, args, runs_dir, vision, args.device))
                     print(json.dumps({key: value for key, value in rows[-1].items() if key != "per_length"}),
                           flush=True)
-                    if args.out:
-                        _write_json(args.out, record)
+                    write_json(out, record)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -501,8 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.runs_dir is None:
             shutil.rmtree(runs_dir, ignore_errors=True)
     record["total_seconds"] = time.perf_counter() - started
-    if args.out:
-        _write_json(args.out, record)
+    write_json(out, record)
     header = (
         f"videonsa eval throughput: {description}; {device_name}; {record['versions']}; needle set "
         f"{len(questions)} questions ({', '.join(str(s) for s in args.lengths)} s videos), planner at "

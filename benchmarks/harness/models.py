@@ -1,52 +1,52 @@
-"""Qwen2.5-VL-7B shapes with random weights, for GPU benchmarks (no checkpoint needed)."""
+"""Qwen2.5-VL-7B-shaped models with random weights and video prompts, for the end-to-end benchmarks (no
+checkpoint needed)."""
 
 from __future__ import annotations
 
 import torch
 
+from harness.shapes import QWEN2_5_VL_7B_TEXT, QWEN2_5_VL_7B_VISION
 from videonsa.models import VideoNSAConfig, VideoNSAModel
 from videonsa.testing import TOKEN_IDS, tiny_vision_config_kwargs
 
-# Qwen2.5-VL-7B-Instruct's language model.
-QWEN2_5_VL_7B_TEXT = dict(
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    max_position_embeddings=262144,
-    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
-    tie_word_embeddings=False,
-)
 
+def qwen7b_config(num_layers: int = 28, attention_mode: str = "nsa", vision: str = "tiny") -> VideoNSAConfig:
+    """A VideoNSA config with Qwen2.5-VL-7B's language model (its first `num_layers` layers).
 
-def qwen7b_config(num_layers: int = 28, attention_mode: str = "nsa") -> VideoNSAConfig:
-    """A VideoNSA config with the 7B language model (first `num_layers` layers) and a tiny vision tower.
-
-    Benchmarks feed vision tokens as embeddings, so the vision tower is never run; it is kept tiny to leave
-    the GPU memory to the language model.
+    vision="tiny": the test suite's tiny vision tower, for benchmarks that feed vision tokens as embeddings (the
+    tower never runs; the GPU memory is left to the language model); vision="7b": Qwen2.5-VL-7B's own 32-block
+    tower, for benchmarks that encode frames. Special token ids are `videonsa.testing`'s tiny tokenizer's.
     """
-    text = {**QWEN2_5_VL_7B_TEXT, "num_hidden_layers": num_layers, "attention_mode": attention_mode}
+    ids = TOKEN_IDS
+    text = {**QWEN2_5_VL_7B_TEXT, "num_hidden_layers": num_layers, "attention_mode": attention_mode,
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"]}
+    if vision not in ("tiny", "7b"):
+        raise ValueError(f"vision must be 'tiny' or '7b', got {vision!r}")
+    tower = dict(QWEN2_5_VL_7B_VISION) if vision == "7b" else tiny_vision_config_kwargs(
+        out_hidden_size=text["hidden_size"])
     config = VideoNSAConfig(
         text_config=text,
-        vision_config=tiny_vision_config_kwargs(out_hidden_size=text["hidden_size"]),
-        image_token_id=TOKEN_IDS["<|image_pad|>"],
-        video_token_id=TOKEN_IDS["<|video_pad|>"],
-        vision_start_token_id=TOKEN_IDS["<|vision_start|>"],
-        vision_end_token_id=TOKEN_IDS["<|vision_end|>"],
+        vision_config=tower,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
     )
     config._attn_implementation = "sdpa"
     return config
 
 
-def random_model(config: VideoNSAConfig, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> VideoNSAModel:
-    """VideoNSAModel built directly on `device` in `dtype` with random weights."""
+def random_model(config: VideoNSAConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
+                 cls: type = VideoNSAModel):
+    """`cls(config)` (VideoNSAModel, or VideoNSAForConditionalGeneration for generation) built directly on
+    `device` in `dtype` with random weights, in eval mode."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = VideoNSAModel(config)
+            model = cls(config)
     finally:
         torch.set_default_dtype(previous)
     return model.eval()

@@ -1,6 +1,6 @@
 """`videonsa analyze sinks` (and `gates`) at 64K+ vision tokens on a Qwen2.5-VL-7B-shaped random model (one GPU).
 
-    python benchmarks/analyze_sinks_7b.py --out DIR [--frames 512] [--pixels 200704] [--layers 28] [--gates]
+    python benchmarks/probe/analyze_sinks_7b.py --out DIR [--frames 512] [--pixels 200704] [--layers 28] [--gates]
 
 The text model has the 7B shape (hidden 3584, 28 query / 4 KV heads of 128, MLP 18944, `--layers` layers) with
 random weights, built directly on the GPU in bfloat16 (no 15 GB checkpoint written and read back); the vision
@@ -19,18 +19,22 @@ memory; the numbers of the analysis are in DIR/sinks.json.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from videonsa import testing
-from videonsa.analysis import common
-from videonsa.cli import build_parser
-from videonsa.video import synthetic
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness.shapes import HKV, HQ, QWEN2_5_VL_7B_TEXT  # noqa: E402
+from videonsa import testing  # noqa: E402
+from videonsa.analysis import common  # noqa: E402
+from videonsa.cli import build_parser  # noqa: E402
+from videonsa.video import synthetic  # noqa: E402
 
-SHAPE_7B = dict(hidden_size=3584, num_heads=28, num_kv_heads=4, intermediate_size=18944)
+SHAPE_7B = dict(hidden_size=QWEN2_5_VL_7B_TEXT["hidden_size"], num_heads=HQ, num_kv_heads=HKV,
+                intermediate_size=QWEN2_5_VL_7B_TEXT["intermediate_size"])
 
 
 def build_model(layers: int, max_positions: int):

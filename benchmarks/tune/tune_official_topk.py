@@ -5,12 +5,12 @@ D = 128, bf16, mostly vision tokens with text at the start, in the middle and at
 k_cmp the block means and lse the anti-causal compression's (both from `videonsa.ops.official`), block_size 64,
 block_counts 32. One JSON line per (length, launch setting): CUDA-event median ms, and how many (token, group)
 rows choose differently from the default setting (and, with --check, from `original_topk_reference`; with
---original, from the original fla kernel, which is timed too). Rows are appended to
-$OUT/bench_official_topk.jsonl when OUT is set.
+--original, from the original fla kernel, which is timed too). Rows go to OUT/tune_official_topk.jsonl
+(benchmarks/README.md).
 
-    PYTHONPATH=src python benchmarks/bench_official_topk.py --lengths 32768 131072
-    PYTHONPATH=src python benchmarks/bench_official_topk.py --lengths 32768 --sweep --check
-    PYTHONPATH=src python benchmarks/bench_official_topk.py --lengths 32768 --original /path/to/lmms-eval
+    python benchmarks/tune/tune_official_topk.py --lengths 32768 131072
+    python benchmarks/tune/tune_official_topk.py --lengths 32768 --sweep --check
+    python benchmarks/tune/tune_official_topk.py --lengths 32768 --original /path/to/lmms-eval
 
 --sweep times every tokens_per_program x num_warps x num_stages of --tokens/--warps/--stages. --original DIR
 takes the directory that holds the original repository's `fla` package (lmms-eval/ of VideoNSA; fla 0.3.1,
@@ -24,17 +24,17 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import os
 import sys
 import types
+from pathlib import Path
 
 import torch
-import triton
 
-from bench_ops import bench
-from videonsa.ops.official import anticausal_compression, mean_pool_blocks, original_topk_reference
-from videonsa.ops.triton.official_topk import DEFAULT_LAUNCH, OfficialTopkLaunch, original_topk_triton
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import Results, add_output_arguments, bench, environment  # noqa: E402
+from videonsa.ops.official import anticausal_compression, mean_pool_blocks, original_topk_reference  # noqa: E402
+from videonsa.ops.triton.official_topk import DEFAULT_LAUNCH, OfficialTopkLaunch, original_topk_triton  # noqa: E402
 
 HEADS_Q, HEADS_KV, DIM, BLOCK, COUNT = 28, 4, 128, 64, 32
 
@@ -95,16 +95,9 @@ def load_original(directory: str):
     return parallel_nsa_topk
 
 
-def emit(row: dict) -> None:
-    line = json.dumps(row)
-    print(line, flush=True)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_official_topk.jsonl"), "a") as f:
-            f.write(line + "\n")
-
-
-def bench_length(length: int, settings: list[OfficialTopkLaunch], check: bool, original, info: dict) -> None:
+def bench_length(length: int, settings: list[OfficialTopkLaunch], check: bool, original, results: Results) -> None:
     """Every launch setting at one length (one JSON line each), then the optional checks and the baseline."""
+    emit, info = results.row, {}
     q, k_cmp, lse, scale = make_inputs(length)
     shape = {"T": length, "HP": q.shape[2], "HKV": HEADS_KV, "D": DIM, "block_size": BLOCK, "block_counts": COUNT}
     default = original_topk_triton(q, k_cmp, lse, COUNT, BLOCK, scale, DEFAULT_LAUNCH)
@@ -130,7 +123,7 @@ def bench_length(length: int, settings: list[OfficialTopkLaunch], check: bool, o
               "vs_default": compare(default, run_original(), q, k_cmp, lse, scale)})
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--sweep", action="store_true", help="time every --tokens x --warps x --stages setting")
@@ -139,7 +132,8 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--check", action="store_true", help="compare the default with original_topk_reference")
     parser.add_argument("--original", metavar="DIR", help="also time and compare the original fla kernel")
-    args = parser.parse_args()
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
 
     settings = [DEFAULT_LAUNCH]
     if args.sweep:
@@ -148,9 +142,9 @@ def main() -> None:
                  for t, w, s in itertools.product(args.tokens, args.warps, args.stages)]
         settings += [launch for launch in swept if launch != DEFAULT_LAUNCH]
     original = load_original(args.original) if args.original else None
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    results = Results("tune_official_topk", args.out, environment())
     for length in args.lengths:
-        bench_length(length, settings, args.check, original, info)
+        bench_length(length, settings, args.check, original, results)
         torch.cuda.empty_cache()
 
 

@@ -1,7 +1,7 @@
 """GPU correctness of the Triton NSA operator against the PyTorch reference at real shapes (one run, one GPU).
 
-    python benchmarks/check_ops_gpu.py [--out DIR] [--lengths 1024 4096 16384 32768] [--budget-s 240]
-                                      [--selection-layout auto|block-major|tiles]
+    python benchmarks/check/check_ops_gpu.py [--out DIR] [--lengths 1024 4096 16384 32768] [--budget-s 240]
+                                            [--selection-layout auto|block-major|tiles]
 
 For each case (7:1 = HQ 28 / HKV 4, D=128, bf16 at each length; a packed varlen batch; 1:1 with D=64 in fp16)
 it runs `nsa_parts_triton` forward and backward and the reference in float32 on the same values, given the
@@ -14,25 +14,42 @@ Cases run in order of size and stop once --budget-s seconds have passed (the ski
 out of the planners' cost models): "block-major" wherever blocks have at most 64 keys, "tiles" for the query
 tiles; "auto" (default) leaves the choice to the planners, as the operator runs.
 
-Prints a table last; writes OUT/check_ops_gpu.json.
+Prints a table last; writes OUT/check_ops_gpu.{jsonl,json,md} (benchmarks/README.md); exits 1 if a case fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
-from videonsa.ops import nsa_parts_reference
-from videonsa.ops.reference import compress_blocks
-from videonsa.ops.triton import selection
-from videonsa.ops.triton_nsa import nsa_parts_triton
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import (  # noqa: E402
+    BLOCK,
+    COUNT,
+    INIT,
+    LOCAL,
+    WINDOW,
+    Results,
+    add_output_arguments,
+    describe,
+    environment,
+    markdown_table,
+)
+from harness import rel_error as rel  # noqa: E402
+from videonsa.ops import nsa_parts_reference  # noqa: E402
 
-SETTINGS = dict(block_size=64, block_count=32, window_size=256, init_blocks=0, local_blocks=1)
+# Internals: the reference's block pooling, the selection planners' costs (--selection-layout) and the Triton
+# path's parts entry point.
+from videonsa.ops.reference import compress_blocks  # noqa: E402
+from videonsa.ops.triton import selection  # noqa: E402
+from videonsa.ops.triton_nsa import nsa_parts_triton  # noqa: E402
+
+SETTINGS = dict(block_size=BLOCK, block_count=COUNT, window_size=WINDOW, init_blocks=INIT, local_blocks=LOCAL)
 LIMITS = {torch.bfloat16: (1e-2, 2e-2, 2e-2), torch.float16: (3e-3, 5e-3, 5e-3)}  # fwd, grad, near-tie
 
 
@@ -54,11 +71,6 @@ def make_inputs(seq_lens, heads_q, heads_kv, head_dim, dtype, seed):
     x = {n: t.to(dtype) for n, t in x.items()}
     cu = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     return x, torch.randn(1, total, heads_q, head_dim, **kw), cu
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().float(), ref.detach().float()
-    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def check_selection(indices, lse, x, cu, tol, samples=256, seed=0) -> dict:
@@ -152,14 +164,37 @@ def run_case(name, seq_lens, heads_q, heads_kv, head_dim, dtype, seed=0) -> dict
     return res
 
 
-def main() -> None:
+def table(results: list[dict], skipped: list[str], layout: str, env: dict) -> str:
+    """The cases as a markdown table, under a caption naming the card, versions and selection layout."""
+    lines = []
+    for r in results:
+        if "error" in r:
+            lines.append([r["case"], f"FAIL: {r['error']}", *[""] * 13])
+            continue
+        f = lambda n, r=r: f"{r[n]:.1e}"  # noqa: E731
+        sel = r["selection"]
+        lines.append([r["case"], "ok" if r["pass"] else "FAIL", f("o"), f("o_cmp"), f("o_slc"), f("o_swa"), f("dq"),
+                      f("dk"), f("dv"), f"{f('dg_cmp')}/{f('dg_slc')}/{f('dg_swa')}", f"{r['lse_max_diff']:.1e}",
+                      f"{sel['bad']}/{sel['inexact']} of {sel['checked']}", r["deterministic_bwd"],
+                      f"{r['ours_s']:.1f}", f"{r['reference_s']:.1f}"])
+    headers = ["case", "pass", "o", "o_cmp", "o_slc", "o_swa", "dq", "dk", "dv", "dg (cmp/slc/swa)", "lse",
+               "sel bad/inexact", "determ.", "ours s", "ref s"]
+    text = f"NSA operator against the reference, selection layout {layout}; {describe(env)}\n\n"
+    text += markdown_table(headers, lines)
+    if skipped:
+        text += "\n\nskipped (time budget): " + ", ".join(skipped)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "check_out"))
+    add_output_arguments(parser)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     parser.add_argument("--budget-s", type=float, default=240.0)
     parser.add_argument("--selection-layout", choices=["auto", "block-major", "tiles"], default="auto")
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+    args = parser.parse_args(argv)
+    env = environment()
+    out = Results("check_ops_gpu", args.out, env)
     if args.selection_layout != "auto":
         price = 0.0 if args.selection_layout == "block-major" else 1e9
         for name in ("BY_BLOCK_STEP_COST", "BY_BLOCK_TOKEN_COST", "BY_BLOCK_CALL_COST", "DQ_BY_BLOCK_STEP_COST",
@@ -169,7 +204,7 @@ def main() -> None:
     cases = [(f"7:1 bf16 T={n}", [n], 28, 4, 128, torch.bfloat16) for n in args.lengths]
     cases.insert(1, ("7:1 bf16 varlen", [3000, 77, 1200, 4000, 63], 28, 4, 128, torch.bfloat16))
     cases.insert(2, ("1:1 fp16 D64 T=4096", [4096], 4, 4, 64, torch.float16))
-    results, skipped = [], []
+    skipped = []
     start = time.time()
     for case in cases:
         if time.time() - start > args.budget_s:
@@ -180,30 +215,11 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - report the case as failed and go on
             traceback.print_exc()
             res = {"case": case[0], "pass": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        results.append(res)
-        print(json.dumps(res), flush=True)
+        out.row(res)
         torch.cuda.empty_cache()
-        with open(os.path.join(args.out, "check_ops_gpu.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "selection_layout": args.selection_layout,
-                       "results": results, "skipped": skipped}, f, indent=1)
-
-    print(f"\ndevice {torch.cuda.get_device_name()}, torch {torch.__version__}, selection layout "
-          f"{args.selection_layout}")
-    print("| case | pass | o | o_cmp | o_slc | o_swa | dq | dk | dv | dg (cmp/slc/swa) | lse | sel bad/inexact "
-          "| determ. | ours s | ref s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        if "error" in r:
-            print(f"| {r['case']} | FAIL: {r['error']} |")
-            continue
-        f = lambda n, r=r: f"{r[n]:.1e}"  # noqa: E731
-        sel = r["selection"]
-        print(f"| {r['case']} | {'ok' if r['pass'] else 'FAIL'} | {f('o')} | {f('o_cmp')} | {f('o_slc')} "
-              f"| {f('o_swa')} | {f('dq')} | {f('dk')} | {f('dv')} | {f('dg_cmp')}/{f('dg_slc')}/{f('dg_swa')} "
-              f"| {r['lse_max_diff']:.1e} | {sel['bad']}/{sel['inexact']} of {sel['checked']} "
-              f"| {r['deterministic_bwd']} | {r['ours_s']:.1f} | {r['reference_s']:.1f} |")
-    if skipped:
-        print("skipped (time budget):", ", ".join(skipped))
+    out.write_json({"selection_layout": args.selection_layout, "skipped": skipped})
+    out.write_markdown(table(out.rows, skipped, args.selection_layout, env))
+    sys.exit(0 if all(r["pass"] for r in out.rows) else 1)
 
 
 if __name__ == "__main__":

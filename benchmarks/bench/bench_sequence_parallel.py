@@ -1,10 +1,10 @@
 """Sequence-parallel (Ulysses) training step of the Qwen2.5-VL-7B language model with VideoNSA attention, over
 the N processes of torchrun: forward + backward time and peak memory per GPU at 64K and 128K tokens.
 
-    torchrun --standalone --nproc_per_node 8 benchmarks/bench_sequence_parallel.py --lengths 65536 131072 \\
-        --out results/sp8.json
-    torchrun --standalone --nproc_per_node 1 benchmarks/bench_sequence_parallel.py --lengths 32768   # baseline
-    torchrun --standalone --nproc_per_node 2 benchmarks/bench_sequence_parallel.py --shape tiny --device cpu \\
+    torchrun --standalone --nproc_per_node 8 benchmarks/bench/bench_sequence_parallel.py --sp-size 4 \\
+        --lengths 65536 131072
+    torchrun --standalone --nproc_per_node 1 benchmarks/bench/bench_sequence_parallel.py --lengths 32768  # baseline
+    torchrun --standalone --nproc_per_node 2 benchmarks/bench/bench_sequence_parallel.py --shape tiny --device cpu \\
         --lengths 512 --check-len 256 --steps 1   # CPU smoke test (gloo)
 
 Random bf16 weights, identical on every rank; vision tokens are fed as embeddings (the vision tower is not
@@ -16,13 +16,13 @@ N must divide the 4 KV heads of the 7B shape (N = 1, 2 or 4; for 8 GPUs run two 
 First, unless `--check-len 0`, a correctness check at a short length: the sequence-parallel loss and the
 group-mean gradients against the same model run whole on each rank (bf16, so within bf16 limits). Then one JSON
 line per length and a table: median milliseconds per step (forward + backward, after one warm-up step) and
-peak GiB allocated per GPU (weights and gradients included).
+peak GiB allocated per GPU (weights and gradients included). Rank 0 writes
+OUT/bench_sequence_parallel_<N>gpu.{jsonl,json,md} (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import qwen7b_config, random_model, video_prompt  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import Results, add_output_arguments, describe, environment, fmt, markdown_table  # noqa: E402
+from harness.models import qwen7b_config, random_model, video_prompt  # noqa: E402
 from videonsa.models import disable_sequence_parallel, enable_sequence_parallel  # noqa: E402
 
 
@@ -119,7 +120,7 @@ def time_steps(model, embeds, token_type, positions, steps: int, device: str) ->
     return statistics.median(times), peak
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 131072])
     parser.add_argument("--layers", type=int, default=28)
@@ -129,8 +130,8 @@ def main() -> None:
     parser.add_argument("--sp-size", type=int, default=0, help="ranks per sequence-parallel group (default: all)")
     parser.add_argument("--check-len", type=int, default=8192, help="length of the correctness check (0: skip)")
     parser.add_argument("--no-checkpointing", action="store_true")
-    parser.add_argument("--out", type=Path, default=None, help="rank 0 writes the results as JSON here")
-    args = parser.parse_args()
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
 
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -147,11 +148,12 @@ def main() -> None:
     model = build_model(args.shape, args.layers, device, not args.no_checkpointing)
     hidden = model.config.text_config.hidden_size
     enable_sequence_parallel(model, group)
-    rows = []
+    env = environment()
+    results = Results(f"bench_sequence_parallel_{world}gpu", args.out, env) if rank == 0 else None
     if args.check_len:
-        rows.append(check(model, args.check_len, hidden, device, group))
-        if rank == 0:
-            print(json.dumps(rows[-1]), flush=True)
+        row = check(model, args.check_len, hidden, device, group)
+        if results is not None:
+            results.row(row)
     for seq_len in args.lengths:
         embeds, token_type, positions = prompt(seq_len, hidden, device)
         ms, peak = time_steps(model, embeds, token_type, positions, args.steps, device)
@@ -159,24 +161,18 @@ def main() -> None:
         dist.all_gather_object(peaks, peak)
         row = {"T": seq_len, "sp": sp_size, "ms": ms, "tokens_per_s_per_gpu": seq_len / sp_size / ms * 1000,
                "peak_gib_per_gpu": max(peaks)}
-        rows.append(row)
-        if rank == 0:
-            print(json.dumps(row), flush=True)
+        if results is not None:
+            results.row(row)
         del embeds
 
-    if rank == 0:
-        card = torch.cuda.get_device_name() if device != "cpu" else "CPU"
-        versions = f"torch {torch.__version__}"
-        print(f"\nSequence-parallel training step, {args.shape} ({args.layers} layers, bf16, checkpointing "
-              f"{not args.no_checkpointing}), {world} x {card}, groups of {sp_size}, {versions}")
-        print(f"{'T':>8} {'ms/step':>10} {'tok/s/GPU':>10} {'peak GiB/GPU':>13}")
-        for row in rows:
-            if "T" in row:
-                print(f"{row['T']:>8} {row['ms']:>10.1f} {row['tokens_per_s_per_gpu']:>10.0f} "
-                      f"{row['peak_gib_per_gpu']:>13.1f}")
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"device": card, "versions": versions, "world": world, "rows": rows}))
+    if results is not None:
+        results.write_json({"world": world, "sp_size": sp_size})
+        lines = [[f"{row['T']:,}", fmt(row["ms"], 1), fmt(row["tokens_per_s_per_gpu"], 0),
+                  fmt(row["peak_gib_per_gpu"], 1)] for row in results.rows if "T" in row]
+        results.write_markdown(
+            f"Sequence-parallel training step, {args.shape} ({args.layers} layers, bf16, checkpointing "
+            f"{not args.no_checkpointing}), {world} processes in groups of {sp_size}; {describe(env)}\n\n"
+            + markdown_table(["T", "ms/step", "tokens/s/GPU", "peak GiB/GPU"], lines))
     dist.destroy_process_group()
 
 

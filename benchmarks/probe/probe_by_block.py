@@ -1,9 +1,9 @@
 """What limits the block-major selection forward's main kernel: its full work against its data movement alone
 and its arithmetic alone, on the operator's own selections.
 
-    PYTHONPATH=src python benchmarks/probe_by_block.py [--lengths 32768 131072] [--out $OUT]
+    python benchmarks/probe/probe_by_block.py [--lengths 32768 131072] [--out DIR]
 
-For each length (randn inputs, bench_ops' shape) the triples are sorted and cut into work items exactly as
+For each length (randn inputs, `harness.shapes`) the triples are sorted and cut into work items exactly as
 `launch_fwd_by_block` does (training chunk size), then every chunk's main-kernel launch is timed (CUDA-event
 median of all chunks' launches together, merge excluded) for:
 
@@ -16,7 +16,7 @@ median of all chunks' launches together, merge excluded) for:
 * ``write``: one contiguous fill of the same partial bytes (torch), the HBM write rate this card reaches.
 
 The candidate changes measured this way in the fifth session (the probe at commits 5d5c896 and 416ee3c, results
-in benchmarks/results/probe_by_block_h100_s5*.jsonl) are described in benchmarks/NOTES.md; those adopted are now
+in the git history) are summarised in docs/kernels.md; those adopted are now
 the library kernel.
 
 Each compiled variant's registers and spills are printed; the library kernel's TTGIR and PTX go to OUT.
@@ -25,18 +25,28 @@ Each compiled variant's registers and spills are printed; the library kernel's T
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from functools import partial
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import BLOCK, COUNT, HKV, HQ, D, bench  # noqa: E402
-from tune_selection import kernel_split, operator_inputs  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import (  # noqa: E402
+    BLOCK,
+    COUNT,
+    HKV,
+    HQ,
+    D,
+    Results,
+    add_output_arguments,
+    bench,
+    environment,
+    kernel_split,  # noqa: E402
+)
+from harness.operator import operator_selection as operator_inputs  # noqa: E402
 from videonsa.ops.triton import selection as slc  # noqa: E402
 
 LOG2E = 1.4426950408889634
@@ -110,7 +120,7 @@ def _probe_kernel(
         pair, q, row_ok = next_pair, next_q, next_ok
 
 
-def probe(seq_len: int, emit, out_dir: str) -> None:
+def probe(seq_len: int, emit, out_dir: Path) -> None:
     """Time the variants at one length (module docstring); write the library kernel's TTGIR and PTX."""
     q, k, v, cu, idx = operator_inputs(seq_len, structured=False)
     group = HQ // HKV
@@ -179,27 +189,22 @@ def probe(seq_len: int, emit, out_dir: str) -> None:
          items=int(items.shape[0]), steps=int(((items[:, 2] - items[:, 1] + bt - 1) // bt).sum()),
          partial_gb=round(partial_bytes / 1e9, 3))
     for key in ("ttgir", "ptx"):
-        with open(os.path.join(out_dir, f"probe_by_block_library.{key}"), "w") as f:
-            f.write(compiled["library"].asm[key])
+        (Path(out_dir) / f"probe_by_block_library.{key}").write_text(compiled["library"].asm[key])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = parser.parse_args()
-    lines = []
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    results = Results("probe_by_block", args.out, environment())
 
     def emit(**row) -> None:
-        lines.append(row)
-        print(json.dumps(row), flush=True)
+        results.row(row)
 
-    emit(kind="info", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     for seq_len in args.lengths:
-        probe(seq_len, emit, args.out)
+        probe(seq_len, emit, results.directory)
         torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "probe_by_block.jsonl"), "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in lines)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Compression-branch kernels on one GPU: correctness against a float32 PyTorch oracle, then timings.
 
-    PYTHONPATH=src python benchmarks/tune_compression.py [--out DIR] [--lengths 32768 131072]
+    python benchmarks/tune/tune_compression.py [--out DIR] [--lengths 32768 131072]
         [--check-lengths 8192] [--baseline-rev REV] [--parts check time sweep]
 
-Shapes as issue 5: HQ=28, HKV=4, D=128, bf16, block 64, one sequence (plus a packed varlen batch in the check).
+Shape (`harness.shapes`): HQ=28, HKV=4, D=128, bf16, block 64, one sequence (plus a packed varlen batch in the
+check).
 
 1. Check (every length of --check-lengths, and lengths [3000, 77, 5000]): `mean_pool_fwd`,
    `compressed_attention_fwd` (o, lse), `compressed_attention_bwd` (dq, dK~, dV~) plain and with `do_scale`,
@@ -19,7 +20,8 @@ Shapes as issue 5: HQ=28, HKV=4, D=128, bf16, block 64, one sequence (plus a pac
    (`SWEEP_DELTA`) and forward attention launch variants (`SWEEP_FWD`) timed at the longest length, each
    checked against the default.
 
-Prints JSON lines as it goes and writes OUT/tune_compression.json. Needs a CUDA GPU.
+Prints JSON lines as it goes and writes OUT/tune_compression.{jsonl,json} (benchmarks/README.md); exits 1 if a
+check of the current code fails. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -27,18 +29,32 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-from bench_ops import bench
-from videonsa.ops.triton import compression as C
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import (  # noqa: E402
+    BLOCK,
+    DTYPE,
+    HKV,
+    HQ,
+    D,
+    Results,
+    add_output_arguments,
+    bench,
+    environment,
+    kernel_split,
+    rel_error,
+)
 
-HQ, HKV, D, BLOCK = 28, 4, 128, 64
-DTYPE = torch.bfloat16
+# Kernel internals: the compression module (its entry points and launch settings), the only ones used here.
+from videonsa.ops.triton import compression as C  # noqa: E402
+
 DEVICE = "cuda"
+RESULTS: Results | None = None  # set by main()
 # Round 1 at 128K (plain do): 32x128 w8 s3 14.7 ms, s2 17.0, 64x128 s2 16.3, 32x64 s2 38.6, s2 with
 # min_segment 2048 / max_segments 32 15.2, split 27.1, 64x128 split 18.5. Now timed with do_scale (lean path).
 SWEEP_DKV = [
@@ -67,8 +83,7 @@ SWEEP_FWD = [
 
 
 def emit(record: dict) -> dict:
-    print(json.dumps(record), flush=True)
-    return record
+    return RESULTS.row(record)
 
 
 def make(seq_lens: list[int], seed: int) -> dict:
@@ -110,12 +125,7 @@ def oracle(x: dict, scale: float) -> dict:
     return {key: torch.cat(val) for key, val in out.items()}
 
 
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.float(), ref.float()
-    finite = torch.isfinite(ref)
-    if not torch.equal(finite, torch.isfinite(x)):
-        return float("inf")
-    return float((x[finite] - ref[finite]).norm() / ref[finite].norm().clamp_min(1e-30))
+rel = rel_error
 
 
 def check(mod, seq_lens: list[int], scale: float) -> dict:
@@ -143,18 +153,8 @@ def check(mod, seq_lens: list[int], scale: float) -> dict:
 
 
 def kernel_ms(fn) -> dict:
-    """Self CUDA milliseconds per kernel name of one call of fn (after a warm-up)."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    out = {}
-    for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
-        if us:
-            out[event.key[:60]] = round(us / 1000, 3)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:12])
+    """Self CUDA milliseconds of the 12 most expensive kernels of one call of fn (after a warm-up)."""
+    return dict(list(kernel_split(fn, min_ms=0.0).items())[:12])
 
 
 def timings(mod, seq_len: int, scale: float) -> dict:
@@ -181,7 +181,7 @@ def timings(mod, seq_len: int, scale: float) -> dict:
     return out
 
 
-def load_revision(rev: str, out_dir: str):
+def load_revision(rev: str, out_dir: Path):
     """The compression module of git revision `rev`, written under out_dir and imported; None if unavailable."""
     try:
         text = subprocess.run(["git", "show", f"{rev}:src/videonsa/ops/triton/compression.py"], check=True,
@@ -189,9 +189,8 @@ def load_revision(rev: str, out_dir: str):
     except (OSError, subprocess.CalledProcessError) as exc:
         emit({"baseline": rev, "skipped": f"git show failed: {exc}"[:200]})
         return None
-    path = os.path.join(out_dir, f"compression_{rev}.py")
-    with open(path, "w") as f:
-        f.write(text)
+    path = out_dir / f"compression_{rev}.py"
+    path.write_text(text)
     spec = importlib.util.spec_from_file_location(f"compression_{rev}", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # triton.jit resolves globals through the module
@@ -199,22 +198,22 @@ def load_revision(rev: str, out_dir: str):
     return mod
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    add_output_arguments(parser)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--check-lengths", type=int, nargs="+", default=[8192])
     parser.add_argument("--baseline-rev", default="11bec3c")
     parser.add_argument("--parts", nargs="+", default=["check", "time", "sweep"],
                         choices=["check", "time", "sweep"], help="each part compiles its own kernels: split runs")
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+    args = parser.parse_args(argv)
+    global RESULTS
+    RESULTS = Results("tune_compression", args.out, environment())
     scale = D**-0.5
-    result: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                        triton=__import__("triton").__version__, checks=[], timings=[], sweep=[])
+    result: dict = dict(checks=[], timings=[], sweep=[])
     modules = [("new", C)]
     wants_base = args.baseline_rev and {"check", "time"} & set(args.parts)
-    base = load_revision(args.baseline_rev, args.out) if wants_base else None
+    base = load_revision(args.baseline_rev, RESULTS.directory) if wants_base else None
     if base is not None:
         modules.append((f"base_{args.baseline_rev}", base))
 
@@ -261,8 +260,7 @@ def main() -> None:
                 result["sweep"].append(emit(record))
             C.CONFIG[part] = default
 
-    with open(os.path.join(args.out, "tune_compression.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    RESULTS.write_json(result)
     failed = [c for c in result["checks"] if c["code"] == "new" and not c["ok"]]
     print(json.dumps({"all_checks_ok": not failed}))
     sys.exit(1 if failed else 0)

@@ -23,14 +23,15 @@ text as the position heuristic does):
 - as used: the original in bf16 against our CUDA path in bf16;
 - the top-k alone: the blocks the original's fla top-k picks against ours, on the same inputs.
 
-    python benchmarks/check_official_original.py --orig .orig/py --lengths 2048 8192 32768 --out result.json
+    python benchmarks/check/check_official_original.py --orig .orig/py --lengths 2048 8192 32768
+
+Writes OUT/check_official_original.{jsonl,json,md} (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import json
 import math
 import sys
 import textwrap
@@ -39,6 +40,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import Results, add_output_arguments, describe, environment, markdown_table  # noqa: E402
 
 HEADS_Q, HEADS_KV, HEAD_DIM, HIDDEN = 28, 4, 128, 3584
 
@@ -188,7 +192,7 @@ def check_length(seq_len: int, mixed_attention, device: torch.device, block_size
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--orig", type=Path, required=True, help="scratch directory with the original files")
     parser.add_argument("--modeling", type=Path, help="the original model file (default ORIG/modeling_qwen2_5_vl.py)")
@@ -196,28 +200,30 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--block-counts", type=int, default=32)
     parser.add_argument("--window-size", type=int, default=256)
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = parser.parse_args()
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (the original compression is flex attention compiled for CUDA)")
     sys.path.insert(0, str(args.orig.resolve()))
     mixed_attention = load_mixed_attention(args.modeling or args.orig / "modeling_qwen2_5_vl.py")
     device = torch.device("cuda")
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    env = environment()
+    results = Results("check_official_original", args.out, env)
     for seq_len in args.lengths:
-        row = check_length(seq_len, mixed_attention, device, args.block_size, args.block_counts, args.window_size)
-        results["rows"].append(row)
-        print(json.dumps(row), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
-    print(f"\n{'T':>7} {'fp32 orig vs f64 ours':>22} {'bf16 orig vs bf16 ours':>23} {'bf16 orig vs fp32':>18} "
-          f"{'topk same order (ref/triton)':>29}")
-    for row in results["rows"]:
+        results.row(check_length(seq_len, mixed_attention, device, args.block_size, args.block_counts,
+                                 args.window_size))
+    results.write_json()
+    lines = []
+    for row in results.rows:
         topk = row["topk"]
-        order = "/".join(f"{topk[name]['rows_same_order']:.4f}" for name in topk)
-        print(f"{row['tokens']:>7} {row['float32_original_vs_float64_reference']['rel_all']:>22.2e} "
-              f"{row['bf16_original_vs_bf16_cuda']['rel_all']:>23.2e} "
-              f"{row['bf16_original_vs_float32_original']['rel_all']:>18.2e} {order:>29}")
+        lines.append([row["tokens"], f"{row['float32_original_vs_float64_reference']['rel_all']:.2e}",
+                      f"{row['bf16_original_vs_bf16_cuda']['rel_all']:.2e}",
+                      f"{row['bf16_original_vs_float32_original']['rel_all']:.2e}",
+                      "/".join(f"{topk[name]['rows_same_order']:.4f}" for name in topk)])
+    results.write_markdown(
+        f"official_attention against the original code; {describe(env)}\n\n"
+        + markdown_table(["T", "fp32 orig vs f64 ours", "bf16 orig vs bf16 ours", "bf16 orig vs fp32 orig",
+                          "top-k same order (ref/triton)"], lines))
 
 
 if __name__ == "__main__":

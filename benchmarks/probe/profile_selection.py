@@ -4,10 +4,11 @@ compared bit for bit.
 
 Run it once per version, each in its own process (PYTHONPATH picks the code), on the same card:
 
-    PYTHONPATH=src python benchmarks/profile_selection.py --tag new --out results/
-    PYTHONPATH=old/src python benchmarks/profile_selection.py --tag old --out results/
+    PYTHONPATH=src python benchmarks/probe/profile_selection.py --tag new
+    PYTHONPATH=old/src python benchmarks/probe/profile_selection.py --tag old
 
-Prints one JSON line per (length, inputs) and writes them to OUT/profile_selection_<tag>.jsonl:
+Prints one JSON line per (length, inputs) and writes them to OUT/profile_selection_<tag>.jsonl
+(benchmarks/README.md):
 forward_ms / backward_ms (CUDA events, median), forward_wall_ms (host wall clock of a synchronised call),
 the list-building pieces of the block-major forward, idle_ms (gaps between the kernels of one forward call,
 torch profiler), and o / lse / dq / dk / dv checksums.
@@ -15,17 +16,16 @@ torch profiler), and o / lse / dq / dk / dv checksums.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import BLOCK, HKV, HQ, D, bench  # noqa: E402
-from tune_selection import operator_inputs  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import BLOCK, HKV, HQ, D, Results, add_output_arguments, bench, environment  # noqa: E402
+from harness.operator import operator_selection as operator_inputs  # noqa: E402
 from videonsa.ops.triton import selection as slc  # noqa: E402
 
 
@@ -88,21 +88,20 @@ def run(seq_len: int, structured: bool, tag: str) -> dict:
         span_ms=span, idle_ms=idle, kernels=kernels,
         o=checksum(o), lse=checksum(lse), dq=checksum(dq), dk=checksum(dk), dv=checksum(dv),
     )
-    print(json.dumps(row), flush=True)
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tag", default="run")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--inputs", nargs="+", default=["randn", "structured"], choices=["randn", "structured"])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = parser.parse_args()
-    rows = [run(n, kind == "structured", args.tag) for kind in args.inputs for n in args.lengths]
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"profile_selection_{args.tag}.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    results = Results(f"profile_selection_{args.tag}", args.out, environment())
+    for kind in args.inputs:
+        for n in args.lengths:
+            results.row(run(n, kind == "structured", args.tag))
 
 
 if __name__ == "__main__":

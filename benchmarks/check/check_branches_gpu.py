@@ -1,6 +1,6 @@
 """GPU correctness and timing of the selection and sliding-window attention kernels (one run, one GPU).
 
-    python benchmarks/check_branches_gpu.py [--out DIR] [--lengths 32768 131072] [--quick]
+    python benchmarks/check/check_branches_gpu.py [--out DIR] [--lengths 32768 131072] [--sweep]
 
 1. Correctness at real head shapes (HQ=28/HKV=4, D=128, bf16; HQ=HKV=4, D=64, fp16; packed varlen), forward
    and backward, against a dense masked float32 reference: relative error ||x - ref|| / ||ref|| per tensor,
@@ -12,28 +12,32 @@
    heights, dk/dv chunk heights; the host-side index building is timed on its own; dense causal SDPA (flash)
    in the same run as the baseline.
 
-Prints a table last and writes everything to OUT/branches.json.
+Prints a table last and writes everything to OUT/check_branches_gpu.{json,md} (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
+import sys
 import time
 import traceback
 from functools import partial
 from itertools import pairwise
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
-from videonsa.ops.triton import selection as slc
-from videonsa.ops.triton import window as swa
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import BLOCK, COUNT, WINDOW, Results, add_output_arguments, describe, environment  # noqa: E402
+from harness import bench as harness_bench  # noqa: E402
+from harness import rel_error as rel  # noqa: E402
 
-BLOCK, COUNT, WINDOW = 64, 32, 256
+# Kernel internals: the selection and window modules' launchers, planners and list builders.
+from videonsa.ops.triton import selection as slc  # noqa: E402
+from videonsa.ops.triton import window as swa  # noqa: E402
+
 DEVICE = "cuda"
 TIMING_SHAPE = (28, 4, 128)  # HQ, HKV, D
 SWEEP = False  # --sweep: also time the launch-setting variants (how the defaults were chosen)
@@ -149,12 +153,6 @@ def dense_reference(q, k, v, allowed, scale):
     return torch.einsum("ths,shd->thd", p, vv), lse
 
 
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().double(), ref.detach().double()
-    finite = torch.isfinite(ref)
-    return float((x[finite] - ref[finite]).norm() / ref[finite].norm().clamp_min(1e-30))
-
-
 def poison() -> None:
     """Leave NaN in the caching allocator's free blocks so unwritten outputs show up as NaN."""
     if DEVICE != "cuda":
@@ -233,7 +231,8 @@ def check_correctness(results: dict) -> None:
 
 
 def bench(fn, rep: int = 200) -> float:
-    return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
+    """Median ms over about `rep` ms of runs, L2 flushed before each (as triton.testing.do_bench)."""
+    return harness_bench(fn, warmup=2, max_reps=1000, budget_ms=rep, flush_l2=True)
 
 
 def time_length(total: int, results: dict, table: list[str]) -> None:
@@ -351,21 +350,18 @@ def time_length(total: int, results: dict, table: list[str]) -> None:
     results[str(total)] = row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_output_arguments(parser)
     parser.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="time launch-setting variants too")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     global SWEEP
     SWEEP = args.sweep
-    props = torch.cuda.get_device_properties(0)
-    results: dict = {
-        "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-        "sms": props.multi_processor_count,
-    }
-    print(results, flush=True)
+    env = environment()
+    out = Results("check_branches_gpu", args.out, env)
+    results: dict = {"sms": torch.cuda.get_device_properties(0).multi_processor_count}
     table: list[str] = []
     start = time.time()
     if not args.skip_correctness:
@@ -379,12 +375,11 @@ def main() -> None:
             time_length(total, results, table)
         except Exception:
             traceback.print_exc()
-        with open(os.path.join(args.out, "branches.json"), "w") as f:
-            json.dump(results, f, indent=1)
-    print("\n".join(["", f"== {props.name}, torch {torch.__version__}, triton {triton.__version__}", *table]))
+        out.write_json(results)
     bad = [k for k, e in results.items() if isinstance(e, dict) and (e.get("nan") or e.get("mismatch") or
            any(e.get(n, 0) > 2e-2 for n in ("o", "lse", "dq", "dk", "dv")))]
-    print("correctness failures:", bad or "none")
+    out.write_markdown("\n".join([f"Selection and window kernels; {describe(env)}", "", *table, "",
+                                   f"correctness failures: {bad or 'none'}"]))
 
 
 if __name__ == "__main__":

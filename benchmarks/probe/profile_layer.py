@@ -1,9 +1,11 @@
 """Where the time of one VideoNSA decoder layer goes: a torch.profiler table of the GPU kernels of a 7B-shaped
 one-layer prefill (random weights, bf16), nsa and dense, at one length.
 
-    python benchmarks/profile_layer.py --seq-len 131072 --rows 25
-    python benchmarks/profile_layer.py --seq-len 36864 --train      # training: fp32 weights, bf16 autocast,
-                                                                     # forward + backward, frames as images
+    python benchmarks/probe/profile_layer.py --seq-len 131072 --rows 25
+    python benchmarks/probe/profile_layer.py --seq-len 36864 --train      # training: fp32 weights, bf16
+                                                                           # autocast, forward + backward,
+                                                                           # frames as images
+Prints the tables and writes them to OUT/profile_layer_<T>[_train].md (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -15,17 +17,22 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import qwen7b_config, random_model, video_prompt  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import Results, add_output_arguments, describe, environment  # noqa: E402
+from harness.models import qwen7b_config, random_model, video_prompt  # noqa: E402
 from videonsa.models import set_attention_mode  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=131072)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--train", action="store_true", help="fp32 weights, bf16 autocast, forward + backward")
-    args = parser.parse_args()
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    env = environment()
+    results = Results(f"profile_layer_{args.seq_len}{'_train' if args.train else ''}", args.out, env)
+    report = [f"One 7B-shaped layer, T={args.seq_len}; {describe(env)}"]
     model = random_model(qwen7b_config(num_layers=1), dtype=torch.float32 if args.train else torch.bfloat16)
     embeds, token_type, positions = video_prompt(args.seq_len)
     if args.train:
@@ -47,8 +54,9 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 run()
                 torch.cuda.synchronize()
-        print(f"\n=== {mode}, T={args.seq_len}, one 7B-shaped layer, {'train' if args.train else 'prefill'}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60)
+        report.append(f"## {mode}, T={args.seq_len}, {'train' if args.train else 'prefill'}\n\n```\n{table}\n```")
+    results.write_markdown("\n\n".join(report))
 
 
 if __name__ == "__main__":

@@ -1,26 +1,34 @@
 """Where the NSA operator's GPU time goes: torch.profiler self-CUDA time per kernel of one `nsa_attention`
-forward + backward (the Triton path), on the inputs of `bench_ops.py` (randn and structured), per length.
+forward + backward (the Triton path), on the benchmarks' inputs (`harness.make_inputs`, randn and structured),
+per length.
 
-    python benchmarks/profile_op.py [--lengths 32768 131072] [--inputs randn structured] [--rows 30] [--gaps 12]
+    python benchmarks/probe/profile_op.py [--lengths 32768 131072] [--inputs randn structured] [--rows 30]
+        [--gaps 12]
 
 Prints one profiler table per (length, inputs) after two warm-up steps. With --gaps N it prints instead, for the
 forward and the backward separately, the GPU span, busy and idle time and the N longest idle gaps with the
 kernels on either side (where the GPU waits on the host: syncs and launch-bound stretches). B=1, HQ=28, HKV=4,
-D=128, bf16 and the VideoNSA defaults, as in bench_ops.py.
+D=128, bf16 and the VideoNSA defaults, as in bench_ops.py. Writes the report to OUT/profile_op.md
+(OUT/profile_op_gaps.md with --gaps; benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import make_inputs  # noqa: E402
-from videonsa.ops.triton_nsa import nsa_attention_triton  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import Results, add_output_arguments, describe, environment, make_inputs  # noqa: E402
+from videonsa.ops import nsa_attention  # noqa: E402
+
+
+def nsa_attention_triton(**inputs):
+    """The operator on its Triton path with the default budget."""
+    return nsa_attention(**inputs, backend="triton")
 
 
 def profile_step(seq_len: int, structured: bool, rows: int) -> str:
@@ -79,20 +87,26 @@ def gap_report(seq_len: int, structured: bool, n_gaps: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--inputs", nargs="+", choices=["randn", "structured"], default=["randn", "structured"])
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--gaps", type=int, default=0, help="print the N longest idle gaps instead of the table")
-    args = parser.parse_args()
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    env = environment()
+    results = Results("profile_op_gaps" if args.gaps else "profile_op", args.out, env)
+    report = [f"NSA operator profile; {describe(env)}"]
     for seq_len in args.lengths:
         for kind in args.inputs:
-            print(f"=== T={seq_len} structured={kind == 'structured'}", flush=True)
+            print(f"=== T={seq_len} {kind}", flush=True)
             if args.gaps:
-                print(gap_report(seq_len, kind == "structured", args.gaps), flush=True)
+                text = gap_report(seq_len, kind == "structured", args.gaps)
             else:
-                print(profile_step(seq_len, kind == "structured", args.rows), flush=True)
+                text = profile_step(seq_len, kind == "structured", args.rows)
+            report.append(f"## T={seq_len}, {kind} inputs\n\n```\n{text}\n```")
+    results.write_markdown("\n\n".join(report))
 
 
 if __name__ == "__main__":
