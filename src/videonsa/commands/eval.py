@@ -90,6 +90,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The needle generator's kinds made only on request (`videonsa.evaluation.needles.EXTRA_KINDS`), named here so
+# that `--help` does not import the generator (it loads PyAV and torch); a test checks the two agree.
+EXTRA_NEEDLE_KINDS: tuple[str, ...] = ("colour",)
+
+
 def _add_make_needles(commands: argparse._SubParsersAction) -> None:
     from videonsa.evaluation.questions import NEEDLE_KINDS
     from videonsa.options import DEFAULT_NEEDLE_FPS as DEFAULT_FPS
@@ -118,7 +123,12 @@ def _add_make_needles(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--footage", help="folder of videos to loop as haystack (default: generated scenes)")
     parser.add_argument("--fps", type=int, default=DEFAULT_FPS, help=f"frames per second (default {DEFAULT_FPS})")
     parser.add_argument(
-        "--kinds", nargs="+", choices=NEEDLE_KINDS, default=list(NEEDLE_KINDS), help="question kinds (default all)"
+        "--kinds",
+        nargs="+",
+        choices=NEEDLE_KINDS + EXTRA_NEEDLE_KINDS,
+        default=list(NEEDLE_KINDS),
+        help=f"question kinds (default {' '.join(NEEDLE_KINDS)}; also: colour, the whole screen turns red, green, "
+        "blue or white for a moment, 'which colour?', made for tiny models trained from scratch as in videonsa demo)",
     )
     parser.add_argument(
         "--workers",

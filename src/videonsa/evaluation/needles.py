@@ -60,8 +60,17 @@ OPTIONS_PER_QUESTION = 4
 # Kinds made only when asked for (not in the default `NEEDLE_KINDS`): "colour", a frame-filling colour.
 EXTRA_KINDS: tuple[str, ...] = ("colour",)
 KNOWN_KINDS: tuple[str, ...] = NEEDLE_KINDS + EXTRA_KINDS
-# The "colour" kind's colours, in the fixed order its options always take (so "A" always means red).
-FILL_COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
+# The "colour" kind's colours (RGB), in the fixed order its options always take (so "A" always means red). Pure
+# primaries and white: every two of them differ by full scale on two of the three channels (the corners of a
+# regular tetrahedron in the RGB cube) and all four differ in luminance, so no single channel or brightness
+# reading leaves two of them alike. Haystack pixels stay within 30-200 and never take these values.
+FILL_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "white": (255, 255, 255),
+}
+FILL_COLOURS: tuple[str, ...] = tuple(FILL_RGB)
 
 WORDS = (
     "ANCHOR", "APRICOT", "BADGER", "BAMBOO", "BANJO", "BEACON", "BISCUIT", "BUCKET", "CACTUS", "CAMEL", "CANDLE",
@@ -188,7 +197,7 @@ class NeedleVideo:
         draw = ImageDraw.Draw(image)
         for fill in self.fills:
             if fill.start <= frame < fill.end:
-                draw.rectangle((0, 0, self.width, self.height), fill=NEEDLE_COLOURS[fill.colour])
+                draw.rectangle((0, 0, self.width, self.height), fill=FILL_RGB[fill.colour])
         for card in self.cards:
             if card.start <= frame < card.end:
                 draw_card(draw, card.text, self.width, self.height)
@@ -627,6 +636,7 @@ __all__ = [
     "Crossing",
     "EXTRA_KINDS",
     "FILL_COLOURS",
+    "FILL_RGB",
     "Fill",
     "Flashes",
     "KNOWN_KINDS",
