@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         results.row(row)
     results.write_json()
     results.write_markdown(table(results.rows, args.modes, args.layers, env))
-    if args.compare_baseline:
-        print(baselines.report(metrics(results.rows, args.modes), env["device"], args.compare_baseline))
+    baselines.finish(metrics(results.rows, args.modes), env, args, "bench_e2e")
 
 
 if __name__ == "__main__":

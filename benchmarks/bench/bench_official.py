@@ -234,8 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         text += "\n".join(f"    {r.get('ms', float('nan')):8.3f}  {r['launch']}  {r.get('error', '')}"
                           for r in sweep[:10])
     results.write_markdown(text)
-    if args.compare_baseline:
-        print(baselines.report(metrics(results.rows), env["device"], args.compare_baseline))
+    baselines.finish(metrics(results.rows), env, args, "bench_official")
 
 
 def metrics(rows: list[dict]) -> dict[str, float]:

@@ -313,8 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         del x
     results.write_json()
     results.write_markdown(table(results.rows, env, env["matmul_tflops"]))
-    if args.compare_baseline:
-        print(baselines.report(metrics(results.rows), env["device"], args.compare_baseline))
+    baselines.finish(metrics(results.rows), env, args, "bench_ops")
 
 
 if __name__ == "__main__":

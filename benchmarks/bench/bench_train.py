@@ -237,8 +237,7 @@ def main() -> None:
     if {"nsa", "dense"} <= timed.keys():
         text += f"\n\nVideoNSA step is {timed['dense'] / timed['nsa']:.2f}x as fast as dense"
     results.write_markdown(text)
-    if args.compare_baseline:
-        print(baselines.report(metrics(rows), env["device"], args.compare_baseline))
+    baselines.finish(metrics(rows), env, args, "bench_train")
 
 
 def metrics(rows: list[dict]) -> dict[str, float]:

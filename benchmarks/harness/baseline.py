@@ -1,4 +1,5 @@
-"""Committed baselines (`benchmarks/baselines/<card>.json`) and the ratio of a run's numbers to them.
+"""Committed baselines (`benchmarks/baselines/<card>.json`), the ratio of a run's numbers to them, and updating
+them from a run (`--write-baseline`).
 
 A baseline file holds the current numbers of the main benchmarks on one card model, as flat metric names:
 
@@ -16,8 +17,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from harness.output import fmt, markdown_table
+from harness.env import describe
+from harness.output import fmt, markdown_table, write_json
 
 BASELINES = Path(__file__).resolve().parents[1] / "baselines"
 CARD_FILES = {"H100": "h100.json", "H200": "h200.json"}
@@ -69,3 +72,22 @@ def report(metrics: Mapping[str, float], device: str, choice: str) -> str:
     table = markdown_table(["metric", "now", "baseline", "ratio"],
                            [(name, fmt(now), fmt(then), f"{ratio:.3f}") for name, now, then, ratio in rows])
     return caption + "\n\n" + table
+
+
+def update(metrics: Mapping[str, float], env: dict[str, Any], choice: str, source: str) -> Path:
+    """Put `metrics` into the baseline file for env's card (or `choice`), keeping its other metrics; the run's
+    card, versions and commit are recorded under "sources" with `source` (the script's name)."""
+    path = baseline_path(env["device"], choice)
+    data = load_baseline(path) if path.exists() else {"card": env["device"], "sources": {}, "metrics": {}}
+    data["metrics"] = dict(sorted({**data["metrics"], **{k: round(float(v), 4) for k, v in metrics.items()}}.items()))
+    data.setdefault("sources", {})[source] = describe(env) + f", {env.get('utc', '')}"
+    write_json(path, data)
+    return path
+
+
+def finish(metrics: Mapping[str, float], env: dict[str, Any], args: Any, source: str) -> None:
+    """What a bench script does with --compare-baseline and --write-baseline once its run is done."""
+    if getattr(args, "compare_baseline", None):
+        print(report(metrics, env["device"], args.compare_baseline))
+    if getattr(args, "write_baseline", None):
+        print(f"baseline written: {update(metrics, env, args.write_baseline, source)}")

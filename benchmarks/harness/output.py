@@ -35,6 +35,9 @@ def add_output_arguments(parser: argparse.ArgumentParser, *, baseline: bool = Fa
         parser.add_argument("--compare-baseline", nargs="?", const="auto", default=None, metavar="FILE",
                             help="print each number's ratio to the committed baseline (default: "
                                  "benchmarks/baselines/<card>.json for the card that ran)")
+        parser.add_argument("--write-baseline", nargs="?", const="auto", default=None, metavar="FILE",
+                            help="put this run's numbers into the baseline file (same default), replacing the "
+                                 "metrics of the same names and keeping the others")
 
 
 def _atomic_write(path: Path, text: str) -> None:
