@@ -382,9 +382,9 @@ def triton_calls(x: dict[str, Any], settings: LatencySettings) -> BranchCalls:
         mean_pool_bwd,
         mean_pool_fwd,
     )
-    from videonsa.ops.triton.packing import pack
     from videonsa.ops.triton.selection import selected_attention_bwd, selected_attention_fwd
     from videonsa.ops.triton.topk import select_blocks_topk
+    from videonsa.ops.triton.utils import pack
     from videonsa.ops.triton.window import window_attention_bwd, window_attention_fwd
     from videonsa.ops.triton_nsa import gate_bwd, gate_fwd
 

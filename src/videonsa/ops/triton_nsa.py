@@ -1,7 +1,7 @@
 """NSA with Triton kernels: one autograd function over compression, top-k selection, selection, window, gating.
 
 Same signature and semantics as `videonsa.ops.reference.nsa_parts_reference` (see DESIGN.md section 1). Inputs
-are packed into varlen form ([B*T, H, D] with cu_seqlens, see `triton/packing.py`) so that batches and packed
+are packed into varlen form ([B*T, H, D] with cu_seqlens, see `triton/utils.pack`) so that batches and packed
 sequences take one code path. Forward, for b = block_size:
 
 1. `mean_pool_fwd`: K~, V~ [total_NB, HKV, D], the means of complete blocks.
@@ -32,23 +32,20 @@ from torch import Tensor
 
 from videonsa.ops.common import NSAConfig, NSAParts, check_inputs, sequence_spans
 from videonsa.ops.triton.compression import (
-    _pow2,
     compressed_attention_bwd,
     compressed_attention_delta,
     compressed_attention_fwd,
     mean_pool_bwd,
     mean_pool_fwd,
 )
-from videonsa.ops.triton.packing import pack
 from videonsa.ops.triton.selection import (
-    KERNEL_DTYPES,
     LayoutChoice,
     choose_layout,
-    row_dot,
     selected_attention_bwd,
     selected_attention_fwd,
 )
 from videonsa.ops.triton.topk import select_blocks_topk
+from videonsa.ops.triton.utils import KERNEL_DTYPES, next_pow2, pack, row_dot
 from videonsa.ops.triton.window import window_attention_bwd, window_attention_delta, window_attention_fwd
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,7 +102,7 @@ def _gate_bwd_kernel(
 
 def _gate_rows(head_dim: int) -> int:
     # 16 elements per thread per tensor at 4 warps: the backward holds seven such tiles without spilling.
-    return max(1, 2048 // _pow2(head_dim))
+    return max(1, 2048 // next_pow2(head_dim))
 
 
 def gate_fwd(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, g_cmp: Tensor, g_slc: Tensor, g_swa: Tensor) -> Tensor:
@@ -117,7 +114,7 @@ def gate_fwd(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, g_cmp: Tensor, g_slc: 
         br = _gate_rows(head_dim)
         _gate_fwd_kernel[(triton.cdiv(n_rows, br),)](
             o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa, o, n_rows,
-            D=head_dim, BD=_pow2(head_dim), BR=br, num_warps=4,
+            D=head_dim, BD=next_pow2(head_dim), BR=br, num_warps=4,
         )
     return o
 
@@ -139,7 +136,7 @@ def gate_bwd(
         br = _gate_rows(head_dim)
         _gate_bwd_kernel[(triton.cdiv(n_rows, br),)](
             do, o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa, *grads, *gate_grads, delta, n_rows,
-            D=head_dim, BD=_pow2(head_dim), BR=br, num_warps=4,
+            D=head_dim, BD=next_pow2(head_dim), BR=br, num_warps=4,
         )
     return (*grads, *gate_grads, delta)
 
@@ -167,7 +164,7 @@ def gate_fold_(o: Tensor, x: Tensor, g: Tensor) -> Tensor:
     if n_rows:
         br = _gate_rows(head_dim)
         _gate_fold_kernel[(triton.cdiv(n_rows, br),)](
-            o, x, g.contiguous(), n_rows, D=head_dim, BD=_pow2(head_dim), BR=br, num_warps=4
+            o, x, g.contiguous(), n_rows, D=head_dim, BD=next_pow2(head_dim), BR=br, num_warps=4
         )
     return o
 

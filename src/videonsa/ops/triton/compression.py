@@ -1,6 +1,6 @@
 """Compression branch of NSA in Triton: block mean pooling and attention over the compressed keys.
 
-All tensors are packed varlen (see `packing.py`): q [total_T, HQ, D], k/v [total_T, HKV, D], cu_seqlens int32
+All tensors are packed varlen (see `utils.pack`): q [total_T, HQ, D], k/v [total_T, HKV, D], cu_seqlens int32
 [N+1]. Compressed keys are packed the same way: k_cmp/v_cmp [total_NB, HKV, D] where sequence s owns the rows
 cu_cmp[s]..cu_cmp[s+1]-1, one per complete block (L_s // block_size of them).
 
@@ -23,8 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
-
+from videonsa.ops.triton.utils import LOG2E, dot_precision, next_pow2, query_tiles, row_dot, tile_shape
 
 # ----------------------------------------------------------------------------------------------------------
 # Bookkeeping
@@ -49,33 +48,6 @@ def _block_starts(cu_seqlens: Tensor, cu_cmp: Tensor, block_size: int, total_blo
     return cu_seqlens.long()[seq] + local * block_size
 
 
-def query_tiles(cu_seqlens: Tensor, tile: int, total: int | None = None) -> Tensor:
-    """int32 [n_tiles, 2]: (sequence, first position) of every run of `tile` consecutive queries of a sequence.
-
-    Same rows as `packing.tile_map`, built on the device instead of a Python loop. The row count needs one
-    device->host sync, except for a single sequence whose length `total` (the packed tensors' first dimension)
-    the caller passes: then everything is known on the host and nothing waits for the device.
-    """
-    if total is not None and cu_seqlens.numel() == 2:
-        n_tiles = triton.cdiv(total, tile)
-        first = torch.arange(0, n_tiles * tile, tile, dtype=torch.int32, device=cu_seqlens.device)
-        return torch.stack([torch.zeros_like(first), first], dim=1)
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    counts = torch.div(lengths + tile - 1, tile, rounding_mode="floor")
-    ends = counts.cumsum(0)
-    n_tiles = int(ends[-1])
-    seq = torch.repeat_interleave(torch.arange(counts.numel(), device=cu_seqlens.device), counts, output_size=n_tiles)
-    first = (torch.arange(n_tiles, device=cu_seqlens.device) - (ends - counts)[seq]) * tile
-    return torch.stack([seq, first], dim=1).to(torch.int32).contiguous()
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs are checked against a float64 reference; tf32 would cost them three decimal digits.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,7 +122,7 @@ def mean_pool_fwd(
         starts = cu_cmp if one_seq else _block_starts(cu_seqlens, cu_cmp, block_size, total_blocks)
         _pool_fwd_kernel[(total_blocks, heads)](
             k, v, k_cmp, v_cmp, starts,
-            H=heads, D=head_dim, BD=_pow2(head_dim), BLOCK=block_size, BB=_pow2(block_size), ONE_SEQ=one_seq,
+            H=heads, D=head_dim, BD=next_pow2(head_dim), BLOCK=block_size, BB=next_pow2(block_size), ONE_SEQ=one_seq,
             num_warps=4,
         )
     return k_cmp, v_cmp, cu_cmp
@@ -176,7 +148,7 @@ def mean_pool_bwd(
     starts = cu_cmp if one_seq else _block_starts(cu_seqlens, cu_cmp, block_size, total_blocks)
     _pool_bwd_kernel[(total_blocks, heads)](
         dk_cmp, dv_cmp, dk, dv, starts,
-        H=heads, D=head_dim, BD=_pow2(head_dim), BLOCK=block_size, BB=_pow2(block_size), ONE_SEQ=one_seq,
+        H=heads, D=head_dim, BD=next_pow2(head_dim), BLOCK=block_size, BB=next_pow2(block_size), ONE_SEQ=one_seq,
         num_warps=4,
     )
 
@@ -290,18 +262,6 @@ def _cmp_delta_kernel(
     if DO_SCALE:
         delta = delta * tl.load(dos_ptr + stat_off, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(delta_ptr + stat_off, delta, mask=row_ok)
-
-
-@triton.jit
-def _row_dot_kernel(a_ptr, b_ptr, out_ptr, n_rows, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
-    # out[row] = sum_d a[row, d] * b[row, d] in float32 (the softmax-backward "delta").
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    d = tl.arange(0, BD)
-    mask = (rows[:, None] < n_rows) & (d[None, :] < D)
-    offs = rows[:, None] * D + d[None, :]
-    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows, tl.sum(a * b, axis=1), mask=rows < n_rows)
 
 
 @triton.jit
@@ -478,12 +438,6 @@ CONFIG = {
 }
 
 
-def _query_tile(heads_per_group: int, rows: int) -> tuple[int, int]:
-    """(tokens per tile BT, rows per tile BM): BM rows hold BT tokens x G heads, BM a power of two >= 16."""
-    rows = max(rows, _pow2(heads_per_group), 16)
-    return max(1, rows // heads_per_group), rows
-
-
 def compressed_attention_fwd(
     q: Tensor,
     k_cmp: Tensor,
@@ -508,28 +462,15 @@ def compressed_attention_fwd(
     o = torch.empty_like(q)
     lse = torch.empty(total, heads_q, dtype=torch.float32, device=q.device)
     cfg = CONFIG["fwd"]
-    bt, bm = _query_tile(group, cfg["rows"] if head_dim <= 128 else 64)
+    bm, bt = tile_shape(group, cfg["rows"] if head_dim <= 128 else 64)
     tiles = query_tiles(cu_seqlens, bt, total)
     _cmp_fwd_kernel[(tiles.shape[0], heads_kv)](
         q, k_cmp, v_cmp, o, lse, cu_seqlens, cu_cmp, tiles, scale * LOG2E,
-        HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=_pow2(max(head_dim, 16)),
-        BLOCK=block_size, BT=bt, BM=bm, BC=cfg["keys"], PREC=_dot_precision(q.dtype),
+        HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=next_pow2(max(head_dim, 16)),
+        BLOCK=block_size, BT=bt, BM=bm, BC=cfg["keys"], PREC=dot_precision(q),
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     return o, lse
-
-
-def row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """float32 [total_T, H]: sum over the last dim of a * b for a, b [total_T, H, D] (contiguous)."""
-    total, heads, head_dim = a.shape
-    out = torch.empty(total, heads, dtype=torch.float32, device=a.device)
-    n_rows = total * heads
-    if n_rows:
-        br = 16
-        _row_dot_kernel[(triton.cdiv(n_rows, br),)](
-            a, b, out, n_rows, D=head_dim, BD=_pow2(head_dim), BR=br, num_warps=4
-        )
-    return out
 
 
 def compressed_attention_delta(
@@ -561,14 +502,14 @@ def compressed_attention_delta(
     group = heads_q // heads_kv
     delta = torch.empty(total, heads_q, dtype=torch.float32, device=q.device)
     cfg = CONFIG["delta"]
-    bt, bm = _query_tile(group, cfg["rows"] if head_dim <= 128 else 64)
+    bm, bt = tile_shape(group, cfg["rows"] if head_dim <= 128 else 64)
     tiles = query_tiles(cu_seqlens, bt, total)
     do = do.contiguous()
     dos = do_scale.contiguous() if do_scale is not None else delta
     _cmp_delta_kernel[(tiles.shape[0], heads_kv)](
         q, k_cmp, v_cmp, lse, do, dos, delta, cu_seqlens, cu_cmp, tiles, scale * LOG2E,
-        HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=_pow2(max(head_dim, 16)),
-        BLOCK=block_size, BT=bt, BM=bm, BC=cfg["keys"], PREC=_dot_precision(q.dtype),
+        HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=next_pow2(max(head_dim, 16)),
+        BLOCK=block_size, BT=bt, BM=bm, BC=cfg["keys"], PREC=dot_precision(q),
         DO_SCALE=do_scale is not None, num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     return delta
@@ -608,17 +549,17 @@ def compressed_attention_bwd(
     group = heads_q // heads_kv
     do = do.contiguous()
     if delta is None:
-        delta = row_dot(do, o)
+        delta = row_dot(do, o, block_rows=16)
         if do_scale is not None:
             delta = delta * do_scale.float()
     dos = do_scale.contiguous() if do_scale is not None else delta
     accumulate = dq is not None
     if dq is None:
         dq = torch.empty_like(q)
-    prec = _dot_precision(q.dtype)
-    bd = _pow2(max(head_dim, 16))
+    prec = dot_precision(q)
+    bd = next_pow2(max(head_dim, 16))
     cfg = CONFIG["dq"]
-    bt, bm = _query_tile(group, cfg["rows"] if head_dim <= 128 else 64)
+    bm, bt = tile_shape(group, cfg["rows"] if head_dim <= 128 else 64)
     tiles = query_tiles(cu_seqlens, bt, total)
     _cmp_bwd_dq_kernel[(tiles.shape[0], heads_kv)](
         q, k_cmp, v_cmp, do, dos, lse, delta, dq, cu_seqlens, cu_cmp, tiles, scale * LOG2E, scale,
@@ -632,7 +573,7 @@ def compressed_attention_bwd(
     # partial-sum buffer: n_seg * total_NB * HKV * D float32 each for dk and dv.
     max_len = total if cu_seqlens.numel() == 2 else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     cfg = CONFIG["dkv"]
-    bt_kv, bm_kv = _query_tile(group, cfg["rows"])
+    bm_kv, bt_kv = tile_shape(group, cfg["rows"])
     seg_len = max(cfg["min_segment"], triton.cdiv(max_len, cfg["max_segments"]))
     seg_len = triton.cdiv(seg_len, bt_kv) * bt_kv
     n_seg = triton.cdiv(max_len, seg_len)
@@ -663,5 +604,4 @@ __all__ = [
     "compressed_cu_seqlens",
     "mean_pool_bwd",
     "mean_pool_fwd",
-    "row_dot",
 ]

@@ -40,10 +40,21 @@ import triton.language as tl
 from torch import Tensor
 
 from videonsa.ops.triton.host import HostCopy
-
-LOG2E = 1.4426950408889634
-# What the kernels compute in (float32 accumulation throughout); float64 callers use the reference operator.
-KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+from videonsa.ops.triton.utils import (
+    KERNEL_DTYPES,
+    LOG2E,
+    bounded_tiles_of,
+    dot_precision,
+    kernel_input,
+    max_tiles_of,
+    next_pow2,
+    offsets32,
+    row_dot,
+    searchsorted_right,
+    sequence_units,
+    tile_shape,
+    tiles_of,
+)
 
 # Candidate tile heights (matrix rows per forward / dq program) and the measured time of one program step
 # (one union block of one tile) at each height, with the launch settings of `_launch_config`: H100, torch 2.11,
@@ -114,149 +125,6 @@ DQ_BY_BLOCK_TOKEN_COST = 80.0
 DQ_BY_BLOCK_CALL_COST = 4.2e5
 
 
-def next_pow2(x: int) -> int:
-    """Smallest power of two >= x (>= 1)."""
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-def dot_precision(x: Tensor) -> str:
-    """Matrix-product precision for the kernels: exact float32 ("ieee") for float32 inputs, so that float32
-    callers get float32 accuracy rather than tf32; bf16 / fp16 products are exact either way."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
-
-
-def kernel_input(x: Tensor) -> Tensor:
-    """x with a unit stride in its last dim (the kernels take the other strides as arguments)."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-@triton.jit
-def _searchsorted_right(sorted_ptr, x, n, n_iter):
-    """Per element of x: how many of the ascending values sorted[0:n] are <= x (torch.searchsorted with
-    right=True), by bisection; n_iter >= n.bit_length() halvings."""
-    lo = tl.zeros_like(x)
-    hi = lo + n
-    for _ in range(n_iter):
-        open_ = lo < hi
-        mid = (lo + hi) // 2
-        above = tl.load(sorted_ptr + mid, mask=open_, other=0) > x
-        hi = tl.where(open_ & above, mid, hi)
-        lo = tl.where(open_ & ~above, mid + 1, lo)
-    return lo
-
-
-def offsets32(cu_seqlens: Tensor) -> Tensor:
-    """cu_seqlens as the contiguous int32 tensor the index kernels read (itself when it already is one)."""
-    return cu_seqlens.to(torch.int32).contiguous()
-
-
-def sequence_units(cu_seqlens: Tensor, unit: int) -> Tensor:
-    """int32 [N + 1]: where each sequence's run of `unit`-token pieces (tiles, key blocks) starts when they
-    are numbered sequence by sequence (ceil(length / unit) per sequence); the last entry is the total. One
-    small kernel, no host sync."""
-    cu_seqlens = offsets32(cu_seqlens)
-    n_seqs = cu_seqlens.numel() - 1
-    first = torch.empty(n_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
-    _units_prefix_kernel[(1,)](cu_seqlens, first, n_seqs, unit, BLOCK=1024)
-    return first
-
-
-@triton.jit
-def _units_prefix_kernel(cu_ptr, first_ptr, n_seqs, unit, BLOCK: tl.constexpr):
-    """One program: the exclusive running sum of ceil(length / unit) over the sequences, BLOCK at a time."""
-    tl.store(first_ptr, 0)
-    carry = tl.zeros([], dtype=tl.int32)
-    for s0 in range(0, n_seqs, BLOCK):
-        s = s0 + tl.arange(0, BLOCK)
-        ok = s < n_seqs
-        length = tl.load(cu_ptr + s + 1, mask=ok, other=0) - tl.load(cu_ptr + s, mask=ok, other=0)
-        units = (length + unit - 1) // unit
-        tl.store(first_ptr + s + 1, carry + tl.cumsum(units, 0), mask=ok)
-        carry += tl.sum(units, 0)
-
-
-def tiles_of(
-    cu_seqlens: Tensor, tokens_per_tile: int, max_tiles: int | None = None, units: Tensor | None = None
-) -> Tensor:
-    """Split every sequence into tiles of `tokens_per_tile` consecutive tokens (the last one may be shorter).
-
-    cu_seqlens: int32 [N+1] on the kernels' device.
-    Returns int32 [n_tiles, 4]: (packed row of the tile's first token, tokens in the tile, packed row where
-    the tile's sequence starts, packed row where it ends). Two small kernels; one host sync for the tile
-    count, or none when the caller gives `max_tiles` (an upper bound such as `max_tiles_of`): the table then
-    has max_tiles rows, those past the real tiles empty (T, 0, T, T). units: `sequence_units(cu_seqlens,
-    tokens_per_tile)` if the caller has it.
-    """
-    cu_seqlens = offsets32(cu_seqlens)
-    n_seqs = cu_seqlens.numel() - 1
-    first = sequence_units(cu_seqlens, tokens_per_tile) if units is None else units
-    n_tiles = int(first[-1]) if max_tiles is None else max_tiles
-    tiles = torch.empty((n_tiles, 4), dtype=torch.int32, device=cu_seqlens.device)
-    if n_tiles:
-        block = 256
-        _tiles_kernel[(triton.cdiv(n_tiles, block),)](
-            cu_seqlens, first, tiles, n_tiles, n_seqs, n_seqs.bit_length(), tokens_per_tile, BLOCK=block
-        )
-    return tiles
-
-
-@triton.jit
-def _tiles_kernel(cu_ptr, first_ptr, tiles_ptr, n_tiles, n_seqs, n_iter, tokens_per_tile, BLOCK: tl.constexpr):
-    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = r < n_tiles
-    # Tile r belongs to the sequence whose run of tiles holds it; rows past the real tiles get the last one.
-    seq = tl.minimum(_searchsorted_right(first_ptr + 1, r, n_seqs, n_iter), n_seqs - 1)
-    real = r < tl.load(first_ptr + n_seqs)
-    end = tl.load(cu_ptr + n_seqs)
-    seq_start = tl.load(cu_ptr + seq, mask=ok, other=0)
-    seq_end = tl.load(cu_ptr + seq + 1, mask=ok, other=0)
-    row0 = seq_start + (r - tl.load(first_ptr + seq, mask=ok, other=0)) * tokens_per_tile
-    count = tl.where(real, tl.minimum(seq_end - row0, tokens_per_tile), 0)
-    out = tiles_ptr + r.to(tl.int64) * 4
-    tl.store(out, tl.where(real, row0, end), mask=ok)
-    tl.store(out + 1, count, mask=ok)
-    tl.store(out + 2, tl.where(real, seq_start, end), mask=ok)
-    tl.store(out + 3, tl.where(real, seq_end, end), mask=ok)
-
-
-def max_tiles_of(total: int, n_seqs: int, tokens_per_tile: int) -> int:
-    """Upper bound on the tiles of `n_seqs` sequences of `total` tokens in all (no device data needed): each
-    sequence adds at most one partial tile."""
-    return total // tokens_per_tile + n_seqs
-
-
-def bounded_tiles_of(cu_seqlens: Tensor, total: int, tokens_per_tile: int, units: Tensor | None = None) -> Tensor:
-    """`tiles_of` sized by `max_tiles_of` for `total` packed tokens: no host sync, so the host keeps queueing
-    while the GPU works; the (at most one per sequence) rows past the real tiles are empty (T, 0, T, T), and
-    kernels reading them load and store nothing. units: as in `tiles_of`."""
-    bound = max_tiles_of(total, cu_seqlens.numel() - 1, tokens_per_tile)
-    return tiles_of(cu_seqlens, tokens_per_tile, bound, units=units)
-
-
-def row_dot(o: Tensor, do: Tensor) -> Tensor:
-    """delta [T, H] float32 = sum_d o * do, for o, do [T, H, D] (the softmax backward's row term)."""
-    o, do = o.contiguous(), do.contiguous()
-    rows = o.shape[0] * o.shape[1]
-    delta = torch.empty(o.shape[:2], dtype=torch.float32, device=o.device)
-    if rows == 0:
-        return delta
-    block_r = 64
-    _row_dot_kernel[(triton.cdiv(rows, block_r),)](
-        o, do, delta, rows, o.shape[2], BLOCK_R=block_r, BLOCK_D=max(16, next_pow2(o.shape[2]))
-    )
-    return delta
-
-
-@triton.jit
-def _row_dot_kernel(o_ptr, do_ptr, delta_ptr, rows, head_dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    d = tl.arange(0, BLOCK_D)
-    mask = (r < rows)[:, None] & (d < head_dim)[None, :]
-    offs = r.to(tl.int64)[:, None] * head_dim + d[None, :]
-    o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + r, tl.sum(o * do, axis=1), mask=r < rows)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Host-side index structures
@@ -325,12 +193,6 @@ def inverse_lists(
     lists = block_lists(block_indices, cu_seqlens, block_size, chunk_tokens=max(total, 1), n_blocks=n_blocks,
                         units=units)
     return lists.offsets, (lists.pairs // (heads_kv * slots)).to(torch.int32)
-
-
-def _tile_rows(group: int, rows: int) -> tuple[int, int]:
-    """(BLOCK_M, tokens per tile) for about `rows` rows: tokens * group <= BLOCK_M, a power of two."""
-    block_m = max(rows, next_pow2(group), 16)
-    return block_m, block_m // group
 
 
 def union_blocks(block_indices: Tensor, tiles: Tensor, tokens_per_tile: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -435,7 +297,7 @@ class PendingSample:
     @classmethod
     def start(cls, block_indices: Tensor, group: int, heights: list[int]) -> PendingSample:
         total, heads_kv, slots = block_indices.shape
-        bts = dict(_tile_rows(group, rows) for rows in heights)  # BLOCK_M -> tokens per tile
+        bts = dict(tile_shape(group, rows) for rows in heights)  # BLOCK_M -> tokens per tile
         counts = torch.zeros(2 * len(bts) + 1, dtype=torch.int64, device=block_indices.device)
         for h, bt in enumerate(bts.values() if total else ()):
             stride = PLAN_SAMPLE_EVERY * bt
@@ -490,7 +352,7 @@ def by_block_estimate(
     """Estimated ns per token of the block-major forward (`launch_fwd_by_block`), or with dq of the block-major
     dq (`launch_dq_by_block`): the used slots per token (all groups) in steps of BT tokens, plus the per-token
     costs of sorting and merging and the fixed cost of a call spread over the tokens."""
-    bt = _tile_rows(group, rows)[1]
+    bt = tile_shape(group, rows)[1]
     step, token, call = ((DQ_BY_BLOCK_STEP_COST, DQ_BY_BLOCK_TOKEN_COST, DQ_BY_BLOCK_CALL_COST) if dq
                          else (BY_BLOCK_STEP_COST, BY_BLOCK_TOKEN_COST, BY_BLOCK_CALL_COST))
     return sample.used_per_token / bt * step + token + call / max(sample.tokens, 1)
@@ -506,8 +368,8 @@ def plan_tiles(
     One host sync for the choice, one for the tile table."""
     step_cost = step_cost or TILE_STEP_COST
     heights = [tile_rows] if tile_rows else list(candidates or TILE_CANDIDATES)
-    block_m = _tile_rows(group, heights[0])[0]
-    if len({_tile_rows(group, rows)[0] for rows in heights}) > 1:
+    block_m = tile_shape(group, heights[0])[0]
+    if len({tile_shape(group, rows)[0] for rows in heights}) > 1:
         sample = sample_selection(block_indices, group, heights)
         block_m = min(sample.steps_per_token, key=lambda bm: tile_estimate(sample, bm, step_cost))
     return _tile_plan(block_indices, cu_seqlens, block_m, group)
@@ -984,7 +846,7 @@ def _triple_keys_kernel(
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n_triples
     t = i // (HKV * S)
-    seq = tl.minimum(_searchsorted_right(cu_ptr + 1, t.to(tl.int32), n_seqs, n_iter), n_seqs - 1)
+    seq = tl.minimum(searchsorted_right(cu_ptr + 1, t.to(tl.int32), n_seqs, n_iter), n_seqs - 1)
     own_block = (t - tl.load(cu_ptr + seq)) // block_size
     blk = tl.load(idx_ptr + i, mask=ok, other=-1)
     used = (blk >= 0) & (blk <= own_block)
@@ -1074,7 +936,7 @@ def _block_items_kernel(
     list."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n_slots
-    owner = _searchsorted_right(ends_ptr, i, n_lists, n_iter)
+    owner = searchsorted_right(ends_ptr, i, n_lists, n_iter)
     real = owner < n_lists
     owner = tl.minimum(owner, n_lists - 1)
     before = tl.load(ends_ptr + owner - 1, mask=ok & (owner > 0), other=0)
@@ -1293,7 +1155,7 @@ def launch_fwd_by_block(
     lse = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
     o_part = torch.empty((chunk_tokens * heads_kv * slots * group, head_dim), dtype=q.dtype, device=q.device)
     lse_part = torch.empty(chunk_tokens * heads_kv * slots * group, dtype=torch.float32, device=q.device)
-    block_m, bt = _tile_rows(group, rows)
+    block_m, bt = tile_shape(group, rows)
     block_d = max(32, next_pow2(head_dim))  # the main kernel's value halves are products of >= 16 columns
     for c in range(lists.n_chunks):
         t0 = c * chunk_tokens
@@ -1430,7 +1292,7 @@ def launch_dq_by_block(
     key_blocks, lists, work = _by_block_work(block_indices, cu_seqlens, block_size, chunk_tokens, split)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dq_part = torch.empty((chunk_tokens * heads_kv * slots * group, head_dim), dtype=q.dtype, device=q.device)
-    block_m, bt = _tile_rows(group, rows)
+    block_m, bt = tile_shape(group, rows)
     block_d = max(16, next_pow2(head_dim))
     for c in range(lists.n_chunks):
         t0 = c * chunk_tokens
@@ -1599,7 +1461,7 @@ def launch_dkdv(
     part_shape = (max(n_parts, 1), n_sub, block_n, block_d)
     dk_part = torch.empty(part_shape, dtype=torch.float32, device=q.device)
     dv_part = torch.empty(part_shape, dtype=torch.float32, device=q.device)
-    block_m, bt = _tile_rows(group, rows)
+    block_m, bt = tile_shape(group, rows)
     warps, stages = _launch_config(block_m, head_dim, "dkdv")
     _slc_bwd_dkdv_kernel[(pieces.items.shape[0], n_sub)](
         q, k, v, do, do if do_scale is None else do_scale, lse, delta, dk, dv, dk_part, dv_part, key_blocks,

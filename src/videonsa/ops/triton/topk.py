@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from videonsa.ops.triton.compression import LOG2E, _dot_precision, _pow2, query_tiles
+from videonsa.ops.triton.utils import LOG2E, dot_precision, next_pow2, query_tiles
 
 
 @triton.jit
@@ -563,20 +563,20 @@ def select_blocks_topk(
     total, heads_q, head_dim = q.shape
     heads_kv = k_cmp.shape[1]
     group = heads_q // heads_kv
-    group_pow2 = _pow2(group)
+    group_pow2 = next_pow2(group)
     indices = torch.empty(total, heads_kv, block_count, dtype=torch.int32, device=q.device)
     if total == 0:
         return indices
     if max_seqlen is None:  # known on the host for one sequence (as in the compression kernels): no sync
         max_seqlen = total if cu_seqlens.numel() == 2 else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    n_blocks_pow2 = _pow2(triton.cdiv(max_seqlen, block_size))
+    n_blocks_pow2 = next_pow2(triton.cdiv(max_seqlen, block_size))
     method = method or CONFIG["method"]
     shape = _bisect_shape(group_pow2, n_blocks_pow2)
     if method == "bisect" and shape is None:
         raise ValueError(f"select_blocks_topk: {n_blocks_pow2} blocks per row do not fit the bisection kernel")
     common = dict(
-        HQ=heads_q, HKV=heads_kv, G=group, GP=group_pow2, D=head_dim, BD=_pow2(max(head_dim, 16)),
-        BLOCK=block_size, S=block_count, INIT=init_blocks, LOCAL=local_blocks, PREC=_dot_precision(q.dtype),
+        HQ=heads_q, HKV=heads_kv, G=group, GP=group_pow2, D=head_dim, BD=next_pow2(max(head_dim, 16)),
+        BLOCK=block_size, S=block_count, INIT=init_blocks, LOCAL=local_blocks, PREC=dot_precision(q),
     )
     if method in ("auto", "bisect") and shape is not None:
         tokens, warps, row_chunk = shape
@@ -594,19 +594,19 @@ def select_blocks_topk(
         chunk = min(CONFIG["bisect_chunk"], width)
         if chunk < 16 or chunk & (chunk - 1):
             raise ValueError(f"topk CONFIG['bisect_chunk'] must be a power of two >= 16, got {chunk}")
-        n_classes = min(max(_pow2(block_count) // 4, 1), chunk)
+        n_classes = min(max(next_pow2(block_count) // 4, 1), chunk)
         compact = torch.empty(2, n_prog, tokens, max(cand_width, 1), dtype=torch.int32, device=q.device)
         _topk_bisect_kernel[(n_prog,)](
             q, k_cmp, lse_cmp, indices, scratch, compact[0], compact[1], cu_seqlens, cu_cmp, tiles, n_work,
             scale * LOG2E,
-            BT=tokens, BC=chunk, NBP=width, SP=_pow2(block_count), CB=cand_width, NCLS=n_classes,
+            BT=tokens, BC=chunk, NBP=width, SP=next_pow2(block_count), CB=cand_width, NCLS=n_classes,
             CJ=min(16, max(cand_width, 1)), SCORE_ONLY=bool(CONFIG["score_only"]),
             HALF=bool(CONFIG["bisect_half"]), EARLY_EXIT=bool(CONFIG["bisect_early_exit"]), ROW_CHUNK=row_chunk,
-            SC=min(_pow2(block_count), chunk), BRACKET=bool(CONFIG["bisect_bracket"] or row_chunk),
+            SC=min(next_pow2(block_count), chunk), BRACKET=bool(CONFIG["bisect_bracket"] or row_chunk),
             **common, num_warps=warps, num_stages=CONFIG["bisect_stages"],
         )
         return indices
-    kp = _pow2(block_count)
+    kp = next_pow2(block_count)
     tokens = min(16, max(1, 128 // group_pow2))
     tokens = max(tokens, triton.cdiv(16, group_pow2))  # tl.dot needs M >= 16
     tiles = query_tiles(cu_seqlens, tokens, total)

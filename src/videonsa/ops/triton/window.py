@@ -23,25 +23,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from videonsa.ops.triton.selection import (
+from videonsa.ops.triton.utils import (
     LOG2E,
     bounded_tiles_of,
     dot_precision,
     kernel_input,
     next_pow2,
     row_dot,
+    tile_shape,
 )
 
 # Matrix rows (tokens x heads of a group) per query program, and keys per step.
 QUERY_ROWS = 64  # 64 measured faster than 128 on an H100 at 32K and 128K
 KEY_STEP = 64
 DKDV_ROWS = 32  # H100, 128K: 6.0 ms against 8.5 ms for 64 rows
-
-
-def _rows(group: int, rows: int) -> tuple[int, int]:
-    """(BLOCK_M, tokens per tile): BLOCK_M a power of two >= 16 holding tokens * group rows."""
-    block_m = max(rows, next_pow2(group), 16)
-    return block_m, block_m // group
 
 
 def _launch_config(block_m: int, head_dim: int) -> tuple[int, int]:
@@ -287,7 +282,7 @@ def _launch_fwd(
     """Launch `_swa_fwd_kernel` in `mode` (see the kernel); o is the output buffer (mode 0/1) or do (mode 2)."""
     total, heads_q, head_dim = q.shape
     group = heads_q // k.shape[1]
-    block_m, bt = _rows(group, tile_rows)
+    block_m, bt = tile_shape(group, tile_rows)
     tiles = bounded_tiles_of(cu_seqlens, q.shape[0], bt)
     warps, stages = _launch_config(block_m, head_dim)
     out = do if mode == 2 else o
@@ -415,7 +410,7 @@ def launch_dq(
     accumulate = dq is not None
     if dq is None:
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    block_m, bt = _rows(group, tile_rows)
+    block_m, bt = tile_shape(group, tile_rows)
     tiles = bounded_tiles_of(cu_seqlens, q.shape[0], bt)
     warps, stages = _launch_config(block_m, head_dim)
     _swa_bwd_dq_kernel[(tiles.shape[0], heads_kv)](
@@ -444,7 +439,7 @@ def launch_dkdv(
     if not accumulate:
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    block_m, bt = _rows(group, rows)
+    block_m, bt = tile_shape(group, rows)
     key_tiles = bounded_tiles_of(cu_seqlens, q.shape[0], key_step)
     warps, stages = _launch_config(block_m, head_dim)
     _swa_bwd_dkdv_kernel[(key_tiles.shape[0], heads_kv)](
