@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from videonsa.ops.triton.selection import LOG2E, dot_precision, next_pow2
+from videonsa.ops.triton.utils import LOG2E, dot_precision, next_pow2
 
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
