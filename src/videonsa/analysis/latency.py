@@ -373,7 +373,7 @@ def _no_grad(fn, *args):
 
 def triton_calls(x: dict[str, Any], settings: LatencySettings) -> BranchCalls:
     """The Triton kernels of each branch on `x`, each on the intermediates the operator computes (as
-    benchmarks/bench_ops.py separates them)."""
+    benchmarks/bench/bench_ops.py separates them)."""
     import torch
 
     from videonsa.ops.triton.compression import (
