@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -265,7 +266,7 @@ def case_lean(batch, seq_lens, heads_q, heads_kv, head_dim, dtype, settings, see
     bad = {n: e for n, e in errors.items() if e > (fwd_tol if n.startswith("o") else grad_tol)}
     assert not bad, f"errors over tolerance: {bad} (all: {errors})"
 
-    # Saved for the backward: inputs, o_slc, and nothing else of o's size (the issue's memory bound).
+    # Saved for the backward: inputs, o_slc, and nothing else of o's size (the operator's working-memory bound).
     rows = x["q"].shape[0] * x["q"].shape[1]
     big = [t for t in saved if t.numel() >= rows * heads_q * head_dim]
     inputs = {lean[n].data_ptr() for n in x}
@@ -375,7 +376,7 @@ def test_operator_on_gpu(seq_lens, heads_q, heads_kv, head_dim):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# GPU working memory (issue 5: <= 2 GB beyond inputs and outputs at T = 128K)
+# GPU working memory (the operator's bound: <= 2 GB beyond inputs and outputs at T = 128K)
 
 GiB = 2**30
 
@@ -429,24 +430,26 @@ def working_memory(path: str, x: dict, do: torch.Tensor, settings: dict) -> dict
 
 
 @pytest.mark.gpu
-def test_lean_working_memory_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lean_working_memory_on_gpu() -> None:
     """At 16K (7:1, D=128, bf16), with the selection on query tiles, the lean path's working memory stays
-    within the issue's bound scaled to the size S of one [T, HQ, D] tensor (2 GB at 128K is 2.1 S): forward
+    within the operator's bound scaled to the size S of one [T, HQ, D] tensor (2 GB at 128K is 2.1 S): forward
     <= 1.5 S (o_slc is S), forward + backward <= 2 S; and it is below the classic Function's. The block-major
     layouts (what the planners pick for random selections from 16K) add a fixed scratch on top, their chunked
-    partial buffer (`BY_BLOCK_PARTIAL_BYTES`), plus their lists (under 32 bytes per (token, group, slot))."""
-    from videonsa.ops.triton import selection as slc
+    partial buffer (`SelectionSettings.by_block_partial_bytes`), plus their lists (under 32 bytes per (token,
+    group, slot))."""
+    from videonsa.ops.triton.selection import SELECTION_SETTINGS
+    from videonsa.ops.triton_nsa import KernelSettings
 
     settings = dict(block_size=64, block_count=32, window_size=256, init_blocks=0, local_blocks=1)
     x, do = _gpu_inputs(16384)
     size = x["q"].numel() * x["q"].element_size() / GiB
-    scratch = (slc.BY_BLOCK_PARTIAL_BYTES + 32 * 16384 * 4 * settings["block_count"]) / GiB
+    scratch = (SELECTION_SETTINGS.by_block_partial_bytes + 32 * 16384 * 4 * settings["block_count"]) / GiB
     planned = working_memory("lean", x, do, settings)
-    with monkeypatch.context() as patch:  # price the block-major layouts out: query tiles everywhere
-        patch.setattr(slc, "BY_BLOCK_STEP_COST", 1e9)
-        patch.setattr(slc, "DQ_BY_BLOCK_STEP_COST", 1e9)
-        lean = working_memory("lean", x, do, settings)
-        classic = working_memory("classic", x, do, settings)
+    # Price the block-major layouts out: query tiles everywhere.
+    tiles = replace(SELECTION_SETTINGS, by_block_step_cost=1e9, dq_by_block_step_cost=1e9)
+    tiles_only = KernelSettings(selection=tiles)
+    lean = working_memory("lean", x, do, dict(settings, settings=tiles_only))
+    classic = working_memory("classic", x, do, dict(settings, settings=tiles_only))
     assert lean["fwd_work_gib"] <= 1.5 * size, (lean, size)
     assert lean["fwd_bwd_work_gib"] <= 2.0 * size, (lean, size)
     assert lean["fwd_bwd_work_gib"] < classic["fwd_bwd_work_gib"], (lean, classic)
@@ -492,26 +495,26 @@ if __name__ == "__main__":
 
 
 @pytest.mark.gpu
-def test_lean_path_never_drains_the_gpu_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lean_path_never_drains_the_gpu_queue() -> None:
     """With both selection passes block-major (what the planners pick for random selections from 16K), one
     sequence's forward and backward make no synchronising call: the planners' counts and dk/dv's partial count
     come back through non-blocking copies, and every tile table is sized by its bound (torch's sync debug mode
     turns any synchronising operation into an error)."""
-    from videonsa.ops.triton import selection as slc
-    from videonsa.ops.triton_nsa import nsa_attention_triton
+    from videonsa.ops.triton.selection import SelectionSettings
+    from videonsa.ops.triton_nsa import KernelSettings, nsa_attention_triton
 
-    for name in ("BY_BLOCK_STEP_COST", "BY_BLOCK_TOKEN_COST", "BY_BLOCK_CALL_COST", "DQ_BY_BLOCK_STEP_COST",
-                 "DQ_BY_BLOCK_TOKEN_COST", "DQ_BY_BLOCK_CALL_COST"):
-        monkeypatch.setattr(slc, name, 0.0)
+    free = dict.fromkeys(("by_block_step_cost", "by_block_token_cost", "by_block_call_cost", "dq_by_block_step_cost",
+                          "dq_by_block_token_cost", "dq_by_block_call_cost"), 0.0)
+    by_block = KernelSettings(selection=SelectionSettings(**free))
     x, do = _gpu_inputs(4096, seed=2)
     leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
-    nsa_attention_triton(**leaves).backward(do)  # compile first
+    nsa_attention_triton(**leaves, settings=by_block).backward(do)  # compile first
     grads = {k: v.grad.clone() for k, v in leaves.items()}
     for v in leaves.values():
         v.grad = None
     torch.cuda.set_sync_debug_mode("error")
     try:
-        nsa_attention_triton(**leaves).backward(do)
+        nsa_attention_triton(**leaves, settings=by_block).backward(do)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for k, v in leaves.items():

@@ -1,6 +1,6 @@
 """NSA with Triton kernels: one autograd function over compression, top-k selection, selection, window, gating.
 
-Same signature and semantics as `videonsa.ops.reference.nsa_parts_reference` (see DESIGN.md section 1). Inputs
+Same signature and semantics as `videonsa.ops.reference.nsa_parts_reference` (docs/operator.md). Inputs
 are packed into varlen form ([B*T, H, D] with cu_seqlens, see `triton/utils.pack`) so that batches and packed
 sequences take one code path. Forward, for b = block_size:
 
@@ -19,11 +19,13 @@ kernels add their dq, dk, dv; the choice of blocks gets no gradient. Every kerne
 
 That is `_NSAFunction`, used by `nsa_parts_triton` (every part returned, so every part is kept: at 128K with
 HQ=28, D=128 bf16 each [T, HQ, D] tensor is 0.94 GiB). `nsa_attention_triton` returns o alone and uses
-`_NSALeanFunction` instead, which keeps one such tensor (o_slc) and makes no other in the backward (issue 5's
-2 GB working-memory bound); see its docstring.
+`_NSALeanFunction` instead, which keeps one such tensor (o_slc) and makes no other in the backward (the
+operator's working-memory bound: 2 GB at 128K, docs/performance.md); see its docstring.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -39,7 +41,9 @@ from videonsa.ops.triton.compression import (
     mean_pool_fwd,
 )
 from videonsa.ops.triton.selection import (
+    SELECTION_SETTINGS,
     LayoutChoice,
+    SelectionSettings,
     choose_layout,
     selected_attention_bwd,
     selected_attention_fwd,
@@ -47,6 +51,18 @@ from videonsa.ops.triton.selection import (
 from videonsa.ops.triton.topk import select_blocks_topk
 from videonsa.ops.triton.utils import KERNEL_DTYPES, next_pow2, pack, row_dot
 from videonsa.ops.triton.window import window_attention_bwd, window_attention_delta, window_attention_fwd
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """The launch settings of every branch's kernels (each defaults to its module's measured settings); tests and
+    benchmarks pass other values here instead of changing module globals."""
+
+    selection: SelectionSettings = SELECTION_SETTINGS
+
+
+KERNEL_SETTINGS = KernelSettings()
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Gated sum
@@ -179,15 +195,18 @@ def _add_(acc: Tensor, x: Tensor) -> Tensor:
 
 
 def _choose_layout(
-    q: Tensor, k: Tensor, indices: Tensor, cu_seqlens: Tensor, block_size: int, dq: bool = False
+    q: Tensor, k: Tensor, indices: Tensor, cu_seqlens: Tensor, block_size: int, settings: KernelSettings,
+    dq: bool = False,
 ) -> LayoutChoice:
     """Start the selection planner (`choose_layout`) before independent work is queued (the window branch in
     the forward, the delta kernels in the backward): its counts reach the host while those kernels run, so
     the GPU does not idle while the host decides and launches the selection."""
-    return choose_layout(indices, cu_seqlens, q.shape[1] // k.shape[1], block_size, dq=dq)
+    return choose_layout(indices, cu_seqlens, q.shape[1] // k.shape[1], block_size, dq, settings.selection)
 
 
-def _compress_and_select(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, config: NSAConfig, scale: float):
+def _compress_and_select(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, config: NSAConfig, scale: float, settings: KernelSettings
+):
     """The forward steps both autograd functions share: pooled keys, the compression branch and the top-k.
 
     Returns k_cmp, v_cmp [total_NB, HKV, D], cu_cmp, o_cmp [total_T, HQ, D], lse_cmp float32 [total_T, HQ] and
@@ -210,18 +229,21 @@ class _NSAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, config: NSAConfig, scale: float):
-        b = config.block_size
-        k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp, indices = _compress_and_select(q, k, v, cu_seqlens, config, scale)
-        layout = _choose_layout(q, k, indices, cu_seqlens, b)
+    def forward(ctx, q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, config: NSAConfig, scale: float,
+                settings: KernelSettings):
+        b, slc = config.block_size, settings.selection
+        k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp, indices = _compress_and_select(
+            q, k, v, cu_seqlens, config, scale, settings
+        )
+        layout = _choose_layout(q, k, indices, cu_seqlens, b, settings)
         o_swa, lse_swa = window_attention_fwd(q, k, v, cu_seqlens, config.window_size, scale)
-        o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale, layout=layout)
+        o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale, layout=layout, settings=slc)
         o = gate_fwd(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
         ctx.save_for_backward(
             q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, k_cmp, v_cmp, cu_cmp,
             o_cmp, lse_cmp, indices, o_slc, lse_slc, o_swa, lse_swa,
         )
-        ctx.config, ctx.scale = config, scale
+        ctx.config, ctx.scale, ctx.settings = config, scale, settings
         ctx.mark_non_differentiable(indices, lse_cmp)
         ctx.set_materialize_grads(False)
         return o, o_cmp, o_slc, o_swa, indices, lse_cmp
@@ -230,7 +252,7 @@ class _NSAFunction(torch.autograd.Function):
     def backward(ctx, do, do_cmp_extra, do_slc_extra, do_swa_extra, _indices, _lse):
         (q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, k_cmp, v_cmp, cu_cmp,
          o_cmp, lse_cmp, indices, o_slc, lse_slc, o_swa, lse_swa) = ctx.saved_tensors
-        config, scale = ctx.config, ctx.scale
+        config, scale, settings = ctx.config, ctx.scale, ctx.settings
         b = config.block_size
         if do is None:
             do_cmp, do_slc, do_swa = (torch.zeros_like(q) for _ in range(3))
@@ -249,7 +271,9 @@ class _NSAFunction(torch.autograd.Function):
         if do_swa_extra is not None:
             _add_(do_swa, do_swa_extra)
 
-        dq, dk, dv = selected_attention_bwd(q, k, v, o_slc, lse_slc, do_slc, indices, cu_seqlens, b, scale)
+        dq, dk, dv = selected_attention_bwd(
+            q, k, v, o_slc, lse_slc, do_slc, indices, cu_seqlens, b, scale, settings=settings.selection
+        )
         dq_w, dk_w, dv_w = window_attention_bwd(
             q, k, v, o_swa, lse_swa, do_swa, cu_seqlens, config.window_size, scale
         )
@@ -261,13 +285,13 @@ class _NSAFunction(torch.autograd.Function):
             q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, cu_seqlens, cu_cmp, b, scale, dq=dq, delta=delta_cmp
         )
         mean_pool_bwd(dk_cmp, dv_cmp, dk, dv, cu_seqlens, cu_cmp, b)
-        return dq, dk, dv, dg_cmp, dg_slc, dg_swa, None, None, None
+        return dq, dk, dv, dg_cmp, dg_slc, dg_swa, None, None, None, None
 
 
 class _NSALeanFunction(torch.autograd.Function):
     """Packed NSA returning o alone, with at most one [total_T, HQ, D] tensor kept besides inputs and o.
 
-    q [total_T, HQ, D], k/v [total_T, HKV, D], gates [total_T, HQ]. Working memory (issue 5: <= 2 GB at 128K):
+    q [total_T, HQ, D], k/v [total_T, HKV, D], gates [total_T, HQ]. Working memory (<= 2 GB at 128K):
 
     * Forward: the compression output's buffer becomes o; the window kernel folds g_swa * o_swa into it
       (o <- g_cmp * o_cmp + g_swa * o_swa, o_swa never stored); then o += g_slc * o_slc (when no input needs a
@@ -283,10 +307,11 @@ class _NSALeanFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, config: NSAConfig, scale: float):
-        b = config.block_size
-        k_cmp, v_cmp, cu_cmp, o, lse_cmp, indices = _compress_and_select(q, k, v, cu_seqlens, config, scale)
-        layout = _choose_layout(q, k, indices, cu_seqlens, b)
+    def forward(ctx, q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, config: NSAConfig, scale: float,
+                settings: KernelSettings):
+        b, slc = config.block_size, settings.selection
+        k_cmp, v_cmp, cu_cmp, o, lse_cmp, indices = _compress_and_select(q, k, v, cu_seqlens, config, scale, settings)
+        layout = _choose_layout(q, k, indices, cu_seqlens, b, settings)
         # o holds o_cmp: the window kernel turns it into g_cmp * o_cmp + g_swa * o_swa in place.
         o, lse_swa = window_attention_fwd(
             q, k, v, cu_seqlens, config.window_size, scale, fold_into=o, fold_scale=g_cmp, gate=g_swa
@@ -295,29 +320,29 @@ class _NSALeanFunction(torch.autograd.Function):
             # Nothing will call backward (inference): the selection adds g_slc * o_slc into o itself, so o_slc
             # is never made (one rounding fewer than the path below) and nothing is saved.
             selected_attention_fwd(
-                q, k, v, indices, cu_seqlens, b, scale, fold_into=o, fold_scale=g_slc, layout=layout
+                q, k, v, indices, cu_seqlens, b, scale, fold_into=o, fold_scale=g_slc, layout=layout, settings=slc
             )
             return o
-        o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale, layout=layout)
+        o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale, layout=layout, settings=slc)
         gate_fold_(o, o_slc, g_slc)
         ctx.save_for_backward(
             q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, k_cmp, v_cmp, cu_cmp,
             lse_cmp, indices, o_slc, lse_slc, lse_swa,
         )
-        ctx.config, ctx.scale = config, scale
+        ctx.config, ctx.scale, ctx.settings = config, scale, settings
         return o
 
     @staticmethod
     def backward(ctx, do):
         (q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, k_cmp, v_cmp, cu_cmp,
          lse_cmp, indices, o_slc, lse_slc, lse_swa) = ctx.saved_tensors
-        config, scale = ctx.config, ctx.scale
+        config, scale, settings = ctx.config, ctx.scale, ctx.settings
         b, w = config.block_size, config.window_size
         need = ctx.needs_input_grad
         need_qkv = any(need[:3])
         do = do.contiguous()
         # dq's layout is chosen first, so the host reads the planner's counts while the delta kernels run.
-        dq_layout = _choose_layout(q, k, indices, cu_seqlens, b, dq=True) if need_qkv else None
+        dq_layout = _choose_layout(q, k, indices, cu_seqlens, b, settings, dq=True) if need_qkv else None
         # dg_b = sum_d do * o_b (float32). Computed only where a gate gradient or a branch backward needs it.
         dg_slc = row_dot(o_slc, do) if (need_qkv or need[4]) else None
         dg_swa = window_attention_delta(q, k, v, lse_swa, do, cu_seqlens, w, scale) if (need_qkv or need[5]) else None
@@ -329,7 +354,7 @@ class _NSALeanFunction(torch.autograd.Function):
         if need_qkv:
             dq, dk, dv = selected_attention_bwd(
                 q, k, v, None, lse_slc, do, indices, cu_seqlens, b, scale,
-                delta=dg_slc * g_slc.float(), do_scale=g_slc, dq_layout=dq_layout,
+                delta=dg_slc * g_slc.float(), do_scale=g_slc, dq_layout=dq_layout, settings=settings.selection,
             )
             window_attention_bwd(
                 q, k, v, None, lse_swa, do, cu_seqlens, w, scale,
@@ -344,7 +369,7 @@ class _NSALeanFunction(torch.autograd.Function):
         return (
             dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
             gate_grad(dg_cmp, g_cmp, 3), gate_grad(dg_slc, g_slc, 4), gate_grad(dg_swa, g_swa, 5),
-            None, None, None,
+            None, None, None, None,
         )
 
 
@@ -353,8 +378,9 @@ class _NSALeanFunction(torch.autograd.Function):
 
 
 def _packed_call(q, k, v, g_cmp, g_slc, g_swa, block_size, block_count, window_size, init_blocks, local_blocks,
-                 cu_seqlens, scale):
-    """Validate and pack the public arguments: (packed q, k, v, three gates, cu_seqlens, config, scale)."""
+                 cu_seqlens, scale, settings):
+    """Validate and pack the public arguments: (packed q, k, v, three gates, cu_seqlens, config, scale,
+    settings)."""
     check_inputs(q, k, v, g_cmp, g_slc, g_swa)
     config = NSAConfig(block_size, block_count, window_size, init_blocks, local_blocks)
     batch, seq_len, heads_q, head_dim = q.shape
@@ -368,7 +394,7 @@ def _packed_call(q, k, v, g_cmp, g_slc, g_swa, block_size, block_count, window_s
     kp, _ = pack(k.contiguous(), cu_seqlens)
     vp, _ = pack(v.contiguous(), cu_seqlens)
     gates = [pack(g.contiguous(), cu_seqlens)[0] for g in (g_cmp, g_slc, g_swa)]
-    return qp, kp, vp, *gates, cu, config, scale
+    return qp, kp, vp, *gates, cu, config, scale, settings or KERNEL_SETTINGS
 
 
 def nsa_parts_triton(
@@ -379,22 +405,24 @@ def nsa_parts_triton(
     g_slc: Tensor,
     g_swa: Tensor,
     *,
-    block_size: int = 64,
-    block_count: int = 32,
-    window_size: int = 256,
-    init_blocks: int = 0,
-    local_blocks: int = 1,
+    block_size: int = NSAConfig.block_size,
+    block_count: int = NSAConfig.block_count,
+    window_size: int = NSAConfig.window_size,
+    init_blocks: int = NSAConfig.init_blocks,
+    local_blocks: int = NSAConfig.local_blocks,
     cu_seqlens: Tensor | None = None,
     scale: float | None = None,
+    settings: KernelSettings | None = None,
 ) -> NSAParts:
     """NSA over q [B, T, HQ, D], k/v [B, T, HKV, D], gates [B, T, HQ] with Triton kernels; every part returned.
 
     Returns `NSAParts`: o, o_cmp, o_slc, o_swa [B, T, HQ, D] in q's dtype (all differentiable),
     block_indices int32 [B, T, HKV, block_count] and lse_cmp float32 [B, T, HQ]. Keeps every branch output
-    for the backward (about 4x the memory of `nsa_attention_triton`).
+    for the backward (about 4x the memory of `nsa_attention_triton`). settings: the kernels' launch settings
+    (`KernelSettings`; None: the measured defaults).
     """
     args = _packed_call(q, k, v, g_cmp, g_slc, g_swa, block_size, block_count, window_size, init_blocks,
-                        local_blocks, cu_seqlens, scale)
+                        local_blocks, cu_seqlens, scale, settings)
     o, o_cmp, o_slc, o_swa, indices, lse_cmp = _NSAFunction.apply(*args)
     batch, seq_len = q.shape[:2]
     out = lambda x: x.view(batch, seq_len, *x.shape[1:])  # noqa: E731
@@ -409,23 +437,27 @@ def nsa_attention_triton(
     g_slc: Tensor,
     g_swa: Tensor,
     *,
-    block_size: int = 64,
-    block_count: int = 32,
-    window_size: int = 256,
-    init_blocks: int = 0,
-    local_blocks: int = 1,
+    block_size: int = NSAConfig.block_size,
+    block_count: int = NSAConfig.block_count,
+    window_size: int = NSAConfig.window_size,
+    init_blocks: int = NSAConfig.init_blocks,
+    local_blocks: int = NSAConfig.local_blocks,
     cu_seqlens: Tensor | None = None,
     scale: float | None = None,
+    settings: KernelSettings | None = None,
 ) -> Tensor:
     """NSA with Triton kernels: o [B, T, HQ, D] in q's dtype (see `videonsa.ops.nsa_attention`).
 
     The lean path (`_NSALeanFunction`): besides inputs and o it keeps one [B*T, HQ, D] tensor (o_slc) for the
-    backward, and the backward holds no other such tensor beyond its outputs.
+    backward, and the backward holds no other such tensor beyond its outputs. settings: as in `nsa_parts_triton`.
     """
     args = _packed_call(q, k, v, g_cmp, g_slc, g_swa, block_size, block_count, window_size, init_blocks,
-                        local_blocks, cu_seqlens, scale)
+                        local_blocks, cu_seqlens, scale, settings)
     o = _NSALeanFunction.apply(*args)
     return o.view(q.shape)
 
 
-__all__ = ["gate_bwd", "gate_fold_", "gate_fwd", "nsa_attention_triton", "nsa_parts_triton"]
+__all__ = [
+    "KERNEL_SETTINGS", "KernelSettings", "gate_bwd", "gate_fold_", "gate_fwd", "nsa_attention_triton",
+    "nsa_parts_triton",
+]

@@ -1,0 +1,46 @@
+"""Shared kernel utilities (`videonsa.ops.triton.utils`) and host reads (`videonsa.ops.triton.host`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from interpreter_harness import DEVICE, kernels_runnable_here, run_file_under_interpreter
+
+from videonsa.ops.triton.utils import _tiles_kernel
+
+RUNNABLE = kernels_runnable_here(_tiles_kernel)
+kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
+
+
+@pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
+def test_under_interpreter() -> None:
+    run_file_under_interpreter(__file__, min_passed=1)
+
+
+@kernel_test
+def test_tiles_never_straddle_sequences() -> None:
+    from videonsa.ops.triton.utils import tiles_of
+
+    cu = torch.tensor([0, 5, 5 + 18, 5 + 18 + 1], dtype=torch.int32, device=DEVICE)
+    tiles = tiles_of(cu, 9).tolist()
+    assert tiles == [[0, 5, 0, 5], [5, 9, 5, 23], [14, 9, 5, 23], [23, 1, 23, 24]]
+    # With a bound on the count (no host sync): the same tiles, then empty rows.
+    assert tiles_of(cu, 9, max_tiles=6).tolist() == tiles + [[24, 0, 24, 24]] * 2
+    # Empty sequences (first, inner, last) own no tile.
+    cu = torch.tensor([0, 0, 3, 3, 13, 13], dtype=torch.int32, device=DEVICE)
+    assert tiles_of(cu, 4).tolist() == [[0, 3, 0, 3], [3, 4, 3, 13], [7, 4, 3, 13], [11, 2, 3, 13]]
+    assert tiles_of(cu, 4, max_tiles=5).tolist()[4] == [13, 0, 13, 13]
+    # int64 offsets and a strided view read the same (the kernels take a contiguous int32 copy).
+    assert tiles_of(cu.long(), 4).tolist() == tiles_of(cu, 4).tolist()
+    strided = torch.stack([cu, cu], dim=1)[:, 0]
+    assert tiles_of(strided, 4).tolist() == tiles_of(cu, 4).tolist()
+
+
+def test_host_copy_reads_the_values_at_copy_time() -> None:
+    from videonsa.ops.triton.host import HostCopy
+
+    x = torch.tensor([3, 1, 4])
+    copy = HostCopy(x)
+    x.add_(10)  # later writes to the source do not reach the copy
+    assert copy.tolist() == [3, 1, 4]
+    assert HostCopy(torch.tensor(7)).tolist() == 7
