@@ -40,11 +40,11 @@ class SparseSettings:
     block_count, window_size and gate_temperature but has no forced blocks (init_blocks / local_blocks unused).
     """
 
-    block_size: int = 64
-    block_count: int = 32
-    window_size: int = 256
-    init_blocks: int = 0
-    local_blocks: int = 1
+    block_size: int = NSAConfig.block_size
+    block_count: int = NSAConfig.block_count
+    window_size: int = NSAConfig.window_size
+    init_blocks: int = NSAConfig.init_blocks
+    local_blocks: int = NSAConfig.local_blocks
     gate_temperature: float = 0.3
     mode: str = "nsa"
 

@@ -19,13 +19,13 @@ from videonsa.layers import SparseSettings
 
 # Text-config key -> default. block_counts is the released checkpoint's name for NSA's block_count.
 NSA_CONFIG_DEFAULTS: dict[str, Any] = {
-    "block_size": 64,
-    "block_counts": 32,
-    "window_size": 256,
-    "init_blocks": 0,
-    "local_blocks": 1,
-    "gate_temperature": 0.3,
-    "attention_mode": "nsa",
+    "block_size": SparseSettings.block_size,
+    "block_counts": SparseSettings.block_count,
+    "window_size": SparseSettings.window_size,
+    "init_blocks": SparseSettings.init_blocks,
+    "local_blocks": SparseSettings.local_blocks,
+    "gate_temperature": SparseSettings.gate_temperature,
+    "attention_mode": SparseSettings.mode,
 }
 # Checkpoints of Qwen2.5-VL (plain or the released VideoNSA one) that VideoNSAConfig reads as its own.
 COMPATIBLE_MODEL_TYPES = ("qwen2_5_vl", "videonsa")

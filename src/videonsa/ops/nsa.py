@@ -74,11 +74,11 @@ def nsa_attention(
     g_slc: Tensor,
     g_swa: Tensor,
     *,
-    block_size: int = 64,
-    block_count: int = 32,
-    window_size: int = 256,
-    init_blocks: int = 0,
-    local_blocks: int = 1,
+    block_size: int = NSAConfig.block_size,
+    block_count: int = NSAConfig.block_count,
+    window_size: int = NSAConfig.window_size,
+    init_blocks: int = NSAConfig.init_blocks,
+    local_blocks: int = NSAConfig.local_blocks,
     cu_seqlens: Tensor | None = None,
     scale: float | None = None,
     backend: str | None = None,
@@ -88,7 +88,7 @@ def nsa_attention(
     Args:
         q: [B, T, HQ, D]; k, v: [B, T, HKV, D] with HQ % HKV == 0 (any ratio).
         g_cmp, g_slc, g_swa: [B, T, HQ] gates, already in [0, 1].
-        block_size, block_count, window_size: NSA budget (defaults 64, 32, 256).
+        block_size, block_count, window_size: NSA budget (defaults: `NSAConfig`'s, 64, 32, 256).
         init_blocks, local_blocks: blocks every query selects regardless of score (VideoNSA: 0 and 1).
         cu_seqlens: int32 [N+1] offsets of sequences packed along T (then B must be 1).
         scale: softmax scale, default D ** -0.5.
@@ -116,11 +116,11 @@ def nsa_attention_parts(
     g_slc: Tensor,
     g_swa: Tensor,
     *,
-    block_size: int = 64,
-    block_count: int = 32,
-    window_size: int = 256,
-    init_blocks: int = 0,
-    local_blocks: int = 1,
+    block_size: int = NSAConfig.block_size,
+    block_count: int = NSAConfig.block_count,
+    window_size: int = NSAConfig.window_size,
+    init_blocks: int = NSAConfig.init_blocks,
+    local_blocks: int = NSAConfig.local_blocks,
     cu_seqlens: Tensor | None = None,
     scale: float | None = None,
     backend: str | None = None,
