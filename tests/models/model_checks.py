@@ -37,3 +37,20 @@ def capture_attention(module: torch.nn.Module) -> AttentionCapture:
         module.register_forward_hook(after),
     ]
     return capture
+
+
+def use_package_positions(stock: torch.nn.Module) -> torch.nn.Module:
+    """Give a stock Qwen2.5-VL model the rotary position ids this package computes (models/rope_positions.py),
+    so that comparisons with it test the attention, not transformers' placement of text after a video."""
+    from videonsa.models.rope_positions import multimodal_position_ids
+
+    vision = stock.config.vision_config
+
+    def get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
+                       second_per_grid_ts=None, attention_mask=None, **kwargs):
+        return multimodal_position_ids(mm_token_type_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                                       attention_mask, tokens_per_second=vision.tokens_per_second,
+                                       spatial_merge_size=vision.spatial_merge_size)
+
+    stock.model.get_rope_index = get_rope_index
+    return stock

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from model_checks import use_package_positions
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoTokenizer
 
@@ -84,7 +85,7 @@ def test_flat_config_with_top_level_settings_is_read(tmp_path):
 
 
 def test_plain_qwen2_5_vl_loads_with_fresh_gates_and_one_notice(tmp_path, batch, message_log):
-    stock = testing.tiny_model(videonsa=False, seed=14)
+    stock = use_package_positions(testing.tiny_model(videonsa=False, seed=14))
     testing.save_tiny_checkpoint(tmp_path, model=stock)
     torch.manual_seed(0)
     model = VideoNSAForConditionalGeneration.from_pretrained(tmp_path)

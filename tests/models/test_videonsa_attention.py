@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from model_checks import capture_attention
+from model_checks import capture_attention, use_package_positions
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
@@ -96,7 +96,7 @@ def test_first_layer_vision_outputs_do_not_depend_on_text_before_the_video(batch
 
 def test_dense_mode_equals_stock_qwen2_5_vl_with_the_same_weights(batch):
     model = testing.tiny_model(seed=4)
-    stock = testing.tiny_model(videonsa=False, seed=99)
+    stock = use_package_positions(testing.tiny_model(videonsa=False, seed=99))
     missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
     assert missing == [] and all(".g_proj_" in key for key in unexpected) and len(unexpected) == 8
     model.set_attention_mode("dense")

@@ -71,7 +71,7 @@ from videonsa.models.official_mode import (
     refuse_cached_vision,
     refuse_training,
 )
-from videonsa.models.time_positions import fractional_video_time_positions
+from videonsa.models.rope_positions import multimodal_position_ids
 from videonsa.parallel import (
     SequenceParallel,
     SequenceParallelModule,
@@ -350,16 +350,16 @@ class VideoNSAModel(_GateInitMixin, qwen.Qwen2_5_VLModel):
         attention_mask: Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor]:
-        """Qwen2.5-VL's 3D positions, with video time positions that keep fractional seconds per patch on
-        every transformers version (5.17 truncates them to whole seconds; see `time_positions`)."""
-        position_ids, rope_deltas = super().get_rope_index(
-            input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-            second_per_grid_ts=second_per_grid_ts, attention_mask=attention_mask, **kwargs,
-        )
-        if video_grid_thw is None or second_per_grid_ts is None:
-            return position_ids, rope_deltas
-        return fractional_video_time_positions(
-            position_ids, mm_token_type_ids, video_grid_thw, second_per_grid_ts, attention_mask,
+        """Qwen2.5-VL's 3D rotary positions computed by this package (`rope_positions`), not by transformers:
+        the text after a video continues past the video's largest id and video time ids keep fractional seconds,
+        on every transformers version (docs/layer.md, "Rotary positions")."""
+        if image_grid_thw is None and video_grid_thw is None:
+            return super().get_rope_index(
+                input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                second_per_grid_ts=second_per_grid_ts, attention_mask=attention_mask, **kwargs,
+            )
+        return multimodal_position_ids(
+            mm_token_type_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
             tokens_per_second=self.config.vision_config.tokens_per_second,
             spatial_merge_size=self.config.vision_config.spatial_merge_size,
         )
