@@ -1,4 +1,4 @@
-"""A deliberately naive, token-by-token NSA written straight from DESIGN.md section 1.
+"""A deliberately naive, token-by-token NSA written straight from the operator's definition (docs/operator.md).
 
 It exists only to check `videonsa.ops` against: loops over sequences, tokens and heads, builds every key
 list in Python and runs a plain softmax over it, in float64, differentiable through autograd. Slow on

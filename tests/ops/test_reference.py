@@ -1,7 +1,7 @@
 """The NSA operator (`videonsa.ops`, reference backend forced) against the naive token-by-token NSA.
 
 Every test compares forward parts and all gradients with `naive_nsa`, or checks a property of the design
-(DESIGN.md section 1) directly: tie-breaking, where gradients may and may not flow, short sequences.
+(docs/operator.md) directly: tie-breaking, where gradients may and may not flow, short sequences.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ from torch import Tensor
 
 from videonsa.ops.common import NSAConfig, NSAParts, check_inputs, sequence_spans
 from videonsa.ops.triton.compression import (
+    COMPRESSION_SETTINGS,
+    CompressionSettings,
     compressed_attention_bwd,
     compressed_attention_delta,
     compressed_attention_fwd,
@@ -48,9 +50,15 @@ from videonsa.ops.triton.selection import (
     selected_attention_bwd,
     selected_attention_fwd,
 )
-from videonsa.ops.triton.topk import select_blocks_topk
+from videonsa.ops.triton.topk import TOPK_SETTINGS, TopkSettings, select_blocks_topk
 from videonsa.ops.triton.utils import KERNEL_DTYPES, next_pow2, pack, row_dot
-from videonsa.ops.triton.window import window_attention_bwd, window_attention_delta, window_attention_fwd
+from videonsa.ops.triton.window import (
+    WINDOW_SETTINGS,
+    WindowSettings,
+    window_attention_bwd,
+    window_attention_delta,
+    window_attention_fwd,
+)
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,10 @@ class KernelSettings:
     """The launch settings of every branch's kernels (each defaults to its module's measured settings); tests and
     benchmarks pass other values here instead of changing module globals."""
 
+    compression: CompressionSettings = COMPRESSION_SETTINGS
+    topk: TopkSettings = TOPK_SETTINGS
     selection: SelectionSettings = SELECTION_SETTINGS
+    window: WindowSettings = WINDOW_SETTINGS
 
 
 KERNEL_SETTINGS = KernelSettings()
@@ -214,10 +225,10 @@ def _compress_and_select(
     """
     b = config.block_size
     k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, v, cu_seqlens, b)
-    o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, b, scale)
+    o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, b, scale, settings.compression)
     indices = select_blocks_topk(
         q, k_cmp, lse_cmp, cu_seqlens, cu_cmp, block_size=b, block_count=config.block_count,
-        init_blocks=config.init_blocks, local_blocks=config.local_blocks, scale=scale,
+        init_blocks=config.init_blocks, local_blocks=config.local_blocks, scale=scale, settings=settings.topk,
     )
     return k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp, indices
 
@@ -236,7 +247,7 @@ class _NSAFunction(torch.autograd.Function):
             q, k, v, cu_seqlens, config, scale, settings
         )
         layout = _choose_layout(q, k, indices, cu_seqlens, b, settings)
-        o_swa, lse_swa = window_attention_fwd(q, k, v, cu_seqlens, config.window_size, scale)
+        o_swa, lse_swa = window_attention_fwd(q, k, v, cu_seqlens, config.window_size, scale, settings=settings.window)
         o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale, layout=layout, settings=slc)
         o = gate_fwd(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
         ctx.save_for_backward(
@@ -275,14 +286,15 @@ class _NSAFunction(torch.autograd.Function):
             q, k, v, o_slc, lse_slc, do_slc, indices, cu_seqlens, b, scale, settings=settings.selection
         )
         dq_w, dk_w, dv_w = window_attention_bwd(
-            q, k, v, o_swa, lse_swa, do_swa, cu_seqlens, config.window_size, scale
+            q, k, v, o_swa, lse_swa, do_swa, cu_seqlens, config.window_size, scale, settings=settings.window
         )
         _add_(dq, dq_w)
         _add_(dk, dk_w)
         _add_(dv, dv_w)
         del dq_w, dk_w, dv_w
         dq, dk_cmp, dv_cmp = compressed_attention_bwd(
-            q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, cu_seqlens, cu_cmp, b, scale, dq=dq, delta=delta_cmp
+            q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, cu_seqlens, cu_cmp, b, scale, dq=dq, delta=delta_cmp,
+            settings=settings.compression,
         )
         mean_pool_bwd(dk_cmp, dv_cmp, dk, dv, cu_seqlens, cu_cmp, b)
         return dq, dk, dv, dg_cmp, dg_slc, dg_swa, None, None, None, None
@@ -314,7 +326,8 @@ class _NSALeanFunction(torch.autograd.Function):
         layout = _choose_layout(q, k, indices, cu_seqlens, b, settings)
         # o holds o_cmp: the window kernel turns it into g_cmp * o_cmp + g_swa * o_swa in place.
         o, lse_swa = window_attention_fwd(
-            q, k, v, cu_seqlens, config.window_size, scale, fold_into=o, fold_scale=g_cmp, gate=g_swa
+            q, k, v, cu_seqlens, config.window_size, scale, fold_into=o, fold_scale=g_cmp, gate=g_swa,
+            settings=settings.window,
         )
         if not any(ctx.needs_input_grad[:6]):
             # Nothing will call backward (inference): the selection adds g_slc * o_slc into o itself, so o_slc
@@ -345,9 +358,14 @@ class _NSALeanFunction(torch.autograd.Function):
         dq_layout = _choose_layout(q, k, indices, cu_seqlens, b, settings, dq=True) if need_qkv else None
         # dg_b = sum_d do * o_b (float32). Computed only where a gate gradient or a branch backward needs it.
         dg_slc = row_dot(o_slc, do) if (need_qkv or need[4]) else None
-        dg_swa = window_attention_delta(q, k, v, lse_swa, do, cu_seqlens, w, scale) if (need_qkv or need[5]) else None
+        dg_swa = (
+            window_attention_delta(q, k, v, lse_swa, do, cu_seqlens, w, scale, settings=settings.window)
+            if (need_qkv or need[5]) else None
+        )
         dg_cmp = (
-            compressed_attention_delta(q, k_cmp, v_cmp, lse_cmp, do, cu_seqlens, cu_cmp, b, scale)
+            compressed_attention_delta(
+                q, k_cmp, v_cmp, lse_cmp, do, cu_seqlens, cu_cmp, b, scale, settings=settings.compression
+            )
             if (need_qkv or need[3]) else None
         )
         dq = dk = dv = None
@@ -358,11 +376,11 @@ class _NSALeanFunction(torch.autograd.Function):
             )
             window_attention_bwd(
                 q, k, v, None, lse_swa, do, cu_seqlens, w, scale,
-                delta=dg_swa * g_swa.float(), do_scale=g_swa, dq=dq, dk=dk, dv=dv,
+                delta=dg_swa * g_swa.float(), do_scale=g_swa, dq=dq, dk=dk, dv=dv, settings=settings.window,
             )
             dq, dk_cmp, dv_cmp = compressed_attention_bwd(
                 q, k_cmp, v_cmp, None, lse_cmp, do, cu_seqlens, cu_cmp, b, scale,
-                dq=dq, delta=dg_cmp * g_cmp.float(), do_scale=g_cmp,
+                dq=dq, delta=dg_cmp * g_cmp.float(), do_scale=g_cmp, settings=settings.compression,
             )
             mean_pool_bwd(dk_cmp, dv_cmp, dk, dv, cu_seqlens, cu_cmp, b)
         gate_grad = lambda dg, g, i: dg.to(g.dtype) if need[i] else None  # noqa: E731

@@ -18,6 +18,8 @@ order (no float atomics).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -332,12 +334,10 @@ def _cmp_bwd_dkv_kernel(
     qk_scale, scale, seg_len, total_blocks,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BKC: tl.constexpr, PREC: tl.constexpr,
-    DO_SCALE: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr,
+    DO_SCALE: tl.constexpr,
 ):
     # One program: BKC compressed blocks of one sequence and KV head, against the queries of segment `seg`
     # of that sequence; writes its partial dK~, dV~ to slot `seg` of the [n_seg, total_NB, HKV, D] buffers.
-    # WANT_DK / WANT_DV: a program that computes one of the two holds one [BKC, BD] float32 accumulator instead
-    # of two (fewer registers, several programs per SM), at the price of recomputing q.K~ in the other launch.
     ktile = tl.program_id(0)
     seg = tl.program_id(1)
     g = tl.program_id(2)
@@ -386,56 +386,61 @@ def _cmp_bwd_dkv_kernel(
         st = tl.dot(kc, tl.trans(q), input_precision=PREC) * qk_scale  # [BKC, BM]
         pt = tl.where(j[:, None] < n_visible[None, :], tl.exp2(st - lse2[None, :]), 0.0)
         # do_scale g (upstream gradient g * do) without touching the do tile: dV~ += (p g)^T do and
-        # dp = g (V~ do^T) scale the float32 [BKC, BM] columns that are in registers anyway. The form was picked
-        # from the sm_90 register report (32x128, 8 warps, 3 stages, bf16 D=128): ds = (p g) dp - p delta with
-        # p g shared by both products gives 255 registers, no spills (p (g dp - delta): 8 bytes spilled; dK~
-        # before dV~: 20 bytes spilled); without g, 251 registers.
+        # dp = g (V~ do^T) scale the float32 [BKC, BM] columns that are in registers anyway. Of the equivalent
+        # forms, ds = (p g) dp - p delta with p g shared by both products is the one that does not spill
+        # registers on sm_90 (32x128 tile, 8 warps, 3 stages, bf16 D=128), and dV~ comes before dK~ for the same
+        # reason.
         if DO_SCALE:
             dos = tl.load(dos_ptr + stat_off, mask=row_ok, other=0.0).to(tl.float32)
             pg = pt * dos[None, :]
-            if WANT_DV:
-                dv += tl.dot(pg.to(do.dtype), do, input_precision=PREC)
-            if WANT_DK:
-                dpt = tl.dot(vc, tl.trans(do), input_precision=PREC)
-                dst = pg * dpt - pt * delta[None, :]
-                dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+            dv += tl.dot(pg.to(do.dtype), do, input_precision=PREC)
+            dpt = tl.dot(vc, tl.trans(do), input_precision=PREC)
+            dst = pg * dpt - pt * delta[None, :]
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
         else:
-            if WANT_DV:
-                dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-            if WANT_DK:
-                dpt = tl.dot(vc, tl.trans(do), input_precision=PREC)
-                dst = pt * (dpt - delta[None, :])
-                dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+            dpt = tl.dot(vc, tl.trans(do), input_precision=PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
 
     # Fresh (not CSE-able) [BKC, BD] mask and offsets, so the kc/vc loads' ones are not live across the loop.
     out = (seg.to(tl.int64) * total_blocks + cbos + j) * (HKV * D) + g * D
     out_off = out[:, None] + d[None, :]
-    if WANT_DK:
-        tl.store(dkc_ptr + out_off, dk * scale, mask=kv_mask)
-    if WANT_DV:
-        tl.store(dvc_ptr + out_off, dv, mask=kv_mask)
+    tl.store(dkc_ptr + out_off, dk * scale, mask=kv_mask)
+    tl.store(dvc_ptr + out_off, dv, mask=kv_mask)
 
 
-# Launch settings per kernel: matrix rows per query tile, keys per step, warps, pipeline stages; the dK~/dV~
-# kernel also has compressed keys per program (keys), query tokens per segment at least (min_segment), at most
-# max_segments segments (partial sums: max_segments * total_NB * HKV * D float32 for each of dK~, dV~), and
-# split (dK~ and dV~ from two launches). Triton 3.6 sm_90 register reports at D=128, bf16, 7:1 (with the
-# launch's 16-byte alignment hints): dkv 32 rows x 128 keys, 8 warps, 3 stages: 251 registers, no spills
-# (2 stages: 233; 64 keys: 173; 64 rows x 128 keys spills 128 bytes; split 32x128: 177); dq 128x32/8 warps:
-# 219 (64x32/4 warps: 134, i.e. three programs per SM); fwd 128x64/8 warps: 203. dkv timed on the H100 at
-# 128K (tune_compression.py): 32x128 w8 s3 14.7 ms, s2 17.0, 64x128 s2 16.3, 32x64 38.6, split 27.1.
-# Second H100 sweep at 128K with do_scale (results/tune_compression_h100_s2b.jsonl, kernel ms, every variant
-# agreeing with the default): fwd 64x64/4 warps/3 stages 5.66 (128x64 s2 6.26, s3 5.84); delta 128x32 s3 4.25
-# (128x64 s2 5.17); dkv 32x128 s3 17.4 with lists cut at 4096 tokens, 15.2 cut at 2048 (the last wave of
-# programs was nearly idle; float32 partial sums 268 MB instead of 134 MB at 128K).
-CONFIG = {
-    "fwd": dict(rows=64, keys=64, warps=4, stages=3),
-    # delta kernel (q K~^T and do V~^T per step, one float32 per row): 128x32: 80 registers, 96 KB shared
-    # memory (two programs per SM).
-    "delta": dict(rows=128, keys=32, warps=8, stages=3),
-    "dq": dict(rows=128, keys=32, warps=8, stages=2),
-    "dkv": dict(rows=32, keys=128, warps=8, stages=3, min_segment=2048, max_segments=32),
-}
+@dataclass(frozen=True)
+class KernelLaunch:
+    """Launch of one compression kernel: matrix rows per query tile (tokens x the G heads of a group), keys per
+    step (compressed keys per program for dK~/dV~), warps and pipeline stages."""
+
+    rows: int
+    keys: int
+    warps: int
+    stages: int
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    """Launch settings of the compression kernels, chosen from the sm_90 register reports (no spills) and the
+    H100 timings of benchmarks/tune/tune_compression.py; results in docs/performance.md.
+
+    dkv_min_segment, dkv_max_segments: the dK~/dV~ programs walk segments of at least min_segment query tokens,
+    at most max_segments per sequence, each writing a float32 partial sum (max_segments * total_NB * HKV * D
+    floats for each of dK~ and dV~) summed afterwards in a fixed order: segments balance the causal triangle
+    without float atomics.
+    """
+
+    fwd: KernelLaunch = KernelLaunch(rows=64, keys=64, warps=4, stages=3)
+    delta: KernelLaunch = KernelLaunch(rows=128, keys=32, warps=8, stages=3)
+    dq: KernelLaunch = KernelLaunch(rows=128, keys=32, warps=8, stages=2)
+    dkv: KernelLaunch = KernelLaunch(rows=32, keys=128, warps=8, stages=3)
+    dkv_min_segment: int = 2048
+    dkv_max_segments: int = 32
+
+
+COMPRESSION_SETTINGS = CompressionSettings()
 
 
 def compressed_attention_fwd(
@@ -446,12 +451,14 @@ def compressed_attention_fwd(
     cu_cmp: Tensor,
     block_size: int,
     scale: float,
+    settings: CompressionSettings = COMPRESSION_SETTINGS,
 ) -> tuple[Tensor, Tensor]:
     """Attention of every query over the compressed blocks it can see.
 
     Args:
         q: [total_T, HQ, D]; k_cmp, v_cmp: [total_NB, HKV, D] from `mean_pool_fwd`.
         cu_seqlens, cu_cmp: int32 [N+1] token and compressed-block offsets.
+        settings: launch settings (`CompressionSettings.fwd`).
     Returns:
         o: [total_T, HQ, D] in q's dtype (zeros where no block is visible);
         lse: float32 [total_T, HQ], natural log-sum-exp of the scaled scores (-inf where none is visible).
@@ -461,14 +468,14 @@ def compressed_attention_fwd(
     group = heads_q // heads_kv
     o = torch.empty_like(q)
     lse = torch.empty(total, heads_q, dtype=torch.float32, device=q.device)
-    cfg = CONFIG["fwd"]
-    bm, bt = tile_shape(group, cfg["rows"] if head_dim <= 128 else 64)
+    cfg = settings.fwd
+    bm, bt = tile_shape(group, cfg.rows if head_dim <= 128 else 64)
     tiles = query_tiles(cu_seqlens, bt, total)
     _cmp_fwd_kernel[(tiles.shape[0], heads_kv)](
         q, k_cmp, v_cmp, o, lse, cu_seqlens, cu_cmp, tiles, scale * LOG2E,
         HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=next_pow2(max(head_dim, 16)),
-        BLOCK=block_size, BT=bt, BM=bm, BC=cfg["keys"], PREC=dot_precision(q),
-        num_warps=cfg["warps"], num_stages=cfg["stages"],
+        BLOCK=block_size, BT=bt, BM=bm, BC=cfg.keys, PREC=dot_precision(q),
+        num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return o, lse
 
@@ -484,6 +491,7 @@ def compressed_attention_delta(
     block_size: int,
     scale: float,
     do_scale: Tensor | None = None,
+    settings: CompressionSettings = COMPRESSION_SETTINGS,
 ) -> Tensor:
     """The compression backward's softmax delta without o_cmp in memory: sum_d o_cmp * do (times do_scale).
 
@@ -494,6 +502,7 @@ def compressed_attention_delta(
         q, do: [total_T, HQ, D]; k_cmp, v_cmp: [total_NB, HKV, D]; lse: float32 [total_T, HQ] from
             `compressed_attention_fwd` with the same scale; cu_seqlens, cu_cmp: int32 [N+1].
         do_scale: optional [total_T, HQ] (any float dtype); the result is multiplied by it.
+        settings: launch settings (`CompressionSettings.delta`).
     Returns:
         float32 [total_T, HQ]; 0 for rows that see no compressed block.
     """
@@ -501,16 +510,16 @@ def compressed_attention_delta(
     heads_kv = k_cmp.shape[1]
     group = heads_q // heads_kv
     delta = torch.empty(total, heads_q, dtype=torch.float32, device=q.device)
-    cfg = CONFIG["delta"]
-    bm, bt = tile_shape(group, cfg["rows"] if head_dim <= 128 else 64)
+    cfg = settings.delta
+    bm, bt = tile_shape(group, cfg.rows if head_dim <= 128 else 64)
     tiles = query_tiles(cu_seqlens, bt, total)
     do = do.contiguous()
     dos = do_scale.contiguous() if do_scale is not None else delta
     _cmp_delta_kernel[(tiles.shape[0], heads_kv)](
         q, k_cmp, v_cmp, lse, do, dos, delta, cu_seqlens, cu_cmp, tiles, scale * LOG2E,
         HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=next_pow2(max(head_dim, 16)),
-        BLOCK=block_size, BT=bt, BM=bm, BC=cfg["keys"], PREC=dot_precision(q),
-        DO_SCALE=do_scale is not None, num_warps=cfg["warps"], num_stages=cfg["stages"],
+        BLOCK=block_size, BT=bt, BM=bm, BC=cfg.keys, PREC=dot_precision(q),
+        DO_SCALE=do_scale is not None, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return delta
 
@@ -529,6 +538,7 @@ def compressed_attention_bwd(
     dq: Tensor | None = None,
     delta: Tensor | None = None,
     do_scale: Tensor | None = None,
+    settings: CompressionSettings = COMPRESSION_SETTINGS,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `compressed_attention_fwd`.
 
@@ -541,6 +551,7 @@ def compressed_attention_bwd(
             do'[t, h, :] = do[t, h, :] * do_scale[t, h], never materialised: the kernels scale the float32
             rows of dp = do V~^T and of P (for dV~ = (P g)^T do) instead of the do tile; a missing delta is
             do_scale * sum_d o * do.
+        settings: launch settings (`CompressionSettings.dq`, `dkv` and the dK~/dV~ segments).
     Returns:
         dq [total_T, HQ, D] (q's dtype unless `dq` was given), dk_cmp and dv_cmp float32 [total_NB, HKV, D].
     """
@@ -558,46 +569,46 @@ def compressed_attention_bwd(
         dq = torch.empty_like(q)
     prec = dot_precision(q)
     bd = next_pow2(max(head_dim, 16))
-    cfg = CONFIG["dq"]
-    bm, bt = tile_shape(group, cfg["rows"] if head_dim <= 128 else 64)
+    cfg = settings.dq
+    bm, bt = tile_shape(group, cfg.rows if head_dim <= 128 else 64)
     tiles = query_tiles(cu_seqlens, bt, total)
     _cmp_bwd_dq_kernel[(tiles.shape[0], heads_kv)](
         q, k_cmp, v_cmp, do, dos, lse, delta, dq, cu_seqlens, cu_cmp, tiles, scale * LOG2E, scale,
         HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=bd,
-        BLOCK=block_size, BT=bt, BM=bm, BC=cfg["keys"], PREC=prec, ACCUMULATE=accumulate,
+        BLOCK=block_size, BT=bt, BM=bm, BC=cfg.keys, PREC=prec, ACCUMULATE=accumulate,
         DO_SCALE=do_scale is not None,
-        num_warps=cfg["warps"], num_stages=cfg["stages"],
+        num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
     # Query segments bound each dK~/dV~ program's loop (load balance across the causal triangle) and the
     # partial-sum buffer: n_seg * total_NB * HKV * D float32 each for dk and dv.
     max_len = total if cu_seqlens.numel() == 2 else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    cfg = CONFIG["dkv"]
-    bm_kv, bt_kv = tile_shape(group, cfg["rows"])
-    seg_len = max(cfg["min_segment"], triton.cdiv(max_len, cfg["max_segments"]))
+    cfg = settings.dkv
+    bm_kv, bt_kv = tile_shape(group, cfg.rows)
+    seg_len = max(settings.dkv_min_segment, triton.cdiv(max_len, settings.dkv_max_segments))
     seg_len = triton.cdiv(seg_len, bt_kv) * bt_kv
     n_seg = triton.cdiv(max_len, seg_len)
     # Every (segment, block) slot is written, zeros by programs whose segment is before their blocks: no memset.
     dk_parts = torch.empty(n_seg, total_blocks, heads_kv, head_dim, dtype=torch.float32, device=q.device)
     dv_parts = torch.empty_like(dk_parts)
     if total_blocks:
-        bkc = cfg["keys"]
-        ktiles = query_tiles(cu_cmp, bkc, total_blocks)
-        # split: one launch for dK~, one for dV~ (see the kernel); else both in one launch.
-        for want_dk, want_dv in ((True, False), (False, True)) if cfg.get("split") else ((True, True),):
-            _cmp_bwd_dkv_kernel[(ktiles.shape[0], n_seg, heads_kv)](
-                q, k_cmp, v_cmp, do, dos, lse, delta, dk_parts, dv_parts, cu_seqlens, cu_cmp, ktiles,
-                scale * LOG2E, scale, seg_len, total_blocks,
-                HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=bd,
-                BLOCK=block_size, BT=bt_kv, BM=bm_kv, BKC=bkc, PREC=prec, DO_SCALE=do_scale is not None,
-                WANT_DK=want_dk, WANT_DV=want_dv, num_warps=cfg["warps"], num_stages=cfg["stages"],
-            )
+        ktiles = query_tiles(cu_cmp, cfg.keys, total_blocks)
+        _cmp_bwd_dkv_kernel[(ktiles.shape[0], n_seg, heads_kv)](
+            q, k_cmp, v_cmp, do, dos, lse, delta, dk_parts, dv_parts, cu_seqlens, cu_cmp, ktiles,
+            scale * LOG2E, scale, seg_len, total_blocks,
+            HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=bd,
+            BLOCK=block_size, BT=bt_kv, BM=bm_kv, BKC=cfg.keys, PREC=prec, DO_SCALE=do_scale is not None,
+            num_warps=cfg.warps, num_stages=cfg.stages,
+        )
     if n_seg == 1:
         return dq, dk_parts[0], dv_parts[0]
     return dq, dk_parts.sum(0), dv_parts.sum(0)
 
 
 __all__ = [
+    "COMPRESSION_SETTINGS",
+    "CompressionSettings",
+    "KernelLaunch",
     "compressed_attention_bwd",
     "compressed_attention_delta",
     "compressed_attention_fwd",

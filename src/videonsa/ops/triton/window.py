@@ -18,6 +18,8 @@ lse is natural-log, float32 [total_T, HQ]; every query sees at least itself, so 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -33,10 +35,27 @@ from videonsa.ops.triton.utils import (
     tile_shape,
 )
 
-# Matrix rows (tokens x heads of a group) per query program, and keys per step.
-QUERY_ROWS = 64  # 64 measured faster than 128 on an H100 at 32K and 128K
-KEY_STEP = 64
-DKDV_ROWS = 32  # H100, 128K: 6.0 ms against 8.5 ms for 64 rows
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """Launch settings of the window kernels. Measured by benchmarks/bench/bench_ops.py on the H100; results in
+    docs/performance.md.
+
+    query_rows: matrix rows (tokens x heads of a group) per forward / dq program (64 beat 128); key_step: keys
+    per inner step; dkdv_rows: query rows per dk/dv step (32 beat 64); num_warps, num_stages: the launch of
+    every window kernel (None: `_launch_config`'s rule).
+    """
+
+    query_rows: int = 64
+    key_step: int = 64
+    dkdv_rows: int = 32
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def launch(self, block_m: int, head_dim: int) -> dict[str, int]:
+        """num_warps and num_stages of a program with block_m rows (the fields, else `_launch_config`)."""
+        warps, stages = _launch_config(block_m, head_dim)
+        return dict(num_warps=self.num_warps or warps, num_stages=self.num_stages or stages)
 
 
 def _launch_config(block_m: int, head_dim: int) -> tuple[int, int]:
@@ -44,6 +63,9 @@ def _launch_config(block_m: int, head_dim: int) -> tuple[int, int]:
     if block_m >= 128:
         return (8 if head_dim > 64 else 4), 2
     return 4, 2
+
+
+WINDOW_SETTINGS = WindowSettings()
 
 
 @triton.jit
@@ -277,14 +299,13 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window_size: int
 def _launch_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window_size: int, scale: float, mode: int,
     o: Tensor, lse: Tensor, g_in: Tensor | None, gate: Tensor | None, do: Tensor | None, dot: Tensor | None,
-    tile_rows: int, key_step: int, num_warps: int | None, num_stages: int | None,
+    settings: WindowSettings,
 ) -> None:
     """Launch `_swa_fwd_kernel` in `mode` (see the kernel); o is the output buffer (mode 0/1) or do (mode 2)."""
     total, heads_q, head_dim = q.shape
     group = heads_q // k.shape[1]
-    block_m, bt = tile_shape(group, tile_rows)
+    block_m, bt = tile_shape(group, settings.query_rows)
     tiles = bounded_tiles_of(cu_seqlens, q.shape[0], bt)
-    warps, stages = _launch_config(block_m, head_dim)
     out = do if mode == 2 else o
     _swa_fwd_kernel[(tiles.shape[0], k.shape[1])](
         q, k, v, o, lse, tiles,
@@ -292,9 +313,8 @@ def _launch_fwd(
         do if do is not None else q, dot if dot is not None else lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), head_dim, window_size, scale * LOG2E,
-        HQ=heads_q, G=group, BLOCK_M=block_m, BLOCK_N=key_step, BLOCK_D=max(16, next_pow2(head_dim)),
-        DOT_PREC=dot_precision(q), MODE=mode, HAS_G_IN=g_in is not None,
-        num_warps=num_warps or warps, num_stages=num_stages or stages,
+        HQ=heads_q, G=group, BLOCK_M=block_m, BLOCK_N=settings.key_step, BLOCK_D=max(16, next_pow2(head_dim)),
+        DOT_PREC=dot_precision(q), MODE=mode, HAS_G_IN=g_in is not None, **settings.launch(block_m, head_dim),
     )
 
 
@@ -313,26 +333,22 @@ def window_attention_fwd(
     window_size: int,
     scale: float,
     *,
-    tile_rows: int = QUERY_ROWS,
-    key_step: int = KEY_STEP,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
     fold_into: Tensor | None = None,
     fold_scale: Tensor | None = None,
     gate: Tensor | None = None,
+    settings: WindowSettings = WINDOW_SETTINGS,
 ) -> tuple[Tensor, Tensor]:
     """Causal sliding-window attention.
 
     Args:
         q: [T, HQ, D]; k, v: [T, HKV, D] (packed, bf16 / fp16 / fp32); cu_seqlens: int32 [N+1].
         window_size: keys per query (the query's own position included); scale: softmax scale.
-        tile_rows, key_step, num_warps, num_stages: query rows per program, keys per inner step, launch
-            settings (tuning; defaults measured on an H100).
         fold_into: optional [T, HQ, D] (unit last stride) holding another branch's output. Then o_swa is not
             stored: fold_into <- fold_scale * fold_into + gate * o_swa in place (float32 sum, rounded once to
             fold_into's dtype) and returned in o's place. fold_scale [T, HQ] may be None (factor 1); gate
             [T, HQ] is required with fold_into. This is how the lean NSA forward adds the gated window
             branch without a [T, HQ, D] temporary.
+        settings: launch settings (`WindowSettings`).
 
     Returns:
         o [T, HQ, D] in q's dtype (or fold_into, updated) and lse float32 [T, HQ].
@@ -358,7 +374,7 @@ def window_attention_fwd(
     if total == 0:
         return o, lse
     _launch_fwd(q, k, v, cu_seqlens, window_size, scale, mode, o, lse, g_in, gate, None, None,
-                tile_rows, key_step, num_warps, num_stages)
+                settings)
     return o, lse
 
 
@@ -372,8 +388,7 @@ def window_attention_delta(
     window_size: int,
     scale: float,
     *,
-    tile_rows: int = QUERY_ROWS,
-    key_step: int = KEY_STEP,
+    settings: WindowSettings = WINDOW_SETTINGS,
 ) -> Tensor:
     """sum_d do * o_swa per row, float32 [T, HQ], without o_swa in memory.
 
@@ -391,15 +406,14 @@ def window_attention_delta(
     dot = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
     if total:
         _launch_fwd(q, k, v, cu_seqlens, window_size, scale, 2, do, dot, None, None, do, dot,
-                    tile_rows, key_step, None, None)
+                    settings)
     return dot
 
 
 def launch_dq(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, cu_seqlens: Tensor,
-    window_size: int, scale: float, tile_rows: int = QUERY_ROWS, key_step: int = KEY_STEP,
-    num_warps: int | None = None, num_stages: int | None = None, *,
-    do_scale: Tensor | None = None, dq: Tensor | None = None,
+    window_size: int, scale: float, *, do_scale: Tensor | None = None, dq: Tensor | None = None,
+    settings: WindowSettings = WINDOW_SETTINGS,
 ) -> Tensor:
     """The dq kernel (inputs already checked; lse, delta float32 [T, HQ] contiguous; do_scale [T, HQ]
     contiguous or None). Returns dq [T, HQ, D]: a new tensor, or the given `dq` (unit last stride) with the
@@ -410,25 +424,23 @@ def launch_dq(
     accumulate = dq is not None
     if dq is None:
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    block_m, bt = tile_shape(group, tile_rows)
+    block_m, bt = tile_shape(group, settings.query_rows)
     tiles = bounded_tiles_of(cu_seqlens, q.shape[0], bt)
-    warps, stages = _launch_config(block_m, head_dim)
     _swa_bwd_dq_kernel[(tiles.shape[0], heads_kv)](
         q, k, v, do, do if do_scale is None else do_scale, lse, delta, dq, tiles,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), head_dim, window_size, scale * LOG2E, scale,
-        HQ=heads_q, G=group, BLOCK_M=block_m, BLOCK_N=key_step, BLOCK_D=max(16, next_pow2(head_dim)),
+        HQ=heads_q, G=group, BLOCK_M=block_m, BLOCK_N=settings.key_step, BLOCK_D=max(16, next_pow2(head_dim)),
         DOT_PREC=dot_precision(q), HAS_DO_SCALE=do_scale is not None, ACCUMULATE=accumulate,
-        num_warps=num_warps or warps, num_stages=num_stages or stages,
+        **settings.launch(block_m, head_dim),
     )
     return dq
 
 
 def launch_dkdv(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, cu_seqlens: Tensor,
-    window_size: int, scale: float, rows: int = DKDV_ROWS, key_step: int = KEY_STEP,
-    num_warps: int | None = None, num_stages: int | None = None, *, do_scale: Tensor | None = None,
-    dk: Tensor | None = None, dv: Tensor | None = None,
+    window_size: int, scale: float, *, do_scale: Tensor | None = None, dk: Tensor | None = None,
+    dv: Tensor | None = None, settings: WindowSettings = WINDOW_SETTINGS,
 ) -> tuple[Tensor, Tensor]:
     """The dk/dv kernel (key-tile-major, no atomics; do_scale as in `launch_dq`). Returns dk, dv [T, HKV, D]:
     new tensors, or the given dk and dv (both or neither, same strides) with the window's gradients added."""
@@ -439,16 +451,15 @@ def launch_dkdv(
     if not accumulate:
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    block_m, bt = tile_shape(group, rows)
-    key_tiles = bounded_tiles_of(cu_seqlens, q.shape[0], key_step)
-    warps, stages = _launch_config(block_m, head_dim)
+    block_m, bt = tile_shape(group, settings.dkdv_rows)
+    key_tiles = bounded_tiles_of(cu_seqlens, q.shape[0], settings.key_step)
     _swa_bwd_dkdv_kernel[(key_tiles.shape[0], heads_kv)](
         q, k, v, do, do if do_scale is None else do_scale, lse, delta, dk, dv, key_tiles,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), head_dim, window_size, scale * LOG2E, scale,
-        HQ=heads_q, G=group, BT=bt, BLOCK_M=block_m, BLOCK_N=key_step, BLOCK_D=max(16, next_pow2(head_dim)),
-        DOT_PREC=dot_precision(q), HAS_DO_SCALE=do_scale is not None, ACCUMULATE=accumulate,
-        num_warps=num_warps or warps, num_stages=num_stages or stages,
+        HQ=heads_q, G=group, BT=bt, BLOCK_M=block_m, BLOCK_N=settings.key_step,
+        BLOCK_D=max(16, next_pow2(head_dim)), DOT_PREC=dot_precision(q), HAS_DO_SCALE=do_scale is not None,
+        ACCUMULATE=accumulate, **settings.launch(block_m, head_dim),
     )
     return dk, dv
 
@@ -464,21 +475,19 @@ def window_attention_bwd(
     window_size: int,
     scale: float,
     *,
-    tile_rows: int = QUERY_ROWS,
-    key_step: int = KEY_STEP,
-    dkdv_rows: int = DKDV_ROWS,
     delta: Tensor | None = None,
     do_scale: Tensor | None = None,
     dq: Tensor | None = None,
     dk: Tensor | None = None,
     dv: Tensor | None = None,
+    settings: WindowSettings = WINDOW_SETTINGS,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `window_attention_fwd`.
 
     Args:
         q, k, v, cu_seqlens, window_size, scale: as in the forward; o [T, HQ, D], lse float32 [T, HQ]: its
             outputs (o may be None when delta is given); do [T, HQ, D]: gradient of o, or (with do_scale) the
-            gradient before a per-row factor. tile_rows, key_step, dkdv_rows: tuning.
+            gradient before a per-row factor.
         delta: float32 [T, HQ] = sum_d o * (gradient of o), if the caller has it (else computed from o).
         do_scale: [T, HQ] (any float dtype) or None. When given, the gradient of o is do * do_scale[..., None]
             (a gate times the gated sum's gradient); the kernels apply the factor to their float32 products
@@ -515,13 +524,14 @@ def window_attention_bwd(
             delta = delta * do_scale.float()
     else:
         delta = _row_stat(delta, total, heads_q, "delta").float()
-    dq = launch_dq(q, k, v, do, lse, delta, cu_seqlens, window_size, scale, tile_rows, key_step,
-                   do_scale=do_scale, dq=dq)
-    dk, dv = launch_dkdv(q, k, v, do, lse, delta, cu_seqlens, window_size, scale, dkdv_rows, key_step,
-                         do_scale=do_scale, dk=dk, dv=dv)
+    dq = launch_dq(q, k, v, do, lse, delta, cu_seqlens, window_size, scale, do_scale=do_scale, dq=dq,
+                   settings=settings)
+    dk, dv = launch_dkdv(q, k, v, do, lse, delta, cu_seqlens, window_size, scale, do_scale=do_scale, dk=dk, dv=dv,
+                         settings=settings)
     return dq, dk, dv
 
 
 __all__ = [
-    "launch_dkdv", "launch_dq", "window_attention_bwd", "window_attention_delta", "window_attention_fwd",
+    "WINDOW_SETTINGS", "WindowSettings", "launch_dkdv", "launch_dq", "window_attention_bwd", "window_attention_delta",
+    "window_attention_fwd",
 ]

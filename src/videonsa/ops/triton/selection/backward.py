@@ -149,7 +149,7 @@ def launch_dkdv(
     """The dk/dv kernels over the inverse lists (`inverse_lists`); returns dk, dv [T, HKV, D]. do_scale
     [T, HQ] contiguous or None: as in `launch_dq`. pieces: `split_lists` of these lists made earlier, so that
     its host read overlaps the work queued since; None: made here, cut at `default_dkdv_split` tokens.
-    settings: `dkdv_rows` query rows per step, `dkdv_split`.
+    settings: `dkdv_rows` query rows per step, `dkdv_split`, the launch (`dkdv_warps`, `dkdv_stages`).
 
     Lists longer than the split (blocks that many queries chose, e.g. attention sinks) are cut into
     pieces run by separate programs, whose float32 partial sums a second kernel adds in a fixed order, so
@@ -171,6 +171,7 @@ def launch_dkdv(
     dv_part = torch.empty(part_shape, dtype=torch.float32, device=q.device)
     block_m, bt = tile_shape(group, settings.dkdv_rows)
     warps, stages = (8, 2) if block_m >= 128 else (4, 3)
+    warps, stages = settings.dkdv_warps or warps, settings.dkdv_stages or stages
     _slc_bwd_dkdv_kernel[(pieces.items.shape[0], n_sub)](
         q, k, v, do, do if do_scale is None else do_scale, lse, delta, dk, dv, dk_part, dv_part, key_blocks,
         pieces.items, pieces.n_items, tokens,

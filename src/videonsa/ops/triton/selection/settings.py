@@ -26,6 +26,9 @@ class SelectionSettings:
     # whose float32 partials are summed in a fixed order; raised for huge inputs, see `default_dkdv_split`).
     dkdv_rows: int = 16
     dkdv_split: int = 4096
+    # dk/dv launch: num_warps and num_stages (None: 4 warps and 3 stages below 128 rows, else 8 and 2).
+    dkdv_warps: int | None = None
+    dkdv_stages: int | None = None
     # Block-major forward and dq: query rows per step, the longest piece of a list one program walks (without a
     # cap the first chunks of a causal sequence have few blocks with very long lists: few programs, long tails),
     # and the ceiling on one chunk's partial outputs (512 MiB keeps the forward within the operator's 2 GB

@@ -1,11 +1,9 @@
-"""The top-k bisection kernel's candidate-filter path (`videonsa.ops.triton.topk`) against exact oracles.
+"""The top-k kernels (`videonsa.ops.triton.topk`) against exact oracles.
 
-`select_blocks_topk(method="bisect")` compacts each row's candidates (keys >= a lower bound on the S-th largest
-key) into CONFIG["candidates"] slots and ranks only those; a tile with a row that overflows takes the full-width
-bisection. Every case runs several candidate widths (0 = always full width, a tiny width that makes most tiles
-overflow, so both paths meet in one launch, and a wide one where all tiles compact, also with 16-token tiles)
-and requires the very same int32 output as the sorting kernel, and the reference's choice where float32 scores
-are well separated.
+`select_blocks_topk(method="bisect")` finds each row's S-th largest key by bisection, the row in registers or, for
+rows wider than `TopkSettings.register_row_blocks`, counted chunk by chunk from the scratch rows. Every case runs
+several launch settings (tokens per tile, score chunk, the chunked selection with narrow chunks) and requires the
+very same int32 output as the sorting kernel, and the reference's choice where float32 scores are well separated.
 
 Kernels run under the Triton interpreter where there is no CUDA GPU (see interpreter_harness); inputs are
 float32 / float16 (bf16 products are not exact under the interpreter); shapes are tiny.
@@ -16,14 +14,21 @@ from __future__ import annotations
 import pytest
 import torch
 from interpreter_harness import DEVICE, kernels_runnable_here, run_file_under_interpreter
-from test_triton_compression import _check_selection, _inputs, _reference
+from test_compression import _check_selection, _inputs, _reference
 
 from videonsa.ops.triton import topk
 from videonsa.ops.triton.compression import compressed_attention_fwd, mean_pool_fwd
+from videonsa.ops.triton.topk import TopkSettings
 
 RUNNABLE = kernels_runnable_here(topk._topk_bisect_kernel)
 kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
-WIDTHS = (0, 4, 128)
+# The default launch, 16-token tiles, 16-block score chunks (several per row even on these tiny sequences), and
+# the chunked selection of rows too wide for registers forced on every row, 16 columns at a time (several per
+# row) and 64 (one, at most the row).
+SETTINGS = (
+    TopkSettings(), TopkSettings(tokens=16), TopkSettings(chunk=16),
+    TopkSettings(chunk=16, register_row_blocks=0, row_chunk=16), TopkSettings(register_row_blocks=0, row_chunk=64),
+)
 
 
 @pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
@@ -31,51 +36,18 @@ def test_under_interpreter() -> None:
     run_file_under_interpreter(__file__, min_passed=8)
 
 
-def _select(q, k_cmp, lse, cu, cu_cmp, width: int, tokens: int | None = None, method: str = "bisect",
-            chunk: int = 64, half: bool = False, early_exit: bool = True, row_chunk: int = 0,
-            bracket: bool = False, **kwargs) -> torch.Tensor:
-    """row_chunk > 0: every key row is counted that many columns at a time (the path of rows too wide for
-    registers), however narrow. bracket: the bisection starts from the score pass's bracket (else from the
-    whole key range; the chunked path always brackets)."""
-    saved = dict(topk.CONFIG)
-    topk.CONFIG.update(candidates=width, bisect_tokens=tokens, bisect_chunk=chunk, bisect_half=half,
-                       bisect_early_exit=early_exit, bisect_bracket=bracket)
-    if row_chunk:
-        topk.CONFIG.update(register_row_blocks=0, row_chunk=row_chunk)
-    try:
-        return topk.select_blocks_topk(q, k_cmp, lse, cu, cu_cmp, method=method, **kwargs)
-    finally:
-        topk.CONFIG.update(saved)
-
-
-def _all_widths_equal(q, k, cu, block_size, kwargs) -> torch.Tensor:
-    """Run the sorting kernel and the bisection kernel at every width; all must agree. Returns the choice
-    int32 [T, HKV, S]."""
+def _all_settings_equal(q, k, cu, block_size, kwargs) -> torch.Tensor:
+    """Run the sorting kernel and the bisection kernel with every launch setting; all must agree. Returns the
+    choice int32 [T, HKV, S]."""
     k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, k, cu, block_size)
     _, lse = compressed_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, block_size, kwargs["scale"])
-    want = _select(q, k_cmp, lse, cu, cu_cmp, 0, method="sort", block_size=block_size, **kwargs)
-    # (16, 64) scores 16-block chunks: several chunks per row even on these tiny sequences, so the chunked key
-    # store and the per-chunk class bounds of the filter are exercised across chunk boundaries. half=True: tiles
-    # that see only the first half of a (>= 32 wide) key row take the half-width selection, the others the full
-    # one, within one launch (width 0: directly; width 4: as the overflow fallback). The full-width bisection
-    # stops early by default (a row is done once some threshold has exactly S keys at or above it); the last
-    # setting runs its fixed 31 halvings. The row chunks (the path of rows too wide for registers) take 16
-    # columns at a time (several per row here), and 64 (one, at most the row).
-    settings = [(w, None, 64, False, True, 0) for w in WIDTHS] + [
-        (WIDTHS[-1], 16, 64, False, True, 0), (WIDTHS[-1], None, 16, False, True, 0), (0, None, 64, True, True, 0),
-        (4, None, 64, True, True, 0), (0, None, 64, False, False, 0), (0, None, 16, False, True, 16),
-        (0, None, 64, False, True, 64),
-    ]
-    settings = [(*setting, False) for setting in settings] + [(0, None, 64, True, True, 0, True),
-                                                             (4, None, 16, False, False, 0, True)]
-    for width, tokens, chunk, half, early_exit, row_chunk, bracket in settings:
-        got = _select(q, k_cmp, lse, cu, cu_cmp, width, tokens, chunk=chunk, half=half, early_exit=early_exit,
-                      row_chunk=row_chunk, bracket=bracket, block_size=block_size, **kwargs)
+    want = topk.select_blocks_topk(q, k_cmp, lse, cu, cu_cmp, method="sort", block_size=block_size, **kwargs)
+    for settings in SETTINGS:
+        got = topk.select_blocks_topk(q, k_cmp, lse, cu, cu_cmp, method="bisect", settings=settings,
+                                      block_size=block_size, **kwargs)
         assert got.dtype == torch.int32 and got.shape == want.shape
         mismatch = (got != want).any(-1).nonzero()[:3].tolist()
-        assert torch.equal(got, want), (f"width {width}, tokens {tokens}, chunk {chunk}, half {half}, early exit "
-                                        f"{early_exit}, row chunk {row_chunk}, bracket {bracket}: rows {mismatch} "
-                                        "differ from the sort")
+        assert torch.equal(got, want), f"{settings}: rows {mismatch} differ from the sort"
     return want
 
 
@@ -94,14 +66,15 @@ CASES = [
 
 @kernel_test
 @pytest.mark.parametrize("params", CASES, ids=["7to1-fp32-varlen", "3to1-fp16-init-local", "1to1-d128-few"])
-def test_filter_matches_sort_and_reference(params):
-    """Random rows: identical to the sorting kernel at every width; float32 = the float64 reference's choice."""
+def test_bisection_matches_sort_and_reference(params):
+    """Random rows: identical to the sorting kernel with every launch setting; float32 = the float64 reference's
+    choice."""
     q, k, v, _, cu, dt = _inputs(seed=1, **{n: params[n] for n in ("seq_lens", "heads_q", "heads_kv", "head_dim",
                                                                       "block_size")}, dtype_name=params["dtype"])
     scale = params["head_dim"] ** -0.5
     kwargs = dict(block_count=params["block_count"], init_blocks=params["init_blocks"],
                   local_blocks=params["local_blocks"], scale=scale)
-    got = _all_widths_equal(q.to(dt).to(DEVICE), k.to(dt).to(DEVICE), cu.to(DEVICE), params["block_size"], kwargs)
+    got = _all_settings_equal(q.to(dt).to(DEVICE), k.to(dt).to(DEVICE), cu.to(DEVICE), params["block_size"], kwargs)
     ref = _reference(q, k, v, cu, params["block_size"], params["block_count"], params["init_blocks"],
                      params["local_blocks"], scale)
     tol = 1e-5 if dt == torch.float32 else 5e-3
@@ -147,7 +120,7 @@ def test_many_equal_keys_ties_to_earlier_block(levels, init_local):
     strength = torch.einsum("jgd,gd->jg", protos[which], q_vec)
     kwargs = dict(block_count=block_count, init_blocks=init, local_blocks=local, scale=0.25)
     cu = torch.tensor([0, length], dtype=torch.int32)
-    got = _all_widths_equal(q.to(DEVICE), k.to(DEVICE), cu.to(DEVICE), block_size, kwargs)
+    got = _all_settings_equal(q.to(DEVICE), k.to(DEVICE), cu.to(DEVICE), block_size, kwargs)
     want = _tie_oracle(length, block_size, block_count, init, local, strength)
     assert got.cpu().tolist() == want
 
@@ -156,10 +129,10 @@ def test_many_equal_keys_ties_to_earlier_block(levels, init_local):
 @pytest.mark.parametrize("slots", [9, 200])
 def test_more_slots_than_blocks_and_empty_rows(slots):
     """block_count above the number of blocks: every visible block is chosen, the rest -1 (also tokens that see
-    no complete block). 200 slots leave too few column classes for the bound (4 * NCLS < S): all candidates."""
+    no complete block)."""
     q, k, _, _, cu, dt = _inputs([20, 3], 4, 2, 16, 4, "float32", seed=3)
     kwargs = dict(block_count=slots, init_blocks=0, local_blocks=1, scale=0.25)
-    got = _all_widths_equal(q.float().to(DEVICE), k.float().to(DEVICE), cu.to(DEVICE), 4, kwargs).cpu()
+    got = _all_settings_equal(q.float().to(DEVICE), k.float().to(DEVICE), cu.to(DEVICE), 4, kwargs).cpu()
     for seq, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
         for t in range(b - a):
             blocks = sorted(set(range((t + 1) // 4)) | {t // 4})

@@ -72,15 +72,29 @@ def _rel(x, ref) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+def _settings(config):
+    """`CompressionSettings` with the kernels' launches overridden by `config` ({"dkv": {"rows": 16, ...}}; the
+    dK~/dV~ segment sizes as min_segment / max_segments under "dkv")."""
+    from dataclasses import replace
+
+    from videonsa.ops.triton.compression import COMPRESSION_SETTINGS
+
+    settings = COMPRESSION_SETTINGS
+    for name, override in (config or {}).items():
+        override = dict(override)
+        segments = {f"dkv_{key}": override.pop(key) for key in ("min_segment", "max_segments") if key in override}
+        settings = replace(settings, **{name: replace(getattr(settings, name), **override)}, **segments)
+    return settings
+
+
 def case_compression(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, seed=0, config=None):
     """Pooling + compressed attention forward (o, lse) and backward (dq, dk, dv) against the reference.
 
-    `config` overrides launch settings of `compression.CONFIG` (small tiles and segments reach code paths that
+    `config` overrides the kernels' launch settings (`_settings`: small tiles and segments reach code paths that
     the production sizes only reach at long lengths: several query segments per dK~/dV~ key tile).
     """
     import torch
 
-    from videonsa.ops.triton import compression
     from videonsa.ops.triton.compression import (
         compressed_attention_bwd,
         compressed_attention_fwd,
@@ -88,8 +102,7 @@ def case_compression(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, s
         mean_pool_fwd,
     )
 
-    for name, override in (config or {}).items():
-        compression.CONFIG[name] = dict(compression.CONFIG[name], **override)
+    settings = _settings(config)
 
     q, k, v, do, cu, dt = _inputs(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, seed)
     scale = head_dim**-0.5
@@ -100,7 +113,7 @@ def case_compression(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, s
     k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k.to(dt), v.to(dt), cu, block_size)
     counts = [n // block_size for n in seq_lens]
     assert cu_cmp.tolist() == [0, *torch.tensor(counts).cumsum(0).tolist()], cu_cmp
-    o, lse = compressed_attention_fwd(q.to(dt), k_cmp, v_cmp, cu, cu_cmp, block_size, scale)
+    o, lse = compressed_attention_fwd(q.to(dt), k_cmp, v_cmp, cu, cu_cmp, block_size, scale, settings)
     assert o.dtype == dt and lse.dtype == torch.float32
     tol = 1e-6 if dt == torch.float32 else 2e-3
     assert _rel(o, ref.o_cmp[0]) < tol, ("o_cmp", _rel(o, ref.o_cmp[0]))
@@ -112,7 +125,7 @@ def case_compression(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, s
     assert torch.all(o[~finite] == 0)
 
     dq, dk_cmp, dv_cmp = compressed_attention_bwd(
-        q.to(dt), k_cmp, v_cmp, o, lse, do.to(dt), cu, cu_cmp, block_size, scale
+        q.to(dt), k_cmp, v_cmp, o, lse, do.to(dt), cu, cu_cmp, block_size, scale, settings=settings
     )
     dk = torch.zeros(k.shape, dtype=torch.float32)
     dv = torch.zeros(v.shape, dtype=torch.float32)
@@ -126,7 +139,8 @@ def case_compression(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, s
     acc = base.clone()
     delta = (do.to(dt).float() * o.float()).sum(-1)
     compressed_attention_bwd(
-        q.to(dt), k_cmp, v_cmp, o, lse, do.to(dt), cu, cu_cmp, block_size, scale, dq=acc, delta=delta
+        q.to(dt), k_cmp, v_cmp, o, lse, do.to(dt), cu, cu_cmp, block_size, scale, dq=acc, delta=delta,
+        settings=settings,
     )
     assert _rel(acc - base, dq.float()) < (1e-5 if dt == torch.float32 else 2e-3)
 
@@ -136,12 +150,11 @@ def case_compression_scaled(seq_lens, heads_q, heads_kv, head_dim, block_size, d
 
     The reference differentiates sum(o_cmp * do * do_scale) in float64; the kernels get do and do_scale apart.
     do_scale has both signs and magnitudes 0..1.5 per (token, head), so a kernel that ignores it, or applies
-    it to the wrong rows, fails by far more than the tolerance. `config` overrides `compression.CONFIG` as in
-    `case_compression` (several query segments per dK~/dV~ key tile, split dK~/dV~ launches).
+    it to the wrong rows, fails by far more than the tolerance. `config` overrides the launch settings as in
+    `case_compression` (several query segments per dK~/dV~ key tile).
     """
     import torch
 
-    from videonsa.ops.triton import compression
     from videonsa.ops.triton.compression import (
         compressed_attention_bwd,
         compressed_attention_delta,
@@ -150,8 +163,7 @@ def case_compression_scaled(seq_lens, heads_q, heads_kv, head_dim, block_size, d
         mean_pool_fwd,
     )
 
-    for name, override in (config or {}).items():
-        compression.CONFIG[name] = dict(compression.CONFIG[name], **override)
+    settings = _settings(config)
 
     q, k, v, do, cu, dt = _inputs(seq_lens, heads_q, heads_kv, head_dim, block_size, dtype, seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -166,18 +178,19 @@ def case_compression_scaled(seq_lens, heads_q, heads_kv, head_dim, block_size, d
     tol = 1e-6 if dt == torch.float32 else 2e-3
 
     k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k.to(dt), v.to(dt), cu, block_size)
-    o, lse = compressed_attention_fwd(q.to(dt), k_cmp, v_cmp, cu, cu_cmp, block_size, scale)
+    o, lse = compressed_attention_fwd(q.to(dt), k_cmp, v_cmp, cu, cu_cmp, block_size, scale, settings)
     finite = torch.isfinite(lse)
     assert not finite.all(), "test needs rows that see no block"
 
     # Delta from the recomputed o_cmp, plain and scaled, against float64 sum_d o_cmp * do.
     want = (ref_o * do).sum(-1)
-    delta = compressed_attention_delta(q.to(dt), k_cmp, v_cmp, lse, do.to(dt), cu, cu_cmp, block_size, scale)
+    delta = compressed_attention_delta(q.to(dt), k_cmp, v_cmp, lse, do.to(dt), cu, cu_cmp, block_size, scale,
+                                       settings=settings)
     assert delta.dtype == torch.float32 and delta.shape == want.shape
     assert torch.all(delta[~finite] == 0), "rows that see nothing give 0"
     assert _rel(delta, want) < tol, ("delta", _rel(delta, want))
     scaled = compressed_attention_delta(q.to(dt), k_cmp, v_cmp, lse, do.to(dt), cu, cu_cmp, block_size, scale,
-                                        do_scale=do_scale.to(dt))
+                                        do_scale=do_scale.to(dt), settings=settings)
     assert _rel(scaled, want * do_scale) < tol, ("scaled delta", _rel(scaled, want * do_scale))
 
     # Backward with do_scale: once computing delta itself (from o), once with the delta kernel's (o not given).
@@ -185,7 +198,7 @@ def case_compression_scaled(seq_lens, heads_q, heads_kv, head_dim, block_size, d
         o_arg = o if kwargs["delta"] is None else None
         dq, dk_cmp, dv_cmp = compressed_attention_bwd(
             q.to(dt), k_cmp, v_cmp, o_arg, lse, do.to(dt), cu, cu_cmp, block_size, scale,
-            do_scale=do_scale.to(dt), **kwargs,
+            do_scale=do_scale.to(dt), settings=settings, **kwargs,
         )
         dk = torch.zeros(k.shape, dtype=torch.float32)
         dv = torch.zeros(v.shape, dtype=torch.float32)
@@ -305,9 +318,9 @@ def case_topk_ties(block_count, seed=0):
         # One sequence (no host syncs: sizes from shapes), several query segments per dK~/dV~ key tile.
         dict(seq_lens=[203], heads_q=14, heads_kv=2, head_dim=32, block_size=16, dtype="float32",
              config=dict(dkv=dict(rows=16, keys=4, min_segment=40, max_segments=8))),
-        # Same on varlen inputs with fp16, 2:1, dK~ and dV~ from separate launches (split).
+        # Same on varlen inputs with fp16, 2:1.
         dict(seq_lens=[90, 17, 133], heads_q=4, heads_kv=2, head_dim=16, block_size=8, dtype="float16",
-             config=dict(dkv=dict(rows=16, keys=2, min_segment=24, max_segments=8, split=True))),
+             config=dict(dkv=dict(rows=16, keys=2, min_segment=24, max_segments=8))),
     ],
     ids=["7to1-fp32-varlen", "1to1-fp16-d24", "one-seq-segments", "varlen-fp16-segments"],
 )
@@ -323,11 +336,11 @@ def test_compression_matches_reference(params):
         # Several query segments per dK~/dV~ key tile, small dq tiles (many loop steps), one sequence.
         dict(seq_lens=[203], heads_q=14, heads_kv=2, head_dim=32, block_size=16, dtype="float32",
              config=dict(dkv=dict(rows=16, keys=4, min_segment=40, max_segments=8), dq=dict(rows=16, keys=4))),
-        # Varlen fp16, dK~ and dV~ from separate launches (each scales p by do_scale on its own).
+        # Varlen fp16, several segments.
         dict(seq_lens=[90, 17, 133], heads_q=4, heads_kv=2, head_dim=16, block_size=8, dtype="float16",
-             config=dict(dkv=dict(rows=16, keys=2, min_segment=24, max_segments=8, split=True))),
+             config=dict(dkv=dict(rows=16, keys=2, min_segment=24, max_segments=8))),
     ],
-    ids=["7to1-fp32-varlen", "1to1-fp16-d24", "one-seq-segments", "varlen-fp16-split"],
+    ids=["7to1-fp32-varlen", "1to1-fp16-d24", "one-seq-segments", "varlen-fp16-segments"],
 )
 def test_compression_do_scale_and_delta(params):
     run_interpreted("case_compression_scaled", **params)

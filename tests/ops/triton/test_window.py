@@ -20,6 +20,7 @@ from interpreter_harness import (
 
 from videonsa.ops import nsa_parts_reference
 from videonsa.ops.triton import window
+from videonsa.ops.triton.window import WindowSettings
 
 RUNNABLE = kernels_runnable_here(window._swa_fwd_kernel)
 kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
@@ -49,7 +50,7 @@ def check_window(seq_lens, heads_q, heads_kv, head_dim, window, dtype, seed, **k
     q, k, v, do, cu = packed(seq_lens, heads_q, heads_kv, head_dim, seed)
     q, k, v, do = (x.to(dtype).double() for x in (q, k, v, do))  # the reference sees the stored values
     scale = head_dim**-0.5
-    fwd_kwargs = {key: kwargs[key] for key in ("tile_rows", "key_step") if key in kwargs}
+    fwd_kwargs = kwargs = dict(settings=WindowSettings(**kwargs))
     dev = lambda x: x.to(DEVICE, dtype) if x.is_floating_point() else x.to(DEVICE)  # noqa: E731
     o, lse = window_attention_fwd(dev(q), dev(k), dev(v), dev(cu), window, scale, **fwd_kwargs)
     grads = window_attention_bwd(dev(q), dev(k), dev(v), o, lse, dev(do), dev(cu), window, scale, **kwargs)
@@ -69,7 +70,7 @@ def check_window(seq_lens, heads_q, heads_kv, head_dim, window, dtype, seed, **k
 @kernel_test
 def test_gqa_7_to_1_varlen() -> None:
     """Two packed sequences, window longer than one key step, 64-row query tiles (9 tokens x 7 heads)."""
-    check_window([37, 20], 7, 1, 16, 20, torch.float32, seed=0, tile_rows=64, key_step=16, dkdv_rows=16)
+    check_window([37, 20], 7, 1, 16, 20, torch.float32, seed=0, query_rows=64, key_step=16, dkdv_rows=16)
 
 
 @kernel_test
@@ -85,7 +86,7 @@ def test_window_of_one_and_window_longer_than_sequence() -> None:
 
 @kernel_test
 def test_mha_1_to_1_short_sequences_fp16() -> None:
-    check_window([17, 33, 5], 2, 2, 16, 8, torch.float16, seed=4, tile_rows=16, key_step=16, dkdv_rows=16)
+    check_window([17, 33, 5], 2, 2, 16, 8, torch.float16, seed=4, query_rows=16, key_step=16, dkdv_rows=16)
 
 
 @kernel_test
@@ -95,7 +96,8 @@ def test_forward_matches_project_reference() -> None:
 
     q, k, v, _, cu = packed([40, 26], 7, 1, 16, seed=5)
     o, _ = window_attention_fwd(
-        q.float().to(DEVICE), k.float().to(DEVICE), v.float().to(DEVICE), cu.to(DEVICE), 12, 0.25, key_step=16
+        q.float().to(DEVICE), k.float().to(DEVICE), v.float().to(DEVICE), cu.to(DEVICE), 12, 0.25,
+        settings=WindowSettings(key_step=16),
     )
     gates = torch.zeros(1, q.shape[0], 7, dtype=torch.float64)
     parts = nsa_parts_reference(
@@ -127,7 +129,7 @@ def check_lean_interfaces(seq_lens, heads_q, heads_kv, head_dim, window, dtype, 
     (o_ref * do * c[..., None]).sum().backward()
     atol = 2e-5 if dtype == torch.float32 else 3e-3
 
-    fwd_kwargs = {key: kwargs[key] for key in ("tile_rows", "key_step") if key in kwargs}
+    fwd_kwargs = kwargs = dict(settings=WindowSettings(**kwargs))
     buf = dev(x0)
     out, lse = window_attention_fwd(dev(q), dev(k), dev(v), dev(cu), window, scale, fold_into=buf,
                                     fold_scale=dev(a), gate=dev(b), **fwd_kwargs)
@@ -166,13 +168,13 @@ def check_lean_interfaces(seq_lens, heads_q, heads_kv, head_dim, window, dtype, 
 
 @kernel_test
 def test_lean_interfaces_7_to_1_varlen() -> None:
-    check_lean_interfaces([37, 20], 7, 1, 16, 20, torch.float32, seed=7, tile_rows=64, key_step=16,
+    check_lean_interfaces([37, 20], 7, 1, 16, 20, torch.float32, seed=7, query_rows=64, key_step=16,
                           dkdv_rows=16)
 
 
 @kernel_test
 def test_lean_interfaces_1_to_1_fp16() -> None:
-    check_lean_interfaces([17, 5], 2, 2, 32, 8, torch.float16, seed=8, tile_rows=16, key_step=16, dkdv_rows=16)
+    check_lean_interfaces([17, 5], 2, 2, 32, 8, torch.float16, seed=8, query_rows=16, key_step=16, dkdv_rows=16)
 
 
 @kernel_test
@@ -181,9 +183,10 @@ def test_backward_is_deterministic() -> None:
 
     q, k, v, do, cu = packed([45], 7, 1, 16, seed=6)
     q, k, v, do, cu = (x.float().to(DEVICE) if x.is_floating_point() else x.to(DEVICE) for x in (q, k, v, do, cu))
-    o, lse = window_attention_fwd(q, k, v, cu, 20, 0.25, key_step=16)
-    first = window_attention_bwd(q, k, v, o, lse, do, cu, 20, 0.25, key_step=16)
-    second = window_attention_bwd(q, k, v, o, lse, do, cu, 20, 0.25, key_step=16)
+    steps = WindowSettings(key_step=16)
+    o, lse = window_attention_fwd(q, k, v, cu, 20, 0.25, settings=steps)
+    first = window_attention_bwd(q, k, v, o, lse, do, cu, 20, 0.25, settings=steps)
+    second = window_attention_bwd(q, k, v, o, lse, do, cu, 20, 0.25, settings=steps)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
