@@ -36,6 +36,7 @@ from harness import rel_error as rel  # noqa: E402
 
 # Kernel internals: the selection and window modules' launchers, planners and list builders.
 from videonsa.ops.triton import selection as slc  # noqa: E402
+from videonsa.ops.triton import utils as U  # noqa: E402
 from videonsa.ops.triton import window as swa  # noqa: E402
 
 DEVICE = "cuda"
@@ -208,7 +209,8 @@ def check_correctness(results: dict) -> None:
         (o_ref * do.float()).sum().backward()
         for rows in (128, 64):
             poison()
-            o, lse = swa.window_attention_fwd(q, k, v, cu_t, WINDOW, scale, tile_rows=rows)
+            o, lse = swa.window_attention_fwd(q, k, v, cu_t, WINDOW, scale,
+                                              settings=swa.WindowSettings(query_rows=rows))
             poison()
             grads = swa.window_attention_bwd(q, k, v, o, lse, do, cu_t, WINDOW, scale, tile_rows=rows)
             again = swa.window_attention_bwd(q, k, v, o, lse, do, cu_t, WINDOW, scale, tile_rows=rows)
@@ -289,7 +291,7 @@ def time_length(total: int, results: dict, table: list[str]) -> None:
         record(f"slc {kind} prep plan (auto)", partial(slc.plan_tiles, idx, cu_t, group), rep=50)
         record(f"slc {kind} prep union rows{auto.block_m}",
                partial(slc.union_blocks, idx, auto.tiles, auto.tokens), rep=50)
-        key_blocks = slc.tiles_of(cu_t, BLOCK)
+        key_blocks = U.tiles_of(cu_t, BLOCK)
         record(f"slc {kind} prep inverse", partial(slc.inverse_lists, idx, cu_t, BLOCK, key_blocks.shape[0]), rep=50)
         offsets, tokens = slc.inverse_lists(idx, cu_t, BLOCK, key_blocks.shape[0])
         if SWEEP:
@@ -303,7 +305,7 @@ def time_length(total: int, results: dict, table: list[str]) -> None:
         record(f"slc {kind} fwd kernel rows{auto.block_m} (default launch)",
                partial(slc.launch_fwd, q, k, v, auto, BLOCK, scale))
         o, lse = slc.launch_fwd(q, k, v, auto, BLOCK, scale)
-        delta = slc.row_dot(o, do)
+        delta = U.row_dot(o, do)
         record(f"slc {kind} dq kernel rows{auto.block_m} (default launch)",
                partial(slc.launch_dq, q, k, v, do, lse, delta, auto, BLOCK, scale))
         counts = offsets[1:] - offsets[:-1]
@@ -321,19 +323,20 @@ def time_length(total: int, results: dict, table: list[str]) -> None:
         torch.cuda.empty_cache()
 
     o, lse = swa.window_attention_fwd(q, k, v, cu_t, WINDOW, scale)
-    delta = slc.row_dot(o, do)
+    delta = U.row_dot(o, do)
     if SWEEP:
         for rows, warps, stages in ((64, 4, 2), (64, 4, 3), (128, 8, 2), (32, 4, 2)):
             record(f"swa fwd rows{rows} w{warps}s{stages}",
-                   partial(swa.window_attention_fwd, q, k, v, cu_t, WINDOW, scale, tile_rows=rows,
-                           num_warps=warps, num_stages=stages))
+                   partial(swa.window_attention_fwd, q, k, v, cu_t, WINDOW, scale,
+                           settings=swa.WindowSettings(query_rows=rows, num_warps=warps, num_stages=stages)))
         for rows, stages in ((64, 2), (64, 3), (128, 2)):
             record(f"swa dq kernel rows{rows} s{stages}",
-                   partial(swa.launch_dq, q, k, v, do, lse, delta, cu_t, WINDOW, scale, rows, 64, None, stages))
+                   partial(swa.launch_dq, q, k, v, do, lse, delta, cu_t, WINDOW, scale,
+                           settings=swa.WindowSettings(query_rows=rows, key_step=64, num_stages=stages)))
         for rows, key_step, stages in ((64, 64, 2), (64, 64, 3), (32, 64, 2), (32, 64, 3), (64, 32, 2)):
             record(f"swa dkdv kernel rows{rows} keys{key_step} s{stages}",
-                   partial(swa.launch_dkdv, q, k, v, do, lse, delta, cu_t, WINDOW, scale, rows, key_step, None,
-                           stages))
+                   partial(swa.launch_dkdv, q, k, v, do, lse, delta, cu_t, WINDOW, scale,
+                           settings=swa.WindowSettings(dkdv_rows=rows, key_step=key_step, num_stages=stages)))
     record("swa dq kernel (default)", partial(swa.launch_dq, q, k, v, do, lse, delta, cu_t, WINDOW, scale))
     record("swa dkdv kernel (default)", partial(swa.launch_dkdv, q, k, v, do, lse, delta, cu_t, WINDOW, scale))
     record("swa FWD total", partial(swa.window_attention_fwd, q, k, v, cu_t, WINDOW, scale))

@@ -46,8 +46,8 @@ from videonsa.ops import nsa_parts_reference  # noqa: E402
 # Internals: the reference's block pooling, the selection planners' costs (--selection-layout) and the Triton
 # path's parts entry point.
 from videonsa.ops.reference import compress_blocks  # noqa: E402
-from videonsa.ops.triton import selection  # noqa: E402
-from videonsa.ops.triton_nsa import nsa_parts_triton  # noqa: E402
+from videonsa.ops.triton.selection import SelectionSettings  # noqa: E402
+from videonsa.ops.triton_nsa import KERNEL_SETTINGS, KernelSettings, nsa_parts_triton  # noqa: E402
 
 SETTINGS = dict(block_size=BLOCK, block_count=COUNT, window_size=WINDOW, init_blocks=INIT, local_blocks=LOCAL)
 LIMITS = {torch.bfloat16: (1e-2, 2e-2, 2e-2), torch.float16: (3e-3, 5e-3, 5e-3)}  # fwd, grad, near-tie
@@ -117,14 +117,14 @@ def check_selection(indices, lse, x, cu, tol, samples=256, seed=0) -> dict:
     return {"checked": checked, "bad": len(bad), "first_bad": bad[:3], "inexact": inexact}
 
 
-def run_case(name, seq_lens, heads_q, heads_kv, head_dim, dtype, seed=0) -> dict:
+def run_case(name, seq_lens, heads_q, heads_kv, head_dim, dtype, seed=0, kernels=KERNEL_SETTINGS) -> dict:
     x, do, cu = make_inputs(seq_lens, heads_q, heads_kv, head_dim, dtype, seed)
     settings = dict(SETTINGS, cu_seqlens=cu)
     res: dict = {"case": name, "T": sum(seq_lens)}
 
     def ours_once():
         leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
-        parts = nsa_parts_triton(**leaves, **settings)
+        parts = nsa_parts_triton(**leaves, **settings, settings=kernels)
         parts.o.backward(do.to(dtype))
         torch.cuda.synchronize()
         return parts, {n: t.grad for n, t in leaves.items()}
@@ -195,11 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     env = environment()
     out = Results("check_ops_gpu", args.out, env)
+    kernels = KERNEL_SETTINGS
     if args.selection_layout != "auto":
         price = 0.0 if args.selection_layout == "block-major" else 1e9
-        for name in ("BY_BLOCK_STEP_COST", "BY_BLOCK_TOKEN_COST", "BY_BLOCK_CALL_COST", "DQ_BY_BLOCK_STEP_COST",
-                     "DQ_BY_BLOCK_TOKEN_COST", "DQ_BY_BLOCK_CALL_COST"):
-            setattr(selection, name, price)
+        costs = dict.fromkeys(("by_block_step_cost", "by_block_token_cost", "by_block_call_cost",
+                               "dq_by_block_step_cost", "dq_by_block_token_cost", "dq_by_block_call_cost"), price)
+        kernels = KernelSettings(selection=SelectionSettings(**costs))
 
     cases = [(f"7:1 bf16 T={n}", [n], 28, 4, 128, torch.bfloat16) for n in args.lengths]
     cases.insert(1, ("7:1 bf16 varlen", [3000, 77, 1200, 4000, 63], 28, 4, 128, torch.bfloat16))
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             skipped.append(case[0])
             continue
         try:
-            res = run_case(*case)
+            res = run_case(*case, kernels=kernels)
         except Exception as exc:  # noqa: BLE001 - report the case as failed and go on
             traceback.print_exc()
             res = {"case": case[0], "pass": False, "error": f"{type(exc).__name__}: {exc}"[:300]}

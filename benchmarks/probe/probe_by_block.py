@@ -48,6 +48,7 @@ from harness import (  # noqa: E402
 )
 from harness.operator import operator_selection as operator_inputs  # noqa: E402
 from videonsa.ops.triton import selection as slc  # noqa: E402
+from videonsa.ops.triton import utils as U  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -126,11 +127,11 @@ def probe(seq_len: int, emit, out_dir: Path) -> None:
     group = HQ // HKV
     scale = D**-0.5
     chunk = min(slc.by_block_chunk_tokens(HQ, HKV, COUNT, D, q.element_size()), seq_len)
-    key_blocks = slc.tiles_of(cu, BLOCK, slc.max_tiles_of(seq_len, 1, BLOCK))
+    key_blocks = U.tiles_of(cu, BLOCK, U.max_tiles_of(seq_len, 1, BLOCK))
     lists = slc.block_lists(idx, cu, BLOCK, chunk, n_blocks=key_blocks.shape[0])
-    work = slc.by_block_items(lists, HKV, slc.BY_BLOCK_SPLIT)
+    work = slc.by_block_items(lists, HKV, slc.SELECTION_SETTINGS.by_block_split)
     items, bounds = work.items, work.bounds.tolist()
-    block_m, bt = slc._tile_rows(group, slc.BY_BLOCK_ROWS)
+    block_m, bt = U.tile_shape(group, slc.SELECTION_SETTINGS.by_block_rows)
     o_part = torch.empty((chunk * HKV * COUNT * group, D), dtype=q.dtype, device=q.device)
     lse_part = torch.empty(chunk * HKV * COUNT * group, dtype=torch.float32, device=q.device)
     triples = int(lists.offsets[-1])
@@ -142,7 +143,7 @@ def probe(seq_len: int, emit, out_dir: Path) -> None:
             n_items = bounds[c + 1] - bounds[c]
             if not n_items:
                 continue
-            if kernel is slc._slc_fwd_by_block_kernel:  # launched on the chunk's bound, reads its real count
+            if kernel is slc.by_block._slc_fwd_by_block_kernel:  # launched on the chunk's bound, reads its real count
                 grid, args = work.grid[c], (items, work.bounds, lists.pairs, *strides, c)
             else:  # the old kernel: exactly the chunk's items, from item bounds[c] on
                 grid, args = n_items, (items, lists.pairs, *strides, bounds[c])
@@ -152,9 +153,9 @@ def probe(seq_len: int, emit, out_dir: Path) -> None:
                 num_warps=warps, num_stages=stages, **flags,
             )
 
-    library = dict(DOT_PREC=slc.dot_precision(q), LOOP_STAGES=slc.BY_BLOCK_LAUNCH[1],
-                   maxnreg=slc.BY_BLOCK_MAX_REGISTERS)
-    runs = [("library", slc._slc_fwd_by_block_kernel, library, (slc.BY_BLOCK_LAUNCH[0], 1))]
+    library = dict(DOT_PREC=U.dot_precision(q), LOOP_STAGES=slc.SELECTION_SETTINGS.by_block_loop_stages,
+                   maxnreg=slc.SELECTION_SETTINGS.by_block_max_registers)
+    runs = [("library", slc.by_block._slc_fwd_by_block_kernel, library, (slc.SELECTION_SETTINGS.by_block_warps, 1))]
     runs.append(("move", _probe_kernel, dict(MATH=False, STORE=True, EVICT=True), (4, 3)))
     runs.append(("math", _probe_kernel, dict(MATH=True, STORE=False), (4, 3)))
     partial_bytes = triples * group * (D * q.element_size() + 4)
@@ -167,7 +168,7 @@ def probe(seq_len: int, emit, out_dir: Path) -> None:
     fold_o, fold_gate = torch.zeros_like(q), torch.ones(q.shape[:2], dtype=q.dtype, device=q.device)
     whole = {
         "block_lists": partial(slc.block_lists, idx, cu, BLOCK, chunk),
-        "by_block_items": partial(slc.by_block_items, lists, HKV, slc.BY_BLOCK_SPLIT),
+        "by_block_items": partial(slc.by_block_items, lists, HKV, slc.SELECTION_SETTINGS.by_block_split),
         "launch_fwd_by_block (training)": partial(slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale),
         "launch_fwd_by_block (inference)": partial(
             slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale, fold_into=fold_o, fold_scale=fold_gate

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the
 from harness import BLOCK, COUNT, HKV, HQ, D, Results, add_output_arguments, bench, environment  # noqa: E402
 from harness.operator import operator_selection as operator_inputs  # noqa: E402
 from videonsa.ops.triton import selection as slc  # noqa: E402
+from videonsa.ops.triton import utils as U  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -132,22 +133,23 @@ def probe(seq_len: int, emit) -> None:
     scale = D**-0.5
     chunk = min(slc.by_block_chunk_tokens(HQ, HKV, COUNT, D, q.element_size()), seq_len)
     # The partials of one chunk, made by launch_fwd_by_block's own pieces.
-    key_blocks = slc.tiles_of(cu, BLOCK, slc.max_tiles_of(seq_len, 1, BLOCK))
+    key_blocks = U.tiles_of(cu, BLOCK, U.max_tiles_of(seq_len, 1, BLOCK))
     lists = slc.block_lists(idx, cu, BLOCK, chunk, n_blocks=key_blocks.shape[0])
-    work = slc.by_block_items(lists, HKV, slc.BY_BLOCK_SPLIT)
+    work = slc.by_block_items(lists, HKV, slc.SELECTION_SETTINGS.by_block_split)
     o_part = torch.empty((chunk * HKV * COUNT * group, D), dtype=q.dtype, device=q.device)
     lse_part = torch.empty(chunk * HKV * COUNT * group, dtype=torch.float32, device=q.device)
     c = max(lists.n_chunks - 2, 0)  # the last full chunk
     t0 = c * chunk
     tokens = min(chunk, seq_len - t0)
-    block_m, bt = slc._tile_rows(group, slc.BY_BLOCK_ROWS)
-    slc._slc_fwd_by_block_kernel[(work.grid[c],)](
+    block_m, bt = U.tile_shape(group, slc.SELECTION_SETTINGS.by_block_rows)
+    slc.by_block._slc_fwd_by_block_kernel[(work.grid[c],)](
         q, k, v, o_part, lse_part, key_blocks, work.items, work.bounds, lists.pairs,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         c, t0 * HKV * COUNT, D, scale * LOG2E,
         HKV=HKV, G=group, S=COUNT, BT=bt, BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_D=D,
-        DOT_PREC=slc.dot_precision(q), LOOP_STAGES=slc.BY_BLOCK_LAUNCH[1], num_warps=slc.BY_BLOCK_LAUNCH[0],
-        num_stages=1, maxnreg=slc.BY_BLOCK_MAX_REGISTERS,
+        DOT_PREC=U.dot_precision(q), LOOP_STAGES=slc.SELECTION_SETTINGS.by_block_loop_stages,
+        num_warps=slc.SELECTION_SETTINGS.by_block_warps, num_stages=1,
+        maxnreg=slc.SELECTION_SETTINGS.by_block_max_registers,
     )
     used = int((lists.block_indices[t0 : t0 + tokens] >= 0).sum())
     read_bytes = used * group * (D * q.element_size() + 4) + tokens * HQ * D * q.element_size()
@@ -172,8 +174,8 @@ def probe(seq_len: int, emit) -> None:
 
     merge_args = dict(HQ=HQ, HKV=HKV, G=group, S=COUNT, BLOCK_G=8, BLOCK_D=D)
     for warps in (4, 2, 8):
-        name = "library" if warps == slc.BY_BLOCK_MERGE_WARPS else f"library_w{warps}"
-        run(name, lambda o, lse, w=warps: slc._slc_merge_kernel[(tokens, HKV)](
+        name = "library" if warps == slc.SELECTION_SETTINGS.merge_warps else f"library_w{warps}"
+        run(name, lambda o, lse, w=warps: slc.by_block._slc_merge_kernel[(tokens, HKV)](
             *common, o, lse, lse, o.stride(0), o.stride(1), t0, D, BLOCK_S=COUNT, FOLD=False,
             num_warps=w, **merge_args))
     for stream in (False, True):

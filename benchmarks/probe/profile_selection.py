@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the
 from harness import BLOCK, HKV, HQ, D, Results, add_output_arguments, bench, environment  # noqa: E402
 from harness.operator import operator_selection as operator_inputs  # noqa: E402
 from videonsa.ops.triton import selection as slc  # noqa: E402
+from videonsa.ops.triton import utils as U  # noqa: E402
 
 
 def checksum(x: torch.Tensor) -> int:
@@ -74,7 +75,7 @@ def run(seq_len: int, structured: bool, tag: str) -> dict:
     backward = lambda: slc.selected_attention_bwd(q, k, v, o, lse, do, idx, cu, BLOCK, scale)  # noqa: E731
     dq, dk, dv = backward()
     chunk = slc.by_block_chunk_tokens(HQ, HKV, idx.shape[-1], D, q.element_size())
-    key_blocks = lambda: slc.tiles_of(cu, BLOCK, slc.max_tiles_of(seq_len, 1, BLOCK))  # noqa: E731
+    key_blocks = lambda: U.tiles_of(cu, BLOCK, U.max_tiles_of(seq_len, 1, BLOCK))  # noqa: E731
     lists = lambda: slc.block_lists(idx, cu, BLOCK, min(chunk, seq_len), n_blocks=key_blocks().shape[0])  # noqa: E731
     built = lists()
     span, idle, kernels = idle_ms(forward)
@@ -84,7 +85,7 @@ def run(seq_len: int, structured: bool, tag: str) -> dict:
         forward_ms=bench(forward), forward_wall_ms=wall_ms(forward), backward_ms=bench(backward),
         plan_ms=bench(lambda: slc.plan_forward(idx, cu, group, BLOCK)),
         key_blocks_ms=bench(key_blocks), block_lists_ms=bench(lists),
-        items_ms=bench(lambda: slc.by_block_items(built, HKV, slc.BY_BLOCK_SPLIT)),
+        items_ms=bench(lambda: slc.by_block_items(built, HKV, slc.SELECTION_SETTINGS.by_block_split)),
         span_ms=span, idle_ms=idle, kernels=kernels,
         o=checksum(o), lse=checksum(lse), dq=checksum(dq), dk=checksum(dk), dv=checksum(dv),
     )

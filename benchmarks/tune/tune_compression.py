@@ -31,6 +31,8 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,8 +57,7 @@ from videonsa.ops.triton import compression as C  # noqa: E402
 
 DEVICE = "cuda"
 RESULTS: Results | None = None  # set by main()
-# Round 1 at 128K (plain do): 32x128 w8 s3 14.7 ms, s2 17.0, 64x128 s2 16.3, 32x64 s2 38.6, s2 with
-# min_segment 2048 / max_segments 32 15.2, split 27.1, 64x128 split 18.5. Now timed with do_scale (lean path).
+# dK~/dV~ launches, timed with do_scale (the lean path); min_segment / max_segments set the segments.
 SWEEP_DKV = [
     dict(rows=32, keys=128, warps=8, stages=3),
     dict(rows=32, keys=128, warps=8, stages=2),
@@ -232,22 +233,26 @@ def main(argv: list[str] | None = None) -> None:
         o, lse = C.compressed_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, BLOCK, scale)
         delta = C.compressed_attention_delta(q, k_cmp, v_cmp, lse, do, cu, cu_cmp, BLOCK, scale, do_scale=dos)
 
-        def lean_bwd():
+        def lean_bwd(settings=C.COMPRESSION_SETTINGS):
             return C.compressed_attention_bwd(q, k_cmp, v_cmp, None, lse, do, cu, cu_cmp, BLOCK, scale,
-                                              delta=delta, do_scale=dos)
+                                              delta=delta, do_scale=dos, settings=settings)
 
-        def delta_only():
-            return (C.compressed_attention_delta(q, k_cmp, v_cmp, lse, do, cu, cu_cmp, BLOCK, scale, do_scale=dos),)
+        def delta_only(settings=C.COMPRESSION_SETTINGS):
+            return (C.compressed_attention_delta(q, k_cmp, v_cmp, lse, do, cu, cu_cmp, BLOCK, scale, do_scale=dos,
+                                                 settings=settings),)
 
-        def fwd_only():
-            return C.compressed_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, BLOCK, scale)
+        def fwd_only(settings=C.COMPRESSION_SETTINGS):
+            return C.compressed_attention_fwd(q, k_cmp, v_cmp, cu, cu_cmp, BLOCK, scale, settings)
 
-        for part, variants, fn, key in (("dkv", SWEEP_DKV, lean_bwd, "dkv"), ("delta", SWEEP_DELTA, delta_only,
-                                         "delta"), ("fwd", SWEEP_FWD, fwd_only, "_cmp_fwd")):
-            default = dict(C.CONFIG[part])
-            want = fn()
+        for part, variants, run, key in (("dkv", SWEEP_DKV, lean_bwd, "dkv"), ("delta", SWEEP_DELTA, delta_only,
+                                          "delta"), ("fwd", SWEEP_FWD, fwd_only, "_cmp_fwd")):
+            want = run()
             for variant in variants:
-                C.CONFIG[part] = dict(default, **variant)
+                launch = {name: value for name, value in variant.items() if name in ("rows", "keys", "warps", "stages")}
+                segments = {f"dkv_{name}": variant[name] for name in ("min_segment", "max_segments") if name in variant}
+                settings = replace(C.COMPRESSION_SETTINGS, **{part: replace(getattr(C.COMPRESSION_SETTINGS, part),
+                                                                            **launch)}, **segments)
+                fn = partial(run, settings)
                 try:
                     got = fn()
                     pairs = list(zip(got[1:], want[1:])) if part == "dkv" else list(zip(got, want))
@@ -258,7 +263,6 @@ def main(argv: list[str] | None = None) -> None:
                 except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or run is reported
                     record = dict(T=seq_len, part=part, variant=variant, error=f"{type(exc).__name__}: {exc}"[:300])
                 result["sweep"].append(emit(record))
-            C.CONFIG[part] = default
 
     RESULTS.write_json(result)
     failed = [c for c in result["checks"] if c["code"] == "new" and not c["ok"]]

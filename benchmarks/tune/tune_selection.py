@@ -31,7 +31,7 @@ dq with planning, checked against it, with the planner's estimates (for DQ_BY_BL
 --dkdv times the dk/dv kernel (with do_scale, as the operator runs it) for each (rows, warps, stages)
 variant, checked against the default launch, next to the dq kernel's default time.
 
---defaults times only the current defaults (planner-chosen tiles, `_launch_config`, DKDV_ROWS): forward, dq
+--defaults times only the current defaults (planner-chosen tiles, `_launch_config`, `dkdv_rows`): forward, dq
 and dk/dv each without and with `do_scale` (a random gate), the do_scale results checked against the
 unscaled kernels run on the materialised do * gate (kind = "default" lines, plus "check" lines).
 
@@ -56,6 +56,7 @@ from harness.operator import operator_selection as operator_inputs  # noqa: E402
 
 # Kernel internals: the selection module's launchers, planners and list builders (the only ones used here).
 from videonsa.ops.triton import selection as slc  # noqa: E402
+from videonsa.ops.triton import utils as U  # noqa: E402
 
 # Launch settings before this change (selection.py at commit a937654): 4 warps below 128 rows, 3 stages.
 OLD_DQ = {16: (4, 3), 64: (4, 3), 128: (8, 3)}
@@ -96,11 +97,11 @@ def run_selection(name: str, seq_len: int, deadline: float) -> None:
     emit(kind="info", selection=name, T=seq_len,
          union_steps_per_token_per_group={rows: steps[rows] / tokens / HKV for rows in heights},
          auto_rows_fwd_costs=slc.plan_tiles(idx, cu, group).block_m,
-         auto_rows_dq_costs=slc.plan_tiles(idx, cu, group, None, slc.DQ_TILE_STEP_COST).block_m)
+         auto_rows_dq_costs=slc.plan_tiles(idx, cu, group, None, dq=True).block_m)
 
     # Reference forward (16 rows, old launch) and its lse / delta, shared by every dq variant.
     o_ref, lse = slc.launch_fwd(q, k, v, plans[16], BLOCK, scale, *OLD_FWD[16])
-    delta = slc.row_dot(o_ref, do)
+    delta = U.row_dot(o_ref, do)
     best: dict[str, tuple[float, int, int, int]] = {}
     for kernel, variants, old in (("dq", DQ_VARIANTS, OLD_DQ), ("fwd", FWD_VARIANTS, OLD_FWD)):  # dq first
         ref = None  # dq of the first variant (16 rows, old launch): every tiling must agree with it
@@ -125,7 +126,7 @@ def run_selection(name: str, seq_len: int, deadline: float) -> None:
                         err = float("nan")
                 ms = bench(fn)
                 is_old = (warps, stages) == old[rows]
-                is_new = (warps, stages) == slc._launch_config(rows, D, "dq" if kernel == "dq" else "fwd")
+                is_new = (warps, stages) == slc.tiles._launch_config(rows, D, "dq" if kernel == "dq" else "fwd")
                 emit(kind="time", selection=name, kernel=kernel, rows=rows, warps=warps, stages=stages, ms=ms,
                      ns_per_step=ms * 1e6 / steps[rows], rel_err=err, old_default=is_old, new_default=is_new)
                 if not best.get(kernel) or ms < best[kernel][0]:
@@ -133,7 +134,7 @@ def run_selection(name: str, seq_len: int, deadline: float) -> None:
 
     # dk/dv (inverse lists): sm_90 compile of the default (32 rows, 4 warps, 2 stages) spills 184 bytes at
     # 255 registers; 8 warps needs 247 and no spill. Checked against the default's dk, dv.
-    key_blocks = slc.tiles_of(cu, BLOCK)
+    key_blocks = U.tiles_of(cu, BLOCK)
     offsets, tok_list = slc.inverse_lists(idx, cu, BLOCK, key_blocks.shape[0])
     ref = None
     for rows, warps, stages in DKDV_VARIANTS:
@@ -141,7 +142,7 @@ def run_selection(name: str, seq_len: int, deadline: float) -> None:
             emit(kind="info", skipped=f"{name} dkdv rows{rows} w{warps}s{stages}: over budget")
             continue
         fn = partial(slc.launch_dkdv, q, k, v, do, lse, delta, key_blocks, offsets, tok_list, BLOCK, scale,
-                     rows, warps, stages)
+                     settings=slc.SelectionSettings(dkdv_rows=rows, dkdv_warps=warps, dkdv_stages=stages))
         out = fn()
         ref = out if ref is None else ref
         err = max(rel(out[0], ref[0]), rel(out[1], ref[1]))
@@ -153,13 +154,13 @@ def run_selection(name: str, seq_len: int, deadline: float) -> None:
     gate = torch.rand(q.shape[:2], device=DEVICE, generator=gen).to(q.dtype)
     plan = plans[16]
     scaled = (do.float() * gate.float()[..., None]).to(do.dtype)
-    want = slc.launch_dq(q, k, v, scaled, lse, slc.row_dot(o_ref, scaled), plan, BLOCK, scale)
+    want = slc.launch_dq(q, k, v, scaled, lse, U.row_dot(o_ref, scaled), plan, BLOCK, scale)
     got = slc.launch_dq(q, k, v, do, lse, delta * gate.float(), plan, BLOCK, scale, do_scale=gate)
     emit(kind="check", selection=name, what="dq do_scale vs materialised", rel_err=rel(got, want))
 
     # Whole entry points: old (forward's costs, old launch) against new defaults.
     fwd_auto = slc.plan_tiles(idx, cu, group)
-    dq_auto = slc.plan_tiles(idx, cu, group, None, slc.DQ_TILE_STEP_COST)
+    dq_auto = slc.plan_tiles(idx, cu, group, None, dq=True)
     fwd_ms = bench(partial(slc.launch_fwd, q, k, v, fwd_auto, BLOCK, scale))
     old_dq_ms = bench(partial(slc.launch_dq, q, k, v, do, lse, delta, fwd_auto, BLOCK, scale,
                               *OLD_DQ[fwd_auto.block_m]))
@@ -177,7 +178,7 @@ BY_BLOCK_PARTIALS_MIB = [256, 1024]
 
 def by_block_steps(idx: torch.Tensor, cu: torch.Tensor, group: int, rows: int, chunk_tokens: int) -> int:
     """Program steps of the block-major forward: sum over lists of ceil(length / BT)."""
-    bt = slc._tile_rows(group, rows)[1]
+    bt = U.tile_shape(group, rows)[1]
     lists = slc.block_lists(idx, cu, BLOCK, chunk_tokens)
     lengths = lists.offsets[1:] - lists.offsets[:-1]
     return int(((lengths + bt - 1) // bt).sum())
@@ -187,8 +188,9 @@ def run_by_block(name: str, seq_len: int, deadline: float) -> None:
     q, k, v, cu, idx = operator_inputs(seq_len, name == "structured")
     scale = D**-0.5
     group = HQ // HKV
-    sample = slc.sample_selection(idx, group, list(slc.TILE_CANDIDATES))
-    estimates = {bm: slc.tile_estimate(sample, bm, slc.TILE_STEP_COST) for bm in sample.steps_per_token}
+    sample = slc.sample_selection(idx, group, list(slc.SELECTION_SETTINGS.tile_candidates))
+    costs = slc.SELECTION_SETTINGS.tile_step_cost
+    estimates = {bm: slc.tile_estimate(sample, bm, costs) for bm in sample.steps_per_token}
     emit(kind="info", selection=name, T=seq_len, tile_estimates_ns_per_token=estimates,
          by_block_estimate_ns_per_token=slc.by_block_estimate(sample, group),
          planner="by_block" if slc.plan_forward(idx, cu, group, BLOCK) is None else "tiles")
@@ -208,8 +210,9 @@ def run_by_block(name: str, seq_len: int, deadline: float) -> None:
     def run(rows: int, warps: int, stages: int, chunk: int, merge_warps: int) -> None:
         if time.time() > deadline or any(r[1:] == (rows, warps, stages, chunk, merge_warps) for r in results):
             return
-        fn = partial(slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale, chunk_tokens=chunk, rows=rows,
-                     num_warps=warps, num_stages=stages, merge_warps=merge_warps)
+        launch = slc.SelectionSettings(by_block_rows=rows, by_block_warps=warps, by_block_loop_stages=stages,
+                                       merge_warps=merge_warps)
+        fn = partial(slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale, chunk_tokens=chunk, settings=launch)
         o, lse = fn()
         finite = torch.isfinite(lse16)
         err = rel(o, o16)
@@ -233,11 +236,13 @@ def run_by_block(name: str, seq_len: int, deadline: float) -> None:
     if not results:
         return
     ms, rows, warps, stages, chunk, merge_warps = min(results)
+    launch = slc.SelectionSettings(by_block_rows=rows, by_block_warps=warps, by_block_loop_stages=stages,
+                                   merge_warps=merge_warps)
     split = kernel_split(partial(slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale, chunk_tokens=chunk,
-                                 rows=rows, num_warps=warps, num_stages=stages, merge_warps=merge_warps))
+                                 settings=launch))
     fwd_kernel_ms = sum(v for key, v in split.items() if "by_block" in key)
     # The planner's step count (used slots / BT, as `by_block_estimate` counts) and the exact one.
-    bt = slc._tile_rows(group, rows)[1]
+    bt = U.tile_shape(group, rows)[1]
     approx_steps = float((idx >= 0).sum()) / bt
     emit(kind="summary", selection=name, T=seq_len, best=dict(ms=ms, rows=rows, warps=warps, stages=stages,
          chunk_tokens=chunk, merge_warps=merge_warps), kernels=split, steps=by_block_steps(idx, cu, group, rows, chunk),
@@ -257,20 +262,21 @@ def run_by_block_splits(name: str, seq_len: int, splits: list[int]) -> None:
     tile_ms = bench(partial(slc.selected_attention_fwd, q, k, v, idx, cu, BLOCK, scale, by_block=False))
     # The planner's estimates (ns per token), the block-major one without its fixed per-call part, so that
     # BY_BLOCK_CALL_COST can be refitted from these lines.
-    sample = slc.sample_selection(idx, group, list(slc.TILE_CANDIDATES))
+    sample = slc.sample_selection(idx, group, list(slc.SELECTION_SETTINGS.tile_candidates))
     emit(kind="time", selection=name, T=seq_len, kernel="tile fwd (with planning)", ms=tile_ms,
          planner="by_block" if slc.plan_forward(idx, cu, group, BLOCK) is None else "tiles",
-         tile_estimates_ns_per_token={bm: slc.tile_estimate(sample, bm, slc.TILE_STEP_COST)
+         tile_estimates_ns_per_token={bm: slc.tile_estimate(sample, bm, slc.SELECTION_SETTINGS.tile_step_cost)
                                       for bm in sample.steps_per_token},
          by_block_estimate_without_call_ns_per_token=slc.by_block_estimate(sample, group)
-         - slc.BY_BLOCK_CALL_COST / seq_len)
+         - slc.SELECTION_SETTINGS.by_block_call_cost / seq_len)
     gate = torch.rand(q.shape[:2], device=q.device, dtype=q.dtype)
     base = torch.randn_like(q)
     for mode in ("training", "inference"):
         fold = {} if mode == "training" else dict(fold_into=base.clone(), fold_scale=gate)
         want = None
         for split in splits:
-            fn = partial(slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale, split=split, **fold)
+            fn = partial(slc.launch_fwd_by_block, q, k, v, idx, cu, BLOCK, scale, **fold,
+                         settings=slc.SelectionSettings(by_block_split=split))
             if fold:
                 fold["fold_into"].copy_(base)
             o, lse = fn()
@@ -293,11 +299,11 @@ def run_dkdv(name: str, seq_len: int, deadline: float) -> None:
     q, k, v, cu, idx, do, gate = backward_inputs(name, seq_len)
     scale = D**-0.5
     o, lse = slc.selected_attention_fwd(q, k, v, idx, cu, BLOCK, scale)
-    delta = slc.row_dot(o, do) * gate.float()
-    dq_plan = slc.plan_tiles(idx, cu, HQ // HKV, None, slc.DQ_TILE_STEP_COST)
+    delta = U.row_dot(o, do) * gate.float()
+    dq_plan = slc.plan_tiles(idx, cu, HQ // HKV, None, dq=True)
     emit(kind="time", selection=name, T=seq_len, kernel="dq default", rows=dq_plan.block_m,
          ms=bench(partial(slc.launch_dq, q, k, v, do, lse, delta, dq_plan, BLOCK, scale, do_scale=gate)))
-    key_blocks = slc.tiles_of(cu, BLOCK)
+    key_blocks = U.tiles_of(cu, BLOCK)
     offsets, tok_list = slc.inverse_lists(idx, cu, BLOCK, key_blocks.shape[0])
     common = (q, k, v, do, lse, delta, key_blocks, offsets, tok_list, BLOCK, scale)
     ref = slc.launch_dkdv(*common, do_scale=gate)
@@ -305,7 +311,8 @@ def run_dkdv(name: str, seq_len: int, deadline: float) -> None:
         if time.time() > deadline:
             emit(kind="skip", selection=name, kernel="dkdv", rows=rows, warps=warps, stages=stages)
             continue
-        fn = partial(slc.launch_dkdv, *common, rows, warps, stages, do_scale=gate)
+        fn = partial(slc.launch_dkdv, *common, do_scale=gate,
+                     settings=slc.SelectionSettings(dkdv_rows=rows, dkdv_warps=warps, dkdv_stages=stages))
         got = fn()
         err = max(rel(got[0], ref[0]), rel(got[1], ref[1]))
         del got
@@ -324,28 +331,28 @@ def run_defaults(name: str, seq_len: int) -> None:
     scaled = (do.float() * gate.float()[..., None]).to(do.dtype)  # the materialised gradient of o
 
     fwd_plan = slc.plan_tiles(idx, cu, group)
-    dq_plan = slc.plan_tiles(idx, cu, group, None, slc.DQ_TILE_STEP_COST)
+    dq_plan = slc.plan_tiles(idx, cu, group, None, dq=True)
     o, lse = slc.launch_fwd(q, k, v, fwd_plan, BLOCK, scale)
     o16, lse16 = slc.launch_fwd(q, k, v, slc.plan_tiles(idx, cu, group, 16), BLOCK, scale)
     emit(kind="check", selection=name, what="fwd default vs 16-row fwd", rel_err=rel(o, o16))
     emit(kind="default", selection=name, kernel="fwd", rows=fwd_plan.block_m,
-         launch=slc._launch_config(fwd_plan.block_m, D, "fwd"),
+         launch=slc.tiles._launch_config(fwd_plan.block_m, D, "fwd"),
          ms=bench(partial(slc.launch_fwd, q, k, v, fwd_plan, BLOCK, scale)))
 
-    delta = slc.row_dot(o, do)
+    delta = U.row_dot(o, do)
     delta_g = delta * gate.float()
-    delta_mat = slc.row_dot(o, scaled)
+    delta_mat = U.row_dot(o, scaled)
     dq = partial(slc.launch_dq, q, k, v, do, lse, delta, dq_plan, BLOCK, scale)
     dq_g = partial(slc.launch_dq, q, k, v, do, lse, delta_g, dq_plan, BLOCK, scale, do_scale=gate)
     dq_mat = partial(slc.launch_dq, q, k, v, scaled, lse, delta_mat, dq_plan, BLOCK, scale)
     emit(kind="check", selection=name, what="dq do_scale vs materialised", rel_err=rel(dq_g(), dq_mat()),
          unscaled_rel_diff=rel(dq(), dq_mat()))
-    launch = slc._launch_config(dq_plan.block_m, D, "dq")
+    launch = slc.tiles._launch_config(dq_plan.block_m, D, "dq")
     for variant, fn in (("plain", dq), ("do_scale", dq_g)):
         emit(kind="default", selection=name, kernel="dq", variant=variant, rows=dq_plan.block_m, launch=launch,
              ms=bench(fn))
 
-    key_blocks = slc.tiles_of(cu, BLOCK)
+    key_blocks = U.tiles_of(cu, BLOCK)
     offsets, tok_list = slc.inverse_lists(idx, cu, BLOCK, key_blocks.shape[0])
     common = (key_blocks, offsets, tok_list, BLOCK, scale)
     dkdv = partial(slc.launch_dkdv, q, k, v, do, lse, delta, *common)
@@ -354,15 +361,17 @@ def run_defaults(name: str, seq_len: int) -> None:
     got, want = dkdv_g(), dkdv_mat()
     emit(kind="check", selection=name, what="dk/dv do_scale vs materialised",
          rel_err=max(rel(got[0], want[0]), rel(got[1], want[1])))
-    old32 = partial(slc.launch_dkdv, q, k, v, do, lse, delta_g, *common, 32, do_scale=gate)
+    old32 = partial(slc.launch_dkdv, q, k, v, do, lse, delta_g, *common, do_scale=gate,
+                    settings=slc.SelectionSettings(dkdv_rows=32))
     got32 = old32()
     emit(kind="check", selection=name, what="dk/dv do_scale 32 rows vs default rows",
          rel_err=max(rel(got32[0], got[0]), rel(got32[1], got[1])))
     del got, want, got32
-    for variant, rows, fn in (("plain", slc.DKDV_ROWS, dkdv), ("do_scale", slc.DKDV_ROWS, dkdv_g),
+    rows_default = slc.SELECTION_SETTINGS.dkdv_rows
+    for variant, rows, fn in (("plain", rows_default, dkdv), ("do_scale", rows_default, dkdv_g),
                               ("do_scale", 32, old32)):
         emit(kind="default", selection=name, kernel="dkdv", variant=variant, rows=rows,
-             launch=slc._launch_config(slc._tile_rows(group, rows)[0], D, "dkdv"), ms=bench(fn))
+             launch=((8, 2) if U.tile_shape(group, rows)[0] >= 128 else (4, 3)), ms=bench(fn))
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
 
@@ -380,14 +389,14 @@ def run_dq_by_block(name: str, seq_len: int, deadline: float) -> None:
     scale = D**-0.5
     group = HQ // HKV
     o, lse = slc.selected_attention_fwd(q, k, v, idx, cu, BLOCK, scale)
-    delta = slc.row_dot(o, do) * gate.float()
+    delta = U.row_dot(o, do) * gate.float()
 
     def tiles() -> torch.Tensor:  # what the operator ran before the block-major dq: planning included
-        plan = slc.plan_tiles(idx, cu, group, None, slc.DQ_TILE_STEP_COST)
+        plan = slc.plan_tiles(idx, cu, group, None, dq=True)
         return slc.launch_dq(q, k, v, do, lse, delta, plan, BLOCK, scale, do_scale=gate)
 
     want = tiles()
-    sample = slc.sample_selection(idx, group, list(slc.TILE_CANDIDATES))
+    sample = slc.sample_selection(idx, group, list(slc.SELECTION_SETTINGS.tile_candidates))
     emit(kind="time", selection=name, T=seq_len, kernel="dq tiles (with planning)", ms=bench(tiles),
          planner="by_block" if slc.plan_dq(idx, cu, group, BLOCK) is None else "tiles",
          tile_estimates_ns_per_token={bm: slc.tile_estimate(sample, bm, slc.DQ_TILE_STEP_COST)

@@ -8,9 +8,8 @@ sorting kernel or not), written to OUT/tune_topk.jsonl (benchmarks/README.md).
     python benchmarks/tune/tune_topk.py --lengths 32768 131072 --tokens 4 8 16 --warps 0 8 16
 
 --variants takes explicit launch settings instead of the tokens x warps product, each a comma-separated list of
-overrides (tokens = bisect_tokens, warps = bisect_warps (0: the default rule), chunk = bisect_chunk, stages =
-bisect_stages, pps = programs_per_sm, half = bisect_half, exit = bisect_early_exit, regrow =
-register_row_blocks, rowchunk = row_chunk):
+`TopkSettings` fields by short name (tokens, warps (0: the default rule), chunk, stages, pps = programs_per_sm,
+regrow = register_row_blocks, rowchunk = row_chunk):
 
     python benchmarks/tune/tune_topk.py --lengths 131072 --no-sort-timing --variants stages=2 stages=3 pps=1
     python benchmarks/tune/tune_topk.py --lengths 262144 --inputs randn --variants regrow=4096 regrow=2048,rowchunk=512
@@ -29,16 +28,16 @@ from harness import INPUT_KINDS, Results, add_output_arguments, bench, environme
 from harness.operator import compress, packed_inputs, select_blocks  # noqa: E402
 
 # Kernel internals: the top-k launch settings (the only ones used here).
-from videonsa.ops.triton import topk as topk_module  # noqa: E402
+from videonsa.ops.triton.topk import TopkSettings  # noqa: E402
 
-# Launch settings of the bisection kernel and their short names on the command line and in the output rows.
-_SHORT = {"bisect_tokens": "tokens", "bisect_warps": "warps", "bisect_chunk": "chunk", "bisect_stages": "stages",
-          "programs_per_sm": "pps", "bisect_half": "half", "bisect_early_exit": "exit",
+# Launch settings of the bisection kernel (`TopkSettings` fields) and their short names on the command line and
+# in the output rows.
+_SHORT = {"tokens": "tokens", "warps": "warps", "chunk": "chunk", "stages": "stages", "programs_per_sm": "pps",
           "register_row_blocks": "regrow", "row_chunk": "rowchunk"}
 
 
 def parse_variant(text: str) -> dict:
-    """'tokens=8,stages=3' -> {"bisect_tokens": 8, "bisect_stages": 3} (integers)."""
+    """'tokens=8,pps=1' -> {"tokens": 8, "programs_per_sm": 1} (integers)."""
     long = {short: name for name, short in _SHORT.items()}
     out = {}
     for item in text.split(","):
@@ -46,29 +45,18 @@ def parse_variant(text: str) -> dict:
         if key not in long or not value.lstrip("-").isdigit():
             raise SystemExit(f"--variants: {item!r} is not KEY=INTEGER with KEY one of {sorted(long)}")
         out[long[key]] = int(value)
-    if "bisect_warps" in out:
-        out["bisect_warps"] = out["bisect_warps"] or None  # 0: the default rule
+    if "warps" in out:
+        out["warps"] = out["warps"] or None  # 0: the default rule
     return out
-
-
-def with_settings(overrides: dict, fn):
-    """Run fn() with the top-k launch settings changed by `overrides`, restoring them after (the one place this
-    script touches the kernel's settings)."""
-    saved = dict(topk_module.CONFIG)
-    topk_module.CONFIG.update(overrides)
-    try:
-        return fn()
-    finally:
-        topk_module.CONFIG.clear()
-        topk_module.CONFIG.update(saved)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--tokens", type=int, nargs="+", default=[8],
-                        help="bisect_tokens values (tokens per tile of the bisection kernel)")
-    parser.add_argument("--warps", type=int, nargs="+", default=[0], help="bisect_warps values (0: the default rule)")
+                        help="TopkSettings.tokens values (tokens per tile of the bisection kernel)")
+    parser.add_argument("--warps", type=int, nargs="+", default=[0],
+                        help="TopkSettings.warps values (0: the default rule)")
     parser.add_argument("--variants", nargs="+", default=None, help="explicit variants, e.g. tokens=8,stages=3")
     parser.add_argument("--inputs", nargs="+", default=list(INPUT_KINDS), choices=INPUT_KINDS)
     parser.add_argument("--no-sort-timing", action="store_true", help="run the sorting kernel once, untimed")
@@ -77,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.variants:
         variants = [("sort", {})] + [("bisect", parse_variant(v)) for v in args.variants]
     else:
-        variants = [("sort", {})] + [("bisect", dict(bisect_tokens=t, bisect_warps=w or None))
+        variants = [("sort", {})] + [("bisect", dict(tokens=t, warps=w or None))
                                      for w in args.warps for t in args.tokens]
     results = Results("tune_topk", args.out, environment())
     for seq_len in args.lengths:
@@ -88,14 +76,16 @@ def main(argv: list[str] | None = None) -> None:
             for method, overrides in variants:
                 label = dict(T=seq_len, inputs=kind, method=method, **{_SHORT[n]: v for n, v in overrides.items()})
 
-                def run(method=method, x=x, c=c):
-                    return select_blocks(x, c, method=method)
+                settings = TopkSettings(**overrides)
+
+                def run(method=method, x=x, c=c, settings=settings):
+                    return select_blocks(x, c, method=method, settings=settings)
 
                 try:
-                    got = with_settings(overrides, run)
+                    got = run()
                     equal = bool(torch.equal(got, want))
                     timed = not (method == "sort" and args.no_sort_timing)
-                    ms = with_settings(overrides, lambda run=run: bench(run)) if timed else None
+                    ms = bench(run) if timed else None
                     row = dict(label, ms=ms, equal_to_sort=equal)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or run is reported
                     row = dict(label, error=repr(exc)[:300])
