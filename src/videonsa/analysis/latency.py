@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from videonsa.errors import UserError
+from videonsa.ops.config import NSAConfig
 
 HELP = "per-branch forward (and backward) time of the NSA operator from 1K to 128K tokens, dense attention beside it"
 BRANCHES: tuple[str, ...] = ("compression", "topk", "selection", "window", "gating")
@@ -57,9 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, nargs=2, default=[28, 4], metavar=("HQ", "HKV"),
                         help="query and key/value heads (default 28 4, Qwen2.5-VL-7B)")
     parser.add_argument("--dim", type=int, default=128, help="head dimension (default 128)")
-    parser.add_argument("--block-size", type=int, default=64, help="NSA block size (default 64)")
-    parser.add_argument("--block-count", type=int, default=32, help="blocks each query selects (default 32)")
-    parser.add_argument("--window", type=int, default=256, help="sliding-window size in tokens (default 256)")
+    parser.add_argument("--block-size", type=int, default=NSAConfig.block_size,
+                        help=f"NSA block size (default {NSAConfig.block_size})")
+    parser.add_argument("--block-count", type=int, default=NSAConfig.block_count,
+                        help=f"blocks each query selects (default {NSAConfig.block_count})")
+    parser.add_argument("--window", type=int, default=NSAConfig.window_size,
+                        help=f"sliding-window size in tokens (default {NSAConfig.window_size})")
     parser.add_argument("--backward", action="store_true", help="time the backward passes too")
     parser.add_argument("--no-dense", dest="dense", action="store_false",
                         help="leave out the dense attention baseline")
@@ -77,11 +81,11 @@ class LatencySettings:
     heads_q: int = 28
     heads_kv: int = 4
     head_dim: int = 128
-    block_size: int = 64
-    block_count: int = 32
-    window_size: int = 256
-    init_blocks: int = 0
-    local_blocks: int = 1
+    block_size: int = NSAConfig.block_size
+    block_count: int = NSAConfig.block_count
+    window_size: int = NSAConfig.window_size
+    init_blocks: int = NSAConfig.init_blocks
+    local_blocks: int = NSAConfig.local_blocks
     backward: bool = False
     dense: bool = True
     backend: str = "reference"
@@ -95,7 +99,6 @@ class LatencySettings:
 
 def settings_from_args(args: argparse.Namespace, device) -> LatencySettings:
     """The run's settings from the flags; one-line `UserError`s naming the flag at fault."""
-    from videonsa.ops.common import NSAConfig
     from videonsa.ops.nsa import available_backends, triton_supports
 
     lengths = args.lengths or (GPU_LENGTHS if device.type == "cuda" else CPU_LENGTHS)
@@ -323,7 +326,6 @@ def reference_calls(x: dict[str, Any], settings: LatencySettings) -> BranchCalls
     made; backward calls run each branch's autograd graph (built once) again."""
     import torch
 
-    from videonsa.ops.common import NSAConfig
 
     config = NSAConfig(**settings.nsa_kwargs())
     steps = ReferenceBranches(config, settings.head_dim**-0.5)

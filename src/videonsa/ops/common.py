@@ -1,50 +1,14 @@
-"""What every NSA implementation shares: the settings, input validation and the parts returned for analysis."""
+"""What every NSA implementation shares: the settings (`NSAConfig`, from `config`), input validation and the
+parts returned for analysis."""
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class NSAConfig:
-    """Sparse-attention budget. Defaults are VideoNSA's (the NSA paper uses init_blocks=1, local_blocks=2)."""
-
-    block_size: int = 64
-    block_count: int = 32
-    window_size: int = 256
-    init_blocks: int = 0
-    local_blocks: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "block_count", "window_size", "init_blocks", "local_blocks"):
-            object.__setattr__(self, name, _integer_size(name, getattr(self, name)))
-        for name in ("block_size", "block_count", "window_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"nsa_attention: {name} must be positive, got {getattr(self, name)}")
-        for name in ("init_blocks", "local_blocks"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"nsa_attention: {name} must be >= 0, got {getattr(self, name)}")
-        forced = self.init_blocks + self.local_blocks
-        if self.block_count < forced:
-            raise ValueError(
-                f"nsa_attention: block_count={self.block_count} is smaller than the forced blocks "
-                f"(init_blocks={self.init_blocks} + local_blocks={self.local_blocks} = {forced})"
-            )
-
-
-def _integer_size(name: str, value: object) -> int:
-    """`value` as a Python int if it is an integer of any kind (int, numpy integer); floats and bools are refused
-    rather than rounded or read as 0/1, since a size given as 4.5 or True is a mistake."""
-    if isinstance(value, bool):
-        raise ValueError(f"nsa_attention: {name} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"nsa_attention: {name} must be an integer, got {value!r}") from None
+from videonsa.ops.config import NSAConfig
 
 
 @dataclass
@@ -135,3 +99,7 @@ def empty_batch_parts(
     indices = torch.full((batch, seq_len, heads_kv, block_count), -1, dtype=torch.int32, device=q.device)
     lse = torch.full((batch, seq_len, heads_q), -torch.inf, dtype=torch.float32, device=q.device)
     return NSAParts(o, o.clone(), o.clone(), o.clone(), indices, lse)
+
+
+# NSAConfig is defined in `config` (torch-free) and re-exported here with the rest of the shared pieces.
+__all__ = ["NSAConfig", "NSAParts", "check_inputs", "empty_batch_parts", "sequence_spans"]

@@ -9,7 +9,8 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from videonsa.ops.common import NSAConfig, NSAParts
+from videonsa.ops.common import NSAParts
+from videonsa.ops.config import NSAConfig
 from videonsa.ops.reference import nsa_parts_reference
 
 BACKENDS = ("auto", "triton", "reference")

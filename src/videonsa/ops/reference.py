@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from videonsa.ops.common import NSAConfig, NSAParts, check_inputs, empty_batch_parts, sequence_spans
+from videonsa.ops.common import NSAParts, check_inputs, empty_batch_parts, sequence_spans
+from videonsa.ops.config import NSAConfig
 
 # Elements of gathered keys/values/scores one query chunk may hold; bounds the reference's working memory.
 _CHUNK_ELEMENTS = 1 << 25

@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from videonsa.ops.common import NSAConfig, NSAParts, check_inputs, sequence_spans
+from videonsa.ops.common import NSAParts, check_inputs, sequence_spans
+from videonsa.ops.config import NSAConfig
 from videonsa.ops.triton.compression import (
     COMPRESSION_SETTINGS,
     CompressionSettings,
