@@ -154,25 +154,23 @@ def bounded_tiles_of(cu_seqlens: Tensor, total: int, tokens_per_tile: int, units
 
 
 def query_tiles(cu_seqlens: Tensor, tile: int, total: int | None = None) -> Tensor:
-    """int32 [n_tiles, 2]: (sequence, first position) of every run of `tile` consecutive queries of a sequence,
-    the tile table of the kernels that look up per-sequence offsets (compression, top-k) rather than packed
-    rows (`tiles_of`: selection, window).
+    """int32 [n_tiles, 2]: (sequence, first position within it) of every tile of `tiles_of`: the same tiles in
+    the form of the kernels that look up per-sequence offsets themselves (compression, top-k).
 
-    The row count needs one device->host sync, except for a single sequence whose length `total` (the packed
-    tensors' first dimension) the caller passes: then everything is known on the host and nothing waits for
-    the device.
+    The row count needs one device->host sync (`tiles_of`'s), except for a single sequence whose length `total`
+    (the packed tensors' first dimension) the caller passes: then everything is known on the host and nothing
+    waits for the device.
     """
     if total is not None and cu_seqlens.numel() == 2:
         n_tiles = triton.cdiv(total, tile)
         first = torch.arange(0, n_tiles * tile, tile, dtype=torch.int32, device=cu_seqlens.device)
         return torch.stack([torch.zeros_like(first), first], dim=1)
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    counts = torch.div(lengths + tile - 1, tile, rounding_mode="floor")
-    ends = counts.cumsum(0)
-    n_tiles = int(ends[-1])
-    seq = torch.repeat_interleave(torch.arange(counts.numel(), device=cu_seqlens.device), counts, output_size=n_tiles)
-    first = (torch.arange(n_tiles, device=cu_seqlens.device) - (ends - counts)[seq]) * tile
-    return torch.stack([seq, first], dim=1).to(torch.int32).contiguous()
+    cu_seqlens = offsets32(cu_seqlens)
+    tiles = tiles_of(cu_seqlens, tile)
+    # A tile's sequence: the number of sequence ends at or before its first row (empty sequences end there too).
+    first_rows = tiles[:, 0].contiguous()
+    seq = torch.searchsorted(cu_seqlens[1:], first_rows, right=True)
+    return torch.stack([seq.to(torch.int32), first_rows - tiles[:, 2]], dim=1).contiguous()
 
 
 def row_dot(o: Tensor, do: Tensor, *, block_rows: int = 64) -> Tensor:
