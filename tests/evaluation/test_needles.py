@@ -178,7 +178,7 @@ def test_footage_is_looped_as_haystack(tmp_path):
         ({"size": (63, 64)}, r"--size 63x64: width and height must be even"),
         ({"count": 0}, r"--count must be at least 1"),
         ({"fps": 0}, r"--fps must be a whole number"),
-        ({"kinds": ["smell"]}, r"--kinds: choose among retrieval, counting, order, colour, got smell"),
+        ({"kinds": ["smell"]}, r"--kinds: choose among retrieval, counting, order, colour, before-black, got smell"),
         ({"footage": "/no/such/folder"}, r"--footage /no/such/folder: no such folder"),
     ],
 )

@@ -92,7 +92,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 # The needle generator's kinds made only on request (`videonsa.evaluation.needles.EXTRA_KINDS`), named here so
 # that `--help` does not import the generator (it loads PyAV and torch); a test checks the two agree.
-EXTRA_NEEDLE_KINDS: tuple[str, ...] = ("colour",)
+EXTRA_NEEDLE_KINDS: tuple[str, ...] = ("colour", "before-black")
 
 
 def _add_make_needles(commands: argparse._SubParsersAction) -> None:
@@ -127,8 +127,10 @@ def _add_make_needles(commands: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=NEEDLE_KINDS + EXTRA_NEEDLE_KINDS,
         default=list(NEEDLE_KINDS),
-        help=f"question kinds (default {' '.join(NEEDLE_KINDS)}; also: colour, the whole screen turns red, green, "
-        "blue or white for a moment, 'which colour?', made for tiny models trained from scratch as in videonsa demo)",
+        help=f"question kinds (default {' '.join(NEEDLE_KINDS)}; made for tiny models trained from scratch as in "
+        "videonsa demo, on request: colour, the screen turns red, green, blue or white for a moment, 'which "
+        "colour?'; before-black, a colour, far later a black screen, then another colour, 'which colour came "
+        "before the black?')",
     )
     parser.add_argument(
         "--workers",

@@ -5,9 +5,13 @@ haystack videos, with multiple-choice questions of three kinds (docs/evaluation.
 - counting: a shape of a given colour flashes N times in one place; "how many times does it flash?"
 - order: four coloured shapes each cross the screen once, at separate times; "which appears first?"
 
-One more kind is available on request (`kinds=("colour",)`, not in the default set): the whole screen turns one
-of four colours for a moment, "which colour?", options always in the same order. It is made for tiny models
-trained from scratch (`videonsa demo`): recognisable from a 28 x 28 frame, answer letter tied to the colour.
+Two more kinds are made on request (not in the default set), for tiny models trained from scratch (`videonsa
+demo`): recognisable from a 28 x 28 frame, options always in the same order so that the letter names the colour.
+
+- colour: the whole screen turns red, green, blue or white for a moment; "which colour fills the screen?"
+- before-black: the screen fills with one colour, later turns black, later still fills with another colour;
+  "which colour filled the screen before it turned black?" The first colour ends at least `far_seconds` before
+  the black screen, so a model can only relate the two through attention that reaches far back in time.
 
 >>> needle_set = make_needle_set("needles", count=5, lengths=[60, 600, 3600], seed=0)
 >>> len(needle_set.questions)      # 3 questions per video: 45
@@ -57,8 +61,8 @@ MAX_SECONDS = 24 * 3600
 X264_OPTIONS = {"crf": "23", "preset": "veryfast", "threads": "1", "x264-params": "no-mbtree=1"}
 KEYFRAME_SECONDS = 10
 OPTIONS_PER_QUESTION = 4
-# Kinds made only when asked for (not in the default `NEEDLE_KINDS`): "colour", a frame-filling colour.
-EXTRA_KINDS: tuple[str, ...] = ("colour",)
+# Kinds made only when asked for (not in the default `NEEDLE_KINDS`): frame-filling colours (module docstring).
+EXTRA_KINDS: tuple[str, ...] = ("colour", "before-black")
 KNOWN_KINDS: tuple[str, ...] = NEEDLE_KINDS + EXTRA_KINDS
 # The "colour" kind's colours (RGB), in the fixed order its options always take (so "A" always means red). Pure
 # primaries and white: every two of them differ by full scale on two of the three channels (the corners of a
@@ -71,6 +75,8 @@ FILL_RGB: dict[str, tuple[int, int, int]] = {
     "white": (255, 255, 255),
 }
 FILL_COLOURS: tuple[str, ...] = tuple(FILL_RGB)
+MARKER = "black"  # the before-black kind's marker screen (haystack pixels never go below 30)
+FILL_PAINT: dict[str, tuple[int, int, int]] = {**FILL_RGB, MARKER: (0, 0, 0)}
 
 WORDS = (
     "ANCHOR", "APRICOT", "BADGER", "BAMBOO", "BANJO", "BEACON", "BISCUIT", "BUCKET", "CACTUS", "CAMEL", "CANDLE",
@@ -94,7 +100,8 @@ class NeedleTiming:
     crossing_seconds: int = 3
     gap_seconds: int = 2  # at least this between needles and from either end of the video
     order_shapes: int = OPTIONS_PER_QUESTION
-    fill_seconds: int = 2  # the "colour" kind: how long the screen shows the colour
+    fill_seconds: int = 2  # the "colour" and "before-black" kinds: how long the screen shows a colour
+    far_seconds: int = 20  # the "before-black" kind: the asked colour ends at least this long before the black
 
     def seconds_needed(self, kinds: Sequence[str]) -> int:
         """The shortest video that holds the needles of `kinds` with their gaps."""
@@ -112,6 +119,8 @@ class NeedleTiming:
             durations += [self.crossing_seconds] * self.order_shapes
         if "colour" in kinds:
             durations.append(self.fill_seconds)
+        if "before-black" in kinds:
+            durations += [self.fill_seconds + self.far_seconds, self.fill_seconds, self.fill_seconds]
         return durations
 
 
@@ -197,7 +206,7 @@ class NeedleVideo:
         draw = ImageDraw.Draw(image)
         for fill in self.fills:
             if fill.start <= frame < fill.end:
-                draw.rectangle((0, 0, self.width, self.height), fill=FILL_RGB[fill.colour])
+                draw.rectangle((0, 0, self.width, self.height), fill=FILL_PAINT[fill.colour])
         for card in self.cards:
             if card.start <= frame < card.end:
                 draw_card(draw, card.text, self.width, self.height)
@@ -324,6 +333,25 @@ def _colour_fill(rng: np.random.Generator, start: int, frames: int) -> tuple[Fil
     return fill, _Draft("colour", text, list(FILL_COLOURS), colour, [(fill.start, fill.end)])
 
 
+def _before_black(rng: np.random.Generator, starts: Sequence[int], frames: int) -> tuple[list[Fill], _Draft]:
+    """A colour from `starts[0]`, the black screen from `starts[1]`, another colour from `starts[2]` (each
+    `frames` long), and the question which colour came before the black (fixed option order)."""
+    asked, later = (FILL_COLOURS[int(i)] for i in rng.choice(len(FILL_COLOURS), 2, replace=False))
+    fills = [Fill(colour, start, start + frames) for colour, start in zip((asked, MARKER, later), starts, strict=True)]
+    text = "Which colour filled the screen before it turned black?"
+    return fills, _Draft("before-black", text, list(FILL_COLOURS), asked, [(f.start, f.end) for f in fills])
+
+
+def _in_order(blocks: list[tuple[str, int]], names: Sequence[str]) -> list[tuple[str, int]]:
+    """`blocks` with the blocks named `names` moved, among the places they hold, into the order of `names`."""
+    places = [index for index, (kind, _) in enumerate(blocks) if kind in names]
+    ordered = sorted((block for block in blocks if block[0] in names), key=lambda block: names.index(block[0]))
+    blocks = list(blocks)
+    for place, block in zip(places, ordered, strict=True):
+        blocks[place] = block
+    return blocks
+
+
 def _point(rng: np.random.Generator, width: int, height: int, radius: int) -> tuple[int, int]:
     return int(rng.integers(radius, width - radius + 1)), int(rng.integers(radius, height - radius + 1))
 
@@ -388,7 +416,14 @@ def plan_needle_video(
         blocks += [(f"order-{k}", timing.crossing_seconds * fps) for k in range(timing.order_shapes)]
     if "colour" in kinds:
         blocks.append(("colour", timing.fill_seconds * fps))
+    before_black = ("before-black-asked", "before-black-marker", "before-black-later")
+    if "before-black" in kinds:
+        # The asked colour's block runs on for far_seconds after the colour, keeping the black screen far from it.
+        blocks += [(before_black[0], (timing.fill_seconds + timing.far_seconds) * fps),
+                   (before_black[1], timing.fill_seconds * fps), (before_black[2], timing.fill_seconds * fps)]
     blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+    if "before-black" in kinds:
+        blocks = _in_order(blocks, before_black)
     starts = dict(
         zip(
             (kind for kind, _ in blocks),
@@ -418,6 +453,10 @@ def plan_needle_video(
     if "colour" in kinds:
         fill, draft = _colour_fill(rng, starts["colour"], timing.fill_seconds * fps)
         fills.append(fill)
+        drafts.append(draft)
+    if "before-black" in kinds:
+        made, draft = _before_black(rng, [starts[name] for name in before_black], timing.fill_seconds * fps)
+        fills += made
         drafts.append(draft)
     footage_offset = None if footage_seconds is None else round(float(rng.uniform(0, footage_seconds)), 3)
     scenes = plan_scenes(rng, total, fps, width, height) if footage_seconds is None else ()
@@ -499,6 +538,8 @@ def _check_arguments(
     unknown = sorted(set(kinds) - set(KNOWN_KINDS))
     if unknown or not kinds:
         raise UserError(f"--kinds: choose among {', '.join(KNOWN_KINDS)}, got {', '.join(kinds) or 'none'}")
+    if {"colour", "before-black"} <= set(kinds):
+        raise UserError("--kinds: colour and before-black cannot share a video (both fill the screen with colours)")
     needed = timing.seconds_needed(kinds)
     for seconds in lengths:
         if not needed <= seconds <= MAX_SECONDS:
@@ -510,8 +551,11 @@ def _check_arguments(
 
 def _set_description(count, lengths, size, fps, kinds, seed, timing, codec, footage) -> dict:
     timing = asdict(timing)
-    if "colour" not in kinds:
-        del timing["fill_seconds"]  # sets without the colour kind describe themselves as before it existed
+    # Sets without the extra kinds describe themselves as before those kinds existed.
+    if "colour" not in kinds and "before-black" not in kinds:
+        del timing["fill_seconds"]
+    if "before-black" not in kinds:
+        del timing["far_seconds"]
     return {
         "format": SET_FORMAT,
         "version": SET_VERSION,
@@ -636,7 +680,9 @@ __all__ = [
     "Crossing",
     "EXTRA_KINDS",
     "FILL_COLOURS",
+    "FILL_PAINT",
     "FILL_RGB",
+    "MARKER",
     "Fill",
     "Flashes",
     "KNOWN_KINDS",
