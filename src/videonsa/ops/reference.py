@@ -26,8 +26,9 @@ from torch.utils.checkpoint import checkpoint
 from videonsa.ops.common import NSAParts, check_inputs, empty_batch_parts, sequence_spans
 from videonsa.ops.config import NSAConfig
 
-# Elements of gathered keys/values/scores one query chunk may hold; bounds the reference's working memory.
-_CHUNK_ELEMENTS = 1 << 25
+# Elements of gathered keys/values/scores one query chunk may hold by default; bounds the reference's working
+# memory (`nsa_parts_reference`'s chunk_elements).
+CHUNK_ELEMENTS = 1 << 25
 
 
 def nsa_attention_reference(
@@ -70,11 +71,14 @@ def nsa_parts_reference(
     cu_seqlens: Tensor | None = None,
     scale: float | None = None,
     block_indices: Tensor | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> NSAParts:
     """Like `nsa_attention_reference`, returning every part (see `NSAParts`).
 
     block_indices: optional int [B, T, HKV, block_count] (-1 = unused) to use instead of the top-k choice;
         kernel tests use it to check the attention given the kernel's own selection.
+    chunk_elements: elements of gathered keys, values and scores one chunk of queries may hold (the queries
+        run in chunks that fit it, at least one query each); the result does not depend on it.
     """
     check_inputs(q, k, v, g_cmp, g_slc, g_swa)
     config = NSAConfig(block_size, block_count, window_size, init_blocks, local_blocks)
@@ -93,7 +97,7 @@ def nsa_parts_reference(
     for b, start, end in spans:
         q_seq, k_seq, v_seq = (x[b, start:end].to(compute_dtype) for x in (q, k, v))
         forced = None if block_indices is None else block_indices[b, start:end]
-        parts = _sequence(q_seq, k_seq, v_seq, config, scale, forced)
+        parts = _sequence(q_seq, k_seq, v_seq, config, scale, forced, chunk_elements)
         for name, value in zip(pieces, parts[:3]):
             pieces[name].append(value)
         indices[b, start:end] = parts[3]
@@ -120,9 +124,10 @@ def compress_blocks(x: Tensor, block_size: int) -> Tensor:
 
 
 def _sequence(
-    q: Tensor, k: Tensor, v: Tensor, config: NSAConfig, scale: float, given_indices: Tensor | None
+    q: Tensor, k: Tensor, v: Tensor, config: NSAConfig, scale: float, given_indices: Tensor | None,
+    chunk_elements: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """NSA branches for one sequence: q [L, HQ, D], k/v [L, HKV, D].
+    """NSA branches for one sequence: q [L, HQ, D], k/v [L, HKV, D], queries in chunks of about chunk_elements.
 
     Returns o_cmp, o_slc, o_swa [L, HQ, D], block indices int32 [L, HKV, block_count], lse_cmp [L, HQ].
     """
@@ -134,7 +139,7 @@ def _sequence(
     k_cmp, v_cmp = compress_blocks(k, config.block_size), compress_blocks(v, config.block_size)
     per_query = heads_kv * config.block_count * config.block_size * (2 * head_dim + heads_q // heads_kv)
     per_query += heads_q * (config.window_size + k_cmp.shape[0])
-    chunk = max(1, min(seq_len, _CHUNK_ELEMENTS // per_query))
+    chunk = max(1, min(seq_len, chunk_elements // per_query))
 
     outputs = []
     for start in range(0, seq_len, chunk):
