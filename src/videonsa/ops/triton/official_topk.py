@@ -62,7 +62,7 @@ class OfficialTopkLaunch:
 
     # 8 tokens on 8 warps: one token's row per warp, so the network's exchanges are shuffles without barriers
     # (sm_90 PTX from Triton 3.6: 126 registers, no spills). Chosen from the compiled code, not yet timed:
-    # benchmarks/bench_official_topk.py --sweep times the alternatives.
+    # benchmarks/tune/tune_official_topk.py --sweep times the alternatives.
     tokens_per_program: int = 8
     max_rows: int = 128
     num_warps: int = 8
