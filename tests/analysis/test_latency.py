@@ -29,11 +29,10 @@ def random_inputs(length: int, heads_q: int = 6, heads_kv: int = 2, dim: int = 8
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 25, 300])  # one chunk, and many (every step chunks queries)
-def test_reference_branch_steps_give_the_operator_parts(monkeypatch, chunk_elements):
-    monkeypatch.setattr(latency, "_CHUNK_ELEMENTS", chunk_elements)
+def test_reference_branch_steps_give_the_operator_parts(chunk_elements):
     q, k, v, gates = random_inputs(77)  # not a whole number of blocks
     config = NSAConfig(block_size=8, block_count=3, window_size=13, init_blocks=1, local_blocks=1)
-    parts = ReferenceBranches(config, 8**-0.5).run_all(q, k, v, *gates)
+    parts = ReferenceBranches(config, 8**-0.5, chunk_elements).run_all(q, k, v, *gates)
     expected = nsa_parts_reference(q[None], k[None], v[None], *(g[None] for g in gates), block_size=8,
                                    block_count=3, window_size=13, init_blocks=1, local_blocks=1)
     for name in ("o", "o_cmp", "o_slc", "o_swa"):

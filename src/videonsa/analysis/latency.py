@@ -207,8 +207,8 @@ def _backward_of(output, grad, leaves) -> Callable[[], None]:
 # The branches, on the reference's steps
 
 
-def _chunk_spans(length: int, per_query: int) -> list[tuple[int, int]]:
-    chunk = max(1, min(length, _CHUNK_ELEMENTS // max(1, per_query)))
+def _chunk_spans(length: int, per_query: int, chunk_elements: int) -> list[tuple[int, int]]:
+    chunk = max(1, min(length, chunk_elements // max(1, per_query)))
     return [(start, min(length, start + chunk)) for start in range(0, length, chunk)]
 
 
@@ -219,9 +219,10 @@ class ReferenceBranches:
     memory stays bounded. `run_all` gives the parts of `nsa_parts_reference` (a test checks they agree).
     """
 
-    def __init__(self, config, scale: float) -> None:
+    def __init__(self, config, scale: float, chunk_elements: int = _CHUNK_ELEMENTS) -> None:
         self.config = config
         self.scale = scale
+        self.chunk_elements = chunk_elements  # the most elements one query chunk's score matrix may hold
 
     def compression(self, q, k, v):
         """o_cmp [T, HQ, D] and the top-k scores (compression softmax summed per KV group) [T, HKV, NB]."""
@@ -233,7 +234,7 @@ class ReferenceBranches:
         heads_kv = k.shape[1]
         k_cmp, v_cmp = compress_blocks(k, self.config.block_size), compress_blocks(v, self.config.block_size)
         outputs, scores_out = [], []
-        for start, end in _chunk_spans(length, heads_q * max(1, k_cmp.shape[0])):
+        for start, end in _chunk_spans(length, heads_q * max(1, k_cmp.shape[0]), self.chunk_elements):
             pos = torch.arange(start, end, device=q.device)
             qg = q[start:end].view(end - start, heads_kv, heads_q // heads_kv, head_dim)
             visible = torch.arange(k_cmp.shape[0], device=q.device) < ((pos + 1) // self.config.block_size)[:, None]
@@ -251,7 +252,7 @@ class ReferenceBranches:
 
         chosen = []
         per_query = importance.shape[1] * max(1, importance.shape[2]) * 4
-        for start, end in _chunk_spans(length, per_query):
+        for start, end in _chunk_spans(length, per_query, self.chunk_elements):
             pos = torch.arange(start, end, device=importance.device)
             chosen.append(select_blocks(importance[start:end], pos, length, self.config))
         return torch.cat(chosen)
@@ -267,7 +268,7 @@ class ReferenceBranches:
         group = heads_q // heads_kv
         per_query = heads_kv * self.config.block_count * self.config.block_size * (2 * head_dim + group)
         outputs = []
-        for start, end in _chunk_spans(length, per_query):
+        for start, end in _chunk_spans(length, per_query, self.chunk_elements):
             pos = torch.arange(start, end, device=q.device)
             qg = q[start:end].view(end - start, heads_kv, group, head_dim)
             out = _attend_selected(qg, k, v, indices[start:end], pos, self.config.block_size, self.scale)
@@ -286,7 +287,7 @@ class ReferenceBranches:
         window = self.config.window_size
         outputs = []
         chunk_guess = min(length, 1024)
-        for start, end in _chunk_spans(length, heads_q * (window + chunk_guess)):
+        for start, end in _chunk_spans(length, heads_q * (window + chunk_guess), self.chunk_elements):
             pos = torch.arange(start, end, device=q.device)
             lo = max(0, start - window + 1)
             key_pos = torch.arange(lo, end, device=q.device)

@@ -47,7 +47,8 @@ def low_value_norms(norms: Any) -> Any:
     import torch
 
     values = norms.double()
-    quantiles = torch.quantile(values, torch.tensor([0.25, 0.5, 0.75], dtype=values.dtype, device=values.device), dim=-1)
+    levels = torch.tensor([0.25, 0.5, 0.75], dtype=values.dtype, device=values.device)
+    quantiles = torch.quantile(values, levels, dim=-1)
     threshold = quantiles[1] - 2 * (quantiles[2] - quantiles[0])
     return values < threshold[..., None]
 
