@@ -83,25 +83,34 @@ def nsa_attention(
     cu_seqlens: Tensor | None = None,
     scale: float | None = None,
     backend: str | None = None,
+    cu_seqlens_k: Tensor | None = None,
 ) -> Tensor:
     """Native Sparse Attention: compression, top-k selection and sliding-window branches, gated.
 
     Args:
-        q: [B, T, HQ, D]; k, v: [B, T, HKV, D] with HQ % HKV == 0 (any ratio).
-        g_cmp, g_slc, g_swa: [B, T, HQ] gates, already in [0, 1].
+        q: [B, Tq, HQ, D]; k, v: [B, Tk, HKV, D] with HQ % HKV == 0 (any ratio) and Tk >= Tq: the queries are
+            the last Tq key positions (Tk > Tq: a chunk of a longer prompt whose earlier keys are cached).
+        g_cmp, g_slc, g_swa: [B, Tq, HQ] gates, already in [0, 1].
         block_size, block_count, window_size: NSA budget (defaults: `NSAConfig`'s, 64, 32, 256).
         init_blocks, local_blocks: blocks every query selects regardless of score (VideoNSA: 0 and 1).
-        cu_seqlens: int32 [N+1] offsets of sequences packed along T (then B must be 1).
+        cu_seqlens: int32 [N+1] offsets of the queries of sequences packed along Tq (then B must be 1).
         scale: softmax scale, default D ** -0.5.
         backend: "auto" (Triton on CUDA, else the reference), "triton" or "reference"; the environment
             variable VIDEONSA_NSA_BACKEND sets the default.
+        cu_seqlens_k: int32 [N+1] offsets of the same sequences' keys along Tk (None: cu_seqlens); every
+            sequence has at least as many keys as queries, and its queries are its last keys.
+
+    Each query's result is its row of the one-pass operator over all the keys (docs/operator.md, "Queries that
+    end a longer key sequence"). The Triton backward refuses Tq < Tk (NotImplementedError); the reference
+    differentiates it.
 
     Returns:
-        o: [B, T, HQ, D] in q's dtype.
+        o: [B, Tq, HQ, D] in q's dtype.
     """
     kwargs = dict(
         block_size=block_size, block_count=block_count, window_size=window_size,
         init_blocks=init_blocks, local_blocks=local_blocks, cu_seqlens=cu_seqlens, scale=scale,
+        cu_seqlens_k=cu_seqlens_k,
     )
     config = NSAConfig(block_size, block_count, window_size, init_blocks, local_blocks)  # checked first
     if _resolve_backend(backend, q, config) == "triton":
@@ -125,11 +134,13 @@ def nsa_attention_parts(
     cu_seqlens: Tensor | None = None,
     scale: float | None = None,
     backend: str | None = None,
+    cu_seqlens_k: Tensor | None = None,
 ) -> NSAParts:
     """`nsa_attention` returning every part: branch outputs, selected blocks, compression lse (`NSAParts`)."""
     kwargs = dict(
         block_size=block_size, block_count=block_count, window_size=window_size,
         init_blocks=init_blocks, local_blocks=local_blocks, cu_seqlens=cu_seqlens, scale=scale,
+        cu_seqlens_k=cu_seqlens_k,
     )
     config = NSAConfig(block_size, block_count, window_size, init_blocks, local_blocks)  # checked first
     if _resolve_backend(backend, q, config) == "triton":

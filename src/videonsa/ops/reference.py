@@ -12,6 +12,10 @@ The steps, per packed sequence (positions t counted from the sequence start), b 
               block_count in all; causal attention over their keys. The choice itself carries no gradient.
 4. window:    causal attention over the last window_size keys.
 5. o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa.
+
+Queries may be the last part of a longer key sequence (k, v longer than q; `cu_seqlens_k` when packed): query i
+of a sequence with len_q queries and len_k keys sits at key position t = len_k - len_q + i, and every step above
+runs with that t over all len_k keys, so the result is those rows of the one-pass operator.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from videonsa.ops.common import NSAParts, check_inputs, empty_batch_parts, sequence_spans
+from videonsa.ops.common import NSAParts, check_inputs, empty_batch_parts, query_key_spans
 from videonsa.ops.config import NSAConfig
 
 # Elements of gathered keys/values/scores one query chunk may hold by default; bounds the reference's working
@@ -46,12 +50,17 @@ def nsa_attention_reference(
     local_blocks: int = NSAConfig.local_blocks,
     cu_seqlens: Tensor | None = None,
     scale: float | None = None,
+    cu_seqlens_k: Tensor | None = None,
 ) -> Tensor:
-    """NSA over q [B, T, HQ, D], k/v [B, T, HKV, D] with gates [B, T, HQ]; returns o [B, T, HQ, D]."""
+    """NSA over q [B, Tq, HQ, D], k/v [B, Tk, HKV, D] (Tk >= Tq) with gates [B, Tq, HQ]; returns o [B, Tq, HQ, D].
+
+    With Tk > Tq the queries are the last Tq key positions (packed: cu_seqlens for the queries, cu_seqlens_k for
+    the keys); see `nsa_parts_reference`."""
     return nsa_parts_reference(
         q, k, v, g_cmp, g_slc, g_swa,
         block_size=block_size, block_count=block_count, window_size=window_size,
         init_blocks=init_blocks, local_blocks=local_blocks, cu_seqlens=cu_seqlens, scale=scale,
+        cu_seqlens_k=cu_seqlens_k,
     ).o
 
 
@@ -72,10 +81,15 @@ def nsa_parts_reference(
     scale: float | None = None,
     block_indices: Tensor | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
+    cu_seqlens_k: Tensor | None = None,
 ) -> NSAParts:
     """Like `nsa_attention_reference`, returning every part (see `NSAParts`).
 
-    block_indices: optional int [B, T, HKV, block_count] (-1 = unused) to use instead of the top-k choice;
+    q [B, Tq, HQ, D], k/v [B, Tk, HKV, D] with Tk >= Tq, gates [B, Tq, HQ]: each sequence's queries are its last
+    len_q key positions (dense batch: Tq of Tk; packed: cu_seqlens for the queries, cu_seqlens_k for the keys,
+    None meaning the same offsets). The parts are [B, Tq, ...]: the rows of the one-pass call over the keys.
+
+    block_indices: optional int [B, Tq, HKV, block_count] (-1 = unused) to use instead of the top-k choice;
         kernel tests use it to check the attention given the kernel's own selection.
     chunk_elements: elements of gathered keys, values and scores one chunk of queries may hold (the queries
         run in chunks that fit it, at least one query each); the result does not depend on it.
@@ -84,7 +98,7 @@ def nsa_parts_reference(
     config = NSAConfig(block_size, block_count, window_size, init_blocks, local_blocks)
     batch, seq_len, heads_q, head_dim = q.shape
     heads_kv = k.shape[2]
-    spans = sequence_spans(cu_seqlens, batch, seq_len)
+    spans = query_key_spans(cu_seqlens, cu_seqlens_k, batch, seq_len, k.shape[1])
     if batch == 0:
         return empty_batch_parts(q, k, v, g_cmp, g_slc, g_swa, config.block_count)
     scale = head_dim**-0.5 if scale is None else float(scale)
@@ -94,10 +108,12 @@ def nsa_parts_reference(
     lse_cmp = torch.full((batch, seq_len, heads_q), -math.inf, dtype=torch.float32, device=q.device)
     # Branch outputs per sequence, joined afterwards so autograd sees plain concatenations.
     pieces: dict[str, list[Tensor]] = {"o_cmp": [], "o_slc": [], "o_swa": []}
-    for b, start, end in spans:
-        q_seq, k_seq, v_seq = (x[b, start:end].to(compute_dtype) for x in (q, k, v))
+    for span in spans:
+        b, start, end = span.batch, span.q_start, span.q_end
+        q_seq = q[b, start:end].to(compute_dtype)
+        k_seq, v_seq = (x[b, span.k_start : span.k_end].to(compute_dtype) for x in (k, v))
         forced = None if block_indices is None else block_indices[b, start:end]
-        parts = _sequence(q_seq, k_seq, v_seq, config, scale, forced, chunk_elements)
+        parts = _sequence(q_seq, k_seq, v_seq, config, scale, forced, chunk_elements, span.first_position)
         for name, value in zip(pieces, parts[:3]):
             pieces[name].append(value)
         indices[b, start:end] = parts[3]
@@ -125,11 +141,12 @@ def compress_blocks(x: Tensor, block_size: int) -> Tensor:
 
 def _sequence(
     q: Tensor, k: Tensor, v: Tensor, config: NSAConfig, scale: float, given_indices: Tensor | None,
-    chunk_elements: int,
+    chunk_elements: int, first_position: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """NSA branches for one sequence: q [L, HQ, D], k/v [L, HKV, D], queries in chunks of about chunk_elements.
+    """NSA branches for one sequence: q [Lq, HQ, D] at key positions first_position.., k/v [Lk, HKV, D]
+    (first_position = Lk - Lq), queries in chunks of about chunk_elements.
 
-    Returns o_cmp, o_slc, o_swa [L, HQ, D], block indices int32 [L, HKV, block_count], lse_cmp [L, HQ].
+    Returns o_cmp, o_slc, o_swa [Lq, HQ, D], block indices int32 [Lq, HKV, block_count], lse_cmp [Lq, HQ].
     """
     seq_len, heads_q, head_dim = q.shape
     heads_kv = k.shape[1]
@@ -145,7 +162,7 @@ def _sequence(
     for start in range(0, seq_len, chunk):
         end = min(seq_len, start + chunk)
         given = None if given_indices is None else given_indices[start:end]
-        args = (q[start:end], k, v, k_cmp, v_cmp, start, config, scale, given)
+        args = (q[start:end], k, v, k_cmp, v_cmp, first_position + start, config, scale, given)
         if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
             outputs.append(checkpoint(_query_chunk, *args, use_reentrant=False))
         else:
@@ -164,7 +181,8 @@ def _query_chunk(
     scale: float,
     given_indices: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The three branches for queries start..start+C-1 of one sequence; q [C, HQ, D]."""
+    """The three branches for the queries at key positions start..start+C-1 of one sequence; q [C, HQ, D],
+    k/v [L, HKV, D] the sequence's keys (start + C <= L)."""
     chunk, heads_q, head_dim = q.shape
     heads_kv = k.shape[1]
     group = heads_q // heads_kv

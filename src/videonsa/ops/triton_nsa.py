@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from videonsa.ops.common import NSAParts, check_inputs, sequence_spans
+from videonsa.ops.common import NSAParts, check_inputs, query_key_spans
 from videonsa.ops.config import NSAConfig
 from videonsa.ops.triton.compression import (
     COMPRESSION_SETTINGS,
@@ -397,13 +397,15 @@ class _NSALeanFunction(torch.autograd.Function):
 
 
 def _packed_call(q, k, v, g_cmp, g_slc, g_swa, block_size, block_count, window_size, init_blocks, local_blocks,
-                 cu_seqlens, scale, settings):
+                 cu_seqlens, scale, settings, cu_seqlens_k=None):
     """Validate and pack the public arguments: (packed q, k, v, three gates, cu_seqlens, config, scale,
     settings)."""
     check_inputs(q, k, v, g_cmp, g_slc, g_swa)
     config = NSAConfig(block_size, block_count, window_size, init_blocks, local_blocks)
     batch, seq_len, heads_q, head_dim = q.shape
-    sequence_spans(cu_seqlens, batch, seq_len)  # validates cu_seqlens
+    spans = query_key_spans(cu_seqlens, cu_seqlens_k, batch, seq_len, k.shape[1])  # validates the offsets
+    if any(span.first_position for span in spans):
+        raise NotImplementedError("nsa_attention: the Triton kernels do not take chunked queries (Tq < Tk) yet")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"nsa_attention: the Triton kernels need a power-of-two block_size >= 16, got {block_size}")
     if q.dtype not in KERNEL_DTYPES:
@@ -432,6 +434,7 @@ def nsa_parts_triton(
     cu_seqlens: Tensor | None = None,
     scale: float | None = None,
     settings: KernelSettings | None = None,
+    cu_seqlens_k: Tensor | None = None,
 ) -> NSAParts:
     """NSA over q [B, T, HQ, D], k/v [B, T, HKV, D], gates [B, T, HQ] with Triton kernels; every part returned.
 
@@ -441,7 +444,7 @@ def nsa_parts_triton(
     (`KernelSettings`; None: the measured defaults).
     """
     args = _packed_call(q, k, v, g_cmp, g_slc, g_swa, block_size, block_count, window_size, init_blocks,
-                        local_blocks, cu_seqlens, scale, settings)
+                        local_blocks, cu_seqlens, scale, settings, cu_seqlens_k)
     o, o_cmp, o_slc, o_swa, indices, lse_cmp = _NSAFunction.apply(*args)
     batch, seq_len = q.shape[:2]
     out = lambda x: x.view(batch, seq_len, *x.shape[1:])  # noqa: E731
@@ -464,6 +467,7 @@ def nsa_attention_triton(
     cu_seqlens: Tensor | None = None,
     scale: float | None = None,
     settings: KernelSettings | None = None,
+    cu_seqlens_k: Tensor | None = None,
 ) -> Tensor:
     """NSA with Triton kernels: o [B, T, HQ, D] in q's dtype (see `videonsa.ops.nsa_attention`).
 
@@ -471,7 +475,7 @@ def nsa_attention_triton(
     backward, and the backward holds no other such tensor beyond its outputs. settings: as in `nsa_parts_triton`.
     """
     args = _packed_call(q, k, v, g_cmp, g_slc, g_swa, block_size, block_count, window_size, init_blocks,
-                        local_blocks, cu_seqlens, scale, settings)
+                        local_blocks, cu_seqlens, scale, settings, cu_seqlens_k)
     o = _NSALeanFunction.apply(*args)
     return o.view(q.shape)
 
