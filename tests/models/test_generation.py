@@ -62,13 +62,38 @@ def _second_turn(model, batch, cache):
               use_cache=True)
 
 
-def test_vision_tokens_after_the_cache_holds_tokens_are_refused_without_touching_the_cache(batch):
+def test_vision_tokens_after_a_cache_filled_elsewhere_are_refused_without_touching_the_cache(batch):
+    # A cache VideoNSA did not watch being filled (here: in dense mode) has no record of which cached tokens were
+    # vision, so a later chunk's vision streams cannot be rebuilt: refused, the cache left as it was.
     model = testing.tiny_model(seed=24)
+    model.set_attention_mode("dense")
     cache = _prefill(model, batch)
+    model.set_attention_mode("nsa")
     length = cache.get_seq_length()
-    with pytest.raises(UserError, match=f"KV cache already holds {length} tokens"):
+    with pytest.raises(UserError, match=f"KV cache already holds {length} tokens that VideoNSA did not see"):
         _second_turn(model, batch, cache)
     assert cache.get_seq_length() == length
+
+
+def test_vision_tokens_in_a_later_turn_continue_the_vision_stream_of_one_pass(batch):
+    # The second turn's video joins its sample's vision stream: the logits equal one pass over both turns.
+    model = testing.tiny_model(seed=24)
+    cache = DynamicCache(config=model.config.text_config)
+    first_positions = torch.arange(batch.input_ids.shape[1]).expand(3, *batch.input_ids.shape)
+    with torch.no_grad():
+        model(**batch.as_kwargs(), position_ids=first_positions, past_key_values=cache, use_cache=True)
+        positions = first_positions + cache.get_seq_length()
+        second = model(**{**batch.as_kwargs(), "attention_mask": torch.cat([batch.attention_mask] * 2, dim=1)},
+                       position_ids=positions, past_key_values=cache, use_cache=True).logits
+        both = {key: torch.cat([value, value], dim=1) for key, value in batch.as_kwargs().items()
+                if key not in ("pixel_values_videos", "video_grid_thw")}
+        # Each sample's two videos in a row, sample after sample, as the placeholders come.
+        rows = batch.video_grid_thw.prod(dim=1).tolist()
+        pixels = batch.pixel_values_videos.split(rows)
+        both["pixel_values_videos"] = torch.cat([p for video in pixels for p in (video, video)])
+        both["video_grid_thw"] = batch.video_grid_thw.repeat_interleave(2, dim=0)
+        whole = model(**both, position_ids=torch.cat([first_positions, positions], dim=2)).logits
+    torch.testing.assert_close(second, whole[:, batch.input_ids.shape[1]:], rtol=1e-5, atol=1e-5)
 
 
 def test_dense_mode_accepts_vision_tokens_in_a_later_turn(batch):

@@ -11,17 +11,19 @@ from videonsa.layers.attention import (
 )
 from videonsa.layers.gates import GATE_INIT_STD, branch_gates, init_gate_projections_, make_gate_projections
 from videonsa.layers.official import official_attention
-from videonsa.layers.split import TokenSplit, build_token_split
+from videonsa.layers.split import TokenHistory, TokenSplit, build_token_split, empty_history
 
 __all__ = [
     "ATTENTION_MODES",
     "GATE_INIT_STD",
     "DenseAttend",
     "SparseSettings",
+    "TokenHistory",
     "TokenSplit",
     "branch_gates",
     "build_token_split",
     "dense_text_attention",
+    "empty_history",
     "init_gate_projections_",
     "make_gate_projections",
     "official_attention",

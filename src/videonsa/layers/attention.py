@@ -86,8 +86,12 @@ def vision_nsa_attention(
 ) -> Tensor:
     """NSA over each sample's vision stream, the streams packed with `split.cu_seqlens`.
 
+    After P cached tokens (chunked prefill, `split.past` > 0) k and v hold all P + T tokens and each sample's
+    vision queries are the last ones of its key stream (`split.keys`), which the operator takes as queries that
+    end a longer key sequence (`cu_seqlens_k`): the same rows as one pass over the whole sequence.
+
     Args:
-        q: [B, T, HQ, D]; k, v: [B, T, HKV, D] (rotary positions already applied).
+        q: [B, T, HQ, D]; k, v: [B, P + T, HKV, D] (rotary positions already applied).
         gates: (g_cmp, g_slc, g_swa), each [1, N, HQ], for the packed vision tokens.
 
     Returns:
@@ -96,11 +100,13 @@ def vision_nsa_attention(
     # Under autocast the rotary embedding promotes q and k to float32 while v stays in the autocast dtype
     # (a linear's output); attention runs in v's dtype, as autocast's own SDPA would.
     dtype = v.dtype
-    q_vis, k_vis, v_vis = (split.gather_vision(x).to(dtype) for x in (q, k, v))
+    q_vis = split.gather_vision(q).to(dtype)
+    k_vis, v_vis = (split.key_split.gather_vision(x).to(dtype) for x in (k, v))
     g_cmp, g_slc, g_swa = (g.to(dtype) for g in gates)
+    chunked = {} if split.keys is None else {"cu_seqlens_k": split.cu_seqlens_k}
     return nsa_attention(
         q_vis, k_vis, v_vis, g_cmp, g_slc, g_swa,
-        cu_seqlens=split.cu_seqlens, scale=scale, **settings.nsa_kwargs(),
+        cu_seqlens=split.cu_seqlens, scale=scale, **chunked, **settings.nsa_kwargs(),
     )
 
 
@@ -108,7 +114,7 @@ def dense_text_attention(q: Tensor, k: Tensor, v: Tensor, split: TokenSplit, att
     """Dense causal attention of each sample's text queries over all earlier real tokens, vision and text.
 
     Args:
-        q: [B, T, HQ, D]; k, v: [B, T, HKV, D].
+        q: [B, T, HQ, D]; k, v: [B, P + T, HKV, D] (P = `split.past`, the cached tokens before these T).
         attend: runs the attention (see `DenseAttend`); `sdpa_attend` is a plain-PyTorch choice.
 
     Returns:
@@ -132,13 +138,13 @@ def grouped_text_sdpa(
     layer: few text queries, many keys.
 
     Args:
-        q: [B, HQ, L, D] text queries; k, v: [B, HKV, T, D].
+        q: [B, HQ, L, D] text queries; k, v: [B, HKV, P + T, D] (P = `split.past`).
 
     Returns:
         [B, L, HQ, D].
     """
     if split.unpadded and split.spans is not None and len(split.spans) == 1:
-        return causal_text_sdpa(q, k, v, split.spans[0][0], scale=scale, dropout_p=dropout_p)
+        return causal_text_sdpa(q, k, v, split.spans[0][0], scale=scale, dropout_p=dropout_p, past=split.past)
     batch, heads_q, width, dim = q.shape
     heads_kv = k.shape[1]
     if heads_q % heads_kv:
@@ -152,10 +158,18 @@ def grouped_text_sdpa(
 
 
 def causal_text_sdpa(
-    q: Tensor, k: Tensor, v: Tensor, vision_start: int, scale: float | None = None, dropout_p: float = 0.0
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    vision_start: int,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    past: int = 0,
 ) -> Tensor:
     """Text attention of one unpadded sample whose vision tokens are one run starting at `vision_start`.
 
+    After `past` cached tokens (chunked prefill) positions count from the chunk's start and every query also sees
+    the P cached keys: the masks below are aligned to the bottom right of the keys they cover.
     Text slots [0, vision_start) are positions 0 .. vision_start - 1 and see the keys up to their own; the other
     L - vision_start slots are the last positions of the sequence and see every key up to theirs, the causal
     mask aligned to the bottom right. Neither needs a mask tensor, so SDPA can take its flash kernel, whose
@@ -163,7 +177,7 @@ def causal_text_sdpa(
     bf16, H100, torch 2.11) against 3.0 ms for cuDNN's masked kernel with the folded mask.
 
     Args:
-        q: [1, HQ, L, D] text queries; k, v: [1, HKV, T, D].
+        q: [1, HQ, L, D] text queries; k, v: [1, HKV, P + T, D].
 
     Returns:
         [1, L, HQ, D].
@@ -176,10 +190,16 @@ def causal_text_sdpa(
         q, k, v = (x.to(dtype) for x in (q, k, v))
     seq_len, width = k.shape[2], q.shape[2]
     parts = []
-    if vision_start:
+    if vision_start and not past:
         parts.append(F.scaled_dot_product_attention(
             q[:, :, :vision_start], k[:, :, :vision_start], v[:, :, :vision_start],
             dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=True,
+        ))
+    elif vision_start:
+        keys = past + vision_start
+        parts.append(F.scaled_dot_product_attention(
+            q[:, :, :vision_start], k[:, :, :keys], v[:, :, :keys],
+            attn_mask=causal_lower_right(vision_start, keys), dropout_p=dropout_p, scale=scale, enable_gqa=True,
         ))
     if width > vision_start:
         parts.append(F.scaled_dot_product_attention(
@@ -215,7 +235,8 @@ def videonsa_attention(
     dense and causal over everything before them, outputs merged back in place.
 
     Args:
-        q: [B, T, HQ, D]; k, v: [B, T, HKV, D] (rotary positions already applied).
+        q: [B, T, HQ, D]; k, v: [B, P + T, HKV, D] (rotary positions already applied; P = `split.past`, the
+            tokens already in the KV cache, 0 in one pass).
         gates: (g_cmp, g_slc, g_swa), each [1, N, HQ], for the packed vision tokens of `split`.
 
     Returns:
@@ -223,6 +244,8 @@ def videonsa_attention(
     """
     if split.shape != tuple(q.shape[:2]):
         raise ValueError(f"token split is for {split.shape} tokens but q is {tuple(q.shape)}")
+    if k.shape[1] != split.past + q.shape[1]:
+        raise ValueError(f"token split follows {split.past} cached tokens but k holds {k.shape[1]} for {q.shape[1]}")
     vision_out = vision_nsa_attention(q, k, v, gates, split, settings, scale)
     text_out = dense_text_attention(q, k, v, split, attend)
     return split.merge(vision_out, text_out)

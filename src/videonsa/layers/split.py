@@ -8,6 +8,12 @@ gathered per sample into a [B, L] grid (L = the most text tokens of any sample),
 The split is computed once per forward pass and shared by all layers. Which tokens are vision and what each
 query attends to: docs/layer.md.
 
+Chunked prefill: a chunk of T tokens may follow P tokens already in the KV cache. The split then describes the
+chunk's tokens as queries (positions 0..T-1 of the chunk) and carries `keys`, the split of all P + T tokens so far
+restricted to the samples with vision queries in the chunk, whose packed vision streams are the keys of the
+chunk's vision queries (`cu_seqlens_k` of the operator); text queries see every real token of the P + T
+(docs/layer.md, "KV cache and chunked prefill").
+
 Fast path: when each sample's vision tokens form one contiguous run (the usual prompt: text, one video, text),
 the split records the runs as Python ints and moves tokens with slices and one `torch.cat` instead of advanced
 indexing (which copies every vision token of q, k, v and the layer input, per layer, and scatters the output
@@ -17,6 +23,7 @@ back into a zero-filled tensor). Both paths give the same values, forward and ba
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -41,8 +48,14 @@ class TokenSplit:
     spans: per sample (start, end), Python ints, when every sample's vision tokens are the positions
         start..end-1 ((0, 0) for a sample without any); None when some sample has several runs. Set by
         `build_token_split`; with it the gathers and the merge use slices (see the module docstring).
-    unpadded: True when `build_token_split` found every token real (no padding): then each text query sees
-        exactly the keys at or before its position, a plain causal pattern (see `grouped_text_sdpa`).
+    unpadded: True when `build_token_split` found every token real (no padding), cached ones included: then each
+        text query sees exactly the keys at or before its position, a plain causal pattern (see
+        `grouped_text_sdpa`).
+    past: P, the tokens already in the KV cache before these T (chunked prefill; 0 for a one-pass prefill).
+    keys: when past > 0, the split of all P + T tokens with only the samples that have vision tokens among these T
+        kept as vision (the others' tokens count as text there): its packed streams are the vision keys, in the
+        same sample order as this split's streams. None when past == 0 (the keys are these tokens).
+    key_token_mask: bool [B, P + T], True at real tokens of the whole sequence so far; None when past == 0.
     """
 
     vision_mask: Tensor
@@ -54,6 +67,9 @@ class TokenSplit:
     text_valid: Tensor
     spans: tuple[tuple[int, int], ...] | None = None
     unpadded: bool = False
+    past: int = 0
+    keys: TokenSplit | None = None
+    key_token_mask: Tensor | None = None
     # Per-forward derived tensors shared by all layers (see grouped_text_attention_mask). A dict field rather
     # than cached_property because the key (the query heads per KV head) is an argument.
     _cache: dict[tuple[str, int], Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -65,6 +81,16 @@ class TokenSplit:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.vision_mask.shape)
+
+    @property
+    def key_split(self) -> TokenSplit:
+        """The split whose packed vision streams are the keys of this split's vision queries (itself in one pass)."""
+        return self if self.keys is None else self.keys
+
+    @property
+    def cu_seqlens_k(self) -> Tensor | None:
+        """int32 [S + 1] offsets of the vision key streams; None when they are the query streams (no past)."""
+        return None if self.keys is None else self.keys.cu_seqlens
 
     def gather_vision(self, x: Tensor) -> Tensor:
         """x [B, T, ...] -> the packed vision streams [1, N, ...].
@@ -101,15 +127,16 @@ class TokenSplit:
 
     @cached_property
     def text_attention_mask(self) -> Tensor:
-        """bool [B, 1, L, T]: text query slot l may attend to key j iff j <= its position and j is a real token.
+        """bool [B, 1, L, P + T]: text query slot l may attend to key j iff j <= its position (P + its position in
+        the chunk) and j is a real token.
 
         A query always sees itself, so that padding queries and unused slots never get an all-masked row (NaN);
         their outputs are discarded anyway. Built once per forward pass, on first use, for all layers.
         """
-        seq_len = self.vision_mask.shape[1]
-        keys = torch.arange(seq_len, device=self.text_pos.device)
-        queries = self.text_pos.unsqueeze(-1)  # [B, L, 1]
-        allowed = (keys <= queries) & self.token_mask.unsqueeze(1)
+        token_mask = self.token_mask if self.key_token_mask is None else self.key_token_mask
+        keys = torch.arange(token_mask.shape[1], device=self.text_pos.device)
+        queries = self.text_pos.unsqueeze(-1) + self.past  # [B, L, 1]
+        allowed = (keys <= queries) & token_mask.unsqueeze(1)
         return (allowed | (keys == queries)).unsqueeze(1)
 
     def grouped_text_attention_mask(self, groups: int) -> Tensor:
@@ -157,19 +184,24 @@ class TokenSplit:
         return out.index_put((self.vision_batch, self.vision_pos), vision_out[0].to(out.dtype))
 
 
-def build_token_split(vision_mask: Tensor, attention_mask: Tensor | None = None) -> TokenSplit:
+def build_token_split(
+    vision_mask: Tensor, attention_mask: Tensor | None = None, past: TokenHistory | None = None
+) -> TokenSplit:
     """The split of a batch from its vision-token mask.
 
     Args:
         vision_mask: bool [B, T], True at image/video placeholder tokens.
         attention_mask: optional [B, T] padding mask (1 = real token, 0 = padding), or [B, P + T] whose last T
             columns belong to these tokens (generation passes the mask of the whole sequence).
+        past: the P tokens already in the KV cache (chunked prefill), or None / empty for a first pass.
     """
     if vision_mask.dim() != 2:
         raise UserError(f"vision token mask must be [batch, seq_len], got shape {tuple(vision_mask.shape)}")
     batch, seq_len = vision_mask.shape
     token_mask = _token_mask(attention_mask, batch, seq_len, vision_mask.device)
     vision_mask = vision_mask.bool() & token_mask
+    if past is not None and past.length:
+        return _split_after_past(vision_mask, token_mask, past)
 
     vision_batch, vision_pos = vision_mask.nonzero(as_tuple=True)  # row-major: sample by sample, in order
     counts = vision_mask.sum(dim=1)
@@ -209,3 +241,62 @@ def _token_mask(attention_mask: Tensor | None, batch: int, seq_len: int, device:
             f"got shape {tuple(attention_mask.shape)}"
         )
     return attention_mask[:, -seq_len:].to(device=device, dtype=torch.bool)
+
+
+@dataclass(frozen=True)
+class TokenHistory:
+    """Which of the P tokens already in a KV cache were vision and which were real (chunked prefill).
+
+    vision_mask, token_mask: bool [B, P]. The model keeps one per cache and appends each forward's tokens, so
+    that a later chunk can rebuild every sample's vision stream over all of its keys.
+    """
+
+    vision_mask: Tensor
+    token_mask: Tensor
+
+    @property
+    def length(self) -> int:
+        return self.vision_mask.shape[1]
+
+    def extended(self, split: TokenSplit) -> TokenHistory:
+        """This history followed by the tokens of `split` (the forward that just ran)."""
+        if not self.length:
+            return TokenHistory(split.vision_mask, split.token_mask)
+        if self.vision_mask.shape[0] != split.vision_mask.shape[0]:
+            raise UserError(
+                f"the KV cache holds {self.vision_mask.shape[0]} samples but this forward has "
+                f"{split.vision_mask.shape[0]}; VideoNSA cannot follow a cache whose batch changed"
+            )
+        return TokenHistory(
+            torch.cat((self.vision_mask, split.vision_mask), dim=1),
+            torch.cat((self.token_mask, split.token_mask), dim=1),
+        )
+
+
+def empty_history(batch: int, device: torch.device) -> TokenHistory:
+    """The history of an empty cache: [B, 0] masks."""
+    empty = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+    return TokenHistory(empty, empty)
+
+
+def _split_after_past(vision_mask: Tensor, token_mask: Tensor, past: TokenHistory) -> TokenSplit:
+    """The split of a chunk [B, T] that follows the P cached tokens of `past` (see the module docstring)."""
+    batch = vision_mask.shape[0]
+    if past.vision_mask.shape[0] != batch:
+        raise UserError(
+            f"the KV cache holds {past.vision_mask.shape[0]} samples but this forward has {batch}; VideoNSA "
+            "cannot follow a cache whose batch changed"
+        )
+    chunk = build_token_split(vision_mask, token_mask)
+    if not chunk.has_vision:
+        return chunk  # text only (a decoding step): the layers run stock attention over the cache
+    device = vision_mask.device
+    key_token_mask = torch.cat((past.token_mask.to(device), token_mask), dim=1)
+    key_vision = torch.cat((past.vision_mask.to(device), vision_mask), dim=1)
+    # Only the samples with vision queries here keep their streams as keys, so that the i-th key stream and the
+    # i-th query stream belong to the same sample (the operator pairs cu_seqlens with cu_seqlens_k).
+    key_vision = key_vision & vision_mask.any(dim=1, keepdim=True)
+    keys = build_token_split(key_vision, key_token_mask)
+    return dataclasses.replace(
+        chunk, past=past.length, keys=keys, key_token_mask=key_token_mask, unpadded=keys.unpadded
+    )

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +47,7 @@ from videonsa.errors import UserError
 from videonsa.layers import (
     GATE_INIT_STD,
     SparseSettings,
+    TokenHistory,
     TokenSplit,
     branch_gates,
     build_token_split,
@@ -62,6 +64,7 @@ from videonsa.models.checkpoint_checks import (
     refuse_partial_gates,
 )
 from videonsa.models.checkpoints import LEGACY_KEY_MAPPING, checkpoint_attention_mode, checkpoint_tensor_names
+from videonsa.models.chunked_prefill import PrefillChunking, chunked_forward, wants_chunks
 from videonsa.models.configuration_videonsa import NSA_CONFIG_DEFAULTS, VideoNSAConfig
 from videonsa.models.official_mode import (
     OfficialTokens,
@@ -88,6 +91,8 @@ OFFICIAL_TOKENS_KWARG = "videonsa_official_tokens"
 # The split of the forward pass in progress, set by VideoNSAModel.forward for its text model. A context
 # variable rather than a forward argument because Qwen2.5-VL passes its extra arguments to the vision tower too.
 _CURRENT_SPLIT: contextvars.ContextVar[TokenSplit | None] = contextvars.ContextVar("videonsa_split", default=None)
+# Attribute of a KV cache under which VideoNSA records its tokens' TokenHistory (see token_history).
+_HISTORY_ATTRIBUTE = "videonsa_token_history"
 _GATE_KEY_PATTERN = r"\.self_attn\.g_proj_[12]\.(weight|bias)$"
 # set_sparsity's knobs: config names -> SparseSettings fields.
 _KNOB_FIELDS = {
@@ -205,17 +210,22 @@ class VideoNSAAttention(SequenceParallelModule, qwen.Qwen2_5_VLAttention):
         self, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor, cache: Any, split: TokenSplit
     ) -> Tensor:
         """VideoNSA attention of a chunk holding vision tokens; q [B, HQ, T, D], k/v [B, HKV, T, D] ->
-        [B, T, HQ, D]. Such a chunk must start the sequence: the vision streams need all of their keys."""
+        [B, T, HQ, D].
+
+        After P cached tokens (chunked prefill) the split knows which of them were vision (`split.past == P`):
+        the chunk's queries then read the whole cache, vision streams rebuilt from it (docs/layer.md)."""
         if cache is not None:
             cached = cache.get_seq_length(self.layer_idx)
-            if cached:
+            if cached != split.past:
                 raise UserError(
-                    f"vision tokens arrived while the KV cache already holds {cached} tokens; VideoNSA needs all "
-                    "of a conversation's images and videos in its first forward pass (start a new cache and "
-                    "pass the whole conversation, or use attention_mode='dense')"
+                    f"vision tokens arrived while the KV cache already holds {cached} tokens that VideoNSA did not "
+                    "see go in (no record of which were vision); prefill through this model from an empty cache, "
+                    "or use attention_mode='dense'"
                 )
-            # Later decoding steps attend densely to these keys.
-            cache.update(key, value, self.layer_idx)
+            # Later chunks and decoding steps attend to these keys; this chunk's queries read all of them.
+            key, value = cache.update(key, value, self.layer_idx)
+        elif split.past:
+            raise UserError(f"the token split follows {split.past} cached tokens but no KV cache was passed")
         return videonsa_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
             self.gates(split.gather_vision(hidden_states)), split, self.settings,
@@ -379,13 +389,18 @@ class VideoNSAModel(_GateInitMixin, qwen.Qwen2_5_VLModel):
         mode = self.language_model.layers[0].self_attn.settings.mode
         if mode in ("nsa", "official"):
             _refuse_packed_sequences(position_ids, attention_mask, mode)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        history = token_history(cache) if mode == "nsa" else None
         if mode == "nsa":
-            split = self.token_split(input_ids, mm_token_type_ids, attention_mask, inputs_embeds)
+            split = self.token_split(input_ids, mm_token_type_ids, attention_mask, inputs_embeds, history)
         with _current_split(split):
-            return super().forward(
+            output = super().forward(
                 input_ids, attention_mask, position_ids, *args,
                 mm_token_type_ids=mm_token_type_ids, inputs_embeds=inputs_embeds, **kwargs,
             )
+        if history is not None and split is not None and cache.get_seq_length() == history.length + split.shape[1]:
+            setattr(cache, _HISTORY_ATTRIBUTE, history.extended(split))
+        return output
 
     def token_split(
         self,
@@ -393,12 +408,14 @@ class VideoNSAModel(_GateInitMixin, qwen.Qwen2_5_VLModel):
         mm_token_type_ids: Tensor | None,
         attention_mask: Tensor | None,
         inputs_embeds: Tensor | None = None,
+        history: TokenHistory | None = None,
     ) -> TokenSplit:
         """Split the tokens of a forward pass into vision and text (never from rotary positions).
 
         Vision tokens are those with `mm_token_type_ids` 1 (image) or 2 (video), or else those whose
         `input_ids` are the image/video placeholder ids. input_ids, mm_token_type_ids: [B, T];
-        attention_mask: [B, T] or [B, P + T] padding mask.
+        attention_mask: [B, T] or [B, P + T] padding mask. `history`: the P tokens already in the KV cache
+        (chunked prefill), whose vision streams this forward's vision queries continue.
         """
         tokens = input_ids if input_ids is not None else inputs_embeds
         if mm_token_type_ids is not None:
@@ -419,7 +436,7 @@ class VideoNSAModel(_GateInitMixin, qwen.Qwen2_5_VLModel):
                 "VideoNSA needs input_ids or mm_token_type_ids to tell vision tokens from text "
                 "(got only inputs_embeds); pass mm_token_type_ids"
             )
-        return build_token_split(vision_mask, attention_mask)
+        return build_token_split(vision_mask, attention_mask, history)
 
     def enable_sequence_parallel(
         self, group: dist.ProcessGroup | None = None, *, gather_output: bool = True
@@ -449,7 +466,20 @@ class VideoNSAForConditionalGeneration(_GateInitMixin, qwen.Qwen2_5_VLForConditi
         qwen.Qwen2_5_VLPreTrainedModel.__init__(self, config)
         self.model = VideoNSAModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # Set by chunked_prefill.prefill_in_chunks: prefills longer than its chunk run chunk by chunk.
+        self.prefill_chunking: PrefillChunking | None = None
         self.post_init()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Qwen2.5-VL's forward; a prefill longer than one chunk runs chunk by chunk while chunking is on
+        (`prefill_in_chunks`, docs/long-videos.md), with the same result."""
+        chunking = self.prefill_chunking
+        if chunking is not None:
+            named = inspect.signature(super().forward).bind_partial(*args, **kwargs).arguments
+            named = {**named.pop("kwargs", {}), **named}
+            if wants_chunks(chunking, named):
+                return chunked_forward(self, named, chunking, super().forward)
+        return super().forward(*args, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -547,6 +577,12 @@ class VideoNSAForConditionalGeneration(_GateInitMixin, qwen.Qwen2_5_VLForConditi
         return _attention_layers(self)[0].settings
 
 
+# generate() checks its keyword arguments against forward's signature: show it Qwen2.5-VL's.
+VideoNSAForConditionalGeneration.forward.__signature__ = inspect.signature(
+    qwen.Qwen2_5_VLForConditionalGeneration.forward
+)
+
+
 def _check_gates(coverage: GateCoverage, name: str, fresh_gates: bool) -> None:
     """Refuse a partly gated checkpoint unless `fresh_gates`; say which layers get fresh gates."""
     if coverage.complete:
@@ -610,6 +646,23 @@ def _refuse_packed_sequences(position_ids: Tensor | None, attention_mask: Tensor
             "packed sequences (position ids that restart within a row) are not supported in attention_mode "
             f"'{mode}': pad the samples of a batch instead"
         )
+
+
+def token_history(cache: Any) -> TokenHistory | None:
+    """What VideoNSA recorded of the tokens in `cache` (which were vision, which real), or None when nothing can
+    be recorded: no cache, or one that already held tokens when VideoNSA first saw it.
+
+    The record lives on the cache object itself, so that it goes wherever the cache goes (generate(), the chunked
+    prefill loop); an empty cache starts an empty record."""
+    if cache is None:
+        return None
+    history = getattr(cache, _HISTORY_ATTRIBUTE, None)
+    length = cache.get_seq_length()
+    if history is not None and history.length == length:
+        return history
+    if length == 0:
+        return TokenHistory(torch.zeros(0, 0, dtype=torch.bool), torch.zeros(0, 0, dtype=torch.bool))
+    return None
 
 
 @contextlib.contextmanager
