@@ -217,21 +217,34 @@ def _choose_layout(
 
 
 def _compress_and_select(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, config: NSAConfig, scale: float, settings: KernelSettings
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, config: NSAConfig, scale: float, settings: KernelSettings,
+    cu_seqlens_k: Tensor | None = None,
 ):
     """The forward steps both autograd functions share: pooled keys, the compression branch and the top-k.
 
+    cu_seqlens_k: the keys' offsets when the queries end longer key sequences (k, v packed by them), else None.
     Returns k_cmp, v_cmp [total_NB, HKV, D], cu_cmp, o_cmp [total_T, HQ, D], lse_cmp float32 [total_T, HQ] and
     block_indices int32 [total_T, HKV, block_count].
     """
     b = config.block_size
-    k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, v, cu_seqlens, b)
-    o_cmp, lse_cmp = compressed_attention_fwd(q, k_cmp, v_cmp, cu_seqlens, cu_cmp, b, scale, settings.compression)
+    k_cmp, v_cmp, cu_cmp = mean_pool_fwd(k, v, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, b)
+    o_cmp, lse_cmp = compressed_attention_fwd(
+        q, k_cmp, v_cmp, cu_seqlens, cu_cmp, b, scale, settings.compression, cu_seqlens_k=cu_seqlens_k
+    )
     indices = select_blocks_topk(
         q, k_cmp, lse_cmp, cu_seqlens, cu_cmp, block_size=b, block_count=config.block_count,
         init_blocks=config.init_blocks, local_blocks=config.local_blocks, scale=scale, settings=settings.topk,
+        cu_seqlens_k=cu_seqlens_k,
     )
     return k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp, indices
+
+
+def _refuse_chunked_backward(cu_seqlens_k: Tensor | None) -> None:
+    if cu_seqlens_k is not None:
+        raise NotImplementedError(
+            "nsa_attention: the Triton kernels have no backward for chunked queries (q shorter than k: queries "
+            "that end a longer key sequence); run them without gradients, or use backend='reference'"
+        )
 
 
 class _NSAFunction(torch.autograd.Function):
@@ -242,15 +255,20 @@ class _NSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, config: NSAConfig, scale: float,
-                settings: KernelSettings):
+                settings: KernelSettings, cu_seqlens_k: Tensor | None = None):
         b, slc = config.block_size, settings.selection
         k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp, indices = _compress_and_select(
-            q, k, v, cu_seqlens, config, scale, settings
+            q, k, v, cu_seqlens, config, scale, settings, cu_seqlens_k
         )
         layout = _choose_layout(q, k, indices, cu_seqlens, b, settings)
-        o_swa, lse_swa = window_attention_fwd(q, k, v, cu_seqlens, config.window_size, scale, settings=settings.window)
-        o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale, layout=layout, settings=slc)
+        o_swa, lse_swa = window_attention_fwd(
+            q, k, v, cu_seqlens, config.window_size, scale, settings=settings.window, cu_seqlens_k=cu_seqlens_k
+        )
+        o_slc, lse_slc = selected_attention_fwd(
+            q, k, v, indices, cu_seqlens, b, scale, layout=layout, settings=slc, cu_seqlens_k=cu_seqlens_k
+        )
         o = gate_fwd(o_cmp, o_slc, o_swa, g_cmp, g_slc, g_swa)
+        ctx.cu_seqlens_k = cu_seqlens_k
         ctx.save_for_backward(
             q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, k_cmp, v_cmp, cu_cmp,
             o_cmp, lse_cmp, indices, o_slc, lse_slc, o_swa, lse_swa,
@@ -262,6 +280,7 @@ class _NSAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, do_cmp_extra, do_slc_extra, do_swa_extra, _indices, _lse):
+        _refuse_chunked_backward(ctx.cu_seqlens_k)
         (q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, k_cmp, v_cmp, cu_cmp,
          o_cmp, lse_cmp, indices, o_slc, lse_slc, o_swa, lse_swa) = ctx.saved_tensors
         config, scale, settings = ctx.config, ctx.scale, ctx.settings
@@ -298,7 +317,7 @@ class _NSAFunction(torch.autograd.Function):
             settings=settings.compression,
         )
         mean_pool_bwd(dk_cmp, dv_cmp, dk, dv, cu_seqlens, cu_cmp, b)
-        return dq, dk, dv, dg_cmp, dg_slc, dg_swa, None, None, None, None
+        return dq, dk, dv, dg_cmp, dg_slc, dg_swa, None, None, None, None, None
 
 
 class _NSALeanFunction(torch.autograd.Function):
@@ -321,23 +340,30 @@ class _NSALeanFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, config: NSAConfig, scale: float,
-                settings: KernelSettings):
+                settings: KernelSettings, cu_seqlens_k: Tensor | None = None):
         b, slc = config.block_size, settings.selection
-        k_cmp, v_cmp, cu_cmp, o, lse_cmp, indices = _compress_and_select(q, k, v, cu_seqlens, config, scale, settings)
+        keys = dict(cu_seqlens_k=cu_seqlens_k)
+        k_cmp, v_cmp, cu_cmp, o, lse_cmp, indices = _compress_and_select(
+            q, k, v, cu_seqlens, config, scale, settings, cu_seqlens_k
+        )
         layout = _choose_layout(q, k, indices, cu_seqlens, b, settings)
         # o holds o_cmp: the window kernel turns it into g_cmp * o_cmp + g_swa * o_swa in place.
         o, lse_swa = window_attention_fwd(
             q, k, v, cu_seqlens, config.window_size, scale, fold_into=o, fold_scale=g_cmp, gate=g_swa,
-            settings=settings.window,
+            settings=settings.window, **keys,
         )
+        ctx.cu_seqlens_k = cu_seqlens_k
         if not any(ctx.needs_input_grad[:6]):
             # Nothing will call backward (inference): the selection adds g_slc * o_slc into o itself, so o_slc
             # is never made (one rounding fewer than the path below) and nothing is saved.
             selected_attention_fwd(
-                q, k, v, indices, cu_seqlens, b, scale, fold_into=o, fold_scale=g_slc, layout=layout, settings=slc
+                q, k, v, indices, cu_seqlens, b, scale, fold_into=o, fold_scale=g_slc, layout=layout, settings=slc,
+                **keys,
             )
             return o
-        o_slc, lse_slc = selected_attention_fwd(q, k, v, indices, cu_seqlens, b, scale, layout=layout, settings=slc)
+        o_slc, lse_slc = selected_attention_fwd(
+            q, k, v, indices, cu_seqlens, b, scale, layout=layout, settings=slc, **keys
+        )
         gate_fold_(o, o_slc, g_slc)
         ctx.save_for_backward(
             q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, k_cmp, v_cmp, cu_cmp,
@@ -348,6 +374,7 @@ class _NSALeanFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        _refuse_chunked_backward(ctx.cu_seqlens_k)
         (q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, k_cmp, v_cmp, cu_cmp,
          lse_cmp, indices, o_slc, lse_slc, lse_swa) = ctx.saved_tensors
         config, scale, settings = ctx.config, ctx.scale, ctx.settings
@@ -388,7 +415,7 @@ class _NSALeanFunction(torch.autograd.Function):
         return (
             dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
             gate_grad(dg_cmp, g_cmp, 3), gate_grad(dg_slc, g_slc, 4), gate_grad(dg_swa, g_swa, 5),
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -399,23 +426,25 @@ class _NSALeanFunction(torch.autograd.Function):
 def _packed_call(q, k, v, g_cmp, g_slc, g_swa, block_size, block_count, window_size, init_blocks, local_blocks,
                  cu_seqlens, scale, settings, cu_seqlens_k=None):
     """Validate and pack the public arguments: (packed q, k, v, three gates, cu_seqlens, config, scale,
-    settings)."""
+    settings, the keys' cu_seqlens or None when the keys are the queries' tokens)."""
     check_inputs(q, k, v, g_cmp, g_slc, g_swa)
     config = NSAConfig(block_size, block_count, window_size, init_blocks, local_blocks)
     batch, seq_len, heads_q, head_dim = q.shape
     spans = query_key_spans(cu_seqlens, cu_seqlens_k, batch, seq_len, k.shape[1])  # validates the offsets
-    if any(span.first_position for span in spans):
-        raise NotImplementedError("nsa_attention: the Triton kernels do not take chunked queries (Tq < Tk) yet")
+    chunked = any(span.first_position for span in spans)
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"nsa_attention: the Triton kernels need a power-of-two block_size >= 16, got {block_size}")
     if q.dtype not in KERNEL_DTYPES:
         raise ValueError(f"nsa_attention: the Triton kernels take bfloat16, float16 or float32, got {q.dtype}")
     scale = head_dim**-0.5 if scale is None else float(scale)
     qp, cu = pack(q.contiguous(), cu_seqlens)
-    kp, _ = pack(k.contiguous(), cu_seqlens)
-    vp, _ = pack(v.contiguous(), cu_seqlens)
+    # Queries that end longer key sequences: the keys are packed by their own offsets, which the kernels get
+    # alongside the queries'; otherwise None, and every kernel runs exactly as for one-pass calls.
+    key_offsets = cu_seqlens_k if cu_seqlens is not None else None
+    kp, cu_k = pack(k.contiguous(), key_offsets if chunked else cu_seqlens)
+    vp, _ = pack(v.contiguous(), key_offsets if chunked else cu_seqlens)
     gates = [pack(g.contiguous(), cu_seqlens)[0] for g in (g_cmp, g_slc, g_swa)]
-    return qp, kp, vp, *gates, cu, config, scale, settings or KERNEL_SETTINGS
+    return qp, kp, vp, *gates, cu, config, scale, settings or KERNEL_SETTINGS, cu_k if chunked else None
 
 
 def nsa_parts_triton(

@@ -161,28 +161,32 @@ def mean_pool_bwd(
 
 @triton.jit
 def _cmp_fwd_kernel(
-    q_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr, cu_ptr, cuc_ptr, tiles_ptr, qk_scale,
+    q_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr, cu_ptr, cuk_ptr, cuc_ptr, tiles_ptr, qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
 ):
+    # cu_ptr: the queries' offsets; cuk_ptr: the keys' (the same tensor unless the queries end a longer key
+    # sequence: then query i of a sequence sits at key position shift + i, shift = len_k - len_q).
     tile = tl.program_id(0)
     g = tl.program_id(1)
     seq = tl.load(tiles_ptr + 2 * tile)
     start = tl.load(tiles_ptr + 2 * tile + 1)
     bos = tl.load(cu_ptr + seq).to(tl.int64)
     seq_len = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int32)
+    shift = (tl.load(cuk_ptr + seq + 1) - tl.load(cuk_ptr + seq)).to(tl.int32) - seq_len
     cbos = tl.load(cuc_ptr + seq).to(tl.int64)
 
     r = tl.arange(0, BM)
-    pos = start + r // G  # position of row r's query within its sequence
+    idx = start + r // G  # index of row r's query among its sequence's queries
+    pos = shift + idx  # its key position within the sequence
     head = g * G + r % G
-    row_ok = (r < BT * G) & (pos < seq_len)
+    row_ok = (r < BT * G) & (idx < seq_len)
     d = tl.arange(0, BD)
     d_ok = d < D
-    row_off = (bos + pos).to(tl.int64) * (HQ * D) + head * D
+    row_off = (bos + idx).to(tl.int64) * (HQ * D) + head * D
     q = tl.load(q_ptr + row_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     n_visible = (pos + 1) // BLOCK  # row r sees blocks j < n_visible
-    n_loop = tl.minimum(start + BT, seq_len) // BLOCK  # blocks any row of the tile sees
+    n_loop = (shift + tl.minimum(start + BT, seq_len)) // BLOCK  # blocks any row of the tile sees
 
     m = tl.full([BM], float("-inf"), dtype=tl.float32)
     acc_l = tl.zeros([BM], dtype=tl.float32)
@@ -212,7 +216,7 @@ def _cmp_fwd_kernel(
     out_off = row_off + (acc_l < 0.0).to(tl.int64)
     tl.store(o_ptr + (out_off[:, None] + d[None, :].to(tl.int64)), o.to(o_ptr.dtype.element_ty),
              mask=out_ok[:, None] & (d[None, :] < D))
-    tl.store(lse_ptr + (bos + pos).to(tl.int64) * HQ + head, lse, mask=row_ok)
+    tl.store(lse_ptr + (bos + idx).to(tl.int64) * HQ + head, lse, mask=row_ok)
 
 
 @triton.jit
@@ -452,13 +456,16 @@ def compressed_attention_fwd(
     block_size: int,
     scale: float,
     settings: CompressionSettings = COMPRESSION_SETTINGS,
+    cu_seqlens_k: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of every query over the compressed blocks it can see.
 
     Args:
         q: [total_T, HQ, D]; k_cmp, v_cmp: [total_NB, HKV, D] from `mean_pool_fwd`.
-        cu_seqlens, cu_cmp: int32 [N+1] token and compressed-block offsets.
+        cu_seqlens, cu_cmp: int32 [N+1] query and compressed-block offsets.
         settings: launch settings (`CompressionSettings.fwd`).
+        cu_seqlens_k: int32 [N+1] offsets of the keys k_cmp was pooled from, when the queries are the last
+            part of longer key sequences (docs/operator.md); None: the queries are the keys' tokens.
     Returns:
         o: [total_T, HQ, D] in q's dtype (zeros where no block is visible);
         lse: float32 [total_T, HQ], natural log-sum-exp of the scaled scores (-inf where none is visible).
@@ -472,7 +479,8 @@ def compressed_attention_fwd(
     bm, bt = tile_shape(group, cfg.rows if head_dim <= 128 else 64)
     tiles = query_tiles(cu_seqlens, bt, total)
     _cmp_fwd_kernel[(tiles.shape[0], heads_kv)](
-        q, k_cmp, v_cmp, o, lse, cu_seqlens, cu_cmp, tiles, scale * LOG2E,
+        q, k_cmp, v_cmp, o, lse, cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, cu_cmp, tiles,
+        scale * LOG2E,
         HQ=heads_q, HKV=heads_kv, G=group, D=head_dim, BD=next_pow2(max(head_dim, 16)),
         BLOCK=block_size, BT=bt, BM=bm, BC=cfg.keys, PREC=dot_precision(q),
         num_warps=cfg.warps, num_stages=cfg.stages,

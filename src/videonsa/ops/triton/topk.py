@@ -74,7 +74,7 @@ def _sort_rows(x, ROWS: tl.constexpr, N_LOG: tl.constexpr, DESCENDING: tl.conste
 
 @triton.jit
 def _topk_kernel(
-    q_ptr, kc_ptr, lse_ptr, idx_ptr, cu_ptr, cuc_ptr, tiles_ptr, qk_scale,
+    q_ptr, kc_ptr, lse_ptr, idx_ptr, cu_ptr, cuk_ptr, cuc_ptr, tiles_ptr, qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr, S: tl.constexpr,
     INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr,
@@ -88,30 +88,35 @@ def _topk_kernel(
     start = tl.load(tiles_ptr + 2 * tile + 1)
     bos = tl.load(cu_ptr + seq).to(tl.int64)
     seq_len = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int32)
+    # Queries that end a longer key sequence (cuk_ptr: the keys' offsets, else cu_ptr again): query i of the
+    # sequence sits at key position shift + i.
+    shift = (tl.load(cuk_ptr + seq + 1) - tl.load(cuk_ptr + seq)).to(tl.int32) - seq_len
     cbos = tl.load(cuc_ptr + seq).to(tl.int64)
     n_complete = (tl.load(cuc_ptr + seq + 1) - tl.load(cuc_ptr + seq)).to(tl.int32)
 
     # Rows: token r // GP of the tile, head r % GP of the group (rows with r % GP >= G are padding).
     r = tl.arange(0, BM)
-    pos = start + r // GP
+    idx = start + r // GP
+    pos = shift + idx
     head_in_group = r % GP
-    row_ok = (head_in_group < G) & (pos < seq_len)
+    row_ok = (head_in_group < G) & (idx < seq_len)
     d = tl.arange(0, BD)
     d_ok = d < D
-    row_off = (bos + pos).to(tl.int64) * (HQ * D) + (g * G + head_in_group) * D
+    row_off = (bos + idx).to(tl.int64) * (HQ * D) + (g * G + head_in_group) * D
     q = tl.load(q_ptr + row_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    stat_off = (bos + pos).to(tl.int64) * HQ + g * G + head_in_group
+    stat_off = (bos + idx).to(tl.int64) * HQ + g * G + head_in_group
     lse2 = tl.load(lse_ptr + stat_off, mask=row_ok, other=0.0) * 1.4426950408889634
     row_visible = tl.where(row_ok, (pos + 1) // BLOCK, 0)
 
     # Per token of the tile.
     tt = tl.arange(0, BT)
-    tpos = start + tt
-    t_ok = tpos < seq_len
+    tidx = start + tt
+    tpos = shift + tidx
+    t_ok = tidx < seq_len
     t_visible = tl.where(t_ok, (tpos + 1) // BLOCK, 0)
     current = tpos // BLOCK
     # Up to and including the current block of the tile's last token (forced even while incomplete).
-    n_loop = (tl.minimum(start + BT, seq_len) - 1) // BLOCK + 1
+    n_loop = (shift + tl.minimum(start + BT, seq_len) - 1) // BLOCK + 1
 
     best = tl.zeros([BT, KP], dtype=tl.int64)  # sorted descending; key 0 = empty
     for j0 in range(0, n_loop, BC):
@@ -138,7 +143,7 @@ def _topk_kernel(
     block = (0x7FFFFFFF - (best & 0x7FFFFFFF)).to(tl.int32)
     order = _sort_rows(tl.where(valid, block, 0x7FFFFFFF), BT, KP_LOG, 0)  # chosen blocks ascending, empty slots last
     out = tl.where(order == 0x7FFFFFFF, -1, order)
-    out_off = (bos + tpos).to(tl.int64)[:, None] * (HKV * S) + g * S + rank[None, :]
+    out_off = (bos + tidx).to(tl.int64)[:, None] * (HKV * S) + g * S + rank[None, :]
     tl.store(idx_ptr + out_off, out, mask=t_ok[:, None] & (rank[None, :] < S))
 
 
@@ -275,7 +280,7 @@ def _select_chunked(slot, n_loop, out_row, t_ok, idx_ptr, lo0, hi0, BT: tl.const
 
 @triton.jit
 def _topk_bisect_kernel(
-    q_ptr, kc_ptr, lse_ptr, idx_ptr, scratch_ptr, cu_ptr, cuc_ptr, tiles_ptr, n_work, qk_scale,
+    q_ptr, kc_ptr, lse_ptr, idx_ptr, scratch_ptr, cu_ptr, cuk_ptr, cuc_ptr, tiles_ptr, n_work, qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BLOCK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NBP: tl.constexpr, S: tl.constexpr,
     SP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, ROW_CHUNK: tl.constexpr = 0,
@@ -299,22 +304,26 @@ def _topk_bisect_kernel(
         start = tl.load(tiles_ptr + 2 * tile + 1)
         bos = tl.load(cu_ptr + seq).to(tl.int64)
         seq_len = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int32)
+        # Query i of the sequence sits at key position shift + i (as in `_topk_kernel`).
+        shift = (tl.load(cuk_ptr + seq + 1) - tl.load(cuk_ptr + seq)).to(tl.int32) - seq_len
         cbos = tl.load(cuc_ptr + seq).to(tl.int64)
         n_complete = (tl.load(cuc_ptr + seq + 1) - tl.load(cuc_ptr + seq)).to(tl.int32)
 
-        pos = start + r // GP
+        idx = start + r // GP
+        pos = shift + idx
         head_in_group = r % GP
-        row_ok = (head_in_group < G) & (pos < seq_len)
-        row_off = (bos + pos).to(tl.int64) * (HQ * D) + (g * G + head_in_group) * D
+        row_ok = (head_in_group < G) & (idx < seq_len)
+        row_off = (bos + idx).to(tl.int64) * (HQ * D) + (g * G + head_in_group) * D
         q = tl.load(q_ptr + row_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        stat_off = (bos + pos).to(tl.int64) * HQ + g * G + head_in_group
+        stat_off = (bos + idx).to(tl.int64) * HQ + g * G + head_in_group
         lse2 = tl.load(lse_ptr + stat_off, mask=row_ok, other=0.0) * 1.4426950408889634
         row_visible = tl.where(row_ok, (pos + 1) // BLOCK, 0)
-        tpos = start + tt
-        t_ok = tpos < seq_len
+        tidx = start + tt
+        tpos = shift + tidx
+        t_ok = tidx < seq_len
         t_visible = tl.where(t_ok, (tpos + 1) // BLOCK, 0)
         current = tpos // BLOCK
-        n_loop = (tl.minimum(start + BT, seq_len) - 1) // BLOCK + 1
+        n_loop = (shift + tl.minimum(start + BT, seq_len) - 1) // BLOCK + 1
 
         # 1. Keys of every candidate block (int32: float bits of the score + 1, forced above every finite
         #    score, 0 = not a candidate) into the scratch rows. For the chunked selection, also per row the
@@ -340,7 +349,7 @@ def _topk_bisect_kernel(
                 class_max = tl.maximum(class_max, tl.max(tl.reshape(key, [BT, BC // SC, SC]), axis=1))
                 free_max = tl.maximum(free_max, tl.max(tl.where(key == 0x7F800001, 0, key), axis=1))
         tl.debug_barrier()  # the keys written by every thread are read back by others
-        out_row = (bos + tpos).to(tl.int64) * (HKV * S) + g * S
+        out_row = (bos + tidx).to(tl.int64) * (HKV * S) + g * S
         # The bisection's starting bracket lo0 <= (S-th largest key) <= hi0: the SC class maxima are SC
         # distinct keys, so their minimum is at most the S-th largest (SC >= S); above the largest free key
         # only forced ones remain, fewer than S (INIT + LOCAL < S). Register-held rows start from the whole key
@@ -425,17 +434,20 @@ def select_blocks_topk(
     max_seqlen: int | None = None,
     method: str = "auto",
     settings: TopkSettings = TOPK_SETTINGS,
+    cu_seqlens_k: Tensor | None = None,
 ) -> Tensor:
     """Blocks each query's KV group attends to in the selection branch.
 
     Args:
         q: [total_T, HQ, D]; k_cmp: [total_NB, HKV, D] (`mean_pool_fwd`); lse_cmp: float32 [total_T, HQ] from
             `compressed_attention_fwd` with the same scale.
-        cu_seqlens, cu_cmp: int32 [N+1] token and compressed-block offsets.
-        max_seqlen: longest sequence (read from cu_seqlens when None).
+        cu_seqlens, cu_cmp: int32 [N+1] query and compressed-block offsets.
+        max_seqlen: longest key sequence (read from cu_seqlens_k, else cu_seqlens, when None).
         method: "auto" (the bisection kernel wherever its launch is valid, else the sorting kernel), "bisect"
             or "sort" (the sorting kernel, the exact oracle of the tests).
         settings: the bisection kernel's launch (`TopkSettings`).
+        cu_seqlens_k: int32 [N+1] offsets of the keys k_cmp was pooled from, when each sequence's queries are
+            its last keys (docs/operator.md); None: the queries are the keys' tokens.
     Returns:
         int32 [total_T, HKV, block_count]: chosen block ids (within the sequence) ascending, -1 padded.
     """
@@ -446,6 +458,9 @@ def select_blocks_topk(
     indices = torch.empty(total, heads_kv, block_count, dtype=torch.int32, device=q.device)
     if total == 0:
         return indices
+    cu_keys = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    if max_seqlen is None and cu_seqlens_k is not None:
+        max_seqlen = int((cu_keys[1:] - cu_keys[:-1]).max())
     if max_seqlen is None:  # known on the host for one sequence (as in the compression kernels): no sync
         max_seqlen = total if cu_seqlens.numel() == 2 else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     n_blocks_pow2 = next_pow2(triton.cdiv(max_seqlen, block_size))
@@ -470,7 +485,7 @@ def select_blocks_topk(
         if chunk < 16 or chunk & (chunk - 1):
             raise ValueError(f"select_blocks_topk: TopkSettings.chunk must be a power of two >= 16, got {chunk}")
         _topk_bisect_kernel[(n_prog,)](
-            q, k_cmp, lse_cmp, indices, scratch, cu_seqlens, cu_cmp, tiles, n_work, scale * LOG2E,
+            q, k_cmp, lse_cmp, indices, scratch, cu_seqlens, cu_keys, cu_cmp, tiles, n_work, scale * LOG2E,
             BT=tokens, BC=chunk, NBP=width, SP=next_pow2(block_count), ROW_CHUNK=row_chunk,
             SC=min(next_pow2(block_count), chunk), **common, num_warps=warps, num_stages=settings.stages,
         )
@@ -480,7 +495,7 @@ def select_blocks_topk(
     tokens = max(tokens, triton.cdiv(16, group_pow2))  # tl.dot needs M >= 16
     tiles = query_tiles(cu_seqlens, tokens, total)
     _topk_kernel[(tiles.shape[0], heads_kv)](
-        q, k_cmp, lse_cmp, indices, cu_seqlens, cu_cmp, tiles, scale * LOG2E,
+        q, k_cmp, lse_cmp, indices, cu_seqlens, cu_keys, cu_cmp, tiles, scale * LOG2E,
         BT=tokens, BC=max(64, kp), KP=kp, **common,
         num_warps=8 if tokens * group_pow2 >= 128 else 4, num_stages=2,
     )

@@ -173,6 +173,27 @@ def query_tiles(cu_seqlens: Tensor, tile: int, total: int | None = None) -> Tens
     return torch.stack([seq.to(torch.int32), first_rows - tiles[:, 2]], dim=1).contiguous()
 
 
+def key_tiles(tiles: Tensor, cu_seqlens: Tensor, cu_seqlens_k: Tensor | None) -> Tensor:
+    """The key side of a `tiles_of` table of query tiles, for queries that end a longer key sequence.
+
+    tiles: int32 [n_tiles, 4] from `tiles_of(cu_seqlens, ...)` (query rows); cu_seqlens_k: int32 [N+1], the
+    keys' offsets of the same sequences (each sequence's queries are its last keys), or None.
+    Returns int32 [n_tiles, 4]: (key row of the tile's first query, tokens in the tile, key row where its
+    sequence starts, key row where it ends). Query row r of sequence s has key row r + cu_seqlens_k[s+1] -
+    cu_seqlens[s+1] (the ends line up). With cu_seqlens_k None the keys are the queries: `tiles` itself, so the
+    kernels read the same numbers as before. No host sync.
+    """
+    if cu_seqlens_k is None:
+        return tiles
+    cu_q, cu_k = offsets32(cu_seqlens), offsets32(cu_seqlens_k)
+    n_seqs = cu_q.numel() - 1
+    # Rows past the real tiles (first row T, 0 tokens) map to the last sequence: they load nothing.
+    seq = torch.searchsorted(cu_q[1:], tiles[:, 0].contiguous(), right=True).clamp(max=n_seqs - 1)
+    shift = (cu_k[1:] - cu_q[1:])[seq]
+    out = torch.stack([tiles[:, 0] + shift, tiles[:, 1], cu_k[:-1][seq], cu_k[1:][seq]], dim=1)
+    return out.to(torch.int32).contiguous()
+
+
 def row_dot(o: Tensor, do: Tensor, *, block_rows: int = 64) -> Tensor:
     """delta [T, H] float32 = sum_d o * do, for o, do [T, H, D] (the softmax backward's row term).
 
@@ -202,6 +223,7 @@ def _row_dot_kernel(o_ptr, do_ptr, delta_ptr, rows, head_dim, BLOCK_R: tl.conste
 
 
 __all__ = [
-    "KERNEL_DTYPES", "LOG2E", "bounded_tiles_of", "dot_precision", "kernel_input", "max_tiles_of", "next_pow2",
-    "offsets32", "pack", "query_tiles", "row_dot", "searchsorted_right", "sequence_units", "tile_shape", "tiles_of",
+    "KERNEL_DTYPES", "LOG2E", "bounded_tiles_of", "dot_precision", "kernel_input", "key_tiles", "max_tiles_of",
+    "next_pow2", "offsets32", "pack", "query_tiles", "row_dot", "searchsorted_right", "sequence_units", "tile_shape",
+    "tiles_of",
 ]

@@ -30,6 +30,7 @@ from videonsa.ops.triton.utils import (
     bounded_tiles_of,
     dot_precision,
     kernel_input,
+    key_tiles,
     next_pow2,
     row_dot,
     tile_shape,
@@ -70,7 +71,7 @@ WINDOW_SETTINGS = WindowSettings()
 
 @triton.jit
 def _swa_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tiles_ptr, g_in_ptr, g_ptr, do_ptr, dot_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tiles_ptr, ktiles_ptr, g_in_ptr, g_ptr, do_ptr, dot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     head_dim, window, qk_scale,
     HQ: tl.constexpr, G: tl.constexpr,
@@ -80,17 +81,21 @@ def _swa_fwd_kernel(
     # MODE 0: write o and lse. MODE 1 (fold): o <- g_in * o + g * o_swa (o holds another branch's output; the
     # sum is formed in float32 and rounded once, o_swa itself is never stored) and write lse. MODE 2 (delta
     # only): write dot[t, h] = sum_d do * o_swa in float32 (o_swa rebuilt here, never stored; lse not written).
+    # ktiles_ptr: the tiles' key rows (`utils.key_tiles`; tiles_ptr itself unless the queries end a longer key
+    # sequence): q, o and the statistics live at query rows, the band and causality are in key rows.
     tile = tl.program_id(0)
     g = tl.program_id(1)
     row0 = tl.load(tiles_ptr + tile * 4)
     n_tok = tl.load(tiles_ptr + tile * 4 + 1)
-    seq0 = tl.load(tiles_ptr + tile * 4 + 2)
+    k_row0 = tl.load(ktiles_ptr + tile * 4)
+    seq0 = tl.load(ktiles_ptr + tile * 4 + 2)
 
     r = tl.arange(0, BLOCK_M)
     tok = r // G
     head = g * G + r % G
     row_ok = tok < n_tok
     t_row = row0 + tok
+    t_key = k_row0 + tok  # the query's own key row
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     q_off = t_row.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
@@ -100,8 +105,8 @@ def _swa_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo = tl.maximum(seq0, row0 - window + 1)
-    hi = row0 + n_tok
+    lo = tl.maximum(seq0, k_row0 - window + 1)
+    hi = k_row0 + n_tok
     for start in range(lo, hi, BLOCK_N):
         k_row = start + n
         k_ok = k_row < hi
@@ -111,7 +116,7 @@ def _swa_fwd_kernel(
         s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
         allowed = (
             row_ok[:, None] & k_ok[None, :]
-            & (k_row[None, :] <= t_row[:, None]) & (k_row[None, :] > t_row[:, None] - window)
+            & (k_row[None, :] <= t_key[:, None]) & (k_row[None, :] > t_key[:, None] - window)
         )
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -285,10 +290,13 @@ def _swa_bwd_dkdv_kernel(
     tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kd_mask)
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window_size: int) -> None:
+def _check(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window_size: int, cu_seqlens_k: Tensor | None = None
+) -> None:
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"window attention: q [T,HQ,D], k/v [T,HKV,D] expected, got {q.shape}, {k.shape}")
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1] != 0:
+    same_rows = cu_seqlens_k is not None or q.shape[0] == k.shape[0]  # keys may run longer with their own offsets
+    if not same_rows or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"window attention: incompatible q {tuple(q.shape)} and k {tuple(k.shape)}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("window attention: cu_seqlens must be 1-D with at least 2 entries")
@@ -299,7 +307,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window_size: int
 def _launch_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window_size: int, scale: float, mode: int,
     o: Tensor, lse: Tensor, g_in: Tensor | None, gate: Tensor | None, do: Tensor | None, dot: Tensor | None,
-    settings: WindowSettings,
+    settings: WindowSettings, cu_seqlens_k: Tensor | None = None,
 ) -> None:
     """Launch `_swa_fwd_kernel` in `mode` (see the kernel); o is the output buffer (mode 0/1) or do (mode 2)."""
     total, heads_q, head_dim = q.shape
@@ -308,7 +316,7 @@ def _launch_fwd(
     tiles = bounded_tiles_of(cu_seqlens, q.shape[0], bt)
     out = do if mode == 2 else o
     _swa_fwd_kernel[(tiles.shape[0], k.shape[1])](
-        q, k, v, o, lse, tiles,
+        q, k, v, o, lse, tiles, key_tiles(tiles, cu_seqlens, cu_seqlens_k),
         g_in if g_in is not None else lse, gate if gate is not None else lse,
         do if do is not None else q, dot if dot is not None else lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -337,11 +345,15 @@ def window_attention_fwd(
     fold_scale: Tensor | None = None,
     gate: Tensor | None = None,
     settings: WindowSettings = WINDOW_SETTINGS,
+    cu_seqlens_k: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal sliding-window attention.
 
     Args:
         q: [T, HQ, D]; k, v: [T, HKV, D] (packed, bf16 / fp16 / fp32); cu_seqlens: int32 [N+1].
+        cu_seqlens_k: int32 [N+1] or None. Given, k and v are [Tk, HKV, D] packed by these offsets and each
+            sequence's queries (cu_seqlens) are its last keys: query i of a sequence with len_q queries and
+            len_k keys sits at key position len_k - len_q + i (docs/operator.md). Forward only.
         window_size: keys per query (the query's own position included); scale: softmax scale.
         fold_into: optional [T, HQ, D] (unit last stride) holding another branch's output. Then o_swa is not
             stored: fold_into <- fold_scale * fold_into + gate * o_swa in place (float32 sum, rounded once to
@@ -353,7 +365,7 @@ def window_attention_fwd(
     Returns:
         o [T, HQ, D] in q's dtype (or fold_into, updated) and lse float32 [T, HQ].
     """
-    _check(q, k, v, cu_seqlens, window_size)
+    _check(q, k, v, cu_seqlens, window_size, cu_seqlens_k)
     q, k, v = kernel_input(q), kernel_input(k), kernel_input(v)
     total, heads_q, _ = q.shape
     lse = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
@@ -374,7 +386,7 @@ def window_attention_fwd(
     if total == 0:
         return o, lse
     _launch_fwd(q, k, v, cu_seqlens, window_size, scale, mode, o, lse, g_in, gate, None, None,
-                settings)
+                settings, cu_seqlens_k)
     return o, lse
 
 

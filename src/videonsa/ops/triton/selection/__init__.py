@@ -73,17 +73,20 @@ from videonsa.ops.triton.selection.plan import (
 )
 from videonsa.ops.triton.selection.settings import SELECTION_SETTINGS, SelectionSettings
 from videonsa.ops.triton.selection.tiles import launch_dq, launch_fwd
-from videonsa.ops.triton.utils import KERNEL_DTYPES, kernel_input, row_dot
+from videonsa.ops.triton.utils import KERNEL_DTYPES, kernel_input, key_tiles, row_dot
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor) -> None:
+def _check(
+    q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor, cu_seqlens_k: Tensor | None = None
+) -> None:
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
         raise ValueError(
             f"selected attention: q [T,HQ,D], k/v [T,HKV,D] expected, got {q.shape}, {k.shape}, {v.shape}"
         )
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1] != 0:
+    same_rows = cu_seqlens_k is not None or q.shape[0] == k.shape[0]  # keys may run longer with their own offsets
+    if not same_rows or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"selected attention: incompatible q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if block_indices.shape[:2] != k.shape[:2] or block_indices.dim() != 3:
+    if block_indices.shape[:2] != (q.shape[0], k.shape[1]) or block_indices.dim() != 3:
         raise ValueError(
             f"selected attention: block_indices must be [T, HKV, S], got {tuple(block_indices.shape)}"
         )
@@ -126,8 +129,11 @@ def _pass_plan(
     return (layout or choose_layout(block_indices, cu_seqlens, group, block_size, dq, settings)).resolve()
 
 
-def _prepare(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor, block_size: int):
-    _check(q, k, v, block_indices, cu_seqlens)
+def _prepare(
+    q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor, block_size: int,
+    cu_seqlens_k: Tensor | None = None,
+):
+    _check(q, k, v, block_indices, cu_seqlens, cu_seqlens_k)
     block_n(block_size)  # validates block_size before anything is launched
     return kernel_input(q), kernel_input(k), kernel_input(v), block_indices.to(torch.int32).contiguous()
 
@@ -147,6 +153,7 @@ def selected_attention_fwd(
     fold_scale: Tensor | None = None,
     layout: LayoutChoice | None = None,
     settings: SelectionSettings = SELECTION_SETTINGS,
+    cu_seqlens_k: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal attention of each query over the keys of its selected blocks.
 
@@ -169,12 +176,16 @@ def selected_attention_fwd(
             planning here), so that its host read overlaps the GPU work queued since; only with by_block and
             tile_rows None.
         settings: launch settings and the planner's cost model (`SelectionSettings`).
+        cu_seqlens_k: int32 [N+1] or None. Given, k and v are [Tk, HKV, D] packed by these offsets and each
+            sequence's queries (cu_seqlens) are its last keys: query i of a sequence with len_q queries and
+            len_k keys sits at key position len_k - len_q + i, its block ids count the sequence's key blocks
+            (docs/operator.md). Both layouts take it; there is no backward for it.
 
     Returns:
         o [T, HQ, D] in q's dtype (0 for rows with no allowed key; fold_into itself when given) and lse float32
         [T, HQ] (-inf there).
     """
-    q, k, v, block_indices = _prepare(q, k, v, block_indices, cu_seqlens, block_size)
+    q, k, v, block_indices = _prepare(q, k, v, block_indices, cu_seqlens, block_size, cu_seqlens_k)
     if (fold_into is None) != (fold_scale is None):
         raise ValueError("selected attention: fold_into and fold_scale go together")
     if fold_into is not None:
@@ -193,8 +204,10 @@ def selected_attention_fwd(
     plan = _pass_plan(block_indices, cu_seqlens, group, block_size, tile_rows, by_block, layout, False, settings)
     fold = dict(fold_into=fold_into, fold_scale=fold_scale)
     if plan is None:
-        return launch_fwd_by_block(q, k, v, block_indices, cu_seqlens, block_size, scale, **fold, settings=settings)
-    return launch_fwd(q, k, v, plan, block_size, scale, **fold)
+        return launch_fwd_by_block(q, k, v, block_indices, cu_seqlens, block_size, scale, **fold, settings=settings,
+                                   cu_seqlens_k=cu_seqlens_k)
+    key_rows = None if cu_seqlens_k is None else key_tiles(plan.tiles, cu_seqlens, cu_seqlens_k)
+    return launch_fwd(q, k, v, plan, block_size, scale, **fold, key_rows=key_rows)
 
 
 def selected_attention_bwd(

@@ -45,23 +45,30 @@ def _work_item(items_ptr, key_blocks_ptr, item, HKV: tl.constexpr):
 
 @triton.jit
 def _slc_fwd_by_block_kernel(
-    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, key_blocks_ptr, items_ptr, bounds_ptr, pairs_ptr,
+    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, key_blocks_ptr, items_ptr, bounds_ptr, pairs_ptr, shift_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     chunk, pair0, head_dim, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    LOOP_STAGES: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, SHIFTED: tl.constexpr = False,
 ):
     """One program per work item of one chunk (a piece of the triples of one (key block, group), see
     `by_block_items`): softmax of those triples over that block. The launch is a bound on the chunk's item
     count; programs past bounds[chunk + 1] return.
 
     Writes o_part [triple - pair0, G, D] (normalised, in q's dtype) and lse_part [triple - pair0, G] (base 2,
-    -inf where no key of the block is at or before the token)."""
+    -inf where no key of the block is at or before the token).
+
+    SHIFTED: the queries end longer key sequences; shift_ptr [key blocks] holds, per key block, what turns a
+    query row of its sequence into that query's key row (the causal limit)."""
     item = tl.load(bounds_ptr + chunk) + tl.program_id(0)
     if item >= tl.load(bounds_ptr + chunk + 1):
         return
     start, end, g, k_row0, n_keys = _work_item(items_ptr, key_blocks_ptr, item, HKV)
+    if SHIFTED:  # noqa: SIM108 (a compile-time branch inside a Triton kernel)
+        shift = tl.load(shift_ptr + tl.load(items_ptr + item * 3) // HKV).to(tl.int64)
+    else:
+        shift = 0
     n = tl.arange(0, BLOCK_N)
     k_row = k_row0 + n
     k_ok = n < n_keys  # work items are never empty (`by_block_items`)
@@ -103,8 +110,8 @@ def _slc_fwd_by_block_kernel(
                     other=0.0, eviction_policy="evict_last")
         s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
         # Rows past the step's end hold q = 0 and are never stored, so they need no mask.
-        if short | (tl.load(pairs_ptr + c0).to(tl.int64) // (HKV * S) < full_from):
-            s = tl.where(k_ok[None, :] & (k_row64[None, :] <= t_row[:, None]), s, float("-inf"))
+        if short | (tl.load(pairs_ptr + c0).to(tl.int64) // (HKV * S) + shift < full_from):
+            s = tl.where(k_ok[None, :] & (k_row64[None, :] <= t_row[:, None] + shift), s, float("-inf"))
         m = tl.max(s, axis=1)
         m_use = tl.where(m == float("-inf"), 0.0, m)
         p = tl.exp2(s - m_use[:, None])
@@ -172,22 +179,37 @@ def _slc_merge_kernel(
 
 
 def _by_block_work(
-    block_indices: Tensor, cu_seqlens: Tensor, block_size: int, chunk_tokens: int, split: int
+    block_indices: Tensor, cu_seqlens: Tensor, block_size: int, chunk_tokens: int, split: int,
+    cu_seqlens_k: Tensor | None = None, total_keys: int | None = None,
 ) -> tuple[Tensor, BlockLists, BlockItems]:
     """The key-block table, the lists and the work items of a block-major pass (forward or dq). No host sync:
     the table and the lists are sized by bounds (`max_tiles_of`, `by_block_items`), so the launches queue
-    behind the list building instead of waiting for it."""
-    key_blocks, units = key_block_table(cu_seqlens, block_indices.shape[0], block_size)
+    behind the list building instead of waiting for it. cu_seqlens_k, total_keys: the keys' offsets and
+    packed length when the queries end longer key sequences (None: the queries' own)."""
+    if cu_seqlens_k is None:
+        key_blocks, units = key_block_table(cu_seqlens, block_indices.shape[0], block_size)
+    else:
+        key_blocks, units = key_block_table(cu_seqlens_k, total_keys, block_size)
     lists = block_lists(
-        block_indices, cu_seqlens, block_size, chunk_tokens, n_blocks=key_blocks.shape[0], units=units
+        block_indices, cu_seqlens, block_size, chunk_tokens, n_blocks=key_blocks.shape[0], units=units,
+        cu_seqlens_k=cu_seqlens_k,
     )
     return key_blocks, lists, by_block_items(lists, block_indices.shape[1], split)
+
+
+def _block_row_shifts(key_blocks: Tensor, cu_seqlens: Tensor, cu_seqlens_k: Tensor) -> Tensor:
+    """int64 [key blocks]: per row of the key-block table (first key row, keys, sequence start, sequence end
+    in key rows), key row minus query row of any query of the block's sequence (the ends line up)."""
+    cu_q, cu_k = cu_seqlens.long(), cu_seqlens_k.long()
+    seq = torch.searchsorted(cu_k[1:], key_blocks[:, 0].long().contiguous(), right=True)
+    seq = seq.clamp(max=cu_k.numel() - 2)
+    return (cu_k[1:] - cu_q[1:])[seq].contiguous()
 
 
 def launch_fwd_by_block(
     q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens: Tensor, block_size: int, scale: float,
     *, chunk_tokens: int | None = None, fold_into: Tensor | None = None, fold_scale: Tensor | None = None,
-    settings: SelectionSettings = SELECTION_SETTINGS,
+    settings: SelectionSettings = SELECTION_SETTINGS, cu_seqlens_k: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The block-major forward (inputs already checked; block_size <= 64); returns o [T, HQ, D], lse [T, HQ].
 
@@ -196,7 +218,8 @@ def launch_fwd_by_block(
     (BT = rows // G tokens), `by_block_split` the longest piece of a list one program walks (0: whole lists),
     the launch (`by_block_warps`, `by_block_loop_stages`: pipeline stages of the token loop,
     `by_block_max_registers`, `merge_warps`).
-    fold_into, fold_scale: see `selected_attention_fwd` (checked there); o is then fold_into."""
+    fold_into, fold_scale: see `selected_attention_fwd` (checked there); o is then fold_into.
+    cu_seqlens_k: the keys' offsets when the queries end longer key sequences (k, v packed by them)."""
     total, heads_q, head_dim = q.shape
     heads_kv = k.shape[1]
     group = heads_q // heads_kv
@@ -210,8 +233,10 @@ def launch_fwd_by_block(
     )
     chunk_tokens = min(chunk_tokens, total)
     key_blocks, lists, work = _by_block_work(
-        block_indices, cu_seqlens, block_size, chunk_tokens, settings.by_block_split
+        block_indices, cu_seqlens, block_size, chunk_tokens, settings.by_block_split, cu_seqlens_k, k.shape[0]
     )
+    shifted = cu_seqlens_k is not None
+    shifts = _block_row_shifts(key_blocks, cu_seqlens, cu_seqlens_k) if shifted else key_blocks
     o = fold_into if fold else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
     o_part = torch.empty((chunk_tokens * heads_kv * slots * group, head_dim), dtype=q.dtype, device=q.device)
@@ -222,11 +247,12 @@ def launch_fwd_by_block(
         t0 = c * chunk_tokens
         if work.grid[c]:  # else no token of the chunk can choose a block: the merge writes o = 0
             _slc_fwd_by_block_kernel[(work.grid[c],)](
-                q, k, v, o_part, lse_part, key_blocks, work.items, work.bounds, lists.pairs,
+                q, k, v, o_part, lse_part, key_blocks, work.items, work.bounds, lists.pairs, shifts,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 c, t0 * heads_kv * slots, head_dim, scale * LOG2E,
                 HKV=heads_kv, G=group, S=slots, BT=bt, BLOCK_M=block_m, BLOCK_N=block_n(block_size),
                 BLOCK_D=block_d, DOT_PREC=dot_precision(q), LOOP_STAGES=settings.by_block_loop_stages,
+                SHIFTED=shifted,
                 num_warps=settings.by_block_warps, num_stages=1, maxnreg=settings.by_block_max_registers,
             )
         _slc_merge_kernel[(min(chunk_tokens, total - t0), heads_kv)](

@@ -104,11 +104,12 @@ class BlockLists:
     n_blocks: int  # key blocks numbered (the real ones, or an upper bound on them: see `block_lists`)
     block_size: int
     n_seqs: int
+    keys_beyond_queries: bool = False  # the queries end longer key sequences (cu_seqlens_k given)
 
 
 def block_lists(
     block_indices: Tensor, cu_seqlens: Tensor, block_size: int, chunk_tokens: int, n_blocks: int | None = None,
-    units: Tensor | None = None,
+    units: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
 ) -> BlockLists:
     """Sort the selection's triples into `BlockLists` (one kernel for the sort keys, one stable device sort,
     no host sync).
@@ -117,13 +118,19 @@ def block_lists(
     `max_tiles_of`, which needs no sync (lists past the real blocks stay empty). A slot is used when its id
     names a block of the token's sequence that starts at or before the token: ids past the sequence have no
     keys, and a block after the token only masked ones, so dropping them changes no output. units:
-    `sequence_units(cu_seqlens, block_size)` if the caller has it.
+    `sequence_units(cu_seqlens, block_size)` if the caller has it (of cu_seqlens_k when given).
+    cu_seqlens_k: the keys' offsets when each sequence's queries (cu_seqlens) are its last keys; key blocks are
+    then numbered over the keys and a token's own block is the one holding its key position. n_blocks must
+    then be given (the key-block table's rows).
     """
     total, heads_kv, slots = block_indices.shape
     device = block_indices.device
     cu_seqlens = offsets32(cu_seqlens)
+    cu_keys = cu_seqlens if cu_seqlens_k is None else offsets32(cu_seqlens_k)
     n_seqs = cu_seqlens.numel() - 1
     if n_blocks is None:
+        if cu_seqlens_k is not None:
+            raise ValueError("block_lists: n_blocks is needed with cu_seqlens_k")
         n_blocks = max_tiles_of(total, n_seqs, block_size)
     n_chunks = -(-total // chunk_tokens)
     n_lists = n_chunks * n_blocks * heads_kv
@@ -133,8 +140,8 @@ def block_lists(
     if n_triples:
         block = 1024
         _triple_keys_kernel[(triton.cdiv(n_triples, block),)](
-            block_indices, cu_seqlens, sequence_units(cu_seqlens, block_size) if units is None else units, chosen,
-            key,
+            block_indices, cu_seqlens, cu_keys, sequence_units(cu_keys, block_size) if units is None else units,
+            chosen, key,
             n_triples, n_seqs, n_seqs.bit_length(), block_size, chunk_tokens, n_blocks, n_lists,
             HKV=heads_kv, S=slots, BLOCK=block,
         )
@@ -143,21 +150,26 @@ def block_lists(
     # n_lists, stay at the end of `pairs`, past offsets[-1]).
     offsets = torch.searchsorted(sorted_key, torch.arange(n_lists + 1, device=device, dtype=key.dtype))
     pairs = order.to(torch.int32) if n_triples < 2**31 else order
-    return BlockLists(offsets, pairs, chosen, chunk_tokens, n_chunks, n_blocks, block_size, n_seqs)
+    return BlockLists(offsets, pairs, chosen, chunk_tokens, n_chunks, n_blocks, block_size, n_seqs,
+                      cu_seqlens_k is not None)
 
 
 @triton.jit
 def _triple_keys_kernel(
-    idx_ptr, cu_ptr, first_block_ptr, chosen_ptr, key_ptr, n_triples, n_seqs, n_iter, block_size, chunk_tokens,
-    n_blocks, n_lists, HKV: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr,
+    idx_ptr, cu_ptr, cuk_ptr, first_block_ptr, chosen_ptr, key_ptr, n_triples, n_seqs, n_iter, block_size,
+    chunk_tokens, n_blocks, n_lists, HKV: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Per (token, group, slot) triple: the id if the slot is used (else -1), and the sort key
-    (chunk * n_blocks + global block) * HKV + group of its list (n_lists, past every list, if unused)."""
+    (chunk * n_blocks + global block) * HKV + group of its list (n_lists, past every list, if unused).
+    cu_ptr: the queries' offsets; cuk_ptr: the keys' (cu_ptr again unless the queries end longer key
+    sequences), whose blocks first_block_ptr numbers."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n_triples
     t = i // (HKV * S)
     seq = tl.minimum(searchsorted_right(cu_ptr + 1, t.to(tl.int32), n_seqs, n_iter), n_seqs - 1)
-    own_block = (t - tl.load(cu_ptr + seq)) // block_size
+    # The token's key position: its query index plus len_k - len_q (0 unless the keys run longer).
+    shift = (tl.load(cuk_ptr + seq + 1) - tl.load(cuk_ptr + seq)) - (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq))
+    own_block = (t - tl.load(cu_ptr + seq) + shift) // block_size
     blk = tl.load(idx_ptr + i, mask=ok, other=-1)
     used = (blk >= 0) & (blk <= own_block)
     tl.store(chosen_ptr + i, tl.where(used, blk, -1), mask=ok)
@@ -191,7 +203,9 @@ def by_block_items(lists: BlockLists, heads_kv: int, split: int) -> BlockItems:
     for c in range(lists.n_chunks):
         t0, t1 = c * lists.chunk_tokens, min((c + 1) * lists.chunk_tokens, total)
         triples = (t1 - t0) * heads_kv * slots
-        reachable = min(per_chunk, ((t1 - 1) // lists.block_size + lists.n_seqs) * heads_kv, triples)
+        reachable = min(per_chunk, triples)
+        if not lists.keys_beyond_queries:  # else a token's blocks may lie anywhere in its longer key sequence
+            reachable = min(reachable, ((t1 - 1) // lists.block_size + lists.n_seqs) * heads_kv)
         grid.append(reachable + (triples // split if split > 0 else 0))
     longest = lists.chunk_tokens * slots  # no list of a chunk is longer
     piece = split if split > 0 else longest

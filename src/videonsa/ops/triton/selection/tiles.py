@@ -32,7 +32,7 @@ def _launch_config(block_m: int, head_dim: int, kind: str = "fwd") -> tuple[int,
 @triton.jit
 def _slc_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, fold_ptr,
-    tiles_ptr, ublocks_ptr, ucount_ptr, ubits_ptr,
+    tiles_ptr, ktiles_ptr, ublocks_ptr, ucount_ptr, ubits_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     n_slots, head_dim, qk_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, WORDS: tl.constexpr,
@@ -40,19 +40,23 @@ def _slc_fwd_kernel(
     DOT_PREC: tl.constexpr, FOLD: tl.constexpr = False,
 ):
     # FOLD: o already holds a partial sum and fold_ptr a per-row gate [T, HQ]; o <- o + gate * (this output),
-    # in float32 with one rounding (see `selected_attention_fwd`'s fold_into).
+    # in float32 with one rounding (see `selected_attention_fwd`'s fold_into). ktiles_ptr: the tiles' key rows
+    # (`utils.key_tiles`; tiles_ptr itself unless the queries end a longer key sequence): q, o and lse live at
+    # query rows, the blocks and causality are in key rows.
     tile = tl.program_id(0)
     g = tl.program_id(1)
     row0 = tl.load(tiles_ptr + tile * 4)
     n_tok = tl.load(tiles_ptr + tile * 4 + 1)
-    seq0 = tl.load(tiles_ptr + tile * 4 + 2)
-    seq_end = tl.load(tiles_ptr + tile * 4 + 3)
+    k_row0 = tl.load(ktiles_ptr + tile * 4)
+    seq0 = tl.load(ktiles_ptr + tile * 4 + 2)
+    seq_end = tl.load(ktiles_ptr + tile * 4 + 3)
 
     r = tl.arange(0, BLOCK_M)
     tok = r // G
     head = g * G + r % G
     row_ok = tok < n_tok
     t_row = row0 + tok
+    t_key = k_row0 + tok  # the query's own key row
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     q = tl.load(
@@ -78,7 +82,7 @@ def _slc_fwd_kernel(
             kv_off = k_row.to(tl.int64)[:, None] * stride_kt + g * stride_kh + d[None, :]
             kb = tl.load(k_ptr + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
-            allowed = hit[:, None] & k_ok[None, :] & (k_row[None, :] <= t_row[:, None])
+            allowed = hit[:, None] & k_ok[None, :] & (k_row[None, :] <= t_key[:, None])
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -178,10 +182,11 @@ def _slc_bwd_dq_kernel(
 def launch_fwd(
     q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, block_size: int, scale: float,
     num_warps: int | None = None, num_stages: int | None = None,
-    *, fold_into: Tensor | None = None, fold_scale: Tensor | None = None,
+    *, fold_into: Tensor | None = None, fold_scale: Tensor | None = None, key_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The forward kernel over a `TilePlan` (inputs already checked); returns o [T, HQ, D], lse [T, HQ].
-    fold_into, fold_scale: see `selected_attention_fwd` (checked there); o is then fold_into."""
+    fold_into, fold_scale: see `selected_attention_fwd` (checked there); o is then fold_into. key_rows: the
+    plan's tiles in key rows (`utils.key_tiles`) when the queries end longer key sequences, else None."""
     total, heads_q, head_dim = q.shape
     heads_kv = k.shape[1]
     fold = fold_into is not None
@@ -189,7 +194,8 @@ def launch_fwd(
     lse = torch.empty((total, heads_q), dtype=torch.float32, device=q.device)
     warps, stages = _launch_config(plan.block_m, head_dim)
     _slc_fwd_kernel[(plan.tiles.shape[0], heads_kv)](
-        q, k, v, o, lse, fold_scale if fold else lse, plan.tiles, plan.blocks, plan.count, plan.bits,
+        q, k, v, o, lse, fold_scale if fold else lse, plan.tiles, plan.tiles if key_rows is None else key_rows,
+        plan.blocks, plan.count, plan.bits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), plan.blocks.shape[-1], head_dim, scale * LOG2E,
         HQ=heads_q, HKV=heads_kv, G=heads_q // heads_kv, WORDS=plan.bits.shape[-1],
