@@ -27,8 +27,9 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 from videonsa.errors import UserError
 
 # Progress of a chunked prefill: (stage, done, total): stage "vision" counts the vision tokens the tower has
-# produced (of all the prompt's), "text" the prompt tokens the language model has taken in (of the prompt's).
-ChunkCallback = Callable[[str, int, int], None]
+# produced so far (total None: the tower does not know the prompt), "text" the prompt tokens the language model
+# has taken in, of `total`.
+ChunkCallback = Callable[[str, int, int | None], None]
 
 # The keyword of the KV cache in Qwen2.5-VL's forward: "cache" in newer transformers 5.x, "past_key_values" before.
 CACHE_KWARG = "cache" if "cache" in inspect.signature(qwen.Qwen2_5_VLModel.forward).parameters else "past_key_values"
@@ -49,7 +50,8 @@ class PrefillChunking:
 
 @contextlib.contextmanager
 def prefill_in_chunks(model: Any, chunk_size: int | None, on_step: ChunkCallback | None = None) -> Iterator[None]:
-    """Within the block, `model`'s prefills longer than `chunk_size` tokens run in chunks (None: one pass).
+    """Within the block, `model`'s prefills longer than `chunk_size` tokens run in chunks, and its vision tower
+    over pieces of about `chunk_size` output tokens (None: one pass, as without the block).
 
     Refused in attention_mode 'official', whose original computes the prefill in one pass.
     """
@@ -58,12 +60,29 @@ def prefill_in_chunks(model: Any, chunk_size: int | None, on_step: ChunkCallback
         return
     chunking = PrefillChunking(chunk_size, on_step)
     refuse_official(model)
-    previous = model.prefill_chunking
+    tower = model.model.visual
+    previous = model.prefill_chunking, getattr(tower, "chunk_tokens", None), getattr(tower, "on_piece", None)
     model.prefill_chunking = chunking
+    if isinstance(tower, ChunkedVisionTower):
+        tower.chunk_tokens, tower.on_piece = chunk_size, _VisionCounter(on_step)
     try:
         yield
     finally:
-        model.prefill_chunking = previous
+        model.prefill_chunking = previous[0]
+        if isinstance(tower, ChunkedVisionTower):
+            tower.chunk_tokens, tower.on_piece = previous[1], previous[2]
+
+
+class _VisionCounter:
+    """Adds up the vision tokens of the tower's pieces and reports ("vision", tokens so far, None)."""
+
+    def __init__(self, on_step: ChunkCallback | None) -> None:
+        self.on_step, self.done = on_step, 0
+
+    def __call__(self, tokens: int) -> None:
+        self.done += tokens
+        if self.on_step is not None:
+            self.on_step("vision", self.done, None)
 
 
 def refuse_official(model: Any) -> None:
@@ -106,7 +125,7 @@ def chunked_forward(model: Any, named: dict[str, Any], chunking: PrefillChunking
     if types is None:
         types = placeholder_types(input_ids, model.config)
     position_ids = _prompt_positions(model, named, types)
-    features = _vision_features(model, named, input_ids, chunking)
+    features = _vision_features(model, named, input_ids)
     keep = named.get("logits_to_keep", 0)
     chunk = chunking.chunk_size
     earlier_logits = []
@@ -142,22 +161,24 @@ def placeholder_types(input_ids: Tensor, config: Any) -> Tensor:
 
 
 def _prompt_positions(model: Any, named: dict[str, Any], types: Tensor) -> Tensor:
-    """The rotary position ids of the whole prompt ([3 or 4, B, S]) and, as a one-pass prefill does, the
-    rope deltas that decoding steps continue from."""
+    """The rotary position ids of the whole prompt ([3 or 4, B, S]), those given if any; when the grids are at
+    hand, also the rope deltas that decoding steps continue from, as a one-pass prefill records them."""
     input_ids = named["input_ids"]
-    grids = {key: named.get(key) for key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
-    if grids["image_grid_thw"] is None and grids["video_grid_thw"] is None:
-        positions = named.get("position_ids")
-        if positions is None:
-            positions = _text_positions(named.get("attention_mask"), input_ids)
-        model.model.rope_deltas = (positions.amax(dim=(0, 2)) + 1 - input_ids.shape[1]).view(-1, 1)
-        return positions
-    computed, deltas = model.model.get_rope_index(
-        input_ids, types, attention_mask=named.get("attention_mask"), **grids
-    )
-    model.model.rope_deltas = deltas
     positions = named.get("position_ids")
-    return computed if positions is None else positions
+    grids = {key: named.get(key) for key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
+    if grids["image_grid_thw"] is not None or grids["video_grid_thw"] is not None:
+        computed, deltas = model.model.get_rope_index(
+            input_ids, types, attention_mask=named.get("attention_mask"), **grids
+        )
+        model.model.rope_deltas = deltas
+        return computed if positions is None else positions
+    if positions is not None:
+        return positions  # generate() computed them (and the deltas) before encoding the pixels
+    if bool((types > 0).any()):
+        raise UserError("a chunked prefill of a prompt with vision tokens needs its image/video grids or position ids")
+    positions = _text_positions(named.get("attention_mask"), input_ids)
+    model.model.rope_deltas = (positions.amax(dim=(0, 2)) + 1 - input_ids.shape[1]).view(-1, 1)
+    return positions
 
 
 def _text_positions(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor:
@@ -179,23 +200,12 @@ class _Features:
     starts: dict[str, list[int]]
 
 
-class _VisionProgress:
-    """Counts the vision tokens the tower has produced over all its calls and reports them."""
-
-    def __init__(self, on_step: ChunkCallback | None, total: int) -> None:
-        self.on_step, self.total, self.done = on_step, total, 0
-
-    def __call__(self, tokens: int) -> None:
-        self.done += tokens
-        if self.on_step is not None:
-            self.on_step("vision", self.done, self.total)
-
-
-def _vision_features(model: Any, named: dict[str, Any], input_ids: Tensor, chunking: PrefillChunking) -> _Features:
+def _vision_features(model: Any, named: dict[str, Any], input_ids: Tensor) -> _Features:
+    """The prompt's image and video features: those generate() computed already (`mm_encoder_outputs`, newer
+    transformers), else the vision tower's over the pixels, in pieces (`ChunkedVisionTower`)."""
     config = model.config
+    encoded = named.get("mm_encoder_outputs") or {}
     starts, features = {}, {}
-    placeholders = torch.tensor([config.image_token_id, config.video_token_id], device=input_ids.device)
-    progress = _VisionProgress(chunking.on_step, int(torch.isin(input_ids, placeholders).sum()))
     for kind, token_id, pixels, grid in (
         ("image", config.image_token_id, named.get("pixel_values"), named.get("image_grid_thw")),
         ("video", config.video_token_id, named.get("pixel_values_videos"), named.get("video_grid_thw")),
@@ -203,12 +213,13 @@ def _vision_features(model: Any, named: dict[str, Any], input_ids: Tensor, chunk
         counts = (input_ids == token_id).sum(dim=1).tolist()
         starts[kind] = [sum(counts[:b]) for b in range(len(counts))]
         features[kind] = None
-        if pixels is None:
-            if sum(counts):
-                raise UserError(f"the prompt has {sum(counts)} {kind} placeholder tokens but no {kind} pixels")
-            continue
-        features[kind] = vision_tower_in_chunks(model.model.visual, pixels, grid, chunking.chunk_size, progress)
-        if features[kind].shape[0] != sum(counts):
+        if encoded.get(kind) is not None:
+            features[kind] = torch.cat(list(encoded[kind].pooler_output))
+        elif pixels is not None:
+            features[kind] = merged_output(model.model.visual(pixels.type(model.model.visual.dtype), grid_thw=grid))
+        elif sum(counts):
+            raise UserError(f"the prompt has {sum(counts)} {kind} placeholder tokens but no {kind} pixels")
+        if features[kind] is not None and features[kind].shape[0] != sum(counts):
             raise UserError(
                 f"{kind} features and placeholder tokens do not match: {features[kind].shape[0]} features, "
                 f"{sum(counts)} tokens"
@@ -216,60 +227,67 @@ def _vision_features(model: Any, named: dict[str, Any], input_ids: Tensor, chunk
     return _Features(features["image"], features["video"], starts)
 
 
-def vision_tower_in_chunks(
-    visual: Any,
-    pixels: Tensor,
-    grid_thw: Tensor,
-    chunk_tokens: int,
-    on_piece: Callable[[int], None] | None = None,
-) -> Tensor:
-    """Qwen2.5-VL's vision tower over at most ~`chunk_tokens` output tokens at a time.
+def merged_output(output: Any) -> Tensor:
+    """The merged embeddings [N, hidden] of a vision tower's output (an output object in transformers 5.25, the
+    tensor itself in 5.17)."""
+    return output.pooler_output if hasattr(output, "pooler_output") else output
 
-    The tower attends within each temporal patch (its windows and its full-attention blocks never cross one), so
-    cutting a video between temporal patches and concatenating the merged outputs gives what one pass gives.
 
-    Args:
-        visual: the vision tower (`model.model.visual`).
-        pixels: [sum over items of t*h*w, patch_dim] patches; grid_thw: long [items, 3] (t, h, w in patches).
-        on_piece: called with the number of output tokens after each tower call.
+class ChunkedVisionTower(qwen.Qwen2_5_VisionTransformerPretrainedModel):
+    """Qwen2.5-VL's vision tower that, while `chunk_tokens` is set, runs over at most ~`chunk_tokens` output
+    tokens at a time (`on_piece` hears each piece's token count).
 
-    Returns:
-        [sum over items of t*h*w / merge^2, hidden], the merged embeddings, in the order of one pass.
+    The tower attends within each temporal patch (its windows and its full-attention blocks never cross one), and
+    its window reordering goes temporal patch after temporal patch, so cutting the input between temporal patches
+    and concatenating the pieces' outputs gives what one pass gives (both outputs), with one piece's activations
+    in memory instead of the whole video's. Same parameters as the stock tower, so checkpoints load unchanged.
     """
-    merge = visual.spatial_merge_size**2
-    pixels = pixels.type(visual.dtype)
-    pieces: list[tuple[int, int, list[int]]] = []  # (first row, rows, [t, h, w]) per piece
-    row = 0
-    for t, h, w in grid_thw.tolist():
-        per_patch = h * w // merge
-        patches_per_piece = max(1, chunk_tokens // per_patch)
-        for first in range(0, t, patches_per_piece):
-            count = min(patches_per_piece, t - first)
-            pieces.append((row + first * h * w, count * h * w, [count, h, w]))
-        row += t * h * w
-    outputs, group, group_tokens = [], [], 0
-    for piece in pieces:
-        tokens = piece[1] // merge
-        if group and group_tokens + tokens > chunk_tokens:
-            outputs.append(_run_tower(visual, pixels, group, on_piece))
-            group, group_tokens = [], 0
-        group.append(piece)
-        group_tokens += tokens
-    if group:
-        outputs.append(_run_tower(visual, pixels, group, on_piece))
-    return torch.cat(outputs) if outputs else pixels.new_zeros(0, visual.merger.mlp[-1].out_features)
 
+    chunk_tokens: int | None = None
+    on_piece: Callable[[int], None] | None = None
 
-def _run_tower(
-    visual: Any, pixels: Tensor, group: list[tuple[int, int, list[int]]], on_piece: Callable[[int], None] | None
-) -> Tensor:
-    rows = torch.cat([pixels[first : first + count] for first, count, _ in group])
-    grid = torch.tensor([thw for *_, thw in group], dtype=torch.long, device=pixels.device)
-    output = visual(rows, grid_thw=grid)
-    merged = output.pooler_output if hasattr(output, "pooler_output") else output  # transformers 5.25 vs 5.17
-    if on_piece is not None:
-        on_piece(merged.shape[0])
-    return merged
+    def forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs: Any) -> Any:
+        """hidden_states [sum of t*h*w, patch_dim] patches, grid_thw long [items, 3] -> the stock output."""
+        if self.chunk_tokens is None:
+            return super().forward(hidden_states, grid_thw=grid_thw, **kwargs)
+        outputs = [
+            super(ChunkedVisionTower, self).forward(rows, grid_thw=grid, **kwargs)
+            for rows, grid in self._pieces(hidden_states, grid_thw)
+        ]
+        if len(outputs) == 1 or not hasattr(outputs[0], "pooler_output"):
+            return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return type(outputs[0])(
+            last_hidden_state=torch.cat([output.last_hidden_state for output in outputs]),
+            pooler_output=torch.cat([output.pooler_output for output in outputs]),
+        )
+
+    def _pieces(self, pixels: Tensor, grid_thw: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """(rows, grid) of each tower call: every item cut between temporal patches into pieces of at most
+        `chunk_tokens` output tokens (one temporal patch at least), consecutive pieces grouped up to that size."""
+        merge = self.spatial_merge_size**2
+        pieces: list[tuple[int, int, list[int]]] = []  # (first row, rows, [t, h, w])
+        row = 0
+        for t, h, w in grid_thw.tolist():
+            per_patch = h * w // merge
+            patches_per_piece = max(1, self.chunk_tokens // per_patch)
+            for first in range(0, t, patches_per_piece):
+                count = min(patches_per_piece, t - first)
+                pieces.append((row + first * h * w, count * h * w, [count, h, w]))
+            row += t * h * w
+        group: list[tuple[int, int, list[int]]] = []
+        group_tokens = 0
+        for piece in [*pieces, None]:
+            tokens = 0 if piece is None else piece[1] // merge
+            if group and (piece is None or group_tokens + tokens > self.chunk_tokens):
+                rows = torch.cat([pixels[first : first + count] for first, count, _ in group])
+                grid = torch.tensor([thw for *_, thw in group], dtype=grid_thw.dtype, device=grid_thw.device)
+                yield rows, grid
+                if self.on_piece is not None:
+                    self.on_piece(group_tokens)
+                group, group_tokens = [], 0
+            if piece is not None:
+                group.append(piece)
+                group_tokens += tokens
 
 
 def _chunk_embeddings(model: Any, input_ids: Tensor, features: _Features, start: int, end: int) -> Tensor:

@@ -64,7 +64,7 @@ from videonsa.models.checkpoint_checks import (
     refuse_partial_gates,
 )
 from videonsa.models.checkpoints import LEGACY_KEY_MAPPING, checkpoint_attention_mode, checkpoint_tensor_names
-from videonsa.models.chunked_prefill import PrefillChunking, chunked_forward, wants_chunks
+from videonsa.models.chunked_prefill import ChunkedVisionTower, PrefillChunking, chunked_forward, wants_chunks
 from videonsa.models.configuration_videonsa import NSA_CONFIG_DEFAULTS, VideoNSAConfig
 from videonsa.models.official_mode import (
     OfficialTokens,
@@ -345,7 +345,7 @@ class VideoNSAModel(_GateInitMixin, qwen.Qwen2_5_VLModel):
     def __init__(self, config: VideoNSAConfig) -> None:
         # Qwen2_5_VLModel.__init__ with the VideoNSA text model in place of the stock one.
         qwen.Qwen2_5_VLPreTrainedModel.__init__(self, config)
-        self.visual = qwen.Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.visual = ChunkedVisionTower._from_config(config.vision_config)
         self.language_model = VideoNSATextModel._from_config(config.text_config)
         self.rope_deltas = None
         self.post_init()
