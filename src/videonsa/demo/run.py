@@ -43,7 +43,7 @@ from videonsa.demo.plots import (
     plot_accuracy_by_position,
     plot_loss,
 )
-from videonsa.demo.task import DemoTask, chat_texts, make_videos, write_annotations
+from videonsa.demo.task import TASK_KINDS, DemoTask, chat_texts, make_videos, write_annotations
 from videonsa.demo.training import FRAME_PIXELS, DemoTraining, training_config
 from videonsa.errors import UserError
 from videonsa.training.io import atomic_write_json
@@ -60,21 +60,23 @@ MIN_STEPS = 20
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Everything that defines a demo run. `minutes`: the training budget from which the step count is measured
-    (None: `training.steps` as given)."""
+    """Everything that defines a demo run. `minutes`: a training budget from which the step count is measured on
+    this machine (None, the default: `training.steps` as given, the same run everywhere)."""
 
     attention: str = "nsa"
     ablation: str = "none"
     task: DemoTask = field(default_factory=DemoTask)
     model: DemoModelSpec = field(default_factory=DemoModelSpec)
     training: DemoTraining = field(default_factory=DemoTraining)
-    minutes: float | None = 4.0
+    minutes: float | None = None
 
     def validate(self) -> DemoSettings:
         if self.attention not in ATTENTION_CHOICES:
             raise UserError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
         if self.ablation not in ABLATIONS:
             raise UserError(f"--ablation must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
+        if self.task.kind not in TASK_KINDS:
+            raise UserError(f"--task must be one of {', '.join(TASK_KINDS)}, got {self.task.kind!r}")
         if self.ablation != "none" and self.attention == "dense":
             raise UserError("--ablation window-only needs --attention nsa (dense attention has no NSA branches)")
         if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
@@ -104,6 +106,19 @@ class DemoResult:
         return (f"held-out accuracy {s['accuracy']:.1%} ({s['correct']}/{s['questions']}) against chance "
                 f"{s['chance']:.0%}: {s['accuracy'] / s['chance']:.1f}x chance ({s['label']}, {s['steps']} steps, "
                 f"{s['train_seconds']:.0f} s of training)")
+
+    def ask_command(self) -> str:
+        """A `videonsa ask` command line that puts the first held-out question to the trained model."""
+        import shlex
+
+        from videonsa.evaluation.questions import load_questions
+
+        heldout = self.out_dir / "videos" / "heldout"
+        question = load_questions(heldout).questions[0]
+        return shlex.join(["videonsa", "ask", "--model", str(self.out_dir / "model"), "--video",
+                           str(heldout / question.video), "--fps", str(self.summary["settings"]["task"]["fps"]),
+                           "--pixels", str(FRAME_PIXELS), "--min-pixels", str(FRAME_PIXELS), question.question,
+                           "--options", *question.options])
 
 
 class _Stages:

@@ -1,10 +1,16 @@
 """The demo's task: needle-in-a-long-video questions a small model can learn from scratch in minutes on a CPU.
 
-Videos come from the needle benchmark's generator (`make_needle_set`) with its ``colour`` kind: a generated
-haystack (muted, moving scenes) in which, for a moment, the whole screen turns red, green, blue or yellow, at a
-random time anywhere in the video; the question asks which colour it was, with the four colours always offered in
-the same order. The training set and the held-out set are generated from different seeds, so no held-out video
-(nor its haystack) is ever seen in training.
+Videos come from the needle benchmark's generator (`make_needle_set`) on a generated haystack (muted, moving
+scenes), with one of its two kinds made for this demo (docs/demo.md):
+
+* ``colour`` (the default): the screen fills with one colour at a random time; "which colour fills the screen?"
+* ``before-black``: the whole screen fills with one colour (red, green, blue or white), at least
+  `far_seconds` later turns black, later still fills with another colour; "which colour filled the screen before
+  it turned black?" The answer is far outside the sliding window of the black screen's video tokens: a model
+  whose video tokens see only their window can tell which two colours were shown, not which came first.
+
+The four colours are always offered in the same order, so the letter names the colour. The training set and the
+held-out set are generated from different seeds, so no held-out video (nor its haystack) is ever seen in training.
 
 Training samples are written as an annotation file in the LLaVA-Video layout for `videonsa train`'s data code; the
 user turn is exactly the prompt `videonsa ask` builds for a multiple-choice question (the video, then the question,
@@ -23,14 +29,15 @@ from videonsa.evaluation.needles import NeedleSet, NeedleTiming, make_needle_set
 from videonsa.evaluation.questions import QuestionSet
 from videonsa.inference.prompt import label_options, question_text
 
-KIND = "colour"
+TASK_KINDS = ("colour", "before-black")  # needle kinds the demo can be trained on (docs/demo.md)
 ANNOTATIONS_FILE = "annotations.jsonl"
 
 
 @dataclass(frozen=True)
 class DemoTask:
-    """How the demo's videos look: `seconds` long at `fps`, `size` pixels (the model sees them at 28 x 28), the
-    colour shown for `fill_seconds`; `train_videos` / `heldout_videos` videos from seeds `seed` / `seed + 1`."""
+    """How the demo's videos look: `seconds` long at `fps`, `size` pixels (the model sees them at 28 x 28), each
+    colour shown for `fill_seconds`, the asked colour ending at least `far_seconds` before the black screen
+    (``before-black``); `train_videos` / `heldout_videos` videos from seeds `seed` / `seed + 1`."""
 
     seconds: int = 120
     fps: int = 2
@@ -39,6 +46,8 @@ class DemoTask:
     train_videos: int = 512
     heldout_videos: int = 200
     seed: int = 0
+    kind: str = "colour"  # the needle kind, one of TASK_KINDS
+    far_seconds: int = 20
 
     @property
     def frames(self) -> int:
@@ -63,8 +72,8 @@ def make_videos(
         size=task.size,
         seed=task.seed + (1 if heldout else 0),
         fps=task.fps,
-        kinds=[KIND],
-        timing=NeedleTiming(fill_seconds=task.fill_seconds),
+        kinds=[task.kind],
+        timing=NeedleTiming(fill_seconds=task.fill_seconds, far_seconds=task.far_seconds),
         progress=progress,
     )
 

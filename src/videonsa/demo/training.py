@@ -26,10 +26,11 @@ FRAME_PIXELS = 28 * 28  # one token per temporal patch
 class DemoTraining:
     """The optimisation settings the demo overrides in the recipe."""
 
-    steps: int = 800
+    steps: int = 500
     batch_size: int = 8
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     warmup: float = 0.1  # fraction of the steps
+    schedule: str = "cosine"  # transformers' lr_scheduler_type (the recipe's)
     weight_decay: float = 0.01
     save_steps: int = 20
     seed: int = 0
@@ -55,6 +56,7 @@ def training_overrides(
         "trainer.output_dir": str(output_dir),
         "trainer.learning_rate": training.learning_rate,
         "trainer.warmup_steps": training.warmup,
+        "trainer.lr_scheduler_type": training.schedule,
         "trainer.weight_decay": training.weight_decay,
         "trainer.per_device_train_batch_size": training.batch_size,
         "trainer.gradient_accumulation_steps": 1,
