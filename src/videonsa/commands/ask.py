@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 # Only light modules here: `videonsa ask --help` and argument errors must not wait for torch (run_ask imports it).
@@ -31,6 +33,12 @@ from videonsa.video.planning import (
     DEFAULT_MIN_PIXELS_PER_FRAME,
     DEFAULT_PIXELS_PER_FRAME,
     PREFERENCES,
+)
+
+PREFILL_CHUNK_HELP = (
+    "prefill the prompt N tokens at a time (the KV cache grows chunk by chunk; same answer as one pass, far less "
+    "memory for long videos); 0: one pass; auto (default): one pass when the prompt fits the device's free memory "
+    "at once, else the largest chunks that fit (docs/long-videos.md)"
 )
 
 # Seconds between prefill progress lines when stderr is not a terminal (a live line is drawn on a terminal).
@@ -166,11 +174,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
     model.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
     model.add_argument("--seed", type=int, help="random seed for sampling")
+    model.add_argument(
+        "--prefill-chunk",
+        type=prefill_chunk_arg,
+        default="auto",
+        metavar="N",
+        help=PREFILL_CHUNK_HELP,
+    )
     model.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     model.add_argument(
         "--dtype", default="auto", help="auto (default: bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32"
     )
     parser.set_defaults(func=run_ask)
+
+
+def prefill_chunk_arg(text: str) -> int | str | None:
+    """--prefill-chunk's value: "auto", 0 (one pass: None) or a positive number of tokens."""
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, 0 or a number of tokens, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected auto, 0 or a positive number of tokens, got {value}")
+    return value or None
 
 
 def _question(args: argparse.Namespace) -> str:
@@ -286,18 +314,24 @@ def _decode_with_progress(plan, console):
 
 @contextlib.contextmanager
 def prefill_display(console, *, log_every_seconds: float = PREFILL_LOG_SECONDS) -> Iterator[Callable]:
-    """A callback for `PrefillProgress` reports: a live line on a terminal (gone once the prefill ends), else a
-    plain line at most every `log_every_seconds` (for logs of long runs)."""
+    """A callback for `PrefillProgress` reports: a live progress bar on a terminal (over the work of the layers of
+    a one-pass prefill or of its chunks; gone once the prefill ends), else a plain line at most every
+    `log_every_seconds` (for logs of long runs)."""
     if console.is_terminal:
-        with console.status("prefill", spinner="dots") as status:
+        from rich.markup import escape
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        columns = (BarColumn(), TextColumn("{task.description}"))
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("prefill", total=1.0)
             live = [True]
 
             def show(progress) -> None:
                 if progress.finished and live[0]:
-                    status.stop()  # the answer streams to stdout next: no live line under it
+                    bar.stop()  # the answer streams to stdout next: no live line under it
                     live[0] = False
                 elif live[0]:
-                    status.update(progress.describe())
+                    bar.update(task, completed=progress.work_done, description=escape(progress.describe()))
 
             yield show
         return
@@ -336,6 +370,7 @@ def run_ask(args: argparse.Namespace) -> int:
     from videonsa.video import plan_video, probe_video
     from videonsa.video.paper import plan_paper_video, resolve_preset
 
+    started = time.perf_counter()
     question = _question(args)
     attention = check_attention(args.attention)
     # Settings are checked before any file is read, unless the preset waits on the checkpoint's attention mode.
@@ -352,6 +387,9 @@ def run_ask(args: argparse.Namespace) -> int:
     prompt = build_preset_prompt(files, question, args.options, preset=preset)
     info = probe_video(args.video, backend=args.backend, frames_fps=args.frames_fps)
     text_tokens = prompt.text_tokens + generation.answer_tokens(bool(prompt.letters))
+    budget_note = None
+    if preset == "planner" and args.budget is None:
+        frames, budget_note = _device_budget(frames, files, device, dtype)
     if preset == "paper":
         plan = plan_paper_video(info, frames, text_tokens=text_tokens, geometry=files.geometry)
     else:
@@ -362,24 +400,52 @@ def run_ask(args: argparse.Namespace) -> int:
     console = Console(stderr=True, soft_wrap=True)
     # The plan first: a user who sees the wrong frame count or size can stop before decoding starts.
     console.print(f"video  {info.describe()}", highlight=False, markup=False)
+    if budget_note:
+        console.print(f"budget {budget_note}", highlight=False, markup=False)
     console.print(f"plan   {plan.describe()} [preset {plan.preset}]", highlight=False, markup=False)
     if choice.notice:
         console.print(f"note   {choice.notice}", highlight=False, markup=False)
+    if args.prefill_chunk is not None and args.prefill_chunk != "auto" and choice.mode == "official":
+        raise UserError(
+            "--prefill-chunk: attention_mode 'official' prefills in one pass, as the original code does; pass "
+            "--prefill-chunk 0, or --attention nsa or dense"
+        )
     video = _decode_with_progress(plan, console)
     _quiet_transformers_loading()
+    loading_started = time.perf_counter()
     with console.status(f"loading {escape(args.model)} ({choice.mode} attention, {device}, {str(dtype)[6:]})"):
         model = load_weights(
             files, attention=choice.mode, device=device, dtype=dtype, fresh_gates=args.fresh_gates
         )
+    loading_seconds = time.perf_counter() - loading_started
     with prefill_display(console) as show_prefill:
         answer = generate_answer(
-            model, files, prompt, video, generation, on_text=_stream_to_stdout, on_prefill=show_prefill
+            model, files, prompt, video, generation, on_text=_stream_to_stdout, on_prefill=show_prefill,
+            prefill_chunk_size=args.prefill_chunk,
         )
     sys.stdout.write("\n")
     sys.stdout.flush()
     _print_choice(answer, console)
-    console.print(f"report {answer.report.describe()}", highlight=False, markup=False)
+    report = answer.report
+    console.print(f"report {report.describe()}", highlight=False, markup=False)
+    console.print(
+        f"time   {time.perf_counter() - started:.1f}s in all: video {report.video_seconds:.1f}s, loading "
+        f"{loading_seconds:.1f}s, prefill {report.prefill_seconds:.1f}s, answer {report.decode_seconds:.1f}s",
+        highlight=False,
+        markup=False,
+    )
     return 0
+
+
+def _device_budget(frames, files, device, dtype):
+    """(planner settings with the budget of what fits the GPU, a line saying so), or (frames, None) off a GPU."""
+    from videonsa.inference.memory import default_budget_tokens, free_memory
+
+    budget = default_budget_tokens(files.config, device, dtype)
+    if budget is None:
+        return frames, None
+    note = f"{budget:,} tokens: what fits {device}'s {free_memory(device) / 2**30:.1f} GiB free (--budget to change)"
+    return dataclasses.replace(frames, budget_tokens=budget), note
 
 
 def _stream_to_stdout(text: str) -> None:

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 # Only light modules here and in the parser builders: `videonsa eval --help` must not wait for torch.
+from videonsa.commands.ask import PREFILL_CHUNK_HELP, prefill_chunk_arg
 from videonsa.errors import UserError
 from videonsa.options import ATTENTION_MODES, DEFAULT_PAPER_FPS, DEFAULT_PAPER_MAX_FRAMES, PRESETS
 from videonsa.video.planning import DEFAULT_BUDGET_TOKENS, DEFAULT_FPS, DEFAULT_PIXELS_PER_FRAME, PREFERENCES
@@ -63,6 +64,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--block-counts", type=int, help="NSA: blocks each query selects (default: the checkpoint's)")
     model.add_argument("--window", type=int, help="NSA: sliding-window size in tokens (default: the checkpoint's)")
+    model.add_argument(
+        "--prefill-chunk", type=prefill_chunk_arg, default="auto", metavar="N", help=PREFILL_CHUNK_HELP
+    )
     model.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     model.add_argument("--dtype", default="auto", help="auto (default), bfloat16, float16 or float32")
     frames = parser.add_argument_group("frames and token budget (as in `videonsa ask`)")
@@ -209,6 +213,11 @@ def _run_lmms_task(args: argparse.Namespace) -> int:
     """Hand a non-needles task (or comma-separated tasks) to lmms-eval with the videonsa model."""
     from videonsa.evaluation.lmms_run import lmms_eval_available, run_lmms_eval
 
+    if args.prefill_chunk != "auto":
+        raise UserError(
+            f"--prefill-chunk {args.prefill_chunk or 0}: lmms-eval tasks prefill with the automatic choice; "
+            "--prefill-chunk applies to needles:DIR tasks"
+        )
     if Path(args.task).exists():
         raise UserError(
             f"--task {args.task}: a path, not a task name; for a needle set write --task needles:{args.task}"
@@ -259,6 +268,11 @@ def run_evaluation(args: argparse.Namespace) -> int:
     questions = _task_questions(args.task)
     attention = resolve_attention(open_model_files(args.model), check_attention(args.attention)).mode
     preset = resolve_preset(args.preset, attention)
+    if attention == "official" and args.prefill_chunk not in ("auto", None):
+        raise UserError(
+            "--prefill-chunk: attention_mode 'official' prefills in one pass, as the original code does; pass "
+            "--prefill-chunk 0, or --attention nsa or dense"
+        )
     frames, generation = _settings(args, preset)
     out = Path(args.out) if args.out else Path("eval-results") / f"{_slug(args.task)}-{_slug(args.model)}-{attention}"
     return _run_needles(args, questions, attention, preset, frames, generation, out)
@@ -277,7 +291,10 @@ def _run_needles(args, questions, attention, preset, frames, generation, out: Pa
     console.print(f"task   {len(questions)} questions from {questions.path}", highlight=False, markup=False)
     _quiet_transformers_loading()
     with console.status(f"loading {escape(args.model)} ({attention} attention)"):
-        model = videonsa.load(args.model, attention=attention, device=args.device, dtype=args.dtype)
+        model = videonsa.load(
+            args.model, attention=attention, device=args.device, dtype=args.dtype,
+            prefill_chunk_size=args.prefill_chunk,
+        )
     settings = EvalSettings(
         preset=preset,
         frames=frames,

@@ -19,6 +19,7 @@ import torch
 
 from videonsa.errors import UserError
 from videonsa.inference.generation import Answer, GenerationSettings, TextCallback, generate_answer
+from videonsa.inference.memory import check_chunk_setting, default_budget_tokens
 from videonsa.inference.model_files import (
     ModelFiles,
     check_attention,
@@ -35,6 +36,8 @@ from videonsa.video.decoding import Progress
 from videonsa.video.paper import PaperSettings, decode_planned_video, plan_paper_video, resolve_preset
 
 _GENERATION_FIELDS = {f.name for f in dataclasses.fields(GenerationSettings)}
+# `VideoQA.ask`'s prefill_chunk_size when not given: the one `load` was given.
+_LOADED: Any = object()
 
 
 @dataclass(frozen=True)
@@ -152,9 +155,12 @@ class VideoQA:
     generates; `attention` switches between "nsa", "dense" and "official" without reloading.
     """
 
-    def __init__(self, files: ModelFiles, model: torch.nn.Module) -> None:
+    def __init__(
+        self, files: ModelFiles, model: torch.nn.Module, prefill_chunk_size: int | str | None = "auto"
+    ) -> None:
         self.files = files
         self.model = model
+        self.prefill_chunk_size = check_chunk_setting(prefill_chunk_size)
 
     @property
     def attention(self) -> str:
@@ -188,6 +194,14 @@ class VideoQA:
         self, video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings
     ) -> PlannedQuestion:
         preset = resolve_preset(preset, self.attention)
+        if preset == "planner" and sampling is None and "budget_tokens" not in settings:
+            # On a GPU the budget is what fits its free memory beside the loaded weights (docs/long-videos.md).
+            parameter = next(self.model.parameters())
+            budget = default_budget_tokens(
+                self.files.config, parameter.device, parameter.dtype, loaded_bytes=_weight_bytes(self.model)
+            )
+            if budget is not None:
+                settings = {**settings, "budget_tokens": budget}
         sampling, paper, generation = resolve_settings(
             preset, settings, sampling=sampling, paper=paper, generation=generation
         )
@@ -219,6 +233,7 @@ class VideoQA:
         sampling: SamplingSettings | None = None,
         paper: PaperSettings | None = None,
         generation: GenerationSettings | None = None,
+        prefill_chunk_size: int | str | None = _LOADED,
         **settings: Any,
     ) -> Answer:
         """Answer `question` about `video` (a file, a folder of frames or a list of image paths).
@@ -236,6 +251,9 @@ class VideoQA:
             min_pixels_per_frame, budget_tokens, prefer). Paper: fields of `PaperSettings` (fps, max_frames,
             min_pixels, max_pixels, total_pixels; with max_pixels below min_pixels, small frames are scaled UP
             to min_pixels). Both: `GenerationSettings` (max_new_tokens, temperature, top_p, top_k, seed).
+            On a CUDA device the planner's default budget_tokens is what fits the GPU's free memory.
+        prefill_chunk_size: "auto", tokens per prefill chunk, or None for one pass (default: the one `load`
+            was given; docs/long-videos.md).
         """
         planned = self._plan_question(
             video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings
@@ -249,6 +267,7 @@ class VideoQA:
             planned.generation,
             on_text=on_text,
             on_prefill=on_prefill,
+            prefill_chunk_size=self.prefill_chunk_size if prefill_chunk_size is _LOADED else prefill_chunk_size,
         )
 
 
@@ -259,6 +278,7 @@ def load(
     device: str = "auto",
     dtype: str = "auto",
     fresh_gates: bool = False,
+    prefill_chunk_size: int | str | None = "auto",
 ) -> VideoQA:
     """Load a model from a local directory or a Hugging Face Hub id, ready to `ask`.
 
@@ -267,17 +287,24 @@ def load(
     "official" (the function the released checkpoint was evaluated with). device: "auto", "cpu", "cuda" or
     "cuda:N". dtype: "auto" (bfloat16 on GPU, float32 on CPU), "bfloat16", "float16" or "float32".
     fresh_gates: accept a checkpoint storing gates for some layers only, initialising the others fresh (without it
-    such a checkpoint is refused, naming the layers). Raises `UserError` with one line for a missing directory,
+    such a checkpoint is refused, naming the layers). prefill_chunk_size: how `ask` prefills a prompt: "auto"
+    (default: in one pass when it fits the device's free memory, else in chunks that fit), a number of tokens
+    per chunk, or None (one pass); docs/long-videos.md. Raises `UserError` with one line for a missing directory,
     an unreachable hub id, a bad setting, or a broken model folder (docs/model-files.md).
     """
     check_attention(attention)
+    check_chunk_setting(prefill_chunk_size)
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     files = open_model_files(model)
     weights = load_weights(
         files, attention=attention, device=resolved_device, dtype=resolved_dtype, fresh_gates=fresh_gates
     )
-    return VideoQA(files, weights)
+    return VideoQA(files, weights, prefill_chunk_size)
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
 
 
 __all__ = ["PlannedQuestion", "VideoQA", "load", "plan_question", "resolve_settings"]

@@ -12,9 +12,11 @@ import torch
 from transformers import GenerationConfig, TextStreamer
 
 from videonsa.errors import UserError
+from videonsa.inference.memory import PrefillMemory, check_chunk_setting, choose_prefill_chunk
 from videonsa.inference.model_files import ModelFiles
-from videonsa.inference.prefill_progress import PrefillCallback, PrefillMeter
+from videonsa.inference.prefill_progress import ChunkedPrefillMeter, PrefillCallback, PrefillMeter
 from videonsa.inference.prompt import QuestionPrompt, model_inputs
+from videonsa.models.chunked_prefill import prefill_in_chunks
 from videonsa.video import DecodedVideo, VideoPlan
 
 TextCallback = Callable[[str], None]
@@ -61,6 +63,12 @@ class AskReport:
     prefill_seconds: float
     decode_seconds: float
     attention: str
+    prefill_chunk: int | None = None
+
+    @property
+    def prefill_chunks(self) -> int:
+        """Forwards the prefill took: 1 in one pass, else the prompt's tokens over the chunk size, rounded up."""
+        return 1 if self.prefill_chunk is None else -(-self.prompt_tokens // self.prefill_chunk)
 
     @property
     def decode_tokens_per_second(self) -> float | None:
@@ -76,9 +84,15 @@ class AskReport:
         return (
             f"{self.frames} frames at {self.frame_width}x{self.frame_height}, {self.prompt_tokens:,} prompt tokens "
             f"({self.video_tokens:,} video), {self.generated_tokens} generated; video decoding "
-            f"{self.video_seconds:.2f}s, prefill {self.prefill_seconds:.2f}s, decode {decode} "
+            f"{self.video_seconds:.2f}s, prefill {self.prefill_seconds:.2f}s{self._chunking()}, decode {decode} "
             f"[attention {self.attention}]"
         )
+
+
+    def _chunking(self) -> str:
+        if self.prefill_chunk is None:
+            return ""
+        return f" in {self.prefill_chunks} chunks of {self.prefill_chunk:,} tokens"
 
 
 @dataclass(frozen=True)
@@ -163,18 +177,25 @@ def generate_answer(
     *,
     on_text: TextCallback | None = None,
     on_prefill: PrefillCallback | None = None,
+    prefill_chunk_size: int | str | None = "auto",
 ) -> Answer:
     """Run the model on the prompt and video and return the answer with its report.
 
     A multiple-choice prompt generates one token restricted to the option letters; its `choice` is that
     letter. Text is passed to `on_text` as it is generated. `on_prefill` receives a `PrefillProgress` after
-    each vision block and decoder layer of the prefill and once at its end (see `PrefillMeter`).
+    each vision block and decoder layer of a one-pass prefill, or each piece of frames and chunk of a chunked
+    one, and once at its end (`PrefillMeter`, `ChunkedPrefillMeter`).
+
+    prefill_chunk_size: "auto" (default: one pass when the prompt fits the device's free memory at once, else
+    chunks that fit; `memory.choose_prefill_chunk`), a number of tokens per chunk, or None for one pass
+    (docs/long-videos.md). The answer equals the one-pass answer up to float rounding.
     """
     settings = settings.validate()
     multiple_choice = bool(prompt.letters)
     device = next(model.parameters()).device
     inputs = {name: tensor.to(device) for name, tensor in model_inputs(prompt, video, files).items()}
     prompt_tokens = inputs["input_ids"].shape[1]
+    chunk = _prefill_chunk(model, prefill_chunk_size, prompt_tokens, device)
     streamer = TimingStreamer(files.tokenizer, on_text)
     extra = {}
     if multiple_choice:
@@ -183,10 +204,18 @@ def generate_answer(
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     meter = contextlib.nullcontext()
-    if on_prefill is not None:
-        video_rows = inputs["pixel_values_videos"].shape[0] if "pixel_values_videos" in inputs else 0
+    video_rows = inputs["pixel_values_videos"].shape[0] if "pixel_values_videos" in inputs else 0
+    on_step = None
+    if on_prefill is not None and chunk is None:
         meter = PrefillMeter(model, prompt_tokens=prompt_tokens, vision_rows=video_rows, callback=on_prefill)
-    with torch.inference_mode(), meter:
+    elif on_prefill is not None:
+        vision_tokens = int((inputs["input_ids"] == model.config.video_token_id).sum())
+        on_step = ChunkedPrefillMeter(
+            model, prompt_tokens=prompt_tokens, vision_rows=video_rows, vision_tokens=vision_tokens,
+            chunk_size=chunk, callback=on_prefill,
+        )
+    chunking = prefill_in_chunks(model, chunk, on_step) if chunk is not None else contextlib.nullcontext()
+    with torch.inference_mode(), meter, chunking:
         output = model.generate(
             **inputs,
             generation_config=_generation_config(model, settings, multiple_choice),
@@ -212,8 +241,22 @@ def generate_answer(
         prefill_seconds=first - streamer.started,
         decode_seconds=finished - first,
         attention=_attention_mode(model),
+        prefill_chunk=chunk,
     )
     return Answer(text=text, plan=plan, report=report, choice=choice, choice_probabilities=probabilities)
+
+
+def _prefill_chunk(model, setting: int | str | None, prompt_tokens: int, device: torch.device) -> int | None:
+    """The chunk size this prefill runs with (None: one pass), from the setting and the device's free memory."""
+    setting = check_chunk_setting(setting)
+    if setting is not None and not hasattr(model, "prefill_chunking"):
+        if setting == "auto":
+            return None
+        raise UserError(f"prefill_chunk_size={setting}: {type(model).__name__} has no chunked prefill (VideoNSA has)")
+    memory = PrefillMemory.from_config(model.config.to_dict(), model.dtype)
+    chunk = choose_prefill_chunk(setting, prompt_tokens, memory, device, _attention_mode(model))
+    # A chunk as long as the prompt is one pass.
+    return None if chunk is None or chunk >= prompt_tokens else chunk
 
 
 def _attention_mode(model) -> str:

@@ -1,4 +1,5 @@
-"""Progress of the prefill: the one forward pass over the whole prompt before the first answer token.
+"""Progress of the prefill: the forward pass over the whole prompt before the first answer token (one pass, or
+chunks of it: `ChunkedPrefillMeter`).
 
 On a long video the prefill is most of the wait (minutes on a CPU), yet it is a single call into the model.
 `PrefillMeter` watches it through forward hooks on the vision encoder's blocks and the language model's decoder
@@ -21,16 +22,18 @@ from typing import Any
 
 import torch
 
-STAGE_NAMES = {"vision": "vision block", "text": "decoder layer"}
+STAGE_NAMES = {"vision": "vision block", "text": "decoder layer", "vision-chunk": "vision tokens", "chunk": "chunk"}
 
 
 @dataclass(frozen=True)
 class PrefillProgress:
     """Where the prefill stands after one vision block or decoder layer (or at its end, `finished`).
 
-    stage: "vision" (the vision encoder's blocks, first) or "text" (the language model's decoder layers).
-    stage_done / stage_total: blocks or layers of that stage done. work_done: share of the whole prefill's
-    estimated work done, in [0, 1]. seconds: time since the prefill began.
+    stage: "vision" (the vision encoder's blocks, first) or "text" (the language model's decoder layers); in a
+    chunked prefill (`ChunkedPrefillMeter`) "vision-chunk" (the vision tower over pieces of frames; stage_done /
+    stage_total count vision tokens) then "chunk" (the language model over chunks of the prompt).
+    stage_done / stage_total: blocks, layers, vision tokens or chunks of that stage done. work_done: share of the
+    whole prefill's estimated work done, in [0, 1]. seconds: time since the prefill began.
     """
 
     prompt_tokens: int
@@ -68,7 +71,7 @@ class PrefillProgress:
             return f"prefill {self.prompt_tokens:,} tokens in {self.seconds:.1f}s{speed}"
         left = self.seconds_left
         eta = "" if left is None else f", ~{left:.0f}s left"
-        step = f"{STAGE_NAMES.get(self.stage, self.stage)} {self.stage_done}/{self.stage_total}"
+        step = f"{STAGE_NAMES.get(self.stage, self.stage)} {self.stage_done:,}/{self.stage_total:,}"
         return f"prefill {self.tokens_done:,}/{self.prompt_tokens:,} tokens ({step}){speed}{eta}"
 
 
@@ -180,3 +183,63 @@ class PrefillMeter:
         self._remove_hooks()
         hidden = getattr(output, "last_hidden_state", output)
         self._report("text", finished=True, output=hidden)
+
+
+class ChunkedPrefillMeter:
+    """Reports `PrefillProgress` of a chunked prefill (`videonsa.models.chunked_prefill`) to `callback`: after each
+    piece of the vision tower (stage "vision-chunk") and each chunk of the prompt through the language model
+    (stage "chunk"), the last one `finished`.
+
+    Pass the meter as the chunked prefill's `on_step`. The work is weighted as `PrefillMeter` weighs it: the
+    vision tower's parameters x its patches, the language model's parameters x the prompt tokens, shared in
+    proportion to the vision tokens and prompt tokens done. On CUDA each report first waits for the GPU.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        prompt_tokens: int,
+        vision_rows: int,
+        vision_tokens: int,
+        chunk_size: int,
+        callback: PrefillCallback,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.callback = callback
+        self.prompt_tokens = prompt_tokens
+        self.vision_tokens = vision_tokens
+        self.chunks = -(-prompt_tokens // chunk_size)
+        self.clock = clock
+        self.device = next(model.parameters()).device
+        vision = _module_at(model, VISION_TOWER_PATHS)
+        text = _module_at(model, TEXT_MODEL_PATHS)
+        vision_work = _parameter_count(vision) * vision_rows if vision is not None and vision_tokens else 0
+        text_work = (_parameter_count(text) if text is not None else 1) * prompt_tokens
+        self.vision_share = vision_work / ((vision_work + text_work) or 1)
+        self.started = clock()
+        self.chunks_done = 0
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        """The chunked prefill's progress callback: ("vision", tokens so far, _) or ("text", tokens so far, total)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if stage == "vision":
+            share = done / self.vision_tokens if self.vision_tokens else 1.0
+            report = ("vision-chunk", done, self.vision_tokens, self.vision_share * min(1.0, share), False)
+        else:
+            self.chunks_done += 1
+            share = self.vision_share + (1 - self.vision_share) * done / self.prompt_tokens
+            report = ("chunk", self.chunks_done, self.chunks, share, done >= self.prompt_tokens)
+        stage_name, stage_done, stage_total, work_done, finished = report
+        self.callback(
+            PrefillProgress(
+                prompt_tokens=self.prompt_tokens,
+                stage=stage_name,
+                stage_done=stage_done,
+                stage_total=stage_total,
+                work_done=min(1.0, work_done),
+                seconds=self.clock() - self.started,
+                finished=finished,
+            )
+        )

@@ -1,0 +1,149 @@
+"""Chunked prefill from the library and the CLI: same answers as one pass, progress over chunks, the memory model
+that picks the chunk and the planner's budget on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import videonsa.inference
+from videonsa import cli, testing
+from videonsa.errors import UserError
+from videonsa.inference.generation import GenerationSettings, generate_answer
+from videonsa.inference.memory import (
+    CHUNK_QUANTUM,
+    MIN_AUTO_CHUNK,
+    PrefillMemory,
+    _parameter_count,
+    choose_prefill_chunk,
+    default_budget_tokens,
+)
+from videonsa.inference.prefill_progress import PrefillProgress
+from videonsa.inference.prompt import build_preset_prompt
+from videonsa.video import SamplingSettings, decode_planned_video, plan_video, probe_video
+
+TINY_FLAGS = ["--pixels", "3136", "--min-pixels", "3136", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def question(inputs, loaded):
+    """(prompt, decoded video) of a multiple-choice question on the tiny clip (8 frames, 16 video tokens)."""
+    prompt = build_preset_prompt(loaded.files, "What moves?", ["a ball", "a box", "nothing"], preset="planner")
+    settings = SamplingSettings(pixels_per_frame=3136, min_pixels_per_frame=3136)
+    plan = plan_video(
+        probe_video(inputs.video), settings, text_tokens=prompt.text_tokens + 1, geometry=loaded.files.geometry
+    )
+    return prompt, decode_planned_video(plan)
+
+
+@pytest.mark.parametrize("mode", ["nsa", "dense"])
+def test_chunked_answer_equals_one_pass_and_reports_every_chunk(loaded, question, mode):
+    prompt, video = question
+    model = loaded.model
+    original = model.sparse_settings.mode
+    model.set_attention_mode(mode)
+    try:
+        settings = GenerationSettings(max_new_tokens=1)
+        one_pass = generate_answer(model, loaded.files, prompt, video, settings, prefill_chunk_size=None)
+        seen: list[PrefillProgress] = []
+        chunked = generate_answer(
+            model, loaded.files, prompt, video, settings, prefill_chunk_size=8, on_prefill=seen.append
+        )
+    finally:
+        model.set_attention_mode(original)
+    assert chunked.choice == one_pass.choice
+    for letter, share in one_pass.choice_probabilities.items():
+        assert chunked.choice_probabilities[letter] == pytest.approx(share, abs=1e-5)
+    report = chunked.report
+    assert one_pass.report.prefill_chunk is None and report.prefill_chunk == 8
+    chunks = -(-report.prompt_tokens // 8)
+    assert report.prefill_chunks == chunks and f"in {chunks} chunks of 8 tokens" in report.describe()
+    # The vision tower's pieces first, then one report per chunk, the last one finished.
+    stages = [p.stage for p in seen]
+    assert stages == ["vision-chunk"] * stages.count("vision-chunk") + ["chunk"] * chunks
+    assert seen[stages.count("vision-chunk") - 1].stage_done == report.video_tokens
+    assert [p.stage_done for p in seen if p.stage == "chunk"] == list(range(1, chunks + 1))
+    assert [p.finished for p in seen] == [False] * (len(seen) - 1) + [True]
+    work = [p.work_done for p in seen]
+    assert work == sorted(work) and work[-1] == 1.0
+    assert "(chunk 1/" in seen[stages.count("vision-chunk")].describe()
+
+
+def test_auto_runs_a_short_prompt_in_one_pass(loaded, question):
+    prompt, video = question
+    answer = generate_answer(loaded.model, loaded.files, prompt, video, GenerationSettings(max_new_tokens=1))
+    assert answer.report.prefill_chunk is None
+
+
+def test_load_and_ask_take_a_chunk_size(inputs):
+    qa = videonsa.inference.load(str(inputs.checkpoint), device="cpu", prefill_chunk_size=16)
+    kwargs = dict(pixels_per_frame=3136, min_pixels_per_frame=3136, max_new_tokens=2)
+    assert qa.ask(inputs.video, "What moves?", **kwargs).report.prefill_chunk == 16
+    assert qa.ask(inputs.video, "What moves?", prefill_chunk_size=None, **kwargs).report.prefill_chunk is None
+    with pytest.raises(UserError, match="prefill_chunk_size must be 'auto', a positive number"):
+        videonsa.inference.load(str(inputs.checkpoint), device="cpu", prefill_chunk_size=-4)
+
+
+def test_cli_chunked_answer_equals_one_pass_and_reports_plan_chunks_and_time(inputs, capsys):
+    outputs = []
+    for chunk in ("0", "12"):
+        argv = ["ask", "--model", str(inputs.checkpoint), "--video", str(inputs.video), *TINY_FLAGS,
+                "--prefill-chunk", chunk, "--max-new-tokens", "3", "What moves?"]  # fmt: skip
+        assert cli.main(argv) == 0
+        outputs.append(capsys.readouterr())
+    assert outputs[0].out == outputs[1].out
+    err = outputs[1].err
+    assert "plan   " in err and "chunks of 12 tokens" in err and "chunks of" not in outputs[0].err
+    assert any(line.startswith("time   ") and "prefill" in line for line in err.splitlines())
+
+
+def test_cli_refuses_bad_chunk_values_and_official_chunking(inputs, capsys):
+    base = ["ask", "--model", str(inputs.checkpoint), "--video", str(inputs.video), *TINY_FLAGS, "What?"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base, "--prefill-chunk", "-3"])
+    assert exit_info.value.code == 2 and "--prefill-chunk" in capsys.readouterr().err
+    assert cli.main([*base, "--prefill-chunk", "64", "--attention", "official", "--preset", "planner"]) == 2
+    assert "attention_mode 'official' prefills in one pass" in capsys.readouterr().err
+
+
+def test_parameter_count_from_the_config_matches_the_model():
+    model = testing.tiny_model()
+    config = model.config.to_dict()
+    actual = sum(parameter.numel() for parameter in model.parameters())
+    assert _parameter_count(config["text_config"], config["vision_config"]) == pytest.approx(actual, rel=0.01)
+
+
+def test_memory_model_picks_one_pass_when_it_fits_and_else_chunks_that_fit():
+    memory = PrefillMemory(weight_bytes=10_000, resident_per_token=10, working_per_token=100)
+    free = 1_000_000
+    fits = memory.one_pass_tokens(free)
+    assert fits * 110 <= free * 0.9 < (fits + 1) * 110
+    assert memory.chunk_for(fits, free) is None
+    # One token too many for one pass: the largest whole quantum beside the prompt's resident memory.
+    assert memory.chunk_for(fits + 1, free) == (900_000 - (fits + 1) * 10) // 100 // CHUNK_QUANTUM * CHUNK_QUANTUM
+    # No room at all beside the prompt: the smallest automatic chunk (the estimate may be pessimistic).
+    assert memory.chunk_for(89_000, free) == MIN_AUTO_CHUNK
+    big = PrefillMemory(weight_bytes=0, resident_per_token=1, working_per_token=10)
+    chunk = big.chunk_for(8_500_000, 100_000_000)
+    assert chunk % CHUNK_QUANTUM == 0 and 8_500_000 * 1 + chunk * 10 <= 0.9 * 100_000_000
+    assert 8_500_000 + (chunk + CHUNK_QUANTUM) * 10 > 0.9 * 100_000_000
+    budget = big.budget_tokens(100_000_000, chunk=4096)
+    assert budget % CHUNK_QUANTUM == 0 and budget + 4096 * 10 <= 0.9 * 100_000_000
+
+
+def test_auto_chunking_is_one_pass_in_official_mode_and_the_budget_stays_fixed_off_the_gpu():
+    memory = PrefillMemory(weight_bytes=0, resident_per_token=1 << 20, working_per_token=1 << 20)
+    cpu = torch.device("cpu")
+    assert choose_prefill_chunk("auto", 1 << 30, memory, cpu, "official") is None
+    assert choose_prefill_chunk("auto", 1 << 30, memory, cpu, "nsa") is not None  # cannot fit in one pass
+    assert choose_prefill_chunk(4096, 10, memory, cpu, "nsa") == 4096
+    assert default_budget_tokens(testing.tiny_model().config.to_dict(), cpu, torch.float32) is None
+
+
+@pytest.mark.gpu
+def test_default_budget_on_the_gpu_fits_its_free_memory():
+    config = testing.tiny_model().config.to_dict()
+    memory = PrefillMemory.from_config(config, torch.bfloat16)
+    budget = default_budget_tokens(config, torch.device("cuda"), torch.bfloat16)
+    free, _ = torch.cuda.mem_get_info()
+    assert budget > 0 and budget * memory.resident_per_token <= free
