@@ -1,0 +1,156 @@
+"""Chunked prefill of long video prompts: the Qwen2.5-VL-7B model (random weights, bf16) through
+`VideoNSAForConditionalGeneration` with a KV cache, one chunk at a time, on one GPU; checked against one pass.
+
+    python benchmarks/bench/bench_chunked_prefill.py                                   # 32K .. 512K, auto chunk
+    python benchmarks/bench/bench_chunked_prefill.py --lengths 131072 --chunks 8192 32768 65536 --one-pass
+    python benchmarks/bench/bench_chunked_prefill.py --vision 7b --lengths 65536         # the 7B tower too
+
+First a check at --check-length tokens: the chunked prefill (an odd chunk size, so chunk boundaries fall inside
+NSA blocks) against one pass: the last position's logits and every layer's cached k and v (max abs difference,
+relative error). Then, per length and chunk size: prefill seconds (input ids in, the KV cache and the last logits
+out, the vision tower included), tokens/s, peak GiB allocated, and the memory model's estimate
+(`videonsa.inference.memory`: weights + tokens x resident + chunk x working) for that run; with --one-pass also
+the one-pass prefill at each length (OOM recorded as such). Writes OUT/bench_chunked_prefill.{jsonl,json,md}.
+
+Prompt: 64 text tokens, <|vision_start|>, T - 130 video tokens (8 x 8 merged tokens per temporal patch, 2 frames
+each, one second per temporal patch), <|vision_end|>, 64 text tokens. --vision tiny (default) uses the test suite's
+tiny tower with the 7B's output width so that the GPU's memory goes to the language model; --vision 7b the 7B's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+from harness import Results, add_output_arguments, describe, environment, fmt  # noqa: E402
+from harness.models import qwen7b_config, random_model  # noqa: E402
+from harness.output import markdown_table  # noqa: E402
+from videonsa.inference.memory import PrefillMemory, free_memory  # noqa: E402
+from videonsa.models import VideoNSAForConditionalGeneration, set_attention_mode  # noqa: E402
+from videonsa.models.chunked_prefill import prefill_in_chunks  # noqa: E402
+from videonsa.testing import TOKEN_IDS  # noqa: E402
+
+LENGTHS = [32768, 131072, 262144, 524288]
+TEXT = 64
+GRID = (16, 16)  # patches per frame: 8 x 8 merged tokens per temporal patch
+
+
+def video_inputs(seq_len: int, device: str = "cuda") -> dict[str, torch.Tensor]:
+    """Model inputs of a prompt of `seq_len` tokens that is all video but 2 x 64 text tokens (see the docstring)."""
+    per_patch = GRID[0] * GRID[1] // 4
+    patches = (seq_len - 2 * TEXT - 2) // per_patch
+    video_tokens = patches * per_patch
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    text = torch.randint(0, 256, (2 * TEXT,), generator=generator)
+    ids = torch.cat([
+        text[:TEXT], torch.tensor([TOKEN_IDS["<|vision_start|>"]]),
+        torch.full((video_tokens,), TOKEN_IDS["<|video_pad|>"]), torch.tensor([TOKEN_IDS["<|vision_end|>"]]),
+        text[TEXT:],
+    ]).unsqueeze(0)
+    pixels = torch.randn(patches * GRID[0] * GRID[1], 3 * 2 * 14 * 14, device=device, dtype=torch.bfloat16)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids, device=device),
+        "mm_token_type_ids": (2 * (ids == TOKEN_IDS["<|video_pad|>"]).long()).to(device),
+        "pixel_values_videos": pixels,
+        "video_grid_thw": torch.tensor([[patches, *GRID]], device=device),
+        "second_per_grid_ts": torch.tensor([1.0], device=device),
+    }
+
+
+def prefill(model, inputs, chunk: int | None):
+    """One prefill with a fresh cache: (seconds, peak GiB, cache, last logits [1, 1, V])."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cache = DynamicCache(config=model.config.text_config)
+    started = time.perf_counter()
+    with torch.no_grad(), prefill_in_chunks(model, chunk):
+        logits = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    torch.cuda.synchronize()
+    return time.perf_counter() - started, torch.cuda.max_memory_allocated() / 2**30, cache, logits
+
+
+def check(model, length: int) -> dict:
+    """Chunked (chunk length // 4 + 37) against one pass: last logits and the KV cache."""
+    inputs = video_inputs(length)
+    _, _, one_cache, one_logits = prefill(model, inputs, None)
+    chunk = length // 4 + 37
+    _, _, cache, logits = prefill(model, inputs, chunk)
+    worst_kv = max(
+        max((a.keys.float() - b.keys.float()).abs().max().item(), (a.values.float() - b.values.float()).abs().max()
+            .item())
+        for a, b in zip(cache.layers, one_cache.layers, strict=True)
+    )
+    diff = (logits.float() - one_logits.float()).abs().max().item()
+    return {"kind": "check", "T": length, "chunk": chunk, "logits_max_abs": diff,
+            "logits_rel": diff / one_logits.float().abs().max().item(), "kv_max_abs": worst_kv,
+            "same_argmax": bool(logits.argmax(-1).eq(one_logits.argmax(-1)).all())}
+
+
+def estimate_gib(memory: PrefillMemory, tokens: int, chunk: int | None) -> float:
+    working = tokens if chunk is None else min(chunk, tokens)
+    return (memory.weight_bytes + tokens * memory.resident_per_token + working * memory.working_per_token) / 2**30
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
+    parser.add_argument("--chunks", type=int, nargs="+", default=None,
+                        help="chunk sizes to time (default: the memory model's automatic choice per length)")
+    parser.add_argument("--one-pass", action="store_true", help="also time the one-pass prefill (OOM noted)")
+    parser.add_argument("--check-length", type=int, default=16384, help="length of the chunked-vs-one-pass check")
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--mode", choices=["nsa", "dense"], default="nsa")
+    parser.add_argument("--vision", choices=["tiny", "7b"], default="tiny")
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_chunked_prefill.py needs a CUDA GPU")
+
+    env = environment()
+    results = Results("bench_chunked_prefill", args.out, env)
+    config = qwen7b_config(args.layers, vision=args.vision)
+    model = random_model(config, cls=VideoNSAForConditionalGeneration)
+    set_attention_mode(model, args.mode)
+    memory = PrefillMemory.from_config(model.config.to_dict(), torch.bfloat16)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    memory = PrefillMemory(weights, memory.resident_per_token, memory.working_per_token)
+    if args.check_length:
+        results.row(check(model, args.check_length))
+    for length in args.lengths:
+        inputs = video_inputs(length)
+        tokens = inputs["input_ids"].shape[1]
+        free = free_memory(torch.device("cuda"))
+        # A chunk at least as long as the prompt is one pass (the model runs it so).
+        chunks = [c if c is not None and c < tokens else None for c in args.chunks or [memory.chunk_for(tokens, free)]]
+        runs = list(dict.fromkeys(([None] if args.one_pass else []) + chunks))
+        for chunk in runs:
+            row = {"kind": "prefill", "T": tokens, "chunk": chunk or "one pass", "mode": args.mode,
+                   "estimate_gib": round(estimate_gib(memory, tokens, chunk), 2)}
+            try:
+                seconds, peak, cache, _ = prefill(model, inputs, chunk)
+                del cache
+                row |= {"seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds),
+                        "peak_gib": round(peak, 2)}
+            except torch.cuda.OutOfMemoryError:
+                row |= {"seconds": None, "peak_gib": "OOM"}
+            results.row(row)
+        del inputs
+    results.write_json()
+    lines = [[f"{r['T']:,}", str(r["chunk"]), fmt(r.get("seconds"), 2), str(r.get("tokens_per_s", "-")),
+              str(r.get("peak_gib")), fmt(r["estimate_gib"], 1)] for r in results.rows if r["kind"] == "prefill"]
+    caption = (f"Chunked prefill ({args.mode}), Qwen2.5-VL-7B language model ({args.layers} layers, random weights, "
+               f"bf16, {args.vision} vision tower); {describe(env)}")
+    results.write_markdown(caption + "\n\n" + markdown_table(
+        ["T", "chunk", "s", "tokens/s", "peak GiB", "model GiB"], lines))
+
+
+if __name__ == "__main__":
+    main()
