@@ -10,7 +10,7 @@ A prefill holds, besides the weights, two kinds of memory (docs/long-videos.md, 
 One pass over S tokens needs S x (resident + working); chunks of C tokens need S x resident + C x working. The
 per-token costs come from the model's config; `WORKING_FACTOR` covers what the plain count misses (allocator
 slack, the attention kernels' buffers, copies between layers) and is to be checked on the GPU with
-`benchmarks/check/check_chunked_prefill.py`, which prints the measured peak next to this estimate.
+`benchmarks/bench/bench_chunked_prefill.py`, which prints the measured peak next to this estimate.
 """
 
 from __future__ import annotations

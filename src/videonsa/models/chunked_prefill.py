@@ -113,6 +113,8 @@ def chunked_forward(model: Any, named: dict[str, Any], chunking: PrefillChunking
     `one_pass` is the stock forward, which runs the last chunk so that the output is transformers' own.
     """
     refuse_official(model)
+    if model.model.language_model.sequence_parallel is not None:
+        raise UserError("prefill_chunk_size: sequence parallelism (training only) has no KV cache; disable it first")
     if named.get("labels") is not None:
         raise UserError("prefill_chunk_size is for inference: a forward with labels runs in one pass")
     input_ids: Tensor = named["input_ids"]
