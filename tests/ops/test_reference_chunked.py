@@ -131,6 +131,20 @@ def test_cu_seqlens_k_equal_to_cu_seqlens_is_the_plain_call() -> None:
     assert torch.equal(plain, same)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_no_queries_give_empty_parts(backend: str) -> None:
+    """A call without queries (T = 0) returns empty parts on every backend (the kernels cannot launch empty
+    grids: the reference answers), and backward reaches the keys with zero gradients."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 0, 2, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 40, 1, 16, generator=gen, requires_grad=True) for _ in range(2))
+    gates = [torch.rand(2, 0, 2, generator=gen) for _ in GATES]
+    parts = nsa_attention_parts(q, k, v, *gates, block_size=16, block_count=2, window_size=8, backend=backend)
+    assert parts.o.shape == (2, 0, 2, 16) and parts.block_indices.shape == (2, 0, 1, 2)
+    parts.o.sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k))
+
+
 def _call(q_len: int, k_len: int, **extra) -> None:
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, q_len, 2, 4, generator=gen)

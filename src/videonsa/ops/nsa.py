@@ -51,8 +51,10 @@ def _resolve_backend(backend: str | None, q: Tensor, config: NSAConfig) -> str:
     backend = backend or os.environ.get(_ENV_BACKEND, "auto")
     if backend not in BACKENDS:
         raise ValueError(f"nsa_attention: backend must be one of {BACKENDS}, got {backend!r}")
-    if q.dim() == 4 and q.shape[0] == 0:
-        return "reference"  # an empty batch: nothing to compute, the reference returns the empty result
+    if q.dim() == 4 and (q.shape[0] == 0 or q.shape[1] == 0):
+        # No query (an empty batch, or a chunk without vision tokens): nothing to compute, and the kernels'
+        # launch grids cannot be empty; the reference returns the empty result, connected for autograd.
+        return "reference"
     block_size = config.block_size
     if backend == "auto":
         interpret = os.environ.get("TRITON_INTERPRET") == "1"

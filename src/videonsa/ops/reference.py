@@ -150,9 +150,10 @@ def _sequence(
     """
     seq_len, heads_q, head_dim = q.shape
     heads_kv = k.shape[1]
-    if seq_len == 0:  # e.g. a batch without vision tokens: empty parts, still attached to q for autograd
+    if seq_len == 0:  # e.g. a batch without vision tokens: empty parts, still attached for autograd
         no_blocks = torch.empty(0, heads_kv, config.block_count, dtype=torch.int32, device=q.device)
-        return q * 0, q * 0, q * 0, no_blocks, q.detach().new_full((0, heads_q), -math.inf)
+        empty = q * 0 + (k.sum() + v.sum()) * 0  # keys of an earlier chunk get a zero gradient, not None
+        return empty, empty, empty, no_blocks, q.detach().new_full((0, heads_q), -math.inf)
     k_cmp, v_cmp = compress_blocks(k, config.block_size), compress_blocks(v, config.block_size)
     per_query = heads_kv * config.block_count * config.block_size * (2 * head_dim + heads_q // heads_kv)
     per_query += heads_q * (config.window_size + k_cmp.shape[0])
