@@ -207,3 +207,31 @@ def test_backward_of_chunked_queries_is_refused(entry) -> None:
     with pytest.raises(NotImplementedError, match="no backward for chunked queries"):
         o.sum().backward()
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("structured", [False, True], ids=["randn", "structured"])
+def test_gpu_7b_layer_chunks_equal_one_pass(structured: bool) -> None:
+    """The 7B layer shape (HQ=28, HKV=4, D=128, bf16, default budget) at 16K in chunks of 4K plus the last token
+    alone: each chunk's o equals the one-pass rows up to bf16 rounding, with the same blocks
+    (benchmarks/check/check_chunked_gpu.py does this at 128K with timings)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    length = 16384
+    shape = dict(device="cuda", generator=gen)
+    k = torch.randn(1, length, 4, 128, **shape)
+    q = torch.randn(1, length, 28, 128, **shape)
+    if structured:  # neighbouring tokens choose mostly the same blocks, as in trained models
+        k += 1.5 * torch.randn(1, length // 64, 4, 128, **shape).repeat_interleave(64, 1)
+        q = 0.5 * q + torch.randn(1, length // 256, 28, 128, **shape).repeat_interleave(256, 1)
+    x = {"q": q, "k": k, "v": torch.randn(1, length, 4, 128, **shape),
+         **{g: torch.rand(1, length, 28, **shape) for g in ("g_cmp", "g_slc", "g_swa")}}
+    x = {n: t.bfloat16() for n, t in x.items()}
+    with torch.no_grad():
+        full = nsa_attention_parts(**x, backend="triton")
+        for start, end in [(0, 4096), (4096, 8192), (8192, 12288), (12288, length), (length - 1, length)]:
+            chunk = {n: (t[:, :end] if n in ("k", "v") else t[:, start:end]) for n, t in x.items()}
+            parts = nsa_attention_parts(**chunk, backend="triton")
+            same = (parts.block_indices == full.block_indices[:, start:end]).all(-1).float().mean()
+            assert float(same) >= 0.999, (start, float(same))
+            diff = (parts.o.float() - full.o[:, start:end].float()).abs()
+            assert float(diff.max()) <= 0.05 and float(diff.mean()) <= 1e-3, (start, float(diff.max()))

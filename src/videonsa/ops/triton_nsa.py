@@ -21,6 +21,10 @@ That is `_NSAFunction`, used by `nsa_parts_triton` (every part returned, so ever
 HQ=28, D=128 bf16 each [T, HQ, D] tensor is 0.94 GiB). `nsa_attention_triton` returns o alone and uses
 `_NSALeanFunction` instead, which keeps one such tensor (o_slc) and makes no other in the backward (the
 operator's working-memory bound: 2 GB at 128K, docs/performance.md); see its docstring.
+
+Queries that end a longer key sequence (a chunk of a prefill: k, v longer than q, or `cu_seqlens_k`) run the
+same forward with the keys packed by their own offsets, which every kernel gets beside the queries'
+(docs/operator.md, "Queries that end a longer key sequence"); the backward refuses them.
 """
 
 from __future__ import annotations
@@ -470,7 +474,9 @@ def nsa_parts_triton(
     Returns `NSAParts`: o, o_cmp, o_slc, o_swa [B, T, HQ, D] in q's dtype (all differentiable),
     block_indices int32 [B, T, HKV, block_count] and lse_cmp float32 [B, T, HQ]. Keeps every branch output
     for the backward (about 4x the memory of `nsa_attention_triton`). settings: the kernels' launch settings
-    (`KernelSettings`; None: the measured defaults).
+    (`KernelSettings`; None: the measured defaults). k, v may be longer than q ([B, Tk, HKV, D], or packed by
+    cu_seqlens_k): the queries are the last of each sequence's keys; forward only (the backward raises
+    NotImplementedError).
     """
     args = _packed_call(q, k, v, g_cmp, g_slc, g_swa, block_size, block_count, window_size, init_blocks,
                         local_blocks, cu_seqlens, scale, settings, cu_seqlens_k)
