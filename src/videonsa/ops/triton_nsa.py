@@ -238,9 +238,15 @@ def _compress_and_select(
     indices = select_blocks_topk(
         q, k_cmp, lse_cmp, cu_seqlens, cu_cmp, block_size=b, block_count=config.block_count,
         init_blocks=config.init_blocks, local_blocks=config.local_blocks, scale=scale, settings=settings.topk,
-        cu_seqlens_k=cu_seqlens_k,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen=_one_key_sequence_length(k, cu_seqlens_k),
     )
     return k_cmp, v_cmp, cu_cmp, o_cmp, lse_cmp, indices
+
+
+def _one_key_sequence_length(k: Tensor, cu_seqlens_k: Tensor | None) -> int | None:
+    """The key length of a chunked call over one sequence, known from k's shape (so the top-k reads no offsets
+    on the host); None otherwise (the top-k finds the longest sequence itself)."""
+    return k.shape[0] if cu_seqlens_k is not None and cu_seqlens_k.numel() == 2 else None
 
 
 def _refuse_chunked_backward(cu_seqlens_k: Tensor | None) -> None:
