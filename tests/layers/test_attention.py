@@ -301,3 +301,58 @@ def test_text_attention_on_the_gpu_kernels_matches_repeated_key_value_heads(one_
     ref_grads = torch.autograd.grad((want * weights).float().sum(), ref_leaves)
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref_grad, rtol=2e-2, atol=2e-2)
+
+
+def _history(vision, padding, end):
+    from videonsa.layers import TokenHistory
+
+    return TokenHistory(vision[:, :end] & padding[:, :end].bool(), padding[:, :end].bool())
+
+
+@pytest.mark.parametrize("cut", [3, 8, 10, 16, 23])
+def test_a_chunk_after_cached_tokens_gives_the_rows_of_one_pass(cut):
+    # The batch's last 24 - cut tokens as a chunk after `cut` cached ones (k, v of all 24 tokens): every output
+    # row equals one pass. Cuts fall in the padding (3), inside a block (10), between sample 1's two vision runs
+    # (16, where sample 0 still has vision) and on the last token (23).
+    q, k, v, gates, vision, padding = _batch(seed=4)
+    attend = sdpa_attend(scale=q.shape[-1] ** -0.5)
+    whole = videonsa_attention(q, k, v, gates, build_token_split(vision, padding), SETTINGS, attend,
+                               scale=q.shape[-1] ** -0.5)
+    split = build_token_split(vision[:, cut:], padding, _history(vision, padding, cut))
+    before = int((vision[:, :cut] & padding[:, :cut].bool()).sum(dim=1)[0])  # sample 0's cached vision tokens
+    counts = (vision & padding.bool()).sum(dim=1).tolist()
+    cached = (vision[:, :cut] & padding[:, :cut].bool()).sum(dim=1).tolist()
+    # The chunk's gates: each sample's vision tokens after the cut, in packed order.
+    chunk_gates = tuple(torch.cat([g[:, sum(counts[:b]) + cached[b]: sum(counts[: b + 1])] for b in range(2)], dim=1)
+                        for g in gates)
+    assert before == cached[0]
+    out = videonsa_attention(q[:, cut:], k, v, chunk_gates, split, SETTINGS, attend, scale=q.shape[-1] ** -0.5)
+    real = padding[:, cut:].bool()
+    torch.testing.assert_close(out[real], whole[:, cut:][real], rtol=1e-10, atol=1e-10)
+
+
+def test_one_sample_chunk_takes_the_mask_free_text_path_with_the_cache():
+    # One unpadded sample, one vision run: the text of a chunk after cached tokens runs SDPA with bottom-right
+    # causal masks over the cache (no mask tensor), equal to one pass.
+    generator = torch.Generator().manual_seed(7)
+    vision = torch.zeros(1, 30, dtype=torch.bool)
+    vision[0, 5:22] = True
+    padding = torch.ones(1, 30, dtype=torch.long)
+    q, k, v = (torch.randn(1, 30, h, 8, generator=generator, dtype=torch.float64) for h in (4, 2, 2))
+    gates = tuple(torch.rand(1, 17, 4, generator=generator, dtype=torch.float64) for _ in range(3))
+    attend = sdpa_attend()
+    whole = videonsa_attention(q, k, v, gates, build_token_split(vision, padding), SETTINGS, attend)
+    for cut in (2, 5, 13, 25):
+        split = build_token_split(vision[:, cut:], padding, _history(vision, padding, cut))
+        assert split.unpadded and split.spans is not None and split.past == cut
+        vision_before = int(vision[0, :cut].sum())
+        chunk_gates = tuple(g[:, vision_before:] for g in gates)
+        out = videonsa_attention(q[:, cut:], k, v, chunk_gates, split, SETTINGS, attend)
+        torch.testing.assert_close(out, whole[:, cut:], rtol=1e-10, atol=1e-10)
+
+
+def test_a_chunk_split_refuses_keys_that_do_not_cover_the_cache():
+    q, k, v, gates, vision, padding = _batch()
+    split = build_token_split(vision[:, 10:], padding, _history(vision, padding, 10))
+    with pytest.raises(ValueError, match="follows 10 cached tokens but k holds 14"):
+        videonsa_attention(q[:, 10:], k[:, 10:], v[:, 10:], gates, split, SETTINGS, sdpa_attend())

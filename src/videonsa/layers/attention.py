@@ -100,6 +100,8 @@ def vision_nsa_attention(
     # Under autocast the rotary embedding promotes q and k to float32 while v stays in the autocast dtype
     # (a linear's output); attention runs in v's dtype, as autocast's own SDPA would.
     dtype = v.dtype
+    if not split.has_vision:  # a text-only chunk: no vision queries
+        return q.new_zeros(1, 0, q.shape[2], v.shape[-1], dtype=dtype)
     q_vis = split.gather_vision(q).to(dtype)
     k_vis, v_vis = (split.key_split.gather_vision(x).to(dtype) for x in (k, v))
     g_cmp, g_slc, g_swa = (g.to(dtype) for g in gates)

@@ -288,10 +288,12 @@ def _split_after_past(vision_mask: Tensor, token_mask: Tensor, past: TokenHistor
             "cannot follow a cache whose batch changed"
         )
     chunk = build_token_split(vision_mask, token_mask)
-    if not chunk.has_vision:
-        return chunk  # text only (a decoding step): the layers run stock attention over the cache
     device = vision_mask.device
     key_token_mask = torch.cat((past.token_mask.to(device), token_mask), dim=1)
+    if not chunk.has_vision:
+        # Text only (in the model: decoding steps, which run the stock attention): no key streams to build.
+        unpadded = chunk.unpadded and bool(past.token_mask.all())
+        return dataclasses.replace(chunk, past=past.length, key_token_mask=key_token_mask, unpadded=unpadded)
     key_vision = torch.cat((past.vision_mask.to(device), vision_mask), dim=1)
     # Only the samples with vision queries here keep their streams as keys, so that the i-th key stream and the
     # i-th query stream belong to the same sample (the operator pairs cu_seqlens with cu_seqlens_k).
