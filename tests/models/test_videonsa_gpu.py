@@ -60,3 +60,30 @@ def test_generation_on_gpu_gives_the_same_tokens_with_and_without_the_cache(gpu_
             for use in (True, False)
         )
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_prefill_on_gpu_with_the_fast_operator_matches_one_pass(gpu_batch, monkeypatch, dtype):
+    # Chunk boundaries inside both videos and inside 16-token blocks; the Triton forward of queries that end a
+    # longer key sequence against the one-pass Triton forward, and the chunked run's tokens after generation.
+    from transformers import DynamicCache
+
+    from videonsa.models.chunked_prefill import prefill_in_chunks
+
+    if "triton" not in available_backends():
+        pytest.skip("no Triton NSA kernels in this build")
+    monkeypatch.setenv("VIDEONSA_NSA_BACKEND", "auto")
+    model = testing.tiny_model(seed=31, **BUDGET).to("cuda", dtype)
+    inputs = {k: v.cuda() for k, v in gpu_batch.as_kwargs().items()}
+    runs = []
+    for chunk in (None, 23):
+        cache = DynamicCache(config=model.config.text_config)
+        with torch.no_grad(), prefill_in_chunks(model, chunk):
+            logits = model(**inputs, past_key_values=cache, use_cache=True).logits.float()
+            tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        runs.append((logits, tokens))
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(runs[1][0][real], runs[0][0][real], rtol=tolerance, atol=tolerance)
+    if dtype == torch.float32:
+        assert torch.equal(runs[0][1], runs[1][1])
