@@ -274,7 +274,7 @@ class TokenHistory:
 
 
 def empty_history(batch: int, device: torch.device) -> TokenHistory:
-    """The history of an empty cache: [B, 0] masks."""
+    """The history of an empty cache: [B, 0] masks (the first forward's tokens replace it whatever B is)."""
     empty = torch.zeros(batch, 0, dtype=torch.bool, device=device)
     return TokenHistory(empty, empty)
 

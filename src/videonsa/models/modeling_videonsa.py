@@ -51,6 +51,7 @@ from videonsa.layers import (
     TokenSplit,
     branch_gates,
     build_token_split,
+    empty_history,
     make_gate_projections,
     videonsa_attention,
 )
@@ -661,7 +662,7 @@ def token_history(cache: Any) -> TokenHistory | None:
     if history is not None and history.length == length:
         return history
     if length == 0:
-        return TokenHistory(torch.zeros(0, 0, dtype=torch.bool), torch.zeros(0, 0, dtype=torch.bool))
+        return empty_history(0, torch.device("cpu"))  # takes the batch of the first forward (TokenHistory.extended)
     return None
 
 
