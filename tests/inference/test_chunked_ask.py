@@ -147,3 +147,38 @@ def test_default_budget_on_the_gpu_fits_its_free_memory():
     budget = default_budget_tokens(config, torch.device("cuda"), torch.bfloat16)
     free, _ = torch.cuda.mem_get_info()
     assert budget > 0 and budget * memory.resident_per_token <= free
+
+
+QWEN_7B = {
+    "text_config": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "vision_config": dict(depth=32, hidden_size=1280, intermediate_size=3420, out_hidden_size=3584,
+                          spatial_merge_size=2, patch_size=14, temporal_patch_size=2),
+}
+
+
+def test_gpu_budget_is_what_fits_beside_the_weights(monkeypatch):
+    import videonsa.inference.memory as memory_module
+
+    cuda = torch.device("cuda")  # never touched: the free memory is given
+    monkeypatch.setattr(memory_module, "free_memory", lambda device: 80 * 2**30)
+    memory = PrefillMemory.from_config(QWEN_7B, torch.bfloat16)
+    assert memory.weight_bytes == pytest.approx(2 * 8.66e9, rel=0.01)  # Qwen2.5-VL-7B with VideoNSA's gates
+    budget = default_budget_tokens(QWEN_7B, cuda, torch.bfloat16)
+    assert budget % CHUNK_QUANTUM == 0 and 500_000 < budget < 1_000_000
+    room = 0.9 * 80 * 2**30 - memory.weight_bytes - 16384 * memory.working_per_token
+    assert budget * memory.resident_per_token <= room < (budget + CHUNK_QUANTUM) * memory.resident_per_token
+    # Weights already loaded no longer need room.
+    assert default_budget_tokens(QWEN_7B, cuda, torch.bfloat16, loaded_bytes=memory.weight_bytes) > budget
+    monkeypatch.setattr(memory_module, "free_memory", lambda device: 10 * 2**30)
+    with pytest.raises(UserError, match="the weights take ~16.1 GiB; no room for a prompt"):
+        default_budget_tokens(QWEN_7B, cuda, torch.bfloat16)
+
+
+def test_videoqa_plans_with_the_device_budget_unless_one_is_given(inputs, loaded, monkeypatch):
+    import videonsa.inference.api as api
+
+    monkeypatch.setattr(api, "default_budget_tokens", lambda config, device, dtype, loaded_bytes: 50_000)
+    kwargs = dict(pixels_per_frame=3136, min_pixels_per_frame=3136)
+    assert loaded.plan(inputs.video, "What moves?", **kwargs).budget_tokens == 50_000
+    assert loaded.plan(inputs.video, "What moves?", budget_tokens=4096, **kwargs).budget_tokens == 4096
