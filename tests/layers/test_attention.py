@@ -306,7 +306,8 @@ def test_text_attention_on_the_gpu_kernels_matches_repeated_key_value_heads(one_
 def _history(vision, padding, end):
     from videonsa.layers import TokenHistory
 
-    return TokenHistory(vision[:, :end] & padding[:, :end].bool(), padding[:, :end].bool())
+    real = padding[:, :end].bool()
+    return TokenHistory(vision[:, :end] & real, real, bool(real.all()))
 
 
 @pytest.mark.parametrize("cut", [3, 8, 10, 16, 23])

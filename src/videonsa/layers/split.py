@@ -248,11 +248,13 @@ class TokenHistory:
     """Which of the P tokens already in a KV cache were vision and which were real (chunked prefill).
 
     vision_mask, token_mask: bool [B, P]. The model keeps one per cache and appends each forward's tokens, so
-    that a later chunk can rebuild every sample's vision stream over all of its keys.
+    that a later chunk can rebuild every sample's vision stream over all of its keys. all_real: every one of the
+    P tokens is real (no padding), kept as a Python bool so that no decoding step has to read the mask back.
     """
 
     vision_mask: Tensor
     token_mask: Tensor
+    all_real: bool = True
 
     @property
     def length(self) -> int:
@@ -261,7 +263,7 @@ class TokenHistory:
     def extended(self, split: TokenSplit) -> TokenHistory:
         """This history followed by the tokens of `split` (the forward that just ran)."""
         if not self.length:
-            return TokenHistory(split.vision_mask, split.token_mask)
+            return TokenHistory(split.vision_mask, split.token_mask, split.unpadded)
         if self.vision_mask.shape[0] != split.vision_mask.shape[0]:
             raise UserError(
                 f"the KV cache holds {self.vision_mask.shape[0]} samples but this forward has "
@@ -270,6 +272,7 @@ class TokenHistory:
         return TokenHistory(
             torch.cat((self.vision_mask, split.vision_mask), dim=1),
             torch.cat((self.token_mask, split.token_mask), dim=1),
+            self.all_real and split.unpadded,
         )
 
 
@@ -292,7 +295,7 @@ def _split_after_past(vision_mask: Tensor, token_mask: Tensor, past: TokenHistor
     key_token_mask = torch.cat((past.token_mask.to(device), token_mask), dim=1)
     if not chunk.has_vision:
         # Text only (in the model: decoding steps, which run the stock attention): no key streams to build.
-        unpadded = chunk.unpadded and bool(past.token_mask.all())
+        unpadded = chunk.unpadded and past.all_real
         return dataclasses.replace(chunk, past=past.length, key_token_mask=key_token_mask, unpadded=unpadded)
     key_vision = torch.cat((past.vision_mask.to(device), vision_mask), dim=1)
     # Only the samples with vision queries here keep their streams as keys, so that the i-th key stream and the
