@@ -182,3 +182,31 @@ def test_videoqa_plans_with_the_device_budget_unless_one_is_given(inputs, loaded
     kwargs = dict(pixels_per_frame=3136, min_pixels_per_frame=3136)
     assert loaded.plan(inputs.video, "What moves?", **kwargs).budget_tokens == 50_000
     assert loaded.plan(inputs.video, "What moves?", budget_tokens=4096, **kwargs).budget_tokens == 4096
+
+
+def test_auto_retries_in_smaller_chunks_when_the_estimate_runs_out_of_memory(loaded, question, monkeypatch):
+    import videonsa.inference.generation as generation
+
+    prompt, video = question
+    model = loaded.model
+    attempts = []
+    real_generate = model.generate
+
+    def generate_or_run_out(**kwargs):
+        attempts.append(model.prefill_chunking)
+        if model.prefill_chunking is None or model.prefill_chunking.chunk_size > 16:
+            raise torch.OutOfMemoryError("simulated")
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", generate_or_run_out)
+    monkeypatch.setattr(generation, "CHUNK_QUANTUM", 4)  # the tiny prompt's chunks, in quanta of 4 tokens
+    settings = GenerationSettings(max_new_tokens=1)
+    answer = generate_answer(model, loaded.files, prompt, video, settings)
+    tokens = answer.report.prompt_tokens
+    first = tokens // 4 // 4 * 4
+    assert [a if a is None else a.chunk_size for a in attempts] == [None, first, first // 4 // 4 * 4]
+    assert answer.report.prefill_chunk == first // 4 // 4 * 4
+    attempts.clear()
+    with pytest.raises(torch.OutOfMemoryError):  # an explicit choice is not second-guessed
+        generate_answer(model, loaded.files, prompt, video, settings, prefill_chunk_size=None)
+    assert attempts == [None]

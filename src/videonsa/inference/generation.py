@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ import torch
 from transformers import GenerationConfig, TextStreamer
 
 from videonsa.errors import UserError
-from videonsa.inference.memory import PrefillMemory, check_chunk_setting, choose_prefill_chunk
+from videonsa.inference.memory import CHUNK_QUANTUM, PrefillMemory, check_chunk_setting, choose_prefill_chunk
 from videonsa.inference.model_files import ModelFiles
 from videonsa.inference.prefill_progress import ChunkedPrefillMeter, PrefillCallback, PrefillMeter
 from videonsa.inference.prompt import QuestionPrompt, model_inputs
@@ -20,6 +21,7 @@ from videonsa.models.chunked_prefill import prefill_in_chunks
 from videonsa.video import DecodedVideo, VideoPlan
 
 TextCallback = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -196,32 +198,32 @@ def generate_answer(
     inputs = {name: tensor.to(device) for name, tensor in model_inputs(prompt, video, files).items()}
     prompt_tokens = inputs["input_ids"].shape[1]
     chunk = _prefill_chunk(model, prefill_chunk_size, prompt_tokens, device)
-    streamer = TimingStreamer(files.tokenizer, on_text)
     extra = {}
     if multiple_choice:
         allowed = list(prompt.letter_token_ids)
         extra = {"prefix_allowed_tokens_fn": lambda batch, ids: allowed}
-    if settings.seed is not None:
-        torch.manual_seed(settings.seed)
-    meter = contextlib.nullcontext()
-    video_rows = inputs["pixel_values_videos"].shape[0] if "pixel_values_videos" in inputs else 0
-    on_step = None
-    if on_prefill is not None and chunk is None:
-        meter = PrefillMeter(model, prompt_tokens=prompt_tokens, vision_rows=video_rows, callback=on_prefill)
-    elif on_prefill is not None:
-        vision_tokens = int((inputs["input_ids"] == model.config.video_token_id).sum())
-        on_step = ChunkedPrefillMeter(
-            model, prompt_tokens=prompt_tokens, vision_rows=video_rows, vision_tokens=vision_tokens,
-            chunk_size=chunk, callback=on_prefill,
-        )
-    chunking = prefill_in_chunks(model, chunk, on_step) if chunk is not None else contextlib.nullcontext()
-    with torch.inference_mode(), meter, chunking:
-        output = model.generate(
-            **inputs,
-            generation_config=_generation_config(model, settings, multiple_choice),
-            streamer=streamer,
-            **extra,
-        )
+    config = _generation_config(model, settings, multiple_choice)
+    retrying = False
+    while True:
+        if retrying and device.type == "cuda":
+            torch.cuda.empty_cache()  # here, once the failed attempt's tensors are no longer referenced
+        streamer = TimingStreamer(files.tokenizer, on_text)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        try:
+            output = _generate(model, inputs, config, streamer, extra, chunk, on_prefill)
+            break
+        except torch.OutOfMemoryError:
+            # The memory model is an estimate: when "auto" misjudged, retry with smaller chunks (nothing has been
+            # streamed yet: the prefill is where memory runs out). Explicit settings stand.
+            smaller = _smaller_chunk(model, prefill_chunk_size, chunk, prompt_tokens)
+            if smaller is None or streamer.first_token_at is not None:
+                raise
+            logger.warning(
+                f"prefill ran out of memory {'in one pass' if chunk is None else f'in chunks of {chunk:,}'}; "
+                f"retrying in chunks of {smaller:,} tokens"
+            )
+            chunk, retrying = smaller, True
     new_tokens = output.sequences[0, prompt_tokens:]
     text = files.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
     choice, probabilities = None, {}
@@ -244,6 +246,33 @@ def generate_answer(
         prefill_chunk=chunk,
     )
     return Answer(text=text, plan=plan, report=report, choice=choice, choice_probabilities=probabilities)
+
+
+def _generate(model, inputs, config, streamer, extra, chunk: int | None, on_prefill: PrefillCallback | None):
+    """model.generate on the prompt, prefilled in one pass (chunk None) or in chunks, with the progress meter."""
+    prompt_tokens = inputs["input_ids"].shape[1]
+    video_rows = inputs["pixel_values_videos"].shape[0] if "pixel_values_videos" in inputs else 0
+    meter, on_step = contextlib.nullcontext(), None
+    if on_prefill is not None and chunk is None:
+        meter = PrefillMeter(model, prompt_tokens=prompt_tokens, vision_rows=video_rows, callback=on_prefill)
+    elif on_prefill is not None:
+        vision_tokens = int((inputs["input_ids"] == model.config.video_token_id).sum())
+        on_step = ChunkedPrefillMeter(
+            model, prompt_tokens=prompt_tokens, vision_rows=video_rows, vision_tokens=vision_tokens,
+            chunk_size=chunk, callback=on_prefill,
+        )
+    chunking = prefill_in_chunks(model, chunk, on_step) if chunk is not None else contextlib.nullcontext()
+    with torch.inference_mode(), meter, chunking:
+        return model.generate(**inputs, generation_config=config, streamer=streamer, **extra)
+
+
+def _smaller_chunk(model, setting: int | str | None, chunk: int | None, prompt_tokens: int) -> int | None:
+    """After running out of memory with `chunk` (None: one pass): a quarter of it (of the prompt for one pass),
+    in whole CHUNK_QUANTUM, when the setting was "auto" and chunking can go lower; else None."""
+    if setting != "auto" or not hasattr(model, "prefill_chunking") or _attention_mode(model) == "official":
+        return None
+    smaller = (prompt_tokens if chunk is None else chunk) // 4 // CHUNK_QUANTUM * CHUNK_QUANTUM
+    return smaller if smaller >= CHUNK_QUANTUM else None
 
 
 def _prefill_chunk(model, setting: int | str | None, prompt_tokens: int, device: torch.device) -> int | None:
