@@ -164,3 +164,14 @@ def test_vision_tower_in_chunks_equals_one_pass(chunk_tokens):
     assert [done for _, done, _ in steps][-1] == expected.pooler_output.shape[0]
     assert len(steps) == {1: 7, 4: 7, 9: 5, 100: 1}[chunk_tokens]
     assert visual.chunk_tokens is None  # off again after the block
+
+
+def test_logits_to_keep_as_index_tensor_gives_the_one_pass_rows():
+    # transformers also takes logits_to_keep as a tensor of positions; the chunked prefill must pick the same rows.
+    batch = testing.tiny_video_batch(((2, 8, 8),), text_before=5, text_after=4, seed=2)
+    model = testing.tiny_model(seed=34)
+    one_pass, _ = _forward(model, batch)
+    positions = torch.tensor([0, 7, batch.input_ids.shape[1] - 1])
+    with torch.no_grad(), prefill_in_chunks(model, 10):
+        logits = model(**batch.as_kwargs(), use_cache=True, logits_to_keep=positions).logits
+    torch.testing.assert_close(logits, one_pass[:, positions], rtol=1e-5, atol=1e-5)

@@ -108,7 +108,7 @@ def wants_chunks(chunking: PrefillChunking | None, named: dict[str, Any]) -> boo
 def chunked_forward(model: Any, named: dict[str, Any], chunking: PrefillChunking, one_pass: Callable) -> Any:
     """A prefill of `model` (VideoNSAForConditionalGeneration) in chunks; `named` holds the arguments of its
     forward. Returns what the one-pass forward returns (same output class, the filled cache), with the logits of
-    the positions `logits_to_keep` asks for (all positions when 0, built chunk by chunk).
+    the positions `logits_to_keep` asks for (the last N for an int N, all when 0, or a tensor of positions).
 
     `one_pass` is the stock forward, which runs the last chunk so that the output is transformers' own.
     """
@@ -129,6 +129,8 @@ def chunked_forward(model: Any, named: dict[str, Any], chunking: PrefillChunking
     position_ids = _prompt_positions(model, named, types)
     features = _vision_features(model, named, input_ids)
     keep = named.get("logits_to_keep", 0)
+    # A tensor of positions (transformers' other form) indexes the whole prompt's logits, built chunk by chunk.
+    positions, keep = (keep, 0) if isinstance(keep, Tensor) else (None, keep)
     chunk = chunking.chunk_size
     earlier_logits = []
     for start in range(0, seq_len, chunk):
@@ -154,6 +156,8 @@ def chunked_forward(model: Any, named: dict[str, Any], chunking: PrefillChunking
     if isinstance(keep, int) and keep > seq_len - start:
         # More positions asked for than the last chunk holds: the earlier chunks' logits lead.
         output.logits = torch.cat([*earlier_logits, output.logits], dim=1)[:, -keep:]
+    if positions is not None:
+        output.logits = output.logits[:, positions.to(output.logits.device)]
     return output
 
 
