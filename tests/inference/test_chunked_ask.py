@@ -13,10 +13,12 @@ from videonsa.inference.generation import GenerationSettings, generate_answer
 from videonsa.inference.memory import (
     CHUNK_QUANTUM,
     MIN_AUTO_CHUNK,
+    PLANNING_CHUNK,
     PrefillMemory,
     _parameter_count,
     choose_prefill_chunk,
     default_budget_tokens,
+    planning_chunk,
 )
 from videonsa.inference.prefill_progress import PrefillProgress
 from videonsa.inference.prompt import build_preset_prompt
@@ -178,10 +180,70 @@ def test_gpu_budget_is_what_fits_beside_the_weights(monkeypatch):
 def test_videoqa_plans_with_the_device_budget_unless_one_is_given(inputs, loaded, monkeypatch):
     import videonsa.inference.api as api
 
-    monkeypatch.setattr(api, "default_budget_tokens", lambda config, device, dtype, loaded_bytes: 50_000)
+    monkeypatch.setattr(api, "default_budget_tokens", lambda config, device, dtype, loaded_bytes, chunk: 50_000)
     kwargs = dict(pixels_per_frame=3136, min_pixels_per_frame=3136)
     assert loaded.plan(inputs.video, "What moves?", **kwargs).budget_tokens == 50_000
     assert loaded.plan(inputs.video, "What moves?", budget_tokens=4096, **kwargs).budget_tokens == 4096
+
+
+def test_gpu_budget_of_a_one_pass_prefill_fits_its_working_memory(monkeypatch):
+    # A prefill that will run in one pass (--prefill-chunk 0, official mode) holds every token's working memory at
+    # once: its default budget must leave room for that, not only for one chunk's.
+    import videonsa.inference.memory as memory_module
+
+    cuda = torch.device("cuda")  # never touched: the free memory is given
+    monkeypatch.setattr(memory_module, "free_memory", lambda device: 80 * 2**30)
+    memory = PrefillMemory.from_config(QWEN_7B, torch.bfloat16)
+    budget = default_budget_tokens(QWEN_7B, cuda, torch.bfloat16, chunk=None)
+    room = 0.9 * 80 * 2**30 - memory.weight_bytes
+    per_token = memory.resident_per_token + memory.working_per_token
+    assert budget % CHUNK_QUANTUM == 0 and budget * per_token <= room < (budget + CHUNK_QUANTUM) * per_token
+    assert budget < default_budget_tokens(QWEN_7B, cuda, torch.bfloat16)
+    # An explicit chunk sets aside that chunk's working memory.
+    assert default_budget_tokens(QWEN_7B, cuda, torch.bfloat16, chunk=4096) > default_budget_tokens(
+        QWEN_7B, cuda, torch.bfloat16, chunk=65536
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "mode", "chunk"),
+    [("auto", "nsa", PLANNING_CHUNK), (None, "nsa", None), (4096, "dense", 4096), ("auto", "official", None)],
+)
+def test_the_budget_is_planned_for_the_prefill_that_will_run(setting, mode, chunk):
+    assert planning_chunk(setting, mode) == chunk
+
+
+def test_videoqa_budget_follows_its_prefill_setting(inputs, loaded, monkeypatch):
+    import videonsa.inference.api as api
+
+    seen = []
+    monkeypatch.setattr(
+        api, "default_budget_tokens", lambda config, device, dtype, loaded_bytes, chunk: seen.append(chunk) or 50_000
+    )
+    kwargs = dict(pixels_per_frame=3136, min_pixels_per_frame=3136)
+    loaded.plan(inputs.video, "What moves?", **kwargs)
+    original = loaded.prefill_chunk_size
+    loaded.prefill_chunk_size = None
+    try:
+        loaded.plan(inputs.video, "What moves?", **kwargs)
+    finally:
+        loaded.prefill_chunk_size = original
+    assert seen == [planning_chunk(original, loaded.attention), None]
+
+
+def test_ask_budget_line_plans_for_a_one_pass_prefill(monkeypatch):
+    import types
+
+    import videonsa.inference.memory as memory_module
+    from videonsa.commands.ask import _device_budget
+
+    monkeypatch.setattr(memory_module, "free_memory", lambda device: 80 * 2**30)
+    files = types.SimpleNamespace(config=QWEN_7B)
+    cuda = torch.device("cuda")  # never touched: the free memory is given
+    chunked, _ = _device_budget(SamplingSettings(), files, cuda, torch.bfloat16, chunk=PLANNING_CHUNK)
+    one_pass, _ = _device_budget(SamplingSettings(), files, cuda, torch.bfloat16, chunk=None)
+    assert one_pass.budget_tokens == default_budget_tokens(QWEN_7B, cuda, torch.bfloat16, chunk=None)
+    assert one_pass.budget_tokens < chunked.budget_tokens
 
 
 def test_auto_retries_in_smaller_chunks_when_the_estimate_runs_out_of_memory(loaded, question, monkeypatch):

@@ -358,6 +358,7 @@ def run_ask(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from videonsa.inference.generation import generate_answer
+    from videonsa.inference.memory import planning_chunk
     from videonsa.inference.model_files import (
         check_attention,
         load_weights,
@@ -389,7 +390,8 @@ def run_ask(args: argparse.Namespace) -> int:
     text_tokens = prompt.text_tokens + generation.answer_tokens(bool(prompt.letters))
     budget_note = None
     if preset == "planner" and args.budget is None:
-        frames, budget_note = _device_budget(frames, files, device, dtype)
+        chunk = planning_chunk(args.prefill_chunk, choice.mode)
+        frames, budget_note = _device_budget(frames, files, device, dtype, chunk=chunk)
     if preset == "paper":
         plan = plan_paper_video(info, frames, text_tokens=text_tokens, geometry=files.geometry)
     else:
@@ -437,11 +439,12 @@ def run_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device_budget(frames, files, device, dtype):
-    """(planner settings with the budget of what fits the GPU, a line saying so), or (frames, None) off a GPU."""
+def _device_budget(frames, files, device, dtype, *, chunk):
+    """(planner settings with the budget of what fits the GPU for a prefill in chunks of `chunk` tokens (None: one
+    pass), a line saying so), or (frames, None) off a GPU."""
     from videonsa.inference.memory import default_budget_tokens, free_memory
 
-    budget = default_budget_tokens(files.config, device, dtype)
+    budget = default_budget_tokens(files.config, device, dtype, chunk=chunk)
     if budget is None:
         return frames, None
     note = f"{budget:,} tokens: what fits {device}'s {free_memory(device) / 2**30:.1f} GiB free (--budget to change)"

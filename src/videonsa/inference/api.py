@@ -19,7 +19,7 @@ import torch
 
 from videonsa.errors import UserError
 from videonsa.inference.generation import Answer, GenerationSettings, TextCallback, generate_answer
-from videonsa.inference.memory import check_chunk_setting, default_budget_tokens
+from videonsa.inference.memory import check_chunk_setting, default_budget_tokens, planning_chunk
 from videonsa.inference.model_files import (
     ModelFiles,
     check_attention,
@@ -191,14 +191,18 @@ class VideoQA:
         ).plan
 
     def _plan_question(
-        self, video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings
+        self, video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings,
+        prefill_chunk_size=_LOADED,
     ) -> PlannedQuestion:
         preset = resolve_preset(preset, self.attention)
         if preset == "planner" and sampling is None and "budget_tokens" not in settings:
-            # On a GPU the budget is what fits its free memory beside the loaded weights (docs/long-videos.md).
+            # On a GPU the budget is what fits its free memory beside the loaded weights (docs/long-videos.md), for
+            # the prefill that will run (one pass needs room for every token's activations at once).
             parameter = next(self.model.parameters())
+            setting = self.prefill_chunk_size if prefill_chunk_size is _LOADED else prefill_chunk_size
             budget = default_budget_tokens(
-                self.files.config, parameter.device, parameter.dtype, loaded_bytes=_weight_bytes(self.model)
+                self.files.config, parameter.device, parameter.dtype, loaded_bytes=_weight_bytes(self.model),
+                chunk=planning_chunk(check_chunk_setting(setting), self.attention),
             )
             if budget is not None:
                 settings = {**settings, "budget_tokens": budget}
@@ -256,7 +260,8 @@ class VideoQA:
             was given; docs/long-videos.md).
         """
         planned = self._plan_question(
-            video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings
+            video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings,
+            prefill_chunk_size,
         )
         decoded = decode_planned_video(planned.plan, progress=progress)
         return generate_answer(

@@ -84,10 +84,13 @@ class PrefillMemory:
         chunk = room // self.working_per_token // CHUNK_QUANTUM * CHUNK_QUANTUM
         return max(MIN_AUTO_CHUNK, chunk)
 
-    def budget_tokens(self, free_bytes: int, chunk: int = PLANNING_CHUNK) -> int:
-        """The most tokens a chunked prefill fits in `free_bytes` of a device the weights are not on yet, in
-        whole CHUNK_QUANTUM; 0 when not even the weights and one chunk fit."""
-        room = int(free_bytes * USABLE_SHARE) - self.weight_bytes - chunk * self.working_per_token
+    def budget_tokens(self, free_bytes: int, chunk: int | None = PLANNING_CHUNK) -> int:
+        """The most tokens a prefill in chunks of `chunk` tokens (None: one pass) fits in `free_bytes` of a device
+        the weights are not on yet, in whole CHUNK_QUANTUM; 0 when not even the weights and one chunk fit."""
+        room = int(free_bytes * USABLE_SHARE) - self.weight_bytes
+        if chunk is None:  # one pass: every token's working memory at once
+            return max(0, room // (self.resident_per_token + self.working_per_token) // CHUNK_QUANTUM * CHUNK_QUANTUM)
+        room -= chunk * self.working_per_token
         return max(0, room // self.resident_per_token // CHUNK_QUANTUM * CHUNK_QUANTUM)
 
 
@@ -148,18 +151,32 @@ def choose_prefill_chunk(
     return memory.chunk_for(prompt_tokens, free_memory(device))
 
 
+def planning_chunk(setting: int | str | None, mode: str) -> int | None:
+    """The chunk a budget is planned for, from the prefill setting ("auto", tokens, None) and the attention mode:
+    None when the prefill will run in one pass (asked for, or official mode), the chunk asked for, else
+    PLANNING_CHUNK (the automatic choice's chunk is not known before the prompt is)."""
+    if setting is None or mode == "official":
+        return None
+    return PLANNING_CHUNK if setting == "auto" else setting
+
+
 def default_budget_tokens(
-    files_config: dict[str, Any], device: torch.device, dtype: torch.dtype, *, loaded_bytes: int = 0
+    files_config: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    loaded_bytes: int = 0,
+    chunk: int | None = PLANNING_CHUNK,
 ) -> int | None:
-    """The planner's default token budget on a CUDA device: what a chunked prefill fits in its free memory beside
-    the weights (None elsewhere: the planner keeps its fixed default). `loaded_bytes`: the weights already on the
-    device (their memory is not free any more, and not needed again). `UserError` when not even the weights and
-    one chunk fit."""
+    """The planner's default token budget on a CUDA device: what a prefill in chunks of `chunk` tokens (None: one
+    pass; `planning_chunk`) fits in its free memory beside the weights (None elsewhere: the planner keeps its fixed
+    default). `loaded_bytes`: the weights already on the device (their memory is not free any more, and not
+    needed again). `UserError` when not even the weights and one chunk fit."""
     if device.type != "cuda":
         return None
     memory = PrefillMemory.from_config(files_config, dtype)
     free = free_memory(device)
-    budget = dataclasses.replace(memory, weight_bytes=memory.weight_bytes - loaded_bytes).budget_tokens(free)
+    budget = dataclasses.replace(memory, weight_bytes=memory.weight_bytes - loaded_bytes).budget_tokens(free, chunk)
     if budget <= 0:
         raise UserError(
             f"device {device}: {free / 2**30:.1f} GiB free, the weights take ~{memory.weight_bytes / 2**30:.1f} GiB; "
