@@ -175,3 +175,11 @@ def test_logits_to_keep_as_index_tensor_gives_the_one_pass_rows():
     with torch.no_grad(), prefill_in_chunks(model, 10):
         logits = model(**batch.as_kwargs(), use_cache=True, logits_to_keep=positions).logits
     torch.testing.assert_close(logits, one_pass[:, positions], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("flag", ["output_hidden_states", "output_attentions"])
+def test_per_layer_outputs_are_refused_rather_than_given_for_the_last_chunk_only(flag):
+    batch = testing.tiny_video_batch(((2, 8, 8),), text_before=5, text_after=4, seed=2)
+    model = testing.tiny_model(seed=34)
+    with torch.no_grad(), prefill_in_chunks(model, 10), pytest.raises(ValueError, match=flag):
+        model(**batch.as_kwargs(), use_cache=True, **{flag: True})

@@ -117,6 +117,10 @@ def chunked_forward(model: Any, named: dict[str, Any], chunking: PrefillChunking
         raise UserError("prefill_chunk_size: sequence parallelism (training only) has no KV cache; disable it first")
     if named.get("labels") is not None:
         raise UserError("prefill_chunk_size is for inference: a forward with labels runs in one pass")
+    for flag in ("output_hidden_states", "output_attentions"):
+        # The chunks' per-layer outputs are not kept: only the last chunk's would come back.
+        if named.get(flag):
+            raise UserError(f"prefill_chunk_size: {flag} needs the whole prompt in one forward; prefill in one pass")
     input_ids: Tensor = named["input_ids"]
     batch, seq_len = input_ids.shape
     cache = named.get("cache", named.get("past_key_values"))
