@@ -148,16 +148,16 @@ def chunked_forward(model: Any, named: dict[str, Any], chunking: PrefillChunking
             "use_cache": True,
         }
         if end == seq_len:
-            output = one_pass(**step, logits_to_keep=keep if isinstance(keep, int) and keep else 0)
-            if isinstance(keep, int) and keep == 0 and earlier_logits:
+            output = one_pass(**step, logits_to_keep=keep)
+            if keep == 0 and earlier_logits:
                 output.logits = torch.cat([*earlier_logits, output.logits], dim=1)
         else:
             hidden = model.model(**step).last_hidden_state
-            if isinstance(keep, int) and (keep == 0 or keep > seq_len - end):
+            if keep == 0 or keep > seq_len - end:
                 earlier_logits.append(model.lm_head(hidden))
         if chunking.on_step is not None:
             chunking.on_step("text", end, seq_len)
-    if isinstance(keep, int) and keep > seq_len - start:
+    if keep > seq_len - start:
         # More positions asked for than the last chunk holds: the earlier chunks' logits lead.
         output.logits = torch.cat([*earlier_logits, output.logits], dim=1)[:, -keep:]
     if positions is not None:
