@@ -97,5 +97,6 @@ def test_fresh_gates_lets_a_partly_gated_checkpoint_be_analysed(tmp_path, capsys
             "--video", str(analysis_inputs.short_video), *SMALL_FRAMES]
     err = one_line_error(capsys, argv)
     assert "missing for layer(s) 0 of 2" in err and "--fresh-gates" in err
+    assert not (tmp_path / "out").exists()  # the refused run leaves no empty run folder behind
     assert main([*argv, "--fresh-gates"]) == 0
     assert json.loads((tmp_path / "out" / "gates.json").read_text())["layers"] == 2

@@ -338,11 +338,19 @@ def start_prefill_analysis(args: argparse.Namespace, name: str) -> PrefillAnalys
     """The prologue `gates` and `sinks` share, ordered so that a mistake costs no waiting and leaves no folder:
     check --out, open the model's small files, check and plan every video (its prompt built, nothing decoded),
     then create the run folder and load the weights."""
-    check_out_dir(args.out)
+    created = not check_out_dir(args.out).exists()
     opened = open_analysis_model(args)
     plans = plan_videos(opened, args)
     out = prepare_out_dir(args.out)
-    model = opened.load()
+    try:
+        model = opened.load()
+    except BaseException:
+        # Some mistakes show only once the weights load (gates missing in some layers): a folder made for this
+        # run goes again.
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     return PrefillAnalysis(name=name, opened=opened, model=model, out=out,
                            planned=list(zip(args.video, plans, strict=True)))
 
