@@ -134,3 +134,10 @@ def test_triton_requested_but_unavailable_is_a_clear_error(monkeypatch, inputs) 
         nsa_attention(**inputs, **CASE.settings(), backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # "auto" falls back to the reference instead of failing
     assert torch.equal(nsa_attention(**inputs, **CASE.settings()), _expected(inputs).o)
+
+
+def test_the_package_lists_its_operators_though_they_load_on_first_use():
+    import videonsa.ops as ops
+
+    assert set(ops.__all__) <= set(dir(ops))
+    assert all(getattr(ops, name) is not None for name in ops.__all__)

@@ -26,6 +26,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'videonsa.ops' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    # dir() and completion list the lazily loaded operators too.
+    return sorted({*globals(), *_LAZY_NAMES})
+
+
 __all__ = [
     "NSAConfig",
     "NSAParts",
