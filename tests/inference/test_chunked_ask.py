@@ -272,3 +272,19 @@ def test_auto_retries_in_smaller_chunks_when_the_estimate_runs_out_of_memory(loa
     with pytest.raises(torch.OutOfMemoryError):  # an explicit choice is not second-guessed
         generate_answer(model, loaded.files, prompt, video, settings, prefill_chunk_size=None)
     assert attempts == [None]
+
+
+def test_cli_running_out_of_memory_is_one_line_naming_the_settings_that_help(inputs, capsys, monkeypatch):
+    import videonsa.inference.generation as generation
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(generation, "generate_answer", out_of_memory)
+    argv = ["ask", "--model", str(inputs.checkpoint), "--video", str(inputs.video), *TINY_FLAGS, "--prefill-chunk",
+            "0", "What moves?"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert "out of memory" in line and "--budget" in line and "--prefill-chunk" in line

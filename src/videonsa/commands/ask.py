@@ -354,6 +354,7 @@ def _print_choice(answer, console) -> None:
 
 def run_ask(args: argparse.Namespace) -> int:
     """Check inputs, show the plan, decode, load the model, stream the answer, report."""
+    import torch
     from rich.console import Console
     from rich.markup import escape
 
@@ -420,11 +421,18 @@ def run_ask(args: argparse.Namespace) -> int:
             files, attention=choice.mode, device=device, dtype=dtype, fresh_gates=args.fresh_gates
         )
     loading_seconds = time.perf_counter() - loading_started
-    with prefill_display(console) as show_prefill:
-        answer = generate_answer(
-            model, files, prompt, video, generation, on_text=_stream_to_stdout, on_prefill=show_prefill,
-            prefill_chunk_size=args.prefill_chunk,
-        )
+    try:
+        with prefill_display(console) as show_prefill:
+            answer = generate_answer(
+                model, files, prompt, video, generation, on_text=_stream_to_stdout, on_prefill=show_prefill,
+                prefill_chunk_size=args.prefill_chunk,
+            )
+    except torch.OutOfMemoryError:
+        # Settings asked for more than the device holds ("auto" chunking already retried in smaller chunks).
+        raise UserError(
+            f"{device} ran out of memory answering over {plan.describe()}: pass a smaller --budget (or fewer frames), "
+            "or --prefill-chunk N to prefill in chunks of N tokens"
+        ) from None
     sys.stdout.write("\n")
     sys.stdout.flush()
     _print_choice(answer, console)
