@@ -263,7 +263,7 @@ class VideoNSAAttention(SequenceParallelModule, qwen.Qwen2_5_VLAttention):
 
     def dense_attend(self, query: Tensor, key: Tensor, value: Tensor, split: TokenSplit) -> Tensor:
         """Text queries through the model's attention backend with the split's text mask: q [B, HQ, L, D],
-        k/v [B, HKV, T, D] -> [B, L, HQ, D].
+        k/v [B, HKV, P + T, D] (P = `split.past`, the cached tokens of a chunked prefill) -> [B, L, HQ, D].
 
         Eager materialises the weights as transformers does. Every other backend (flash attention included)
         runs `grouped_text_sdpa`: no mask at all for one unpadded sample with one vision run, else each KV
