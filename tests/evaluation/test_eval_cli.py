@@ -128,3 +128,28 @@ def test_help(argv, capsys):
         main(argv)
     assert exited.value.code == 0
     assert "usage: videonsa eval" in capsys.readouterr().out
+
+
+def test_fresh_gates_lets_a_partly_gated_checkpoint_run(needle_set, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from videonsa import testing
+
+    folder = testing.save_tiny_checkpoint(tmp_path / "partly-gated", seed=5)
+    tensors = load_file(folder / "model.safetensors")
+    kept = {name: tensor for name, tensor in tensors.items() if ".layers.1.self_attn.g_proj_" not in name}
+    assert len(kept) == len(tensors) - 4
+    save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
+    argv = ["eval", "--model", str(folder), "--task", f"needles:{needle_set.directory}", "--out", str(tmp_path / "out"),
+            "--limit", "1", *FAST_FLAGS]  # fmt: skip
+
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("videonsa eval: error: ") and "--fresh-gates" in error, error
+    assert main([*argv, "--fresh-gates"]) == 0
+    assert len(read_answers(tmp_path / "out" / ANSWERS_FILE)) == 1
+
+
+def test_fresh_gates_is_refused_for_lmms_eval_tasks(capsys):
+    one_line_error(capsys, ["eval", "--model", "m", "--task", "videomme", "--fresh-gates"],
+                   "--fresh-gates applies to needles:DIR tasks")

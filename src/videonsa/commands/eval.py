@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 # Only light modules here and in the parser builders: `videonsa eval --help` must not wait for torch.
-from videonsa.commands.ask import PREFILL_CHUNK_HELP, prefill_chunk_arg
+from videonsa.commands.ask import FRESH_GATES_HELP, PREFILL_CHUNK_HELP, prefill_chunk_arg
 from videonsa.errors import UserError
 from videonsa.options import ATTENTION_MODES, DEFAULT_PAPER_FPS, DEFAULT_PAPER_MAX_FRAMES, PRESETS
 from videonsa.video.planning import DEFAULT_BUDGET_TOKENS, DEFAULT_FPS, DEFAULT_PIXELS_PER_FRAME, PREFERENCES
@@ -69,6 +69,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     model.add_argument("--dtype", default="auto", help="auto (default), bfloat16, float16 or float32")
+    model.add_argument("--fresh-gates", action="store_true", help=FRESH_GATES_HELP)
     frames = parser.add_argument_group("frames and token budget (as in `videonsa ask`)")
     frames.add_argument("--preset", choices=PRESETS, default="auto", help="planner, paper, or auto (default)")
     frames.add_argument(
@@ -218,6 +219,11 @@ def _run_lmms_task(args: argparse.Namespace) -> int:
             f"--prefill-chunk {args.prefill_chunk or 0}: lmms-eval tasks prefill with the automatic choice; "
             "--prefill-chunk applies to needles:DIR tasks"
         )
+    if args.fresh_gates:
+        raise UserError(
+            "--fresh-gates applies to needles:DIR tasks; for an lmms-eval task, complete the checkpoint's gates "
+            "first with `videonsa convert --fresh-gates`"
+        )
     if Path(args.task).exists():
         raise UserError(
             f"--task {args.task}: a path, not a task name; for a needle set write --task needles:{args.task}"
@@ -293,7 +299,7 @@ def _run_needles(args, questions, attention, preset, frames, generation, out: Pa
     with console.status(f"loading {escape(args.model)} ({attention} attention)"):
         model = videonsa.load(
             args.model, attention=attention, device=args.device, dtype=args.dtype,
-            prefill_chunk_size=args.prefill_chunk,
+            prefill_chunk_size=args.prefill_chunk, fresh_gates=args.fresh_gates,
         )
     settings = EvalSettings(
         preset=preset,
