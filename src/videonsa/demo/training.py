@@ -31,6 +31,7 @@ class DemoTraining:
     learning_rate: float = 1e-3
     warmup: float = 0.1  # fraction of the steps
     schedule: str = "cosine"  # transformers' lr_scheduler_type (the recipe's)
+    decay: float = 0.2  # with schedule "warmup_stable_decay": the fraction of the steps spent decaying
     weight_decay: float = 0.01
     save_steps: int = 20
     seed: int = 0
@@ -57,6 +58,7 @@ def training_overrides(
         "trainer.learning_rate": training.learning_rate,
         "trainer.warmup_steps": training.warmup,
         "trainer.lr_scheduler_type": training.schedule,
+        **_schedule_arguments(training),
         "trainer.weight_decay": training.weight_decay,
         "trainer.per_device_train_batch_size": training.batch_size,
         "trainer.gradient_accumulation_steps": 1,
@@ -70,6 +72,14 @@ def training_overrides(
         "trainer.dataloader_num_workers": 0,
         "trainer.dataloader_persistent_workers": False,
     }
+
+
+def _schedule_arguments(training: DemoTraining) -> dict[str, Any]:
+    """Extra scheduler settings: the decay length of a warm-up, stable, decay schedule (held at the peak rate
+    until the last `decay` of the steps)."""
+    if training.schedule != "warmup_stable_decay":
+        return {}
+    return {"trainer.lr_scheduler_kwargs": {"num_decay_steps": max(1, round(training.decay * training.steps))}}
 
 
 def training_config(*args: Any, **kwargs: Any):
