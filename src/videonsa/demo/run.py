@@ -46,7 +46,7 @@ from videonsa.demo.plots import (
 from videonsa.demo.task import TASK_KINDS, DemoTask, chat_texts, make_videos, write_annotations
 from videonsa.demo.training import FRAME_PIXELS, DemoTraining, training_config
 from videonsa.errors import UserError
-from videonsa.training.io import atomic_write_json
+from videonsa.files import atomic_write_json
 
 logger = logging.getLogger("videonsa.demo")
 

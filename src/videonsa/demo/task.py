@@ -107,7 +107,7 @@ def chat_texts(question) -> list[str]:
 
 def write_annotations(questions: QuestionSet, path: str | os.PathLike) -> Path:
     """Write the training annotations for `questions` (videos relative to the question file's folder)."""
-    from videonsa.training.io import atomic_write_text
+    from videonsa.files import atomic_write_text
 
     path = Path(path)
     lines = [json.dumps(training_record(question), ensure_ascii=False) for question in questions]
