@@ -20,21 +20,14 @@ Two transformers behaviours are corrected here, which is why the package compute
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from itertools import groupby
+
 import torch
 from torch import Tensor
 
 # Qwen2.5-VL's token types in mm_token_type_ids.
 TEXT, IMAGE, VIDEO = 0, 1, 2
-
-
-def _runs(types: list[int]) -> list[tuple[int, int, int]]:
-    """(token type, start, end) of each maximal run of equal types."""
-    runs, start = [], 0
-    for index in range(1, len(types) + 1):
-        if index == len(types) or types[index] != types[start]:
-            runs.append((types[start], start, index))
-            start = index
-    return runs
 
 
 def _vision_block(
@@ -49,6 +42,31 @@ def _vision_block(
     r = torch.arange(rows, device=device).view(1, -1, 1).expand(frames, rows, cols)
     c = torch.arange(cols, device=device).view(1, 1, -1).expand(frames, rows, cols)
     return torch.stack([t, r, c]).reshape(3, -1) + start
+
+
+def _vision_run(
+    count: int, kind: int, start: int, grids: Iterator[Tensor], seconds: Iterator[Tensor],
+    tokens_per_second: float, merge: int, device: torch.device,
+) -> list[Tensor]:
+    """Position ids of a run of `count` image or video tokens, one [3, n] block per grid (a run may hold several
+    images or videos back to back), the first starting at id `start`, each next one past the last's largest id."""
+    blocks, filled = [], 0
+    while filled < count:
+        grid = next(grids, None)
+        if grid is None:
+            raise ValueError(f"more {'video' if kind == VIDEO else 'image'} tokens than grids in "
+                             "video_grid_thw / image_grid_thw")
+        step = None
+        if kind == VIDEO:
+            # Float32 seconds times tokens per second, then the patch index, then floor: as the later
+            # transformers releases compute it.
+            step = torch.tensor(float(next(seconds, 1.0)), dtype=torch.float32, device=device) * tokens_per_second
+        blocks.append(_vision_block(start, grid, merge, step, device))
+        filled += blocks[-1].shape[1]
+        start = int(blocks[-1].max()) + 1
+    if filled != count:
+        raise ValueError("a vision grid does not match its number of placeholder tokens")
+    return blocks
 
 
 def multimodal_position_ids(
@@ -82,30 +100,15 @@ def multimodal_position_ids(
                 else torch.ones(length, dtype=torch.bool, device=device))
         pieces: list[Tensor] = []
         next_id = 0
-        for kind, start, end in _runs(mm_token_type_ids[sample][keep].tolist()):
+        for kind, run in groupby(mm_token_type_ids[sample][keep].tolist()):
+            count = len(list(run))
             if kind == TEXT:
-                pieces.append(torch.arange(end - start, device=device).expand(3, -1) + next_id)
+                new = [torch.arange(count, device=device).expand(3, -1) + next_id]
             else:
-                filled = 0
-                while filled < end - start:
-                    grid = next(grids[kind], None)
-                    if grid is None:
-                        raise ValueError(f"more {'video' if kind == VIDEO else 'image'} tokens than grids in "
-                                         "video_grid_thw / image_grid_thw")
-                    step = None
-                    if kind == VIDEO:
-                        per_patch = float(next(seconds, 1.0))
-                        # Float32 seconds times tokens per second, then the patch index, then floor: as the later
-                        # transformers releases compute it.
-                        step = torch.tensor(per_patch, dtype=torch.float32, device=device) * tokens_per_second
-                    block = _vision_block(next_id, grid, spatial_merge_size, step, device)
-                    pieces.append(block)
-                    filled += block.shape[1]
-                    next_id = int(block.max()) + 1
-                if filled != end - start:
-                    raise ValueError("a vision grid does not match its number of placeholder tokens")
-                continue
-            next_id = int(pieces[-1].max()) + 1
+                new = _vision_run(count, kind, next_id, grids[kind], seconds, tokens_per_second,
+                                  spatial_merge_size, device)
+            pieces += new
+            next_id = int(new[-1].max()) + 1
         ids = torch.cat(pieces, dim=1)
         position_ids[:, sample, keep] = ids
         deltas.append(int(ids.max()) + 1 - int(keep.sum()))
