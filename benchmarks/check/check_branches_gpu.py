@@ -166,6 +166,18 @@ def poison() -> None:
 # Correctness
 
 
+def compare_to_reference(o, lse, grads, again, o_ref, lse_ref, leaves) -> dict:
+    """Relative errors of a kernel's o, lse and (dq, dk, dv) against the dense reference (whose leaves hold its
+    gradients), whether anything is NaN, and whether a second backward (`again`) gave the same bits."""
+    return {
+        "o": rel(o, o_ref), "lse": rel(lse, lse_ref),
+        "dq": rel(grads[0], leaves[0].grad), "dk": rel(grads[1], leaves[1].grad),
+        "dv": rel(grads[2], leaves[2].grad),
+        "nan": any(bool(torch.isnan(x).any()) for x in (o, lse, *grads)),
+        "deterministic": all(torch.equal(a, b) for a, b in zip(grads, again, strict=True)),
+    }
+
+
 def check_correctness(results: dict) -> None:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     for name, hq, hkv, d, dtype, lens in CASES:
@@ -193,13 +205,7 @@ def check_correctness(results: dict) -> None:
                 bwd = partial(slc.selected_attention_bwd, q, k, v, o, lse, do, idx, cu_t, BLOCK, scale,
                               tile_rows=rows, dkdv_split=100 if rows == 16 else None)
                 grads, again = bwd(), bwd()
-                entry = {
-                    "o": rel(o, o_ref), "lse": rel(lse, lse_ref),
-                    "dq": rel(grads[0], leaves[0].grad), "dk": rel(grads[1], leaves[1].grad),
-                    "dv": rel(grads[2], leaves[2].grad),
-                    "nan": any(bool(torch.isnan(x).any()) for x in (o, lse, *grads)),
-                    "deterministic": all(torch.equal(a, b) for a, b in zip(grads, again, strict=True)),
-                }
+                entry = compare_to_reference(o, lse, grads, again, o_ref, lse_ref, leaves)
                 results[f"slc {name} {kind} rows{rows}"] = entry
                 print(f"slc {name} {kind} rows{rows}", entry, flush=True)
             del allowed, o_ref, lse_ref, leaves
@@ -214,13 +220,7 @@ def check_correctness(results: dict) -> None:
             poison()
             grads = swa.window_attention_bwd(q, k, v, o, lse, do, cu_t, WINDOW, scale, tile_rows=rows)
             again = swa.window_attention_bwd(q, k, v, o, lse, do, cu_t, WINDOW, scale, tile_rows=rows)
-            entry = {
-                "o": rel(o, o_ref), "lse": rel(lse, lse_ref),
-                "dq": rel(grads[0], leaves[0].grad), "dk": rel(grads[1], leaves[1].grad),
-                "dv": rel(grads[2], leaves[2].grad),
-                "nan": any(bool(torch.isnan(x).any()) for x in (o, lse, *grads)),
-                "deterministic": all(torch.equal(a, b) for a, b in zip(grads, again, strict=True)),
-            }
+            entry = compare_to_reference(o, lse, grads, again, o_ref, lse_ref, leaves)
             results[f"swa {name} rows{rows}"] = entry
             print(f"swa {name} rows{rows}", entry, flush=True)
         del allowed, o_ref, lse_ref, leaves
