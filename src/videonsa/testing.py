@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from videonsa.ops.config import NSAConfig
+
 if TYPE_CHECKING:
     from transformers import BaseImageProcessor, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
     from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
@@ -173,8 +175,8 @@ def tiny_videonsa_config(
     block_size: int = 4,
     block_counts: int = 2,
     window_size: int = 8,
-    init_blocks: int = 0,
-    local_blocks: int = 1,
+    init_blocks: int = NSAConfig.init_blocks,
+    local_blocks: int = NSAConfig.local_blocks,
     gate_temperature: float = 0.3,
     attention_mode: str = "nsa",
     **text_kwargs: Any,

@@ -127,7 +127,6 @@ def build_model(spec: DemoModelSpec, attention: str, seed: int, vocab_size: int 
         block_size=spec.block_size,
         block_counts=spec.block_counts,
         window_size=spec.window_size,
-        local_blocks=1,
         gate_temperature=spec.gate_temperature,
         attention_mode=attention,
         vocab_size=vocab_size or testing.TINY_VOCAB_SIZE,
