@@ -188,6 +188,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_ask)
 
 
+def check_prefill_chunk_mode(prefill_chunk: int | str | None, mode: str) -> None:
+    """Refuse an explicit chunk size (not "auto", not 0/None) for official mode, which prefills in one pass."""
+    if prefill_chunk not in ("auto", None) and mode == "official":
+        raise UserError(
+            "--prefill-chunk: attention_mode 'official' prefills in one pass, as the original code does; pass "
+            "--prefill-chunk 0, or --attention nsa or dense"
+        )
+
+
 def prefill_chunk_arg(text: str) -> int | str | None:
     """--prefill-chunk's value: "auto", 0 (one pass: None) or a positive number of tokens."""
     if text == "auto":
@@ -408,11 +417,7 @@ def run_ask(args: argparse.Namespace) -> int:
     console.print(f"plan   {plan.describe()} [preset {plan.preset}]", highlight=False, markup=False)
     if choice.notice:
         console.print(f"note   {choice.notice}", highlight=False, markup=False)
-    if args.prefill_chunk is not None and args.prefill_chunk != "auto" and choice.mode == "official":
-        raise UserError(
-            "--prefill-chunk: attention_mode 'official' prefills in one pass, as the original code does; pass "
-            "--prefill-chunk 0, or --attention nsa or dense"
-        )
+    check_prefill_chunk_mode(args.prefill_chunk, choice.mode)
     video = _decode_with_progress(plan, console)
     _quiet_transformers_loading()
     loading_started = time.perf_counter()

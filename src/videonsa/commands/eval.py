@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 # Only light modules here and in the parser builders: `videonsa eval --help` must not wait for torch.
-from videonsa.commands.ask import FRESH_GATES_HELP, PREFILL_CHUNK_HELP, prefill_chunk_arg
+from videonsa.commands.ask import FRESH_GATES_HELP, PREFILL_CHUNK_HELP, check_prefill_chunk_mode, prefill_chunk_arg
 from videonsa.errors import UserError
 from videonsa.options import ATTENTION_MODES, DEFAULT_PAPER_FPS, DEFAULT_PAPER_MAX_FRAMES, PRESETS
 from videonsa.video.planning import DEFAULT_BUDGET_TOKENS, DEFAULT_FPS, DEFAULT_PIXELS_PER_FRAME, PREFERENCES
@@ -274,11 +274,7 @@ def run_evaluation(args: argparse.Namespace) -> int:
     questions = _task_questions(args.task)
     attention = resolve_attention(open_model_files(args.model), check_attention(args.attention)).mode
     preset = resolve_preset(args.preset, attention)
-    if attention == "official" and args.prefill_chunk not in ("auto", None):
-        raise UserError(
-            "--prefill-chunk: attention_mode 'official' prefills in one pass, as the original code does; pass "
-            "--prefill-chunk 0, or --attention nsa or dense"
-        )
+    check_prefill_chunk_mode(args.prefill_chunk, attention)
     frames, generation = _settings(args, preset)
     out = Path(args.out) if args.out else Path("eval-results") / f"{_slug(args.task)}-{_slug(args.model)}-{attention}"
     return _run_needles(args, questions, attention, preset, frames, generation, out)
