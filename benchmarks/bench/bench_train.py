@@ -143,6 +143,31 @@ def build_model(config: VideoNSAConfig, device: str) -> VideoNSAForConditionalGe
     return model.train()
 
 
+def build_trainer(config: VideoNSAConfig, dataset: Dataset, output_dir: str, *, max_steps: int, grad_accum: int,
+                  device: str, strategy: str = "auto", callbacks: list[TrainerCallback] | None = None,
+                  trainer_class: type[VideoNSATrainer] = VideoNSATrainer) -> VideoNSATrainer:
+    """The recipe's Trainer (bf16 autocast on CUDA, checkpointing, AdamW, clipping) on a fresh random model.
+
+    Checkpoints are never saved (`output_dir` only holds the Trainer's run files); one loss is logged per step.
+    `trainer_class` lets a probe add instrumentation to the same Trainer.
+    """
+    recipe = load_config(None, {
+        "strategy": strategy,
+        "trainer.output_dir": output_dir, "trainer.max_steps": max_steps,
+        "trainer.gradient_accumulation_steps": grad_accum, "trainer.save_strategy": "no",
+        "trainer.logging_steps": 1, "trainer.dataloader_num_workers": 0, "trainer.disable_tqdm": True,
+        "trainer.bf16": device == "cuda", "trainer.use_cpu": device == "cpu",
+    })
+    training_args = training_arguments(recipe)  # first: it binds this process to its GPU
+    model = build_model(config, training_args.device)
+    set_trainable(model, TrainableSettings())  # everything, as the recipe (gates not in dense mode)
+    return trainer_class(
+        model=model, args=training_args, train_dataset=dataset,
+        data_collator=VideoChatCollator(pad_token_id=config.text_config.pad_token_id),
+        callbacks=callbacks or [],
+    )
+
+
 def run_mode(args: argparse.Namespace, mode: str, frames: int) -> dict:
     """Train `args.warmup + args.steps` steps in `mode`; step times, peak memory, losses."""
     config = model_config(args.shape, args.layers, args.vision_layers, mode)
@@ -153,30 +178,18 @@ def run_mode(args: argparse.Namespace, mode: str, frames: int) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     timer = StepTimer(args.device)
-    trainer = model = None
+    trainer = None
     try:
         with tempfile.TemporaryDirectory() as output_dir:
-            recipe = load_config(None, {
-                "strategy": args.strategy,
-                "trainer.output_dir": output_dir, "trainer.max_steps": args.warmup + args.steps,
-                "trainer.gradient_accumulation_steps": args.grad_accum, "trainer.save_strategy": "no",
-                "trainer.logging_steps": 1, "trainer.dataloader_num_workers": 0, "trainer.disable_tqdm": True,
-                "trainer.bf16": args.device == "cuda", "trainer.use_cpu": args.device == "cpu",
-            })
-            training_args = training_arguments(recipe)  # first: it binds this process to its GPU
-            model = build_model(config, training_args.device)
-            set_trainable(model, TrainableSettings())  # everything, as the recipe (gates not in dense mode)
-            trainer = VideoNSATrainer(
-                model=model, args=training_args, train_dataset=dataset,
-                data_collator=VideoChatCollator(pad_token_id=config.text_config.pad_token_id),
-                callbacks=[timer],
-            )
+            trainer = build_trainer(config, dataset, output_dir, max_steps=args.warmup + args.steps,
+                                    grad_accum=args.grad_accum, device=args.device, strategy=args.strategy,
+                                    callbacks=[timer])
             trainer.train()
             row["losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     except torch.cuda.OutOfMemoryError as error:
         row["error"] = f"out of memory: {str(error).splitlines()[0]}"
     finally:
-        trainer = model = None  # noqa: F841 (release the model and optimizer before the next mode)
+        trainer = None  # noqa: F841 (release the model and optimizer before the next mode)
         gc.collect()
     measured = timer.times[args.warmup:]
     if measured:
