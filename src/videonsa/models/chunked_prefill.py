@@ -25,6 +25,7 @@ from transformers import DynamicCache
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
 from videonsa.errors import UserError
+from videonsa.models.vision_attention import install_packed_attention
 
 # Progress of a chunked prefill: (stage, done, total): stage "vision" counts the vision tokens the tower has
 # produced so far (total None: the tower does not know the prompt), "text" the prompt tokens the language model
@@ -251,10 +252,17 @@ class ChunkedVisionTower(qwen.Qwen2_5_VisionTransformerPretrainedModel):
     its window reordering goes temporal patch after temporal patch, so cutting the input between temporal patches
     and concatenating the pieces' outputs gives what one pass gives (both outputs), with one piece's activations
     in memory instead of the whole video's. Same parameters as the stock tower, so checkpoints load unchanged.
+
+    Its blocks attend with `PackedVisionAttention` (one attention call per distinct window length instead of one
+    per window; docs/vision-tower.md), whichever path (ask, eval, training, analyze) builds the model.
     """
 
     chunk_tokens: int | None = None
     on_piece: Callable[[int], None] | None = None
+
+    def __init__(self, config: Any, *inputs: Any, **kwargs: Any) -> None:
+        super().__init__(config, *inputs, **kwargs)
+        self.chunk_layouts = install_packed_attention(self)
 
     def forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs: Any) -> Any:
         """hidden_states [sum of t*h*w, patch_dim] patches, grid_thw long [items, 3] -> the stock output."""

@@ -1,0 +1,240 @@
+"""PackedVisionAttention: the vision tower with one attention call per chunk length equals the stock tower
+(outputs and every gradient), its chunk layouts, and that the package's models use it."""
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLVisionConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+
+from videonsa import testing
+from videonsa.models.chunked_prefill import ChunkedVisionTower, merged_output
+from videonsa.models.vision_attention import ChunkLayoutCache, PackedVisionAttention, chunk_layout
+
+PATCH_DIM = 3 * testing.TEMPORAL_PATCH_SIZE * testing.PATCH_SIZE**2
+
+# Grids (t, h, w in patches; windows of 8x8 patches, merge 2x2) of the cases the packed path must get right.
+GRIDS = {
+    # 3 frames of 16x16 patches: every window 64 rows, every frame 256: one batch each, by a view.
+    "equal frames": [[3, 16, 16]],
+    # 20x12 patches: windows of 64, 32 and 16 rows interleaved in every frame: gathered by index.
+    "mixed windows": [[2, 20, 12]],
+    # Images and videos of different sizes: frames of 96 rows in two items apart (gathered), windows mixed.
+    "mixed items": [[1, 8, 12], [3, 16, 16], [1, 20, 20], [2, 12, 8]],
+    # Two items whose lengths each form one run (full blocks: 256, 256, 64): views, no reordering.
+    "runs": [[2, 16, 16], [1, 8, 8]],
+    # One window that is the whole frame: a single chunk in every block.
+    "single chunk": [[1, 8, 8]],
+}
+
+
+def _config(implementation: str = "sdpa") -> Qwen2_5_VLVisionConfig:
+    config = Qwen2_5_VLVisionConfig(**testing.tiny_vision_config_kwargs(depth=4, hidden_size=32))
+    config.fullatt_block_indexes = [1, 3]  # window and full blocks alternate, as in the 7B tower's pattern
+    config._attn_implementation = implementation
+    return config
+
+
+def _towers(implementation: str = "sdpa", seed: int = 0):
+    """(stock tower, packed tower) with the same random weights, fp32, training mode (dropout is 0)."""
+    torch.manual_seed(seed)
+    stock = qwen.Qwen2_5_VisionTransformerPretrainedModel(_config(implementation))
+    packed = ChunkedVisionTower(_config(implementation))
+    packed.load_state_dict(stock.state_dict())
+    return stock.train(), packed.train()
+
+
+def _pixels(grid: list[list[int]], seed: int = 1) -> torch.Tensor:
+    rows = sum(t * h * w for t, h, w in grid)
+    return torch.randn(rows, PATCH_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def _run(tower, pixels: torch.Tensor, grid: list[list[int]], weights: torch.Tensor | None = None):
+    """Forward + backward of a random linear loss: (merged output, input gradient, {name: parameter gradient})."""
+    pixels = pixels.clone().requires_grad_()
+    output = merged_output(tower(pixels, grid_thw=torch.tensor(grid)))
+    weights = torch.randn_like(output, generator=torch.Generator().manual_seed(2)) if weights is None else weights
+    (output * weights).sum().backward()
+    grads = {name: parameter.grad for name, parameter in tower.named_parameters()}
+    return output.detach(), pixels.grad, grads
+
+
+def _assert_same_run(ours, theirs):
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-6)
+    assert ours[2].keys() == theirs[2].keys()
+    for name, grad in theirs[2].items():
+        torch.testing.assert_close(ours[2][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("case", list(GRIDS))
+def test_packed_tower_equals_stock_tower(case, implementation):
+    grid = GRIDS[case]
+    stock, packed = _towers(implementation)
+    pixels = _pixels(grid)
+    _assert_same_run(_run(packed, pixels, grid), _run(stock, pixels, grid))
+    assert packed.chunk_layouts.builds == 2  # the window and the full cu_seqlens, once each for four blocks
+
+
+def _enable_checkpointing(model, settings: dict) -> None:
+    """Gradient checkpointing on: activation_checkpointing_enable in newer transformers, the older name before."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_packed_tower_under_gradient_checkpointing(reentrant):
+    grid = GRIDS["mixed items"]
+    stock, packed = _towers()
+    pixels = _pixels(grid)
+    expected = _run(stock, pixels, grid)
+    _enable_checkpointing(packed, {"use_reentrant": reentrant})
+    _assert_same_run(_run(packed, pixels, grid), expected)
+    # The recompute finds the layouts of the forward (a reentrant recompute sees detached aliases of them).
+    assert packed.chunk_layouts.builds == 2
+
+
+def test_packed_tower_in_bf16_autocast_is_close_to_stock():
+    grid = GRIDS["mixed windows"]
+    stock, packed = _towers()
+    pixels = _pixels(grid)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = merged_output(stock(pixels, grid_thw=torch.tensor(grid))).float()
+        output = merged_output(packed(pixels, grid_thw=torch.tensor(grid))).float()
+    torch.testing.assert_close(output, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_chunked_tower_pieces_still_equal_one_pass():
+    grid = [[4, 16, 16], [1, 20, 12]]
+    stock, packed = _towers()
+    pixels = _pixels(grid)
+    with torch.no_grad():
+        expected = merged_output(stock(pixels, grid_thw=torch.tensor(grid)))
+        packed.chunk_tokens = 64 * 2  # two temporal patches of 64 merged tokens per piece
+        output = merged_output(packed(pixels, grid_thw=torch.tensor(grid)))
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_keys_and_shapes_match_the_stock_tower():
+    stock, packed = _towers()
+    ours, theirs = packed.state_dict(), stock.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[key].shape == theirs[key].shape for key in theirs)
+
+
+def test_the_models_vision_tower_uses_packed_attention():
+    model = testing.tiny_model()
+    tower = model.model.visual
+    attentions = [block.attn for block in tower.blocks]
+    assert all(isinstance(attention, PackedVisionAttention) for attention in attentions)
+    assert all(attention.layouts is tower.chunk_layouts for attention in attentions)
+    stock = testing.tiny_model(videonsa=False)
+    assert {k for k in model.state_dict() if "visual" in k} == {k for k in stock.state_dict() if "visual" in k}
+
+
+def _per_chunk_attention(query, key, value, cu_seqlens):
+    """The plain reference: SDPA over each chunk [1, heads, L, D] alone, outputs [1, S, heads, D]."""
+    bounds = cu_seqlens.tolist()
+    outputs = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, begin:end], key[:, :, begin:end], value[:, :, begin:end]
+        )
+        for begin, end in zip(bounds[:-1], bounds[1:])
+        if end > begin
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2)
+
+
+def test_flash_implementations_keep_the_stock_varlen_call(monkeypatch):
+    calls = []
+
+    def varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+        calls.append(cu_seq_lens_q)
+        return _per_chunk_attention(query, key, value, cu_seq_lens_q), None
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "test_flash_varlen", varlen)
+    grid = GRIDS["mixed items"]
+    stock, packed = _towers("sdpa")
+    # Set after construction: a model built with a flash implementation looks for the flash-attn package.
+    for block in packed.blocks:
+        monkeypatch.setattr(block.attn.config, "_attn_implementation", "test_flash_varlen")
+    with torch.no_grad():
+        expected = merged_output(stock(_pixels(grid), grid_thw=torch.tensor(grid)))
+        output = merged_output(packed(_pixels(grid), grid_thw=torch.tensor(grid)))
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 4 and all(c is not None for c in calls)  # one varlen call per block
+    assert packed.chunk_layouts.builds == 0
+
+
+def test_other_implementations_keep_the_stock_per_chunk_loop(monkeypatch):
+    shapes = []
+
+    def plain(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        shapes.append(query.shape)
+        output = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling)
+        return output.transpose(1, 2), None
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "test_custom_attention", plain)
+    grid = GRIDS["single chunk"] + GRIDS["equal frames"]
+    stock, _ = _towers("sdpa")
+    _, packed = _towers("test_custom_attention")
+    with torch.no_grad():
+        expected = merged_output(stock(_pixels(grid), grid_thw=torch.tensor(grid)))
+        output = merged_output(packed(_pixels(grid), grid_thw=torch.tensor(grid)))
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+    assert all(shape[0] == 1 for shape in shapes)  # one chunk per call, as the stock loop does
+    assert len(shapes) == 2 * (1 + 3 * 4) + 2 * (1 + 3)  # window blocks: 13 windows; full blocks: 4 frames
+
+
+def _regroup(layout, rows: torch.Tensor) -> torch.Tensor:
+    """rows [S, 1, 1] taken group by group as the attention does, then put back in sequence order: [S]."""
+    parts = [group.take(rows).transpose(1, 2).reshape(-1) for group in layout.groups]
+    out = torch.cat(parts) if parts else rows.new_zeros(0)
+    return out if layout.inverse is None else out.index_select(0, layout.inverse)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_layout_groups_every_chunk_once_by_length(seed):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 4, (12,), generator=generator) * 8  # some empty chunks, lengths 8, 16, 24
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
+    total = int(lengths.sum())
+    layout = chunk_layout(cu_seqlens, total)
+    assert sorted(group.length for group in layout.groups) == sorted(set(lengths[lengths > 0].tolist()))
+    assert sum(group.count * group.length for group in layout.groups) == total
+    rows = torch.arange(total, dtype=torch.float64).view(total, 1, 1)
+    assert torch.equal(_regroup(layout, rows), rows.view(-1))
+    for group in layout.groups:  # each chunk of a batch is one whole chunk of the sequence
+        starts = group.take(rows)[:, 0, 0, 0].long()
+        assert set(starts.tolist()) <= set(cu_seqlens.tolist())
+
+
+def test_layout_of_equal_chunks_is_one_view():
+    cu_seqlens = torch.arange(0, 5 * 64, 64, dtype=torch.int32)
+    layout = chunk_layout(cu_seqlens, 4 * 64)
+    assert layout.inverse is None and len(layout.groups) == 1
+    states = torch.randn(4 * 64, 2, 8)
+    batch = layout.groups[0].take(states)
+    assert batch.shape == (4, 2, 64, 8) and batch.data_ptr() == states.data_ptr()
+
+
+def test_layout_refuses_cu_seqlens_that_do_not_cover_the_rows():
+    with pytest.raises(ValueError, match="covers 64 rows but the hidden states hold 65"):
+        chunk_layout(torch.tensor([0, 32, 64], dtype=torch.int32), 65)
+
+
+def test_layout_cache_recognises_a_tensor_not_its_values():
+    cache = ChunkLayoutCache(size=2)
+    window = torch.tensor([0, 64, 128], dtype=torch.int32)
+    full = torch.tensor([0, 128], dtype=torch.int32)
+    first = cache.layout(window, 128)
+    assert cache.layout(window, 128) is first and cache.layout(window.detach(), 128) is first
+    cache.layout(full, 128)
+    assert cache.builds == 2
+    window.add_(0)  # changed in place: its version moves on, so it is read again
+    assert cache.layout(window, 128) is not first and cache.builds == 3
+    cache.layout(torch.tensor([0, 64, 128], dtype=torch.int32), 128)  # equal values, another tensor
+    assert cache.builds == 4
