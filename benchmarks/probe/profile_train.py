@@ -158,29 +158,32 @@ def phase_of(t: float, ranges: dict[str, list[tuple[float, float]]]) -> str:
     return next((p for p in PHASES[:-1] if any(s <= t < e for s, e in ranges.get(p, []))), "other")
 
 
-def summarize(prof: profile, wall_ms: float, top: int) -> dict:
-    """Step totals, per-phase host and GPU time, top kernels and top CPU ops of one profiled step."""
-    events = list(prof.events())
-    ranges = phase_intervals(events)
+def host_split(ranges: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """Host ms per phase within the step: each stretch between consecutive range boundaries goes to one phase."""
     step_start, step_end = ranges["step"][0]
-    # Host time per phase: classify each stretch between consecutive range boundaries.
     cuts = sorted({step_start, step_end, *(t for p in PHASES for span in ranges.get(p, []) for t in span
                                            if step_start <= t <= step_end)})
-    phases = {p: {"host_ms": 0.0, "gpu_ms": 0.0, "kernels": 0} for p in PHASES}
+    host = dict.fromkeys(PHASES, 0.0)
     for a, b in zip(cuts, cuts[1:]):
-        phases[phase_of((a + b) / 2, ranges)]["host_ms"] += (b - a) / 1e3
-    # GPU work, each item attributed to the phase of its launch (runtime event of the same correlation id).
-    # Profiler ranges also appear on the GPU timeline under their CPU name: those are spans, not GPU work.
-    cpu_names = {e.name for e in events if e.device_type.name == "CPU"}
-    gpu = sorted((e for e in events if e.device_type.name == "CUDA" and e.name not in cpu_names
-                  and not getattr(e, "is_user_annotation", False)), key=lambda e: e.time_range.start)
+        host[phase_of((a + b) / 2, ranges)] += (b - a) / 1e3
+    return host
+
+
+def gpu_split(events, ranges: dict[str, list[tuple[float, float]]]) -> dict:
+    """GPU work (kernels, copies, sets) of the profile: total and busy ms, kernels, and per phase and per kernel
+    name ms and counts. An item belongs to the phase in which its launch call (the host runtime event of the same
+    correlation id) began; items without one are placed by their GPU start."""
+    gpu = sorted((e for e in events if e.device_type.name == "CUDA"
+                  and not e.is_user_annotation),  # a profiler range's span on the GPU timeline, not work
+                 key=lambda e: e.time_range.start)
     launch = {e.id: e.time_range.start for e in events if e.device_type.name == "CPU" and e.name.startswith("cu")}
-    by_kernel = defaultdict(lambda: [0, 0.0])
+    phases = {p: {"gpu_ms": 0.0, "kernels": 0} for p in PHASES}
+    by_name = defaultdict(lambda: [0, 0.0])
     busy = unmatched = kernels = 0
     covered_to = float("-inf")
     for e in gpu:
         start, end = e.time_range.start, e.time_range.end
-        busy += max(0.0, end - max(start, covered_to))
+        busy += max(0.0, end - max(start, covered_to))  # the union of intervals, in start order
         covered_to = max(covered_to, end)
         unmatched += e.id not in launch
         is_kernel = not e.name.startswith(("Memcpy", "Memset"))
@@ -188,15 +191,26 @@ def summarize(prof: profile, wall_ms: float, top: int) -> dict:
         phase = phases[phase_of(launch.get(e.id, start), ranges)]
         phase["gpu_ms"] += (end - start) / 1e3
         phase["kernels"] += is_kernel
-        by_kernel[e.name][0] += 1
-        by_kernel[e.name][1] += (end - start) / 1e3
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += (end - start) / 1e3
+    return {"gpu_items": len(gpu), "kernels": kernels, "gpu_ms": sum(p["gpu_ms"] for p in phases.values()),
+            "gpu_busy_ms": busy / 1e3, "launch_not_found": unmatched, "phases": phases, "by_name": by_name}
+
+
+def summarize(prof: profile, wall_ms: float, top: int) -> dict:
+    """Step totals, per-phase host and GPU time, top kernels and top CPU ops of one profiled step."""
+    events = list(prof.events())
+    ranges = phase_intervals(events)
+    work = gpu_split(events, ranges)
+    host = host_split(ranges)
+    phases = {p: {"host_ms": host[p], **work["phases"][p]} for p in PHASES}
+    by_name = work.pop("by_name")
     cpu_ops = sorted((a for a in prof.key_averages() if not a.key.startswith(PREFIX)),
                      key=lambda a: a.self_cpu_time_total, reverse=True)[:top]
     return {
-        "wall_ms": wall_ms, "host_step_ms": (step_end - step_start) / 1e3, "gpu_items": len(gpu), "kernels": kernels,
-        "gpu_ms": sum(p["gpu_ms"] for p in phases.values()), "gpu_busy_ms": busy / 1e3,
-        "gpu_idle_ms": wall_ms - busy / 1e3, "launch_not_found": unmatched, "phases": phases,
-        "top_kernels": sorted(([short(name), n, ms] for name, (n, ms) in by_kernel.items()), key=lambda r: -r[2])[:top],
+        **work, "wall_ms": wall_ms, "host_step_ms": sum(host.values()), "gpu_idle_ms": wall_ms - work["gpu_busy_ms"],
+        "phases": phases,
+        "top_kernels": sorted(([short(name), n, ms] for name, (n, ms) in by_name.items()), key=lambda r: -r[2])[:top],
         "top_cpu_ops": [[short(a.key), a.count, a.self_cpu_time_total / 1e3] for a in cpu_ops],
     }
 
