@@ -1,20 +1,20 @@
 """Where a whole training step's time goes: one optimizer step under torch.profiler, per attention mode.
 
-Same model, sample and recipe as `bench/bench_train.py` (its `build_trainer`): Qwen2.5-VL-7B shape with the full
-vision tower and `--layers` LM layers, random weights, the Trainer with bf16 autocast, gradient checkpointing,
-clipping and AdamW. After `--warmup` steps one step runs under the profiler (CPU + CUDA activities).
+Same model, sample and recipe as `bench/bench_train.py` (its `build_trainer`): Qwen2.5-VL-7B shape, full vision
+tower, `--layers` LM layers, random weights, bf16 autocast, gradient checkpointing, clipping, AdamW. After
+`--warmup` steps one step runs under the profiler (CPU + CUDA activities).
 
     python benchmarks/probe/profile_train.py --layers 2 --seq-len 36864 [--trace trace.json]
     python benchmarks/probe/profile_train.py --shape tiny --device cpu --seq-len 2048   # smoke test
 
-Reports per mode: the step's wall ms (profiler on, so somewhat above bench_train's), the sum of GPU kernel
-durations, GPU busy time (union of kernel intervals; wall - busy = GPU idle) and the number of kernels; the time
-per phase; the top kernels by GPU time and the top CPU ops by self CPU time. Phases are profiler ranges opened by
-forward hooks (vision tower, language model, lm_head), the Trainer's loss, forward and training step, and the
-optimizer callbacks; a kernel belongs to the phase in which the host launched it, and "backward" is the rest of
-the training step after the forward (checkpoint recompute included). "other" is everything else in the step
-(inputs to device, gradient norm and clipping, scheduler, zero_grad). Writes OUT/profile_train.md and .json;
-`--trace FILE` exports a chrome trace per mode (FILE with the mode before the suffix).
+Per mode: wall ms of the profiled step (the profiler adds some), GPU ms (summed durations of kernels, copies and
+sets), GPU busy ms (their union; wall - busy = GPU idle), kernel count; host and GPU ms per phase; the top kernels
+by GPU time and the top CPU ops by self CPU time. Phases are profiler ranges opened by forward hooks (vision
+tower, language model, lm_head), by the Trainer's loss, forward and training step, and by the optimizer
+callbacks. GPU work counts in the phase during which the host launched it; "backward" is the training step after
+its forward (checkpoint recompute included); "other" is the rest of the step (inputs to the device, gradient
+norm and clipping, scheduler, zero_grad). Writes OUT/profile_train.md and .json; `--trace FILE` exports a chrome
+trace per mode (FILE.<mode>.json).
 """
 
 from __future__ import annotations
@@ -114,6 +114,12 @@ class ProfileOneStep(TrainerCallback):
         self.wall_ms = 1000 * (time.perf_counter() - self._start)
         RANGES.exit("step")
         self.profiler.stop()
+
+    def abandon(self) -> None:
+        """After a failed step (out of memory): stop the profiler and drop the ranges left open."""
+        if self.profiler is not None and not self.wall_ms:
+            self.profiler.stop()
+        RANGES.open.clear()
 
 
 def add_phase_hooks(model: torch.nn.Module) -> list:
@@ -230,6 +236,7 @@ def profile_mode(args: argparse.Namespace, mode: str, frames: int) -> dict:
             trainer.train()
     except torch.cuda.OutOfMemoryError as error:
         row["error"] = f"out of memory: {str(error).splitlines()[0]}"
+        probe.abandon()
     finally:
         for handle in handles or []:
             handle.remove()
