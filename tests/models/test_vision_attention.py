@@ -77,6 +77,21 @@ def test_packed_tower_equals_stock_tower(case, implementation):
     assert packed.chunk_layouts.builds == 2  # the window and the full cu_seqlens, once each for four blocks
 
 
+@pytest.mark.parametrize("limit", ["chunks", "scores"])
+def test_packed_tower_split_into_bounded_calls_equals_stock(limit):
+    grid = GRIDS["mixed items"]
+    stock, packed = _towers()
+    for block in packed.blocks:
+        if limit == "chunks":
+            block.attn.max_chunks_per_call = 3
+        else:  # room for two windows of 64 rows, or one of anything longer (a single frame of 256 exceeds it)
+            block.attn.max_scores_per_call = 2 * block.attn.num_heads * 64 * 64
+    assert packed.blocks[0].attn._chunks_per_call(64) == (3 if limit == "chunks" else 2)
+    assert packed.blocks[0].attn._chunks_per_call(256) == (3 if limit == "chunks" else 1)
+    pixels = _pixels(grid)
+    _assert_same_run(_run(packed, pixels, grid), _run(stock, pixels, grid))
+
+
 def _enable_checkpointing(model, settings: dict) -> None:
     """Gradient checkpointing on: activation_checkpointing_enable in newer transformers, the older name before."""
     if hasattr(model, "activation_checkpointing_enable"):

@@ -144,7 +144,16 @@ class PackedVisionAttention(qwen.Qwen2_5_VLVisionAttention):
 
     Flash attention (already one varlen call) and other implementations run the stock forward. `layouts` is
     shared by the blocks of a tower (`install_packed_attention`).
+
+    A batch holds at most `max_chunks_per_call` chunks (CUDA kernels put the batch on a grid axis of at most
+    65,535 blocks) and `max_scores_per_call` attention scores (chunks x heads x length^2): implementations that
+    materialise the scores (eager, SDPA's math backend) then never hold more than 1 GiB of fp32 scores at once
+    where the stock loop held one chunk's. A 556-frame sample of the 7B tower takes one call per window block and
+    three per full block.
     """
+
+    max_chunks_per_call: int = 32768
+    max_scores_per_call: int = 1 << 28
 
     def __init__(self, config: Any, layouts: ChunkLayoutCache | None = None) -> None:
         super().__init__(config)
@@ -185,16 +194,17 @@ class PackedVisionAttention(qwen.Qwen2_5_VLVisionAttention):
         outputs = []
         for group in layout.groups:
             batch = [group.take(states) for states in (query, key, value)]  # [n, heads, L, D] each
-            output = attend(
-                self,
-                *batch,
-                attention_mask=None,
-                scaling=self.scaling,
-                dropout=0.0 if not self.training else self.attention_dropout,
-                is_causal=False,
-                **kwargs,
-            )[0]  # [n, L, heads, D]
-            outputs.append(output.reshape(-1, self.dim))
+            for part in zip(*(states.split(self._chunks_per_call(group.length)) for states in batch), strict=True):
+                output = attend(
+                    self,
+                    *part,
+                    attention_mask=None,
+                    scaling=self.scaling,
+                    dropout=0.0 if not self.training else self.attention_dropout,
+                    is_causal=False,
+                    **kwargs,
+                )[0]  # [chunks, L, heads, D]
+                outputs.append(output.reshape(-1, self.dim))
         if not outputs:
             output = hidden_states.new_zeros(0, self.dim)
         else:
@@ -202,6 +212,12 @@ class PackedVisionAttention(qwen.Qwen2_5_VLVisionAttention):
         if layout.inverse is not None:
             output = output.index_select(0, layout.inverse)
         return self.proj(output)
+
+
+    def _chunks_per_call(self, length: int) -> int:
+        """How many chunks of `length` rows one attention call takes (see the class docstring)."""
+        by_scores = self.max_scores_per_call // (self.num_heads * length * length)
+        return max(1, min(self.max_chunks_per_call, by_scores))
 
 
 def install_packed_attention(tower: qwen.Qwen2_5_VisionTransformerPretrainedModel) -> ChunkLayoutCache:
