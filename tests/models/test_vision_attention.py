@@ -253,3 +253,70 @@ def test_layout_cache_recognises_a_tensor_not_its_values():
     assert cache.layout(window, 128) is not first and cache.builds == 3
     cache.layout(torch.tensor([0, 64, 128], dtype=torch.int32), 128)  # equal values, another tensor
     assert cache.builds == 4
+
+
+def _attention_pair(device: str, seed: int = 0):
+    """(stock attention, packed attention) with the same random weights: hidden 160, 2 heads of 80 (the 7B's
+    head size)."""
+    config = Qwen2_5_VLVisionConfig(**{**testing.tiny_vision_config_kwargs(hidden_size=160), "num_heads": 2})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    stock = qwen.Qwen2_5_VLVisionAttention(config).to(device)
+    packed = PackedVisionAttention(config).to(device)
+    packed.load_state_dict(stock.state_dict())
+    return stock, packed
+
+
+def _attention_inputs(lengths: list[int], device: str):
+    """hidden [S, 160] (requires grad), cu_seqlens int32, (cos, sin) [S, 80] for chunks of `lengths` rows."""
+    total = sum(lengths)
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(total, 160, generator=generator).to(device).requires_grad_()
+    angles = torch.rand(total, 40, generator=generator).to(device) * 6.0
+    angles = torch.cat([angles, angles], dim=-1)
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return hidden, cu_seqlens, (angles.cos(), angles.sin())
+
+
+def _count_syncs(fn) -> int:
+    """How many synchronising CUDA operations `fn()` makes (torch's sync debug mode warns once per operation)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(warning.message) for warning in caught)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[64] * 12, [64, 32, 64, 32, 32, 16] * 3 + [256, 96, 256]], ids=["equal", "mixed"])
+def test_packed_attention_on_gpu_reads_the_host_once_per_cu_seqlens(lengths):
+    stock, packed = _attention_pair("cuda")
+    hidden, cu_seqlens, rotary = _attention_inputs(lengths, "cuda")
+    expected = stock(hidden, cu_seqlens, rotary)
+    expected.square().sum().backward()
+    expected_grad, hidden.grad = hidden.grad, None
+
+    outputs = []
+
+    def step():
+        outputs.append(packed(hidden, cu_seqlens, rotary))
+        outputs[-1].square().sum().backward()
+
+    assert _count_syncs(lambda: packed.layouts.layout(cu_seqlens, hidden.shape[0])) == 1  # the .tolist()
+    assert _count_syncs(step) == 0  # the layout is cached: no host read in the forward or the backward
+    torch.testing.assert_close(outputs[0], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_attention_module_equals_stock_module_on_cpu():
+    stock, packed = _attention_pair("cpu")
+    hidden, cu_seqlens, rotary = _attention_inputs([64, 32, 64, 32, 32, 16] * 3 + [256, 96, 256], "cpu")
+    expected = stock(hidden, cu_seqlens, rotary)
+    output = packed(hidden, cu_seqlens, rotary)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
