@@ -314,6 +314,14 @@ def test_packed_attention_on_gpu_reads_the_host_once_per_cu_seqlens(lengths):
     torch.testing.assert_close(hidden.grad, expected_grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
+def test_packed_attention_on_gpu_with_cu_seqlens_on_the_cpu():
+    stock, packed = _attention_pair("cuda")
+    hidden, cu_seqlens, rotary = _attention_inputs([64, 32, 64, 32, 32, 16] * 3, "cuda")
+    expected = stock(hidden, cu_seqlens, rotary)
+    torch.testing.assert_close(packed(hidden, cu_seqlens.cpu(), rotary), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_packed_attention_module_equals_stock_module_on_cpu():
     stock, packed = _attention_pair("cpu")
     hidden, cu_seqlens, rotary = _attention_inputs([64, 32, 64, 32, 32, 16] * 3 + [256, 96, 256], "cpu")

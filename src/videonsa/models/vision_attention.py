@@ -57,8 +57,9 @@ class ChunkLayout:
     inverse: Tensor | None = None
 
 
-def chunk_layout(cu_seqlens: Tensor, total: int) -> ChunkLayout:
-    """Group the chunks of `cu_seqlens` ([chunks + 1] cumulative lengths over `total` rows) by length.
+def chunk_layout(cu_seqlens: Tensor, total: int, device: torch.device | None = None) -> ChunkLayout:
+    """Group the chunks of `cu_seqlens` ([chunks + 1] cumulative lengths over `total` rows) by length; the row
+    indices it needs live on `device` (the hidden states'; default: cu_seqlens').
 
     One host read (`.tolist()`, as the stock attention does); the row indices of the groups that are not one
     contiguous run are built on the device from `cu_seqlens`, so building a layout queues no other host sync.
@@ -80,7 +81,7 @@ def chunk_layout(cu_seqlens: Tensor, total: int) -> ChunkLayout:
         return ChunkLayout(total, groups)
     # Mixed lengths interleaved (frames whose side is not a multiple of the window, items of different sizes):
     # a stable sort of the rows by descending chunk length puts each length's chunks together, in sequence order.
-    sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(device if device is not None else cu_seqlens.device)
     row_lengths = torch.repeat_interleave(sizes, sizes, output_size=total)
     order_rows = torch.sort(-row_lengths, stable=True).indices
     inverse = torch.empty_like(order_rows)
@@ -111,14 +112,15 @@ class ChunkLayoutCache:
         self.builds = 0
         self._entries: list[tuple[Tensor, tuple[Any, ...], ChunkLayout]] = []
 
-    def layout(self, cu_seqlens: Tensor, total: int) -> ChunkLayout:
-        """The layout of `cu_seqlens` over `total` rows, built on first sight."""
-        key = _identity(cu_seqlens, total)
+    def layout(self, cu_seqlens: Tensor, total: int, device: torch.device | None = None) -> ChunkLayout:
+        """The layout of `cu_seqlens` over `total` rows with its indices on `device`, built on first sight."""
+        device = torch.device(device) if device is not None else cu_seqlens.device
+        key = (*_identity(cu_seqlens, total), device)
         for index, (_, seen, layout) in enumerate(self._entries):
             if seen == key:
                 self._entries.insert(0, self._entries.pop(index))
                 return layout
-        layout = chunk_layout(cu_seqlens, total)
+        layout = chunk_layout(cu_seqlens, total, device)
         self.builds += 1
         self._entries.insert(0, (cu_seqlens, key, layout))
         del self._entries[self.size :]
@@ -189,7 +191,7 @@ class PackedVisionAttention(qwen.Qwen2_5_VLVisionAttention):
         query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).unbind(1)
         cos, sin = position_embeddings
         query, key = qwen.apply_rotary_pos_emb_vision(query, key, cos, sin)
-        layout = self.layouts.layout(cu_seqlens, seq_length)
+        layout = self.layouts.layout(cu_seqlens, seq_length, hidden_states.device)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, qwen.eager_attention_forward)
         outputs = []
         for group in layout.groups:
