@@ -46,6 +46,7 @@ from videonsa.ops.triton.official_compression import (  # noqa: E402
 )
 from videonsa.ops.triton.selection import selected_attention_fwd  # noqa: E402
 from videonsa.ops.triton.window import window_attention_fwd  # noqa: E402
+from videonsa.options import DEFAULT_GATE_TEMPERATURE  # noqa: E402
 
 
 def make_inputs(seq_len: int, text_before: int = 100, text_after: int = 100, seed: int = 0) -> dict:
@@ -70,7 +71,7 @@ def nsa_mode_layer(x: dict):
     from videonsa.layers import SparseSettings, build_token_split, sdpa_attend, videonsa_attention  # public API
 
     split = build_token_split(x["is_vision"])
-    gates = tuple(split.gather_vision(g) for g in (x["gate_logits"] / 0.3).sigmoid().unbind(-1))
+    gates = tuple(split.gather_vision(g) for g in (x["gate_logits"] / DEFAULT_GATE_TEMPERATURE).sigmoid().unbind(-1))
     settings, attend = SparseSettings(), sdpa_attend()
     return lambda: videonsa_attention(x["q"], x["k"], x["v"], gates, split, settings, attend)
 
@@ -85,7 +86,7 @@ def official_parts(x: dict, settings, block_size: int = 64, block_counts: int = 
     launch = settings.compression or DEFAULT_LAUNCH
 
     def glue_before():
-        return official.prepare_fast_inputs(q, k, v, is_vision, x["gate_logits"], 0.3, block_size)
+        return official.prepare_fast_inputs(q, k, v, is_vision, x["gate_logits"], DEFAULT_GATE_TEMPERATURE, block_size)
 
     q64, k_m, v_m, gates64, k_cmp, v_cmp = glue_before()
     g_cmp = gates64[0].view(q64.shape[:3])
@@ -132,7 +133,7 @@ def selection_settings(layout: str):
 def compression_sweep(x: dict, bench, block_size: int = 64) -> list[dict]:
     """Times the compression kernel for a grid of launch settings on x's padded queries (ms, sorted)."""
     q64, _, _, gates64, k_cmp, v_cmp = official.prepare_fast_inputs(
-        x["q"], x["k"], x["v"], x["is_vision"], x["gate_logits"], 0.3, block_size)
+        x["q"], x["k"], x["v"], x["is_vision"], x["gate_logits"], DEFAULT_GATE_TEMPERATURE, block_size)
     gate = gates64[0].view(q64.shape[:3])
     scale = q64.shape[-1] ** -0.5
     results = []

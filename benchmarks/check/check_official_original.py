@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 from harness import Results, add_output_arguments, describe, environment, markdown_table  # noqa: E402
+from videonsa.options import DEFAULT_GATE_TEMPERATURE  # noqa: E402  (torch-free)
 
 HEADS_Q, HEADS_KV, HEAD_DIM, HIDDEN = 28, 4, 128, 3584
 
@@ -74,7 +75,7 @@ def load_mixed_attention(model_file: Path):
 def original_layer(g_proj_1, g_proj_2, *, block_size, block_counts, window_size):
     """A stand-in for the original attention module: the attributes `_mixed_attention` reads."""
     return types.SimpleNamespace(
-        g_proj_1=g_proj_1, g_proj_2=g_proj_2, num_heads=HEADS_Q, gate_temperature=0.3,
+        g_proj_1=g_proj_1, g_proj_2=g_proj_2, num_heads=HEADS_Q, gate_temperature=DEFAULT_GATE_TEMPERATURE,
         block_counts=block_counts, block_size=block_size, window_size=window_size, layer_idx=0,
         num_kv_groups=HEADS_Q // HEADS_KV, q_proj=types.SimpleNamespace(weight=g_proj_1.weight),
         config=types.SimpleNamespace(use_sliding_window=False, sliding_window=None, max_window_layers=0),

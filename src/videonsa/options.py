@@ -26,6 +26,10 @@ DEFAULT_PAPER_MAX_PIXELS = 2048 * 28 * 28  # 1,605,632 (above the per-frame cap,
 # original read it from the environment variable VIDEO_MAX_PIXELS).
 DEFAULT_PAPER_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)  # 90,316,800
 
+# VideoNSA's gate temperature: the gate MLP's logits are divided by it before the sigmoid (docs/layer.md, the
+# gates). The layers, the official mode, the tiny test models and `videonsa convert --help` read it from here.
+DEFAULT_GATE_TEMPERATURE = 0.3
+
 # Defaults of `videonsa eval make-needles`: video lengths in seconds, (width, height), frames per second.
 DEFAULT_NEEDLE_LENGTHS: tuple[int, ...] = (60, 300, 900, 1800, 3600)
 DEFAULT_NEEDLE_SIZE = (320, 240)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from videonsa.ops.config import NSAConfig
+from videonsa.options import DEFAULT_GATE_TEMPERATURE
 
 if TYPE_CHECKING:
     from transformers import BaseImageProcessor, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
@@ -177,7 +178,7 @@ def tiny_videonsa_config(
     window_size: int = 8,
     init_blocks: int = NSAConfig.init_blocks,
     local_blocks: int = NSAConfig.local_blocks,
-    gate_temperature: float = 0.3,
+    gate_temperature: float = DEFAULT_GATE_TEMPERATURE,
     attention_mode: str = "nsa",
     **text_kwargs: Any,
 ):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from videonsa.errors import UserError
+from videonsa.ops.config import NSAConfig  # torch-free: --help stays cheap
+from videonsa.options import DEFAULT_GATE_TEMPERATURE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,12 +29,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fresh-gates", action="store_true",
                         help="accept a SOURCE that stores gates for some layers only, initialising the missing "
                         "ones fresh (without it such a checkpoint is refused, naming the layers)")
-    parser.add_argument("--block-size", type=int, help="vision tokens per NSA block (default 64)")
-    parser.add_argument("--block-counts", type=int, help="blocks each query selects (default 32)")
-    parser.add_argument("--window-size", type=int, help="sliding-window length in vision tokens (default 256)")
-    parser.add_argument("--init-blocks", type=int, help="leading blocks always selected (default 0)")
-    parser.add_argument("--local-blocks", type=int, help="blocks ending at the query always selected (default 1)")
-    parser.add_argument("--gate-temperature", type=float, help="gate sigmoid temperature (default 0.3)")
+    budget = NSAConfig()
+    parser.add_argument("--block-size", type=int, help=f"vision tokens per NSA block (default {budget.block_size})")
+    parser.add_argument("--block-counts", type=int, help=f"blocks each query selects (default {budget.block_count})")
+    parser.add_argument("--window-size", type=int,
+                        help=f"sliding-window length in vision tokens (default {budget.window_size})")
+    parser.add_argument("--init-blocks", type=int,
+                        help=f"leading blocks always selected (default {budget.init_blocks})")
+    parser.add_argument("--local-blocks", type=int,
+                        help=f"blocks ending at the query always selected (default {budget.local_blocks})")
+    parser.add_argument("--gate-temperature", type=float,
+                        help=f"gate sigmoid temperature (default {DEFAULT_GATE_TEMPERATURE:g})")
     parser.add_argument("--attention-mode", choices=("nsa", "dense"), help="mode recorded in the config")
     parser.set_defaults(func=run_convert)
 

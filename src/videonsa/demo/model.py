@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from videonsa.errors import UserError
+from videonsa.options import DEFAULT_GATE_TEMPERATURE
 
 # Order of the branches in the gate projection's output, per query head: (compression, selection, window).
 BRANCHES = ("compression", "selection", "window")
@@ -52,7 +53,7 @@ class DemoModelSpec:
     block_size: int = 8  # vision tokens per compression / selection block
     block_counts: int = 2  # selected blocks per query (the current block is one of them)
     window_size: int = 8  # sliding window, in vision tokens: 16 frames, 8 s of a 120 s video
-    gate_temperature: float = 0.3
+    gate_temperature: float = DEFAULT_GATE_TEMPERATURE
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

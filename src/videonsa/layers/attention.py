@@ -19,6 +19,7 @@ from videonsa.errors import UserError
 from videonsa.layers.split import TokenSplit
 from videonsa.ops import NSAConfig, nsa_attention
 from videonsa.ops.official import check_topk_settings
+from videonsa.options import DEFAULT_GATE_TEMPERATURE
 
 # "nsa": vision tokens through NSA, text dense (the corrected function); "dense": every token dense causal;
 # "official": the function the original VideoNSA code computes, quirks included (docs/official-mode.md).
@@ -45,7 +46,7 @@ class SparseSettings:
     window_size: int = NSAConfig.window_size
     init_blocks: int = NSAConfig.init_blocks
     local_blocks: int = NSAConfig.local_blocks
-    gate_temperature: float = 0.3
+    gate_temperature: float = DEFAULT_GATE_TEMPERATURE
     mode: str = "nsa"
 
     def __post_init__(self) -> None:

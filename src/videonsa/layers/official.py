@@ -36,6 +36,7 @@ from videonsa.ops.official import (
     selected_attention_reference,
     window_attention_reference,
 )
+from videonsa.options import DEFAULT_GATE_TEMPERATURE
 
 if TYPE_CHECKING:
     from videonsa.ops.triton.official_compression import CompressionLaunch
@@ -94,7 +95,7 @@ def official_attention(
     block_counts: int = 32,
     window_size: int = 256,
     scale: float | None = None,
-    gate_temperature: float = 0.3,
+    gate_temperature: float = DEFAULT_GATE_TEMPERATURE,
     backend: str | None = None,
     fast_settings: FastPathSettings | None = None,
 ) -> Tensor:
@@ -108,7 +109,7 @@ def official_attention(
         block_size, block_counts, window_size: the original's budget (64, 32, 256); block_size must be a power of
             two and next_power_of_two(block_counts) <= block_size.
         scale: softmax scale, default D ** -0.5.
-        gate_temperature: logits are divided by it before the sigmoid (0.3).
+        gate_temperature: logits are divided by it before the sigmoid (VideoNSA's 0.3 by default).
         backend: "auto" (Triton kernels for CUDA bf16/fp16/fp32 tensors, the PyTorch blocks otherwise), "triton"
             or "reference".
         fast_settings: tuning of the Triton path (`FastPathSettings`; default `DEFAULT_FAST_SETTINGS`).
