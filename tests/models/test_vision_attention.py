@@ -122,6 +122,17 @@ def test_packed_tower_in_bf16_autocast_is_close_to_stock():
     torch.testing.assert_close(output, expected, rtol=2e-2, atol=2e-2)
 
 
+def test_packed_tower_in_inference_mode_then_training():
+    grid = GRIDS["mixed windows"]
+    stock, packed = _towers()
+    pixels = _pixels(grid)
+    with torch.inference_mode():
+        output = merged_output(packed(pixels, grid_thw=torch.tensor(grid)))
+        expected = merged_output(stock(pixels, grid_thw=torch.tensor(grid)))
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+    _assert_same_run(_run(packed, pixels, grid), _run(stock, pixels, grid))
+
+
 def test_chunked_tower_pieces_still_equal_one_pass():
     grid = [[4, 16, 16], [1, 20, 12]]
     stock, packed = _towers()

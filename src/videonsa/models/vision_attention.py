@@ -133,8 +133,8 @@ class ChunkLayoutCache:
 
 def _identity(tensor: Tensor, total: int) -> tuple[Any, ...]:
     """What tells one cu_seqlens tensor from another without reading its values. An inference tensor has no
-    version counter (and cannot be changed in place outside inference mode); the grad mode is part of the key
-    because a layout built under inference mode holds inference tensors that autograd may not save."""
+    version counter (the tower never changes its cu_seqlens in place). Whether inference mode is on is part of the
+    key: a layout built under it holds inference tensors, which autograd may not save for a backward."""
     version = None if tensor.is_inference() else tensor._version
     return (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device, version, total,
             torch.is_inference_mode_enabled())
