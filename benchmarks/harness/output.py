@@ -13,11 +13,11 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.env import REPO
+from harness.env import REPO, environment
 
 RESULTS_ENV = "VIDEONSA_BENCH_DIR"
 
@@ -125,3 +125,15 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def open_run(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, name: str | Callable[[argparse.Namespace], str],
+    *, baseline: bool = False,
+) -> tuple[argparse.Namespace, Results]:
+    """The start of a script's main(): add the output options to `parser`, parse `argv` and open the run's
+    result files (the environment recorded first). `name` names the files, or is a function of the parsed
+    arguments that does (a probe named after its length or tag)."""
+    add_output_arguments(parser, baseline=baseline)
+    args = parser.parse_args(argv)
+    return args, Results(name(args) if callable(name) else name, args.out, environment())

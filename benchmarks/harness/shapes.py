@@ -16,9 +16,11 @@ NSA = NSAConfig()
 BLOCK, COUNT, WINDOW = NSA.block_size, NSA.block_count, NSA.window_size
 INIT, LOCAL = NSA.init_blocks, NSA.local_blocks
 
-# Sequence lengths of the operator tables (1K ... 128K) and of the end-to-end prefill.
+# Sequence lengths of the operator tables (1K ... 128K), of the end-to-end prefill, and the two that the probes
+# and tuning sweeps look at by default (where docs/performance.md judges the kernels).
 OPERATOR_LENGTHS = [1024 << i for i in range(8)]
 PREFILL_LENGTHS = [32768, 65536, 131072]
+PROBE_LENGTHS = [32768, 131072]
 
 # Qwen2.5-VL-7B-Instruct's language model.
 QWEN2_5_VL_7B_TEXT = dict(

@@ -39,12 +39,11 @@ from harness import (  # noqa: E402
     COUNT,
     HKV,
     HQ,
+    PROBE_LENGTHS,
     D,
-    Results,
-    add_output_arguments,
     bench,
-    environment,
-    kernel_split,  # noqa: E402
+    kernel_split,
+    open_run,
 )
 from harness.operator import operator_selection as operator_inputs  # noqa: E402
 from videonsa.ops.triton import selection as slc  # noqa: E402
@@ -195,16 +194,10 @@ def probe(seq_len: int, emit, out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    add_output_arguments(parser)
-    args = parser.parse_args(argv)
-    results = Results("probe_by_block", args.out, environment())
-
-    def emit(**row) -> None:
-        results.row(row)
-
+    parser.add_argument("--lengths", type=int, nargs="+", default=PROBE_LENGTHS)
+    args, results = open_run(parser, argv, "probe_by_block")
     for seq_len in args.lengths:
-        probe(seq_len, emit, results.directory)
+        probe(seq_len, lambda **row: results.row(row), results.directory)
         torch.cuda.empty_cache()
 
 

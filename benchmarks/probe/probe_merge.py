@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import BLOCK, COUNT, HKV, HQ, D, Results, add_output_arguments, bench, environment  # noqa: E402
+from harness import BLOCK, COUNT, HKV, HQ, PROBE_LENGTHS, D, bench, open_run  # noqa: E402
 from harness.operator import operator_selection as operator_inputs  # noqa: E402
 from videonsa.ops.triton import selection as slc  # noqa: E402
 from videonsa.ops.triton import utils as U  # noqa: E402
@@ -198,16 +198,10 @@ def probe(seq_len: int, emit) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    add_output_arguments(parser)
-    args = parser.parse_args(argv)
-    results = Results("probe_merge", args.out, environment())
-
-    def emit(**row) -> None:
-        results.row(row)
-
+    parser.add_argument("--lengths", type=int, nargs="+", default=PROBE_LENGTHS)
+    args, results = open_run(parser, argv, "probe_merge")
     for seq_len in args.lengths:
-        probe(seq_len, emit)
+        probe(seq_len, lambda **row: results.row(row))
         torch.cuda.empty_cache()
 
 

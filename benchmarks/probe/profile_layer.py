@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import Results, add_output_arguments, describe, environment  # noqa: E402
+from harness import describe, open_run  # noqa: E402
 from harness.models import qwen7b_config, random_model, video_prompt  # noqa: E402
 from videonsa.models import set_attention_mode  # noqa: E402
 
@@ -28,11 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=131072)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--train", action="store_true", help="fp32 weights, bf16 autocast, forward + backward")
-    add_output_arguments(parser)
-    args = parser.parse_args(argv)
-    env = environment()
-    results = Results(f"profile_layer_{args.seq_len}{'_train' if args.train else ''}", args.out, env)
-    report = [f"One 7B-shaped layer, T={args.seq_len}; {describe(env)}"]
+    args, results = open_run(parser, argv, lambda args: f"profile_layer_{args.seq_len}{'_train' if args.train else ''}")
+    report = [f"One 7B-shaped layer, T={args.seq_len}; {describe(results.env)}"]
     model = random_model(qwen7b_config(num_layers=1), dtype=torch.float32 if args.train else torch.bfloat16)
     embeds, token_type, positions = video_prompt(args.seq_len)
     if args.train:

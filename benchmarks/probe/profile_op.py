@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import Results, add_output_arguments, describe, environment, make_inputs  # noqa: E402
+from harness import INPUT_KINDS, PROBE_LENGTHS, describe, make_inputs, open_run  # noqa: E402
 from videonsa.ops import nsa_attention  # noqa: E402
 
 
@@ -89,15 +89,12 @@ def gap_report(seq_len: int, structured: bool, n_gaps: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--inputs", nargs="+", choices=["randn", "structured"], default=["randn", "structured"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=PROBE_LENGTHS)
+    parser.add_argument("--inputs", nargs="+", choices=INPUT_KINDS, default=list(INPUT_KINDS))
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--gaps", type=int, default=0, help="print the N longest idle gaps instead of the table")
-    add_output_arguments(parser)
-    args = parser.parse_args(argv)
-    env = environment()
-    results = Results("profile_op_gaps" if args.gaps else "profile_op", args.out, env)
-    report = [f"NSA operator profile; {describe(env)}"]
+    args, results = open_run(parser, argv, lambda args: "profile_op_gaps" if args.gaps else "profile_op")
+    report = [f"NSA operator profile; {describe(results.env)}"]
     for seq_len in args.lengths:
         for kind in args.inputs:
             print(f"=== T={seq_len} {kind}", flush=True)

@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import BLOCK, HKV, HQ, D, Results, add_output_arguments, bench, environment  # noqa: E402
+from harness import BLOCK, HKV, HQ, INPUT_KINDS, PROBE_LENGTHS, D, bench, open_run  # noqa: E402
 from harness.operator import operator_selection as operator_inputs  # noqa: E402
 from videonsa.ops.triton import selection as slc  # noqa: E402
 from videonsa.ops.triton import utils as U  # noqa: E402
@@ -95,11 +95,9 @@ def run(seq_len: int, structured: bool, tag: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tag", default="run")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--inputs", nargs="+", default=["randn", "structured"], choices=["randn", "structured"])
-    add_output_arguments(parser)
-    args = parser.parse_args(argv)
-    results = Results(f"profile_selection_{args.tag}", args.out, environment())
+    parser.add_argument("--lengths", type=int, nargs="+", default=PROBE_LENGTHS)
+    parser.add_argument("--inputs", nargs="+", default=list(INPUT_KINDS), choices=INPUT_KINDS)
+    args, results = open_run(parser, argv, lambda args: f"profile_selection_{args.tag}")
     for kind in args.inputs:
         for n in args.lengths:
             results.row(run(n, kind == "structured", args.tag))

@@ -46,6 +46,23 @@ def test_results_default_to_the_environment_folder_then_benchmarks_results(tmp_p
     assert output.default_file(tmp_path / "y.json", "x.json") == tmp_path / "y.json"
 
 
+def test_open_run_parses_the_output_options_and_names_the_files_from_the_arguments(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tag", default="a")
+    args, results = output.open_run(parser, ["--tag", "b", "--out", str(tmp_path)], lambda args: f"probe_{args.tag}")
+    assert args.tag == "b" and args.out == tmp_path
+    first = json.loads((tmp_path / "probe_b.jsonl").read_text().splitlines()[0])
+    assert first["kind"] == "environment" and first["commit"] == results.env["commit"]
+
+    parser = argparse.ArgumentParser()
+    args, results = output.open_run(parser, ["--out", str(tmp_path), "--compare-baseline"], "fixed", baseline=True)
+    assert results.jsonl == tmp_path / "fixed.jsonl" and args.compare_baseline == "auto"
+    with pytest.raises(SystemExit):  # without baseline=True there is no --compare-baseline
+        output.open_run(argparse.ArgumentParser(), ["--compare-baseline"], "x")
+
+
 def test_results_folder_is_ignored_by_git():
     ignored = (BENCHMARKS.parent / ".gitignore").read_text().splitlines()
     assert "/benchmarks/results/" in ignored
