@@ -12,10 +12,11 @@ from typing import NamedTuple
 import torch
 
 from harness.inputs import make_inputs
-from harness.shapes import BLOCK, COUNT, INIT, LOCAL, D
+from harness.shapes import BLOCK, COUNT, HKV, HQ, INIT, LOCAL, D
+from videonsa.ops.triton import selection as slc
 from videonsa.ops.triton.compression import compressed_attention_fwd, mean_pool_fwd
 from videonsa.ops.triton.topk import select_blocks_topk
-from videonsa.ops.triton.utils import pack
+from videonsa.ops.triton.utils import max_tiles_of, pack, tile_shape, tiles_of
 
 
 class PackedInputs(NamedTuple):
@@ -69,3 +70,43 @@ def operator_selection(seq_len: int, structured: bool = False, seed: int = 0, de
     x = packed_inputs(seq_len, structured, seed, device)
     indices = select_blocks(x, compress(x))
     return x.q, x.k, x.v, x.cu, indices.to(torch.int32).contiguous()
+
+
+class ByBlockWork(NamedTuple):
+    """The block-major selection forward's work in one call, cut as `launch_fwd_by_block` cuts it (training chunk
+    size, the default settings), with one chunk's partial buffers: what the probes of its kernels launch on.
+
+    q [T, HQ, D], k, v [T, HKV, D], cu int32 [2], indices int32 [T, HKV, COUNT] (`operator_selection`); chunk:
+    tokens per chunk; key_blocks: the key-block table; lists: the sorted (block, group, token) triples per chunk;
+    work: their work items per chunk; o_part [chunk * HKV * COUNT * G, D] and lse_part float32 [chunk * HKV *
+    COUNT * G] (G = HQ / HKV); block_m, bt: the main kernel's tile (rows, tokens per step).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cu: torch.Tensor
+    indices: torch.Tensor
+    chunk: int
+    key_blocks: torch.Tensor
+    lists: slc.BlockLists
+    work: slc.BlockItems
+    o_part: torch.Tensor
+    lse_part: torch.Tensor
+    block_m: int
+    bt: int
+
+
+def by_block_work(seq_len: int, structured: bool = False, seed: int = 0, device: str = "cuda") -> ByBlockWork:
+    """`ByBlockWork` on the operator's own selection of `make_inputs(seq_len, seed, structured)`."""
+    q, k, v, cu, indices = operator_selection(seq_len, structured, seed, device)
+    group = HQ // HKV
+    settings = slc.SELECTION_SETTINGS
+    chunk = min(slc.by_block_chunk_tokens(HQ, HKV, COUNT, D, q.element_size()), seq_len)
+    key_blocks = tiles_of(cu, BLOCK, max_tiles_of(seq_len, 1, BLOCK))
+    lists = slc.block_lists(indices, cu, BLOCK, chunk, n_blocks=key_blocks.shape[0])
+    work = slc.by_block_items(lists, HKV, settings.by_block_split)
+    o_part = torch.empty((chunk * HKV * COUNT * group, D), dtype=q.dtype, device=q.device)
+    lse_part = torch.empty(chunk * HKV * COUNT * group, dtype=torch.float32, device=q.device)
+    block_m, bt = tile_shape(group, settings.by_block_rows)
+    return ByBlockWork(q, k, v, cu, indices, chunk, key_blocks, lists, work, o_part, lse_part, block_m, bt)

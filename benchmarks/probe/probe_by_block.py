@@ -45,7 +45,7 @@ from harness import (  # noqa: E402
     kernel_split,
     open_run,
 )
-from harness.operator import operator_selection as operator_inputs  # noqa: E402
+from harness.operator import by_block_work  # noqa: E402
 from videonsa.ops.triton import selection as slc  # noqa: E402
 from videonsa.ops.triton import utils as U  # noqa: E402
 
@@ -122,17 +122,10 @@ def _probe_kernel(
 
 def probe(seq_len: int, emit, out_dir: Path) -> None:
     """Time the variants at one length (module docstring); write the library kernel's TTGIR and PTX."""
-    q, k, v, cu, idx = operator_inputs(seq_len, structured=False)
+    q, k, v, cu, idx, chunk, key_blocks, lists, work, o_part, lse_part, block_m, bt = by_block_work(seq_len)
     group = HQ // HKV
     scale = D**-0.5
-    chunk = min(slc.by_block_chunk_tokens(HQ, HKV, COUNT, D, q.element_size()), seq_len)
-    key_blocks = U.tiles_of(cu, BLOCK, U.max_tiles_of(seq_len, 1, BLOCK))
-    lists = slc.block_lists(idx, cu, BLOCK, chunk, n_blocks=key_blocks.shape[0])
-    work = slc.by_block_items(lists, HKV, slc.SELECTION_SETTINGS.by_block_split)
     items, bounds = work.items, work.bounds.tolist()
-    block_m, bt = U.tile_shape(group, slc.SELECTION_SETTINGS.by_block_rows)
-    o_part = torch.empty((chunk * HKV * COUNT * group, D), dtype=q.dtype, device=q.device)
-    lse_part = torch.empty(chunk * HKV * COUNT * group, dtype=torch.float32, device=q.device)
     triples = int(lists.offsets[-1])
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     compiled = {}

@@ -30,7 +30,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 from harness import BLOCK, COUNT, HKV, HQ, PROBE_LENGTHS, D, bench, open_run  # noqa: E402
-from harness.operator import operator_selection as operator_inputs  # noqa: E402
+from harness.operator import by_block_work  # noqa: E402
 from videonsa.ops.triton import selection as slc  # noqa: E402
 from videonsa.ops.triton import utils as U  # noqa: E402
 
@@ -128,20 +128,13 @@ def _merge_token_kernel(
 
 
 def probe(seq_len: int, emit) -> None:
-    q, k, v, cu, idx = operator_inputs(seq_len, structured=False)
+    # The partials of one chunk, made by launch_fwd_by_block's own pieces.
+    q, k, v, _, _, chunk, key_blocks, lists, work, o_part, lse_part, block_m, bt = by_block_work(seq_len)
     group = HQ // HKV
     scale = D**-0.5
-    chunk = min(slc.by_block_chunk_tokens(HQ, HKV, COUNT, D, q.element_size()), seq_len)
-    # The partials of one chunk, made by launch_fwd_by_block's own pieces.
-    key_blocks = U.tiles_of(cu, BLOCK, U.max_tiles_of(seq_len, 1, BLOCK))
-    lists = slc.block_lists(idx, cu, BLOCK, chunk, n_blocks=key_blocks.shape[0])
-    work = slc.by_block_items(lists, HKV, slc.SELECTION_SETTINGS.by_block_split)
-    o_part = torch.empty((chunk * HKV * COUNT * group, D), dtype=q.dtype, device=q.device)
-    lse_part = torch.empty(chunk * HKV * COUNT * group, dtype=torch.float32, device=q.device)
     c = max(lists.n_chunks - 2, 0)  # the last full chunk
     t0 = c * chunk
     tokens = min(chunk, seq_len - t0)
-    block_m, bt = U.tile_shape(group, slc.SELECTION_SETTINGS.by_block_rows)
     slc.by_block._slc_fwd_by_block_kernel[(work.grid[c],)](
         q, k, v, o_part, lse_part, key_blocks, work.items, work.bounds, lists.pairs,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
