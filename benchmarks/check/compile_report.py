@@ -171,17 +171,26 @@ def compile_call(name: str, kernel, args: tuple, kwargs: dict, launch: dict, def
 # The kernels at the requested shape
 
 
+def meta_query_and_compressed_keys(shape: argparse.Namespace):
+    """Shape-only ("meta") q [B, T, HP, D] and compressed keys [B, ceil(T / block_size), HKV, D] in shape.dtype:
+    enough for a launcher to pick its launch and record the kernel call, no memory."""
+    import torch
+
+    dtype = getattr(torch, shape.dtype)
+    q = torch.empty(shape.batch, shape.length, shape.heads, shape.dim, dtype=dtype, device="meta")
+    n_blocks = -(-shape.length // shape.block_size)
+    k_cmp = torch.empty(shape.batch, n_blocks, shape.heads_kv, shape.dim, dtype=dtype, device="meta")
+    return q, k_cmp
+
+
 def compression_reports(shape: argparse.Namespace, launches, default_launch) -> list[Report]:
     """The compression kernel per launch, gated (what official mode runs) and, for the default, ungated."""
     import torch
 
     from videonsa.ops.triton import official_compression as module
 
-    dtype = getattr(torch, shape.dtype)
-    q = torch.empty(shape.batch, shape.length, shape.heads, shape.dim, dtype=dtype, device="meta")
-    n_blocks = -(-shape.length // shape.block_size)
-    k_cmp = torch.empty(shape.batch, n_blocks, shape.heads_kv, shape.dim, dtype=dtype, device="meta")
-    gate = torch.empty(3, shape.batch * shape.length, shape.heads, dtype=dtype, device="meta")[0]
+    q, k_cmp = meta_query_and_compressed_keys(shape)
+    gate = torch.empty(3, shape.batch * shape.length, shape.heads, dtype=q.dtype, device="meta")[0]
     gate = gate.view(q.shape[:3])  # as gated_branch_sum passes it
     reports = []
     for launch in launches:
@@ -197,14 +206,12 @@ def compression_reports(shape: argparse.Namespace, launches, default_launch) -> 
 
 
 def topk_reports(shape: argparse.Namespace, launches, default_launch) -> list[Report]:
+    """The official top-k kernel per launch."""
     import torch
 
     from videonsa.ops.triton import official_topk as module
 
-    dtype = getattr(torch, shape.dtype)
-    q = torch.empty(shape.batch, shape.length, shape.heads, shape.dim, dtype=dtype, device="meta")
-    n_blocks = -(-shape.length // shape.block_size)
-    k_cmp = torch.empty(shape.batch, n_blocks, shape.heads_kv, shape.dim, dtype=dtype, device="meta")
+    q, k_cmp = meta_query_and_compressed_keys(shape)
     lse = torch.empty(shape.batch, shape.heads, shape.length, dtype=torch.float32, device="meta")
     reports = []
     for launch in launches:
