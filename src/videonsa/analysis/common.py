@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from videonsa.errors import UserError
-from videonsa.options import ATTENTION_MODES, PRESETS
+from videonsa.options import ATTENTION_MODES, GREEDY_GENERATION, PRESETS
 
 if TYPE_CHECKING:
     import torch
@@ -89,10 +89,10 @@ def add_video_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-pixels", type=int, help="paper preset: per-frame pixel cap")
     group.add_argument("--total-pixels", type=int, help="paper preset: pixel allowance of the whole video")
     group.add_argument("--frames-fps", type=float, default=DEFAULT_FPS,
-                       help="for a folder of frame images: frames per second (default 4)")
+                       help=f"for a folder of frame images: frames per second (default {DEFAULT_FPS:g})")
     group.add_argument("--backend", choices=("pyav", "decord"), default="pyav", help="video decoder (default pyav)")
     # Read by `videonsa ask`'s settings helper; an analysis only runs the prefill.
-    parser.set_defaults(max_new_tokens=1, temperature=0.0, top_p=1.0, top_k=0, seed=None)
+    parser.set_defaults(**{**GREEDY_GENERATION, "max_new_tokens": 1})
 
 
 # ----------------------------------------------------------------------------------------------------------

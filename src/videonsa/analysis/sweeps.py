@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from videonsa.errors import UserError
+from videonsa.options import GREEDY_GENERATION
 
 NEEDLES_PREFIX = "needles:"
 DEFAULT_BLOCK_COUNTS = (8, 16, 32, 64)
@@ -346,7 +347,7 @@ def add_frame_arguments(parser: argparse.ArgumentParser, *, context: bool) -> No
         frames.add_argument("--total-pixels", type=int, help="paper preset: pixel allowance of the whole video")
     frames.add_argument("--backend", choices=("pyav", "decord"), default="pyav", help="video decoder (default pyav)")
     # Multiple-choice answers are one greedy letter; `videonsa ask`'s settings helper reads these too.
-    parser.set_defaults(max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=None, frames_fps=DEFAULT_FPS)
+    parser.set_defaults(**GREEDY_GENERATION, frames_fps=DEFAULT_FPS)
 
 
 def positive_values(flag: str, values: Sequence[int]) -> list[int]:

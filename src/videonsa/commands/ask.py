@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from videonsa.errors import UserError
 from videonsa.options import (
     ATTENTION_MODES,
+    DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PAPER_FPS,
     DEFAULT_PAPER_MAX_FRAMES,
     DEFAULT_PAPER_MAX_PIXELS,
@@ -149,7 +150,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--frames-fps",
         type=float,
         default=DEFAULT_FPS,
-        help="for a folder of frame images: how many frames make one second (default 4)",
+        help=f"for a folder of frame images: how many frames make one second (default {DEFAULT_FPS:g})",
     )
     source.add_argument(
         "--backend",
@@ -167,7 +168,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "official: the function the released checkpoint was trained and evaluated with",
     )
     model.add_argument("--fresh-gates", action="store_true", help=FRESH_GATES_HELP)
-    model.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    model.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                       help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
     model.add_argument(
         "--temperature", type=float, default=0.0, help="0 for greedy decoding (default; the paper preset's only choice)"
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 # Only light modules here and in the parser builders: `videonsa eval --help` must not wait for torch.
 from videonsa.commands.ask import FRESH_GATES_HELP, PREFILL_CHUNK_HELP, check_prefill_chunk_mode, prefill_chunk_arg
 from videonsa.errors import UserError
-from videonsa.options import ATTENTION_MODES, DEFAULT_PAPER_FPS, DEFAULT_PAPER_MAX_FRAMES, PRESETS
+from videonsa.options import ATTENTION_MODES, DEFAULT_PAPER_FPS, DEFAULT_PAPER_MAX_FRAMES, GREEDY_GENERATION, PRESETS
 from videonsa.video.planning import DEFAULT_BUDGET_TOKENS, DEFAULT_FPS, DEFAULT_PIXELS_PER_FRAME, PREFERENCES
 
 NEEDLES_PREFIX = "needles:"
@@ -90,9 +90,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     frames.add_argument("--total-pixels", type=int, help="paper preset: pixel allowance of the whole video")
     frames.add_argument("--backend", choices=("pyav", "decord"), default="pyav", help="video decoder (default pyav)")
     # Multiple-choice answers are one greedy letter; `videonsa ask`'s settings helper reads these too.
-    parser.set_defaults(
-        max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=None, frames_fps=DEFAULT_FPS, eval_command=None
-    )
+    parser.set_defaults(**GREEDY_GENERATION, frames_fps=DEFAULT_FPS, eval_command=None)
 
 
 # The needle generator's kinds made only on request (`videonsa.evaluation.needles.EXTRA_KINDS`), named here so
