@@ -32,7 +32,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import Results, add_output_arguments, bench, describe, environment, fmt, markdown_table, peak_gib  # noqa: E402
+from harness import (  # noqa: E402
+    BLOCK,
+    COUNT,
+    WINDOW,
+    Results,
+    add_output_arguments,
+    bench,
+    describe,
+    environment,
+    fmt,
+    markdown_table,
+    peak_gib,
+)
 from harness import baseline as baselines  # noqa: E402
 from videonsa.layers import official, official_attention  # noqa: E402
 from videonsa.layers.official import FastPathSettings  # noqa: E402
@@ -76,7 +88,9 @@ def nsa_mode_layer(x: dict):
     return lambda: videonsa_attention(x["q"], x["k"], x["v"], gates, split, settings, attend)
 
 
-def official_parts(x: dict, settings, block_size: int = 64, block_counts: int = 32, window_size: int = 256) -> dict:
+def official_parts(
+    x: dict, settings, block_size: int = BLOCK, block_counts: int = COUNT, window_size: int = WINDOW
+) -> dict:
     """Closures for each step of the official CUDA path on x (with FastPathSettings `settings`), run on the
     intermediate values of one call. The fold steps add into a scratch copy of the gated sum (its values drift
     over the repetitions; the work does not)."""
@@ -130,7 +144,7 @@ def selection_settings(layout: str):
     return FastPathSettings(selection_layout=layout)
 
 
-def compression_sweep(x: dict, bench, block_size: int = 64) -> list[dict]:
+def compression_sweep(x: dict, bench, block_size: int = BLOCK) -> list[dict]:
     """Times the compression kernel for a grid of launch settings on x's padded queries (ms, sorted)."""
     q64, _, _, gates64, k_cmp, v_cmp = official.prepare_fast_inputs(
         x["q"], x["k"], x["v"], x["is_vision"], x["gate_logits"], DEFAULT_GATE_TEMPERATURE, block_size)

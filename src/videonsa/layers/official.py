@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from videonsa.ops.config import NSAConfig
 from videonsa.ops.official import (
     PADDED_HEADS,
     anticausal_compression,
@@ -91,9 +92,9 @@ def official_attention(
     is_vision: Tensor,
     gate_logits: Tensor,
     *,
-    block_size: int = 64,
-    block_counts: int = 32,
-    window_size: int = 256,
+    block_size: int = NSAConfig.block_size,
+    block_counts: int = NSAConfig.block_count,
+    window_size: int = NSAConfig.window_size,
     scale: float | None = None,
     gate_temperature: float = DEFAULT_GATE_TEMPERATURE,
     backend: str | None = None,
@@ -106,8 +107,8 @@ def official_attention(
         is_vision: bool [B, T], True at vision tokens.
         gate_logits: [B, T, HQ, 3] gate projections before the temperature, branches (compression, selection,
             window) along the last axis; used in q's dtype.
-        block_size, block_counts, window_size: the original's budget (64, 32, 256); block_size must be a power of
-            two and next_power_of_two(block_counts) <= block_size.
+        block_size, block_counts, window_size: the original's budget (default VideoNSA's, `NSAConfig`'s: 64, 32,
+            256); block_size must be a power of two and next_power_of_two(block_counts) <= block_size.
         scale: softmax scale, default D ** -0.5.
         gate_temperature: logits are divided by it before the sigmoid (VideoNSA's 0.3 by default).
         backend: "auto" (Triton kernels for CUDA bf16/fp16/fp32 tensors, the PyTorch blocks otherwise), "triton"
