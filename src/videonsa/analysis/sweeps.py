@@ -439,14 +439,19 @@ def summary_record(
 BUDGET_HELP = "accuracy and prefill time over block counts x sliding windows (resumable; heatmaps)"
 
 
+def _listed(values: Sequence[int]) -> str:
+    """A default list as --help shows it: "8 16 32 64"."""
+    return " ".join(map(str, values))
+
+
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     """The `budget` flags (the shared --out/--model/--attention/--device/--dtype come from analysis.common)."""
     add_task_arguments(parser)
     grid = parser.add_argument_group("grid")
     grid.add_argument("--block-counts", type=int, nargs="+", default=list(DEFAULT_BLOCK_COUNTS), metavar="N",
-                      help="blocks each query selects (default 8 16 32 64)")
+                      help=f"blocks each query selects (default {_listed(DEFAULT_BLOCK_COUNTS)})")
     grid.add_argument("--windows", type=int, nargs="+", default=list(DEFAULT_WINDOWS), metavar="W",
-                      help="sliding-window sizes in tokens (default 64 128 256 512)")
+                      help=f"sliding-window sizes in tokens (default {_listed(DEFAULT_WINDOWS)})")
     add_frame_arguments(parser, context=False)
 
 
@@ -561,9 +566,9 @@ def add_context_arguments(parser: argparse.ArgumentParser) -> None:
     add_task_arguments(parser)
     grid = parser.add_argument_group("grid (the planner's settings; --budget stays fixed)")
     grid.add_argument("--max-frames", type=int, nargs="+", default=list(DEFAULT_CONTEXT_FRAMES), metavar="F",
-                      help="frame counts asked of the planner (default 32 64 128 256)")
+                      help=f"frame counts asked of the planner (default {_listed(DEFAULT_CONTEXT_FRAMES)})")
     grid.add_argument("--pixels", type=int, nargs="+", default=list(DEFAULT_CONTEXT_PIXELS), metavar="P",
-                      help="pixels per frame asked of the planner (default 50176 100352 200704 401408: 64 to "
+                      help=f"pixels per frame asked of the planner (default {_listed(DEFAULT_CONTEXT_PIXELS)}: 64 to "
                       "512 tokens per frame pair)")
     grid.add_argument("--block-counts", type=int, help="NSA: blocks each query selects (default: the model's)")
     grid.add_argument("--window", type=int, help="NSA: sliding-window size in tokens (default: the model's)")

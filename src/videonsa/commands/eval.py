@@ -119,9 +119,10 @@ def _add_make_needles(commands: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="SECONDS",
         default=[str(seconds) for seconds in DEFAULT_LENGTHS],
-        help="video lengths: seconds, or like 90s, 5m, 1h, 1h30m (default 60 300 900 1800 3600)",
+        help=f"video lengths: seconds, or like 90s, 5m, 1h, 1h30m (default {' '.join(map(str, DEFAULT_LENGTHS))})",
     )
-    parser.add_argument("--size", default="x".join(map(str, DEFAULT_SIZE)), help="WxH frame size (default 320x240)")
+    default_size = "x".join(map(str, DEFAULT_SIZE))
+    parser.add_argument("--size", default=default_size, help=f"WxH frame size (default {default_size})")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files (default 0)")
     parser.add_argument("--footage", help="folder of videos to loop as haystack (default: generated scenes)")
     parser.add_argument("--fps", type=int, default=DEFAULT_FPS, help=f"frames per second (default {DEFAULT_FPS})")
