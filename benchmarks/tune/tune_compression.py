@@ -43,12 +43,12 @@ from harness import (  # noqa: E402
     DTYPE,
     HKV,
     HQ,
+    PROBE_LENGTHS,
     D,
     Results,
-    add_output_arguments,
     bench,
-    environment,
     kernel_split,
+    open_run,
     rel_error,
 )
 
@@ -201,15 +201,13 @@ def load_revision(rev: str, out_dir: Path):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_output_arguments(parser)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--lengths", type=int, nargs="+", default=PROBE_LENGTHS)
     parser.add_argument("--check-lengths", type=int, nargs="+", default=[8192])
     parser.add_argument("--baseline-rev", default="11bec3c")
     parser.add_argument("--parts", nargs="+", default=["check", "time", "sweep"],
                         choices=["check", "time", "sweep"], help="each part compiles its own kernels: split runs")
-    args = parser.parse_args(argv)
     global RESULTS
-    RESULTS = Results("tune_compression", args.out, environment())
+    args, RESULTS = open_run(parser, argv, "tune_compression")
     scale = D**-0.5
     result: dict = dict(checks=[], timings=[], sweep=[])
     modules = [("new", C)]

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import Results, add_output_arguments, bench, environment  # noqa: E402
+from harness import PROBE_LENGTHS, Results, bench, open_run  # noqa: E402
 from videonsa.ops.official import anticausal_compression, mean_pool_blocks, original_topk_reference  # noqa: E402
 from videonsa.ops.triton.official_topk import DEFAULT_LAUNCH, OfficialTopkLaunch, original_topk_triton  # noqa: E402
 
@@ -125,15 +125,14 @@ def bench_length(length: int, settings: list[OfficialTopkLaunch], check: bool, o
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--lengths", type=int, nargs="+", default=PROBE_LENGTHS)
     parser.add_argument("--sweep", action="store_true", help="time every --tokens x --warps x --stages setting")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--check", action="store_true", help="compare the default with original_topk_reference")
     parser.add_argument("--original", metavar="DIR", help="also time and compare the original fla kernel")
-    add_output_arguments(parser)
-    args = parser.parse_args(argv)
+    args, results = open_run(parser, argv, "tune_official_topk")
 
     settings = [DEFAULT_LAUNCH]
     if args.sweep:
@@ -142,7 +141,6 @@ def main(argv: list[str] | None = None) -> None:
                  for t, w, s in itertools.product(args.tokens, args.warps, args.stages)]
         settings += [launch for launch in swept if launch != DEFAULT_LAUNCH]
     original = load_original(args.original) if args.original else None
-    results = Results("tune_official_topk", args.out, environment())
     for length in args.lengths:
         bench_length(length, settings, args.check, original, results)
         torch.cuda.empty_cache()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import INPUT_KINDS, Results, add_output_arguments, bench, environment  # noqa: E402
+from harness import INPUT_KINDS, PROBE_LENGTHS, bench, open_run  # noqa: E402
 from harness.operator import compress, packed_inputs, select_blocks  # noqa: E402
 
 # Kernel internals: the top-k launch settings (the only ones used here).
@@ -52,7 +52,7 @@ def parse_variant(text: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--lengths", type=int, nargs="+", default=PROBE_LENGTHS)
     parser.add_argument("--tokens", type=int, nargs="+", default=[8],
                         help="TopkSettings.tokens values (tokens per tile of the bisection kernel)")
     parser.add_argument("--warps", type=int, nargs="+", default=[0],
@@ -60,14 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=None, help="explicit variants, e.g. tokens=8,stages=3")
     parser.add_argument("--inputs", nargs="+", default=list(INPUT_KINDS), choices=INPUT_KINDS)
     parser.add_argument("--no-sort-timing", action="store_true", help="run the sorting kernel once, untimed")
-    add_output_arguments(parser)
-    args = parser.parse_args(argv)
+    args, results = open_run(parser, argv, "tune_topk")
     if args.variants:
         variants = [("sort", {})] + [("bisect", parse_variant(v)) for v in args.variants]
     else:
         variants = [("sort", {})] + [("bisect", dict(tokens=t, warps=w or None))
                                      for w in args.warps for t in args.tokens]
-    results = Results("tune_topk", args.out, environment())
     for seq_len in args.lengths:
         for kind in args.inputs:
             x = packed_inputs(seq_len, structured=kind == "structured")
