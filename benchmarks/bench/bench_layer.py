@@ -34,9 +34,11 @@ Reported per length:
 and the same split for dense (module - SDPA - projections - rotary), so that the glue nsa adds over dense shows.
 The projections and rotary are the same computation in both modes and are timed once. That the recorded calls are
 the module's own: o_proj(merge((a), (b))) and o_proj(SDPA) are compared with the module's outputs (relative
-error, expected 0). `--flush-l2` zeroes 256 MiB before every timed run, so each run's first call starts from a
-cold L2; by default a piece timed alone may find some of its inputs in L2 (at these lengths every piece reads
-far more than the L2's 50 MB), which if anything overestimates the overhead. Prefill only (no `--train`).
+error, expected 0); `operator_inputs_contiguous` in the JSON says whether (a) got contiguous tensors (else a
+copy inside the operator, packing work, is counted as attention). `--flush-l2` zeroes 256 MiB before every timed
+run, so each run's first call starts from a cold L2; by default a piece timed alone may find some of its inputs in
+L2 (at these lengths every piece reads far more than the L2's 50 MB), which if anything overestimates the
+overhead. Prefill only (no `--train`).
 
 Writes OUT/bench_layer.{jsonl,json,md} (benchmarks/README.md).
 """
@@ -129,8 +131,8 @@ def capture(model: VideoNSAModel, prompt: tuple, mode: str) -> dict[str, Any]:
     backend_calls: list[Call] = []
     registry = qwen.ALL_ATTENTION_FUNCTIONS
     try:
-        with recording(layer_attention, "nsa_attention") as nsa_calls, \
-                recording(modeling, "grouped_text_sdpa") as text_calls:
+        with (recording(layer_attention, "nsa_attention") as nsa_calls,
+              recording(modeling, "grouped_text_sdpa") as text_calls):
             qwen.ALL_ATTENTION_FUNCTIONS = _RecordingBackends(registry, backend_calls)
             model(inputs_embeds=embeds, mm_token_type_ids=token_type, position_ids=positions, use_cache=False)
     finally:
@@ -146,11 +148,11 @@ def capture(model: VideoNSAModel, prompt: tuple, mode: str) -> dict[str, Any]:
 
 
 class Timer:
-    """Times a piece two ways: `ms`, the median over runs of `inner` back-to-back calls (`harness.bench`: CUDA
-    events, synchronised) per call, so that the host's launch latency before a piece's first kernel, which the
-    module hides behind its earlier kernels, is not charged to the piece `inner` times over; `kernel_ms`, the
-    GPU time of one call's kernels (torch profiler), which host gaps do not enter at all. On a CPU (smoke runs
-    only) `ms` is the wall clock and `kernel_ms` None."""
+    """Times a piece two ways (see the module docstring). `ms`: `harness.bench` of `inner` calls back to back,
+    per call, so that the host's launch latency before a piece's first kernel (which inside the module hides
+    behind the kernels before it) is paid once per `inner` calls, not once per call. `kernel_ms`: the GPU time of
+    one call's kernels (torch profiler), no host gaps at all. On a CPU (smoke runs only) `ms` is the wall clock
+    and `kernel_ms` None."""
 
     def __init__(self, device: str, inner: int, flush_l2: bool, cpu_reps: int = 3):
         self.cuda, self.inner, self.flush_l2, self.cpu_reps = device.startswith("cuda"), inner, flush_l2, cpu_reps
@@ -214,6 +216,8 @@ def measure_nsa(model: VideoNSAModel, prompt: tuple, timer: Timer, row: dict[str
         "gates": lambda: attn.gates(split.gather_vision(hidden)),
         "split_build": lambda: build_token_split(prompt[1] > 0),
     })
+    # A strided q/k/v would make the operator copy it, a packing cost that (a) would then carry.
+    row["operator_inputs_contiguous"] = all(t.is_contiguous() for t in nsa_args if isinstance(t, torch.Tensor))
     merged = split.merge(layer_attention.nsa_attention(*nsa_args, **nsa_kwargs),
                          layer_attention.grouped_text_sdpa(*text_args, **text_kwargs))
     row["nsa_recombined_rel_error"] = rel_error(attn.o_proj(merged.reshape(batch, seq_len, -1)), nsa["output"])

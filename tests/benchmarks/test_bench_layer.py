@@ -40,6 +40,19 @@ def test_smoke_run_writes_the_table(tmp_path, monkeypatch):
     assert "| 192 |" in table and "overhead / (a+b) (target <= 10%)" in table
 
 
+@pytest.mark.gpu
+def test_7b_layer_on_the_gpu(tmp_path, monkeypatch):
+    """The 7B-shaped layer at a short length on CUDA: Triton operator, CUDA-event and kernel-time measures."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    argv = [str(SCRIPT), "--lengths", "4096", "--inner", "2", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    (row,) = json.loads((tmp_path / "bench_layer.json").read_text())["rows"]
+    assert row["nsa_recombined_rel_error"] < 1e-2 and row["dense_recombined_rel_error"] < 1e-2
+    assert row["nsa_operator_kernel_ms"] > 0 and row["nsa_module_kernel_ms"] > row["nsa_operator_kernel_ms"]
+    assert row["nsa_overhead_kernel_pct"] is not None and isinstance(row["target_met_kernel"], bool)
+
+
 def test_cpu_needs_tiny(monkeypatch, capsys):
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--device", "cpu"])
