@@ -252,6 +252,36 @@ def test_layout_refuses_cu_seqlens_that_do_not_cover_the_rows():
         chunk_layout(torch.tensor([0, 32, 64], dtype=torch.int32), 65)
 
 
+def test_layout_refuses_decreasing_cu_seqlens():
+    # Lengths 8, -4, 4 add up to the 8 rows, but the chunks [0, 8) and [4, 8) overlap.
+    with pytest.raises(ValueError, match="decreases after chunk 1"):
+        chunk_layout(torch.tensor([0, 8, 4, 8]), 8)
+
+
+def test_layout_cache_keeps_its_last_entries_only():
+    cache = ChunkLayoutCache(size=2)
+    tensors = [torch.tensor([0, 64, 128 + step], dtype=torch.int32) for step in range(3)]
+    layouts = [cache.layout(cu, 128 + step) for step, cu in enumerate(tensors)]
+    assert cache.builds == 3 and len(cache._entries) == 2
+    assert cache.layout(tensors[2], 130) is layouts[2] and cache.layout(tensors[1], 129) is layouts[1]
+    cache.layout(tensors[0], 128)  # evicted by the third: built again
+    assert cache.builds == 4
+    cache.clear()
+    assert not cache._entries
+
+
+def test_layout_cache_copies_start_empty():
+    import copy
+    import pickle
+
+    cache = ChunkLayoutCache(size=3)
+    cache.layout(torch.tensor([0, 64, 128]), 128)
+    for copied in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert copied.size == 3 and copied.builds == 1 and not copied._entries
+        copied.layout(torch.tensor([0, 64]), 64)  # and work
+        assert copied.builds == 2
+
+
 def test_layout_cache_recognises_a_tensor_not_its_values():
     cache = ChunkLayoutCache(size=2)
     window = torch.tensor([0, 64, 128], dtype=torch.int32)
@@ -333,9 +363,21 @@ def test_packed_attention_on_gpu_with_cu_seqlens_on_the_cpu():
     torch.testing.assert_close(packed(hidden, cu_seqlens.cpu(), rotary), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_packed_attention_module_equals_stock_module_on_cpu():
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_packed_attention_module_equals_stock_module_on_cpu(dtype):
     stock, packed = _attention_pair("cpu")
     hidden, cu_seqlens, rotary = _attention_inputs([64, 32, 64, 32, 32, 16] * 3 + [256, 96, 256], "cpu")
     expected = stock(hidden, cu_seqlens, rotary)
-    output = packed(hidden, cu_seqlens, rotary)
+    output = packed(hidden, cu_seqlens.to(dtype), rotary)
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bounds", [[0], [0, 0]], ids=["no chunk", "one empty chunk"])
+def test_packed_attention_of_no_rows(bounds):
+    _, packed = _attention_pair("cpu")
+    hidden = torch.zeros(0, 160, requires_grad=True)
+    rotary = (torch.ones(0, 80), torch.zeros(0, 80))
+    output = packed(hidden, torch.tensor(bounds, dtype=torch.int32), rotary)
+    assert output.shape == (0, 160)
+    output.sum().backward()
+    assert hidden.grad.shape == (0, 160)

@@ -10,6 +10,7 @@ it computes and how the chunks are grouped: docs/vision-tower.md.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +18,11 @@ import torch
 from torch import Tensor
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
-from transformers.utils.generic import is_flash_attention_requested
 
 # Attention implementations whose function takes a batch of independent sequences without a mask, as the batched
-# path hands them (None: transformers' default, eager). Flash attention keeps the stock varlen path (one call
-# already); any other implementation (flex, paged, a registered custom one) keeps the stock per-chunk loop.
+# path hands them (None: transformers' default, eager). Every other implementation runs the stock forward: flash
+# attention (any name transformers reads as flash) makes one varlen call already, and the others (flex, paged, a
+# registered custom one) may not take such a batch, so they keep the stock per-chunk loop.
 BATCHABLE_IMPLEMENTATIONS = (None, "sdpa", "eager")
 
 
@@ -66,6 +67,8 @@ def chunk_layout(cu_seqlens: Tensor, total: int, device: torch.device | None = N
     """
     bounds = cu_seqlens.tolist()
     lengths = [end - begin for begin, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    if any(length < 0 for length in lengths):  # chunks would overlap: batches of rows counted twice
+        raise ValueError(f"cu_seqlens decreases after chunk {next(n for n, x in enumerate(lengths) if x < 0)}")
     if sum(lengths) != total:
         raise ValueError(f"cu_seqlens covers {sum(lengths)} rows but the hidden states hold {total}")
     chunks_of: dict[int, list[int]] = {}  # length -> chunk numbers, in sequence order
@@ -105,30 +108,45 @@ class ChunkLayoutCache:
     its values (reading them is the host sync being avoided). The cache holds the tensors it has seen, so their
     memory cannot be reused by another tensor while an entry names it; a detached alias (reentrant checkpointing)
     shares memory and version counter, so it finds its layout too. `builds` counts the layouts built.
+
+    Threads may share it (`nn.DataParallel`'s replicas share their modules' attributes): a lock guards the entries.
+    A copy (deepcopy, pickle) starts empty, as its tensors live at other addresses than the ones its keys name.
     """
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
         self.builds = 0
         self._entries: list[tuple[Tensor, tuple[Any, ...], ChunkLayout]] = []
+        self._lock = threading.Lock()
 
     def layout(self, cu_seqlens: Tensor, total: int, device: torch.device | None = None) -> ChunkLayout:
         """The layout of `cu_seqlens` over `total` rows with its indices on `device`, built on first sight."""
         device = torch.device(device) if device is not None else cu_seqlens.device
         key = (*_identity(cu_seqlens, total), device)
-        for index, (_, seen, layout) in enumerate(self._entries):
-            if seen == key:
-                self._entries.insert(0, self._entries.pop(index))
-                return layout
+        with self._lock:
+            for index, (_, seen, layout) in enumerate(self._entries):
+                if seen == key:
+                    self._entries.insert(0, self._entries.pop(index))
+                    return layout
+        # Built outside the lock: its host read waits for the device, and other threads need not wait with it.
         layout = chunk_layout(cu_seqlens, total, device)
-        self.builds += 1
-        self._entries.insert(0, (cu_seqlens, key, layout))
-        del self._entries[self.size :]
+        with self._lock:
+            self.builds += 1
+            self._entries.insert(0, (cu_seqlens, key, layout))
+            del self._entries[self.size :]
         return layout
 
     def clear(self) -> None:
         """Forget every layout (and release the tensors held)."""
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"size": self.size, "builds": self.builds}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["size"])
+        self.builds = state["builds"]
 
 
 def _identity(tensor: Tensor, total: int) -> tuple[Any, ...]:
@@ -136,8 +154,16 @@ def _identity(tensor: Tensor, total: int) -> tuple[Any, ...]:
     version counter (the tower never changes its cu_seqlens in place). Whether inference mode is on is part of the
     key: a layout built under it holds inference tensors, which autograd may not save for a backward."""
     version = None if tensor.is_inference() else tensor._version
-    return (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device, version, total,
-            torch.is_inference_mode_enabled())
+    return (
+        tensor.data_ptr(),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+        tensor.device,
+        version,
+        total,
+        torch.is_inference_mode_enabled(),
+    )
 
 
 class PackedVisionAttention(qwen.Qwen2_5_VLVisionAttention):
@@ -185,10 +211,11 @@ class PackedVisionAttention(qwen.Qwen2_5_VLVisionAttention):
         """hidden_states [S, dim], cu_seqlens [chunks + 1] int, position_embeddings (cos, sin) [S, head_dim] each
         -> [S, dim]: each row attends (non-causally) over the rows of its chunk, as the stock forward computes."""
         implementation = self.config._attn_implementation
-        if is_flash_attention_requested(self.config) or implementation not in BATCHABLE_IMPLEMENTATIONS:
+        if implementation not in BATCHABLE_IMPLEMENTATIONS:
             return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
         seq_length = hidden_states.shape[0]
-        query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).unbind(1)
+        # head_dim, not -1: a reshape cannot infer a size from zero rows.
+        query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, self.head_dim).unbind(1)
         cos, sin = position_embeddings
         query, key = qwen.apply_rotary_pos_emb_vision(query, key, cos, sin)
         layout = self.layouts.layout(cu_seqlens, seq_length, hidden_states.device)
@@ -207,14 +234,12 @@ class PackedVisionAttention(qwen.Qwen2_5_VLVisionAttention):
                     **kwargs,
                 )[0]  # [chunks, L, heads, D]
                 outputs.append(output.reshape(-1, self.dim))
-        if not outputs:
-            output = hidden_states.new_zeros(0, self.dim)
-        else:
-            output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        if not outputs:  # no rows at all: an empty [0, dim] still computed from qkv, so every parameter gets a grad
+            outputs.append(value.reshape(0, self.dim))
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         if layout.inverse is not None:
             output = output.index_select(0, layout.inverse)
         return self.proj(output)
-
 
     def _chunks_per_call(self, length: int) -> int:
         """How many chunks of `length` rows one attention call takes (see the class docstring)."""
