@@ -7,6 +7,10 @@ tower (one SDPA call per window and per frame) and the package's `ChunkedVisionT
 chunk length; docs/vision-tower.md). Reports the median seconds of each, the speed-up, the max abs difference of
 the merged outputs and the relative error of the input gradient (bf16, so both differ from fp32 by ~1e-2).
 
+Every step prints its seconds (flushed) as it finishes, so a run cut short by a time limit still shows them: first
+one untimed step per tower (the warm-up, whose outputs are compared), then `--reps` timed steps of each, the two
+towers alternating. The stock tower's step takes tens of seconds at 556 frames, hence one timed step by default.
+
     python benchmarks/probe/profile_vision.py --frames 556                          # GPU: the 36K-token sample
     python benchmarks/probe/profile_vision.py --device cpu --tiny --frames 8        # smoke test
 
@@ -21,25 +25,19 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import (  # noqa: E402
-    Results,
-    add_output_arguments,
-    bench,
-    describe,
-    environment,
-    fmt,
-    markdown_table,
-    rel_error,
-)
+from harness import bench, describe, fmt, markdown_table, open_run, rel_error  # noqa: E402
 from harness.shapes import QWEN2_5_VL_7B_VISION  # noqa: E402
 from videonsa.models.chunked_prefill import ChunkedVisionTower, merged_output  # noqa: E402
 from videonsa.testing import tiny_vision_config_kwargs  # noqa: E402
+
+T = TypeVar("T")
 
 
 def vision_config(tiny: bool) -> Qwen2_5_VLVisionConfig:
@@ -89,42 +87,56 @@ def train_step(tower: torch.nn.Module, pixels: torch.Tensor, grid: torch.Tensor)
     return output.detach(), pixels.grad
 
 
-def seconds(fn: Callable[[], object], device: str, reps: int) -> float:
-    """Median seconds of `fn()` (already called once: the outputs' comparison is the warm-up): CUDA events on a
-    GPU, the wall clock on a CPU."""
+def timed(label: str, step: Callable[[], T], device: str) -> tuple[T, float]:
+    """Run `step()` once and print its seconds (flushed): CUDA events around it on a GPU (synchronised before
+    and after), the wall clock on a CPU. Returns (its result, seconds)."""
+    result = []
     if device.startswith("cuda"):
-        return bench(fn, warmup=0, reps=reps) / 1e3
-    times = []
-    for _ in range(reps):
+        elapsed = bench(lambda: result.append(step()), warmup=0, reps=1) / 1e3
+    else:
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        result.append(step())
+        elapsed = time.perf_counter() - start
+    print(f"{label}: {elapsed:.3f} s", flush=True)
+    return result[0], elapsed
+
+
+def multiple_of_28(text: str) -> int:
+    """--size: frame side in pixels, a positive multiple of 28 (patch 14, merge 2)."""
+    value = int(text)
+    if value <= 0 or value % 28:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive multiple of 28 (patch 14, merge 2)")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=556, help="frames, each fed as one image (default 556)")
-    parser.add_argument("--size", type=int, default=224, help="frame side in pixels, a multiple of 28")
-    parser.add_argument("--reps", type=int, default=3, help="timed steps per tower (median kept)")
+    parser.add_argument("--size", type=multiple_of_28, default=224, help="frame side in pixels, a multiple of 28")
+    parser.add_argument("--reps", type=int, default=1, help="timed steps per tower after the warm-up (median kept; "
+                        "default 1)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny tower instead of the 7B one")
-    add_output_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.size % 28:
-        parser.error("--size must be a multiple of 28 (patch 14, merge 2)")
-    env = environment()
+    args, results = open_run(parser, argv, "profile_vision")
+    if args.reps < 1:
+        parser.error("--reps must be at least 1")
     config = vision_config(args.tiny)
     stock, packed = build_towers(config, args.device)
     pixels, grid = frame_inputs(config, args.frames, args.size, args.device)
-    reference, reference_grad = train_step(stock, pixels, grid)
-    output, grad = train_step(packed, pixels, grid)
-    times = {name: seconds(lambda tower=tower: train_step(tower, pixels, grid), args.device, args.reps)
-             for name, tower in (("stock", stock), ("packed", packed))}
-    results = Results("profile_vision", args.out, env)
+    towers = {"stock": stock, "packed": packed}
+    # The warm-up steps, whose outputs are compared, then the timed ones, alternating so that a run cut short has
+    # numbers of both towers.
+    (reference, reference_grad), _ = timed("stock warm-up step", lambda: train_step(stock, pixels, grid), args.device)
+    (output, grad), _ = timed("packed warm-up step", lambda: train_step(packed, pixels, grid), args.device)
+    steps: dict[str, list[float]] = {name: [] for name in towers}
+    for rep in range(args.reps):
+        for name, tower in towers.items():
+            label = f"{name} step {rep + 1}/{args.reps}"
+            steps[name].append(timed(label, lambda tower=tower: train_step(tower, pixels, grid), args.device)[1])
+    times = {name: statistics.median(values) for name, values in steps.items()}
     row = results.row({
         "tower": "tiny" if args.tiny else "7b", "frames": args.frames, "size": args.size,
-        "patches": pixels.shape[0], "stock_s": times["stock"], "packed_s": times["packed"],
+        "patches": pixels.shape[0], "reps": args.reps, "stock_s": times["stock"], "packed_s": times["packed"],
         "speedup": times["stock"] / times["packed"],
         "max_abs_diff": float((output.float() - reference.float()).abs().max()),
         "input_grad_rel_error": rel_error(grad, reference_grad),
@@ -135,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
           fmt(row["speedup"]), f"{row['max_abs_diff']:.2e}", f"{row['input_grad_rel_error']:.2e}"]],
     )
     caption = (f"Vision tower training step (fp32 weights, bf16 autocast, checkpointing), {args.size}x{args.size} "
-               f"frames as images; {describe(env)}")
+               f"frames as images, median of {args.reps} timed step(s) after a warm-up; {describe(results.env)}")
     results.write_markdown(f"{caption}\n\n{table}")
     results.write_json()
 

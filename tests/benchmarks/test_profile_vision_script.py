@@ -7,17 +7,31 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "probe" / "profile_vision.py"
 
 
-def test_profile_vision_smoke_run(tmp_path, monkeypatch):
+def test_profile_vision_smoke_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ on it
-    argv = [str(SCRIPT), "--device", "cpu", "--tiny", "--frames", "3", "--size", "252", "--reps", "1",
+    argv = [str(SCRIPT), "--device", "cpu", "--tiny", "--frames", "3", "--size", "252", "--reps", "2",
             "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(SCRIPT), run_name="__main__")
     (row,) = json.loads((tmp_path / "profile_vision.json").read_text())["rows"]
     assert row["patches"] == 3 * 18 * 18  # 252 px = 18 patches a side: windows of 64, 16 and 4 patches
-    assert row["stock_s"] > 0 and row["packed_s"] > 0
+    assert row["stock_s"] > 0 and row["packed_s"] > 0 and row["reps"] == 2
     assert row["max_abs_diff"] < 1e-2 and row["input_grad_rel_error"] < 1e-2
     assert (tmp_path / "profile_vision.md").read_text().startswith("Vision tower training step")
+    # Each step printed as it finished: the warm-ups, then the timed steps with the towers alternating.
+    steps = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if line.endswith(" s")]
+    assert steps == ["stock warm-up step", "packed warm-up step", "stock step 1/2", "packed step 1/2",
+                     "stock step 2/2", "packed step 2/2"]
+
+
+def test_profile_vision_refuses_a_size_off_the_merge_grid(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--device", "cpu", "--tiny", "--size", "230"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert exit_info.value.code == 2 and "230 is not a positive multiple of 28" in capsys.readouterr().err
