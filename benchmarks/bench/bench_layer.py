@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("no CUDA GPU: run on the GPU machine, or pass --device cpu --tiny for a smoke run")
     if not args.device.startswith("cuda") and not args.tiny:
         parser.error("--device cpu needs --tiny (the 7B layer on a CPU would take hours)")
+    if args.inner < 1:
+        parser.error("--inner must be at least 1")
     lengths = args.lengths or ([256] if args.tiny else PROBE_LENGTHS)
     if args.tiny:
         from videonsa.testing import tiny_videonsa_config
@@ -314,8 +316,6 @@ def main(argv: list[str] | None = None) -> None:
     else:
         config, what = qwen7b_config(num_layers=1), "Qwen2.5-VL-7B-shaped (bf16, random weights)"
     model = random_model(config, device=args.device)
-    if args.inner < 1:
-        parser.error("--inner must be at least 1")
     timer = Timer(args.device, args.inner, args.flush_l2)
     hidden = config.text_config.hidden_size
     with torch.no_grad():
