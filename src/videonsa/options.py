@@ -8,6 +8,10 @@ here, so each value is written once.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
 # Attention modes a user may ask for. "auto": the mode the checkpoint runs by default
 # (`videonsa.inference.model_files.resolve_attention`); the others are explicit choices.
 ATTENTION_MODES: tuple[str, ...] = ("auto", "nsa", "dense", "official")
@@ -30,12 +34,13 @@ DEFAULT_PAPER_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)  # 90,316,800
 # gates). The layers, the official mode, the tiny test models and `videonsa convert --help` read it from here.
 DEFAULT_GATE_TEMPERATURE = 0.3
 
-# Answer generation: `GenerationSettings`' defaults (at most 256 new tokens, greedy, top-p and top-k off, no seed).
-# Commands without sampling flags (eval, the analyses) set these on their arguments for `videonsa ask`'s settings
-# helper, which reads them.
+# Answer generation: `GenerationSettings`' defaults, read from here (at most 256 new tokens, greedy, top-p and top-k
+# off, no seed). Commands without sampling flags (eval, the analyses) set these on their arguments for `videonsa
+# ask`'s settings helper, which reads them. Read-only: every command's defaults come from this one mapping.
 DEFAULT_MAX_NEW_TOKENS = 256
-GREEDY_GENERATION = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
-                     "seed": None}
+GREEDY_GENERATION: Mapping[str, Any] = MappingProxyType(
+    {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}
+)
 
 # Defaults of `videonsa eval make-needles`: video lengths in seconds, (width, height), frames per second.
 DEFAULT_NEEDLE_LENGTHS: tuple[int, ...] = (60, 300, 900, 1800, 3600)

@@ -18,7 +18,7 @@ from videonsa.inference.model_files import ModelFiles
 from videonsa.inference.prefill_progress import ChunkedPrefillMeter, PrefillCallback, PrefillMeter
 from videonsa.inference.prompt import QuestionPrompt, model_inputs
 from videonsa.models.chunked_prefill import prefill_in_chunks
-from videonsa.options import DEFAULT_MAX_NEW_TOKENS
+from videonsa.options import GREEDY_GENERATION
 from videonsa.video import DecodedVideo, VideoPlan
 
 TextCallback = Callable[[str], None]
@@ -29,11 +29,11 @@ logger = logging.getLogger(__name__)
 class GenerationSettings:
     """How to generate: greedy when temperature is 0, else sampling with temperature / top_p / top_k."""
 
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
+    max_new_tokens: int = GREEDY_GENERATION["max_new_tokens"]
+    temperature: float = GREEDY_GENERATION["temperature"]
+    top_p: float = GREEDY_GENERATION["top_p"]
+    top_k: int = GREEDY_GENERATION["top_k"]
+    seed: int | None = GREEDY_GENERATION["seed"]
 
     def validate(self) -> GenerationSettings:
         """Return self, or raise `UserError` naming the first bad setting."""
