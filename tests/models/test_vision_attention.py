@@ -77,6 +77,23 @@ def test_packed_tower_equals_stock_tower(case, implementation):
     assert packed.chunk_layouts.builds == 2  # the window and the full cu_seqlens, once each for four blocks
 
 
+def test_packed_tower_makes_one_call_per_chunk_length(monkeypatch):
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    batches = []
+
+    def counted(module, query, *args, **kwargs):
+        batches.append(tuple(query.shape[:3]))  # (chunks, heads, length)
+        return sdpa(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", counted)
+    _, packed = _towers()
+    with torch.no_grad():
+        packed(_pixels(GRIDS["equal frames"]), grid_thw=torch.tensor(GRIDS["equal frames"]))
+    heads = packed.config.num_heads
+    # Window blocks 0 and 2: the 12 windows of 64 rows in one call; full blocks 1 and 3: the 3 frames of 256.
+    assert batches == [(12, heads, 64), (3, heads, 256)] * 2
+
+
 @pytest.mark.parametrize("limit", ["chunks", "scores"])
 def test_packed_tower_split_into_bounded_calls_equals_stock(limit):
     grid = GRIDS["mixed items"]
