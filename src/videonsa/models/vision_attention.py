@@ -175,9 +175,9 @@ class PackedVisionAttention(qwen.Qwen2_5_VLVisionAttention):
 
     A batch holds at most `max_chunks_per_call` chunks (CUDA kernels put the batch on a grid axis of at most
     65,535 blocks) and `max_scores_per_call` attention scores (chunks x heads x length^2): implementations that
-    materialise the scores (eager, SDPA's math backend) then never hold more than 1 GiB of fp32 scores at once
-    where the stock loop held one chunk's. A 556-frame sample of the 7B tower takes one call per window block and
-    three per full block.
+    materialise the scores (eager, SDPA's math backend) then hold at most 1 GiB of fp32 scores at once where the
+    stock loop held one chunk's (a chunk whose scores alone exceed the bound gets a call to itself, as in the stock
+    loop). A 556-frame sample of the 7B tower takes one call per window block and three per full block.
     """
 
     max_chunks_per_call: int = 32768
