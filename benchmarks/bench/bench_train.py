@@ -206,22 +206,32 @@ def frames_for(seq_len: int) -> int:
     return max(1, (seq_len - text) // (TOKENS_PER_FRAME + 2))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_step_arguments(parser: argparse.ArgumentParser, layers: int) -> None:
+    """The model and sample options of a training-step run (this script and probe/profile_train.py)."""
     parser.add_argument("--seq-len", type=int, default=36864, help="tokens per sample (frames fill it)")
-    parser.add_argument("--layers", type=int, default=4, help="language-model decoder layers (7B has 28)")
+    parser.add_argument("--layers", type=int, default=layers, help="language-model decoder layers (7B has 28)")
     parser.add_argument("--vision-layers", type=int, default=32, help="vision tower blocks (7B has 32)")
     parser.add_argument("--modes", nargs="+", default=["nsa", "dense"], choices=["nsa", "dense"])
+    parser.add_argument("--shape", choices=["7b", "tiny"], default="7b")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """Exit with one line when --device cuda has no GPU to run on."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device (use --device cpu --shape tiny for a smoke test)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_step_arguments(parser, layers=4)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per mode")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--grad-accum", type=int, default=1, help="samples per optimizer step (recipe: 4)")
     parser.add_argument("--strategy", default="auto", help="auto | ddp | zero2 | zero3 | fsdp2 (under torchrun)")
-    parser.add_argument("--shape", choices=["7b", "tiny"], default="7b")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     add_output_arguments(parser, baseline=True)
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("no CUDA device (use --device cpu --shape tiny for a smoke test)")
+    check_device(args)
 
     frames = frames_for(args.seq_len)
     rank0 = int(os.environ.get("RANK", "0")) == 0

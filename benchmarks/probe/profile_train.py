@@ -35,7 +35,14 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench_train's model, data and Trainer
-from bench_train import SyntheticClipChat, build_trainer, frames_for, model_config  # noqa: E402
+from bench_train import (  # noqa: E402
+    SyntheticClipChat,
+    add_step_arguments,
+    build_trainer,
+    check_device,
+    frames_for,
+    model_config,
+)
 
 from harness import Results, add_output_arguments, describe, environment, fmt, markdown_table  # noqa: E402
 from videonsa.training.trainer import VideoNSATrainer  # noqa: E402
@@ -289,19 +296,13 @@ def report(rows: list[dict], caption: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", type=int, default=36864, help="tokens per sample (frames fill it)")
-    parser.add_argument("--layers", type=int, default=2, help="language-model decoder layers (7B has 28)")
-    parser.add_argument("--vision-layers", type=int, default=32, help="vision tower blocks (7B has 32)")
-    parser.add_argument("--modes", nargs="+", default=["nsa", "dense"], choices=["nsa", "dense"])
+    add_step_arguments(parser, layers=2)
     parser.add_argument("--warmup", type=int, default=2, help="unprofiled steps first (compilation, allocator)")
     parser.add_argument("--top", type=int, default=20, help="rows of the kernel and CPU-op tables")
     parser.add_argument("--trace", type=Path, default=None, help="export a chrome trace per mode (FILE.<mode>.json)")
-    parser.add_argument("--shape", choices=["7b", "tiny"], default="7b")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("no CUDA device (use --device cpu --shape tiny for a smoke test)")
+    check_device(args)
     frames = frames_for(args.seq_len)
     env = environment()
     results = Results("profile_train", args.out, env)
