@@ -15,19 +15,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
-from interpreter_harness import DEVICE, kernels_runnable_here, run_file_under_interpreter  # noqa: E402
+from interpreter_harness import DEVICE, interpreter_tests  # noqa: E402
 
 import videonsa.layers.official as official  # noqa: E402
 from videonsa.layers import official_attention  # noqa: E402
 from videonsa.ops.triton import window  # noqa: E402
 
-RUNNABLE = kernels_runnable_here(window._swa_fwd_kernel)
-kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
-
-
-@pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
-def test_under_interpreter() -> None:
-    run_file_under_interpreter(__file__, min_passed=20)
+kernel_test, test_under_interpreter = interpreter_tests(window._swa_fwd_kernel, __file__, min_passed=20)
 
 
 def make_inputs(batch, seq_len, heads_q, heads_kv, dim, seed, dtype=torch.float32, device="cpu"):

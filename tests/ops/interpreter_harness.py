@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -39,6 +40,23 @@ def run_file_under_interpreter(path: str, min_passed: int) -> None:
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-12000:]}\n{proc.stderr[-4000:]}"
     passed = re.search(r"(\d+) passed", proc.stdout)
     assert passed and int(passed.group(1)) >= min_passed, f"kernel tests did not run:\n{proc.stdout[-3000:]}"
+
+
+def interpreter_tests(kernel, path: str, min_passed: int) -> tuple[pytest.MarkDecorator, Callable[[], None]]:
+    """The two pieces every kernel test file needs: a `kernel_test` marker that skips a kernel test where `kernel`
+    cannot run in this process, and a `test_under_interpreter` test that, exactly there, runs the file `path` in
+    a child pytest under the interpreter and requires `min_passed` passed tests. Assign both at module level:
+
+        kernel_test, test_under_interpreter = interpreter_tests(_kernel, __file__, min_passed=8)
+    """
+    runnable = kernels_runnable_here(kernel)
+    kernel_test = pytest.mark.skipif(not runnable, reason="runs in the interpreter subprocess (test_under_interpreter)")
+
+    @pytest.mark.skipif(runnable, reason="kernels run in this process")
+    def test_under_interpreter() -> None:
+        run_file_under_interpreter(path, min_passed=min_passed)
+
+    return kernel_test, test_under_interpreter
 
 
 def packed(seq_lens: list[int], heads_q: int, heads_kv: int, head_dim: int, seed: int):

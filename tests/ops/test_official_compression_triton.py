@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from interpreter_harness import DEVICE, HAS_CUDA, kernels_runnable_here, run_file_under_interpreter
+from interpreter_harness import DEVICE, HAS_CUDA, interpreter_tests
 
 from videonsa.ops.official import anticausal_compression, mean_pool_blocks
 from videonsa.ops.triton import official_compression
 from videonsa.ops.triton.official_compression import CompressionLaunch, anticausal_compression_triton
 
-RUNNABLE = kernels_runnable_here(official_compression._anticausal_compression_kernel)
-kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
+kernel_test, test_under_interpreter = interpreter_tests(
+    official_compression._anticausal_compression_kernel, __file__, min_passed=8
+)
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-@pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
-def test_under_interpreter() -> None:
-    run_file_under_interpreter(__file__, min_passed=8)
 
 
 def make_inputs(batch, seq_len, heads, heads_kv, dim, block_size, seed, dtype):

@@ -21,21 +21,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from interpreter_harness import DEVICE, HAS_CUDA, kernels_runnable_here, run_file_under_interpreter
+from interpreter_harness import DEVICE, HAS_CUDA, interpreter_tests
 
 from videonsa.ops import official
 from videonsa.ops.official import anticausal_compression, mean_pool_blocks, original_topk_reference
 from videonsa.ops.triton import official_topk
 from videonsa.ops.triton.official_topk import DEFAULT_LAUNCH, OfficialTopkLaunch, original_topk_triton
 
-RUNNABLE = kernels_runnable_here(official_topk._original_topk_kernel)
-kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
+kernel_test, test_under_interpreter = interpreter_tests(official_topk._original_topk_kernel, __file__, min_passed=14)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
-def test_under_interpreter() -> None:
-    run_file_under_interpreter(__file__, min_passed=14)
 
 
 # ----------------------------------------------------------------------------------------------------------

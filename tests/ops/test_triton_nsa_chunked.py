@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from interpreter_harness import DEVICE, kernels_runnable_here, run_file_under_interpreter
+from interpreter_harness import DEVICE, interpreter_tests
 
 from videonsa.ops import nsa_attention, nsa_attention_parts, nsa_parts_reference
 from videonsa.ops.triton import compression
 
-RUNNABLE = kernels_runnable_here(compression._cmp_fwd_kernel)
-kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
+kernel_test, test_under_interpreter = interpreter_tests(compression._cmp_fwd_kernel, __file__, min_passed=9)
 
 SETTINGS = dict(block_size=16, block_count=3, window_size=24, init_blocks=0, local_blocks=1)
 PARTS = ("o", "o_cmp", "o_slc", "o_swa")
-
-
-@pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
-def test_under_interpreter() -> None:
-    run_file_under_interpreter(__file__, min_passed=9)
 
 
 def _offsets(lengths: list[int]) -> torch.Tensor:

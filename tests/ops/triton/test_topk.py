@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from interpreter_harness import DEVICE, kernels_runnable_here, run_file_under_interpreter
+from interpreter_harness import DEVICE, interpreter_tests
 from test_compression import _check_selection, _inputs, _reference
 
 from videonsa.ops.triton import topk
 from videonsa.ops.triton.compression import compressed_attention_fwd, mean_pool_fwd
 from videonsa.ops.triton.topk import TopkSettings
 
-RUNNABLE = kernels_runnable_here(topk._topk_bisect_kernel)
-kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
+kernel_test, test_under_interpreter = interpreter_tests(topk._topk_bisect_kernel, __file__, min_passed=8)
 # The default launch, 16-token tiles, 16-block score chunks (several per row even on these tiny sequences), and
 # the chunked selection of rows too wide for registers forced on every row, 16 columns at a time (several per
 # row) and 64 (one, at most the row).
@@ -29,11 +28,6 @@ SETTINGS = (
     TopkSettings(), TopkSettings(tokens=16), TopkSettings(chunk=16),
     TopkSettings(chunk=16, register_row_blocks=0, row_chunk=16), TopkSettings(register_row_blocks=0, row_chunk=64),
 )
-
-
-@pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
-def test_under_interpreter() -> None:
-    run_file_under_interpreter(__file__, min_passed=8)
 
 
 def _all_settings_equal(q, k, cu, block_size, kwargs) -> torch.Tensor:

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-from interpreter_harness import DEVICE, kernels_runnable_here, run_file_under_interpreter
+from interpreter_harness import DEVICE, interpreter_tests
 
 from videonsa.ops.triton.utils import _tiles_kernel
 
-RUNNABLE = kernels_runnable_here(_tiles_kernel)
-kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
-
-
-@pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
-def test_under_interpreter() -> None:
-    run_file_under_interpreter(__file__, min_passed=2)
+kernel_test, test_under_interpreter = interpreter_tests(_tiles_kernel, __file__, min_passed=2)
 
 
 @kernel_test

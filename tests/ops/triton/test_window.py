@@ -13,22 +13,15 @@ import torch
 from interpreter_harness import (
     DEVICE,
     assert_matches_masked_dense,
-    kernels_runnable_here,
+    interpreter_tests,
     packed,
-    run_file_under_interpreter,
 )
 
 from videonsa.ops import nsa_parts_reference
 from videonsa.ops.triton import window
 from videonsa.ops.triton.window import WindowSettings
 
-RUNNABLE = kernels_runnable_here(window._swa_fwd_kernel)
-kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
-
-
-@pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
-def test_under_interpreter() -> None:
-    run_file_under_interpreter(__file__, min_passed=8)
+kernel_test, test_under_interpreter = interpreter_tests(window._swa_fwd_kernel, __file__, min_passed=8)
 
 
 def dense_window(q, k, v, cu, window, scale):

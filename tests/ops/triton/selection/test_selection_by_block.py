@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from interpreter_harness import DEVICE, kernels_runnable_here, packed, run_file_under_interpreter
+from interpreter_harness import DEVICE, interpreter_tests, packed
 from selection_checks import assert_forward_matches, dense_selected, gpu_case, random_selection
 
 from videonsa.ops.triton.selection import SelectionSettings
 from videonsa.ops.triton.selection.tiles import _slc_fwd_kernel
 
-RUNNABLE = kernels_runnable_here(_slc_fwd_kernel)
-kernel_test = pytest.mark.skipif(not RUNNABLE, reason="runs in the interpreter subprocess (test_under_interpreter)")
-
-
-@pytest.mark.skipif(RUNNABLE, reason="kernels run in this process")
-def test_under_interpreter() -> None:
-    run_file_under_interpreter(__file__, min_passed=6)
+kernel_test, test_under_interpreter = interpreter_tests(_slc_fwd_kernel, __file__, min_passed=6)
 
 
 @kernel_test
