@@ -260,15 +260,19 @@ class TokenHistory:
     def length(self) -> int:
         return self.vision_mask.shape[1]
 
+    def refuse_other_batch(self, batch: int) -> None:
+        """UserError unless a forward of `batch` samples continues the cached ones (same batch size)."""
+        if self.vision_mask.shape[0] != batch:
+            raise UserError(
+                f"the KV cache holds {self.vision_mask.shape[0]} samples but this forward has {batch}; VideoNSA "
+                "cannot follow a cache whose batch changed"
+            )
+
     def extended(self, split: TokenSplit) -> TokenHistory:
         """This history followed by the tokens of `split` (the forward that just ran)."""
         if not self.length:
             return TokenHistory(split.vision_mask, split.token_mask, split.unpadded)
-        if self.vision_mask.shape[0] != split.vision_mask.shape[0]:
-            raise UserError(
-                f"the KV cache holds {self.vision_mask.shape[0]} samples but this forward has "
-                f"{split.vision_mask.shape[0]}; VideoNSA cannot follow a cache whose batch changed"
-            )
+        self.refuse_other_batch(split.vision_mask.shape[0])
         return TokenHistory(
             torch.cat((self.vision_mask, split.vision_mask), dim=1),
             torch.cat((self.token_mask, split.token_mask), dim=1),
@@ -284,12 +288,7 @@ def empty_history(batch: int, device: torch.device) -> TokenHistory:
 
 def _split_after_past(vision_mask: Tensor, token_mask: Tensor, past: TokenHistory) -> TokenSplit:
     """The split of a chunk [B, T] that follows the P cached tokens of `past` (see the module docstring)."""
-    batch = vision_mask.shape[0]
-    if past.vision_mask.shape[0] != batch:
-        raise UserError(
-            f"the KV cache holds {past.vision_mask.shape[0]} samples but this forward has {batch}; VideoNSA "
-            "cannot follow a cache whose batch changed"
-        )
+    past.refuse_other_batch(vision_mask.shape[0])
     chunk = build_token_split(vision_mask, token_mask)
     device = vision_mask.device
     key_token_mask = torch.cat((past.token_mask.to(device), token_mask), dim=1)
