@@ -36,6 +36,12 @@ ChunkCallback = Callable[[str, int, int | None], None]
 CACHE_KWARG = "cache" if "cache" in inspect.signature(qwen.Qwen2_5_VLModel.forward).parameters else "past_key_values"
 
 
+def passed_cache(arguments: dict[str, Any]) -> Any:
+    """The KV cache among a forward's keyword `arguments`, under either name transformers 5.x has used (None if
+    there is none)."""
+    return arguments.get("cache", arguments.get("past_key_values"))
+
+
 @dataclass(frozen=True)
 class PrefillChunking:
     """Chunked prefill settings: `chunk_size` tokens per language-model forward (the vision tower's pieces hold
@@ -100,7 +106,7 @@ def wants_chunks(chunking: PrefillChunking | None, named: dict[str, Any]) -> boo
     embeddings), an empty or absent cache, more tokens than one chunk."""
     if chunking is None or named.get("input_ids") is None or named.get("inputs_embeds") is not None:
         return False
-    cache = named.get("cache", named.get("past_key_values"))
+    cache = passed_cache(named)
     if cache is not None and cache.get_seq_length() > 0:
         return False
     return named["input_ids"].shape[1] > chunking.chunk_size
@@ -124,7 +130,7 @@ def chunked_forward(model: Any, named: dict[str, Any], chunking: PrefillChunking
             raise UserError(f"prefill_chunk_size: {flag} needs the whole prompt in one forward; prefill in one pass")
     input_ids: Tensor = named["input_ids"]
     batch, seq_len = input_ids.shape
-    cache = named.get("cache", named.get("past_key_values"))
+    cache = passed_cache(named)
     if cache is None:
         cache = DynamicCache(config=model.config.text_config)
     attention_mask = named.get("attention_mask")

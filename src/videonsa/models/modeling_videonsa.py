@@ -65,7 +65,13 @@ from videonsa.models.checkpoint_checks import (
     refuse_partial_gates,
 )
 from videonsa.models.checkpoints import LEGACY_KEY_MAPPING, checkpoint_attention_mode, checkpoint_tensor_names
-from videonsa.models.chunked_prefill import ChunkedVisionTower, PrefillChunking, chunked_forward, wants_chunks
+from videonsa.models.chunked_prefill import (
+    ChunkedVisionTower,
+    PrefillChunking,
+    chunked_forward,
+    passed_cache,
+    wants_chunks,
+)
 from videonsa.models.configuration_videonsa import NSA_CONFIG_DEFAULTS, VideoNSAConfig
 from videonsa.models.official_mode import (
     OfficialTokens,
@@ -390,7 +396,7 @@ class VideoNSAModel(_GateInitMixin, qwen.Qwen2_5_VLModel):
         mode = self.language_model.layers[0].self_attn.settings.mode
         if mode in ("nsa", "official"):
             _refuse_packed_sequences(position_ids, attention_mask, mode)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = passed_cache(kwargs)
         history = token_history(cache) if mode == "nsa" else None
         if mode == "nsa":
             split = self.token_split(input_ids, mm_token_type_ids, attention_mask, inputs_embeds, history)
