@@ -187,22 +187,22 @@ class VideoQA:
     ) -> VideoPlan:
         """The frames `ask` would use for this question, without decoding them (see `ask` for arguments)."""
         return self._plan_question(
-            video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings
+            video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings,
+            self.prefill_chunk_size,
         ).plan
 
     def _plan_question(
         self, video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings,
-        prefill_chunk_size=_LOADED,
+        prefill_chunk_size,
     ) -> PlannedQuestion:
         preset = resolve_preset(preset, self.attention)
         if preset == "planner" and sampling is None and "budget_tokens" not in settings:
             # On a GPU the budget is what fits its free memory beside the loaded weights (docs/long-videos.md), for
             # the prefill that will run (one pass needs room for every token's activations at once).
             parameter = next(self.model.parameters())
-            setting = self.prefill_chunk_size if prefill_chunk_size is _LOADED else prefill_chunk_size
             budget = default_budget_tokens(
                 self.files.config, parameter.device, parameter.dtype, loaded_bytes=_weight_bytes(self.model),
-                chunk=planning_chunk(check_chunk_setting(setting), self.attention),
+                chunk=planning_chunk(check_chunk_setting(prefill_chunk_size), self.attention),
             )
             if budget is not None:
                 settings = {**settings, "budget_tokens": budget}
@@ -259,6 +259,8 @@ class VideoQA:
         prefill_chunk_size: "auto", tokens per prefill chunk, or None for one pass (default: the one `load`
             was given; docs/long-videos.md).
         """
+        if prefill_chunk_size is _LOADED:
+            prefill_chunk_size = self.prefill_chunk_size
         planned = self._plan_question(
             video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings,
             prefill_chunk_size,
@@ -272,7 +274,7 @@ class VideoQA:
             planned.generation,
             on_text=on_text,
             on_prefill=on_prefill,
-            prefill_chunk_size=self.prefill_chunk_size if prefill_chunk_size is _LOADED else prefill_chunk_size,
+            prefill_chunk_size=prefill_chunk_size,
         )
 
 
