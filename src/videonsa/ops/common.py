@@ -31,14 +31,6 @@ class NSAParts:
     lse_cmp: Tensor
 
 
-def sequence_spans(cu_seqlens: Tensor | None, batch: int, seq_len: int) -> list[tuple[int, int, int]]:
-    """(batch index, start, end) of every independent sequence; checks cu_seqlens on the way."""
-    if cu_seqlens is None:
-        return [(b, 0, seq_len) for b in range(batch)]
-    offsets = _checked_offsets("cu_seqlens", cu_seqlens, batch, seq_len)
-    return [(0, a, b) for a, b in zip(offsets, offsets[1:])]
-
-
 @dataclass(frozen=True)
 class Span:
     """One independent sequence of a call: its queries are rows q_start..q_end-1 of batch row `batch`, its keys
@@ -172,4 +164,4 @@ def empty_batch_parts(
 
 
 # NSAConfig is defined in `config` (torch-free) and re-exported here with the rest of the shared pieces.
-__all__ = ["NSAConfig", "NSAParts", "Span", "check_inputs", "empty_batch_parts", "query_key_spans", "sequence_spans"]
+__all__ = ["NSAConfig", "NSAParts", "Span", "check_inputs", "empty_batch_parts", "query_key_spans"]
