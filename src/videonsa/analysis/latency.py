@@ -327,7 +327,6 @@ def reference_calls(x: dict[str, Any], settings: LatencySettings) -> BranchCalls
     made; backward calls run each branch's autograd graph (built once) again."""
     import torch
 
-
     config = NSAConfig(**settings.nsa_kwargs())
     steps = ReferenceBranches(config, settings.head_dim**-0.5)
     # The reference computes in float32 (float64 for float64 inputs) whatever the input dtype: so do its steps.

@@ -91,7 +91,6 @@ class AskReport:
             f"[attention {self.attention}]"
         )
 
-
     def _chunking(self) -> str:
         if self.prefill_chunk is None:
             return ""
