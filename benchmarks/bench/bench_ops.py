@@ -35,11 +35,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 from harness import (  # noqa: E402
     BLOCK,
+    BUDGET,
     COUNT,
     HKV,
     HQ,
-    INIT,
-    LOCAL,
     OPERATOR_LENGTHS,
     WINDOW,
     D,
@@ -68,8 +67,6 @@ from videonsa.ops.triton.selection import plan_forward, selected_attention_bwd, 
 from videonsa.ops.triton.window import window_attention_bwd, window_attention_fwd  # noqa: E402
 from videonsa.ops.triton_nsa import gate_bwd, gate_fwd  # noqa: E402
 
-SETTINGS = dict(block_size=BLOCK, block_count=COUNT, window_size=WINDOW, init_blocks=INIT, local_blocks=LOCAL)
-
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
@@ -83,11 +80,11 @@ def bench_totals(x: dict[str, torch.Tensor]) -> dict[str, float]:
     do = torch.randn_like(x["q"])
 
     def forward():
-        return nsa_attention(**leaves, **SETTINGS, backend="triton")
+        return nsa_attention(**leaves, **BUDGET, backend="triton")
 
     def inference():
         with torch.no_grad():
-            return nsa_attention(**plain, **SETTINGS, backend="triton")
+            return nsa_attention(**plain, **BUDGET, backend="triton")
 
     # Working memory = peak beyond the inputs minus the outputs: o in the forward; o and the gradients of every
     # input after the backward.

@@ -29,9 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 from harness import (  # noqa: E402
     BLOCK,
+    BUDGET,
     COUNT,
-    INIT,
-    LOCAL,
     WINDOW,
     Results,
     add_output_arguments,
@@ -44,7 +43,6 @@ from harness import (  # noqa: E402
 )
 from videonsa.ops import nsa_attention, nsa_attention_parts  # noqa: E402
 
-BUDGET = dict(block_size=BLOCK, block_count=COUNT, window_size=WINDOW, init_blocks=INIT, local_blocks=LOCAL)
 QUERY_SIDE = ("q", "g_cmp", "g_slc", "g_swa")
 PACKED_LENGTHS = [40_000, 7_001, 65_536, 18_003]  # ends inside and on block boundaries; one shorter than a chunk
 

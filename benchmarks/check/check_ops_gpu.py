@@ -30,10 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 from harness import (  # noqa: E402
     BLOCK,
+    BUDGET,
     COUNT,
     INIT,
     LOCAL,
-    WINDOW,
     Results,
     add_output_arguments,
     describe,
@@ -49,7 +49,6 @@ from videonsa.ops.reference import compress_blocks  # noqa: E402
 from videonsa.ops.triton.selection import SelectionSettings  # noqa: E402
 from videonsa.ops.triton_nsa import KERNEL_SETTINGS, KernelSettings, nsa_parts_triton  # noqa: E402
 
-SETTINGS = dict(block_size=BLOCK, block_count=COUNT, window_size=WINDOW, init_blocks=INIT, local_blocks=LOCAL)
 LIMITS = {torch.bfloat16: (1e-2, 2e-2, 2e-2), torch.float16: (3e-3, 5e-3, 5e-3)}  # fwd, grad, near-tie
 
 
@@ -79,8 +78,7 @@ def check_selection(indices, lse, x, cu, tol, samples=256, seed=0) -> dict:
     heads_q, head_dim = q.shape[1:]
     heads_kv = k.shape[1]
     group = heads_q // heads_kv
-    b, count = SETTINGS["block_size"], SETTINGS["block_count"]
-    init, local = SETTINGS["init_blocks"], SETTINGS["local_blocks"]
+    b, count, init, local = BLOCK, COUNT, INIT, LOCAL
     offsets = cu.tolist()
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, offsets[-1], (samples,), generator=gen).tolist()
@@ -119,7 +117,7 @@ def check_selection(indices, lse, x, cu, tol, samples=256, seed=0) -> dict:
 
 def run_case(name, seq_lens, heads_q, heads_kv, head_dim, dtype, seed=0, kernels=KERNEL_SETTINGS) -> dict:
     x, do, cu = make_inputs(seq_lens, heads_q, heads_kv, head_dim, dtype, seed)
-    settings = dict(SETTINGS, cu_seqlens=cu)
+    settings = dict(BUDGET, cu_seqlens=cu)
     res: dict = {"case": name, "T": sum(seq_lens)}
 
     def ours_once():

@@ -11,6 +11,7 @@ from harness.inputs import INPUT_KINDS, make_inputs, selection_sharing
 from harness.output import Results, add_output_arguments, fmt, markdown_table, open_run, results_root
 from harness.shapes import (
     BLOCK,
+    BUDGET,
     COUNT,
     DTYPE,
     HKV,
@@ -28,7 +29,7 @@ from harness.shapes import (
 from harness.timing import GiB, bench, kernel_split, matmul_tflops, peak_gib
 
 __all__ = [
-    "BLOCK", "COUNT", "D", "DTYPE", "GiB", "HKV", "HQ", "INIT", "INPUT_KINDS", "LOCAL", "OPERATOR_LENGTHS",
+    "BLOCK", "BUDGET", "COUNT", "D", "DTYPE", "GiB", "HKV", "HQ", "INIT", "INPUT_KINDS", "LOCAL", "OPERATOR_LENGTHS",
     "PREFILL_LENGTHS", "PROBE_LENGTHS", "WINDOW", "Results", "add_output_arguments", "bench", "describe",
     "environment", "flop_floors_ms", "fmt", "git_commit", "kernel_split", "make_inputs", "markdown_table",
     "matmul_tflops", "nsa_flops", "open_run", "peak_gib", "rel_error", "results_root", "selection_sharing",

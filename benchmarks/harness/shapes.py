@@ -6,6 +6,8 @@ the operator's default (`videonsa.ops.NSAConfig`: block 64, 32 selected blocks, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from videonsa.ops import NSAConfig
@@ -15,6 +17,8 @@ DTYPE = torch.bfloat16
 NSA = NSAConfig()
 BLOCK, COUNT, WINDOW = NSA.block_size, NSA.block_count, NSA.window_size
 INIT, LOCAL = NSA.init_blocks, NSA.local_blocks
+# The same budget as the operator's keyword arguments: nsa_attention(**x, **BUDGET).
+BUDGET = dataclasses.asdict(NSA)
 
 # Sequence lengths of the operator tables (1K ... 128K), of the end-to-end prefill, and the two that the probes
 # and tuning sweeps look at by default (where docs/performance.md judges the kernels).
