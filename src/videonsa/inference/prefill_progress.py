@@ -226,16 +226,17 @@ class ChunkedPrefillMeter:
             torch.cuda.synchronize(self.device)
         if stage == "vision":
             share = done / self.vision_tokens if self.vision_tokens else 1.0
-            report = ("vision-chunk", done, self.vision_tokens, self.vision_share * min(1.0, share), False)
+            self._report("vision-chunk", done, self.vision_tokens, self.vision_share * min(1.0, share))
         else:
             self.chunks_done += 1
             share = self.vision_share + (1 - self.vision_share) * done / self.prompt_tokens
-            report = ("chunk", self.chunks_done, self.chunks, share, done >= self.prompt_tokens)
-        stage_name, stage_done, stage_total, work_done, finished = report
+            self._report("chunk", self.chunks_done, self.chunks, share, finished=done >= self.prompt_tokens)
+
+    def _report(self, stage: str, stage_done: int, stage_total: int, work_done: float, finished: bool = False) -> None:
         self.callback(
             PrefillProgress(
                 prompt_tokens=self.prompt_tokens,
-                stage=stage_name,
+                stage=stage,
                 stage_done=stage_done,
                 stage_total=stage_total,
                 work_done=min(1.0, work_done),
