@@ -193,12 +193,8 @@ def causal_text_sdpa(
         q, k, v = (x.to(dtype) for x in (q, k, v))
     seq_len, width = k.shape[2], q.shape[2]
     parts = []
-    if vision_start and not past:
-        parts.append(F.scaled_dot_product_attention(
-            q[:, :, :vision_start], k[:, :, :vision_start], v[:, :, :vision_start],
-            dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=True,
-        ))
-    elif vision_start:
+    if vision_start:
+        # Without a past (keys == queries) the bottom-right bias is SDPA's plain is_causal=True call.
         keys = past + vision_start
         parts.append(F.scaled_dot_product_attention(
             q[:, :, :vision_start], k[:, :, :keys], v[:, :, :keys],
