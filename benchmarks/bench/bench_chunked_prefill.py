@@ -28,7 +28,7 @@ import torch
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import Results, add_output_arguments, describe, environment, fmt  # noqa: E402
+from harness import describe, fmt, open_run  # noqa: E402
 from harness.models import qwen7b_config, random_model  # noqa: E402
 from harness.output import markdown_table  # noqa: E402
 from videonsa.inference.memory import PrefillMemory, free_memory  # noqa: E402
@@ -109,13 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--mode", choices=["nsa", "dense"], default="nsa")
     parser.add_argument("--vision", choices=["tiny", "7b"], default="tiny")
-    add_output_arguments(parser)
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_chunked_prefill.py needs a CUDA GPU")
-
-    env = environment()
-    results = Results("bench_chunked_prefill", args.out, env)
+    args, results = open_run(parser, argv, "bench_chunked_prefill", needs_cuda=True)
+    env = results.env
     config = qwen7b_config(args.layers, vision=args.vision)
     model = random_model(config, cls=VideoNSAForConditionalGeneration)
     set_attention_mode(model, args.mode)

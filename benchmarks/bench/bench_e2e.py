@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import PREFILL_LENGTHS, Results, add_output_arguments, bench, describe, environment, fmt  # noqa: E402
+from harness import PREFILL_LENGTHS, bench, describe, fmt, open_run  # noqa: E402
 from harness import baseline as baselines  # noqa: E402
 from harness.models import qwen7b_config, random_model, video_prompt  # noqa: E402
 from harness.output import markdown_table  # noqa: E402
@@ -66,13 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["nsa", "dense"], choices=["nsa", "dense", "official"])
-    add_output_arguments(parser, baseline=True)
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_e2e.py needs a CUDA GPU")
-
-    env = environment()
-    results = Results("bench_e2e", args.out, env)
+    args, results = open_run(parser, argv, "bench_e2e", baseline=True, needs_cuda=True)
+    env = results.env
     model = random_model(qwen7b_config(args.layers))
     for seq_len in args.lengths:
         embeds, token_type, positions = video_prompt(seq_len)

@@ -36,13 +36,11 @@ from harness import (  # noqa: E402
     BLOCK,
     COUNT,
     WINDOW,
-    Results,
-    add_output_arguments,
     bench,
     describe,
-    environment,
     fmt,
     markdown_table,
+    open_run,
     peak_gib,
 )
 from harness import baseline as baselines  # noqa: E402
@@ -201,13 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compression-sweep", action="store_true",
                         help="also time the compression kernel over a grid of launch settings at each length")
     parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
-    add_output_arguments(parser, baseline=True)
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_official.py needs a CUDA GPU")
-
-    env = environment()
-    results = Results("bench_official", args.out, env)
+    args, results = open_run(parser, argv, "bench_official", baseline=True, needs_cuda=True)
+    env = results.env
     bench = timer(args.quick)
     check_length = min(args.lengths) if args.check_length is None else args.check_length
     sweeps = {}

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from harness.env import REPO, environment
 
 RESULTS_ENV = "VIDEONSA_BENCH_DIR"
@@ -129,11 +131,14 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 
 def open_run(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None, name: str | Callable[[argparse.Namespace], str],
-    *, baseline: bool = False,
+    *, baseline: bool = False, needs_cuda: bool = False,
 ) -> tuple[argparse.Namespace, Results]:
     """The start of a script's main(): add the output options to `parser`, parse `argv` and open the run's
     result files (the environment recorded first). `name` names the files, or is a function of the parsed
-    arguments that does (a probe named after its length or tag)."""
+    arguments that does (a probe named after its length or tag). `needs_cuda`: exit with one line, before any
+    file is written, when there is no CUDA GPU."""
     add_output_arguments(parser, baseline=baseline)
     args = parser.parse_args(argv)
+    if needs_cuda and not torch.cuda.is_available():
+        raise SystemExit(f"{parser.prog} needs a CUDA GPU")
     return args, Results(name(args) if callable(name) else name, args.out, environment())

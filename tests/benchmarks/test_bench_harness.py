@@ -63,6 +63,17 @@ def test_open_run_parses_the_output_options_and_names_the_files_from_the_argumen
         output.open_run(argparse.ArgumentParser(), ["--compare-baseline"], "x")
 
 
+def test_open_run_with_needs_cuda_exits_before_writing_when_there_is_no_gpu(tmp_path, monkeypatch):
+    import argparse
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="^bench_x.py needs a CUDA GPU$"):
+        output.open_run(argparse.ArgumentParser(prog="bench_x.py"), ["--out", str(tmp_path)], "x", needs_cuda=True)
+    assert not list(tmp_path.iterdir())
+    args, results = output.open_run(argparse.ArgumentParser(), ["--out", str(tmp_path)], "x")  # no GPU needed
+    assert results.jsonl == tmp_path / "x.jsonl"
+
+
 def test_results_folder_is_ignored_by_git():
     ignored = (BENCHMARKS.parent / ".gitignore").read_text().splitlines()
     assert "/benchmarks/results/" in ignored
