@@ -113,3 +113,13 @@ def test_unknown_task_is_refused_with_one_line(tmp_path):
     with pytest.raises(UserError, match="--task must be one of colour, before-black, got 'shapes'"):
         run_demo(tmp_path / "run", settings)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_states_the_library_defaults():
+    # `videonsa demo` restates them so that its --help does not import torch: the two must agree.
+    from videonsa.commands.demo import DEFAULT_STEPS, TASKS
+    from videonsa.demo.task import TASK_KINDS
+
+    assert DemoTraining().steps == DEFAULT_STEPS
+    assert TASKS == TASK_KINDS
+    assert DemoTask().kind == TASKS[0]
