@@ -191,8 +191,9 @@ class SequenceParallel:
             output = videonsa_attention(
                 q, k, v, gates, split, layer.settings, attend=layer.dense_attend, scale=layer.scaling
             )
-        elif bool(split.token_mask.all()):
-            # Dense causal attention without padding: the backend's causal kernel, no [T, T] mask.
+        elif split.unpadded:
+            # Dense causal attention without padding: the backend's causal kernel, no [T, T] mask. (The split
+            # knows it has no padding: no host read of its mask in every layer.)
             dropout = 0.0 if not layer.training else layer.attention_dropout
             output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](
                 layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None,
