@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import Results, add_output_arguments, describe, environment, fmt, markdown_table  # noqa: E402
+from harness import Results, add_output_arguments, describe, environment, fmt, markdown_table, rel_error  # noqa: E402
 from harness.models import qwen7b_config, random_model, video_prompt  # noqa: E402
 from videonsa.models import disable_sequence_parallel, enable_sequence_parallel  # noqa: E402
 
@@ -91,7 +91,7 @@ def check(model, seq_len: int, hidden: int, device: str, group) -> dict:
         grad = param.grad.float()
         dist.all_reduce(grad, group=group)
         grad /= dist.get_world_size(group)
-        error = float((grad - whole[name]).norm() / whole[name].norm().clamp_min(1e-30))
+        error = rel_error(grad, whole[name])  # inf when a gradient is not finite, so it is reported
         if error > worst:
             worst, worst_name = error, name
     model.zero_grad(set_to_none=True)
