@@ -84,3 +84,16 @@ def test_processor_turns_a_chat_with_a_video_into_model_inputs():
 def test_processor_without_torchvision_says_what_is_missing():
     with pytest.raises(ImportError, match="needs torchvision"):
         testing.tiny_processor()
+
+
+@pytest.mark.parametrize("legacy_layout", [False, True], ids=["current-layout", "legacy-layout"])
+def test_drop_layer_gates_removes_only_that_layers_gates(tmp_path, legacy_layout):
+    from safetensors.torch import load_file
+
+    folder = testing.save_tiny_checkpoint(tmp_path / "ckpt", legacy_layout=legacy_layout)
+    before = set(load_file(folder / "model.safetensors"))
+    assert testing.drop_layer_gates(folder, layer=1) == 4
+    after = set(load_file(folder / "model.safetensors"))
+    assert all(".layers.1.self_attn.g_proj_" in name for name in before - after)
+    assert len(before - after) == 4 and after < before
+    assert sum(".layers.0.self_attn.g_proj_" in name for name in after) == 4

@@ -340,6 +340,20 @@ def save_tiny_checkpoint(
     return path
 
 
+def drop_layer_gates(path: str | os.PathLike, layer: int) -> int:
+    """Remove decoder layer `layer`'s gate tensors (``g_proj_*``) from the checkpoint at `path` (its
+    model.safetensors, current or legacy layout), making a partly gated checkpoint as a partial conversion leaves;
+    returns how many tensors were removed (4 for a gated layer: two projections, weight and bias)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = Path(path) / "model.safetensors"
+    tensors = load_file(weights)
+    gates = f".layers.{layer}.self_attn.g_proj_"
+    kept = {name: tensor for name, tensor in tensors.items() if gates not in name}
+    save_file(kept, weights, metadata={"format": "pt"})
+    return len(tensors) - len(kept)
+
+
 @dataclass
 class TinyBatch:
     """Model inputs with video placeholders, built without a processor.

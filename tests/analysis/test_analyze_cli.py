@@ -86,13 +86,11 @@ def test_sinks_threshold_must_be_a_share(tmp_path, capsys, analysis_inputs):
 
 
 def test_fresh_gates_lets_a_partly_gated_checkpoint_be_analysed(tmp_path, capsys, analysis_inputs):
-    from safetensors.torch import load_file, save_file
+    from videonsa import testing
 
     folder = tmp_path / "partly-gated"
     shutil.copytree(analysis_inputs.ours, folder)
-    tensors = load_file(folder / "model.safetensors")
-    save_file({name: tensor for name, tensor in tensors.items() if ".layers.0.self_attn.g_proj_" not in name},
-              folder / "model.safetensors", metadata={"format": "pt"})
+    testing.drop_layer_gates(folder, layer=0)
     argv = ["analyze", "gates", "--out", str(tmp_path / "out"), "--model", str(folder),
             "--video", str(analysis_inputs.short_video), *SMALL_FRAMES]
     err = one_line_error(capsys, argv)

@@ -131,15 +131,10 @@ def test_help(argv, capsys):
 
 
 def test_fresh_gates_lets_a_partly_gated_checkpoint_run(needle_set, tmp_path, capsys):
-    from safetensors.torch import load_file, save_file
-
     from videonsa import testing
 
     folder = testing.save_tiny_checkpoint(tmp_path / "partly-gated", seed=5)
-    tensors = load_file(folder / "model.safetensors")
-    kept = {name: tensor for name, tensor in tensors.items() if ".layers.1.self_attn.g_proj_" not in name}
-    assert len(kept) == len(tensors) - 4
-    save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
+    assert testing.drop_layer_gates(folder, layer=1) == 4
     argv = ["eval", "--model", str(folder), "--task", f"needles:{needle_set.directory}", "--out", str(tmp_path / "out"),
             "--limit", "1", *FAST_FLAGS]  # fmt: skip
 

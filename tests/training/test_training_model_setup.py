@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from videonsa import testing
 from videonsa.errors import UserError
@@ -101,9 +101,7 @@ def test_model_settings_mistakes_are_user_errors(tmp_path, videonsa_checkpoint):
 
 def test_a_partly_gated_checkpoint_trains_only_with_fresh_gates(tmp_path):
     folder = testing.save_tiny_checkpoint(tmp_path / "partly-gated", seed=5)
-    stored = load_file(str(folder / "model.safetensors"))
-    save_file({name: t for name, t in stored.items() if ".layers.1.self_attn.g_proj_" not in name},
-              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    testing.drop_layer_gates(folder, layer=1)
     with pytest.raises(UserError, match=r"gates are missing for layer\(s\) 1 of 2"):
         load_model(ModelSettings(path=str(folder)))
 
