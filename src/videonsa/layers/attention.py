@@ -106,10 +106,9 @@ def vision_nsa_attention(
     q_vis = split.gather_vision(q).to(dtype)
     k_vis, v_vis = (split.key_split.gather_vision(x).to(dtype) for x in (k, v))
     g_cmp, g_slc, g_swa = (g.to(dtype) for g in gates)
-    chunked = {} if split.keys is None else {"cu_seqlens_k": split.cu_seqlens_k}
     return nsa_attention(
         q_vis, k_vis, v_vis, g_cmp, g_slc, g_swa,
-        cu_seqlens=split.cu_seqlens, scale=scale, **chunked, **settings.nsa_kwargs(),
+        cu_seqlens=split.cu_seqlens, cu_seqlens_k=split.cu_seqlens_k, scale=scale, **settings.nsa_kwargs(),
     )
 
 
