@@ -39,6 +39,7 @@ from harness import (  # noqa: E402
     COUNT,
     HKV,
     HQ,
+    INPUT_KINDS,
     OPERATOR_LENGTHS,
     WINDOW,
     D,
@@ -273,7 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="lengths at which to run fla-core (default: all)")
     parser.add_argument("--dense-lengths", type=int, nargs="*", default=None,
                         help="lengths at which to run dense SDPA (default: all)")
-    parser.add_argument("--inputs", choices=["randn", "structured"], default="randn",
+    parser.add_argument("--inputs", choices=INPUT_KINDS, default="randn",
                         help="randn (every token's top-k independent: worst case) or structured (trained-like)")
     add_output_arguments(parser, baseline=True)
     return parser.parse_args(argv)

@@ -31,6 +31,7 @@ from harness import (  # noqa: E402
     BLOCK,
     BUDGET,
     COUNT,
+    INPUT_KINDS,
     WINDOW,
     Results,
     add_output_arguments,
@@ -160,7 +161,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072], help="sequence lengths T")
     parser.add_argument("--chunks", type=int, nargs="+", default=[8192, 16384, 32768], help="chunk sizes")
-    parser.add_argument("--kinds", nargs="+", default=["randn", "structured"], choices=["randn", "structured"])
+    parser.add_argument("--kinds", nargs="+", default=list(INPUT_KINDS), choices=INPUT_KINDS)
     parser.add_argument("--no-packed", action="store_true", help="skip the packed (several sequences) case")
     parser.add_argument("--max-abs", type=float, default=0.05, help="largest absolute difference allowed")
     parser.add_argument("--mean-abs", type=float, default=1e-3, help="largest mean absolute difference allowed")

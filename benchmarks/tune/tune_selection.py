@@ -50,7 +50,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import BLOCK, COUNT, HKV, HQ, D, Results, add_output_arguments, bench, environment, kernel_split  # noqa: E402
+from harness import (  # noqa: E402
+    BLOCK,
+    COUNT,
+    HKV,
+    HQ,
+    INPUT_KINDS,
+    D,
+    Results,
+    add_output_arguments,
+    bench,
+    environment,
+    kernel_split,
+)
 from harness import rel_error as rel  # noqa: E402
 from harness.operator import operator_selection as operator_inputs  # noqa: E402
 
@@ -424,7 +436,7 @@ def run_dq_by_block(name: str, seq_len: int, deadline: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--length", type=int, default=131072)
-    parser.add_argument("--selections", nargs="*", default=["randn", "structured"])
+    parser.add_argument("--selections", nargs="*", default=list(INPUT_KINDS))
     parser.add_argument("--budget-s", type=float, default=85.0, help="skip remaining variants past this")
     add_output_arguments(parser)
     parser.add_argument("--defaults", action="store_true", help="time and check only the current defaults")
