@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import BLOCK, COUNT, WINDOW, Results, add_output_arguments, describe, environment  # noqa: E402
+from harness import BLOCK, COUNT, WINDOW, describe, open_run  # noqa: E402
 from harness import bench as harness_bench  # noqa: E402
 from harness import rel_error as rel  # noqa: E402
 
@@ -355,15 +355,13 @@ def time_length(total: int, results: dict, table: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_output_arguments(parser)
     parser.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="time launch-setting variants too")
-    args = parser.parse_args(argv)
+    args, out = open_run(parser, argv, "check_branches_gpu")
+    env = out.env
     global SWEEP
     SWEEP = args.sweep
-    env = environment()
-    out = Results("check_branches_gpu", args.out, env)
     results: dict = {"sms": torch.cuda.get_device_properties(0).multi_processor_count}
     table: list[str] = []
     start = time.time()

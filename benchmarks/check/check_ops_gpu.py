@@ -34,11 +34,9 @@ from harness import (  # noqa: E402
     COUNT,
     INIT,
     LOCAL,
-    Results,
-    add_output_arguments,
     describe,
-    environment,
     markdown_table,
+    open_run,
 )
 from harness import rel_error as rel  # noqa: E402
 from videonsa.ops import nsa_parts_reference  # noqa: E402
@@ -186,13 +184,11 @@ def table(results: list[dict], skipped: list[str], layout: str, env: dict) -> st
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_output_arguments(parser)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     parser.add_argument("--budget-s", type=float, default=240.0)
     parser.add_argument("--selection-layout", choices=["auto", "block-major", "tiles"], default="auto")
-    args = parser.parse_args(argv)
-    env = environment()
-    out = Results("check_ops_gpu", args.out, env)
+    args, out = open_run(parser, argv, "check_ops_gpu")
+    env = out.env
     kernels = KERNEL_SETTINGS
     if args.selection_layout != "auto":
         price = 0.0 if args.selection_layout == "block-major" else 1e9
