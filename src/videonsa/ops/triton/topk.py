@@ -459,10 +459,10 @@ def select_blocks_topk(
     if total == 0:
         return indices
     cu_keys = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
-    if max_seqlen is None and cu_seqlens_k is not None:
-        max_seqlen = int((cu_keys[1:] - cu_keys[:-1]).max())
-    if max_seqlen is None:  # known on the host for one sequence (as in the compression kernels): no sync
-        max_seqlen = total if cu_seqlens.numel() == 2 else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if max_seqlen is None:
+        # Known on the host for one sequence whose keys are its queries (as in the compression kernels): no sync.
+        one_sequence = cu_seqlens_k is None and cu_seqlens.numel() == 2
+        max_seqlen = total if one_sequence else int((cu_keys[1:] - cu_keys[:-1]).max())
     n_blocks_pow2 = next_pow2(triton.cdiv(max_seqlen, block_size))
     if method not in ("auto", "bisect", "sort"):
         raise ValueError(f"select_blocks_topk: method must be 'auto', 'bisect' or 'sort', got {method!r}")
