@@ -150,6 +150,10 @@ def test_operator_shape_is_the_7b_layer_with_the_default_budget():
     budget = (shapes.BLOCK, shapes.COUNT, shapes.WINDOW, shapes.INIT, shapes.LOCAL)
     assert budget == (default.block_size, default.block_count, default.window_size, default.init_blocks,
                       default.local_blocks)
+    # The keyword form the scripts pass to the operator: nsa_attention(**x, **BUDGET).
+    keywords = dict(block_size=shapes.BLOCK, block_count=shapes.COUNT, window_size=shapes.WINDOW,
+                    init_blocks=shapes.INIT, local_blocks=shapes.LOCAL)
+    assert keywords == shapes.BUDGET
 
 
 def test_make_inputs_are_seeded_bf16_of_the_operator_shape():
