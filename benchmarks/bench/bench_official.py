@@ -35,7 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the
 from harness import (  # noqa: E402
     BLOCK,
     COUNT,
+    HKV,
+    HQ,
     WINDOW,
+    D,
     bench,
     describe,
     fmt,
@@ -60,13 +63,13 @@ from videonsa.options import DEFAULT_GATE_TEMPERATURE  # noqa: E402
 
 
 def make_inputs(seq_len: int, text_before: int = 100, text_after: int = 100, seed: int = 0) -> dict:
-    """q [1, T, 28, 128], k, v [1, T, 4, 128], gate logits [1, T, 28, 3] (bf16) and is_vision [1, T]."""
+    """q [1, T, HQ, D], k, v [1, T, HKV, D], gate logits [1, T, HQ, 3] (bf16) and is_vision [1, T]."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    shape = lambda heads: (1, seq_len, heads, 128)  # noqa: E731
+    shape = lambda heads: (1, seq_len, heads, D)  # noqa: E731
     rand = lambda *s: torch.randn(*s, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     is_vision = torch.zeros(1, seq_len, dtype=torch.bool, device="cuda")
     is_vision[:, text_before : seq_len - text_after] = True
-    return dict(q=rand(*shape(28)), k=rand(*shape(4)), v=rand(*shape(4)), gate_logits=rand(1, seq_len, 28, 3),
+    return dict(q=rand(*shape(HQ)), k=rand(*shape(HKV)), v=rand(*shape(HKV)), gate_logits=rand(1, seq_len, HQ, 3),
                 is_vision=is_vision)
 
 

@@ -32,11 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import PROBE_LENGTHS, Results, bench, open_run  # noqa: E402
+from harness import BLOCK, COUNT, HKV, HQ, PROBE_LENGTHS, D, Results, bench, open_run  # noqa: E402
 from videonsa.ops.official import anticausal_compression, mean_pool_blocks, original_topk_reference  # noqa: E402
 from videonsa.ops.triton.official_topk import DEFAULT_LAUNCH, OfficialTopkLaunch, original_topk_triton  # noqa: E402
-
-HEADS_Q, HEADS_KV, DIM, BLOCK, COUNT = 28, 4, 128, 64, 32
 
 
 def make_inputs(length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -45,11 +43,11 @@ def make_inputs(length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor,
     vision = torch.ones(length, dtype=torch.bool, device="cuda")
     vision[:30] = vision[length // 2: length // 2 + 12] = vision[-40:] = False
     mask = vision[None, :, None, None]
-    q28 = torch.randn(1, length, HEADS_Q, DIM, generator=gen, device="cuda", dtype=torch.bfloat16) * mask
-    k = torch.randn(1, length, HEADS_KV, DIM, generator=gen, device="cuda", dtype=torch.bfloat16) * mask
+    q28 = torch.randn(1, length, HQ, D, generator=gen, device="cuda", dtype=torch.bfloat16) * mask
+    k = torch.randn(1, length, HKV, D, generator=gen, device="cuda", dtype=torch.bfloat16) * mask
     q = torch.cat([q28, q28, torch.zeros_like(q28[:, :, :8])], dim=2)
     k_cmp = mean_pool_blocks(k, BLOCK)
-    scale = DIM**-0.5
+    scale = D**-0.5
     _, lse = anticausal_compression(q, k_cmp, k_cmp, BLOCK, scale)
     return q, k_cmp, lse, scale
 
@@ -99,7 +97,7 @@ def bench_length(length: int, settings: list[OfficialTopkLaunch], check: bool, o
     """Every launch setting at one length (one JSON line each), then the optional checks and the baseline."""
     emit, info = results.row, {}
     q, k_cmp, lse, scale = make_inputs(length)
-    shape = {"T": length, "HP": q.shape[2], "HKV": HEADS_KV, "D": DIM, "block_size": BLOCK, "block_counts": COUNT}
+    shape = {"T": length, "HP": q.shape[2], "HKV": HKV, "D": D, "block_size": BLOCK, "block_counts": COUNT}
     default = original_topk_triton(q, k_cmp, lse, COUNT, BLOCK, scale, DEFAULT_LAUNCH)
     for launch in settings:
         run = functools.partial(original_topk_triton, q, k_cmp, lse, COUNT, BLOCK, scale, launch)
@@ -136,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = [DEFAULT_LAUNCH]
     if args.sweep:
-        group = 64 // HEADS_KV
+        group = 64 // HKV
         swept = [OfficialTopkLaunch(tokens_per_program=t, max_rows=max(128, t * group), num_warps=w, num_stages=s)
                  for t, w, s in itertools.product(args.tokens, args.warps, args.stages)]
         settings += [launch for launch in swept if launch != DEFAULT_LAUNCH]
