@@ -352,7 +352,6 @@ class _NSALeanFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g_cmp, g_slc, g_swa, cu_seqlens, config: NSAConfig, scale: float,
                 settings: KernelSettings, cu_seqlens_k: Tensor | None = None):
         b, slc = config.block_size, settings.selection
-        keys = dict(cu_seqlens_k=cu_seqlens_k)
         k_cmp, v_cmp, cu_cmp, o, lse_cmp, indices = _compress_and_select(
             q, k, v, cu_seqlens, config, scale, settings, cu_seqlens_k
         )
@@ -360,7 +359,7 @@ class _NSALeanFunction(torch.autograd.Function):
         # o holds o_cmp: the window kernel turns it into g_cmp * o_cmp + g_swa * o_swa in place.
         o, lse_swa = window_attention_fwd(
             q, k, v, cu_seqlens, config.window_size, scale, fold_into=o, fold_scale=g_cmp, gate=g_swa,
-            settings=settings.window, **keys,
+            settings=settings.window, cu_seqlens_k=cu_seqlens_k,
         )
         ctx.cu_seqlens_k = cu_seqlens_k
         if not any(ctx.needs_input_grad[:6]):
@@ -368,11 +367,11 @@ class _NSALeanFunction(torch.autograd.Function):
             # is never made (one rounding fewer than the path below) and nothing is saved.
             selected_attention_fwd(
                 q, k, v, indices, cu_seqlens, b, scale, fold_into=o, fold_scale=g_slc, layout=layout, settings=slc,
-                **keys,
+                cu_seqlens_k=cu_seqlens_k,
             )
             return o
         o_slc, lse_slc = selected_attention_fwd(
-            q, k, v, indices, cu_seqlens, b, scale, layout=layout, settings=slc, **keys
+            q, k, v, indices, cu_seqlens, b, scale, layout=layout, settings=slc, cu_seqlens_k=cu_seqlens_k
         )
         gate_fold_(o, o_slc, g_slc)
         ctx.save_for_backward(
