@@ -67,6 +67,7 @@ from videonsa.models import VideoNSAModel, set_attention_mode  # noqa: E402
 from videonsa.models import modeling_videonsa as modeling  # noqa: E402
 
 TARGET_PCT = 10.0  # the target: non-attention overhead at most this share of the layer's attention time
+PROMPT_TEXT_TOKENS = 128  # `video_prompt`'s text: 64 tokens before the video, 64 after
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
@@ -291,6 +292,21 @@ def table(rows: list[dict[str, Any]], env: dict[str, Any], what: str) -> str:
     return caption + "\n\n" + markdown_table(headers, lines)
 
 
+def checked_run_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The result files' name, "bench_layer", once the arguments are known to be usable; else exit with one line
+    (argparse's usage error, status 2). `open_run` asks for the name before it writes any file, so a bad argument
+    leaves no result files behind."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("no CUDA GPU: run on the GPU machine, or pass --device cpu --tiny for a smoke run")
+    if not args.device.startswith("cuda") and not args.tiny:
+        parser.error("--device cpu needs --tiny (the 7B layer on a CPU would take hours)")
+    if args.inner < 1:
+        parser.error("--inner must be at least 1")
+    if args.lengths is not None and min(args.lengths) <= PROMPT_TEXT_TOKENS:
+        parser.error(f"--lengths must exceed {PROMPT_TEXT_TOKENS} tokens (the prompt's text; the rest is video)")
+    return "bench_layer"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
@@ -301,13 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inner", type=int, default=5,
                         help="calls of a piece back to back per timed run (default 5; the time is per call)")
     parser.add_argument("--flush-l2", action="store_true", help="zero 256 MiB of L2 before each timed run")
-    args, results = open_run(parser, argv, "bench_layer")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("no CUDA GPU: run on the GPU machine, or pass --device cpu --tiny for a smoke run")
-    if not args.device.startswith("cuda") and not args.tiny:
-        parser.error("--device cpu needs --tiny (the 7B layer on a CPU would take hours)")
-    if args.inner < 1:
-        parser.error("--inner must be at least 1")
+    args, results = open_run(parser, argv, lambda parsed: checked_run_name(parser, parsed))
     lengths = args.lengths or ([256] if args.tiny else PROBE_LENGTHS)
     if args.tiny:
         from videonsa.testing import tiny_videonsa_config

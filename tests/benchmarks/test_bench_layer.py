@@ -53,13 +53,21 @@ def test_7b_layer_on_the_gpu(tmp_path, monkeypatch):
     assert row["nsa_overhead_kernel_pct"] is not None and isinstance(row["target_met_kernel"], bool)
 
 
-def test_cpu_needs_tiny(monkeypatch, capsys):
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--device", "cpu"], "--device cpu needs --tiny"),
+    (["--device", "cpu", "--tiny", "--inner", "0"], "--inner must be at least 1"),
+    (["--device", "cpu", "--tiny", "--lengths", "256", "128"], "--lengths must exceed 128 tokens"),
+], ids=["cpu-without-tiny", "no-inner-calls", "no-video-tokens"])
+def test_bad_arguments_stop_before_any_file_is_written(flags, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--device", "cpu"])
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *flags, "--out", str(out)])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(SCRIPT), run_name="__main__")
     assert exit_info.value.code == 2
-    assert "--device cpu needs --tiny" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()  # not even the environment line of the JSON lines file
 
 
 def test_derive_splits_the_module_time(script):
