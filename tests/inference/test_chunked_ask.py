@@ -86,6 +86,16 @@ def test_load_and_ask_take_a_chunk_size(inputs):
         videonsa.inference.load(str(inputs.checkpoint), device="cpu", prefill_chunk_size=-4)
 
 
+@pytest.mark.parametrize("setting", [0, -8, 2.5, "16", True])
+@pytest.mark.parametrize("preset", [{"preset": "planner"}, {"preset": "planner", "budget_tokens": 4096},
+                                    {"preset": "paper"}], ids=["planner", "planner-with-budget", "paper"])
+def test_ask_refuses_a_bad_chunk_size_before_reading_the_video(loaded, tmp_path, setting, preset):
+    # The video does not exist: the setting's error, not the missing file's, shows it is checked first, whatever
+    # the preset (the planner's default budget also reads the setting, the other two do not).
+    with pytest.raises(UserError, match=r"^prefill_chunk_size must be 'auto', a positive number .*got"):
+        loaded.ask(tmp_path / "missing.mp4", "What moves?", prefill_chunk_size=setting, **preset)
+
+
 def test_cli_chunked_answer_equals_one_pass_and_reports_plan_chunks_and_time(inputs, capsys):
     outputs = []
     for chunk in ("0", "12"):

@@ -202,7 +202,7 @@ class VideoQA:
             parameter = next(self.model.parameters())
             budget = default_budget_tokens(
                 self.files.config, parameter.device, parameter.dtype, loaded_bytes=_weight_bytes(self.model),
-                chunk=planning_chunk(check_chunk_setting(prefill_chunk_size), self.attention),
+                chunk=planning_chunk(prefill_chunk_size, self.attention),
             )
             if budget is not None:
                 settings = {**settings, "budget_tokens": budget}
@@ -257,10 +257,12 @@ class VideoQA:
             to min_pixels). Both: `GenerationSettings` (max_new_tokens, temperature, top_p, top_k, seed).
             On a CUDA device the planner's default budget_tokens is what fits the GPU's free memory.
         prefill_chunk_size: "auto", tokens per prefill chunk, or None for one pass (default: the one `load`
-            was given; docs/long-videos.md).
+            was given; docs/long-videos.md). Any other value raises `UserError` before the video is read.
         """
-        if prefill_chunk_size is _LOADED:
-            prefill_chunk_size = self.prefill_chunk_size
+        # Checked before the video is probed or decoded, so that a bad setting costs nothing.
+        prefill_chunk_size = check_chunk_setting(
+            self.prefill_chunk_size if prefill_chunk_size is _LOADED else prefill_chunk_size
+        )
         planned = self._plan_question(
             video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings,
             prefill_chunk_size,
