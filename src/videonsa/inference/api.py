@@ -188,7 +188,7 @@ class VideoQA:
         """The frames `ask` would use for this question, without decoding them (see `ask` for arguments)."""
         return self._plan_question(
             video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings,
-            self.prefill_chunk_size,
+            check_chunk_setting(self.prefill_chunk_size),
         ).plan
 
     def _plan_question(
