@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import Results, add_output_arguments, describe, environment, markdown_table  # noqa: E402
+from harness import Results, add_output_arguments, describe, environment, markdown_table, rel_error  # noqa: E402
 from videonsa.options import DEFAULT_GATE_TEMPERATURE  # noqa: E402  (torch-free)
 
 HEADS_Q, HEADS_KV, HEAD_DIM, HIDDEN = 28, 4, 128, 3584
@@ -92,17 +92,13 @@ def video_prompt_mask(seq_len: int, device: torch.device, text_before: int = 40,
     return is_vision
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor, rows: torch.Tensor) -> float:
-    a, e = actual.double()[rows], expected.double()[rows]
-    return float((a - e).norm() / e.norm().clamp_min(1e-30))
-
-
 def compare(actual: torch.Tensor, expected: torch.Tensor, is_vision: torch.Tensor) -> dict:
-    """Relative L2 errors over all, vision and text rows; the largest absolute difference; NaN check."""
+    """Relative L2 errors (`harness.rel_error`, the measure every check reports) over all, vision and text rows;
+    the largest absolute difference; NaN check."""
     return {
-        "rel_all": relative_error(actual, expected, torch.ones_like(is_vision)),
-        "rel_vision": relative_error(actual, expected, is_vision),
-        "rel_text": relative_error(actual, expected, ~is_vision),
+        "rel_all": rel_error(actual, expected),
+        "rel_vision": rel_error(actual, expected, is_vision),
+        "rel_text": rel_error(actual, expected, ~is_vision),
         "max_abs": float((actual.double() - expected.double()).abs().max()),
         "finite": bool(torch.isfinite(actual).all()),
     }
