@@ -77,6 +77,38 @@ def prefill(model, inputs, chunk: int | None):
     return time.perf_counter() - started, torch.cuda.max_memory_allocated() / 2**30, cache, logits
 
 
+class TokenClock:
+    """A generate() streamer that notes when each put arrives: the prompt's first, then one per new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def answer(model, inputs, chunk: int | None, tokens: int) -> dict:
+    """Prefill (chunked as `chunk`) and `tokens` greedy new tokens through model.generate, as `videonsa ask`
+    does: prefill seconds (to the first new token), decode tokens/s after it, peak GiB of the whole call."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    clock = TokenClock()
+    started = time.perf_counter()
+    with torch.inference_mode(), prefill_in_chunks(model, chunk):
+        out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                             streamer=clock, pad_token_id=0)
+    new = out.shape[1] - inputs["input_ids"].shape[1]
+    first, last = clock.times[1], clock.times[-1]
+    return {"answer_tokens": new, "prefill_to_first_token_s": round(first - started, 3),
+            "decode_tokens_per_s": round((new - 1) / (last - first), 1) if new > 1 else None,
+            "answer_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
 def check(model, length: int) -> dict:
     """Chunked (chunk length // 4 + 37) against one pass: last logits and the KV cache."""
     inputs = video_inputs(length)
@@ -109,7 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--mode", choices=["nsa", "dense"], default="nsa")
     parser.add_argument("--vision", choices=["tiny", "7b"], default="tiny")
+    parser.add_argument("--answer-tokens", type=int, default=16,
+                        help="after the automatic-chunk prefill of each length, generate this many tokens (0: none)")
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="cap this process's GPU memory (e.g. 80 to stand for an H100 on a larger card)")
     args, results = open_run(parser, argv, "bench_chunked_prefill", needs_cuda=True)
+    if args.memory_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
     env = results.env
     config = qwen7b_config(args.layers, vision=args.vision)
     model = random_model(config, cls=VideoNSAForConditionalGeneration)
@@ -124,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         tokens = inputs["input_ids"].shape[1]
         free = free_memory(torch.device("cuda"))
         # A chunk at least as long as the prompt is one pass (the model runs it so).
-        chunks = [c if c is not None and c < tokens else None for c in args.chunks or [memory.chunk_for(tokens, free)]]
+        automatic = memory.chunk_for(tokens, free)
+        chunks = [c if c is not None and c < tokens else None for c in args.chunks or [automatic]]
         runs = list(dict.fromkeys(([None] if args.one_pass else []) + chunks))
         for chunk in runs:
             row = {"kind": "prefill", "T": tokens, "chunk": chunk or "one pass", "mode": args.mode,
@@ -137,14 +177,28 @@ def main(argv: list[str] | None = None) -> None:
             except torch.cuda.OutOfMemoryError:
                 row |= {"seconds": None, "peak_gib": "OOM"}
             results.row(row)
+        if args.answer_tokens:
+            row = {"kind": "answer", "T": tokens, "chunk": automatic or "one pass", "mode": args.mode}
+            try:
+                row |= answer(model, inputs, automatic, args.answer_tokens)
+            except torch.cuda.OutOfMemoryError:
+                row |= {"answer_peak_gib": "OOM"}
+            results.row(row)
         del inputs
     results.write_json()
     lines = [[f"{r['T']:,}", str(r["chunk"]), fmt(r.get("seconds"), 2), str(r.get("tokens_per_s", "-")),
               str(r.get("peak_gib")), fmt(r["estimate_gib"], 1)] for r in results.rows if r["kind"] == "prefill"]
+    answers = [[f"{r['T']:,}", str(r["chunk"]), fmt(r.get("prefill_to_first_token_s"), 2),
+                str(r.get("decode_tokens_per_s", "-")), str(r.get("answer_peak_gib"))]
+               for r in results.rows if r["kind"] == "answer"]
+    cap = f", memory capped at {args.memory_gib:g} GiB" if args.memory_gib else ""
     caption = (f"Chunked prefill ({args.mode}), Qwen2.5-VL-7B language model ({args.layers} layers, random weights, "
-               f"bf16, {args.vision} vision tower); {describe(env)}")
-    results.write_markdown(caption + "\n\n" + markdown_table(
-        ["T", "chunk", "s", "tokens/s", "peak GiB", "model GiB"], lines))
+               f"bf16, {args.vision} vision tower{cap}); {describe(env)}")
+    table = markdown_table(["T", "chunk", "s", "tokens/s", "peak GiB", "model GiB"], lines)
+    if answers:
+        table += "\n\nPrefill and a greedy answer through model.generate:\n\n" + markdown_table(
+            ["T", "chunk", "s to first token", "decode tokens/s", "peak GiB"], answers)
+    results.write_markdown(caption + "\n\n" + table)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,21 @@ def test_default_budget_on_the_gpu_fits_its_free_memory():
     assert budget > 0 and budget * memory.resident_per_token <= free
 
 
+
+@pytest.mark.gpu
+def test_free_memory_respects_a_per_process_cap():
+    from videonsa.inference.memory import free_memory
+
+    cuda = torch.device("cuda")
+    _, total = torch.cuda.mem_get_info(cuda)
+    before = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(cuda)
+    torch.cuda.set_per_process_memory_fraction(0.25, cuda)
+    try:
+        assert free_memory(cuda) <= int(total * 0.25) - torch.cuda.memory_allocated(cuda)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(before, cuda)
+
+
 QWEN_7B = {
     "text_config": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                         num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),

@@ -121,8 +121,12 @@ def free_memory(device: torch.device) -> int:
     """Bytes free for this process on `device`: the CUDA allocator's view plus what it has cached, or the
     machine's available memory for the CPU."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        available = free + torch.cuda.memory_reserved(device) - allocated
+        # A cap set with torch.cuda.set_per_process_memory_fraction binds the allocator before the device does.
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+        return min(available, int(total * fraction) - allocated) if fraction < 1 else available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # no sysconf: assume the one-pass prefill fits
