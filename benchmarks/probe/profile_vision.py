@@ -109,6 +109,19 @@ def multiple_of_28(text: str) -> int:
     return value
 
 
+def checked_run_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The result files' name, "profile_vision", once the arguments are known to be usable; else exit with one
+    line (argparse's usage error, status 2). `open_run` asks for the name before it writes any file, so a bad
+    argument leaves no result files behind."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("no CUDA GPU: run on the GPU machine, or pass --device cpu --tiny for a smoke run")
+    if args.frames < 1:
+        parser.error("--frames must be at least 1")
+    if args.reps < 1:
+        parser.error("--reps must be at least 1")
+    return "profile_vision"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=556, help="frames, each fed as one image (default 556)")
@@ -117,9 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                         "default 1)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny tower instead of the 7B one")
-    args, results = open_run(parser, argv, "profile_vision")
-    if args.reps < 1:
-        parser.error("--reps must be at least 1")
+    args, results = open_run(parser, argv, lambda parsed: checked_run_name(parser, parsed))
     config = vision_config(args.tiny)
     stock, packed = build_towers(config, args.device)
     pixels, grid = frame_inputs(config, args.frames, args.size, args.device)

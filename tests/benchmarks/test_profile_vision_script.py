@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "probe" / "profile_vision.py"
 
@@ -29,9 +30,29 @@ def test_profile_vision_smoke_run(tmp_path, monkeypatch, capsys):
                      "stock step 2/2", "packed step 2/2"]
 
 
-def test_profile_vision_refuses_a_size_off_the_merge_grid(monkeypatch, capsys):
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--size", "230"], "230 is not a positive multiple of 28"),
+    (["--reps", "0"], "--reps must be at least 1"),
+    (["--frames", "0"], "--frames must be at least 1"),
+], ids=["size-off-the-merge-grid", "no-timed-steps", "no-frames"])
+def test_bad_arguments_stop_before_any_file_is_written(flags, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--device", "cpu", "--tiny", "--size", "230"])
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--device", "cpu", "--tiny", *flags, "--out", str(out)])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(SCRIPT), run_name="__main__")
-    assert exit_info.value.code == 2 and "230 is not a positive multiple of 28" in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err  # the usage, then one line
+    assert not out.exists()  # not even the environment line of the JSON lines file
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
+def test_cuda_without_a_gpu_stops_before_any_file_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--device", "cuda", "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert exit_info.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+    assert not out.exists()
