@@ -96,6 +96,46 @@ def test_ask_refuses_a_bad_chunk_size_before_reading_the_video(loaded, tmp_path,
         loaded.ask(tmp_path / "missing.mp4", "What moves?", prefill_chunk_size=setting, **preset)
 
 
+OFFICIAL_REFUSAL = r"^prefill_chunk_size: attention_mode 'official' prefills in one pass"
+
+
+@pytest.fixture(scope="module")
+def official(inputs):
+    """The tiny checkpoint loaded in attention_mode 'official', which prefills in one pass only."""
+    return videonsa.inference.load(str(inputs.checkpoint), device="cpu", attention="official")
+
+
+@pytest.mark.parametrize("preset", ["auto", "planner"])  # auto: the paper preset, as official mode picks
+def test_ask_refuses_a_chunk_size_the_model_cannot_run_before_reading_the_video(official, tmp_path, preset):
+    # The video does not exist: the chunking error, not the missing file's, shows it is checked first.
+    missing = tmp_path / "missing.mp4"
+    with pytest.raises(UserError, match=OFFICIAL_REFUSAL):
+        official.ask(missing, "What moves?", prefill_chunk_size=8, preset=preset)
+    # A model without chunked prefill at all (stock Qwen2.5-VL) refuses a chunk size as early.
+    stock = videonsa.inference.VideoQA(official.files, testing.tiny_model(videonsa=False))
+    with pytest.raises(UserError, match=r"^prefill_chunk_size=8: Qwen2_5_VLForConditionalGeneration has no chunked"):
+        stock.ask(missing, "What moves?", prefill_chunk_size=8, preset=preset)
+    # One pass and the automatic choice suit official mode: those reach the video, and its error.
+    for setting in ("auto", None):
+        with pytest.raises(UserError, match="missing.mp4: no such file"):
+            official.ask(missing, "What moves?", prefill_chunk_size=setting, preset=preset)
+
+
+def test_official_refusal_is_the_same_line_early_and_late(official, inputs, tmp_path):
+    # A chunk size given to `load` is refused by ask too, and generate_answer (decoded video in hand) says the
+    # same line, even for a chunk longer than the prompt (which would run as one pass).
+    qa = videonsa.inference.VideoQA(official.files, official.model, prefill_chunk_size=8)
+    with pytest.raises(UserError, match=OFFICIAL_REFUSAL) as early:
+        qa.ask(tmp_path / "missing.mp4", "What moves?")
+    prompt = build_preset_prompt(official.files, "What moves?", None, preset="paper")
+    plan = qa.plan(inputs.video, "What moves?", preset="paper", max_pixels=3136, min_pixels=3136)
+    for chunk in (8, 1 << 20):
+        with pytest.raises(UserError) as late:
+            generate_answer(official.model, official.files, prompt, decode_planned_video(plan),
+                            GenerationSettings(max_new_tokens=1), prefill_chunk_size=chunk)
+        assert str(late.value) == str(early.value)
+
+
 def test_cli_chunked_answer_equals_one_pass_and_reports_plan_chunks_and_time(inputs, capsys):
     outputs = []
     for chunk in ("0", "12"):

@@ -31,6 +31,7 @@ from videonsa.inference.model_files import (
 )
 from videonsa.inference.prefill_progress import PrefillCallback
 from videonsa.inference.prompt import QuestionPrompt, build_preset_prompt
+from videonsa.models.chunked_prefill import check_chunking_supported
 from videonsa.video import DEFAULT_FPS, SamplingSettings, VideoInput, VideoPlan, plan_video, probe_video
 from videonsa.video.decoding import Progress
 from videonsa.video.paper import PaperSettings, decode_planned_video, plan_paper_video, resolve_preset
@@ -257,12 +258,15 @@ class VideoQA:
             to min_pixels). Both: `GenerationSettings` (max_new_tokens, temperature, top_p, top_k, seed).
             On a CUDA device the planner's default budget_tokens is what fits the GPU's free memory.
         prefill_chunk_size: "auto", tokens per prefill chunk, or None for one pass (default: the one `load`
-            was given; docs/long-videos.md). Any other value raises `UserError` before the video is read.
+            was given; docs/long-videos.md). Any other value, or a number of tokens in attention mode
+            "official" (which prefills in one pass), raises `UserError` before the video is read.
         """
-        # Checked before the video is probed or decoded, so that a bad setting costs nothing.
+        # Checked before the video is probed or decoded, so that a bad setting costs nothing: its value, and that
+        # the model can chunk at all (generate_answer checks that again, for its other callers).
         prefill_chunk_size = check_chunk_setting(
             self.prefill_chunk_size if prefill_chunk_size is _LOADED else prefill_chunk_size
         )
+        check_chunking_supported(self.model, prefill_chunk_size)
         planned = self._plan_question(
             video, question, options, backend, frames_fps, preset, sampling, paper, generation, settings,
             prefill_chunk_size,

@@ -17,7 +17,7 @@ from videonsa.inference.memory import CHUNK_QUANTUM, PrefillMemory, check_chunk_
 from videonsa.inference.model_files import ModelFiles
 from videonsa.inference.prefill_progress import ChunkedPrefillMeter, PrefillCallback, PrefillMeter
 from videonsa.inference.prompt import QuestionPrompt, model_inputs
-from videonsa.models.chunked_prefill import prefill_in_chunks
+from videonsa.models.chunked_prefill import check_chunking_supported, prefill_in_chunks
 from videonsa.options import GREEDY_GENERATION
 from videonsa.video import DecodedVideo, VideoPlan
 
@@ -190,7 +190,8 @@ def generate_answer(
 
     prefill_chunk_size: "auto" (default: one pass when the prompt fits the device's free memory at once, else
     chunks that fit; `memory.choose_prefill_chunk`), a number of tokens per chunk, or None for one pass
-    (docs/long-videos.md). The answer equals the one-pass answer up to float rounding.
+    (docs/long-videos.md). The answer equals the one-pass answer up to float rounding. A number is refused
+    (`UserError`) by a model that cannot chunk: attention_mode 'official', or one without chunked prefill.
     """
     settings = settings.validate()
     multiple_choice = bool(prompt.letters)
@@ -278,10 +279,9 @@ def _smaller_chunk(model, setting: int | str | None, chunk: int | None, prompt_t
 def _prefill_chunk(model, setting: int | str | None, prompt_tokens: int, device: torch.device) -> int | None:
     """The chunk size this prefill runs with (None: one pass), from the setting and the device's free memory."""
     setting = check_chunk_setting(setting)
-    if setting is not None and not hasattr(model, "prefill_chunking"):
-        if setting == "auto":
-            return None
-        raise UserError(f"prefill_chunk_size={setting}: {type(model).__name__} has no chunked prefill (VideoNSA has)")
+    check_chunking_supported(model, setting)
+    if not hasattr(model, "prefill_chunking"):
+        return None  # "auto" or None: one pass
     memory = PrefillMemory.from_config(model.config.to_dict(), model.dtype)
     chunk = choose_prefill_chunk(setting, prompt_tokens, memory, device, _attention_mode(model))
     # A chunk as long as the prompt is one pass.

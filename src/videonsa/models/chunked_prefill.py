@@ -92,6 +92,18 @@ class _VisionCounter:
             self.on_step("vision", self.done, None)
 
 
+def check_chunking_supported(model: Any, chunk_size: int | str | None) -> None:
+    """UserError when an explicit `chunk_size` (a number of tokens) is asked of a model that cannot prefill in
+    chunks: one without chunked prefill (not VideoNSA), or one in attention_mode 'official'. "auto" and None (one
+    pass) suit every model. It reads the model alone, so a caller can refuse before any video is read."""
+    if chunk_size is None or chunk_size == "auto":
+        return
+    if not hasattr(model, "prefill_chunking"):
+        name = type(model).__name__
+        raise UserError(f"prefill_chunk_size={chunk_size}: {name} has no chunked prefill (VideoNSA has)")
+    refuse_official(model)
+
+
 def refuse_official(model: Any) -> None:
     """UserError when `model` runs attention_mode 'official' (its original prefills in one pass)."""
     if model.sparse_settings.mode == "official":
