@@ -158,6 +158,14 @@ def test_cli_refuses_bad_chunk_values_and_official_chunking(inputs, capsys):
     assert "attention_mode 'official' prefills in one pass" in capsys.readouterr().err
 
 
+def test_cli_refuses_official_chunking_before_reading_the_video(inputs, tmp_path, capsys):
+    argv = ["ask", "--model", str(inputs.checkpoint), "--video", str(tmp_path / "missing.mp4"), *TINY_FLAGS,
+            "--prefill-chunk", "64", "--attention", "official", "--preset", "planner", "What?"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "attention_mode 'official' prefills in one pass" in err and "missing.mp4" not in err
+
+
 def test_parameter_count_from_the_config_matches_the_model():
     model = testing.tiny_model()
     config = model.config.to_dict()

@@ -394,6 +394,7 @@ def run_ask(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     files = open_model_files(args.model)
     choice = resolve_attention(files, attention)
+    check_prefill_chunk_mode(args.prefill_chunk, choice.mode)  # before the video is read
     preset = resolve_preset(args.preset, choice.mode)
     if early_preset is None:
         frames, generation = _settings(args, preset)
@@ -419,7 +420,6 @@ def run_ask(args: argparse.Namespace) -> int:
     console.print(f"plan   {plan.describe()} [preset {plan.preset}]", highlight=False, markup=False)
     if choice.notice:
         console.print(f"note   {choice.notice}", highlight=False, markup=False)
-    check_prefill_chunk_mode(args.prefill_chunk, choice.mode)
     video = _decode_with_progress(plan, console)
     _quiet_transformers_loading()
     loading_started = time.perf_counter()
