@@ -214,14 +214,15 @@ def test_default_budget_on_the_gpu_fits_its_free_memory():
 def test_free_memory_respects_a_per_process_cap():
     from videonsa.inference.memory import free_memory
 
-    cuda = torch.device("cuda")
-    _, total = torch.cuda.mem_get_info(cuda)
-    before = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(cuda)
-    torch.cuda.set_per_process_memory_fraction(0.25, cuda)
+    cuda = torch.device("cuda")  # no index: free_memory resolves the current device
+    index = torch.cuda.current_device()
+    _, total = torch.cuda.mem_get_info(index)
+    before = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(index)
+    torch.cuda.set_per_process_memory_fraction(0.25, index)
     try:
-        assert free_memory(cuda) <= int(total * 0.25) - torch.cuda.memory_allocated(cuda)
+        assert free_memory(cuda) <= int(total * 0.25) - torch.cuda.memory_allocated(index)
     finally:
-        torch.cuda.set_per_process_memory_fraction(before, cuda)
+        torch.cuda.set_per_process_memory_fraction(before, index)
 
 
 QWEN_7B = {

@@ -125,7 +125,8 @@ def free_memory(device: torch.device) -> int:
         allocated = torch.cuda.memory_allocated(device)
         available = free + torch.cuda.memory_reserved(device) - allocated
         # A cap set with torch.cuda.set_per_process_memory_fraction binds the allocator before the device does.
-        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(index)
         return min(available, int(total * fraction) - allocated) if fraction < 1 else available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
