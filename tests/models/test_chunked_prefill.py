@@ -54,6 +54,28 @@ def test_chunked_logits_and_cache_equal_one_pass(mode, chunk_size):
     _assert_same_cache(cache, one_cache)
 
 
+
+@pytest.mark.parametrize("mode", ["nsa", "dense"])
+def test_unpadded_chunks_after_the_cache_build_no_mask_tensor(mode):
+    # A [chunk, cached + chunk] mask per chunk would cost chunk x prompt bytes (8 GiB for 16K chunks of a
+    # 512K prompt): the layers of unpadded chunks get none and align the causal mask themselves.
+    batch = testing.tiny_video_batch(((2, 8, 8),), text_before=5, text_after=4, seed=2)
+    model = testing.tiny_model(seed=31)
+    model.set_attention_mode(mode)
+    masks = []
+
+    def record(module, args, kwargs):
+        masks.append(kwargs.get("attention_mask"))
+
+    hook = model.model.language_model.layers[0].self_attn.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        _forward(model, batch, chunk_size=9)
+    finally:
+        hook.remove()
+    assert len(masks) == -(-batch.input_ids.shape[1] // 9)
+    assert all(mask is None for mask in masks[1:])
+
+
 @pytest.mark.parametrize("chunk_size", [4, 10, 13])
 def test_chunk_boundaries_between_and_inside_two_videos_of_one_stream(chunk_size):
     # Two videos of one sample form one vision stream: the second video's queries read the first's blocks

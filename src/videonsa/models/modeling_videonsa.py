@@ -55,7 +55,7 @@ from videonsa.layers import (
     make_gate_projections,
     videonsa_attention,
 )
-from videonsa.layers.attention import grouped_text_sdpa
+from videonsa.layers.attention import causal_text_sdpa, grouped_text_sdpa
 from videonsa.layers.official import official_attention
 from videonsa.models.checkpoint_checks import (
     GateCoverage,
@@ -200,6 +200,14 @@ class VideoNSAAttention(SequenceParallelModule, qwen.Qwen2_5_VLAttention):
 
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
+        if attention_mask is None and 1 < seq_len < key.shape[2] and self.config._attn_implementation != "eager":
+            # A chunk after cached tokens whose mask VideoNSATextModel left out (unpadded): causal over every key,
+            # aligned to the bottom right, without a [chunk, keys] mask tensor.
+            dropout = 0.0 if not self.training else self.attention_dropout
+            output = causal_text_sdpa(
+                query, key, value, 0, scale=self.scaling, dropout_p=dropout, past=key.shape[2] - seq_len
+            )
+            return self.o_proj(output.reshape(batch, seq_len, -1)), None
         attention_interface = qwen.ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, qwen.eager_attention_forward
         )
@@ -316,6 +324,10 @@ class VideoNSATextModel(_GateInitMixin, SequenceParallelModule, qwen.Qwen2_5_VLT
         if self.layers[0].self_attn.settings.mode == "official":
             kwargs.setdefault(OFFICIAL_TOKENS_KWARG, self._official_tokens(args, kwargs))
         if self.sequence_parallel is None:
+            if not args and self._chunk_needs_no_mask(kwargs):
+                # transformers would build a [B, 1, chunk, cached + chunk] mask here (8 GiB for a 16K chunk at
+                # 512K tokens); the attention layers apply the causal bottom-right alignment themselves.
+                kwargs["attention_mask"] = {"full_attention": None}
             return super().forward(*args, **kwargs)
         if args:
             raise TypeError("with sequence parallelism on, pass the text model's inputs as keyword arguments")
@@ -323,6 +335,22 @@ class VideoNSATextModel(_GateInitMixin, SequenceParallelModule, qwen.Qwen2_5_VLT
         _refuse_packed_sequences(kwargs.get("position_ids"), kwargs.get("attention_mask"))
         split = kwargs.pop(SPLIT_KWARG)
         return self.sequence_parallel.text_model_forward(self._forward_with_split, self.embed_tokens, split, **kwargs)
+
+    def _chunk_needs_no_mask(self, kwargs: dict[str, Any]) -> bool:
+        """Whether this forward is a prefill chunk after cached tokens (more than one query) of unpadded samples,
+        whose causal mask the attention layers can apply without a mask tensor (not eager, no sliding window,
+        not official mode, which never continues a cache with vision)."""
+        mask, cache, embeds = kwargs.get("attention_mask"), passed_cache(kwargs), kwargs.get("inputs_embeds")
+        if cache is None or embeds is None or embeds.shape[1] < 2 or isinstance(mask, dict):
+            return False
+        if self.config._attn_implementation == "eager" or getattr(self.config, "use_sliding_window", False):
+            return False
+        if self.layers[0].self_attn.settings.mode == "official" or cache.get_seq_length() == 0:
+            return False
+        split = kwargs.get(SPLIT_KWARG)
+        if mask is None or (split is not None and split.unpadded):
+            return True
+        return bool(mask.all())
 
     def _forward_with_split(self, split: TokenSplit | None, **kwargs: Any) -> Any:
         """Qwen2.5-VL's text model forward with `split` handed to every layer (sequence parallelism's callback)."""
