@@ -1,8 +1,11 @@
 """PackedVisionAttention: the vision tower with one attention call per chunk length equals the stock tower
 (outputs and every gradient), its chunk layouts, and that the package's models use it."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import Qwen2_5_VLVisionConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
@@ -264,6 +267,82 @@ def test_layout_of_equal_chunks_is_one_view():
     assert batch.shape == (4, 2, 64, 8) and batch.data_ptr() == states.data_ptr()
 
 
+class _TorchCalls(TorchFunctionMode):
+    """Records the name and keyword names of every torch function and tensor method called under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.calls.append((getattr(func, "__name__", str(func)), tuple(sorted(kwargs))))
+        return func(*args, **kwargs)
+
+
+# Calls that bring tensor values to the host (on a GPU, each waits for the device): reading values, branching on
+# them, or producing a shape that depends on them.
+HOST_READS = {
+    "tolist",
+    "item",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "__iter__",
+    "numpy",
+    "cpu",
+    "nonzero",
+    "argwhere",
+    "equal",
+    "allclose",
+    "unique",
+    "unique_consecutive",
+    "masked_select",
+}
+# What the cache reads to recognise a tensor without its values: properties (__get__) and its memory's identity.
+IDENTITY_READS = {"__get__", "is_inference", "data_ptr", "stride"}
+
+
+@pytest.mark.parametrize(
+    ("lengths", "by_views"),
+    [
+        ([64] * 12, True),
+        ([0, 64, 64, 0], True),
+        ([64] * 6 + [32] * 3 + [16], True),
+        ([64, 32, 64, 32, 32, 16] * 3 + [256, 96, 256], False),
+        ([64, 0, 64, 32], False),
+    ],
+    ids=["equal", "equal with empty chunks", "runs", "mixed", "mixed with an empty chunk"],
+)
+def test_building_a_layout_reads_cu_seqlens_once(lengths, by_views):
+    """The CPU stand-in for the GPU sync count: one .tolist() of cu_seqlens, no other call that reads values;
+    where every length is one run (equal, runs), nothing but that read and the cache's identity reads."""
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    with _TorchCalls() as recorded:
+        layout = ChunkLayoutCache().layout(cu_seqlens, sum(lengths))
+    names = [name for name, _ in recorded.calls]
+    assert [name for name in names if name in HOST_READS] == ["tolist"]
+    assert all("output_size" in keywords for name, keywords in recorded.calls if name == "repeat_interleave")
+    assert (layout.inverse is None) == by_views
+    if by_views:
+        assert [name for name in names if name not in IDENTITY_READS] == ["tolist"]
+
+
+def test_the_call_recorder_sees_host_reads():
+    """The recorder behind the test above sees the reads it looks for, tensor methods and torch functions alike."""
+    values = torch.tensor([0, 64, 64])
+    with _TorchCalls() as recorded:
+        if values.any():
+            values.nonzero()
+        torch.unique(values)
+        values[0].item()
+        torch.repeat_interleave(values, values, output_size=128)
+    names = [name for name, _ in recorded.calls]
+    assert {"__bool__", "nonzero", "unique", "item"} <= set(names) & HOST_READS
+    assert ("repeat_interleave", ("output_size",)) in recorded.calls
+
+
 def test_layout_refuses_cu_seqlens_that_do_not_cover_the_rows():
     with pytest.raises(ValueError, match="covers 64 rows but the hidden states hold 65"):
         chunk_layout(torch.tensor([0, 32, 64], dtype=torch.int32), 65)
@@ -336,10 +415,16 @@ def _attention_inputs(lengths: list[int], device: str):
     return hidden, cu_seqlens, (angles.cos(), angles.sin())
 
 
-def _count_syncs(fn) -> int:
-    """How many synchronising CUDA operations `fn()` makes (torch's sync debug mode warns once per operation)."""
+def _sync_sites(fn) -> list[str]:
+    """Where `fn()` makes synchronising CUDA operations: "file:line" of the Python line behind each one (torch's
+    sync debug mode warns once per operation, attributed to the line that called into torch).
+
+    Garbage left by earlier tests is collected first, so that a finaliser running inside `fn()` cannot add a
+    sync that is not `fn`'s own."""
+    import gc
     import warnings
 
+    gc.collect()
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -348,7 +433,11 @@ def _count_syncs(fn) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(warning.message) for warning in caught)
+    return [
+        f"{Path(w.filename).name}:{w.lineno} ({str(w.message).partition('Triggered internally at ')[2].rstrip('.)')})"
+        for w in caught
+        if "synchronizing" in str(w.message)
+    ]
 
 
 @pytest.mark.gpu
@@ -366,8 +455,10 @@ def test_packed_attention_on_gpu_reads_the_host_once_per_cu_seqlens(lengths):
         outputs.append(packed(hidden, cu_seqlens, rotary))
         outputs[-1].square().sum().backward()
 
-    assert _count_syncs(lambda: packed.layouts.layout(cu_seqlens, hidden.shape[0])) == 1  # the .tolist()
-    assert _count_syncs(step) == 0  # the layout is cached: no host read in the forward or the backward
+    # One sync, the .tolist() in chunk_layout; the sites name any other, should one appear.
+    sites = _sync_sites(lambda: packed.layouts.layout(cu_seqlens, hidden.shape[0]))
+    assert len(sites) == 1 and sites[0].startswith("vision_attention.py:"), sites
+    assert _sync_sites(step) == []  # the layout is cached: no host read in the forward or the backward
     torch.testing.assert_close(outputs[0], expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(hidden.grad, expected_grad, rtol=1e-4, atol=1e-4)
 
