@@ -2,15 +2,17 @@
 
 A prefill holds, besides the weights, two kinds of memory (docs/long-videos.md, "Memory model"):
 
-- resident, growing with the prompt: the KV cache (every layer's k and v of every token) and the vision tower's
-  output (one hidden vector per vision token, kept until its chunk goes in);
+- resident, growing with the prompt: the KV cache (every layer's k and v of every token), the vision tower's
+  input and output (a merged token's pixel rows and hidden vector, kept through the prefill), and a chunk's pass
+  over the cache (copies of one layer's k and v over every cached token: gathered vision streams, the cache's
+  concatenation);
 - working, growing with the tokens of one forward: one decoder layer's activations (hidden states, q/k/v, the
   MLP's intermediate, the rotary embedding's float32 copies), and the vision tower's over one piece of frames.
 
 One pass over S tokens needs S x (resident + working); chunks of C tokens need S x resident + C x working. The
-per-token costs come from the model's config; `WORKING_FACTOR` covers what the plain count misses (allocator
-slack, the attention kernels' buffers, copies between layers) and is to be checked on the GPU with
-`benchmarks/bench/bench_chunked_prefill.py`, which prints the measured peak next to this estimate.
+per-token costs come from the model's config; `WORKING_FACTOR` and `CACHE_PASS_COPIES` are measured with
+`benchmarks/bench/bench_chunked_prefill.py`, which prints the measured peak next to this estimate
+(docs/performance.md, "Chunked prefill").
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ import torch
 
 from videonsa.errors import UserError
 
-# Working memory estimate x this = what a forward is taken to need (see the module docstring).
-WORKING_FACTOR = 2.0
+# Working memory estimate x this = what a forward is taken to need: the 7B's one-pass prefill measured 0.82 of the
+# plain count (H100, 131K tokens); 1.0 leaves a margin.
+WORKING_FACTOR = 1.0
+# Copies of one layer's k and v over every cached token that a chunk's forward holds at its peak: measured ~5 (7B,
+# 524K tokens in 16K chunks, H100).
+CACHE_PASS_COPIES = 5
 # Share of the free memory a plan may use; the rest is left for the allocator's fragmentation and the decoding.
 USABLE_SHARE = 0.9
 # Chunk sizes are multiples of this (whole NSA blocks of the default 64 and friendly kernel tiles).
@@ -40,8 +46,9 @@ PLANNING_CHUNK = 16384
 class PrefillMemory:
     """Per-token memory of a model's prefill, in bytes, and its weights' size.
 
-    weight_bytes: parameters in the run's dtype. resident_per_token: KV cache of all layers plus the vision
-    feature of a vision token. working_per_token: one forward's activations per token (x WORKING_FACTOR).
+    weight_bytes: parameters in the run's dtype. resident_per_token: KV cache of all layers, a vision token's
+    pixel rows and feature, and a chunk's copies of one layer's cache (x CACHE_PASS_COPIES). working_per_token:
+    one forward's activations per token (x WORKING_FACTOR).
     """
 
     weight_bytes: int
@@ -58,8 +65,10 @@ class PrefillMemory:
         heads_q, heads_kv = text["num_attention_heads"], text.get("num_key_value_heads", text["num_attention_heads"])
         head_dim = text.get("head_dim") or hidden // heads_q
         layers = text["num_hidden_layers"]
-        kv = layers * 2 * heads_kv * head_dim * size
-        resident = kv + hidden * size
+        layer_kv = 2 * heads_kv * head_dim * size
+        merge, patch = vision.get("spatial_merge_size", 2), vision.get("patch_size", 14)
+        pixels = merge**2 * 3 * vision.get("temporal_patch_size", 2) * patch**2 * size if vision else 0
+        resident = layers * layer_kv + hidden * size + pixels + CACHE_PASS_COPIES * layer_kv
         qkv = (heads_q + 2 * heads_kv) * head_dim
         # A layer: residual, normed input and output (3 H), q/k/v and the attention output (qkv + HQ D), the
         # MLP's gate, up and product (3 I), the gate MLP's hidden (H); q and k again in float32 after the rotary.
