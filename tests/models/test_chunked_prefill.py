@@ -76,6 +76,26 @@ def test_unpadded_chunks_after_the_cache_build_no_mask_tensor(mode):
     assert all(mask is None for mask in masks[1:])
 
 
+@pytest.mark.parametrize("mode", ["nsa", "dense"])
+def test_decoding_steps_of_an_unpadded_prompt_get_no_mask_tensor(mode):
+    # With a mask, transformers' SDPA path copies k and v to every query head, over the whole cache, per step.
+    batch = testing.tiny_video_batch(((2, 8, 8),), text_before=5, text_after=4, seed=2)
+    model = testing.tiny_model(seed=31)
+    model.set_attention_mode(mode)
+    masks = []
+
+    def record(module, args, kwargs):
+        masks.append(kwargs.get("attention_mask"))
+
+    hook = model.model.language_model.layers[0].self_attn.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.generate(**batch.as_kwargs(), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    finally:
+        hook.remove()
+    assert len(masks) == 4 and all(mask is None for mask in masks[1:])
+
+
 @pytest.mark.parametrize("chunk_size", [4, 10, 13])
 def test_chunk_boundaries_between_and_inside_two_videos_of_one_stream(chunk_size):
     # Two videos of one sample form one vision stream: the second video's queries read the first's blocks

@@ -100,6 +100,9 @@ OFFICIAL_TOKENS_KWARG = "videonsa_official_tokens"
 _CURRENT_SPLIT: contextvars.ContextVar[TokenSplit | None] = contextvars.ContextVar("videonsa_split", default=None)
 # Attribute of a KV cache under which VideoNSA records its tokens' TokenHistory (see token_history).
 _HISTORY_ATTRIBUTE = "videonsa_token_history"
+# Attention backends that take a chunk or decoding step after cached tokens without a mask tensor (causal over every
+# key: `causal_text_sdpa` for chunks, a single query sees every key).
+MASKLESS_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3")
 _GATE_KEY_PATTERN = r"\.self_attn\.g_proj_[12]\.(weight|bias)$"
 # set_sparsity's knobs: config names -> SparseSettings fields.
 _KNOB_FIELDS = {
@@ -324,9 +327,10 @@ class VideoNSATextModel(_GateInitMixin, SequenceParallelModule, qwen.Qwen2_5_VLT
         if self.layers[0].self_attn.settings.mode == "official":
             kwargs.setdefault(OFFICIAL_TOKENS_KWARG, self._official_tokens(args, kwargs))
         if self.sequence_parallel is None:
-            if not args and self._chunk_needs_no_mask(kwargs):
-                # transformers would build a [B, 1, chunk, cached + chunk] mask here (8 GiB for a 16K chunk at
-                # 512K tokens); the attention layers apply the causal bottom-right alignment themselves.
+            if not args and self._needs_no_mask(kwargs):
+                # transformers would build a [B, 1, L, cached + L] mask here (8 GiB for a 16K chunk at 512K
+                # tokens), and with any mask its SDPA path repeats k and v to every query head (two [B, HQ,
+                # cached + L, D] copies per layer and decoding step); the layers align the causal mask themselves.
                 kwargs["attention_mask"] = {"full_attention": None}
             return super().forward(*args, **kwargs)
         if args:
@@ -336,14 +340,16 @@ class VideoNSATextModel(_GateInitMixin, SequenceParallelModule, qwen.Qwen2_5_VLT
         split = kwargs.pop(SPLIT_KWARG)
         return self.sequence_parallel.text_model_forward(self._forward_with_split, self.embed_tokens, split, **kwargs)
 
-    def _chunk_needs_no_mask(self, kwargs: dict[str, Any]) -> bool:
-        """Whether this forward is a prefill chunk after cached tokens (more than one query) of unpadded samples,
-        whose causal mask the attention layers can apply without a mask tensor (not eager, no sliding window,
-        not official mode, which never continues a cache with vision)."""
+    def _needs_no_mask(self, kwargs: dict[str, Any]) -> bool:
+        """Whether this forward continues a KV cache (a prefill chunk or a decoding step) of unpadded samples, whose
+        causal mask the attention layers apply without a mask tensor: SDPA or flash attention, no sliding window,
+        not official mode (which never continues a cache with vision)."""
         mask, cache, embeds = kwargs.get("attention_mask"), passed_cache(kwargs), kwargs.get("inputs_embeds")
-        if cache is None or embeds is None or embeds.shape[1] < 2 or isinstance(mask, dict):
+        if cache is None or embeds is None or isinstance(mask, dict):
             return False
-        if self.config._attn_implementation == "eager" or getattr(self.config, "use_sliding_window", False):
+        if self.config._attn_implementation not in MASKLESS_IMPLEMENTATIONS:
+            return False
+        if getattr(self.config, "use_sliding_window", False):
             return False
         if self.layers[0].self_attn.settings.mode == "official" or cache.get_seq_length() == 0:
             return False
