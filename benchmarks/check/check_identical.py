@@ -10,12 +10,19 @@ it, the old module constants of `videonsa.ops.triton.selection` where it has tho
 and the six input gradients; the parent reports, per case and tensor, the largest absolute difference (0
 expected everywhere) and the time of one forward + backward in each tree (after a warm-up run).
 
+The two trees' processes take the cases in lockstep (one case in the old tree, the same case in the new tree,
+then the next; never both at once, so the times are not disturbed): each case's name is printed when it starts,
+its verdict and times as soon as both trees have run it, and `--json` is rewritten (temp file + rename) after
+every case with `"complete": false` until the last one, so a run cut short keeps the cases it finished. A case
+that kills its tree's process is reported as failed there and the process is started again for the next case.
+
     python benchmarks/check/check_identical.py --old /tmp/old/src --new src                # the H100
     python benchmarks/check/check_identical.py --old /tmp/old/src --new src --device cpu   # tiny, interpreter
 
 The old tree can be any commit's export (`git archive 838c0ea | tar -x -C /tmp/old`): only `nsa_attention`,
 `nsa_attention_parts` and `NSAConfig` are used from it. `--device cpu` runs tiny shapes (float32, float16) under
-the Triton interpreter. Exit status 1 when any tensor differs or a case fails in one tree only.
+the Triton interpreter. Exit status 1 when any tensor differs, a case fails in one tree only, or a tree's
+process fails to start or runs past --timeout (seconds for each tree's start-up and cases together).
 """
 
 from __future__ import annotations
@@ -23,9 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -157,55 +167,168 @@ def _run_case(case, shape: dict, device: str, seed: int):
     return call, undo
 
 
-def child(tree: str, device: str, cases: dict, shape: dict, out_path: str, seed: int) -> None:
+# A child's lines for the parent start with this; anything else it prints (warnings) is only kept for errors.
+PROTOCOL = "@check_identical"
+
+
+def child(tree: str, device: str, cases: dict, shape: dict, out_dir: str, seed: int) -> None:
+    """Announce the videonsa module, then run each case named on a line of stdin: its outcome goes to
+    `out_dir/<case>.pt` ({"report": {...}, "results": {name: tensor} or None}) before "done <case>" is printed."""
     import torch
 
     import videonsa
 
     if not str(Path(videonsa.__file__).resolve()).startswith(str(Path(tree).resolve())):
         sys.exit(f"videonsa was imported from {videonsa.__file__}, not from {tree}")
-    results, report = {}, {}
-    for name, case in cases.items():
-        call, undo = _run_case(case, shape, device, seed)
-        if call is None:
-            report[name] = {"status": "layout cannot be forced in this tree"}
+    print(f"{PROTOCOL} module {videonsa.__file__}", flush=True)
+    for line in sys.stdin:
+        name = line.strip()
+        if not name:
             continue
-        try:
-            call()  # warm-up: compiles the kernels
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            tensors = call()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            elapsed_ms = (time.perf_counter() - start) * 1e3
-        except Exception as error:  # reported per case; the other cases still run
-            report[name] = {"status": f"failed: {type(error).__name__}: {error}"}
-            continue
-        finally:
-            undo()
-        results[name] = {k: v.cpu() for k, v in tensors.items()}
-        report[name] = {"status": "ok", "ms": elapsed_ms}
+        report, tensors = _case_outcome(cases[name], shape, device, seed)
+        saved = Path(out_dir) / f"{name}.pt"
+        torch.save({"report": report, "results": tensors}, f"{saved}.tmp")
+        os.replace(f"{saved}.tmp", saved)
         del tensors
         if device == "cuda":
             torch.cuda.empty_cache()
-    torch.save({"results": results, "report": report, "module": videonsa.__file__}, out_path)
+        print(f"{PROTOCOL} done {name}", flush=True)
+
+
+def _case_outcome(case, shape: dict, device: str, seed: int) -> tuple[dict, dict | None]:
+    """(report {"status", "ms"}, the case's tensors on the CPU or None): a warm-up run, then one timed run."""
+    import torch
+
+    call, undo = _run_case(case, shape, device, seed)
+    if call is None:
+        return {"status": "layout cannot be forced in this tree"}, None
+    try:
+        call()  # warm-up: compiles the kernels
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        tensors = call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+    except Exception as error:  # reported per case; the other cases still run
+        return {"status": f"failed: {type(error).__name__}: {error}"}, None
+    finally:
+        undo()
+    return {"status": "ok", "ms": elapsed_ms}, {k: v.cpu() for k, v in tensors.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Parent: run both trees, compare
 
 
-def run_tree(tree: str, device: str, case_names: list[str], out_path: str, seed: int, timeout: int) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tree).resolve()), os.environ.get("PYTHONPATH", "")]))
-    if device == "cpu":
-        env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, os.path.abspath(__file__), "--child", tree, "--device", device, "--out-file", out_path,
-               "--seed", str(seed), "--cases", *case_names]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        sys.exit(f"{tree}: the cases failed to run (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                 f"{proc.stderr[-8000:]}")
+class TreeFailure(Exception):
+    """A tree's process cannot go on: it failed to start, or ran past --timeout."""
+
+
+class TreeProcess:
+    """One tree's child process, fed one case at a time; `timeout` seconds in all for its start-up and its cases
+    (restarts included), counted only while the parent waits on it."""
+
+    def __init__(self, label: str, tree: str, device: str, case_names: list[str], work_dir: str, seed: int,
+                 timeout: float) -> None:
+        self.label, self.tree, self.work_dir = label, tree, Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.time_left, self.timeout = float(timeout), timeout
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tree).resolve()),
+                                                                  os.environ.get("PYTHONPATH", "")]))
+        if device == "cpu":
+            self.env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+        self.command = [sys.executable, os.path.abspath(__file__), "--child", tree, "--device", device,
+                        "--out-dir", str(self.work_dir), "--seed", str(seed), "--cases", *case_names]
+        self.proc: subprocess.Popen | None = None
+        self.module = ""
+
+    def start(self) -> None:
+        """Start the process (its imports run while the parent goes on); `module` is read by `wait_ready`."""
+        self.stderr = open(self.work_dir / f"stderr-{time.monotonic_ns()}.txt", "w+")  # noqa: SIM115 (closed in close)
+        self.proc = subprocess.Popen(self.command, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True, bufsize=1)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.other_output: list[str] = []
+        threading.Thread(target=self._read_stdout, args=(self.proc, self.lines), daemon=True).start()
+
+    def wait_ready(self) -> None:
+        """Wait for the child's module line; TreeFailure when it exits first or the time runs out."""
+        line = self._protocol_line("start-up")
+        if line is None:
+            raise TreeFailure(f"{self.tree}: the cases failed to run (exit {self.proc.wait()}):\n{self._tails()}")
+        self.module = line.removeprefix("module ")
+
+    def run(self, name: str) -> dict:
+        """Run case `name` in this tree: {"report": {...}, "results": {name: tensors}} (empty when it failed)."""
+        if self.proc is None:
+            self.start()
+            self.wait_ready()
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        line = self._protocol_line(f"case {name}")
+        if line is None:  # the process died in this case: report it, and start afresh for the next one
+            code = self.proc.wait()
+            tails = self._tails()
+            print(f"{self.label} tree, case {name}: the process exited (code {code}):\n{tails}", file=sys.stderr,
+                  flush=True)
+            self.close()
+            last = tails.strip().splitlines()[-1] if tails.strip() else "no output"
+            return {"report": {name: {"status": f"failed: the process exited (code {code}): {last}"}}, "results": {}}
+        if line != f"done {name}":
+            raise TreeFailure(f"{self.tree}: its process answered {line!r} to case {name}")
+        import torch
+
+        saved = self.work_dir / f"{name}.pt"
+        outcome = torch.load(saved, weights_only=False)
+        saved.unlink()  # the tensors of a 32K case take gigabytes
+        results = {name: outcome["results"]} if outcome["results"] is not None else {}
+        return {"report": {name: outcome["report"]}, "results": results}
+
+    def close(self, kill: bool = False) -> None:
+        """End the process: at once with `kill`, else at the end of its input (killed if it has not within 30 s)."""
+        if self.proc is None:
+            return
+        try:
+            if kill:
+                self.proc.kill()
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
+        self.proc = None
+
+    def _protocol_line(self, waiting_for: str) -> str | None:
+        """The child's next protocol line without its prefix, None at the end of its output."""
+        while True:
+            started = time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(self.time_left, 0.0))
+            except queue.Empty:
+                self.proc.kill()
+                raise TreeFailure(f"{self.tree}: still running ({waiting_for}) after --timeout {self.timeout} s; "
+                                  "the cases it finished are reported above") from None
+            finally:
+                self.time_left -= time.monotonic() - started
+            if line is None:
+                return None
+            if line.startswith(PROTOCOL + " "):
+                return line[len(PROTOCOL) + 1 :].rstrip("\n")
+            self.other_output.append(line)
+
+    def _tails(self) -> str:
+        self.stderr.flush()
+        self.stderr.seek(0)
+        return "".join(self.other_output)[-4000:] + self.stderr.read()[-8000:]
+
+    @staticmethod
+    def _read_stdout(proc: subprocess.Popen, lines: queue.Queue) -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
 
 
 def max_abs_difference(a, b) -> float:
@@ -257,10 +380,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="cuda: the real shapes; cpu: tiny shapes under the Triton interpreter")
     parser.add_argument("--cases", nargs="*", help="case names to run (default: all of the device's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write the comparison to this JSON file")
+    parser.add_argument("--json", help="also write the comparison to this JSON file (rewritten after every case)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per tree")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--out-file", help=argparse.SUPPRESS)
+    parser.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     all_cases, shape = (GPU_CASES, GPU_SHAPE) if args.device == "cuda" else (CPU_CASES, CPU_SHAPE)
     names = args.cases or list(all_cases)
@@ -268,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown case(s) {unknown}; the {args.device} cases are {list(all_cases)}")
     if args.child:
-        child(args.child, args.device, {n: all_cases[n] for n in names}, shape, args.out_file, args.seed)
+        child(args.child, args.device, {n: all_cases[n] for n in names}, shape, args.out_dir, args.seed)
         return 0
     if not args.old or not args.new:
         parser.error("--old and --new are required")
@@ -276,30 +399,64 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(tree) / "videonsa" / "__init__.py").is_file():
             parser.error(f"{tree} is not a src/ root: no videonsa/__init__.py in it")
 
-    import torch
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None and not json_path.parent.is_dir():
+        parser.error(f"--json {args.json}: the folder {json_path.parent} does not exist")
 
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # a `timeout` still ends the trees' processes
+    rows, identical, finished = [], True, False
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = {}
-        for label, tree in (("old", args.old), ("new", args.new)):
-            out_file = os.path.join(tmp, f"{label}.pt")
-            run_tree(tree, args.device, names, out_file, args.seed, args.timeout)
-            loaded[label] = torch.load(out_file, weights_only=False)
-            print(f"{label}: videonsa from {loaded[label]['module']}", flush=True)
-    rows, identical = compare(loaded["old"], loaded["new"], names)
+        trees = {label: TreeProcess(label, tree, args.device, names, os.path.join(tmp, label), args.seed, args.timeout)
+                 for label, tree in (("old", args.old), ("new", args.new))}
+        try:
+            for tree in trees.values():  # both import at once; the cases then run one tree at a time
+                tree.start()
+            for label, tree in trees.items():
+                tree.wait_ready()
+                print(f"{label}: videonsa from {tree.module}", flush=True)
+            for number, name in enumerate(names, 1):
+                print(f"{name}: running ({number}/{len(names)})", flush=True)
+                outcome = {label: tree.run(name) for label, tree in trees.items()}
+                (row,), same = compare(outcome["old"], outcome["new"], [name])
+                rows.append(row)
+                identical &= same
+                if json_path is not None:
+                    write_json(json_path, args.device, identical, rows, complete=number == len(names))
+                print(_row_lines(row), flush=True)
+            finished = True
+        except TreeFailure as failure:
+            sys.exit(str(failure))
+        finally:  # on a failure or a signal, the other tree's process is not left to finish its case
+            for tree in trees.values():
+                tree.close(kill=not finished)
+    print()
     for row in rows:
-        timing = f"old {row['old_ms']:.1f} ms, new {row['new_ms']:.1f} ms" if row["old_ms"] and row["new_ms"] else ""
-        worst = max(row.get("max_abs_diff", {}).values(), default=None)
-        detail = f"max |diff| {worst:g}" if worst is not None else ""
-        print(f"{row['case']:28s} {row['status']:10s} {detail:18s} {timing}")
-        if row["status"] == "DIFFERENT":
-            for k, v in row["max_abs_diff"].items():
-                if v != 0:
-                    print(f"    {k}: {v:g}")
+        print(_row_lines(row))
     print("all identical" if identical else "DIFFERENCES FOUND")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": args.device, "identical": identical, "cases": rows},
-                                              indent=1))
     return 0 if identical else 1
+
+
+def _row_lines(row: dict) -> str:
+    """One case's line of the table (its verdict, largest difference and times), and a line per differing tensor."""
+    timing = f"old {row['old_ms']:.1f} ms, new {row['new_ms']:.1f} ms" if row["old_ms"] and row["new_ms"] else ""
+    worst = max(row.get("max_abs_diff", {}).values(), default=None)
+    detail = f"max |diff| {worst:g}" if worst is not None else ""
+    lines = [f"{row['case']:28s} {row['status']:10s} {detail:18s} {timing}"]
+    if row["status"] == "DIFFERENT":
+        lines += [f"    {k}: {v:g}" for k, v in row["max_abs_diff"].items() if v != 0]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, device: str, identical: bool, rows: list[dict], complete: bool) -> None:
+    """The comparison so far (temp file + rename, so a reader never sees half a file): "identical" covers the cases
+    in "cases", and "complete" says whether those are all the cases asked for."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        json.dump({"device": device, "identical": identical, "complete": complete, "cases": rows}, handle, indent=1)
+    os.replace(handle.name, path)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    sys.exit(128 + signum)
 
 
 if __name__ == "__main__":
