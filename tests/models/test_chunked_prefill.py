@@ -54,31 +54,9 @@ def test_chunked_logits_and_cache_equal_one_pass(mode, chunk_size):
     _assert_same_cache(cache, one_cache)
 
 
-
-@pytest.mark.parametrize("mode", ["nsa", "dense"])
-def test_unpadded_chunks_after_the_cache_build_no_mask_tensor(mode):
-    # A [chunk, cached + chunk] mask per chunk would cost chunk x prompt bytes (8 GiB for 16K chunks of a
-    # 512K prompt): the layers of unpadded chunks get none and align the causal mask themselves.
-    batch = testing.tiny_video_batch(((2, 8, 8),), text_before=5, text_after=4, seed=2)
-    model = testing.tiny_model(seed=31)
-    model.set_attention_mode(mode)
-    masks = []
-
-    def record(module, args, kwargs):
-        masks.append(kwargs.get("attention_mask"))
-
-    hook = model.model.language_model.layers[0].self_attn.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        _forward(model, batch, chunk_size=9)
-    finally:
-        hook.remove()
-    assert len(masks) == -(-batch.input_ids.shape[1] // 9)
-    assert all(mask is None for mask in masks[1:])
-
-
-@pytest.mark.parametrize("mode", ["nsa", "dense"])
-def test_decoding_steps_of_an_unpadded_prompt_get_no_mask_tensor(mode):
-    # With a mask, transformers' SDPA path copies k and v to every query head, over the whole cache, per step.
+def _masks_seen(mode, run):
+    """The attention_mask argument of layer 0's attention in every forward of `run(model, batch)`: a tiny model
+    in `mode` on one unpadded sample of 43 tokens (5 text, a video of 32 tokens between its markers, 4 text)."""
     batch = testing.tiny_video_batch(((2, 8, 8),), text_before=5, text_after=4, seed=2)
     model = testing.tiny_model(seed=31)
     model.set_attention_mode(mode)
@@ -90,9 +68,28 @@ def test_decoding_steps_of_an_unpadded_prompt_get_no_mask_tensor(mode):
     hook = model.model.language_model.layers[0].self_attn.register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
-            model.generate(**batch.as_kwargs(), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+            run(model, batch)
     finally:
         hook.remove()
+    return masks
+
+
+@pytest.mark.parametrize("mode", ["nsa", "dense"])
+def test_unpadded_chunks_after_the_cache_build_no_mask_tensor(mode):
+    # A [chunk, cached + chunk] mask per chunk would cost chunk x prompt bytes (8 GiB for 16K chunks of a
+    # 512K prompt): the layers of unpadded chunks get none and align the causal mask themselves.
+    masks = _masks_seen(mode, lambda model, batch: _forward(model, batch, chunk_size=9))
+    assert len(masks) == -(-43 // 9)  # 43 prompt tokens
+    assert all(mask is None for mask in masks[1:])
+
+
+@pytest.mark.parametrize("mode", ["nsa", "dense"])
+def test_decoding_steps_of_an_unpadded_prompt_get_no_mask_tensor(mode):
+    # With a mask, transformers' SDPA path copies k and v to every query head, over the whole cache, per step.
+    def generate(model, batch):
+        model.generate(**batch.as_kwargs(), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    masks = _masks_seen(mode, generate)
     assert len(masks) == 4 and all(mask is None for mask in masks[1:])
 
 
