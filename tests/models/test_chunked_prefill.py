@@ -83,7 +83,7 @@ def test_unpadded_chunks_after_the_cache_build_no_mask_tensor(mode):
     assert all(mask is None for mask in masks[1:])
 
 
-@pytest.mark.parametrize("mode", ["nsa", "dense"])
+@pytest.mark.parametrize("mode", ["nsa", "dense", "official"])
 def test_decoding_steps_of_an_unpadded_prompt_get_no_mask_tensor(mode):
     # With a mask, transformers' SDPA path copies k and v to every query head, over the whole cache, per step.
     def generate(model, batch):

@@ -45,29 +45,30 @@ def test_dense_mode_generates_like_stock_qwen2_5_vl(batch):
     assert torch.equal(_generate(model, batch, do_sample=False), _generate(stock, batch, do_sample=False))
 
 
-@pytest.mark.parametrize("mode", ["nsa", "dense"])
-def test_unpadded_decoding_without_a_mask_scores_as_stock_qwen2_5_vl_with_one(mode):
-    # Decoding steps of an unpadded prompt get no mask tensor (a single query sees every cached key); the stock
-    # model builds one. In nsa mode the steps are text only, so they are dense too.
+@pytest.mark.parametrize("mode", ["nsa", "dense", "official"])
+def test_unpadded_decoding_without_a_mask_scores_as_with_one(mode):
+    # Decoding steps of an unpadded prompt get no mask tensor under SDPA (a single query sees every cached key);
+    # eager attention keeps transformers' mask. Both must score alike, and dense mode as the stock model does.
     single = testing.tiny_video_batch(((2, 8, 8),), text_before=5, text_after=4, seed=3)
-    model = testing.tiny_model(seed=24)
-    model.set_attention_mode(mode)
-    stock = testing.tiny_model(videonsa=False, seed=0)
-    stock.load_state_dict(model.state_dict(), strict=False)
     scores = []
-    for each in (model, stock):
-        with torch.no_grad():
-            out = each.generate(**single.as_kwargs(), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                                output_scores=True, return_dict_in_generate=True, pad_token_id=0)
-        scores.append(torch.stack(out.scores[1:]))  # the decoding steps (the first comes from the prefill)
+    for implementation in ("sdpa", "eager"):
+        model = testing.tiny_model(seed=24)
+        model.set_attention_mode(mode)
+        model.set_attn_implementation(implementation)
+        scores.append(_decoding_scores(model, single))
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-4)
     if mode == "dense":
-        torch.testing.assert_close(scores[0], scores[1], rtol=1e-5, atol=1e-5)
-    else:  # the prefill differs (sparse video attention), so compare each model's steps with its own uncached run
-        with torch.no_grad():
-            uncached = model.generate(**single.as_kwargs(), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                                      use_cache=False, output_scores=True, return_dict_in_generate=True,
-                                      pad_token_id=0)
-        torch.testing.assert_close(scores[0], torch.stack(uncached.scores[1:]), rtol=1e-4, atol=1e-4)
+        stock = testing.tiny_model(videonsa=False, seed=0)
+        stock.load_state_dict(model.state_dict(), strict=False)
+        torch.testing.assert_close(scores[0], _decoding_scores(stock, single), rtol=1e-4, atol=1e-4)
+
+
+def _decoding_scores(model, batch):
+    """[5, B, V] scores of greedy decoding steps 2 to 6 (the first token comes from the prefill)."""
+    with torch.no_grad():
+        out = model.generate(**batch.as_kwargs(), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    return torch.stack(out.scores[1:])
 
 
 def _prefill(model, batch):

@@ -203,7 +203,8 @@ class VideoNSAAttention(SequenceParallelModule, qwen.Qwen2_5_VLAttention):
 
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        if attention_mask is None and 1 < seq_len < key.shape[2] and self.config._attn_implementation != "eager":
+        maskless = self.config._attn_implementation in MASKLESS_IMPLEMENTATIONS
+        if attention_mask is None and 1 < seq_len < key.shape[2] and maskless:
             # A chunk after cached tokens whose mask VideoNSATextModel left out (unpadded): causal over every key,
             # aligned to the bottom right, without a [chunk, keys] mask tensor.
             dropout = 0.0 if not self.training else self.attention_dropout
@@ -342,8 +343,8 @@ class VideoNSATextModel(_GateInitMixin, SequenceParallelModule, qwen.Qwen2_5_VLT
 
     def _needs_no_mask(self, kwargs: dict[str, Any]) -> bool:
         """Whether this forward continues a KV cache (a prefill chunk or a decoding step) of unpadded samples, whose
-        causal mask the attention layers apply without a mask tensor: SDPA or flash attention, no sliding window,
-        not official mode (which never continues a cache with vision)."""
+        causal mask the attention layers apply without a mask tensor: SDPA or flash attention, no sliding window.
+        (Official mode's vision path never continues a cache; its text-only steps are the stock path's.)"""
         mask, cache, embeds = kwargs.get("attention_mask"), passed_cache(kwargs), kwargs.get("inputs_embeds")
         if cache is None or embeds is None or isinstance(mask, dict):
             return False
@@ -351,7 +352,7 @@ class VideoNSATextModel(_GateInitMixin, SequenceParallelModule, qwen.Qwen2_5_VLT
             return False
         if getattr(self.config, "use_sliding_window", False):
             return False
-        if self.layers[0].self_attn.settings.mode == "official" or cache.get_seq_length() == 0:
+        if cache.get_seq_length() == 0:
             return False
         split = kwargs.get(SPLIT_KWARG)
         if mask is None or (split is not None and split.unpadded):
