@@ -350,8 +350,8 @@ class VideoNSATextModel(_GateInitMixin, SequenceParallelModule, qwen.Qwen2_5_VLT
             return False
         if self.config._attn_implementation not in MASKLESS_IMPLEMENTATIONS:
             return False
-        if getattr(self.config, "use_sliding_window", False):
-            return False
+        if getattr(self, "has_sliding_layers", False) or getattr(self.config, "use_sliding_window", False):
+            return False  # sliding-window layers need their mask
         if cache.get_seq_length() == 0:
             return False
         split = kwargs.get(SPLIT_KWARG)
