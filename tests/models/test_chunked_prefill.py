@@ -54,6 +54,18 @@ def test_chunked_logits_and_cache_equal_one_pass(mode, chunk_size):
     _assert_same_cache(cache, one_cache)
 
 
+@pytest.mark.parametrize("mode", ["nsa", "dense"])
+def test_two_unpadded_samples_chunked_equal_one_pass(mode):
+    # Unpadded batches of several samples take the maskless path too (the causal mask broadcast over the batch).
+    batch = testing.tiny_video_batch(((2, 8, 8), (2, 8, 8)), text_before=5, text_after=4, seed=7)
+    assert bool(batch.attention_mask.all())
+    model = testing.tiny_model(seed=3)
+    model.set_attention_mode(mode)
+    one_pass, one_cache = _forward(model, batch)
+    chunked, cache = _forward(model, batch, chunk_size=10)
+    torch.testing.assert_close(chunked, one_pass, rtol=1e-5, atol=1e-5)
+    _assert_same_cache(cache, one_cache)
+
 def _masks_seen(mode, run):
     """The attention_mask argument of layer 0's attention in every forward of `run(model, batch)`: a tiny model
     in `mode` on one unpadded sample of 43 tokens (5 text, a video of 32 tokens between its markers, 4 text)."""
