@@ -168,7 +168,8 @@ def causal_text_sdpa(
     dropout_p: float = 0.0,
     past: int = 0,
 ) -> Tensor:
-    """Text attention of one unpadded sample whose vision tokens are one run starting at `vision_start`.
+    """Text attention of unpadded samples whose vision tokens are one run starting at `vision_start` (0 for a
+    chunk or decoding step without vision tokens: causal over every key).
 
     After `past` cached tokens (chunked prefill) positions count from the chunk's start and every query also sees
     the P cached keys: the masks below are aligned to the bottom right of the keys they cover.
@@ -179,10 +180,10 @@ def causal_text_sdpa(
     bf16, H100, torch 2.11) against 3.0 ms for cuDNN's masked kernel with the folded mask.
 
     Args:
-        q: [1, HQ, L, D] text queries; k, v: [1, HKV, P + T, D].
+        q: [B, HQ, L, D] text queries; k, v: [B, HKV, P + T, D] (B > 1: unpadded samples of one layout).
 
     Returns:
-        [1, L, HQ, D].
+        [B, L, HQ, D].
     """
     device_type = q.device.type
     if torch.is_autocast_enabled(device_type):
