@@ -68,11 +68,16 @@ def video_inputs(seq_len: int, device: str = "cuda") -> dict[str, torch.Tensor]:
     }
 
 
-def prefill(model, inputs, chunk: int | None):
-    """One prefill with a fresh cache: (seconds, peak GiB, cache, last logits [1, 1, V])."""
+def start_measuring() -> None:
+    """Settle the GPU and reset its peak: what follows is measured from an empty allocator cache."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+
+
+def prefill(model, inputs, chunk: int | None):
+    """One prefill with a fresh cache: (seconds, peak GiB, cache, last logits [1, 1, V])."""
+    start_measuring()
     cache = DynamicCache(config=model.config.text_config)
     started = time.perf_counter()
     with torch.no_grad(), prefill_in_chunks(model, chunk):
@@ -98,9 +103,7 @@ class TokenClock:
 def answer(model, inputs, chunk: int | None, tokens: int) -> dict:
     """Prefill (chunked as `chunk`) and `tokens` greedy new tokens through model.generate, as `videonsa ask`
     does: prefill seconds (to the first new token), decode tokens/s after it, peak GiB of the whole call."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    start_measuring()
     clock = TokenClock()
     started = time.perf_counter()
     with torch.inference_mode(), prefill_in_chunks(model, chunk):
