@@ -16,7 +16,7 @@ from harness.shapes import BLOCK, COUNT, HKV, HQ, INIT, LOCAL, D
 from videonsa.ops.triton import selection as slc
 from videonsa.ops.triton.compression import compressed_attention_fwd, mean_pool_fwd
 from videonsa.ops.triton.topk import select_blocks_topk
-from videonsa.ops.triton.utils import max_tiles_of, pack, tile_shape, tiles_of
+from videonsa.ops.triton.utils import pack, tile_shape
 
 
 class PackedInputs(NamedTuple):
@@ -103,8 +103,8 @@ def by_block_work(seq_len: int, structured: bool = False, seed: int = 0, device:
     group = HQ // HKV
     settings = slc.SELECTION_SETTINGS
     chunk = min(slc.by_block_chunk_tokens(HQ, HKV, COUNT, D, q.element_size()), seq_len)
-    key_blocks = tiles_of(cu, BLOCK, max_tiles_of(seq_len, 1, BLOCK))
-    lists = slc.block_lists(indices, cu, BLOCK, chunk, n_blocks=key_blocks.shape[0])
+    key_blocks, units = slc.key_block_table(cu, seq_len, BLOCK)
+    lists = slc.block_lists(indices, cu, BLOCK, chunk, n_blocks=key_blocks.shape[0], units=units)
     work = slc.by_block_items(lists, HKV, settings.by_block_split)
     o_part = torch.empty((chunk * HKV * COUNT * group, D), dtype=q.dtype, device=q.device)
     lse_part = torch.empty(chunk * HKV * COUNT * group, dtype=torch.float32, device=q.device)
