@@ -47,13 +47,12 @@ class ChunkGroup:
 
 @dataclass(frozen=True)
 class ChunkLayout:
-    """How the chunks of one `cu_seqlens` over `total` rows become batches.
+    """How the chunks of one `cu_seqlens` over S rows become batches.
 
     The groups' outputs, concatenated in group order, are the packed sequence's rows in that order; `inverse`
-    ([total] long) gathers them back into sequence order, None when group order already is sequence order.
+    ([S] long) gathers them back into sequence order, None when group order already is sequence order.
     """
 
-    total: int
     groups: tuple[ChunkGroup, ...]
     inverse: Tensor | None = None
 
@@ -81,7 +80,7 @@ def chunk_layout(cu_seqlens: Tensor, total: int, device: torch.device | None = N
         # Every length is one run of chunks (the usual case: all chunks of one length): views, in sequence order.
         order = sorted(chunks_of, key=firsts.__getitem__)
         groups = tuple(ChunkGroup(length, len(chunks_of[length]), start=firsts[length]) for length in order)
-        return ChunkLayout(total, groups)
+        return ChunkLayout(groups)
     # Mixed lengths interleaved (frames whose side is not a multiple of the window, items of different sizes):
     # a stable sort of the rows by descending chunk length puts each length's chunks together, in sequence order.
     sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(device if device is not None else cu_seqlens.device)
@@ -97,7 +96,7 @@ def chunk_layout(cu_seqlens: Tensor, total: int, device: torch.device | None = N
         else:
             groups.append(ChunkGroup(length, count, rows=order_rows[offset : offset + count * length]))
         offset += count * length
-    return ChunkLayout(total, tuple(groups), inverse)
+    return ChunkLayout(tuple(groups), inverse)
 
 
 class ChunkLayoutCache:
