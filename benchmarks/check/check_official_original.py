@@ -42,10 +42,24 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
-from harness import Results, add_output_arguments, describe, environment, markdown_table, rel_error  # noqa: E402
-from videonsa.options import DEFAULT_GATE_TEMPERATURE  # noqa: E402  (torch-free)
+from harness import (  # noqa: E402
+    BLOCK,
+    COUNT,
+    HKV,
+    HQ,
+    WINDOW,
+    D,
+    Results,
+    add_output_arguments,
+    describe,
+    environment,
+    markdown_table,
+    rel_error,
+)
+from harness.shapes import QWEN2_5_VL_7B_TEXT  # noqa: E402
+from videonsa.options import DEFAULT_GATE_TEMPERATURE  # noqa: E402
 
-HEADS_Q, HEADS_KV, HEAD_DIM, HIDDEN = 28, 4, 128, 3584
+HIDDEN = QWEN2_5_VL_7B_TEXT["hidden_size"]  # the gate projections' input (3584)
 
 
 def load_mixed_attention(model_file: Path):
@@ -75,9 +89,9 @@ def load_mixed_attention(model_file: Path):
 def original_layer(g_proj_1, g_proj_2, *, block_size, block_counts, window_size):
     """A stand-in for the original attention module: the attributes `_mixed_attention` reads."""
     return types.SimpleNamespace(
-        g_proj_1=g_proj_1, g_proj_2=g_proj_2, num_heads=HEADS_Q, gate_temperature=DEFAULT_GATE_TEMPERATURE,
+        g_proj_1=g_proj_1, g_proj_2=g_proj_2, num_heads=HQ, gate_temperature=DEFAULT_GATE_TEMPERATURE,
         block_counts=block_counts, block_size=block_size, window_size=window_size, layer_idx=0,
-        num_kv_groups=HEADS_Q // HEADS_KV, q_proj=types.SimpleNamespace(weight=g_proj_1.weight),
+        num_kv_groups=HQ // HKV, q_proj=types.SimpleNamespace(weight=g_proj_1.weight),
         config=types.SimpleNamespace(use_sliding_window=False, sliding_window=None, max_window_layers=0),
         training=False, attention_dropout=0.0, is_causal=True, _flash_attn_uses_top_left_mask=False,
         _pure_flash_attention=None, _pure_nsa_attention=None,
@@ -116,12 +130,12 @@ def topk_agreement(seq_len: int, device: torch.device, block_size: int, block_co
     except ImportError:
         original_topk_triton = None
     generator = torch.Generator(device=device).manual_seed(seq_len + 1)
-    q = torch.randn(1, seq_len, PADDED_HEADS, HEAD_DIM, device=device, generator=generator).bfloat16()
+    q = torch.randn(1, seq_len, PADDED_HEADS, D, device=device, generator=generator).bfloat16()
     q[:, :, 56:] = 0
     n_blocks = math.ceil(seq_len / block_size)
-    k_cmp = torch.randn(1, n_blocks, HEADS_KV, HEAD_DIM, device=device, generator=generator).bfloat16()
+    k_cmp = torch.randn(1, n_blocks, HKV, D, device=device, generator=generator).bfloat16()
     lse = (torch.rand(1, PADDED_HEADS, seq_len, device=device, generator=generator) * 4 + 2).float()
-    scale = HEAD_DIM**-0.5
+    scale = D**-0.5
     theirs = parallel_nsa_topk(q=q, k=k_cmp, lse=lse, block_counts=block_counts, block_size=block_size, scale=scale)
     results = {}
     candidates = {"reference": original_topk_reference}
@@ -148,7 +162,7 @@ def run_original(mixed_attention, q, k, v, hidden, is_vision, dtype, g_proj_1, g
     layer = original_layer(g_proj_1.to(dtype), g_proj_2.to(dtype), **options)
     seq_len = q.shape[2]
     out = mixed_attention(layer, q.to(dtype), k.to(dtype), v.to(dtype), is_vision, hidden.to(dtype), None, seq_len)
-    logits = layer.g_proj_2(F.gelu(layer.g_proj_1(hidden.to(dtype)))).view(1, seq_len, HEADS_Q, 3)
+    logits = layer.g_proj_2(F.gelu(layer.g_proj_1(hidden.to(dtype)))).view(1, seq_len, HQ, 3)
     return out[0], logits
 
 
@@ -158,11 +172,11 @@ def check_length(seq_len: int, mixed_attention, device: torch.device, block_size
 
     generator = torch.Generator(device=device).manual_seed(seq_len)
     randn = lambda *shape: torch.randn(*shape, device=device, generator=generator)  # noqa: E731
-    q = randn(1, HEADS_Q, seq_len, HEAD_DIM)
-    k, v = randn(1, HEADS_KV, seq_len, HEAD_DIM), randn(1, HEADS_KV, seq_len, HEAD_DIM)
+    q = randn(1, HQ, seq_len, D)
+    k, v = randn(1, HKV, seq_len, D), randn(1, HKV, seq_len, D)
     hidden = randn(1, seq_len, HIDDEN)
     g_proj_1 = torch.nn.Linear(HIDDEN, HIDDEN, device=device)
-    g_proj_2 = torch.nn.Linear(HIDDEN, 3 * HEADS_Q, device=device)
+    g_proj_2 = torch.nn.Linear(HIDDEN, 3 * HQ, device=device)
     for proj in (g_proj_1, g_proj_2):
         torch.nn.init.normal_(proj.weight, std=0.02, generator=generator)
         torch.nn.init.normal_(proj.bias, std=0.5, generator=generator)
@@ -194,9 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--orig", type=Path, required=True, help="scratch directory with the original files")
     parser.add_argument("--modeling", type=Path, help="the original model file (default ORIG/modeling_qwen2_5_vl.py)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--block-counts", type=int, default=32)
-    parser.add_argument("--window-size", type=int, default=256)
+    parser.add_argument("--block-size", type=int, default=BLOCK)
+    parser.add_argument("--block-counts", type=int, default=COUNT)
+    parser.add_argument("--window-size", type=int, default=WINDOW)
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
