@@ -58,10 +58,9 @@ from harness import (  # noqa: E402
     INPUT_KINDS,
     D,
     Results,
-    add_output_arguments,
     bench,
-    environment,
     kernel_split,
+    open_run,
 )
 from harness import rel_error as rel  # noqa: E402
 from harness.operator import operator_selection as operator_inputs  # noqa: E402
@@ -433,12 +432,18 @@ def run_dq_by_block(name: str, seq_len: int, deadline: float) -> None:
         torch.cuda.empty_cache()
 
 
+def run_name(args: argparse.Namespace) -> str:
+    """The result files' name: tune_selection_<mode>_<selections>."""
+    tag = ("splits_" if args.splits else "dkdv_" if args.dkdv else "dq_by_block_" if args.dq_by_block
+           else "by_block_" if args.by_block else "defaults_" if args.defaults else "")
+    return f"tune_selection_{tag}{'_'.join(args.selections)}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--length", type=int, default=131072)
     parser.add_argument("--selections", nargs="*", default=list(INPUT_KINDS))
     parser.add_argument("--budget-s", type=float, default=85.0, help="skip remaining variants past this")
-    add_output_arguments(parser)
     parser.add_argument("--defaults", action="store_true", help="time and check only the current defaults")
     parser.add_argument("--by-block", action="store_true", help="the block-major forward against the tiles")
     parser.add_argument("--dkdv", action="store_true", help="dk/dv launch variants")
@@ -446,12 +451,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", type=int, nargs="*", help="several lengths (--by-block, --splits)")
     parser.add_argument("--splits", type=int, nargs="*",
                         help="time the block-major forward's list splits (BY_BLOCK_SPLIT values; 0 = none)")
-    args = parser.parse_args(argv)
     start = time.time()
     global RESULTS
-    tag = ("splits_" if args.splits else "dkdv_" if args.dkdv else "dq_by_block_" if args.dq_by_block
-           else "by_block_" if args.by_block else "defaults_" if args.defaults else "")
-    RESULTS = Results(f"tune_selection_{tag}{'_'.join(args.selections)}", args.out, environment())
+    args, RESULTS = open_run(parser, argv, run_name)
     for i, name in enumerate(args.selections):
         # Each selection gets its share of the budget (the summary of each still runs).
         share = start + args.budget_s * (i + 1) / len(args.selections) - 8.0
