@@ -76,7 +76,6 @@ def check_selection(indices, lse, x, cu, tol, samples=256, seed=0) -> dict:
     heads_q, head_dim = q.shape[1:]
     heads_kv = k.shape[1]
     group = heads_q // heads_kv
-    b, count, init, local = BLOCK, COUNT, INIT, LOCAL
     offsets = cu.tolist()
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, offsets[-1], (samples,), generator=gen).tolist()
@@ -87,11 +86,11 @@ def check_selection(indices, lse, x, cu, tol, samples=256, seed=0) -> dict:
         seq = max(i for i in range(len(offsets) - 1) if offsets[i] <= t)
         a, e = offsets[seq], offsets[seq + 1]
         if seq not in cache:
-            cache[seq] = compress_blocks(k[a:e], b)
+            cache[seq] = compress_blocks(k[a:e], BLOCK)
         k_cmp = cache[seq]
         pos = t - a
-        current, visible = pos // b, (pos + 1) // b
-        forced = {j for j in range(current + 1) if j < init or j > current - local}
+        current, visible = pos // BLOCK, (pos + 1) // BLOCK
+        forced = {j for j in range(current + 1) if j < INIT or j > current - LOCAL}
         s = torch.einsum("gsd,jgd->gsj", q[t].view(heads_kv, group, head_dim), k_cmp[:visible]) * head_dim**-0.5
         imp = torch.exp(s - lse[0, t].float().view(heads_kv, group, 1)).sum(1).cpu()
         for g in range(heads_kv):
@@ -101,7 +100,7 @@ def check_selection(indices, lse, x, cu, tol, samples=256, seed=0) -> dict:
             free = [j for j in range(visible) if j not in forced]
             ok = (row == chosen + [-1] * (len(row) - len(chosen)) and chosen == sorted(set(chosen))
                   and forced <= set(chosen) and all(j < visible for j in picked)
-                  and len(picked) == min(count - len(forced), len(free)))
+                  and len(picked) == min(COUNT - len(forced), len(free)))
             rest = sorted(set(free) - set(picked))
             checked += 1
             if ok and picked and rest:
