@@ -114,12 +114,13 @@ def _add_make_needles(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (or an unfinished set to complete)")
     parser.add_argument("--count", type=int, default=5, help="videos per length (default 5; 3 questions each)")
+    default_lengths = [str(seconds) for seconds in DEFAULT_LENGTHS]
     parser.add_argument(
         "--lengths",
         nargs="+",
         metavar="SECONDS",
-        default=[str(seconds) for seconds in DEFAULT_LENGTHS],
-        help=f"video lengths: seconds, or like 90s, 5m, 1h, 1h30m (default {' '.join(map(str, DEFAULT_LENGTHS))})",
+        default=default_lengths,
+        help=f"video lengths: seconds, or like 90s, 5m, 1h, 1h30m (default {' '.join(default_lengths)})",
     )
     default_size = "x".join(map(str, DEFAULT_SIZE))
     parser.add_argument("--size", default=default_size, help=f"WxH frame size (default {default_size})")
