@@ -268,8 +268,8 @@ def report(rows: list[dict], caption: str) -> str:
     GPU columns show "-" where no GPU work was profiled (a CPU run)."""
     done = [r for r in rows if "error" not in r]
 
-    def gpu(r: dict, value: float | int | None, digits: int = 0) -> str:
-        return fmt(float(value), digits) if r.get("gpu_items") else "-"
+    def gpu(r: dict, value: float | int | None) -> str:
+        return fmt(float(value), 0) if r.get("gpu_items") else "-"
 
     text = caption + "\n\n" + markdown_table(
         ["mode", "T", "wall ms", "GPU ms", "GPU busy ms", "GPU idle ms", "kernels"],
