@@ -1,6 +1,7 @@
 """PackedVisionAttention: the vision tower with one attention call per chunk length equals the stock tower
 (outputs and every gradient), its chunk layouts, and that the package's models use it."""
 
+from itertools import accumulate
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,11 @@ def test_other_implementations_keep_the_stock_per_chunk_loop(monkeypatch):
     assert len(shapes) == 2 * (1 + 3 * 4) + 2 * (1 + 3)  # window blocks: 13 windows; full blocks: 4 frames
 
 
+def _cu_seqlens(lengths: list[int], device: str = "cpu") -> torch.Tensor:
+    """The cu_seqlens [chunks + 1] of chunks of `lengths` rows (int32, as the tower's)."""
+    return torch.tensor([0, *accumulate(lengths)], dtype=torch.int32, device=device)
+
+
 def _regroup(layout, rows: torch.Tensor) -> torch.Tensor:
     """rows [S, 1, 1] taken group by group as the attention does, then put back in sequence order: [S]."""
     parts = [group.take(rows).transpose(1, 2).reshape(-1) for group in layout.groups]
@@ -246,7 +252,7 @@ def _regroup(layout, rows: torch.Tensor) -> torch.Tensor:
 def test_layout_groups_every_chunk_once_by_length(seed):
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, 4, (12,), generator=generator) * 8  # some empty chunks, lengths 8, 16, 24
-    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
+    cu_seqlens = _cu_seqlens(lengths.tolist())
     total = int(lengths.sum())
     layout = chunk_layout(cu_seqlens, total)
     assert sorted(group.length for group in layout.groups) == sorted(set(lengths[lengths > 0].tolist()))
@@ -318,7 +324,7 @@ IDENTITY_READS = {"__get__", "is_inference", "data_ptr", "stride"}
 def test_building_a_layout_reads_cu_seqlens_once(lengths, by_views):
     """The CPU stand-in for the GPU sync count: one .tolist() of cu_seqlens, no other call that reads values;
     where every length is one run (equal, runs), nothing but that read and the cache's identity reads."""
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu_seqlens = _cu_seqlens(lengths)
     with _TorchCalls() as recorded:
         layout = ChunkLayoutCache().layout(cu_seqlens, sum(lengths))
     names = [name for name, _ in recorded.calls]
@@ -411,7 +417,7 @@ def _attention_inputs(lengths: list[int], device: str):
     hidden = torch.randn(total, 160, generator=generator).to(device).requires_grad_()
     angles = torch.rand(total, 40, generator=generator).to(device) * 6.0
     angles = torch.cat([angles, angles], dim=-1)
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu_seqlens = _cu_seqlens(lengths, device)
     return hidden, cu_seqlens, (angles.cos(), angles.sin())
 
 
