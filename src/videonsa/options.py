@@ -31,7 +31,8 @@ DEFAULT_PAPER_MAX_PIXELS = 2048 * 28 * 28  # 1,605,632 (above the per-frame cap,
 DEFAULT_PAPER_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)  # 90,316,800
 
 # VideoNSA's gate temperature: the gate MLP's logits are divided by it before the sigmoid (docs/layer.md, the
-# gates). The layers, the official mode, the tiny test models and `videonsa convert --help` read it from here.
+# gates). The layers, the official mode, the demo model, the tiny test models and `videonsa convert --help` read
+# it from here.
 DEFAULT_GATE_TEMPERATURE = 0.3
 
 # Answer generation: `GenerationSettings`' defaults, read from here (at most 256 new tokens, greedy, top-p and top-k
