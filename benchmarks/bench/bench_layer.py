@@ -71,17 +71,22 @@ PROMPT_TEXT_TOKENS = 128  # `video_prompt`'s text: 64 tokens before the video, 6
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
-@contextlib.contextmanager
-def recording(namespace: Any, name: str) -> Iterator[list[Call]]:
-    """Replace `namespace.name` by a wrapper that records every call's (args, kwargs) and then makes it."""
-    original = getattr(namespace, name)
-    calls: list[Call] = []
+def recorder(fn: Callable, calls: list[Call]) -> Callable:
+    """`fn` wrapped so that every call's (args, kwargs) is appended to `calls` before the call is made."""
 
     def recorded(*args: Any, **kwargs: Any) -> Any:
         calls.append((args, kwargs))
-        return original(*args, **kwargs)
+        return fn(*args, **kwargs)
 
-    setattr(namespace, name, recorded)
+    return recorded
+
+
+@contextlib.contextmanager
+def recording(namespace: Any, name: str) -> Iterator[list[Call]]:
+    """Replace `namespace.name` by its `recorder` for the block; yields the recorded calls."""
+    original = getattr(namespace, name)
+    calls: list[Call] = []
+    setattr(namespace, name, recorder(original, calls))
     try:
         yield calls
     finally:
@@ -96,13 +101,7 @@ class _RecordingBackends:
         self.registry, self.calls = registry, calls
 
     def get_interface(self, name: str, default: Callable) -> Callable:
-        backend = self.registry.get_interface(name, default)
-
-        def recorded(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append((args, kwargs))
-            return backend(*args, **kwargs)
-
-        return recorded
+        return recorder(self.registry.get_interface(name, default), self.calls)
 
 
 def only_call(calls: list[Call], what: str) -> Call:
