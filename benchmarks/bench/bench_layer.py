@@ -95,13 +95,16 @@ def recording(namespace: Any, name: str) -> Iterator[list[Call]]:
 
 class _RecordingBackends:
     """Stands in for transformers' attention-function registry as the model file queries it
-    (`get_interface`), handing out the backend wrapped so that its calls are recorded."""
+    (`get_interface`), handing out the backend wrapped so that its calls are recorded; `backend` is the one
+    last handed out, unwrapped."""
 
     def __init__(self, registry: Any, calls: list[Call]):
         self.registry, self.calls = registry, calls
+        self.backend: Callable | None = None
 
     def get_interface(self, name: str, default: Callable) -> Callable:
-        return recorder(self.registry.get_interface(name, default), self.calls)
+        self.backend = self.registry.get_interface(name, default)
+        return recorder(self.backend, self.calls)
 
 
 def only_call(calls: list[Call], what: str) -> Call:
@@ -112,7 +115,8 @@ def only_call(calls: list[Call], what: str) -> Call:
 
 def capture(model: VideoNSAModel, prompt: tuple, mode: str) -> dict[str, Any]:
     """One forward of `model` in `mode`: layer 0's attention inputs (args, kwargs), output, o_proj input and the
-    calls it made to its attention functions ("nsa_call", "text_call" for nsa; "backend_call" for dense)."""
+    calls it made to its attention functions ("nsa_call", "text_call" for nsa; "backend_call" and the
+    "backend" function it called for dense)."""
     set_attention_mode(model, mode)
     attn = model.language_model.layers[0].self_attn
     seen: dict[str, Any] = {}
@@ -130,10 +134,11 @@ def capture(model: VideoNSAModel, prompt: tuple, mode: str) -> dict[str, Any]:
     embeds, token_type, positions = prompt
     backend_calls: list[Call] = []
     registry = qwen.ALL_ATTENTION_FUNCTIONS
+    backends = _RecordingBackends(registry, backend_calls)
     try:
         with (recording(layer_attention, "nsa_attention") as nsa_calls,
               recording(modeling, "grouped_text_sdpa") as text_calls):
-            qwen.ALL_ATTENTION_FUNCTIONS = _RecordingBackends(registry, backend_calls)
+            qwen.ALL_ATTENTION_FUNCTIONS = backends
             model(inputs_embeds=embeds, mm_token_type_ids=token_type, position_ids=positions, use_cache=False)
     finally:
         qwen.ALL_ATTENTION_FUNCTIONS = registry
@@ -144,6 +149,7 @@ def capture(model: VideoNSAModel, prompt: tuple, mode: str) -> dict[str, Any]:
         seen["text_call"] = only_call(text_calls, "grouped_text_sdpa")
     else:
         seen["backend_call"] = only_call(backend_calls, "the dense attention backend")
+        seen["backend"] = backends.backend
     return seen
 
 
@@ -229,8 +235,7 @@ def measure_dense(model: VideoNSAModel, prompt: tuple, timer: Timer, row: dict[s
     attn = model.language_model.layers[0].self_attn
     dense = capture(model, prompt, "dense")
     args, kwargs = dense["inputs"]
-    backend_args, backend_kwargs = dense["backend_call"]
-    backend = qwen.ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, qwen.eager_attention_forward)
+    (backend_args, backend_kwargs), backend = dense["backend_call"], dense["backend"]
     try:
         timer.time(row, {
             "dense_module": lambda: attn(*args, **kwargs),
