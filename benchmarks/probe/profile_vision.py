@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the
 from harness import bench, describe, fmt, markdown_table, open_run, rel_error  # noqa: E402
 from harness.shapes import QWEN2_5_VL_7B_VISION  # noqa: E402
 from videonsa.models.chunked_prefill import ChunkedVisionTower, merged_output  # noqa: E402
-from videonsa.testing import tiny_vision_config_kwargs  # noqa: E402
+from videonsa.testing import enable_checkpointing, tiny_vision_config_kwargs  # noqa: E402
 
 T = TypeVar("T")
 
@@ -60,11 +60,8 @@ def build_towers(config: Qwen2_5_VLVisionConfig, device: str) -> tuple[torch.nn.
     packed.load_state_dict(stock.state_dict())
     for tower in (stock, packed):
         tower.train()
-        settings = {"use_reentrant": False}  # the training recipe's setting (training/trainer.py)
-        if hasattr(tower, "activation_checkpointing_enable"):
-            tower.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
-        else:
-            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
+        # The training recipe's setting (training/trainer.py).
+        enable_checkpointing(tower, {"use_reentrant": False})
     return stock, packed
 
 

@@ -372,6 +372,15 @@ class TinyBatch:
         return dict(self.__dict__)
 
 
+def enable_checkpointing(model: torch.nn.Module, settings: dict[str, Any]) -> None:
+    """Gradient checkpointing on with `settings` (e.g. {"use_reentrant": False}): activation_checkpointing_enable in
+    newer transformers, gradient_checkpointing_enable before the rename."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
+
+
 def tiny_video_batch(
     grids: Sequence[tuple[int, int, int]] = ((2, 4, 4),),
     *,

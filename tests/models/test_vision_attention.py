@@ -113,21 +113,13 @@ def test_packed_tower_split_into_bounded_calls_equals_stock(limit):
     _assert_same_run(_run(packed, pixels, grid), _run(stock, pixels, grid))
 
 
-def _enable_checkpointing(model, settings: dict) -> None:
-    """Gradient checkpointing on: activation_checkpointing_enable in newer transformers, the older name before."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
-
-
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_packed_tower_under_gradient_checkpointing(reentrant):
     grid = GRIDS["mixed items"]
     stock, packed = _towers()
     pixels = _pixels(grid)
     expected = _run(stock, pixels, grid)
-    _enable_checkpointing(packed, {"use_reentrant": reentrant})
+    testing.enable_checkpointing(packed, {"use_reentrant": reentrant})
     _assert_same_run(_run(packed, pixels, grid), expected)
     # The recompute finds the layouts of the forward (a reentrant recompute sees detached aliases of them).
     assert packed.chunk_layouts.builds == 2
