@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -47,8 +48,6 @@ def test_results_default_to_the_environment_folder_then_benchmarks_results(tmp_p
 
 
 def test_open_run_parses_the_output_options_and_names_the_files_from_the_arguments(tmp_path):
-    import argparse
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--tag", default="a")
     args, results = output.open_run(parser, ["--tag", "b", "--out", str(tmp_path)], lambda args: f"probe_{args.tag}")
@@ -64,8 +63,6 @@ def test_open_run_parses_the_output_options_and_names_the_files_from_the_argumen
 
 
 def test_open_run_with_needs_cuda_exits_before_writing_when_there_is_no_gpu(tmp_path, monkeypatch):
-    import argparse
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="^bench_x.py needs a CUDA GPU$"):
         output.open_run(argparse.ArgumentParser(prog="bench_x.py"), ["--out", str(tmp_path)], "x", needs_cuda=True)
