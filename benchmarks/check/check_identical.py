@@ -260,8 +260,9 @@ class TreeProcess:
             raise TreeFailure(f"{self.tree}: the cases failed to run (exit {self.proc.wait()}):\n{self._tails()}")
         self.module = line.removeprefix("module ")
 
-    def run(self, name: str) -> dict:
-        """Run case `name` in this tree: {"report": {...}, "results": {name: tensors}} (empty when it failed)."""
+    def run(self, name: str) -> tuple[dict, dict | None]:
+        """Run case `name` in this tree: (its report {"status", "ms"}, its tensors {name: tensor} or None when it
+        failed), as `_case_outcome` gives them in the child."""
         if self.proc is None:
             self.start()
             self.wait_ready()
@@ -275,7 +276,7 @@ class TreeProcess:
                   flush=True)
             self.close()
             last = tails.strip().splitlines()[-1] if tails.strip() else "no output"
-            return {"report": {name: {"status": f"failed: the process exited (code {code}): {last}"}}, "results": {}}
+            return {"status": f"failed: the process exited (code {code}): {last}"}, None
         if line != f"done {name}":
             raise TreeFailure(f"{self.tree}: its process answered {line!r} to case {name}")
         import torch
@@ -283,8 +284,7 @@ class TreeProcess:
         saved = self.work_dir / f"{name}.pt"
         outcome = torch.load(saved, weights_only=False)
         saved.unlink()  # the tensors of a 32K case take gigabytes
-        results = {name: outcome["results"]} if outcome["results"] is not None else {}
-        return {"report": {name: outcome["report"]}, "results": results}
+        return outcome["report"], outcome["results"]
 
     def close(self, kill: bool = False) -> None:
         """End the process: at once with `kill`, else at the end of its input (killed if it has not within 30 s)."""
@@ -348,27 +348,22 @@ def max_abs_difference(a, b) -> float:
     return float((a.long() - b.long()).abs().max()) if a.numel() else 0.0
 
 
-def compare(old: dict, new: dict, case_names: list[str]) -> tuple[list[dict], bool]:
-    rows, identical = [], True
-    for name in case_names:
-        old_report, new_report = old["report"].get(name, {}), new["report"].get(name, {})
-        row = {"case": name, "old_ms": old_report.get("ms"), "new_ms": new_report.get("ms")}
-        if old_report.get("status") != "ok" or new_report.get("status") != "ok":
-            row["status"] = f"old: {old_report.get('status')}; new: {new_report.get('status')}"
-            skipped = "cannot be forced" in str(old_report.get("status"))
-            identical &= skipped and new_report.get("status") == "ok"
-            rows.append(row)
-            continue
-        a, b = old["results"][name], new["results"][name]
-        diffs = {k: max_abs_difference(a[k], b[k]) for k in a if k in b}
-        missing = sorted(set(a) ^ set(b))
-        row["max_abs_diff"] = diffs
-        row["status"] = "identical" if not missing and all(v == 0 for v in diffs.values()) else "DIFFERENT"
-        if missing:
-            row["missing"] = missing
-        identical &= row["status"] == "identical"
-        rows.append(row)
-    return rows, identical
+def compare(name: str, old: tuple[dict, dict | None], new: tuple[dict, dict | None]) -> tuple[dict, bool]:
+    """Case `name`'s row of the table from each tree's (report, tensors), and whether it passes: identical
+    tensors, or a layout the old tree cannot force while the new one runs it."""
+    (old_report, a), (new_report, b) = old, new
+    row = {"case": name, "old_ms": old_report.get("ms"), "new_ms": new_report.get("ms")}
+    if old_report.get("status") != "ok" or new_report.get("status") != "ok":
+        row["status"] = f"old: {old_report.get('status')}; new: {new_report.get('status')}"
+        skipped = "cannot be forced" in str(old_report.get("status"))
+        return row, skipped and new_report.get("status") == "ok"
+    diffs = {k: max_abs_difference(a[k], b[k]) for k in a if k in b}
+    missing = sorted(set(a) ^ set(b))
+    row["max_abs_diff"] = diffs
+    row["status"] = "identical" if not missing and all(v == 0 for v in diffs.values()) else "DIFFERENT"
+    if missing:
+        row["missing"] = missing
+    return row, row["status"] == "identical"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             for number, name in enumerate(names, 1):
                 print(f"{name}: running ({number}/{len(names)})", flush=True)
                 outcome = {label: tree.run(name) for label, tree in trees.items()}
-                (row,), same = compare(outcome["old"], outcome["new"], [name])
+                row, same = compare(name, outcome["old"], outcome["new"])
                 rows.append(row)
                 identical &= same
                 if json_path is not None:
