@@ -26,6 +26,7 @@ from videonsa.options import (
     DEFAULT_PAPER_MAX_PIXELS,
     DEFAULT_PAPER_MIN_PIXELS,
     DEFAULT_PAPER_TOTAL_PIXELS,
+    GREEDY_GENERATION,
     PRESETS,
 )
 from videonsa.video.planning import (
@@ -171,10 +172,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                        help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
     model.add_argument(
-        "--temperature", type=float, default=0.0, help="0 for greedy decoding (default; the paper preset's only choice)"
+        "--temperature", type=float, default=GREEDY_GENERATION["temperature"],
+        help="0 for greedy decoding (default; the paper preset's only choice)",
     )
-    model.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
-    model.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
+    model.add_argument("--top-p", type=float, default=GREEDY_GENERATION["top_p"],
+                       help=f"nucleus sampling threshold (default {GREEDY_GENERATION['top_p']})")
+    model.add_argument("--top-k", type=int, default=GREEDY_GENERATION["top_k"],
+                       help=f"sample among the k likeliest tokens (default {GREEDY_GENERATION['top_k']}: off)")
     model.add_argument("--seed", type=int, help="random seed for sampling")
     model.add_argument(
         "--prefill-chunk",
