@@ -174,10 +174,10 @@ def check_against_reference(x: dict, parts: dict) -> dict:
     reference = official_attention(*args, backend="reference").float()
     diff = (fast - reference).abs()
     q64, k_cmp, v_cmp, lse, indices, scale, topk = parts["_state"]
-    emulated = original_topk_reference(q64, k_cmp, lse, 32, 64, scale)
+    emulated = original_topk_reference(q64, k_cmp, lse, COUNT, BLOCK, scale)
     same_rows = (emulated == indices).all(dim=-1).float().mean().item()
-    o_ref, lse_ref = anticausal_compression(q64, k_cmp, v_cmp, 64, scale)
-    o_kernel, lse_kernel = anticausal_compression_triton(q64, k_cmp, v_cmp, 64, scale)
+    o_ref, lse_ref = anticausal_compression(q64, k_cmp, v_cmp, BLOCK, scale)
+    o_kernel, lse_kernel = anticausal_compression_triton(q64, k_cmp, v_cmp, BLOCK, scale)
     return {
         "compression_o_max_abs_diff": (o_kernel.float() - o_ref.float()).abs().max().item(),
         "compression_lse_max_abs_diff": (lse_kernel - lse_ref).abs().max().item(),
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     cols = ["nsa", "official", *PART_NAMES, "glue_rest"]
     lines = [[f"{row['T']:,}", row["selection_layout"], *(fmt(row[f"{c}_ms"]) for c in cols),
               f"{row['official_over_nsa']:.2f}x"] for row in results.rows]
-    text = (f"One 7B attention layer (HQ 28, HKV 4, D 128, bf16, ~200 text tokens), ms; {describe(env)}\n\n"
+    text = (f"One 7B attention layer (HQ {HQ}, HKV {HKV}, D {D}, bf16, ~200 text tokens), ms; {describe(env)}\n\n"
             + markdown_table(["T", "layout", *cols, "official / nsa"], lines))
     for seq_len, sweep in sweeps.items():
         text += f"\n\ncompression kernel launch sweep at T={seq_len} (ms, best first):\n"
