@@ -33,7 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 from harness import BLOCK, COUNT, HKV, HQ, PROBE_LENGTHS, D, Results, bench, open_run  # noqa: E402
-from videonsa.ops.official import anticausal_compression, mean_pool_blocks, original_topk_reference  # noqa: E402
+from videonsa.ops.official import (  # noqa: E402
+    PADDED_HEADS,
+    anticausal_compression,
+    mean_pool_blocks,
+    original_topk_reference,
+)
 from videonsa.ops.triton.official_topk import DEFAULT_LAUNCH, OfficialTopkLaunch, original_topk_triton  # noqa: E402
 
 
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = [DEFAULT_LAUNCH]
     if args.sweep:
-        group = 64 // HKV
+        group = PADDED_HEADS // HKV
         swept = [OfficialTopkLaunch(tokens_per_program=t, max_rows=max(128, t * group), num_warps=w, num_stages=s)
                  for t, w, s in itertools.product(args.tokens, args.warps, args.stages)]
         settings += [launch for launch in swept if launch != DEFAULT_LAUNCH]
