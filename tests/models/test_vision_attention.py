@@ -431,10 +431,12 @@ def _sync_sites(fn) -> list[str]:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    # Leaving "warn" mode is itself reported, once per process on torch 2.11, at set_sync_debug_mode's own line.
+    own = Path(torch.cuda.__file__).resolve()
     return [
         f"{Path(w.filename).name}:{w.lineno} ({str(w.message).partition('Triggered internally at ')[2].rstrip('.)')})"
         for w in caught
-        if "synchronizing" in str(w.message)
+        if "synchronizing" in str(w.message) and Path(w.filename).resolve() != own
     ]
 
 
