@@ -16,8 +16,8 @@ length, --answer-tokens greedy tokens through model.generate with the automatic 
 decoding tokens/s. --modes nsa dense times dense attention through the same chunked path on the same model and
 inputs. Writes OUT/bench_chunked_prefill.{jsonl,json,md}.
 
-Prompt: 64 text tokens, <|vision_start|>, T - 130 video tokens (8 x 8 merged tokens per temporal patch, 2 frames
-each, one second per temporal patch), <|vision_end|>, 64 text tokens. --vision tiny (default) uses the test suite's
+Prompt: `harness.models.video_inputs` (64 text tokens, T - 130 video tokens between the vision markers, 64 text
+tokens; pixels and grids for the vision tower). --vision tiny (default) uses the test suite's
 tiny tower with the 7B's output width so that the GPU's memory goes to the language model; --vision 7b the 7B's.
 """
 
@@ -33,41 +33,13 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 from harness import describe, fmt, open_run  # noqa: E402
-from harness.models import qwen7b_config, random_model  # noqa: E402
+from harness.models import qwen7b_config, random_model, video_inputs  # noqa: E402
 from harness.output import markdown_table  # noqa: E402
 from videonsa.inference.memory import PrefillMemory, free_memory  # noqa: E402
 from videonsa.models import VideoNSAForConditionalGeneration, set_attention_mode  # noqa: E402
 from videonsa.models.chunked_prefill import prefill_in_chunks  # noqa: E402
-from videonsa.testing import TOKEN_IDS  # noqa: E402
 
 LENGTHS = [32768, 131072, 262144, 524288]
-TEXT = 64
-GRID = (16, 16)  # patches per frame: 8 x 8 merged tokens per temporal patch
-
-
-def video_inputs(seq_len: int, device: str = "cuda") -> dict[str, torch.Tensor]:
-    """Model inputs of a prompt of `seq_len` tokens that is all video but 2 x 64 text tokens (see the docstring)."""
-    per_patch = GRID[0] * GRID[1] // 4
-    patches = (seq_len - 2 * TEXT - 2) // per_patch
-    video_tokens = patches * per_patch
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    text = torch.randint(0, 256, (2 * TEXT,), generator=generator)
-    ids = torch.cat([
-        text[:TEXT], torch.tensor([TOKEN_IDS["<|vision_start|>"]]),
-        torch.full((video_tokens,), TOKEN_IDS["<|video_pad|>"]), torch.tensor([TOKEN_IDS["<|vision_end|>"]]),
-        text[TEXT:],
-    ]).unsqueeze(0)
-    pixels = torch.randn(patches * GRID[0] * GRID[1], 3 * 2 * 14 * 14, device=device, dtype=torch.bfloat16)
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": torch.ones_like(ids, device=device),
-        "mm_token_type_ids": (2 * (ids == TOKEN_IDS["<|video_pad|>"]).long()).to(device),
-        "pixel_values_videos": pixels,
-        "video_grid_thw": torch.tensor([[patches, *GRID]], device=device),
-        "second_per_grid_ts": torch.tensor([1.0], device=device),
-    }
-
-
 def start_measuring() -> None:
     """Settle the GPU and reset its peak: what follows is measured from an empty allocator cache."""
     torch.cuda.synchronize()

@@ -9,6 +9,9 @@ from harness.shapes import QWEN2_5_VL_7B_TEXT, QWEN2_5_VL_7B_VISION
 from videonsa.models import VideoNSAConfig, VideoNSAModel
 from videonsa.testing import TOKEN_IDS, tiny_vision_config_kwargs
 
+VIDEO_TEXT = 64  # text tokens before and after the video in video_inputs
+VIDEO_GRID = (16, 16)  # patches per frame: 8 x 8 merged tokens per temporal patch
+
 
 def qwen7b_config(num_layers: int = 28, attention_mode: str = "nsa", vision: str = "tiny") -> VideoNSAConfig:
     """A VideoNSA config with Qwen2.5-VL-7B's language model (its first `num_layers` layers).
@@ -87,3 +90,28 @@ def video_prompt(
         dim=1,
     )
     return embeds, token_type, positions[:, None, :]
+
+
+def video_inputs(seq_len: int, device: str = "cuda") -> dict[str, torch.Tensor]:
+    """Model inputs (ids, mask, token types, pixels, grid) of a prompt of `seq_len` tokens: 64 text tokens,
+    <|vision_start|>, T - 130 video tokens (8 x 8 merged tokens per temporal patch, 2 frames each, one second per
+    temporal patch), <|vision_end|>, 64 text tokens; random pixels for the vision tower."""
+    per_patch = VIDEO_GRID[0] * VIDEO_GRID[1] // 4
+    patches = (seq_len - 2 * VIDEO_TEXT - 2) // per_patch
+    video_tokens = patches * per_patch
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    text = torch.randint(0, 256, (2 * VIDEO_TEXT,), generator=generator)
+    ids = torch.cat([
+        text[:VIDEO_TEXT], torch.tensor([TOKEN_IDS["<|vision_start|>"]]),
+        torch.full((video_tokens,), TOKEN_IDS["<|video_pad|>"]), torch.tensor([TOKEN_IDS["<|vision_end|>"]]),
+        text[VIDEO_TEXT:],
+    ]).unsqueeze(0)
+    pixels = torch.randn(patches * VIDEO_GRID[0] * VIDEO_GRID[1], 3 * 2 * 14 * 14, device=device, dtype=torch.bfloat16)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids, device=device),
+        "mm_token_type_ids": (2 * (ids == TOKEN_IDS["<|video_pad|>"]).long()).to(device),
+        "pixel_values_videos": pixels,
+        "video_grid_thw": torch.tensor([[patches, *VIDEO_GRID]], device=device),
+        "second_per_grid_ts": torch.tensor([1.0], device=device),
+    }
