@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from videonsa.errors import UserError
 from videonsa.layers import SparseSettings, build_token_split, sdpa_attend, videonsa_attention
-from videonsa.layers.attention import grouped_text_sdpa
+from videonsa.layers.attention import decoding_sdpa, grouped_text_sdpa
 from videonsa.ops import nsa_attention
 
 SETTINGS = SparseSettings(block_size=4, block_count=2, window_size=6, init_blocks=0, local_blocks=1)
@@ -358,3 +359,28 @@ def test_a_chunk_split_refuses_keys_that_do_not_cover_the_cache():
     split = build_token_split(vision[:, 10:], padding, _history(vision, padding, 10))
     with pytest.raises(ValueError, match="follows 10 cached tokens but k holds 14"):
         videonsa_attention(q[:, 10:], k[:, 10:], v[:, 10:], gates, split, SETTINGS, sdpa_attend())
+
+
+def _enabled_sdpa_backends() -> set[SDPBackend]:
+    flags = torch.backends.cuda
+    return {backend for backend, on in ((SDPBackend.CUDNN_ATTENTION, flags.cudnn_sdp_enabled()),
+                                        (SDPBackend.FLASH_ATTENTION, flags.flash_sdp_enabled()),
+                                        (SDPBackend.EFFICIENT_ATTENTION, flags.mem_efficient_sdp_enabled()),
+                                        (SDPBackend.MATH, flags.math_sdp_enabled())) if on}
+
+
+CUDNN, FLASH, EFFICIENT, MATH = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+@pytest.mark.parametrize(("enabled", "inside"), [
+    ({CUDNN, FLASH, EFFICIENT, MATH}, {FLASH, EFFICIENT, MATH}),
+    ({CUDNN, EFFICIENT, MATH}, {EFFICIENT, MATH}),  # a backend turned off stays off
+    ({FLASH, MATH}, {FLASH, MATH}),  # cuDNN off already: unchanged
+    ({CUDNN}, {CUDNN}),  # nothing else to run on: unchanged
+])
+def test_decoding_sdpa_leaves_cudnn_out_of_the_enabled_backends(enabled, inside):
+    with sdpa_kernel(sorted(enabled, key=lambda backend: backend.value)):
+        with decoding_sdpa():
+            assert _enabled_sdpa_backends() == inside
+        assert _enabled_sdpa_backends() == enabled

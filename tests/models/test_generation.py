@@ -1,7 +1,9 @@
-"""generate() with the KV cache: same tokens as without it, decoding steps dense, late vision tokens refused."""
+"""generate() with the KV cache: same tokens as without it, decoding steps dense and without cuDNN's SDPA, late vision
+tokens refused."""
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from videonsa import testing
@@ -61,6 +63,31 @@ def test_unpadded_decoding_without_a_mask_scores_as_with_one(mode):
         stock = testing.tiny_model(videonsa=False, seed=0)
         stock.load_state_dict(model.state_dict(), strict=False)
         torch.testing.assert_close(scores[0], _decoding_scores(stock, single), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["nsa", "dense", "official"])
+def test_decoding_steps_run_sdpa_without_cudnn_and_prefills_with_it(mode):
+    # cuDNN's SDPA builds a plan for every new key length, which a decoding step has at every step.
+    model = testing.tiny_model(seed=25)
+    model.set_attention_mode(mode)
+    calls = []
+
+    def note_backends(attention, args, kwargs):
+        flags = torch.backends.cuda
+        calls.append((kwargs["hidden_states"].shape[1], flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled()))
+
+    for layer in model.model.language_model.layers:
+        layer.self_attn.register_forward_pre_hook(note_backends, with_kwargs=True)
+    single = testing.tiny_video_batch(((2, 8, 8),), text_before=5, text_after=4, seed=3)
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        _generate(model, single, do_sample=False, min_new_tokens=6)
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # set back after every step
+    steps = [(cudnn, flash) for tokens, cudnn, flash in calls if tokens == 1]
+    prefill = [cudnn for tokens, cudnn, _ in calls if tokens > 1]
+    assert len(steps) == 5 * model.config.text_config.num_hidden_layers  # 6 new tokens, the first from the prefill
+    assert steps == [(False, True)] * len(steps)
+    assert len(prefill) == model.config.text_config.num_hidden_layers and all(prefill)
 
 
 def _decoding_scores(model, batch):

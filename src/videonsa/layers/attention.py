@@ -7,12 +7,14 @@ docs/layer.md.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from videonsa.errors import UserError
@@ -24,6 +26,10 @@ from videonsa.options import DEFAULT_GATE_TEMPERATURE
 # "nsa": vision tokens through NSA, text dense (the corrected function); "dense": every token dense causal;
 # "official": the function the original VideoNSA code computes, quirks included (docs/official-mode.md).
 ATTENTION_MODES = ("nsa", "dense", "official")
+
+# A forward of at most this many new tokens after a KV cache is a decoding step (one token per sample; a few
+# for speculative decoding), whose SDPA calls leave cuDNN out (`decoding_sdpa`).
+DECODING_QUERIES = 16
 
 # Dense attention of gathered text queries: q [B, HQ, L, D], k/v [B, HKV, T, D], and the split, whose
 # text_attention_mask (bool [B, 1, L, T], True = may attend) says what each query sees -> [B, L, HQ, D].
@@ -157,6 +163,24 @@ def grouped_text_sdpa(
         folded, k, v, attn_mask=split.grouped_text_attention_mask(groups), dropout_p=dropout_p, scale=scale
     )
     return out.reshape(batch, heads_q, width, out.shape[-1]).transpose(1, 2)
+
+
+def decoding_sdpa() -> contextlib.AbstractContextManager:
+    """Within: SDPA picks among the backends enabled now except cuDNN, for decoding steps.
+
+    cuDNN's SDPA builds an execution plan for every new shape of its inputs (tens to hundreds of milliseconds),
+    and a decoding step's key length is new at every step: with cuDNN preferred (torch 2.11 on Hopper), each step
+    would pay one build. Flash attention needs no plan and splits the keys over the GPU for a single query. A
+    prefill keeps cuDNN (faster there, its plan paid once per prompt length). Nothing changes when cuDNN is off
+    already, or when it is the only backend enabled.
+    """
+    enabled = torch.backends.cuda
+    others = [backend for backend, on in ((SDPBackend.FLASH_ATTENTION, enabled.flash_sdp_enabled()),
+                                          (SDPBackend.EFFICIENT_ATTENTION, enabled.mem_efficient_sdp_enabled()),
+                                          (SDPBackend.MATH, enabled.math_sdp_enabled())) if on]
+    if not enabled.cudnn_sdp_enabled() or not others:
+        return contextlib.nullcontext()
+    return sdpa_kernel(others)
 
 
 def causal_text_sdpa(

@@ -12,7 +12,7 @@ or the placeholder token ids, computed once per forward in `VideoNSAModel.forwar
 docs/layer.md describes this layer in full, docs/attention-modes.md the three modes.
 
 In `attention_mode="dense"`, and for chunks without vision tokens (text prompts, decoding steps), the layer
-runs exactly the stock Qwen2.5-VL attention.
+runs exactly the stock Qwen2.5-VL attention (decoding steps with SDPA's cuDNN backend left out: `decoding_sdpa`).
 
 In `attention_mode="official"` a chunk with vision tokens runs the function the original VideoNSA code computes
 (`videonsa.layers.official.official_attention`, docs/official-mode.md): vision tokens are told from text by the
@@ -55,7 +55,7 @@ from videonsa.layers import (
     make_gate_projections,
     videonsa_attention,
 )
-from videonsa.layers.attention import causal_text_sdpa, grouped_text_sdpa
+from videonsa.layers.attention import DECODING_QUERIES, causal_text_sdpa, decoding_sdpa, grouped_text_sdpa
 from videonsa.layers.official import official_attention
 from videonsa.models.checkpoint_checks import (
     GateCoverage,
@@ -333,7 +333,8 @@ class VideoNSATextModel(_GateInitMixin, SequenceParallelModule, qwen.Qwen2_5_VLT
                 # tokens), and with any mask its SDPA path repeats k and v to every query head (two [B, HQ,
                 # cached + L, D] copies per layer and decoding step); the layers align the causal mask themselves.
                 kwargs["attention_mask"] = {"full_attention": None}
-            return super().forward(*args, **kwargs)
+            with decoding_sdpa() if not args and self._is_decoding_step(kwargs) else contextlib.nullcontext():
+                return super().forward(*args, **kwargs)
         if args:
             raise TypeError("with sequence parallelism on, pass the text model's inputs as keyword arguments")
         # The sequence-parallel layers mask with the split alone, never with the attention mask.
@@ -358,6 +359,15 @@ class VideoNSATextModel(_GateInitMixin, SequenceParallelModule, qwen.Qwen2_5_VLT
         if mask is None or (split is not None and split.unpadded):
             return True
         return bool(mask.all())
+
+    @staticmethod
+    def _is_decoding_step(kwargs: dict[str, Any]) -> bool:
+        """Whether this forward is a decoding step: at most DECODING_QUERIES new tokens after a non-empty KV cache
+        (its attention then leaves cuDNN out: `decoding_sdpa`)."""
+        cache, tokens = passed_cache(kwargs), kwargs.get("inputs_embeds")
+        tokens = tokens if tokens is not None else kwargs.get("input_ids")
+        return (cache is not None and tokens is not None and tokens.shape[1] <= DECODING_QUERIES
+                and cache.get_seq_length() > 0)
 
     def _forward_with_split(self, split: TokenSplit | None, **kwargs: Any) -> Any:
         """Qwen2.5-VL's text model forward with `split` handed to every layer (sequence parallelism's callback)."""
