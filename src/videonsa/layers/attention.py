@@ -174,11 +174,11 @@ def decoding_sdpa() -> contextlib.AbstractContextManager:
     prefill keeps cuDNN (faster there, its plan paid once per prompt length). Nothing changes when cuDNN is off
     already, or when it is the only backend enabled.
     """
-    enabled = torch.backends.cuda
-    others = [backend for backend, on in ((SDPBackend.FLASH_ATTENTION, enabled.flash_sdp_enabled()),
-                                          (SDPBackend.EFFICIENT_ATTENTION, enabled.mem_efficient_sdp_enabled()),
-                                          (SDPBackend.MATH, enabled.math_sdp_enabled())) if on]
-    if not enabled.cudnn_sdp_enabled() or not others:
+    flags = torch.backends.cuda  # global switches, read on every device
+    others = [backend for backend, on in ((SDPBackend.FLASH_ATTENTION, flags.flash_sdp_enabled()),
+                                          (SDPBackend.EFFICIENT_ATTENTION, flags.mem_efficient_sdp_enabled()),
+                                          (SDPBackend.MATH, flags.math_sdp_enabled())) if on]
+    if not flags.cudnn_sdp_enabled() or not others:
         return contextlib.nullcontext()
     return sdpa_kernel(others)
 
