@@ -1,7 +1,11 @@
 """The model on a CUDA GPU: the NSA kernels the operator dispatches to agree with its PyTorch reference."""
 
+import contextlib
+
 import pytest
 import torch
+from torch.autograd import DeviceType
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from videonsa import testing
 from videonsa.ops import available_backends
@@ -87,3 +91,57 @@ def test_chunked_prefill_on_gpu_with_the_fast_operator_matches_one_pass(gpu_batc
     torch.testing.assert_close(runs[1][0][real], runs[0][0][real], rtol=tolerance, atol=tolerance)
     if dtype == torch.float32:
         assert torch.equal(runs[0][1], runs[1][1])
+
+
+
+class _DecodingProfile:
+    """A generate() streamer that profiles the GPU from the first new token (the prefill is over) to the end,
+    with SDPA limited to `backends` over that span when given."""
+
+    def __init__(self, backends: list[SDPBackend] | None = None) -> None:
+        self.puts = 0
+        self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        self.backends = sdpa_kernel(backends) if backends else contextlib.nullcontext()
+        self.running = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:  # the prompt, then the first new token
+            torch.cuda.synchronize()
+            self.backends.__enter__()
+            self.profile.start()
+            self.running = True
+
+    def end(self) -> None:
+        if self.running:
+            torch.cuda.synchronize()
+            self.profile.stop()
+            self.backends.__exit__(None, None, None)
+            self.running = False
+
+
+def _decoding_kernels(model, inputs, backends: list[SDPBackend] | None = None) -> list[str]:
+    """Names of the GPU kernels of 3 greedy decoding steps after the prefill of `inputs`."""
+    streamer = _DecodingProfile(backends)
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                           streamer=streamer)
+    finally:
+        streamer.end()  # never leave SDPA's backends limited
+    return [event.name for event in streamer.profile.events() if event.device_type == DeviceType.CUDA]
+
+
+def test_decoding_steps_on_gpu_run_no_cudnn_attention():
+    # cuDNN's SDPA builds a plan at every new key length, i.e. at every decoding step (docs/layer.md).
+    model = testing.tiny_model(seed=33, **BUDGET).to("cuda", torch.bfloat16)
+    single = testing.tiny_video_batch(((2, 16, 16),), text_before=5, text_after=4, seed=3)
+    inputs = {k: v.cuda() for k, v in single.as_kwargs().items()}
+    try:
+        forced = _decoding_kernels(model, inputs, [SDPBackend.CUDNN_ATTENTION])  # cuDNN alone: left as it is
+    except RuntimeError as error:
+        pytest.skip(f"cuDNN's SDPA does not run these decoding steps on this GPU: {error}")
+    assert any("cudnn" in name.lower() for name in forced), forced  # the profile names cuDNN's kernels
+    kernels = _decoding_kernels(model, inputs)
+    assert not [name for name in kernels if "cudnn" in name.lower()]
+    assert any("flash" in name.lower() for name in kernels), kernels
