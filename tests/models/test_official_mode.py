@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
 from videonsa import testing
+from videonsa.models.chunked_prefill import CACHE_KWARG
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "layers"))
 from naive_official import mrope_is_vision, naive_dense, naive_official_attention  # noqa: E402
@@ -140,9 +141,8 @@ def _prefill_and_one_step(model, prompt) -> tuple[torch.Tensor, torch.Tensor]:
     token = prefill.logits[:, -1:].argmax(-1)
     # No attention mask (one unpadded sample): transformers then places the token at cache length + the
     # prompt's rope delta, i.e. right after the prompt's largest position id, equal in all three rows.
-    step = model(
-        input_ids=token, mm_token_type_ids=torch.zeros_like(token), cache=prefill.past_key_values, use_cache=True
-    )
+    step = model(input_ids=token, mm_token_type_ids=torch.zeros_like(token), use_cache=True,
+                 **{CACHE_KWARG: prefill.past_key_values})  # the keyword this transformers version takes
     return prefill.logits, step.logits
 
 
