@@ -38,6 +38,7 @@ from harness.output import markdown_table  # noqa: E402
 from videonsa.inference.memory import PrefillMemory, free_memory  # noqa: E402
 from videonsa.models import VideoNSAForConditionalGeneration, set_attention_mode  # noqa: E402
 from videonsa.models.chunked_prefill import prefill_in_chunks  # noqa: E402
+from videonsa.models.kv_cache import preallocated_cache  # noqa: E402
 
 LENGTHS = [32768, 131072, 262144, 524288]
 def start_measuring() -> None:
@@ -78,9 +79,10 @@ def answer(model, inputs, chunk: int | None, tokens: int) -> dict:
     start_measuring()
     clock = TokenClock()
     started = time.perf_counter()
+    cache = preallocated_cache(model.config, inputs["input_ids"].shape[1] + tokens)  # as `ask` does
     with torch.inference_mode(), prefill_in_chunks(model, chunk):
         out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                             streamer=clock, pad_token_id=0)
+                             streamer=clock, pad_token_id=0, past_key_values=cache)
     new = out.shape[1] - inputs["input_ids"].shape[1]
     first, last = clock.times[1], clock.times[-1]
     return {"answer_tokens": new, "prefill_to_first_token_s": round(first - started, 3),

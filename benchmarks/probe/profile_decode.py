@@ -4,11 +4,12 @@ chunks, profiled from the first new token to the last.
 
     python benchmarks/probe/profile_decode.py --length 131072                       # 28 layers, one pass
     python benchmarks/probe/profile_decode.py --length 262144 --layers 4 --chunk 65536
+    python benchmarks/probe/profile_decode.py --length 524288 --chunk 72704 --cache dynamic   # transformers' cache
 
 Per run: milliseconds per decoding step (wall clock), the GPU's busy time per step (the sum of its kernels), the
 torch operators with the most CPU time, the GPU kernels with the most time, and the Python functions with the most
 time of their own (cProfile). A step whose wall time is far above its GPU time is bound by host work.
-Prompt: `harness.models.video_inputs`. Writes OUT/profile_decode_<T>[_<chunk>].md (benchmarks/README.md).
+Prompt: `harness.models.video_inputs`. Writes OUT/profile_decode_<T>[_<chunk>]_<cache>.md (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 from harness import describe, open_run  # noqa: E402
 from harness.models import qwen7b_config, random_model, video_inputs  # noqa: E402
 from videonsa.models import VideoNSAForConditionalGeneration  # noqa: E402
 from videonsa.models.chunked_prefill import prefill_in_chunks  # noqa: E402
+from videonsa.models.kv_cache import preallocated_cache  # noqa: E402
 
 
 class DecodeProfiler:
@@ -69,6 +72,11 @@ def python_table(stats: cProfile.Profile, rows: int) -> str:
     return buffer.getvalue()
 
 
+def run_name(args: argparse.Namespace) -> str:
+    """profile_decode_<T>[_<chunk>]_<cache>: the result files' name."""
+    return f"profile_decode_{args.length}" + (f"_{args.chunk}" if args.chunk else "") + f"_{args.cache}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=131072)
@@ -76,23 +84,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--tokens", type=int, default=9, help="new tokens (the first ends the prefill)")
     parser.add_argument("--rows", type=int, default=20)
-    args, results = open_run(
-        parser, argv, lambda args: f"profile_decode_{args.length}" + (f"_{args.chunk}" if args.chunk else ""),
-        needs_cuda=True)
+    parser.add_argument("--cache", choices=["preallocated", "dynamic"], default="preallocated",
+                        help="KV cache: videonsa's preallocated one (as `ask` uses) or transformers' DynamicCache")
+    args, results = open_run(parser, argv, run_name, needs_cuda=True)
     model = random_model(qwen7b_config(num_layers=args.layers), cls=VideoNSAForConditionalGeneration)
     inputs = video_inputs(args.length)
     tokens = inputs["input_ids"].shape[1]
     streamer = DecodeProfiler()
+    cache = (preallocated_cache(model.config, tokens + args.tokens) if args.cache == "preallocated"
+             else DynamicCache(config=model.config.text_config))
     with torch.inference_mode(), prefill_in_chunks(model, args.chunk):
         model.generate(**inputs, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-                       streamer=streamer, pad_token_id=0)
+                       streamer=streamer, pad_token_id=0, past_key_values=cache)
     steps = len(streamer.step_times) - 1
     wall = (streamer.step_times[-1] - streamer.step_times[0]) * 1e3 / max(steps, 1)
     events = streamer.torch_profile.key_averages()
     busy = gpu_busy_ms(events) / max(steps, 1)
     prefill = "one pass" if args.chunk is None else f"chunks of {args.chunk:,}"
     report = [
-        f"Decoding after a {tokens:,}-token prefill ({prefill}), {args.layers} 7B layers, {steps} steps: "
+        f"Decoding after a {tokens:,}-token prefill ({prefill}), {args.layers} 7B layers, {args.cache} KV cache, "
+        f"{steps} steps: "
         f"{wall:.1f} ms a step wall clock, GPU busy {busy:.1f} ms a step; {describe(results.env)}",
         "Operators by CPU time:",
         events.table(sort_by="cpu_time_total", row_limit=args.rows),
@@ -101,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         "Python functions by own time (cProfile):",
         python_table(streamer.python_profile, args.rows),
     ]
-    results.row({"kind": "decode", "T": tokens, "chunk": args.chunk, "layers": args.layers, "steps": steps,
+    results.row({"kind": "decode", "T": tokens, "chunk": args.chunk, "layers": args.layers, "cache": args.cache,
+                 "steps": steps,
                     "wall_ms_per_step": round(wall, 2), "gpu_busy_ms_per_step": round(busy, 2)})
     results.write_markdown("\n\n".join(report))
 

@@ -22,6 +22,7 @@ from videonsa.inference.memory import (
 )
 from videonsa.inference.prefill_progress import PrefillProgress
 from videonsa.inference.prompt import build_preset_prompt
+from videonsa.models.kv_cache import PreallocatedLayer
 from videonsa.video import SamplingSettings, decode_planned_video, plan_video, probe_video
 
 TINY_FLAGS = ["--pixels", "3136", "--min-pixels", "3136", "--device", "cpu"]
@@ -362,3 +363,21 @@ def test_cli_running_out_of_memory_is_one_line_naming_the_settings_that_help(inp
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert "out of memory" in line and "--budget" in line and "--prefill-chunk" in line
+
+
+def test_the_answer_is_generated_into_a_cache_with_room_for_the_prompt_and_the_answer(loaded, question, monkeypatch):
+    prompt, video = question
+    caches = []
+    generate = loaded.model.generate
+
+    def noting_the_cache(*args, **kwargs):
+        caches.append(kwargs.get("past_key_values"))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "generate", noting_the_cache)
+    answer = generate_answer(loaded.model, loaded.files, prompt, video, GenerationSettings(max_new_tokens=5))
+    (cache,) = caches
+    assert {type(layer) for layer in cache.layers} == {PreallocatedLayer}
+    # A multiple-choice question answers one letter: the prompt and one token.
+    assert {layer.capacity for layer in cache.layers} == {answer.report.prompt_tokens + 1}
+    assert {layer.get_seq_length() for layer in cache.layers} == {answer.report.prompt_tokens}

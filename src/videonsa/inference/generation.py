@@ -18,6 +18,7 @@ from videonsa.inference.model_files import ModelFiles
 from videonsa.inference.prefill_progress import ChunkedPrefillMeter, PrefillCallback, PrefillMeter
 from videonsa.inference.prompt import QuestionPrompt, model_inputs
 from videonsa.models.chunked_prefill import check_chunking_supported, prefill_in_chunks
+from videonsa.models.kv_cache import preallocated_cache
 from videonsa.options import GREEDY_GENERATION
 from videonsa.video import DecodedVideo, VideoPlan
 
@@ -250,7 +251,8 @@ def generate_answer(
 
 
 def _generate(model, inputs, config, streamer, extra, chunk: int | None, on_prefill: PrefillCallback | None):
-    """model.generate on the prompt, prefilled in one pass (chunk None) or in chunks, with the progress meter."""
+    """model.generate on the prompt, prefilled in one pass (chunk None) or in chunks, with the progress meter, into
+    a KV cache with room for the prompt and the answer (`models.kv_cache`)."""
     prompt_tokens = inputs["input_ids"].shape[1]
     video_rows = inputs["pixel_values_videos"].shape[0] if "pixel_values_videos" in inputs else 0
     meter, on_step = contextlib.nullcontext(), None
@@ -263,8 +265,10 @@ def _generate(model, inputs, config, streamer, extra, chunk: int | None, on_pref
             chunk_size=chunk, callback=on_prefill,
         )
     chunking = prefill_in_chunks(model, chunk, on_step) if chunk is not None else contextlib.nullcontext()
+    # Room for the prompt and the whole answer: decoding steps write in place instead of copying the cache.
+    cache = preallocated_cache(model.config, prompt_tokens + config.max_new_tokens)
     with torch.inference_mode(), meter, chunking:
-        return model.generate(**inputs, generation_config=config, streamer=streamer, **extra)
+        return model.generate(**inputs, generation_config=config, streamer=streamer, past_key_values=cache, **extra)
 
 
 def _smaller_chunk(model, setting: int | str | None, chunk: int | None, prompt_tokens: int) -> int | None:

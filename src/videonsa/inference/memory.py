@@ -30,7 +30,8 @@ from videonsa.errors import UserError
 # plain count (H100, 131K tokens); 1.0 leaves a margin.
 WORKING_FACTOR = 1.0
 # Copies of one layer's k and v over every cached token that a chunk's forward holds at its peak: measured ~5 (7B,
-# 524K tokens in 16K chunks, H100).
+# 524K tokens in 16K chunks, H100) with transformers' concatenating cache; `ask`'s preallocated cache
+# (models.kv_cache) makes one fewer, so the estimate keeps a margin there.
 CACHE_PASS_COPIES = 5
 # Share of the free memory a plan may use; the rest is left for the allocator's fragmentation and the decoding.
 USABLE_SHARE = 0.9
