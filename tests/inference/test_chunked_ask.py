@@ -365,8 +365,13 @@ def test_cli_running_out_of_memory_is_one_line_naming_the_settings_that_help(inp
     assert "out of memory" in line and "--budget" in line and "--prefill-chunk" in line
 
 
-def test_the_answer_is_generated_into_a_cache_with_room_for_the_prompt_and_the_answer(loaded, question, monkeypatch):
+@pytest.mark.parametrize("kind", ["multiple choice", "open"])
+def test_the_answer_is_generated_into_a_cache_with_room_for_the_prompt_and_the_answer(
+    loaded, question, monkeypatch, kind
+):
     prompt, video = question
+    if kind == "open":
+        prompt = build_preset_prompt(loaded.files, "What moves?", preset="planner")
     caches = []
     generate = loaded.model.generate
 
@@ -378,6 +383,8 @@ def test_the_answer_is_generated_into_a_cache_with_room_for_the_prompt_and_the_a
     answer = generate_answer(loaded.model, loaded.files, prompt, video, GenerationSettings(max_new_tokens=5))
     (cache,) = caches
     assert {type(layer) for layer in cache.layers} == {PreallocatedLayer}
-    # A multiple-choice question answers one letter: the prompt and one token.
-    assert {layer.capacity for layer in cache.layers} == {answer.report.prompt_tokens + 1}
-    assert {layer.get_seq_length() for layer in cache.layers} == {answer.report.prompt_tokens}
+    # A multiple-choice question answers one letter; an open one up to max_new_tokens (the last one never cached).
+    answer_room = 1 if kind == "multiple choice" else 5
+    assert {layer.capacity for layer in cache.layers} == {answer.report.prompt_tokens + answer_room}
+    cached = answer.report.prompt_tokens + answer.report.generated_tokens - 1
+    assert {layer.get_seq_length() for layer in cache.layers} == {cached}

@@ -380,7 +380,17 @@ CUDNN, FLASH, EFFICIENT, MATH = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_AT
     ({CUDNN}, {CUDNN}),  # nothing else to run on: unchanged
 ])
 def test_decoding_sdpa_leaves_cudnn_out_of_the_enabled_backends(enabled, inside):
+    overrideable = getattr(torch._C, "_get_overrideable_sdp_enabled", lambda: None)  # other devices' backend
     with sdpa_kernel(sorted(enabled, key=lambda backend: backend.value)):
+        before = overrideable()
         with decoding_sdpa():
             assert _enabled_sdpa_backends() == inside
+            assert overrideable() == before
         assert _enabled_sdpa_backends() == enabled
+
+
+def test_decoding_sdpa_turns_cudnn_back_on_after_an_error():
+    with pytest.raises(RuntimeError, match="in a decoding step"), decoding_sdpa():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        raise RuntimeError("in a decoding step")
+    assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -91,6 +91,32 @@ def test_states_with_gradients_are_concatenated_and_keep_their_backward():
     torch.testing.assert_close(second[1].grad, torch.ones_like(second[1]))
 
 
+def test_cached_states_with_gradients_keep_their_backward_when_new_ones_have_none():
+    generator = torch.Generator().manual_seed(6)
+    layer = PreallocatedLayer(16)
+    first = [x.requires_grad_() for x in _states(4, generator)]
+    layer.update(*first)  # e.g. a trainable prefix
+    for tokens in (1, 1):
+        keys, _ = layer.update(*_states(tokens, generator))
+    keys.square().sum().backward()
+    torch.testing.assert_close(first[0].grad, 2 * first[0].detach())
+
+
+def test_offloading_and_reset_free_the_buffers_and_updates_go_on():
+    generator = torch.Generator().manual_seed(7)
+    layer, dynamic = PreallocatedLayer(16), DynamicLayer()
+    states = _states(5, generator)
+    layer.update(*states)
+    dynamic.update(*states)
+    layer.offload()
+    dynamic.offload()
+    assert layer._key_buffer is None and layer._value_buffer is None
+    states = _states(1, generator)
+    _same(layer.update(*states), dynamic.update(*states))
+    layer.reset()
+    assert layer._key_buffer is None and layer.get_seq_length() == 0
+
+
 def test_a_cache_filled_in_inference_mode_takes_updates_outside_it():
     generator = torch.Generator().manual_seed(5)
     layer, dynamic = PreallocatedLayer(16), DynamicLayer()

@@ -8,13 +8,12 @@ docs/layer.md.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from videonsa.errors import UserError
@@ -165,22 +164,26 @@ def grouped_text_sdpa(
     return out.reshape(batch, heads_q, width, out.shape[-1]).transpose(1, 2)
 
 
-def decoding_sdpa() -> contextlib.AbstractContextManager:
-    """Within: SDPA picks among the backends enabled now except cuDNN, for decoding steps.
+@contextlib.contextmanager
+def decoding_sdpa() -> Iterator[None]:
+    """Within: SDPA's cuDNN backend is off, the others as they were; for decoding steps.
 
     cuDNN's SDPA builds an execution plan for every new shape of its inputs (tens to hundreds of milliseconds),
     and a decoding step's key length is new at every step: with cuDNN preferred (torch 2.11 on Hopper), each step
     would pay one build. Flash attention needs no plan and splits the keys over the GPU for a single query. A
     prefill keeps cuDNN (faster there, its plan paid once per prompt length). Nothing changes when cuDNN is off
-    already, or when it is the only backend enabled.
+    already, or when no other CUDA backend is on.
     """
     flags = torch.backends.cuda  # global switches, read on every device
-    others = [backend for backend, on in ((SDPBackend.FLASH_ATTENTION, flags.flash_sdp_enabled()),
-                                          (SDPBackend.EFFICIENT_ATTENTION, flags.mem_efficient_sdp_enabled()),
-                                          (SDPBackend.MATH, flags.math_sdp_enabled())) if on]
+    others = flags.flash_sdp_enabled() or flags.mem_efficient_sdp_enabled() or flags.math_sdp_enabled()
     if not flags.cudnn_sdp_enabled() or not others:
-        return contextlib.nullcontext()
-    return sdpa_kernel(others)
+        yield
+        return
+    flags.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        flags.enable_cudnn_sdp(True)
 
 
 def causal_text_sdpa(

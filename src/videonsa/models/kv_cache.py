@@ -27,9 +27,10 @@ class PreallocatedLayer(DynamicLayer):
     """A `DynamicLayer` whose keys and values are the first tokens of buffers with room for `capacity` tokens.
 
     An update writes the new tokens after the cached ones; when they do not fit, or the cached tensors are no
-    longer views of the buffers (transformers replaced them: beam reordering, batch selection, offloading), the
-    buffers are reallocated and the cached tokens copied once. Updates that carry gradients concatenate as
-    `DynamicLayer` does: writing in place into tensors that autograd saved would break their backward.
+    longer views of the buffers (transformers replaced them: beam reordering, batch selection), the buffers are
+    reallocated and the cached tokens copied once. Updates with gradients (in the new or the cached tokens)
+    concatenate as `DynamicLayer` does: writing in place into tensors that autograd saved would break their
+    backward. Offloading and reset drop the buffers, so that they free their memory.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -42,7 +43,8 @@ class PreallocatedLayer(DynamicLayer):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """key_states, value_states [B, HKV, L, D] -> all cached keys and values [B, HKV, P + L, D] (views)."""
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+        if torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                           for x in (key_states, value_states, self.keys, self.values)):
             self._key_buffer = self._value_buffer = None
             return super().update(key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
@@ -89,10 +91,16 @@ class PreallocatedLayer(DynamicLayer):
             buffers.append(buffer)
         self._key_buffer, self._value_buffer = buffers
 
+    def offload(self) -> None:
+        """Move the cached tokens off the device (transformers' offloading) and free the buffers."""
+        super().offload()
+        self._key_buffer = self._value_buffer = None
+
     def reset(self) -> None:
-        """Empty the layer (its length back to 0); its buffers stay for the next sequence."""
+        """Empty the layer (its length back to 0) and free its buffers."""
         self.is_initialized = False  # first: transformers 5.17's reset would zero the views and keep their length
         super().reset()
+        self._key_buffer = self._value_buffer = None
 
 
 def preallocated_cache(config: Any, capacity: int) -> DynamicCache:
