@@ -68,9 +68,8 @@ class PreallocatedLayer(DynamicLayer):
             return False  # an inference tensor cannot be written outside inference mode
         for buffer, states, cached in ((self._key_buffer, key_states, self.keys),
                                        (self._value_buffer, value_states, self.values)):
-            room = buffer.shape[-2]
-            if buffer.shape != (*states.shape[:-2], room, states.shape[-1]):
-                return False
+            if buffer.shape[:-2] != states.shape[:-2] or buffer.shape[-1] != states.shape[-1]:
+                return False  # other batch, heads or head size
             if buffer.dtype != states.dtype or buffer.device != states.device:
                 return False
             prefix = buffer[..., :length, :]
