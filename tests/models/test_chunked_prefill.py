@@ -66,6 +66,7 @@ def test_two_unpadded_samples_chunked_equal_one_pass(mode):
     torch.testing.assert_close(chunked, one_pass, rtol=1e-5, atol=1e-5)
     _assert_same_cache(cache, one_cache)
 
+
 def _masks_seen(mode, run):
     """The attention_mask argument of layer 0's attention in every forward of `run(model, batch)`: a tiny model
     in `mode` on one unpadded sample of 43 tokens (5 text, a video of 32 tokens between its markers, 4 text)."""
