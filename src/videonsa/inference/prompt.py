@@ -97,6 +97,20 @@ def _video_token(files: ModelFiles) -> tuple[str, int]:
     return token, token_id
 
 
+def _render_chat_template(files: ModelFiles, messages: list[dict]) -> str:
+    """The prompt text of `messages` by the model's chat template. The template comes from the model folder
+    (untrusted): a syntax error, or a template that raises, is a `UserError` naming the model."""
+    from jinja2 import TemplateError
+
+    try:
+        return files.tokenizer.apply_chat_template(
+            messages, chat_template=files.chat_template, tokenize=False, add_generation_prompt=True
+        )
+    except TemplateError as error:
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"model '{files.name}': its chat template cannot render the question ({why})") from None
+
+
 def build_prompt(
     files: ModelFiles,
     question: str,
@@ -115,9 +129,7 @@ def build_prompt(
     ]
     if system_prompt is not None:
         messages.insert(0, {"role": "system", "content": system_prompt})
-    text = files.tokenizer.apply_chat_template(
-        messages, chat_template=files.chat_template, tokenize=False, add_generation_prompt=True
-    )
+    text = _render_chat_template(files, messages)
     token, token_id = _video_token(files)
     if text.count(token) != 1:
         raise UserError(f"model '{files.name}': its chat template does not place exactly one video ({token})")
