@@ -28,6 +28,8 @@ def test_options_are_lettered_in_order():
         (["A. red", "C. blue"], "expected A, B in order"),
         (["red", "  "], "choice B is empty"),
         ([f"choice {i}" for i in range(27)], "at most 26"),
+        ("red", "options must be a list of answer texts, got 'red'"),  # not three options r, e, d
+        (["red", 5], "options must be a list of answer texts"),
     ],
 )
 def test_bad_options_are_refused(options, message):

@@ -49,8 +49,11 @@ class QuestionPrompt:
 def label_options(options: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(letters, lines) for `options`: "red" becomes "A. red"; options already labelled A., B., ... are kept.
 
-    Raises `UserError` for fewer than 2, more than 26, empty, or wrongly lettered options.
+    Raises `UserError` for fewer than 2, more than 26, empty, or wrongly lettered options, and for options that
+    are not a sequence of strings (one string would otherwise be taken letter by letter as its own options).
     """
+    if isinstance(options, str) or not all(isinstance(option, str) for option in options):
+        raise UserError(f"options must be a list of answer texts, got {options!r}")
     if len(options) < 2:
         raise UserError(f"options: give at least 2 choices, got {len(options)}")
     if len(options) > len(OPTION_LETTERS):
