@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -129,6 +130,17 @@ def test_folder_of_images_plays_in_natural_order_at_frames_fps(videos):
     video = decode_video(plan_video(info, SamplingSettings(fps=1, **SMALL)))
     assert [read_frame_index(frame) for frame in video.frames] == [0, 2, 4, 6, 8, 10]
     assert video.timestamps == pytest.approx([0, 1, 2, 3, 4, 5])
+
+
+def test_hidden_files_in_a_frame_folder_are_not_frames(videos, tmp_path):
+    folder = tmp_path / "copied-from-a-mac"
+    shutil.copytree(videos.frame_folder, folder)
+    (folder / "._frame_1.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")  # AppleDouble metadata
+    (folder / ".thumbnail.png").write_bytes((folder / "frame_1.png").read_bytes())
+    info = probe_video(folder, frames_fps=2.0)
+    assert info.frame_count == 12 and [path.name for path in info.paths[:2]] == ["frame_1.png", "frame_2.png"]
+    video = decode_video(plan_video(info, SamplingSettings(fps=1, **SMALL)))
+    assert [read_frame_index(frame) for frame in video.frames] == [0, 2, 4, 6, 8, 10]
 
 
 def test_list_of_images_is_a_video_in_the_given_order(videos):
