@@ -73,8 +73,14 @@ def label_options(options: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, .
     return letters, tuple(f"{letter}. {text}" for letter, text in zip(letters, texts, strict=True))
 
 
+def _check_is_text(question: object) -> None:
+    if not isinstance(question, str):
+        raise UserError(f"the question must be a string, got {type(question).__name__} {question!r}")
+
+
 def question_text(question: str, option_lines: Sequence[str] = ()) -> str:
     """The user turn's text: the question, then the options and the answer-with-a-letter instruction."""
+    _check_is_text(question)
     if not question.strip():
         raise UserError("the question is empty")
     if not option_lines:
@@ -157,6 +163,7 @@ def build_preset_prompt(
     the text after it, with any "<image>" marker removed from the text (as the evaluation did with benchmark
     prompts). Options keep our formatting in both.
     """
+    _check_is_text(question)
     if preset == "paper":
         return build_prompt(files, question.replace("<image>", ""), options, system_prompt=PAPER_SYSTEM_PROMPT)
     return build_prompt(files, question, options)
