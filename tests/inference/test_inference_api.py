@@ -83,6 +83,20 @@ def test_unknown_and_bad_settings(loaded, inputs):
         loaded.ask(inputs.video, "What moves?", max_new_tokens=0)
     with pytest.raises(UserError, match="prefer must be one of"):
         loaded.ask(inputs.video, "What moves?", prefer="everything")
+    # Settings of the wrong type are named too, before the video is decoded (not as errors from inside generate).
+    for setting, message in [
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number, got 2.5"),
+        ({"temperature": 1.0, "top_k": 1.5}, "top_k must be a whole number"),
+        ({"temperature": 1.0, "seed": "x"}, "seed must be a whole number, got 'x'"),
+        ({"temperature": "0.5"}, "temperature must be a number, got '0.5'"),
+        ({"max_frames": 7.5}, "max_frames must be a whole number"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            loaded.ask(inputs.video, "What moves?", progress=_no_decoding, **setting)
+
+
+def _no_decoding(done: int, total: int) -> None:
+    raise AssertionError("a frame was decoded before the settings were checked")
 
 
 def test_resolve_settings_applies_overrides_to_the_presets_settings():

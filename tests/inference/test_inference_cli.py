@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,20 @@ def test_bad_models_give_one_line_naming_the_model(inputs, tmp_path, capsys, mon
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     message = run_and_get_error(ask(inputs, "What moves?", model="videonsa-tests/no-such-model"), capsys)
     assert message.startswith("model 'videonsa-tests/no-such-model': cannot download it from the Hugging Face Hub")
+
+
+@pytest.mark.parametrize(
+    ("template", "why"),
+    [("{% for x in %}", "Expected an expression"), ('{{ raise_exception("no videos here") }}', "no videos here")],
+)
+def test_a_broken_chat_template_is_one_line_before_the_video_is_read(
+    inputs, tmp_path, capsys, weights_must_not_load, template, why
+):
+    folder = tmp_path / "model"
+    shutil.copytree(inputs.checkpoint, folder)
+    (folder / "chat_template.jinja").write_text(template)
+    message = run_and_get_error(ask(inputs, "What moves?", model=folder, video=tmp_path / "absent.mp4"), capsys)
+    assert message.startswith(f"model '{folder}': its chat template cannot render the question (") and why in message
 
 
 def test_hub_id_offline_in_a_fresh_process(inputs, tmp_path):

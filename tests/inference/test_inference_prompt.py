@@ -9,7 +9,7 @@ import torch
 
 from videonsa.errors import UserError
 from videonsa.inference import build_prompt, model_inputs, plan_question
-from videonsa.inference.prompt import MULTIPLE_CHOICE_INSTRUCTION, label_options, question_text
+from videonsa.inference.prompt import MULTIPLE_CHOICE_INSTRUCTION, build_preset_prompt, label_options, question_text
 from videonsa.testing import TOKEN_IDS
 from videonsa.video import SamplingSettings, decode_video
 
@@ -28,6 +28,8 @@ def test_options_are_lettered_in_order():
         (["A. red", "C. blue"], "expected A, B in order"),
         (["red", "  "], "choice B is empty"),
         ([f"choice {i}" for i in range(27)], "at most 26"),
+        ("red", "options must be a list of answer texts, got 'red'"),  # not three options r, e, d
+        (["red", 5], "options must be a list of answer texts"),
     ],
 )
 def test_bad_options_are_refused(options, message):
@@ -41,6 +43,13 @@ def test_question_text_lists_options_then_the_instruction():
     assert text.splitlines() == ["Which colour?", "Options:", "A. red", "B. green", MULTIPLE_CHOICE_INSTRUCTION]
     with pytest.raises(UserError, match="question is empty"):
         question_text("   ")
+
+
+@pytest.mark.parametrize("preset", ["planner", "paper"])
+@pytest.mark.parametrize("question", [None, 5, ["What moves?"]])
+def test_a_question_that_is_not_text_is_named(loaded, preset, question):
+    with pytest.raises(UserError, match="the question must be a string, got"):
+        build_preset_prompt(loaded.files, question, preset=preset)
 
 
 def test_prompt_leaves_one_gap_for_the_video(loaded):

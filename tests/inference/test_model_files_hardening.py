@@ -35,6 +35,15 @@ def _set(section: str | None, **values) -> Callable[[Path], None]:
     return _edit_config(change)
 
 
+def _set_processor(**values) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        processor = json.loads((folder / "preprocessor_config.json").read_text())
+        processor.update(values)
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+
+    return apply
+
+
 def _truncate(folder: Path) -> None:
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -90,6 +99,11 @@ BROKEN = {
         r"mrope_section \[2, 3, 4\] sums to 9, not half the head dimension 16",
     ),
     "block_size_zero": (_set("text_config", block_size=0), r"config\.json: block_size must be positive"),
+    "image_mean_of_two_channels": (
+        _set_processor(image_mean=[0.5, 0.5]), r"preprocessor_config\.json: image_mean must be 3 finite numbers"
+    ),
+    "image_mean_a_string": (_set_processor(image_mean="abc"), r"preprocessor_config\.json: image_mean must be 3"),
+    "image_std_zero": (_set_processor(image_std=[0.2, 0, 0.2]), r"preprocessor_config\.json: image_std must be pos"),
     "truncated_weights": (_truncate, r"model\.safetensors: not a readable safetensors file .*truncated"),
     "garbage_weights": (_garbage, r"model\.safetensors: not a readable safetensors file"),
     "pickle_weights": (_pickle_only, r"pytorch_model\.bin.*pickle.*safetensors"),
@@ -120,7 +134,7 @@ def test_load_refuses_a_broken_model_folder_in_one_line(broken: Path, request) -
 
 
 @pytest.mark.parametrize("broken", ["config_is_empty", "layers_1e6", "truncated_weights", "pickle_weights",
-                                    "other_mlp_width"], indirect=True)
+                                    "other_mlp_width", "image_mean_of_two_channels"], indirect=True)
 def test_ask_refuses_it_before_the_video_is_read(broken: Path, request, capsys, tmp_path) -> None:
     """The video does not even exist: the model folder's fault is found first."""
     case = request.node.callspec.params["broken"]
@@ -152,3 +166,11 @@ def test_pickle_weights_beside_safetensors_are_ignored_never_unpickled(inputs, t
         pickle.dump({"weights": _Trap(folder / "UNPICKLED")}, handle)
     model = videonsa.inference.load(str(folder), device="cpu")
     assert model is not None and not (folder / "UNPICKLED").exists()
+
+
+def test_one_number_stands_for_every_channel_of_a_pixel_statistic(inputs, tmp_path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(inputs.checkpoint, folder)
+    _set_processor(image_mean=0.5, image_std=[0.25, 0.5, 1])(folder)
+    files = videonsa.inference.open_model_files(str(folder))
+    assert files.image_mean == (0.5, 0.5, 0.5) and files.image_std == (0.25, 0.5, 1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -101,6 +102,19 @@ def test_variable_frame_rate_timestamps_are_the_real_ones(videos):
     assert video.seconds_per_patch == pytest.approx(2 * slope)
 
 
+def test_a_matroska_file_starting_late_lasts_from_its_first_frame_to_its_last(tmp_path):
+    """Matroska's Duration runs from 0 on the file's clock (it is the last frame's end), so a file whose frames start
+    at 2 s (a remuxed TS stream, a cut with copied timestamps) lasts Duration - 2 s, not Duration."""
+    times = [2.0 + index / 10 for index in range(30)]
+    late = synthetic.write_variable_frame_rate_video(tmp_path / "late.mkv", times, end_time=5.0)
+    info = probe_video(late)
+    assert (info.start_time, info.end_time) == pytest.approx((2.0, 5.0))
+    assert info.average_fps == pytest.approx(10.0) and info.frame_count == 30
+    video = decode_video(plan_video(info, SamplingSettings(fps=10, **SMALL)))  # the planner wanted 50 frames before
+    assert [read_frame_index(frame) for frame in video.frames] == list(range(30))
+    assert video.timestamps == pytest.approx(times)
+
+
 def test_frames_are_resized_to_the_plan_and_shapes_move_where_expected(videos):
     info = probe_video(videos.wide)  # 224x112
     plan = plan_video(info, SamplingSettings(fps=2, pixels_per_frame=112 * 56, min_pixels_per_frame=56 * 28))
@@ -129,6 +143,17 @@ def test_folder_of_images_plays_in_natural_order_at_frames_fps(videos):
     video = decode_video(plan_video(info, SamplingSettings(fps=1, **SMALL)))
     assert [read_frame_index(frame) for frame in video.frames] == [0, 2, 4, 6, 8, 10]
     assert video.timestamps == pytest.approx([0, 1, 2, 3, 4, 5])
+
+
+def test_hidden_files_in_a_frame_folder_are_not_frames(videos, tmp_path):
+    folder = tmp_path / "copied-from-a-mac"
+    shutil.copytree(videos.frame_folder, folder)
+    (folder / "._frame_1.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")  # AppleDouble metadata
+    (folder / ".thumbnail.png").write_bytes((folder / "frame_1.png").read_bytes())
+    info = probe_video(folder, frames_fps=2.0)
+    assert info.frame_count == 12 and [path.name for path in info.paths[:2]] == ["frame_1.png", "frame_2.png"]
+    video = decode_video(plan_video(info, SamplingSettings(fps=1, **SMALL)))
+    assert [read_frame_index(frame) for frame in video.frames] == [0, 2, 4, 6, 8, 10]
 
 
 def test_list_of_images_is_a_video_in_the_given_order(videos):

@@ -135,6 +135,11 @@ def test_budget_too_small_for_two_frames_names_the_setting():
         (SamplingSettings(min_pixels_per_frame=0), "min_pixels_per_frame"),
         (SamplingSettings(budget_tokens=0), "budget_tokens"),
         (SamplingSettings(prefer="speed"), "prefer"),
+        (SamplingSettings(fps="4"), "fps must be a positive number"),
+        (SamplingSettings(max_frames=7.5), "max_frames must be a whole number, got 7.5"),
+        (SamplingSettings(pixels_per_frame=50_176.0), "pixels_per_frame must be a whole number"),
+        (SamplingSettings(budget_tokens=None), "budget_tokens must be a whole number, got None"),
+        (SamplingSettings(budget_tokens=True), "budget_tokens must be a whole number, got True"),
     ],
 )
 def test_bad_settings_name_the_setting(settings, message):

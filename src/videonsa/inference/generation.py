@@ -21,6 +21,7 @@ from videonsa.models.chunked_prefill import check_chunking_supported, prefill_in
 from videonsa.models.kv_cache import preallocated_cache
 from videonsa.options import GREEDY_GENERATION
 from videonsa.video import DecodedVideo, VideoPlan
+from videonsa.video.planning import is_real, is_whole
 
 TextCallback = Callable[[str], None]
 logger = logging.getLogger(__name__)
@@ -38,6 +39,14 @@ class GenerationSettings:
 
     def validate(self) -> GenerationSettings:
         """Return self, or raise `UserError` naming the first bad setting."""
+        # Types first: from Python a float token count fails inside generate, after the video is decoded.
+        for name in ("max_new_tokens", "top_k", "seed"):
+            value = getattr(self, name)
+            if not (is_whole(value) or (name == "seed" and value is None)):
+                raise UserError(f"{name} must be a whole number, got {value!r}")
+        for name in ("temperature", "top_p"):
+            if not is_real(getattr(self, name)):
+                raise UserError(f"{name} must be a number, got {getattr(self, name)!r}")
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):

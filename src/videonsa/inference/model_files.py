@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,9 +141,28 @@ def _pixel_statistics(directory: Path) -> tuple[tuple[float, ...], tuple[float, 
     for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
         if (directory / name).is_file():
             config = _read_json(directory / name)
-            if "image_mean" in config and "image_std" in config:
-                return tuple(config["image_mean"]), tuple(config["image_std"])
+            if isinstance(config, dict) and "image_mean" in config and "image_std" in config:
+                where = directory / name
+                mean = _channel_values(config["image_mean"], "image_mean", where)
+                std = _channel_values(config["image_std"], "image_std", where)
+                if min(std) <= 0:
+                    raise UserError(f"{where}: image_std must be positive (frames are divided by it), got {std}")
+                return mean, std
     return CLIP_MEAN, CLIP_STD
+
+
+def _channel_values(value: Any, name: str, where: Path) -> tuple[float, float, float]:
+    """A per-channel statistic of a processor config as 3 floats (R, G, B); one number stands for all three, as
+    transformers' processors take it. The folder is untrusted: anything else is a `UserError` naming the file,
+    here rather than as a reshape error once the frames are decoded and the weights loaded."""
+    values = [value] * 3 if _is_number(value) else value
+    if not (isinstance(values, list) and len(values) == 3 and all(map(_is_number, values))):
+        raise UserError(f"{where}: {name} must be 3 finite numbers (R, G, B), got {value!r}")
+    return tuple(float(v) for v in values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def open_model_files(model: str | Path) -> ModelFiles:

@@ -49,8 +49,11 @@ class QuestionPrompt:
 def label_options(options: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(letters, lines) for `options`: "red" becomes "A. red"; options already labelled A., B., ... are kept.
 
-    Raises `UserError` for fewer than 2, more than 26, empty, or wrongly lettered options.
+    Raises `UserError` for fewer than 2, more than 26, empty, or wrongly lettered options, and for options that
+    are not a sequence of strings (one string would otherwise be taken letter by letter as its own options).
     """
+    if isinstance(options, str) or not all(isinstance(option, str) for option in options):
+        raise UserError(f"options must be a list of answer texts, got {options!r}")
     if len(options) < 2:
         raise UserError(f"options: give at least 2 choices, got {len(options)}")
     if len(options) > len(OPTION_LETTERS):
@@ -70,8 +73,14 @@ def label_options(options: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, .
     return letters, tuple(f"{letter}. {text}" for letter, text in zip(letters, texts, strict=True))
 
 
+def _check_is_text(question: object) -> None:
+    if not isinstance(question, str):
+        raise UserError(f"the question must be a string, got {type(question).__name__} {question!r}")
+
+
 def question_text(question: str, option_lines: Sequence[str] = ()) -> str:
     """The user turn's text: the question, then the options and the answer-with-a-letter instruction."""
+    _check_is_text(question)
     if not question.strip():
         raise UserError("the question is empty")
     if not option_lines:
@@ -97,6 +106,20 @@ def _video_token(files: ModelFiles) -> tuple[str, int]:
     return token, token_id
 
 
+def _render_chat_template(files: ModelFiles, messages: list[dict]) -> str:
+    """The prompt text of `messages` by the model's chat template. The template comes from the model folder
+    (untrusted): a syntax error, or a template that raises, is a `UserError` naming the model."""
+    from jinja2 import TemplateError
+
+    try:
+        return files.tokenizer.apply_chat_template(
+            messages, chat_template=files.chat_template, tokenize=False, add_generation_prompt=True
+        )
+    except TemplateError as error:
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"model '{files.name}': its chat template cannot render the question ({why})") from None
+
+
 def build_prompt(
     files: ModelFiles,
     question: str,
@@ -115,9 +138,7 @@ def build_prompt(
     ]
     if system_prompt is not None:
         messages.insert(0, {"role": "system", "content": system_prompt})
-    text = files.tokenizer.apply_chat_template(
-        messages, chat_template=files.chat_template, tokenize=False, add_generation_prompt=True
-    )
+    text = _render_chat_template(files, messages)
     token, token_id = _video_token(files)
     if text.count(token) != 1:
         raise UserError(f"model '{files.name}': its chat template does not place exactly one video ({token})")
@@ -142,6 +163,7 @@ def build_preset_prompt(
     the text after it, with any "<image>" marker removed from the text (as the evaluation did with benchmark
     prompts). Options keep our formatting in both.
     """
+    _check_is_text(question)
     if preset == "paper":
         return build_prompt(files, question.replace("<image>", ""), options, system_prompt=PAPER_SYSTEM_PROMPT)
     return build_prompt(files, question, options)

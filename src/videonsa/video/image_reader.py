@@ -28,9 +28,17 @@ def natural_sort_key(path: Path) -> list:
 
 
 def frame_images_in(folder: Path) -> tuple[Path, ...]:
-    """The image files directly inside `folder`, in natural order; `UserError` if there are none."""
+    """The image files directly inside `folder`, in natural order, hidden files left out; `UserError` if there are
+    none.
+
+    Hidden files are never frames: macOS writes a "._frame_1.png" metadata file beside each image it copies to a
+    non-Mac drive, which sorts first and is not an image."""
     images = sorted(
-        (path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES),
+        (
+            path
+            for path in folder.iterdir()
+            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+        ),
         key=natural_sort_key,
     )
     if not images:

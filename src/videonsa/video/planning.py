@@ -18,6 +18,7 @@ worse than the "frames" plan (fewer frames at no more detail): tokens its roundi
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -64,8 +65,13 @@ class SamplingSettings:
 
     def validate(self) -> SamplingSettings:
         """Return self, or raise `UserError` naming the first setting that cannot work."""
-        if not (math.isfinite(self.fps) and self.fps > 0):
+        # Types first: from Python a float frame cap or a None budget would otherwise fail deep in the planner.
+        if not (is_real(self.fps) and math.isfinite(self.fps) and self.fps > 0):
             raise UserError(f"fps must be a positive number of frames per second, got {self.fps}")
+        for name in ("max_frames", "pixels_per_frame", "min_pixels_per_frame", "budget_tokens"):
+            value = getattr(self, name)
+            if not (is_whole(value) or (name == "max_frames" and value is None)):
+                raise UserError(f"{name} must be a whole number, got {value!r}")
         if self.max_frames is not None and self.max_frames < 2:
             raise UserError(f"max_frames must be at least 2 (one temporal patch), got {self.max_frames}")
         if self.min_pixels_per_frame < 1:
@@ -80,6 +86,16 @@ class SamplingSettings:
         if self.prefer not in PREFERENCES:
             raise UserError(f"prefer must be one of {', '.join(PREFERENCES)}, got {self.prefer!r}")
         return self
+
+
+def is_whole(value: object) -> bool:
+    """Whether `value` is an integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """Whether `value` is a real number (int, float, numpy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,14 @@ def _end_time(container, stream) -> float | None:
     if stream.duration and stream.time_base:
         return float((stream.start_time or 0) * stream.time_base + stream.duration * stream.time_base)
     if container.duration:
-        return ((container.start_time or 0) + container.duration) / av.time_base
+        start, duration = (container.start_time or 0) / av.time_base, container.duration / av.time_base
+        # Matroska's (and WebM's) Duration runs on the file's clock from 0, not from the first frame: it is the
+        # last frame's end (what FFmpeg's muxer writes). Added to a late start (a remuxed TS stream, a cut with
+        # copied timestamps) it would put the end past the last frame, and reading would report a valid file as
+        # truncated. A Duration not after the first frame can only be a span from it.
+        if "matroska" in container.format.name and duration > start:
+            return duration
+        return start + duration
     end = None
     for packet in container.demux(stream):
         if packet.pts is not None and packet.time_base is not None:
