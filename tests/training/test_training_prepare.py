@@ -107,6 +107,18 @@ def test_manifest_records_what_probing_found(media, tmp_path):
     assert by_id["good_a"].sample.video == str(media / "good.mp4")
 
 
+def test_text_with_unicode_line_separators_survives_the_manifest(media, tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028 and U+0085 unescaped inside strings; they are not line ends.
+    record = llava("sep", "good.mp4")
+    record["conversations"][0]["value"] = "<image>\nWhat\u2028moves\x85here?"
+    annotations = tmp_path / "a.jsonl"
+    annotations.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    summary = prepare_manifest(annotations, tmp_path / "m.jsonl", media_root=media, clip_filter=SMALL_FILTER,
+                               workers=0, progress=False)
+    (entry,) = read_manifest(summary.manifest)
+    assert entry.sample.turns[0].text == "<video>\nWhat\u2028moves\x85here?"
+
+
 def test_each_clip_is_probed_once(media, tmp_path):
     probed = []
 

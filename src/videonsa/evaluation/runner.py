@@ -143,7 +143,8 @@ def read_answers(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
         with path.open("r+b") as handle:
             handle.truncate(complete_end)
     records = []
-    for number, line in enumerate(data[:complete_end].decode("utf-8", errors="replace").splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also split at U+2028 or U+0085 inside a JSON string.
+    for number, line in enumerate(data[:complete_end].decode("utf-8", errors="replace").split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -244,7 +244,9 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
     if not path.is_file():
         raise UserError(f"manifest {path} does not exist (write one with `videonsa data prepare`)")
     entries = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also split at U+2028 or U+0085 inside a JSON string, which
+    # json.dumps(ensure_ascii=False) writes unescaped.
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:
