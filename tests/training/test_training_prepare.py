@@ -119,6 +119,15 @@ def test_text_with_unicode_line_separators_survives_the_manifest(media, tmp_path
     assert entry.sample.turns[0].text == "<video>\nWhat\u2028moves\x85here?"
 
 
+@pytest.mark.parametrize("content", [b"\x90\x00 a video, not a manifest", b'{"id": "a", "turns": [], "clip": null}\n',
+                                     b"[" * 100_000 + b"\n"], ids=["binary", "null_clip", "deep"])
+def test_a_file_that_is_no_manifest_is_one_line_user_error(tmp_path, content):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="manifest .*m.jsonl"):
+        read_manifest(path)
+
+
 def test_each_clip_is_probed_once(media, tmp_path):
     probed = []
 

@@ -243,15 +243,19 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"manifest {path} does not exist (write one with `videonsa data prepare`)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"manifest {path} is not UTF-8 text (write one with `videonsa data prepare`)") from None
     entries = []
     # Lines end at "\n" only: str.splitlines would also split at U+2028 or U+0085 inside a JSON string, which
     # json.dumps(ensure_ascii=False) writes unescaped.
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             entries.append(_anchored(ManifestEntry.from_json(json.loads(line)), path.parent))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError) as error:
             raise UserError(f"manifest {path} line {line_number} is damaged ({error!r})") from None
     return entries
 
