@@ -5,6 +5,7 @@ differences are accepted, recorded beside the original record, which is never ov
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,17 @@ def test_a_config_with_bad_values_fails_in_one_line_before_loading_anything(tmp_
     assert "\n" not in error and "Traceback" not in error
     assert "trainer.num_train_epochs" in error and "trainer.per_device_train_batch_size" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_data_in_a_dataloader_worker_fails_in_one_line(videonsa_checkpoint, colour_clips, tmp_path,
+                                                                  capsys):
+    annotations = colour_clips(3)
+    shutil.rmtree(annotations.parent / "clips")  # every sample's frames are gone
+    overrides = train_overrides(videonsa_checkpoint, annotations, tmp_path / "run", dataloader_num_workers=1,
+                                max_steps=1)
+    path = config_file(tmp_path / "train.yaml", {**overrides, "data.max_consecutive_skips": 1})
+    assert main(["train", str(path)]) == 2
+    stderr = capsys.readouterr().err  # the progress messages come first
+    assert "Traceback" not in stderr, stderr
+    error = stderr.strip().splitlines()[-1]
+    assert error.startswith("videonsa train: error: 2 samples in a row from position"), stderr

@@ -428,7 +428,10 @@ def run_training(
     _use_readable_log_lines(trainer)
     if resumed_from is not None:
         logger.info("resuming from %s", resumed_from)
-    result = trainer.train(resume_from_checkpoint=str(resumed_from) if resumed_from else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resumed_from) if resumed_from else None)
+    except UserError as error:
+        raise worker_error_line(error) from None
     # The final model also goes to output_dir itself, marked complete only once fully written.
     trainer.save_model(args.output_dir)
     totals = trainer.data_totals()
@@ -438,6 +441,18 @@ def run_training(
         progress = RunProgress(result.global_step, trainer.state.max_steps, trainer.state.num_train_epochs)
         write_result(output_dir, config, progress, loss, totals)
     return TrainingOutcome(output_dir, result.global_step, loss, resumed_from, totals)
+
+
+def worker_error_line(error: UserError) -> UserError:
+    """The one-line `UserError` a dataloader worker raised (e.g. every sample in a row unreadable).
+
+    torch re-raises a worker's exception in the training process as the same type built from a message that
+    holds the worker's whole traceback; its last line is ``videonsa.errors.UserError: <the message>``.
+    """
+    text = str(error).rstrip()
+    if not text.startswith("Caught UserError in DataLoader worker"):
+        return error
+    return UserError(text.splitlines()[-1].partition("UserError: ")[2] or text.splitlines()[0])
 
 
 def _use_readable_log_lines(trainer: Trainer) -> None:
