@@ -54,11 +54,13 @@ def config_file(path: Path, overrides: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("bound", ["max_steps", "epochs"])
+@pytest.mark.parametrize("bound", ["max_steps", "epochs", "half_epoch"])
 def test_a_finished_run_is_recognised_and_left_alone(videonsa_checkpoint, colour_clips, tmp_path, bound):
-    limit = {"max_steps": 3} if bound == "max_steps" else {"num_train_epochs": 1}  # 3 samples: 3 steps
-    config = load_config(None, train_overrides(videonsa_checkpoint, colour_clips(3, frames=2), tmp_path / "run",
-                                               save_steps=2, **limit))
+    # 3 steps each: 3 samples, 1 epoch of them, or half an epoch of 6 (the Trainer records that as 1 epoch).
+    limit = {"max_steps": {"max_steps": 3}, "epochs": {"num_train_epochs": 1},
+             "half_epoch": {"num_train_epochs": 0.5}}[bound]
+    clips = colour_clips(6 if bound == "half_epoch" else 3, frames=2)
+    config = load_config(None, train_overrides(videonsa_checkpoint, clips, tmp_path / "run", save_steps=2, **limit))
     first = run_training(config, resume="auto")
     assert first.global_step == 3 and not first.already_finished
     trained = weight_bytes(tmp_path / "run")
@@ -170,6 +172,16 @@ def test_a_finished_run_trains_further_only_when_the_longer_run_is_accepted(vide
     assert not outcome.already_finished and outcome.global_step == 3
     assert outcome.resumed_from == tmp_path / "run" / "checkpoint-2"
     assert run_training(longer, resume="auto").already_finished
+
+
+def test_a_longer_fraction_of_an_epoch_trains_further_when_accepted(videonsa_checkpoint, colour_clips, tmp_path):
+    # 0.5 and 0.8 of an epoch are both recorded by the Trainer as 1 epoch: the step target tells them apart.
+    overrides = train_overrides(videonsa_checkpoint, colour_clips(6, frames=2), tmp_path / "run",
+                                num_train_epochs=0.5, save_steps=3)
+    assert run_training(load_config(None, overrides), resume="auto").global_step == 3
+    longer = load_config(None, {**overrides, "trainer.num_train_epochs": 0.8})
+    outcome = run_training(longer, resume="auto", accept_config_changes=True)
+    assert not outcome.already_finished and outcome.global_step == 5
 
 
 def test_a_config_with_bad_values_fails_in_one_line_before_loading_anything(tmp_path, capsys):

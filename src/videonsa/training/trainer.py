@@ -397,7 +397,9 @@ def run_training(
     if resumed_from is not None:
         accepted = check_resume(config, resumed_from, output_dir, accept_config_changes)
         state = read_trainer_state(resumed_from)
-        if RunProgress.of_state(state).reached(config.trainer):
+        # An accepted change of num_train_epochs moves the target past what the checkpoint's state records.
+        epochs_changed = any(difference.name == "trainer.num_train_epochs" for difference in accepted)
+        if not epochs_changed and RunProgress.of_state(state).reached(config.trainer):
             return _finish_from_checkpoint(config, args, resumed_from, state)
     elif resume == "auto":
         refuse_different_finished_run(config, output_dir)
