@@ -163,6 +163,18 @@ def test_cli_prepare_writes_manifest_and_report(media, tmp_path, capsys):
     assert "kept" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("which", ["manifest", "report"])
+def test_an_output_that_is_a_folder_is_refused_before_probing(media, tmp_path, which):
+    probed = []
+    folder = tmp_path / "a folder"
+    folder.mkdir()
+    paths = {"manifest": tmp_path / "m.jsonl", "report": None, which: folder}
+    with pytest.raises(UserError, match=f"the {which} path .*a folder is a folder"):
+        prepare_manifest(annotation_file(media), paths["manifest"], report=paths["report"], workers=0,
+                         prober=lambda media, is_video: probed.append(media), progress=False)
+    assert probed == []
+
+
 def test_cli_prepare_reports_user_mistakes_in_one_line(tmp_path, capsys):
     code = main(["data", "prepare", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "m.jsonl")])
     assert code == 2

@@ -144,6 +144,10 @@ def prepare_manifest(
     clip_filter = clip_filter or ClipFilter()
     output = Path(output)
     report_path = Path(report) if report is not None else output.with_name(output.stem + ".report.json")
+    # Checked before probing, which takes hours on a large dataset, not when the files are written after it.
+    for path, what in ((output, "manifest"), (report_path, "report")):
+        if path.is_dir():
+            raise UserError(f"the {what} path {path} is a folder; give a file name such as {path / 'train.jsonl'}")
     annotation_set = read_annotations(annotations, media_root, allow_outside_root=allow_outside_root)
     clips = sorted({_clip_key(sample) for sample in annotation_set.samples})
     probed = probe_all(clips, prober=prober, workers=os.cpu_count() if workers is None else workers,
