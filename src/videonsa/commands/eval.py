@@ -286,6 +286,8 @@ def run_evaluation(args: argparse.Namespace) -> int:
     check_prefill_chunk_mode(args.prefill_chunk, attention)
     frames, generation = _settings(args, preset)
     out = Path(args.out) if args.out else Path("eval-results") / f"{_slug(args.task)}-{_slug(args.model)}-{attention}"
+    if out.exists() and not out.is_dir():  # found now, not after the weights load
+        raise UserError(f"--out {out}: is a file, not a folder")
     return _run_needles(args, questions, attention, preset, frames, generation, out)
 
 
