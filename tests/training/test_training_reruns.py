@@ -207,3 +207,12 @@ def test_unreadable_data_in_a_dataloader_worker_fails_in_one_line(videonsa_check
     assert "Traceback" not in stderr, stderr
     error = stderr.strip().splitlines()[-1]
     assert error.startswith("videonsa train: error: 2 samples in a row from position"), stderr
+
+
+def test_an_output_dir_that_is_a_file_fails_in_one_line_before_loading_anything(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    path = config_file(tmp_path / "train.yaml", {"model.path": str(tmp_path / "missing"), "data.manifest": "m.jsonl",
+                                                 "trainer.output_dir": str(tmp_path / "taken")})
+    assert main(["train", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("videonsa train: error: trainer.output_dir") and "is a file" in error, error
