@@ -88,6 +88,12 @@ def test_text_with_unicode_line_separators_is_one_line(tmp_path):
     assert loaded.question == question["question"]
 
 
+def test_a_line_nested_too_deeply_is_named(tmp_path):
+    path = write_lines(tmp_path, json.dumps(record()), "[" * 100_000)
+    with pytest.raises(UserError, match=rf"{path}:2: nested too deeply"):
+        load_questions(path)
+
+
 def test_missing_or_empty_files(tmp_path):
     with pytest.raises(UserError, match="no such question file"):
         load_questions(tmp_path / "nothing.jsonl")

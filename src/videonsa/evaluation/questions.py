@@ -227,6 +227,8 @@ def load_questions(path: str | os.PathLike, *, check_videos: bool = True) -> Que
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise UserError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        except RecursionError:
+            raise UserError(f"{where}: nested too deeply to read as JSON") from None
         question = parse_question(record, root=root, where=where)
         if question.id in seen:
             raise UserError(f"{where}: id '{question.id}' already used on line {seen[question.id]}")

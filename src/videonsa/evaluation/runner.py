@@ -151,6 +151,8 @@ def read_answers(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise UserError(f"{path}:{number}: not valid JSON ({error.msg}); delete the line to ask it again") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: nested too deeply to read as JSON; delete the line") from None
         if not isinstance(record, dict) or not isinstance(record.get("id"), str):
             raise UserError(f"{path}:{number}: an answer must be a JSON object with an 'id'")
         records.append(record)
