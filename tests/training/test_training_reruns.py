@@ -216,3 +216,14 @@ def test_an_output_dir_that_is_a_file_fails_in_one_line_before_loading_anything(
     assert main(["train", str(path)]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("videonsa train: error: trainer.output_dir") and "is a file" in error, error
+
+
+def test_a_run_started_over_never_resumes_from_the_old_runs_later_checkpoints(videonsa_checkpoint, colour_clips,
+                                                                              tmp_path):
+    overrides = train_overrides(videonsa_checkpoint, colour_clips(4, frames=2), tmp_path / "run", max_steps=4,
+                                save_steps=2)
+    run_training(load_config(None, overrides), resume="auto")  # leaves complete checkpoints 2 and 4
+    with pytest.raises(RuntimeError, match="simulated crash"):  # started over, stopped after its checkpoint 2
+        run_training(load_config(None, overrides), resume="never", callbacks=[CrashAtStep(3)])
+    outcome = run_training(load_config(None, overrides), resume="auto")
+    assert outcome.resumed_from == tmp_path / "run" / "checkpoint-2" and not outcome.already_finished

@@ -415,6 +415,7 @@ def run_training(
         resumed_step = int(read_trainer_state(resumed_from)["global_step"]) if resumed_from else None
         write_start_record(config, output_dir, resumed_step, accepted)
         _forget_final_model(output_dir)
+        _forget_later_checkpoints(output_dir, resumed_step or 0)
 
     trainer = VideoNSATrainer(
         model=model,
@@ -468,6 +469,18 @@ def _forget_final_model(output_dir: Path) -> None:
     """Training starts or goes on: the final model (if any) no longer is one, until this run writes its own."""
     (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
     (output_dir / RESULT_RECORD).unlink(missing_ok=True)
+
+
+def _forget_later_checkpoints(output_dir: Path, step: int) -> None:
+    """Unmark the checkpoints past `step`, where training starts: they belong to an abandoned run (`--resume
+    never`, or an earlier checkpoint resumed), so `--resume auto` must never take them, and the Trainer saving
+    over one must not leave a marked folder of mixed files if it is killed meanwhile."""
+    if not output_dir.is_dir():
+        return
+    for child in output_dir.iterdir():
+        match = _CHECKPOINT_NAME.match(child.name)
+        if match and int(match.group(1)) > step and child.is_dir():
+            (child / COMPLETE_MARKER).unlink(missing_ok=True)
 
 
 def _finished_outcome(output_dir: Path, finished: FinishedRun) -> TrainingOutcome:
