@@ -106,6 +106,20 @@ def test_bad_input_is_one_line(needle_set, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("flag", ["--limit", "--block-counts", "--window"])
+def test_counts_below_one_are_refused_before_the_model_is_looked_at(needle_set, flag, capsys):
+    # A missing model is not what is reported: the weights of a real one would have loaded first.
+    argv = ["eval", "--model", "/no/model", "--task", f"needles:{needle_set.directory}", flag, "0"]
+    one_line_error(capsys, argv, f"{flag} must be at least 1, got 0")
+
+
+def test_an_out_that_is_a_file_is_refused_before_loading(checkpoint, needle_set, tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    argv = ["eval", "--model", str(checkpoint), "--task", f"needles:{needle_set.directory}", "--out",
+            str(tmp_path / "taken")]
+    one_line_error(capsys, argv, "is a file, not a folder")
+
+
 def test_unknown_task_without_lmms_eval(monkeypatch, capsys):
     import videonsa.evaluation.lmms_run as lmms_run
 

@@ -78,6 +78,22 @@ def test_malformed_lines_are_named(tmp_path, line, message):
     assert str(path) in str(caught.value)
 
 
+def test_text_with_unicode_line_separators_is_one_line(tmp_path):
+    # write_questions writes U+2028 and U+0085 unescaped inside strings; they are not line ends.
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    question = record(question="Which word\u2028is on the\x85card?")
+    path = tmp_path / "questions.jsonl"
+    path.write_text(json.dumps(question, ensure_ascii=False) + "\n", encoding="utf-8")
+    (loaded,) = load_questions(path)
+    assert loaded.question == question["question"]
+
+
+def test_a_line_nested_too_deeply_is_named(tmp_path):
+    path = write_lines(tmp_path, json.dumps(record()), "[" * 100_000)
+    with pytest.raises(UserError, match=rf"{path}:2: nested too deeply"):
+        load_questions(path)
+
+
 def test_missing_or_empty_files(tmp_path):
     with pytest.raises(UserError, match="no such question file"):
         load_questions(tmp_path / "nothing.jsonl")

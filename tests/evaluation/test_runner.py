@@ -88,6 +88,19 @@ def test_read_answers_repairs_a_cut_line_and_names_a_bad_one(tmp_path):
         read_answers(path)
 
 
+def test_read_answers_keeps_unicode_line_separators_inside_a_line(tmp_path):
+    path = tmp_path / ANSWERS_FILE
+    path.write_text(json.dumps({"id": "a\u2028b", "kind": "x\x85y"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [(r["id"], r["kind"]) for r in read_answers(path, repair=True)] == [("a\u2028b", "x\x85y")]
+
+
+def test_read_answers_names_a_line_nested_too_deeply(tmp_path):
+    path = tmp_path / ANSWERS_FILE
+    path.write_text('{"id": "a"}\n' + "[" * 100_000 + "\n")
+    with pytest.raises(UserError, match=rf"{path}:2: nested too deeply"):
+        read_answers(path)
+
+
 class Stop(Exception):
     pass
 

@@ -122,6 +122,17 @@ def test_a_jsonl_line_that_is_not_json_is_rejected_not_fatal(tmp_path):
     assert "not JSON" in result.rejected[0].detail
 
 
+def test_a_jsonl_record_with_unicode_line_separators_is_one_record(tmp_path):
+    # Raw U+2028 / U+0085 inside a JSON string (json.dumps with ensure_ascii=False) do not end the line.
+    record = {"id": "ok", "video": "v.mp4", "conversations": [
+        {"from": "human", "value": "what\u2028now\x85?"}, {"from": "gpt", "value": "a"}]}
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    result = read_annotations(path)
+    assert result.rejected == []
+    assert result.samples[0].turns[0].text == "<video>\nwhat\u2028now\x85?"
+
+
 def test_unusable_annotation_files_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         read_annotations(tmp_path / "missing.json")

@@ -107,6 +107,27 @@ def test_manifest_records_what_probing_found(media, tmp_path):
     assert by_id["good_a"].sample.video == str(media / "good.mp4")
 
 
+def test_text_with_unicode_line_separators_survives_the_manifest(media, tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028 and U+0085 unescaped inside strings; they are not line ends.
+    record = llava("sep", "good.mp4")
+    record["conversations"][0]["value"] = "<image>\nWhat\u2028moves\x85here?"
+    annotations = tmp_path / "a.jsonl"
+    annotations.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    summary = prepare_manifest(annotations, tmp_path / "m.jsonl", media_root=media, clip_filter=SMALL_FILTER,
+                               workers=0, progress=False)
+    (entry,) = read_manifest(summary.manifest)
+    assert entry.sample.turns[0].text == "<video>\nWhat\u2028moves\x85here?"
+
+
+@pytest.mark.parametrize("content", [b"\x90\x00 a video, not a manifest", b'{"id": "a", "turns": [], "clip": null}\n',
+                                     b"[" * 100_000 + b"\n"], ids=["binary", "null_clip", "deep"])
+def test_a_file_that_is_no_manifest_is_one_line_user_error(tmp_path, content):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="manifest .*m.jsonl"):
+        read_manifest(path)
+
+
 def test_each_clip_is_probed_once(media, tmp_path):
     probed = []
 
@@ -140,6 +161,18 @@ def test_cli_prepare_writes_manifest_and_report(media, tmp_path, capsys):
     assert len(read_manifest(manifest)) == 3
     assert (tmp_path / "out" / "train.report.json").is_file()
     assert "kept" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("which", ["manifest", "report"])
+def test_an_output_that_is_a_folder_is_refused_before_probing(media, tmp_path, which):
+    probed = []
+    folder = tmp_path / "a folder"
+    folder.mkdir()
+    paths = {"manifest": tmp_path / "m.jsonl", "report": None, which: folder}
+    with pytest.raises(UserError, match=f"the {which} path .*a folder is a folder"):
+        prepare_manifest(annotation_file(media), paths["manifest"], report=paths["report"], workers=0,
+                         prober=lambda media, is_video: probed.append(media), progress=False)
+    assert probed == []
 
 
 def test_cli_prepare_reports_user_mistakes_in_one_line(tmp_path, capsys):

@@ -5,6 +5,7 @@ differences are accepted, recorded beside the original record, which is never ov
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,11 +54,13 @@ def config_file(path: Path, overrides: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("bound", ["max_steps", "epochs"])
+@pytest.mark.parametrize("bound", ["max_steps", "epochs", "half_epoch"])
 def test_a_finished_run_is_recognised_and_left_alone(videonsa_checkpoint, colour_clips, tmp_path, bound):
-    limit = {"max_steps": 3} if bound == "max_steps" else {"num_train_epochs": 1}  # 3 samples: 3 steps
-    config = load_config(None, train_overrides(videonsa_checkpoint, colour_clips(3, frames=2), tmp_path / "run",
-                                               save_steps=2, **limit))
+    # 3 steps each: 3 samples, 1 epoch of them, or half an epoch of 6 (the Trainer records that as 1 epoch).
+    limit = {"max_steps": {"max_steps": 3}, "epochs": {"num_train_epochs": 1},
+             "half_epoch": {"num_train_epochs": 0.5}}[bound]
+    clips = colour_clips(6 if bound == "half_epoch" else 3, frames=2)
+    config = load_config(None, train_overrides(videonsa_checkpoint, clips, tmp_path / "run", save_steps=2, **limit))
     first = run_training(config, resume="auto")
     assert first.global_step == 3 and not first.already_finished
     trained = weight_bytes(tmp_path / "run")
@@ -171,6 +174,16 @@ def test_a_finished_run_trains_further_only_when_the_longer_run_is_accepted(vide
     assert run_training(longer, resume="auto").already_finished
 
 
+def test_a_longer_fraction_of_an_epoch_trains_further_when_accepted(videonsa_checkpoint, colour_clips, tmp_path):
+    # 0.5 and 0.8 of an epoch are both recorded by the Trainer as 1 epoch: the step target tells them apart.
+    overrides = train_overrides(videonsa_checkpoint, colour_clips(6, frames=2), tmp_path / "run",
+                                num_train_epochs=0.5, save_steps=3)
+    assert run_training(load_config(None, overrides), resume="auto").global_step == 3
+    longer = load_config(None, {**overrides, "trainer.num_train_epochs": 0.8})
+    outcome = run_training(longer, resume="auto", accept_config_changes=True)
+    assert not outcome.already_finished and outcome.global_step == 5
+
+
 def test_a_config_with_bad_values_fails_in_one_line_before_loading_anything(tmp_path, capsys):
     path = config_file(tmp_path / "bad.yaml", {"model.path": str(tmp_path / "missing"), "data.manifest": "m.jsonl",
                                                "trainer.output_dir": "out", "trainer.num_train_epochs": -1,
@@ -180,3 +193,37 @@ def test_a_config_with_bad_values_fails_in_one_line_before_loading_anything(tmp_
     assert "\n" not in error and "Traceback" not in error
     assert "trainer.num_train_epochs" in error and "trainer.per_device_train_batch_size" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_data_in_a_dataloader_worker_fails_in_one_line(videonsa_checkpoint, colour_clips, tmp_path,
+                                                                  capsys):
+    annotations = colour_clips(3)
+    shutil.rmtree(annotations.parent / "clips")  # every sample's frames are gone
+    overrides = train_overrides(videonsa_checkpoint, annotations, tmp_path / "run", dataloader_num_workers=1,
+                                max_steps=1)
+    path = config_file(tmp_path / "train.yaml", {**overrides, "data.max_consecutive_skips": 1})
+    assert main(["train", str(path)]) == 2
+    stderr = capsys.readouterr().err  # the progress messages come first
+    assert "Caught UserError" not in stderr and "worker.py" not in stderr, stderr
+    error = stderr.strip().splitlines()[-1]
+    assert error.startswith("videonsa train: error: 2 samples in a row from position"), stderr
+
+
+def test_an_output_dir_that_is_a_file_fails_in_one_line_before_loading_anything(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    path = config_file(tmp_path / "train.yaml", {"model.path": str(tmp_path / "missing"), "data.manifest": "m.jsonl",
+                                                 "trainer.output_dir": str(tmp_path / "taken")})
+    assert main(["train", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("videonsa train: error: trainer.output_dir") and "is a file" in error, error
+
+
+def test_a_run_started_over_never_resumes_from_the_old_runs_later_checkpoints(videonsa_checkpoint, colour_clips,
+                                                                              tmp_path):
+    overrides = train_overrides(videonsa_checkpoint, colour_clips(4, frames=2), tmp_path / "run", max_steps=4,
+                                save_steps=2)
+    run_training(load_config(None, overrides), resume="auto")  # leaves complete checkpoints 2 and 4
+    with pytest.raises(RuntimeError, match="simulated crash"):  # started over, stopped after its checkpoint 2
+        run_training(load_config(None, overrides), resume="never", callbacks=[CrashAtStep(3)])
+    outcome = run_training(load_config(None, overrides), resume="auto")
+    assert outcome.resumed_from == tmp_path / "run" / "checkpoint-2" and not outcome.already_finished

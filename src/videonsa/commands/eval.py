@@ -259,12 +259,21 @@ def _run_lmms_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """Refuse a --limit, --block-counts or --window below 1 now: the runner and `set_sparsity` would only find
+    out after the weights have loaded (minutes for the 7B)."""
+    for flag, value in (("--limit", args.limit), ("--block-counts", args.block_counts), ("--window", args.window)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+
+
 def run_evaluation(args: argparse.Namespace) -> int:
     """`videonsa eval --model M --task T`: load the set, the model, run, print the summary."""
     if args.model is None or args.task is None:
         raise UserError(
             "give --model and --task (e.g. --task needles:DIR), or make a set with `videonsa eval make-needles DIR`"
         )
+    _check_counts(args)
     if not args.task.startswith(NEEDLES_PREFIX):
         return _run_lmms_task(args)
     from videonsa.commands.ask import _settings
@@ -277,6 +286,8 @@ def run_evaluation(args: argparse.Namespace) -> int:
     check_prefill_chunk_mode(args.prefill_chunk, attention)
     frames, generation = _settings(args, preset)
     out = Path(args.out) if args.out else Path("eval-results") / f"{_slug(args.task)}-{_slug(args.model)}-{attention}"
+    if out.exists() and not out.is_dir():  # found now, not after the weights load
+        raise UserError(f"--out {out}: is a file, not a folder")
     return _run_needles(args, questions, attention, preset, frames, generation, out)
 
 

@@ -215,7 +215,8 @@ def load_questions(path: str | os.PathLike, *, check_videos: bool = True) -> Que
     questions: list[Question] = []
     seen: dict[str, int] = {}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Lines end at "\n" only: str.splitlines would also split at U+2028 or U+0085 inside a JSON string.
+        lines = path.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: cannot be read as UTF-8 text ({error})") from None
     for number, line in enumerate(lines, start=1):
@@ -226,6 +227,8 @@ def load_questions(path: str | os.PathLike, *, check_videos: bool = True) -> Que
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise UserError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        except RecursionError:
+            raise UserError(f"{where}: nested too deeply to read as JSON") from None
         question = parse_question(record, root=root, where=where)
         if question.id in seen:
             raise UserError(f"{where}: id '{question.id}' already used on line {seen[question.id]}")

@@ -143,13 +143,16 @@ def read_answers(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
         with path.open("r+b") as handle:
             handle.truncate(complete_end)
     records = []
-    for number, line in enumerate(data[:complete_end].decode("utf-8", errors="replace").splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also split at U+2028 or U+0085 inside a JSON string.
+    for number, line in enumerate(data[:complete_end].decode("utf-8", errors="replace").split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise UserError(f"{path}:{number}: not valid JSON ({error.msg}); delete the line to ask it again") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: nested too deeply to read as JSON; delete the line") from None
         if not isinstance(record, dict) or not isinstance(record.get("id"), str):
             raise UserError(f"{path}:{number}: an answer must be a JSON object with an 'id'")
         records.append(record)

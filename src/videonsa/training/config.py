@@ -211,8 +211,11 @@ class TrainConfig(_Settings):
             problems.append(("model.fresh_gates needs model.architecture videonsa", "the stock model has no gates"))
         if self.strategy not in STRATEGIES and not self.strategy.endswith(".json"):
             problems.append((f"strategy must be one of {', '.join(STRATEGIES)} or a DeepSpeed .json file", ""))
-        if not self.trainer.get("output_dir"):
+        output_dir = self.trainer.get("output_dir")
+        if not output_dir:
             problems.append(("trainer.output_dir is not set", "set it or pass --output-dir"))
+        elif Path(output_dir).expanduser().is_file():
+            problems.append((f"trainer.output_dir {output_dir} is a file", "give a folder"))
         return problems
 
     def to_dict(self) -> dict[str, Any]:

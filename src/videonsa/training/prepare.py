@@ -144,6 +144,10 @@ def prepare_manifest(
     clip_filter = clip_filter or ClipFilter()
     output = Path(output)
     report_path = Path(report) if report is not None else output.with_name(output.stem + ".report.json")
+    # Checked before probing, which takes hours on a large dataset, not when the files are written after it.
+    for path, what in ((output, "manifest"), (report_path, "report")):
+        if path.is_dir():
+            raise UserError(f"the {what} path {path} is a folder; give a file name such as {path / 'train.jsonl'}")
     annotation_set = read_annotations(annotations, media_root, allow_outside_root=allow_outside_root)
     clips = sorted({_clip_key(sample) for sample in annotation_set.samples})
     probed = probe_all(clips, prober=prober, workers=os.cpu_count() if workers is None else workers,
@@ -243,13 +247,19 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"manifest {path} does not exist (write one with `videonsa data prepare`)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"manifest {path} is not UTF-8 text (write one with `videonsa data prepare`)") from None
     entries = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also split at U+2028 or U+0085 inside a JSON string, which
+    # json.dumps(ensure_ascii=False) writes unescaped.
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             entries.append(_anchored(ManifestEntry.from_json(json.loads(line)), path.parent))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError) as error:
             raise UserError(f"manifest {path} line {line_number} is damaged ({error!r})") from None
     return entries
 

@@ -123,12 +123,13 @@ class RunProgress:
 
     def reached(self, trainer_settings: dict[str, Any]) -> bool:
         """Whether the steps done meet what `trainer_settings` ask for (max_steps, else num_train_epochs: the
-        recorded step count is the same only if the number of epochs is)."""
+        recorded step count is the same only if the number of epochs is, which the caller has checked in the
+        config records, since the Trainer records a fraction of an epoch rounded up: 1.5 epochs as 2)."""
         max_steps = int(trainer_settings.get("max_steps") or -1)
         if max_steps > 0:
             return self.global_step >= max_steps
         epochs = float(trainer_settings.get("num_train_epochs", 3.0))
-        return math.isclose(epochs, self.num_train_epochs) and self.global_step >= self.max_steps > 0
+        return math.ceil(epochs) == self.num_train_epochs and self.global_step >= self.max_steps > 0
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:

@@ -397,7 +397,9 @@ def run_training(
     if resumed_from is not None:
         accepted = check_resume(config, resumed_from, output_dir, accept_config_changes)
         state = read_trainer_state(resumed_from)
-        if RunProgress.of_state(state).reached(config.trainer):
+        # An accepted change of num_train_epochs moves the target past what the checkpoint's state records.
+        epochs_changed = any(difference.name == "trainer.num_train_epochs" for difference in accepted)
+        if not epochs_changed and RunProgress.of_state(state).reached(config.trainer):
             return _finish_from_checkpoint(config, args, resumed_from, state)
     elif resume == "auto":
         refuse_different_finished_run(config, output_dir)
@@ -413,6 +415,7 @@ def run_training(
         resumed_step = int(read_trainer_state(resumed_from)["global_step"]) if resumed_from else None
         write_start_record(config, output_dir, resumed_step, accepted)
         _forget_final_model(output_dir)
+        _forget_later_checkpoints(output_dir, resumed_step or 0)
 
     trainer = VideoNSATrainer(
         model=model,
@@ -428,7 +431,10 @@ def run_training(
     _use_readable_log_lines(trainer)
     if resumed_from is not None:
         logger.info("resuming from %s", resumed_from)
-    result = trainer.train(resume_from_checkpoint=str(resumed_from) if resumed_from else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resumed_from) if resumed_from else None)
+    except UserError as error:
+        raise worker_error_line(error) from None
     # The final model also goes to output_dir itself, marked complete only once fully written.
     trainer.save_model(args.output_dir)
     totals = trainer.data_totals()
@@ -438,6 +444,18 @@ def run_training(
         progress = RunProgress(result.global_step, trainer.state.max_steps, trainer.state.num_train_epochs)
         write_result(output_dir, config, progress, loss, totals)
     return TrainingOutcome(output_dir, result.global_step, loss, resumed_from, totals)
+
+
+def worker_error_line(error: UserError) -> UserError:
+    """The one-line `UserError` a dataloader worker raised (e.g. every sample in a row unreadable).
+
+    torch re-raises a worker's exception in the training process as the same type built from a message that
+    holds the worker's whole traceback; its last line is ``videonsa.errors.UserError: <the message>``.
+    """
+    text = str(error).rstrip()
+    if not text.startswith("Caught UserError in DataLoader worker"):
+        return error
+    return UserError(text.splitlines()[-1].partition("UserError: ")[2] or text.splitlines()[0])
 
 
 def _use_readable_log_lines(trainer: Trainer) -> None:
@@ -451,6 +469,18 @@ def _forget_final_model(output_dir: Path) -> None:
     """Training starts or goes on: the final model (if any) no longer is one, until this run writes its own."""
     (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
     (output_dir / RESULT_RECORD).unlink(missing_ok=True)
+
+
+def _forget_later_checkpoints(output_dir: Path, step: int) -> None:
+    """Unmark the checkpoints past `step`, where training starts: they belong to an abandoned run (`--resume
+    never`, or an earlier checkpoint resumed), so `--resume auto` must never take them, and the Trainer saving
+    over one must not leave a marked folder of mixed files if it is killed meanwhile."""
+    if not output_dir.is_dir():
+        return
+    for child in output_dir.iterdir():
+        match = _CHECKPOINT_NAME.match(child.name)
+        if match and int(match.group(1)) > step and child.is_dir():
+            (child / COMPLETE_MARKER).unlink(missing_ok=True)
 
 
 def _finished_outcome(output_dir: Path, finished: FinishedRun) -> TrainingOutcome:
