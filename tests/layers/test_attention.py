@@ -44,9 +44,9 @@ def _softmax_attention(q, k, v, visible, scale):
     return torch.stack(out)
 
 
-def _expected(q, k, v, gates, vision, padding, settings):
+def _expected(q, k, v, gates, vision, padding, settings, scale=None):
     """Vision: the NSA operator on each sample's own stream (no packing). Text: softmax over earlier real tokens."""
-    scale = q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.zeros_like(q)
     offset = 0
     for b in range(q.shape[0]):
@@ -69,12 +69,14 @@ def _expected(q, k, v, gates, vision, padding, settings):
     return out
 
 
+# scale None: the operator's default D ** -0.5; 0.9 (not the default) checks that both paths are given it.
+@pytest.mark.parametrize("scale", [None, 0.9])
 @pytest.mark.parametrize("heads_q,heads_kv", [(4, 2), (7, 1)])
-def test_vision_queries_get_nsa_over_their_stream_and_text_queries_dense_causal_attention(heads_q, heads_kv):
+def test_vision_queries_get_nsa_over_their_stream_and_text_queries_dense_causal_attention(heads_q, heads_kv, scale):
     q, k, v, gates, vision, padding = _batch(heads_q, heads_kv)
     split = build_token_split(vision, padding)
-    got = videonsa_attention(q, k, v, gates, split, SETTINGS, attend=sdpa_attend())
-    torch.testing.assert_close(got, _expected(q, k, v, gates, vision, padding, SETTINGS))
+    got = videonsa_attention(q, k, v, gates, split, SETTINGS, attend=sdpa_attend(scale), scale=scale)
+    torch.testing.assert_close(got, _expected(q, k, v, gates, vision, padding, SETTINGS, scale=scale))
 
 
 def test_gradients_match_the_per_sample_composition():

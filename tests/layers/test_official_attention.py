@@ -116,6 +116,22 @@ def test_official_attention_matches_the_naive_oracle(
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    "layouts",
+    [[layout(("text", 10), ("vision", 50), ("text", 10))], [[True] * 45], [[False] * 30]],
+    ids=["mixed", "all_vision", "all_text"],
+)
+def test_scale_and_gate_temperature_are_those_given(layouts):
+    """A softmax scale and gate temperature other than the defaults (D ** -0.5, 0.3), on each of the three
+    paths: the cases above and the model (whose scale and temperature are the defaults) cannot tell."""
+    inputs = make_inputs(layouts, 4, 2, 16, seed=7, q_scale=2.0)
+    settings = dict(block_size=4, block_counts=2, window_size=8, scale=0.6, gate_temperature=0.7)
+    expected = naive_official_attention(**inputs, **settings)
+    torch.testing.assert_close(official_attention(**inputs, **settings), expected, rtol=0, atol=1e-10)
+    default = naive_official_attention(**inputs, block_size=4, block_counts=2, window_size=8)
+    assert not torch.allclose(expected, default, rtol=0, atol=1e-3)
+
+
 def test_text_tokens_get_half_gates_and_the_dense_part_in_the_mixed_path():
     """Changing a text token's gate logits changes nothing (its gates are 0.5 whatever the logits), changing a
     vision token's changes its output; and the mixed path differs from the pure ones on the same tensors."""

@@ -123,10 +123,12 @@ def check_fast_against_reference(batch, seq_len, heads_q, heads_kv, dim, is_visi
     torch.testing.assert_close(fast, reference, atol=tol, rtol=tol)
 
 
+# Two cases take a scale and gate temperature other than the defaults (D ** -0.5, 0.3), which the model uses: a
+# fast path that dropped either would agree with the reference at the defaults.
 @kernel_test
 def test_fast_mixed_batch_partial_last_block() -> None:
     check_fast_against_reference(2, 70, 4, 2, 16, vision_layout(2, 70), seed=2,
-                                 block_size=16, block_counts=3, window_size=20)
+                                 block_size=16, block_counts=3, window_size=20, scale=0.4, gate_temperature=0.7)
 
 
 @kernel_test
@@ -139,7 +141,7 @@ def test_fast_mixed_many_blocks_and_gqa_7_to_1() -> None:
 @kernel_test
 def test_fast_all_vision_batch() -> None:
     check_fast_against_reference(1, 50, 4, 2, 16, torch.ones(1, 50, dtype=torch.bool), seed=4,
-                                 block_size=16, block_counts=2, window_size=16)
+                                 block_size=16, block_counts=2, window_size=16, scale=0.4, gate_temperature=0.7)
 
 
 @kernel_test

@@ -91,7 +91,7 @@ def check_selection(parts, ref_lse, x, settings, tol, sample=None):
     batch, total, heads_q, head_dim = q.shape
     heads_kv = k.shape[2]
     group = heads_q // heads_kv
-    scale = head_dim**-0.5
+    scale = head_dim**-0.5 if settings.get("scale") is None else settings["scale"]
     cu = settings["cu_seqlens"]
     spans = [(r, 0, total) for r in range(batch)] if cu is None else [
         (0, a, e) for a, e in zip(cu[:-1].tolist(), cu[1:].tolist())
@@ -199,7 +199,7 @@ def case_operator(batch, seq_lens, heads_q, heads_kv, head_dim, dtype, settings,
     dt = getattr(torch, dtype)
     x, do, cu = make_inputs(batch, seq_lens, heads_q, heads_kv, head_dim, settings["block_size"], dt, CASE_DEVICE,
                             seed)
-    settings = dict(settings, cu_seqlens=cu, scale=None)
+    settings = dict(settings, cu_seqlens=cu, scale=settings.get("scale"))
     tols, sel_tol = TOLS[dtype]
     errors, parts = compare_with_reference(
         x, do, cu, settings, dt, tols, sel_tol, check_parts_grad=check_parts_grad
@@ -322,9 +322,10 @@ def test_operator_rejects_bad_inputs():
         # Qwen's 7:1 grouping, packed sequences of lengths that are not multiples of the block (one shorter).
         dict(batch=None, seq_lens=[83, 37, 9], heads_q=7, heads_kv=1, head_dim=32, dtype="float16",
              settings=dict(block_size=16, block_count=3, window_size=24, init_blocks=1, local_blocks=1)),
-        # 1:1, a plain batch of two, float32; gradients also entering through o_cmp, o_slc, o_swa.
+        # 1:1, a plain batch of two, float32; gradients also entering through o_cmp, o_slc, o_swa; a softmax scale
+        # other than the default D ** -0.5 (an operator that dropped it would agree with the reference there).
         dict(batch=[2, 50], seq_lens=None, heads_q=2, heads_kv=2, head_dim=16, dtype="float32",
-             settings=dict(block_size=16, block_count=2, window_size=20, init_blocks=0, local_blocks=1),
+             settings=dict(block_size=16, block_count=2, window_size=20, init_blocks=0, local_blocks=1, scale=0.4),
              check_parts_grad=True),
     ],
     ids=["7to1-fp16-varlen", "1to1-fp32-batch2"],

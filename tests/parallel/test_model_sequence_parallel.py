@@ -16,9 +16,10 @@ from videonsa.errors import UserError
 from videonsa.models import enable_sequence_parallel
 
 WORLD = 2
-# (attention mode, gather_output): the gathered path runs transformers' own loss on full logits; the sliced one
-# computes the loss per rank and sums it over the group.
-CASES = [("nsa", True), ("nsa", False), ("dense", True)]
+# (attention mode, gather_output, padded batch): the gathered path runs transformers' own loss on full logits;
+# the sliced one computes the loss per rank and sums it over the group. Dense attention of an unpadded batch
+# takes its own path (the backend's causal kernel, no mask).
+CASES = [("nsa", True, True), ("nsa", False, True), ("dense", True, True), ("dense", True, False)]
 
 
 def _model(mode: str, **config_kwargs):
@@ -26,10 +27,14 @@ def _model(mode: str, **config_kwargs):
     return model
 
 
-def _batch():
-    # Two samples, left padded, T = 43 (odd: the sequence is padded to 44 for 2 ranks); the first sample's video
-    # tokens (positions 6..37) straddle the two ranks' slices.
-    batch = testing.tiny_video_batch(((2, 8, 8), (2, 4, 4)), text_before=[5, 7], text_after=[4, 9], seed=1)
+def _batch(padded: bool = True):
+    # Padded: two samples, left padded, T = 43 (odd: the sequence is padded to 44 for 2 ranks); the first
+    # sample's video tokens (positions 6..37) straddle the two ranks' slices. Unpadded: two samples of 44 tokens.
+    if padded:
+        batch = testing.tiny_video_batch(((2, 8, 8), (2, 4, 4)), text_before=[5, 7], text_after=[4, 9], seed=1)
+    else:
+        batch = testing.tiny_video_batch(((2, 8, 8), (2, 8, 8)), text_before=5, text_after=5, seed=4)
+        assert batch.attention_mask.all() and batch.input_ids.shape[1] % WORLD == 0
     kwargs = batch.as_kwargs()
     kwargs["pixel_values_videos"] = kwargs["pixel_values_videos"].double()
     # No label is predicted from a padding token (the first real token of each sample is not a target either):
@@ -50,9 +55,9 @@ def _run(model, kwargs, labels):
 def _worker(rank: int, init_file: str, result_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
-    kwargs, labels = _batch()
     results = {}
-    for mode, gather in CASES:
+    for mode, gather, padded in CASES:
+        kwargs, labels = _batch(padded)
         model = _model(mode)
         model.enable_sequence_parallel(gather_output=gather)
         loss, logits, grads = _run(model, kwargs, labels)
@@ -68,8 +73,9 @@ def _worker(rank: int, init_file: str, result_file: str) -> None:
             logits = torch.cat(pieces, dim=1)[:, : labels.shape[1]]
         losses = [torch.empty_like(loss) for _ in range(WORLD)]
         dist.all_gather(losses, loss)
-        results[(mode, gather)] = {"loss": losses, "logits": logits, "grads": grads}
+        results[(mode, gather, padded)] = {"loss": losses, "logits": logits, "grads": grads}
 
+    kwargs, _ = _batch()
     errors = {}
     model = _model("nsa")
     model.enable_sequence_parallel()
@@ -109,10 +115,10 @@ def distributed_results():
         return torch.load(result_file)
 
 
-@pytest.mark.parametrize("mode,gather", CASES)
-def test_sequence_parallel_model_matches_single_process(distributed_results, mode, gather):
-    got = distributed_results["results"][(mode, gather)]
-    kwargs, labels = _batch()
+@pytest.mark.parametrize("mode,gather,padded", CASES)
+def test_sequence_parallel_model_matches_single_process(distributed_results, mode, gather, padded):
+    got = distributed_results["results"][(mode, gather, padded)]
+    kwargs, labels = _batch(padded)
     model = _model(mode)
     loss, logits, grads = _run(model, kwargs, labels)
     # transformers computes the loss in float32: the sliced loss (a sum in another order) agrees to float32.
