@@ -169,6 +169,20 @@ def test_convert_command_adds_gates_and_writes_either_layout(tmp_path, capsys, b
     assert "model.language_model.layers.0.self_attn.g_proj_1.weight" in _stored_names(tmp_path / "current")
 
 
+def test_convert_of_a_training_checkpoint_leaves_its_training_state_behind(tmp_path, capsys):
+    # A training checkpoint folder holds the model beside the Trainer's state and videonsa's completion marker;
+    # copied, they would make the converted folder look like a checkpoint `videonsa train` can resume.
+    from videonsa.training.trainer import COMPLETE_MARKER
+
+    source = testing.save_tiny_checkpoint(tmp_path / "checkpoint-40", seed=21)
+    for name in ("trainer_state.json", COMPLETE_MARKER, "optimizer.pt", "rng_state.pth", "training_args.bin"):
+        (source / name).write_text("{}")
+    assert cli.main(["convert", str(source), str(tmp_path / "out")]) == 0
+    copied = {path.name for path in (tmp_path / "out").iterdir()}
+    assert "tokenizer.json" in copied
+    assert not copied & {"trainer_state.json", COMPLETE_MARKER, "optimizer.pt", "rng_state.pth", "training_args.bin"}
+
+
 def test_convert_refuses_bad_folders_and_leaves_nothing_behind(tmp_path, capsys):
     testing.save_tiny_checkpoint(tmp_path / "src", seed=20)
     (tmp_path / "taken").mkdir()

@@ -27,6 +27,9 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # template, generation config) is copied unchanged by `convert_checkpoint`.
 _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 _MODEL_FILE_NAMES = ("config.json",)
+# A training checkpoint's state and completion marker (videonsa.training): copied, they would make the converted
+# folder look like a checkpoint that `videonsa train` can resume.
+_TRAINING_STATE_NAMES = ("trainer_state.json", "videonsa-complete")
 
 
 def save_legacy_layout(
@@ -92,8 +95,9 @@ def convert_checkpoint(
     """Write a VideoNSA checkpoint made from the Qwen2.5-VL (or VideoNSA) checkpoint folder `source`.
 
     Weights are kept; gates missing from `source` are initialised fresh (N(0, 0.02), bias 0, seeded by `seed`).
-    Tokenizer, processor and other non-weight files are copied. `settings` (block_size, block_counts,
-    window_size, init_blocks, local_blocks, gate_temperature, attention_mode) are recorded in the new config.
+    Tokenizer, processor and other non-weight files are copied (not a training checkpoint's state). `settings`
+    (block_size, block_counts, window_size, init_blocks, local_blocks, gate_temperature, attention_mode) are
+    recorded in the new config.
 
     `source` is checked first (`from_pretrained` runs `checkpoint_checks.check_checkpoint`): a malformed config,
     weights that are not safetensors or disagree with it, or gates stored for some layers only (unless
@@ -139,7 +143,8 @@ def _parse_dtype(name: str) -> str | torch.dtype:
 
 
 def _is_model_file(name: str) -> bool:
-    return name in _MODEL_FILE_NAMES or name.endswith(_MODEL_FILE_SUFFIXES)
+    """Whether `name` is written by the conversion itself or left behind (weights, config, training state)."""
+    return name in _MODEL_FILE_NAMES or name in _TRAINING_STATE_NAMES or name.endswith(_MODEL_FILE_SUFFIXES)
 
 
 def _unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
