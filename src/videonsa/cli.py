@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -58,6 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("videonsa: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whatever read stdout has gone (`videonsa ask ... | head -c 1`): stop quietly, as shell tools do. stdout
+        # goes to /dev/null first, or Python's flush at exit would report the broken pipe once more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a tool the broken pipe stopped
 
 
 if __name__ == "__main__":

@@ -45,6 +45,17 @@ def test_videonsa_ask_runs_end_to_end_in_a_subprocess(inputs):
     assert re.search(r"prefill \d+\.\d+s, decode", report_line) and "[attention nsa]" in report_line
 
 
+def test_a_reader_that_goes_away_stops_ask_quietly(inputs):
+    # `videonsa ask ... | head -c 1`: the reader has closed the pipe before the answer comes.
+    command = [sys.executable, "-m", "videonsa.cli", *ask(inputs, "--max-new-tokens", "5", "What moves?")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "NO_COLOR": "1"})
+    process.stdout.close()
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_multiple_choice_prints_the_letter(inputs, capsys):
     # --question keeps the question out of --options' reach, whatever the order.
     code = cli.main(ask(inputs, "--attention", "dense", "--options", "square", "disc", "line", "--question", "What?"))
@@ -141,6 +152,18 @@ def test_bad_videos_give_one_line_naming_the_file(bad_videos, inputs, case, expe
 def test_bad_settings_give_one_line_naming_the_flag(inputs, flags, expected, capsys, weights_must_not_load):
     message = run_and_get_error(ask(inputs, "What moves?", *flags), capsys)
     assert re.search(expected, message), message
+
+
+def test_a_device_budget_too_small_is_not_blamed_on_budget(inputs, capsys, monkeypatch, weights_must_not_load):
+    # On a GPU without --budget the budget is what fits its free memory: too small, the line must not name a
+    # --budget the user never gave. (The CPU has no device budget: the GPU's is given here.)
+    import videonsa.inference.memory as memory
+
+    monkeypatch.setattr(memory, "default_budget_tokens", lambda *args, **kwargs: 100)
+    monkeypatch.setattr(memory, "free_memory", lambda device: 2**30)
+    message = run_and_get_error(ask(inputs, "What moves?"), capsys)
+    assert message.startswith("the budget 100 is too small: the text needs"), message
+    assert message.endswith("(the budget is what fits cpu's free memory: free some, or pass --budget)")
 
 
 def test_a_question_swallowed_by_options_is_asked_for(inputs, capsys, weights_must_not_load):
