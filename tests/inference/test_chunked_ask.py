@@ -22,6 +22,7 @@ from videonsa.inference.memory import (
 )
 from videonsa.inference.prefill_progress import PrefillProgress
 from videonsa.inference.prompt import build_preset_prompt
+from videonsa.models.chunked_prefill import CACHE_KWARG
 from videonsa.models.kv_cache import PreallocatedLayer
 from videonsa.video import SamplingSettings, decode_planned_video, plan_video, probe_video
 
@@ -376,7 +377,7 @@ def test_the_answer_is_generated_into_a_cache_with_room_for_the_prompt_and_the_a
     generate = loaded.model.generate
 
     def noting_the_cache(*args, **kwargs):
-        caches.append(kwargs.get("past_key_values"))
+        caches.append(kwargs.get(CACHE_KWARG))
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(loaded.model, "generate", noting_the_cache)

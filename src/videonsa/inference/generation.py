@@ -17,7 +17,7 @@ from videonsa.inference.memory import CHUNK_QUANTUM, PrefillMemory, check_chunk_
 from videonsa.inference.model_files import ModelFiles
 from videonsa.inference.prefill_progress import ChunkedPrefillMeter, PrefillCallback, PrefillMeter
 from videonsa.inference.prompt import QuestionPrompt, model_inputs
-from videonsa.models.chunked_prefill import check_chunking_supported, prefill_in_chunks
+from videonsa.models.chunked_prefill import CACHE_KWARG, check_chunking_supported, prefill_in_chunks
 from videonsa.models.kv_cache import preallocated_cache
 from videonsa.options import GREEDY_GENERATION
 from videonsa.video import DecodedVideo, VideoPlan
@@ -277,7 +277,8 @@ def _generate(model, inputs, config, streamer, extra, chunk: int | None, on_pref
     # Room for the prompt and the whole answer: decoding steps write in place instead of copying the cache.
     cache = preallocated_cache(model.config, prompt_tokens + config.max_new_tokens)
     with torch.inference_mode(), meter, chunking:
-        return model.generate(**inputs, generation_config=config, streamer=streamer, past_key_values=cache, **extra)
+        # The cache under the installed transformers' name for it (newer 5.x warn on `past_key_values` at every call).
+        return model.generate(**inputs, generation_config=config, streamer=streamer, **{CACHE_KWARG: cache}, **extra)
 
 
 def _smaller_chunk(model, setting: int | str | None, chunk: int | None, prompt_tokens: int) -> int | None:
