@@ -3,6 +3,7 @@ killed between writing and renaming leaves nothing behind once the next write to
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from videonsa.files import atomic_write, atomic_write_json, atomic_write_text, staging_folder
+from videonsa.files import atomic_write, atomic_write_json, atomic_write_text, jsonl_lines, staging_folder
 
 
 def _mode(path: Path) -> int:
@@ -160,3 +161,9 @@ def test_the_model_package_writes_files_without_the_training_package() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_json_lines_split_at_newlines_only():
+    # json.dumps(ensure_ascii=False) leaves U+2028 and U+0085 raw inside strings: they do not end a line.
+    text = json.dumps({"q": "a\u2028b\x85c"}, ensure_ascii=False) + "\n" + json.dumps({"q": "d"}) + "\n"
+    assert [json.loads(line) for line in jsonl_lines(text) if line] == [{"q": "a\u2028b\x85c"}, {"q": "d"}]

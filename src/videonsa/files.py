@@ -1,4 +1,5 @@
-"""Writing files so that a reader never sees half of one: atomic writes, staging folders, umask modes.
+"""Writing files so that a reader never sees half of one: atomic writes, staging folders, umask modes; and reading
+JSON Lines.
 
 Shared by every part of the package that writes (checkpoint conversion, training, evaluation, analysis), so it
 depends on nothing of theirs; docs/model-files.md, "Writing files", describes the guarantees.
@@ -204,3 +205,9 @@ def _fsync_folder(folder: Path) -> None:
 def atomic_write_json(path: str | Path, value: Any) -> None:
     """Write `value` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text. They end at "\\n" only: str.splitlines also splits at U+2028 and U+0085,
+    which json.dumps(ensure_ascii=False) writes raw inside strings."""
+    return text.split("\n")

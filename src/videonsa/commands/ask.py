@@ -415,7 +415,11 @@ def run_ask(args: argparse.Namespace) -> int:
         try:
             plan = plan_video(info, frames, text_tokens=text_tokens, geometry=files.geometry)
         except UserError as error:
-            raise UserError(_flag_names(str(error))) from None
+            message = _flag_names(str(error))
+            if budget_note:  # the budget came from the device's free memory, not from a --budget the user gave
+                message = message.replace("--budget=", "the budget ", 1)
+                message += f" (the budget is what fits {device}'s free memory: free some, or pass --budget)"
+            raise UserError(message) from None
     console = Console(stderr=True, soft_wrap=True)
     # The plan first: a user who sees the wrong frame count or size can stop before decoding starts.
     console.print(f"video  {info.describe()}", highlight=False, markup=False)

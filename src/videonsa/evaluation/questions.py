@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from videonsa.errors import UserError
-from videonsa.files import atomic_write_text
+from videonsa.files import atomic_write_text, jsonl_lines
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 NEEDLE_KINDS: tuple[str, ...] = ("retrieval", "counting", "order")
@@ -215,8 +215,7 @@ def load_questions(path: str | os.PathLike, *, check_videos: bool = True) -> Que
     questions: list[Question] = []
     seen: dict[str, int] = {}
     try:
-        # Lines end at "\n" only: str.splitlines would also split at U+2028 or U+0085 inside a JSON string.
-        lines = path.read_text(encoding="utf-8").split("\n")
+        lines = jsonl_lines(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: cannot be read as UTF-8 text ({error})") from None
     for number, line in enumerate(lines, start=1):

@@ -27,7 +27,7 @@ from typing import Any
 from videonsa.errors import UserError
 from videonsa.evaluation.questions import Question, QuestionSet
 from videonsa.evaluation.report import Summary, summarize, write_report
-from videonsa.files import atomic_write_text
+from videonsa.files import atomic_write_text, jsonl_lines
 
 ANSWERS_FILE = "answers.jsonl"
 RUN_FILE = "run.json"
@@ -143,8 +143,7 @@ def read_answers(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
         with path.open("r+b") as handle:
             handle.truncate(complete_end)
     records = []
-    # Lines end at "\n" only: str.splitlines would also split at U+2028 or U+0085 inside a JSON string.
-    for number, line in enumerate(data[:complete_end].decode("utf-8", errors="replace").split("\n"), start=1):
+    for number, line in enumerate(jsonl_lines(data[:complete_end].decode("utf-8", errors="replace")), start=1):
         if not line.strip():
             continue
         try:

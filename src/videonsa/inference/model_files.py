@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from videonsa.errors import UserError
+from videonsa.errors import UserError, first_line
 from videonsa.options import ATTENTION_MODES
 from videonsa.video import VisionGeometry
 from videonsa.video.patches import CLIP_MEAN, CLIP_STD
@@ -133,7 +133,7 @@ def _load_tokenizer(directory: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as error:
-        raise UserError(f"{directory}: cannot load the tokenizer ({str(error).splitlines()[0]})") from None
+        raise UserError(f"{directory}: cannot load the tokenizer ({first_line(error)})") from None
 
 
 def _pixel_statistics(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -293,5 +293,5 @@ def load_weights(
             directory, dtype=dtype, device_map=str(device), attention_mode=choice.mode, fresh_gates=fresh_gates
         )
     except OSError as error:
-        raise UserError(f"model '{files.name}': cannot load its weights ({str(error).splitlines()[0]})") from None
+        raise UserError(f"model '{files.name}': cannot load its weights ({first_line(error)})") from None
     return model.eval()

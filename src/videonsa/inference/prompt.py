@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from videonsa.errors import UserError
+from videonsa.errors import UserError, first_line
 from videonsa.inference.model_files import ModelFiles
 from videonsa.video import DecodedVideo, frames_to_patches
 from videonsa.video.paper import PAPER_SYSTEM_PROMPT
@@ -116,7 +116,7 @@ def _render_chat_template(files: ModelFiles, messages: list[dict]) -> str:
             messages, chat_template=files.chat_template, tokenize=False, add_generation_prompt=True
         )
     except TemplateError as error:
-        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        why = first_line(error)
         raise UserError(f"model '{files.name}': its chat template cannot render the question ({why})") from None
 
 

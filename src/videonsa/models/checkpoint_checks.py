@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, model_validator
 
-from videonsa.errors import UserError
+from videonsa.errors import UserError, first_line
 from videonsa.models.checkpoints import to_current_key
 
 # Upper bounds far above any Qwen2.5-VL (72B: 80 layers, hidden 8192, MLP 29568, vocab 152064), low enough that
@@ -189,7 +189,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"{directory}: no config.json, so it is not a model directory") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise UserError(f"{path}: not readable JSON ({str(error).splitlines()[0]})") from None
+        raise UserError(f"{path}: not readable JSON ({first_line(error)})") from None
     check_config(config, path)
     return config
 
@@ -218,7 +218,7 @@ def weight_files(directory: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError) as error:
-            raise UserError(f"{index}: not a readable safetensors index ({str(error).splitlines()[0]})") from None
+            raise UserError(f"{index}: not a readable safetensors index ({first_line(error)})") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise UserError(f"{index}: weight_map must map tensor names to file names")
         shards = sorted(set(weight_map.values()))
@@ -253,7 +253,7 @@ def read_tensor_headers(directory: Path) -> dict[str, StoredTensor]:
                     piece = handle.get_slice(name)
                     tensors[to_current_key(name)] = StoredTensor(tuple(piece.get_shape()), piece.get_dtype(), file.name)
         except (SafetensorError, OSError, ValueError) as error:
-            why = str(error).splitlines()[0] if str(error) else type(error).__name__
+            why = first_line(error)
             raise UserError(f"{file}: not a readable safetensors file (truncated or corrupt: {why})") from None
     for name, tensor in tensors.items():
         if tensor.dtype not in FLOAT_DTYPES:
@@ -386,7 +386,7 @@ def _expected_shapes(directory: Path, config: dict[str, Any]) -> tuple[dict[str,
     except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, RuntimeError,
             StrictDataclassError) as error:
         cause = error.__cause__ if isinstance(error, StrictDataclassError) and error.__cause__ else error
-        why = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        why = first_line(cause)
         raise UserError(f"{directory / 'config.json'}: not a usable Qwen2.5-VL config ({why})") from None
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     text = model_config.text_config

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from videonsa.errors import UserError
+from videonsa.files import jsonl_lines
 
 VIDEO_TAG = "<video>"
 IMAGE_TAG = "<image>"
@@ -229,8 +230,7 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
     # holding them are rejected (by `_without_stray_bytes`).
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
-        # Lines end at "\n" only: str.splitlines would also split at U+2028 or U+0085 inside a JSON string.
-        for line_number, line in enumerate(text.split("\n"), start=1):
+        for line_number, line in enumerate(jsonl_lines(text), start=1):
             if not line.strip():
                 continue
             origin = f"{path}:{line_number}"

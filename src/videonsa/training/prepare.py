@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from videonsa.errors import UserError
-from videonsa.files import atomic_write_json, atomic_write_text
+from videonsa.files import atomic_write_json, atomic_write_text, jsonl_lines
 from videonsa.training.annotations import Rejected, Sample, read_annotations
 from videonsa.training.probe import ClipInfo, ClipMissing, ClipUnreadable, frames_at_rate, probe_clip
 from videonsa.training.workers import die_with_parent
@@ -252,9 +252,7 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
     except UnicodeDecodeError:
         raise UserError(f"manifest {path} is not UTF-8 text (write one with `videonsa data prepare`)") from None
     entries = []
-    # Lines end at "\n" only: str.splitlines would also split at U+2028 or U+0085 inside a JSON string, which
-    # json.dumps(ensure_ascii=False) writes unescaped.
-    for line_number, line in enumerate(text.split("\n"), start=1):
+    for line_number, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
-from videonsa.errors import UserError
+from videonsa.errors import UserError, first_line
 from videonsa.files import apply_umask_modes, atomic_write_json, atomic_write_text
 from videonsa.training.annotations import read_annotations
 from videonsa.training.collator import VideoChatCollator
@@ -273,7 +273,7 @@ def training_arguments(config: TrainConfig) -> TrainingArguments:
     try:
         return TrainingArguments(**settings)
     except (ValueError, TypeError, ImportError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = first_line(error)
         raise UserError(f"trainer settings in {config.source}: {message}") from None
 
 

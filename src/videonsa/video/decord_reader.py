@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from videonsa.errors import UserError
+from videonsa.errors import UserError, first_line
 from videonsa.video.info import VideoInfo
 
 # A frame counts as showing at time t when its timestamp is at most t plus this (float rounding of t).
@@ -47,7 +47,7 @@ def read_frames(
         reader = decord.VideoReader(str(path), width=width, height=height)
         starts = reader.get_frame_timestamp(range(len(reader)))[:, 0]
     except decord.DECORDError as error:
-        raise UserError(f"{path}: decord cannot read it ({str(error).splitlines()[0]})") from None
+        raise UserError(f"{path}: decord cannot read it ({first_line(error)})") from None
     indices = np.searchsorted(starts, np.asarray(timestamps) + TIME_TOLERANCE, side="right") - 1
     indices = np.clip(indices, 0, len(starts) - 1)
     frames = np.empty((len(timestamps), height, width, 3), dtype=np.uint8)
@@ -56,7 +56,7 @@ def read_frames(
         try:
             frames[first : first + len(chunk)] = reader.get_batch(chunk).asnumpy()
         except decord.DECORDError as error:
-            raise UserError(f"{path}: decord failed to decode it ({str(error).splitlines()[0]})") from None
+            raise UserError(f"{path}: decord failed to decode it ({first_line(error)})") from None
         if progress is not None:
             progress(first + len(chunk), len(indices))
     return frames, [float(starts[index]) for index in indices], {"frames_decoded": len(indices), "seeks": 0}
