@@ -1,4 +1,6 @@
-"""The gate MLP: formula, branch order, initialisation."""
+"""The gate MLP: formula, branch order, initialisation, recomputation in training."""
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -43,3 +45,61 @@ def test_new_gates_start_with_small_normal_weights_and_zero_bias():
         assert abs(proj.weight.std().item() - GATE_INIT_STD) < 0.1 * GATE_INIT_STD
         assert abs(proj.weight.mean().item()) < 0.1 * GATE_INIT_STD
         assert torch.count_nonzero(proj.bias) == 0
+
+
+def _spread_projections(hidden: int, heads: int) -> tuple[torch.nn.Linear, torch.nn.Linear]:
+    proj_1, proj_2 = make_gate_projections(hidden_size=hidden, num_heads=heads)
+    for proj in (proj_1, proj_2):
+        torch.nn.init.normal_(proj.weight, std=0.5)
+        torch.nn.init.normal_(proj.bias, std=0.5)
+    return proj_1, proj_2
+
+
+def _saved_activations(run, x: torch.Tensor) -> tuple[object, int]:
+    """run()'s result and how many tensors of x's size autograd saves for the backward while it runs, x itself
+    (which any layer keeps: the q/k/v projections read it) not counted."""
+    count = 0
+
+    def pack(tensor):
+        nonlocal count
+        count += tensor.numel() == x.numel() and tensor.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = run()
+    return result, count
+
+
+def test_recomputed_gates_keep_no_hidden_activations_and_give_the_same_gradients():
+    torch.manual_seed(1)
+    hidden, heads = 32, 4
+    proj_1, proj_2 = _spread_projections(hidden, heads)
+    x = torch.randn(2, 7, hidden, requires_grad=True)
+    weights = torch.randn(3, 2, 7, heads)
+    parameters = [x, *proj_1.parameters(), *proj_2.parameters()]
+
+    results = {}
+    for recompute in (False, True):
+        gates, kept = _saved_activations(
+            functools.partial(branch_gates, x, proj_1, proj_2, num_heads=heads, temperature=0.3, recompute=recompute),
+            x,
+        )
+        loss = sum((g * w).sum() for g, w in zip(gates, weights, strict=True))
+        results[recompute] = (gates, torch.autograd.grad(loss, parameters), kept)
+    # Kept: g_proj_1's output and its gelu; recomputed: neither.
+    assert results[False][2] == 2 and results[True][2] == 0
+    for plain, again in zip(results[False][:2], results[True][:2], strict=True):
+        for a, b in zip(plain, again, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_layer_recomputes_its_gates_in_training_only():
+    from videonsa import testing
+
+    model = testing.tiny_model()
+    attention = model.model.language_model.layers[0].self_attn
+    x = torch.randn(1, 6, model.config.text_config.hidden_size, requires_grad=True)
+    _, evaluating = _saved_activations(lambda: attention.gates(x), x)
+    attention.train()
+    _, training = _saved_activations(lambda: attention.gates(x), x)
+    assert evaluating == 2 and training == 0

@@ -176,7 +176,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch):
     for checkpointing in (False, True):
         model = testing.tiny_model(seed=10).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            testing.enable_checkpointing(model, {"use_reentrant": False})
         attention = model.model.language_model.layers[0].self_attn
         count = []
         handle = attention.register_forward_hook(lambda *_, count=count: count.append(1))

@@ -276,8 +276,11 @@ class VideoNSAAttention(SequenceParallelModule, qwen.Qwen2_5_VLAttention):
         )
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The branch gates (g_cmp, g_slc, g_swa) of layer inputs x [..., hidden], each [..., HQ] in [0, 1]."""
-        return branch_gates(x, self.g_proj_1, self.g_proj_2, self.num_heads, self.settings.gate_temperature)
+        """The branch gates (g_cmp, g_slc, g_swa) of layer inputs x [..., hidden], each [..., HQ] in [0, 1]. In
+        training the gate MLP's activations are recomputed for the backward rather than kept (`branch_gates`)."""
+        return branch_gates(
+            x, self.g_proj_1, self.g_proj_2, self.num_heads, self.settings.gate_temperature, recompute=self.training
+        )
 
     def dense_attend(self, query: Tensor, key: Tensor, value: Tensor, split: TokenSplit) -> Tensor:
         """Text queries through the model's attention backend with the split's text mask: q [B, HQ, L, D],
