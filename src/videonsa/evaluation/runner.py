@@ -26,7 +26,7 @@ from typing import Any
 
 from videonsa.errors import UserError, first_line
 from videonsa.evaluation.questions import Question, QuestionSet
-from videonsa.evaluation.report import Summary, summarize, write_report
+from videonsa.evaluation.report import Summary, latest_answers, summarize, write_report
 from videonsa.files import atomic_write_text, jsonl_lines
 
 ANSWERS_FILE = "answers.jsonl"
@@ -327,7 +327,8 @@ def run_eval(
         pending = [question for question in selected if question.id not in answered]
         done = len(selected) - len(pending)
         by_id = {question.id: question for question in selected}
-        correct = sum(answer.get("choice") == by_id[answer["id"]].answer for answer in answers if answer["id"] in by_id)
+        latest, _ = latest_answers(answers)
+        correct = sum(answer.get("choice") == by_id[answer["id"]].answer for answer in latest if answer["id"] in by_id)
         with answers_path.open("a", encoding="utf-8") as handle, _progress_bar(progress, len(selected), done) as bar:
             bar(done, correct, done)
             for question in pending:
