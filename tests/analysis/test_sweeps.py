@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from videonsa import testing
+from videonsa.analysis.sweeps import grid_points, summary_record
 from videonsa.cli import main
 from videonsa.evaluation.needles import make_needle_set
 from videonsa.evaluation.runner import read_answers
@@ -180,3 +181,13 @@ def test_context_sweep_runs_dense_attention_but_not_with_a_sparse_budget(checkpo
     capsys.readouterr()
     assert main([*argv, "--block-counts", "2"]) == 2
     assert "block counts and windows have no effect" in capsys.readouterr().err
+
+
+def test_the_best_point_of_a_tie_is_the_shorter_known_prefill():
+    points = grid_points(("block_count", [1, 2]), ("window", [4]), ("b", "w"))
+    # A point whose prefill was not measured is not the shortest: it must not win the tie at "0 s".
+    records = {points[0].key: {"id": points[0].key, "block_count": 1, "window": 4, "accuracy": 0.5},
+               points[1].key: {"id": points[1].key, "block_count": 2, "window": 4, "accuracy": 0.5,
+                               "prefill_seconds": 0.2}}
+    summary = summary_record("budget", {}, records, points, (2, 1), {})
+    assert summary["best"]["id"] == points[1].key

@@ -136,6 +136,14 @@ def test_run_flags_of_the_other_preset_are_refused(checkpoint, needle_set, capsy
     one_line_error(capsys, ["eval", "--model", str(checkpoint), "--task", task, "--budget", "0"], "--budget")
 
 
+def test_a_budget_no_question_fits_is_refused_before_the_weights_load(checkpoint, needle_set, tmp_path, capsys):
+    argv = ["eval", "--model", str(checkpoint), "--task", f"needles:{needle_set.directory}", "--budget", "40",
+            "--out", str(tmp_path / "out")]
+    error = one_line_error(capsys, argv, "--budget=40 is too small")
+    assert error.startswith(f"videonsa eval: error: question {needle_set.questions.questions[0].id}: "), error
+    assert not (tmp_path / "out").exists()  # the runner makes it once the weights have loaded
+
+
 @pytest.mark.parametrize("argv", [["eval", "--help"], ["eval", "make-needles", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exited:

@@ -69,6 +69,19 @@ def test_scoring_a_known_answers_file():
     json.dumps(record)
 
 
+def test_a_repeated_answer_counts_once_the_last_one():
+    questions = [question("a", "retrieval", 60, "A"), question("b", "retrieval", 60, "B")]
+    # As two runs without the lock, or a hand edit, leave them: "a" answered wrong, then again, right.
+    costs = {"frames": 8, "prompt_tokens": 300, "video_tokens": 200, "prefill_seconds": 0.5,
+             "video_decode_seconds": 0.1, "seconds": 1.0}
+    answers = [{"id": "a", "choice": "C", **costs}, {"id": "b", "choice": "B", **costs},
+               {"id": "a", "choice": "A", **costs}]
+    summary = summarize(questions, answers)
+    assert (summary.correct, summary.questions, summary.complete) == (2, 2, True)
+    assert summary.duplicate_answers == 1 and summary.to_json()["duplicate_answers"] == 1
+    assert "1 earlier answer(s) of a repeated id ignored" in summary.describe()
+
+
 def test_wilson_interval_known_values():
     assert wilson_interval(0, 0) is None
     low, high = wilson_interval(50, 100)

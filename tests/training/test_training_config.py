@@ -70,6 +70,24 @@ def test_typos_are_errors_that_name_the_key(tmp_path, content, message):
         load_config(path)
 
 
+@pytest.mark.parametrize(("flags", "key"), [(["--set", "trainer=5"], "trainer"),
+                                           (["--set", "data=5", "--set", "data.manifest=m.jsonl"], "data")])
+def test_a_section_set_to_a_non_mapping_is_refused_not_dropped(tmp_path, capsys, flags, key):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": "ckpt"}, "data": {"manifest": "m.jsonl"}}))
+    # A later key of the section (--output-dir is trainer.output_dir) replaced the non-mapping by a mapping of that
+    # key alone: the recipe's whole section was lost without a word.
+    assert main(["train", str(config), *flags, "--output-dir", str(tmp_path / "out"), "--print-config"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"videonsa train: error: {key} must be a mapping") and "\n" not in error, error
+
+
+def test_an_empty_section_keeps_the_recipes(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  path: ckpt\ntrainer:\n  # learning_rate: 2e-6\n")
+    assert load_config(path).trainer["learning_rate"] == 1e-6
+
+
 def test_validation_names_the_missing_pieces(tmp_path):
     with pytest.raises(UserError, match="model.path"):
         load_config().validate()

@@ -91,8 +91,11 @@ def test_a_videonsa_checkpoint_keeps_its_gates_and_takes_sparse_overrides(videon
 
 
 def test_model_settings_mistakes_are_user_errors(tmp_path, videonsa_checkpoint):
-    with pytest.raises(UserError, match="not a checkpoint folder"):
+    with pytest.raises(UserError, match="nothing does not exist"):
         load_model(ModelSettings(path=str(tmp_path / "nothing")))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="not a checkpoint folder"):
+        load_model(ModelSettings(path=str(tmp_path / "file")))
     with pytest.raises(UserError, match="model.sparse.blocks"):
         load_model(ModelSettings(path=str(videonsa_checkpoint), sparse={"blocks": 3}))
     with pytest.raises(UserError, match="qwen2_5_vl"):
@@ -123,6 +126,14 @@ def test_a_partly_gated_checkpoint_trains_only_with_fresh_gates(tmp_path):
 def test_tokenizer_comes_with_its_chat_template(videonsa_checkpoint):
     tokenizer = load_tokenizer(str(videonsa_checkpoint))
     assert tokenizer.chat_template and tokenizer.pad_token_id == testing.TOKEN_IDS["<|endoftext|>"]
+
+
+def test_a_missing_tokenizer_folder_is_named_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for missing in (str(tmp_path / "gone"), "./gone", "~/surely-not-here-videonsa", "models/gone"):
+        with pytest.raises(UserError, match=r"(gone|surely-not-here-videonsa): it does not exist$"):
+            load_tokenizer(missing)
 
 
 def test_dense_attention_mode_leaves_the_unused_gates_untrained():

@@ -79,3 +79,15 @@ def test_resize_keeps_uint8_and_rejects_mixed_sizes():
     assert resized.dtype == np.uint8 and resized.shape[1] % 28 == 0 and resized.shape[2] % 28 == 0
     with pytest.raises(ValueError, match="differ in size"):
         resize_frames([frames[0], frames[1][:50]], PixelRange())
+
+
+def test_sixteen_bit_grayscale_frames_are_scaled_not_clipped():
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 56 * 56).round().astype(np.uint16).reshape(56, 56)
+    image = Image.fromarray(ramp)
+    assert image.mode == "I;16"
+    resized = resize_frames([image], PixelRange(56 * 56, 56 * 56))[0]
+    expected = np.round(ramp / 65535 * 255).astype(np.uint8)  # Pillow's own conversion made 255 of nearly all
+    for channel in range(3):
+        np.testing.assert_array_equal(resized[:, :, channel], expected)

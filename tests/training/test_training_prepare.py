@@ -175,6 +175,16 @@ def test_an_output_that_is_a_folder_is_refused_before_probing(media, tmp_path, w
     assert probed == []
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--min-frames", "0"], "--min-frames must be at least 1, got 0"),
+    (["--min-frames", "20", "--max-frames", "10"], "--max-frames (10) is below --min-frames (20)"),
+    (["--fps", "0"], "--fps must be a positive sampling rate, got 0"),
+])
+def test_cli_prepare_names_the_filter_flags(tmp_path, capsys, flags, message):
+    assert main(["data", "prepare", str(tmp_path / "a.jsonl"), "-o", str(tmp_path / "m.jsonl"), *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"videonsa data: error: {message}"
+
+
 def test_cli_prepare_reports_user_mistakes_in_one_line(tmp_path, capsys):
     code = main(["data", "prepare", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "m.jsonl")])
     assert code == 2

@@ -218,6 +218,14 @@ def test_an_output_dir_that_is_a_file_fails_in_one_line_before_loading_anything(
     assert error.startswith("videonsa train: error: trainer.output_dir") and "is a file" in error, error
 
 
+def test_a_missing_model_path_is_named_in_one_line(colour_clips, tmp_path, capsys):
+    # The annotations exist, so the first thing to fail is the model folder (the tokenizer loads from it).
+    overrides = train_overrides(tmp_path / "missing", colour_clips(1), tmp_path / "run", max_steps=1)
+    assert main(["train", str(config_file(tmp_path / "train.yaml", overrides))]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"videonsa train: error: model.path {tmp_path / 'missing'} does not exist", error
+
+
 def test_a_run_started_over_never_resumes_from_the_old_runs_later_checkpoints(videonsa_checkpoint, colour_clips,
                                                                               tmp_path):
     overrides = train_overrides(videonsa_checkpoint, colour_clips(4, frames=2), tmp_path / "run", max_steps=4,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -19,3 +20,24 @@ def test_an_oversized_image_in_the_middle_is_a_user_error(tmp_path, monkeypatch)
     with pytest.raises(UserError, match=r"frame_4\.png: image is too large to decode safely") as error:
         decode_video(plan)
     assert "\n" not in str(error.value)
+
+
+def sixteen_bit_frames(folder, count: int = 2):
+    """`count` 56x56 16-bit grayscale PNGs (Pillow mode I;16): a ramp over the whole 0-65535 range."""
+    folder.mkdir()
+    ramp = np.linspace(0, 65535, 56 * 56).round().astype(np.uint16).reshape(56, 56)
+    for index in range(count):
+        Image.fromarray(ramp).save(folder / f"frame_{index}.png")
+    assert Image.open(folder / "frame_0.png").mode == "I;16"
+    return ramp
+
+
+def test_sixteen_bit_grayscale_frames_are_scaled_not_clipped(tmp_path):
+    ramp = sixteen_bit_frames(tmp_path / "frames")
+    plan = plan_video(probe_video(tmp_path / "frames", frames_fps=2), SamplingSettings(
+        fps=2, pixels_per_frame=56 * 56, min_pixels_per_frame=56 * 56))
+    frames = decode_video(plan).frames
+    assert frames.shape == (2, 56, 56, 3)
+    expected = np.round(ramp / 65535 * 255).astype(np.uint8)  # Pillow's own conversion made 255 of nearly all
+    for channel in range(3):
+        np.testing.assert_array_equal(frames[0, :, :, channel], expected)

@@ -391,6 +391,13 @@ def restored_sparsity(model) -> Iterator[None]:
         model.model.set_sparsity(block_counts=before.block_count, window_size=before.window_size)
 
 
+def _rank(record: Mapping[str, Any]) -> tuple[float, float]:
+    """Higher accuracy first, then the shorter prefill; a point whose prefill was not measured comes last among
+    its equals, not first as if it took 0 s."""
+    prefill = record.get("prefill_seconds")
+    return record["accuracy"], -math.inf if prefill is None else -prefill
+
+
 def summary_record(
     sub: str,
     identity: Mapping[str, Any],
@@ -404,7 +411,7 @@ def summary_record(
     for record in done:
         record.pop("settings", None)
     measured = [r for r in done if r.get("accuracy") is not None]
-    best = max(measured, key=lambda r: (r["accuracy"], -(r.get("prefill_seconds") or 0.0)), default=None)
+    best = max(measured, key=_rank, default=None)
     grids = {
         field: metric_grid(records, points, shape, field)
         for field in ("accuracy", "prefill_seconds", "frames_per_question", "video_tokens_per_frame",

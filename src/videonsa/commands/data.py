@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 DEFAULT_WORKERS_NOTE = "number of CPUs"
+# The ClipFilter settings its messages name -> the flags that set them here.
+FILTER_FLAGS = {"sample_fps": "--fps", "min_frames": "--min-frames", "max_frames": "--max-frames"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,14 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Run `data prepare` and print what was kept and dropped."""
-    from videonsa.training.prepare import DROP_REASONS, ClipFilter, prepare_manifest
+    from videonsa.training.prepare import DROP_REASONS, prepare_manifest
 
-    clip_filter = ClipFilter(
-        sample_fps=args.fps,
-        min_fps=args.min_fps,
-        min_frames=args.min_frames,
-        max_frames=args.max_frames or None,
-    )
+    clip_filter = _clip_filter(args)
     summary = prepare_manifest(
         args.annotations,
         args.output,
@@ -78,3 +76,17 @@ def run_prepare(args: argparse.Namespace) -> int:
         print(f"error: data prepare kept 0 of {summary.total} samples; {summary.empty_hint()}", file=sys.stderr)
         return 1
     return 0
+
+
+def _clip_filter(args: argparse.Namespace):
+    """The filter the flags ask for; a bad value is reported under its flag, not ClipFilter's setting name."""
+    from videonsa.errors import UserError
+    from videonsa.training.prepare import ClipFilter
+
+    try:
+        return ClipFilter(
+            sample_fps=args.fps, min_fps=args.min_fps, min_frames=args.min_frames, max_frames=args.max_frames or None
+        )
+    except UserError as error:
+        named = re.sub(r"\b(" + "|".join(FILTER_FLAGS) + r")\b", lambda match: FILTER_FLAGS[match[1]], str(error))
+        raise UserError(named) from None

@@ -9,7 +9,7 @@ to OUT/answers.jsonl as it goes (a rerun resumes; a killed run loses nothing), a
 lmms-eval task, run by lmms-eval when it is installed. See docs/evaluation.md.
 
 Order of work, so that a mistake costs no waiting: the task (question file and every video checked), the
-model's small files and settings, then the weights.
+model's small files and settings, every question planned (prompt and video probe), then the weights.
 """
 
 from __future__ import annotations
@@ -277,37 +277,19 @@ def run_evaluation(args: argparse.Namespace) -> int:
     if not args.task.startswith(NEEDLES_PREFIX):
         return _run_lmms_task(args)
     from videonsa.commands.ask import _settings
+    from videonsa.evaluation.runner import EvalSettings
     from videonsa.inference.model_files import check_attention, open_model_files, resolve_attention
     from videonsa.video.paper import resolve_preset
 
     questions = _task_questions(args.task)
-    attention = resolve_attention(open_model_files(args.model), check_attention(args.attention)).mode
+    files = open_model_files(args.model)
+    attention = resolve_attention(files, check_attention(args.attention)).mode
     preset = resolve_preset(args.preset, attention)
     check_prefill_chunk_mode(args.prefill_chunk, attention)
     frames, generation = _settings(args, preset)
     out = Path(args.out) if args.out else Path("eval-results") / f"{_slug(args.task)}-{_slug(args.model)}-{attention}"
     if out.exists() and not out.is_dir():  # found now, not after the weights load
         raise UserError(f"--out {out}: is a file, not a folder")
-    return _run_needles(args, questions, attention, preset, frames, generation, out)
-
-
-def _run_needles(args, questions, attention, preset, frames, generation, out: Path) -> int:
-    from rich.console import Console
-    from rich.markup import escape
-
-    import videonsa
-    from videonsa.commands.ask import _quiet_transformers_loading
-    from videonsa.evaluation.report import PLOT_FILE, SUMMARY_FILE
-    from videonsa.evaluation.runner import ANSWERS_FILE, EvalSettings, run_eval
-
-    console = Console(stderr=True, soft_wrap=True)
-    console.print(f"task   {len(questions)} questions from {questions.path}", highlight=False, markup=False)
-    _quiet_transformers_loading()
-    with console.status(f"loading {escape(args.model)} ({attention} attention)"):
-        model = videonsa.load(
-            args.model, attention=attention, device=args.device, dtype=args.dtype,
-            prefill_chunk_size=args.prefill_chunk, fresh_gates=args.fresh_gates,
-        )
     settings = EvalSettings(
         preset=preset,
         frames=frames,
@@ -318,6 +300,38 @@ def _run_needles(args, questions, attention, preset, frames, generation, out: Pa
         model=args.model,
         task=args.task,
     )
+    _plan_before_loading(files, questions, settings, args.limit)
+    return _run_needles(args, questions, attention, settings, out)
+
+
+def _plan_before_loading(files, questions, settings, limit: int | None) -> None:
+    """Plan the questions the run will ask (e.g. a --budget too small for one) before the weights load."""
+    from videonsa.commands.ask import _flag_names
+    from videonsa.evaluation.runner import plan_questions
+
+    try:
+        plan_questions(files, questions.questions[:limit], settings)
+    except UserError as error:
+        raise UserError(_flag_names(str(error))) from None
+
+
+def _run_needles(args, questions, attention, settings, out: Path) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
+    import videonsa
+    from videonsa.commands.ask import _quiet_transformers_loading
+    from videonsa.evaluation.report import PLOT_FILE, SUMMARY_FILE
+    from videonsa.evaluation.runner import ANSWERS_FILE, run_eval
+
+    console = Console(stderr=True, soft_wrap=True)
+    console.print(f"task   {len(questions)} questions from {questions.path}", highlight=False, markup=False)
+    _quiet_transformers_loading()
+    with console.status(f"loading {escape(args.model)} ({attention} attention)"):
+        model = videonsa.load(
+            args.model, attention=attention, device=args.device, dtype=args.dtype,
+            prefill_chunk_size=args.prefill_chunk, fresh_gates=args.fresh_gates,
+        )
     summary = run_eval(model, questions, out, settings, limit=args.limit)
     print(summary.describe())
     for name in (ANSWERS_FILE, SUMMARY_FILE, PLOT_FILE):

@@ -56,6 +56,7 @@ class Summary:
     video_decode_seconds: float | None
     seconds_per_question: float | None
     questions_per_hour: float | None
+    duplicate_answers: int = 0  # earlier answers of a repeated id, left out (`latest_answers`)
     run: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -77,6 +78,9 @@ class Summary:
             f"({self.video_tokens_per_question:,.0f} video) per question; prefill {self.prefill_seconds:.2f}s, "
             f"frame decoding {self.video_decode_seconds:.2f}s; {self.questions_per_hour:,.0f} questions/hour",
         ]
+        if self.duplicate_answers:
+            lines.append(f"note        {self.duplicate_answers} earlier answer(s) of a repeated id ignored: the last "
+                         "answer of each id counts")
         return "\n".join(lines)
 
 
@@ -116,15 +120,28 @@ def _grouped(pairs: Sequence[tuple[Question, bool]], key) -> dict[str, list[tupl
     return groups
 
 
+def latest_answers(answers: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], int]:
+    """(the last answer of each id, in file order; how many earlier answers of a repeated id were left out).
+
+    answers.jsonl is only ever appended to, so a repeated id (two runs writing without the lock, or lines pasted
+    in by hand) is a later answer to the same question; counting both would score the question twice.
+    """
+    records = list(answers)
+    last = {record.get("id"): index for index, record in enumerate(records)}
+    kept = [record for index, record in enumerate(records) if last[record.get("id")] == index]
+    return kept, len(records) - len(kept)
+
+
 def summarize(
     questions: Sequence[Question], answers: Iterable[Mapping[str, Any]], run: Mapping[str, Any] | None = None
 ) -> Summary:
     """Score `answers` (records of answers.jsonl: id, choice, and the cost fields) against `questions`.
 
-    Answers to ids not in `questions` are ignored; a missing choice counts as wrong.
+    Answers to ids not in `questions` are ignored; a missing choice counts as wrong; of a repeated id only the
+    last answer counts (`duplicate_answers` says how many were left out).
     """
     by_id = {question.id: question for question in questions}
-    records = [record for record in answers if record.get("id") in by_id]
+    records, duplicates = latest_answers(record for record in answers if record.get("id") in by_id)
     pairs = [(by_id[record["id"]], record.get("choice") == by_id[record["id"]].answer) for record in records]
     overall = _group(pairs)
     by_length = _grouped(pairs, lambda question: question.length_bin)
@@ -156,6 +173,7 @@ def summarize(
         video_decode_seconds=mean_of("video_decode_seconds"),
         seconds_per_question=mean_of("seconds"),
         questions_per_hour=3600 * len(records) / total_seconds if total_seconds > 0 else None,
+        duplicate_answers=duplicates,
         run=dict(run or {}),
     )
 

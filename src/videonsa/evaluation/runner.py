@@ -19,14 +19,14 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from videonsa.errors import UserError
+from videonsa.errors import UserError, first_line
 from videonsa.evaluation.questions import Question, QuestionSet
-from videonsa.evaluation.report import Summary, summarize, write_report
+from videonsa.evaluation.report import Summary, latest_answers, summarize, write_report
 from videonsa.files import atomic_write_text, jsonl_lines
 
 ANSWERS_FILE = "answers.jsonl"
@@ -188,11 +188,37 @@ def apply_sparsity(model, settings: EvalSettings) -> None:
         model.model.set_sparsity(**knobs)
 
 
+def _frame_settings(settings: EvalSettings) -> dict[str, Any]:
+    """The keyword that hands `settings.frames` to `ask` / `plan_question`: `paper` or `sampling`."""
+    return {"paper" if settings.preset == "paper" else "sampling": settings.frames}
+
+
+def plan_questions(files, questions: Sequence[Question], settings: EvalSettings) -> None:
+    """Plan every question as `answer_question` will, from the model's small files (`open_model_files`): prompts
+    tokenized, each video probed once, no frame decoded, no weights needed. A setting some question cannot run
+    with (a budget below its text plus the smallest pair of frames) is then refused before minutes of loading,
+    as a `UserError` naming the question. `settings` are resolved (`resolved_settings`)."""
+    from videonsa.inference.api import plan_question
+    from videonsa.video import probe_video
+
+    probed = {}
+    for question in questions:
+        try:
+            if question.video_path not in probed:
+                probed[question.video_path] = probe_video(question.video_path, backend=settings.backend)
+            plan_question(
+                files, question.video_path, question.question, options=list(question.options),
+                preset=settings.preset, backend=settings.backend, generation=settings.generation,
+                info=probed[question.video_path], **_frame_settings(settings),
+            )
+        except UserError as error:
+            raise UserError(f"question {question.id}: {first_line(error)}") from None
+
+
 def answer_question(model, question: Question, settings: EvalSettings) -> dict[str, Any]:
     """Ask one question and return its answers.jsonl record (choice, correctness, frames, tokens, timings).
 
     `settings` are resolved (`resolved_settings`)."""
-    frames = {"paper" if settings.preset == "paper" else "sampling": settings.frames}
     started = time.perf_counter()
     answer = model.ask(
         question.video_path,
@@ -201,7 +227,7 @@ def answer_question(model, question: Question, settings: EvalSettings) -> dict[s
         preset=settings.preset,
         backend=settings.backend,
         generation=settings.generation,
-        **frames,
+        **_frame_settings(settings),
     )
     report = answer.report
     return {
@@ -301,7 +327,8 @@ def run_eval(
         pending = [question for question in selected if question.id not in answered]
         done = len(selected) - len(pending)
         by_id = {question.id: question for question in selected}
-        correct = sum(answer.get("choice") == by_id[answer["id"]].answer for answer in answers if answer["id"] in by_id)
+        latest, _ = latest_answers(answers)
+        correct = sum(answer.get("choice") == by_id[answer["id"]].answer for answer in latest if answer["id"] in by_id)
         with answers_path.open("a", encoding="utf-8") as handle, _progress_bar(progress, len(selected), done) as bar:
             bar(done, correct, done)
             for question in pending:
@@ -324,6 +351,7 @@ __all__ = [
     "EvalSettings",
     "answer_question",
     "apply_sparsity",
+    "plan_questions",
     "read_answers",
     "resolved_settings",
     "run_eval",

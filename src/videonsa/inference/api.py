@@ -32,7 +32,7 @@ from videonsa.inference.model_files import (
 from videonsa.inference.prefill_progress import PrefillCallback
 from videonsa.inference.prompt import QuestionPrompt, build_preset_prompt
 from videonsa.models.chunked_prefill import check_chunking_supported
-from videonsa.video import DEFAULT_FPS, SamplingSettings, VideoInput, VideoPlan, plan_video, probe_video
+from videonsa.video import DEFAULT_FPS, SamplingSettings, VideoInfo, VideoInput, VideoPlan, plan_video, probe_video
 from videonsa.video.decoding import Progress
 from videonsa.video.paper import PaperSettings, decode_planned_video, plan_paper_video, resolve_preset
 
@@ -62,12 +62,14 @@ def plan_question(
     frames_fps: float = DEFAULT_FPS,
     preset: str = "planner",
     paper: PaperSettings | None = None,
+    info: VideoInfo | None = None,
 ) -> PlannedQuestion:
     """Check every input (settings, question, options, video) and plan the frames; loads no weights.
 
     preset: "planner" (our token-budget planner, `sampling`) or "paper" (the paper's evaluation preprocessing,
     `paper`; greedy decoding). For the planner the budget covers the prompt, the video and the answer
-    (max_new_tokens, or one letter for options); the paper preset has no budget.
+    (max_new_tokens, or one letter for options); the paper preset has no budget. info: `video` already probed
+    (`probe_video`), so that many questions about one video probe it once.
     """
     if preset not in ("paper", "planner"):
         raise UserError(f"preset must be 'paper' or 'planner' here (resolve 'auto' first), got {preset!r}")
@@ -78,7 +80,7 @@ def plan_question(
     else:
         sampling = (sampling or SamplingSettings()).validate()
     prompt = build_preset_prompt(files, question, options, preset=preset)
-    info = probe_video(video, backend=backend, frames_fps=frames_fps)
+    info = info or probe_video(video, backend=backend, frames_fps=frames_fps)
     text_tokens = prompt.text_tokens + generation.answer_tokens(bool(prompt.letters))
     if preset == "paper":
         plan = plan_paper_video(info, paper, text_tokens=text_tokens, geometry=files.geometry)

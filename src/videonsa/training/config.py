@@ -246,10 +246,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     merged = load_mapping(recipe_path())
     source = "<defaults>"
     if path is not None:
-        merged = _deep_merge(merged, _resolve_paths(load_mapping(path), Path(path).absolute().parent))
         source = str(path)
+        merged = _deep_merge(merged, _resolve_paths(load_mapping(path), Path(path).absolute().parent), source)
     for dotted, value in (overrides or {}).items():
-        merged = _deep_merge(merged, _resolve_paths(_nest(dotted, value), Path.cwd()))
+        merged = _deep_merge(merged, _resolve_paths(_nest(dotted, value), Path.cwd()), f"the override {dotted}")
     return _from_mapping(merged, source)
 
 
@@ -380,13 +380,23 @@ def _absolute(value: Any, base: Path) -> Any:
     return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def _deep_merge(base: dict[str, Any], update: dict[str, Any], source: str,
+                prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`base` updated by `update`, key by key inside mappings; `source` names `update` in errors.
+
+    A mapping of `base` is only ever updated: an empty section (``trainer:`` with every key commented out,
+    read as None) leaves it as it is, and any other non-mapping is refused, since a later key of the section
+    (``--output-dir`` is ``trainer.output_dir``) would otherwise replace it and the recipe's section be lost.
+    """
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
+        if not isinstance(merged.get(key), dict):
             merged[key] = value
+        elif isinstance(value, dict):
+            merged[key] = _deep_merge(merged[key], value, source, (*prefix, key))
+        elif value is not None:
+            name = ".".join((*prefix, key))
+            raise UserError(f"{name} must be a mapping of settings, got {_short_repr(value)} in {source}")
     return merged
 
 

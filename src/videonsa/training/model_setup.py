@@ -68,7 +68,7 @@ def load_model(settings: ModelSettings) -> Any:
     checkpoint with gates in some layers only, the missing ones new (docs/model-files.md). ``qwen2_5_vl`` loads
     transformers' stock model, the dense baseline.
     """
-    path = _checkpoint_dir(settings.path)
+    path = checkpoint_folder(settings.path)
     dtype = getattr(torch, settings.dtype)
     if settings.architecture == "qwen2_5_vl":
         from transformers import Qwen2_5_VLForConditionalGeneration
@@ -101,10 +101,13 @@ def load_model(settings: ModelSettings) -> Any:
     return model
 
 
-def _checkpoint_dir(path: str | None) -> Path:
+def checkpoint_folder(path: str | None) -> Path:
+    """The local checkpoint folder `path` (model.path), checked to exist and hold a readable config.json."""
     if not path:
         raise UserError("model.path is not set")
     directory = Path(path).expanduser()
+    if not directory.exists():
+        raise UserError(f"model.path {directory} does not exist")
     if not directory.is_dir():
         raise UserError(f"model.path {directory} is not a checkpoint folder")
     if not (directory / "config.json").is_file():
@@ -123,6 +126,9 @@ def load_tokenizer(path: str) -> Any:
     import videonsa.models  # noqa: F401  (registers model_type "videonsa", which AutoTokenizer reads)
 
     directory = Path(path).expanduser()
+    if not directory.exists() and _looks_local(path):
+        # Else transformers takes it for a Hub id and complains about the id's characters.
+        raise UserError(f"cannot load a tokenizer from {directory}: it does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as error:
@@ -134,6 +140,13 @@ def load_tokenizer(path: str) -> Any:
     if tokenizer.pad_token_id is None:
         raise UserError(f"the tokenizer in {directory} has no padding token")
     return tokenizer
+
+
+def _looks_local(path: str) -> bool:
+    """Whether `path` means a local folder rather than a Hub id (``owner/name``): absolute, ``./``, ``../`` or
+    ``~``, or inside a folder that exists."""
+    parent = Path(path).expanduser().parent
+    return path.startswith(("/", "./", "../", "~")) or (parent != Path(".") and parent.is_dir())
 
 
 def _chat_template_file(directory: Path) -> str | None:

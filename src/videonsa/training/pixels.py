@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from videonsa.video.image_reader import rgb_image
 from videonsa.video.patches import frames_to_patches
 from videonsa.video.planning import frame_size
 
@@ -82,9 +83,7 @@ def resize_frames(frames: Sequence[np.ndarray | Image.Image], pixels: PixelRange
     new_height, new_width = resized_frame_size(height, width, pixels)
     out = np.empty((len(frames), new_height, new_width, 3), dtype=np.uint8)
     for index, frame in enumerate(frames):
-        image = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, np.uint8))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = rgb_image(frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, np.uint8)))
         if image.size != (width, height):
             raise ValueError(f"frames differ in size: {image.size} vs {(width, height)}")
         if image.size != (new_width, new_height):

@@ -54,7 +54,7 @@ class ClipFilter:
 
     def __post_init__(self) -> None:
         if self.sample_fps <= 0:
-            raise UserError(f"sampling rate must be positive, got {self.sample_fps}")
+            raise UserError(f"sample_fps must be a positive sampling rate, got {self.sample_fps:g}")
         if self.min_frames < 1:
             raise UserError(f"min_frames must be at least 1, got {self.min_frames}")
         if self.max_frames is not None and self.max_frames < self.min_frames:

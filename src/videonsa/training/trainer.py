@@ -36,7 +36,7 @@ from videonsa.training.config import TrainConfig, config_file
 from videonsa.training.conversation import IGNORE_INDEX
 from videonsa.training.dataset import STAT_NAMES, VideoChatDataset
 from videonsa.training.log_lines import TrainingLog
-from videonsa.training.model_setup import load_model, load_tokenizer, set_trainable
+from videonsa.training.model_setup import checkpoint_folder, load_model, load_tokenizer, set_trainable
 from videonsa.training.pixels import patchify_frames
 from videonsa.training.prepare import read_manifest
 from videonsa.training.run_records import (
@@ -404,6 +404,7 @@ def run_training(
     elif resume == "auto":
         refuse_different_finished_run(config, output_dir)
 
+    checkpoint_folder(config.model.path)  # before the tokenizer, which would take a missing folder for a Hub id
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.path)
     dataset = build_dataset(config, tokenizer)
     model = load_model(config.model)

@@ -86,6 +86,16 @@ def probe_images(name: str, paths: Sequence[Path], *, frames_fps: float, max_sou
     )
 
 
+def rgb_image(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. Integer grayscale of more than 8 bits (modes ``I;16*``, and ``I``, which Pillow also
+    gives 16-bit PNGs and TIFFs) is scaled from 0-65535 to 0-255: Pillow's own conversion clips every value above
+    255, so a 16-bit frame would come out almost white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # mode L
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def _load_frame(path: Path, expected_size: tuple[int, int], height: int, width: int) -> np.ndarray:
     """One image as uint8 RGB [height, width, 3], resized with bicubic filtering as soon as it is decoded, so only
     one image is ever held at full resolution."""
@@ -96,7 +106,7 @@ def _load_frame(path: Path, expected_size: tuple[int, int], height: int, width: 
                     f"{path}: is {image.size[0]}x{image.size[1]} but the first frame is "
                     f"{expected_size[0]}x{expected_size[1]}; all frames must have one size"
                 )
-            rgb = image.convert("RGB")
+            rgb = rgb_image(image)
             if rgb.size != (width, height):
                 rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
             return np.asarray(rgb, dtype=np.uint8)
