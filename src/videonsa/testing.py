@@ -9,7 +9,8 @@ run the whole pipeline: config -> model -> processor -> `save_pretrained` -> `fr
     >>> path = testing.save_tiny_checkpoint(tmp_path / "ckpt")
 
 The model is structurally a real Qwen2.5-VL (vision tower with patch 14, temporal patch 2, spatial merge 2,
-window and full-attention blocks, M-RoPE), only small. Pixel budgets of the processors are small too (a few
+window and full-attention blocks, M-RoPE), only small; its gates are spread out (TINY_GATE_HIDDEN_GAIN), not the
+new gates near 0.5 that training starts from. Pixel budgets of the processors are small too (a few
 tokens per frame), and can be changed with the `min_pixels` / `max_pixels` arguments.
 """
 
@@ -63,12 +64,13 @@ PIXELS_PER_TOKEN = (PATCH_SIZE * SPATIAL_MERGE_SIZE) ** 2
 # The gates of the tiny VideoNSA models (`tiny_model`, `save_tiny_checkpoint`). New gates as training starts them
 # (layers/gates.py, GATE_INIT_STD) sit within a few hundredths of 0.5 for every head, branch and token, so a test
 # on such a model hardly notices g_cmp used for g_slc, heads and branches confused, or one token's gates applied
-# to another. The tiny models draw their gate MLPs wider instead (`spread_gates_`): g_proj_1 and g_proj_2 weights
-# N(0, gain / sqrt(hidden)) (g_proj_1's outputs of about unit scale before the gelu, g_proj_2's varying from token
-# to token) and g_proj_2 biases N(0, TINY_GATE_BIAS_STD) (an offset per head and branch). With the temperature
-# of 0.3 the gates then spread over most of (0, 1) and differ between heads, branches and tokens
-# (tests/test_testing.py checks how far). Only the tiny models: training and `videonsa convert` keep the new
-# gates of GATE_INIT_STD, and so does the demo, which trains its model from scratch (`spread_gates=False`).
+# to another. The tiny models draw their gate MLPs wider instead (`spread_gates_`): g_proj_1 / g_proj_2 weights
+# N(0, TINY_GATE_HIDDEN_GAIN / TINY_GATE_OUTPUT_GAIN / sqrt(hidden)) (g_proj_1's outputs of about unit scale
+# before the gelu, g_proj_2's varying from token to token) and g_proj_2 biases N(0, TINY_GATE_BIAS_STD) (an offset
+# per head and branch). With the temperature of 0.3 the gates then spread over most of (0, 1) (about 5% of them
+# beyond 0.02 or 0.98) and differ between heads, branches and tokens (tests/test_testing.py checks how far). Only
+# the tiny models: training and `videonsa convert` keep the new gates of GATE_INIT_STD, and so does the demo, which
+# trains its model from scratch (`spread_gates=False`).
 TINY_GATE_HIDDEN_GAIN = 1.0
 TINY_GATE_OUTPUT_GAIN = 0.8
 TINY_GATE_BIAS_STD = 0.3
