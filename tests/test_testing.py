@@ -1,5 +1,7 @@
 """videonsa.testing: the tiny tokenizer, processors, batches and checkpoints other tests build on."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,52 @@ def test_models_are_reproducible_from_their_seed():
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
                                                    strict=True))
     assert not torch.equal(testing.tiny_model(seed=6).lm_head.weight, first.lm_head.weight)
+
+
+def _vision_gates(model, batch) -> list[torch.Tensor]:
+    """Each layer's gates [N, HQ, 3] at the batch's vision tokens, from the layer inputs of one forward pass."""
+    inputs = []
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda module, args, kwargs: inputs.append((module, kwargs["hidden_states"])), with_kwargs=True
+        )
+        for layer in model.model.language_model.layers
+    ]
+    with torch.no_grad():
+        model(**batch.as_kwargs())
+    for hook in hooks:
+        hook.remove()
+    vision = batch.mm_token_type_ids > 0
+    with torch.no_grad():
+        return [torch.stack(module.gates(x[vision]), dim=-1) for module, x in inputs]
+
+
+def test_tiny_model_gates_differ_between_heads_branches_and_tokens():
+    # Fresh gates all near 0.5 would hide swapped branches, confused heads or misaligned tokens in every model
+    # test: the tiny models' gates must tell each of these apart by a wide margin.
+    batch = testing.tiny_video_batch()
+    for seed in (0, 2):
+        for gates in _vision_gates(testing.tiny_model(seed=seed), batch):
+            tokens, heads, branches = gates.shape
+            assert (tokens, heads, branches) == (8, 4, 3)
+            assert (gates - 0.5).abs().mean() > 0.2
+            for i, j in itertools.combinations(range(branches), 2):  # g_cmp, g_slc, g_swa
+                assert (gates[..., i] - gates[..., j]).abs().mean() > 0.15
+            for i, j in itertools.combinations(range(heads), 2):
+                assert (gates[:, i] - gates[:, j]).abs().mean() > 0.1
+            assert gates.std(dim=0).mean() > 0.1  # over the tokens, per head and branch
+            assert (gates[1:] - gates[:-1]).abs().mean() > 0.1  # neighbouring tokens
+
+
+def test_tiny_model_without_spread_gates_has_new_gates_and_the_same_other_weights():
+    spread, new = testing.tiny_model(seed=4), testing.tiny_model(seed=4, spread_gates=False)
+    for (name, a), b in zip(spread.state_dict().items(), new.state_dict().values(), strict=True):
+        if ".g_proj_" not in name:
+            assert torch.equal(a, b), name
+        elif name.endswith(".weight"):
+            assert not torch.equal(a, b), name
+    for gates in _vision_gates(new, testing.tiny_video_batch()):
+        assert (gates - 0.5).abs().max() < 0.1
 
 
 @pytest.mark.skipif(not testing.video_processor_available(), reason="transformers' video processor needs torchvision")

@@ -9,7 +9,8 @@ run the whole pipeline: config -> model -> processor -> `save_pretrained` -> `fr
     >>> path = testing.save_tiny_checkpoint(tmp_path / "ckpt")
 
 The model is structurally a real Qwen2.5-VL (vision tower with patch 14, temporal patch 2, spatial merge 2,
-window and full-attention blocks, M-RoPE), only small. Pixel budgets of the processors are small too (a few
+window and full-attention blocks, M-RoPE), only small; its gates are spread out (TINY_GATE_HIDDEN_GAIN), not the
+new gates near 0.5 that training starts from. Pixel budgets of the processors are small too (a few
 tokens per frame), and can be changed with the `min_pixels` / `max_pixels` arguments.
 """
 
@@ -59,6 +60,20 @@ TEMPORAL_PATCH_SIZE = 2
 SPATIAL_MERGE_SIZE = 2
 # One language-model token covers a (PATCH_SIZE * SPATIAL_MERGE_SIZE)^2 pixel area of a temporal patch.
 PIXELS_PER_TOKEN = (PATCH_SIZE * SPATIAL_MERGE_SIZE) ** 2
+
+# The gates of the tiny VideoNSA models (`tiny_model`, `save_tiny_checkpoint`). New gates as training starts them
+# (layers/gates.py, GATE_INIT_STD) sit within a few hundredths of 0.5 for every head, branch and token, so a test
+# on such a model hardly notices g_cmp used for g_slc, heads and branches confused, or one token's gates applied
+# to another. The tiny models draw their gate MLPs wider instead (`spread_gates_`): g_proj_1 / g_proj_2 weights
+# N(0, TINY_GATE_HIDDEN_GAIN / TINY_GATE_OUTPUT_GAIN / sqrt(hidden)) (g_proj_1's outputs of about unit scale
+# before the gelu, g_proj_2's varying from token to token) and g_proj_2 biases N(0, TINY_GATE_BIAS_STD) (an offset
+# per head and branch). With the temperature of 0.3 the gates then spread over most of (0, 1) (about 5% of them
+# beyond 0.02 or 0.98) and differ between heads, branches and tokens (tests/test_testing.py checks how far). Only
+# the tiny models: training and `videonsa convert` keep the new gates of GATE_INIT_STD, and so does the demo, which
+# trains its model from scratch (`spread_gates=False`).
+TINY_GATE_HIDDEN_GAIN = 1.0
+TINY_GATE_OUTPUT_GAIN = 0.8
+TINY_GATE_BIAS_STD = 0.3
 
 # A Qwen-style chat template: a default system turn, <|vision_start|><|X_pad|><|vision_end|> for every image
 # or video part (the processor expands the pad into one token per merged patch), and the assistant header on
@@ -201,9 +216,14 @@ def tiny_videonsa_config(
     return config
 
 
-def tiny_model(config=None, *, videonsa: bool = True, seed: int = 0, **config_kwargs: Any) -> PreTrainedModel:
+def tiny_model(
+    config=None, *, videonsa: bool = True, seed: int = 0, spread_gates: bool = True, **config_kwargs: Any
+) -> PreTrainedModel:
     """A random-weight model in eval mode: VideoNSAForConditionalGeneration (default) or the stock
-    Qwen2_5_VLForConditionalGeneration (`videonsa=False`). `config_kwargs` go to the tiny config builder."""
+    Qwen2_5_VLForConditionalGeneration (`videonsa=False`). `config_kwargs` go to the tiny config builder.
+
+    A VideoNSA model's gates are spread out (`spread_gates_`, see TINY_GATE_HIDDEN_GAIN) unless `spread_gates` is
+    False, which keeps the new gates training starts from (every gate near 0.5)."""
     if config is None:
         builder = tiny_videonsa_config if videonsa else tiny_qwen2_5_vl_config
         config = builder(**config_kwargs)
@@ -214,7 +234,28 @@ def tiny_model(config=None, *, videonsa: bool = True, seed: int = 0, **config_kw
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
+    if videonsa and spread_gates:
+        spread_gates_(model, seed)
     return model.eval()
+
+
+def spread_gates_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Redraw the gate MLP of every VideoNSA attention layer of `model` in place, as the tiny models have it:
+    g_proj_1 / g_proj_2 weights N(0, TINY_GATE_HIDDEN_GAIN / sqrt(hidden)) / N(0, TINY_GATE_OUTPUT_GAIN /
+    sqrt(hidden)), g_proj_1 biases 0, g_proj_2 biases N(0, TINY_GATE_BIAS_STD); drawn from their own generator
+    (seeded with `seed`), so the model's other weights are those of `seed` either way."""
+    generator = torch.Generator().manual_seed(seed)
+    normal = lambda tensor, std: torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * std  # noqa: E731
+    with torch.no_grad():
+        for module in model.modules():
+            if not hasattr(module, "g_proj_1"):
+                continue
+            proj_1, proj_2 = module.g_proj_1, module.g_proj_2
+            hidden = proj_1.in_features
+            proj_1.weight.copy_(normal(proj_1.weight, TINY_GATE_HIDDEN_GAIN / hidden**0.5))
+            proj_1.bias.zero_()
+            proj_2.weight.copy_(normal(proj_2.weight, TINY_GATE_OUTPUT_GAIN / hidden**0.5))
+            proj_2.bias.copy_(normal(proj_2.bias, TINY_GATE_BIAS_STD))
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerBase:
@@ -312,6 +353,7 @@ def save_tiny_checkpoint(
     legacy_layout: bool = False,
     seed: int = 0,
     model: PreTrainedModel | None = None,
+    spread_gates: bool = True,
     **config_kwargs: Any,
 ) -> Path:
     """Write a complete, offline-loadable checkpoint directory and return its path.
@@ -325,11 +367,12 @@ def save_tiny_checkpoint(
         legacy_layout: write the weights with the flat key names of the released Enxin/VideoNSA checkpoint
             (`model.layers.*`, `visual.*`, `lm_head.*`) and its config (`model_type: qwen2_5_vl`).
         model: save this model instead of building a new one (its config is used as is).
+        spread_gates: passed to `tiny_model`: spread-out gates (default) or new ones, all near 0.5.
         config_kwargs: passed to the tiny config builder (num_layers, num_heads, block_size, ...).
     """
     path = Path(path)
     if model is None:
-        model = tiny_model(videonsa=videonsa, seed=seed, **config_kwargs)
+        model = tiny_model(videonsa=videonsa, seed=seed, spread_gates=spread_gates, **config_kwargs)
     if legacy_layout:
         from videonsa.models.convert import save_legacy_layout
 

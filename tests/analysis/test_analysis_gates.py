@@ -101,7 +101,7 @@ def test_gate_statistics_pool_two_videos_as_the_gate_mlp_by_hand(tmp_path, analy
     per_layer, _ = gates_by_hand(analysis_inputs.ours, videos, "nsa")
     assert result["attention"] == "nsa" and result["gates_used"]
     check_against(result, per_layer)
-    # The gates really differ between branches (the fixture's gates are not the fresh 0.5): a wrong branch order
+    # The gates really differ between branches (the tiny model spreads them out): a wrong branch order
     # would show.
     assert len({round(result["summary"][branch]["mean"], 3) for branch in BRANCHES}) == 3
     assert [video["path"] for video in result["videos"]] == [str(video) for video in videos]

@@ -135,7 +135,8 @@ def build_model(spec: DemoModelSpec, attention: str, seed: int, vocab_size: int 
     config.vision_config.update(testing.tiny_vision_config_kwargs(
         out_hidden_size=spec.hidden_size, depth=spec.vision_depth, hidden_size=spec.vision_hidden_size
     ))
-    return testing.tiny_model(config, seed=seed)
+    # New gates, as training a converted checkpoint starts from (not the tiny test models' spread-out ones).
+    return testing.tiny_model(config, seed=seed, spread_gates=False)
 
 
 def write_initial_checkpoint(
