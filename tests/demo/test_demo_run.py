@@ -115,6 +115,13 @@ def test_unknown_task_is_refused_with_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_negative_seed_is_refused_before_the_run_folder_is_made(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "run"), "--seed", "-1", "--steps", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "videonsa demo: error: --seed must be 0 or more, got -1"
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_command_line_states_the_library_defaults():
     # `videonsa demo` restates them so that its --help does not import torch: the two must agree.
     from videonsa.commands.demo import DEFAULT_STEPS, TASKS

@@ -83,6 +83,10 @@ class DemoSettings:
             raise UserError(f"--minutes must be a positive number, got {self.minutes}")
         if self.training.steps < 1:
             raise UserError(f"--steps must be at least 1, got {self.training.steps}")
+        # The video generator's seeds are unsigned: a negative one would fail after the run folder is made.
+        for seed in (self.task.seed, self.training.seed):
+            if seed < 0:
+                raise UserError(f"--seed must be 0 or more, got {seed}")
         return self
 
     def to_json(self) -> dict[str, Any]:
