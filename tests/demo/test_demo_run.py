@@ -122,6 +122,13 @@ def test_a_negative_seed_is_refused_before_the_run_folder_is_made(tmp_path, caps
     assert not (tmp_path / "run").exists()
 
 
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "a-file" / "run"), "--steps", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "a-file/run: cannot create the run folder (Not a directory)" in error
+
+
 def test_the_command_line_states_the_library_defaults():
     # `videonsa demo` restates them so that its --help does not import torch: the two must agree.
     from videonsa.commands.demo import DEFAULT_STEPS, TASKS

@@ -230,7 +230,10 @@ def _claim(out_dir: Path, settings: DemoSettings) -> DemoSettings:
         return settings
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir}: exists and is not an empty folder or a demo run; choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a parent that is a file, no permission: the user's --out
+        raise UserError(f"{out_dir}: cannot create the run folder ({error.strerror or error})") from None
     atomic_write_json(out_dir / SETTINGS_FILE, wanted)
     return settings
 
