@@ -71,6 +71,8 @@ def test_bad_inputs_are_one_line_errors_naming_the_culprit(tmp_path, capsys, ana
     assert "--fps" in one_line_error(capsys, [*base, "--model", model, "--video", video, "--device", "cpu",
                                               "--fps", "-1"])
     assert "nonsense" in one_line_error(capsys, [*base, "--model", model, "--video", video, "--device", "nonsense"])
+    assert "--budget=20 is too small" in one_line_error(capsys, [*base, "--model", model, "--video", video,
+                                                                 *SMALL_FRAMES, "--budget", "20"])
     assert not out.exists()  # no mistake leaves an empty run folder behind
     a_file = tmp_path / "a-file"
     a_file.write_text("")

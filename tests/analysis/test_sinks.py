@@ -126,6 +126,16 @@ def test_statistics_of_a_known_share():
     assert sum(result["position_sinks"]["slc"][0]) == 4
 
 
+def test_a_sinks_value_norm_is_compared_with_the_median_of_an_even_count():
+    """Keys with value norms 1, 2, 3, 4: the median is 2.5 (not the lower middle value, 2)."""
+    statistics = SinkStatistics(layers=1, threshold=0.1)
+    share = torch.tensor([[0.0, 0.0, 0.0, 0.5]], dtype=torch.float64)
+    norms = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
+    statistics.add(0, "swa", share, torch.ones(1, 4, dtype=torch.float64), torch.arange(4), norms, seq_len=4,
+                   block_size=4, tokens_per_frame=4)
+    assert statistics.results()["sink_value_norm_vs_median"]["swa"] == [pytest.approx(4 / 2.5)]
+
+
 def test_low_value_norms_use_median_minus_two_iqr():
     norms = torch.tensor([[1.0, 1.1, 0.9, 1.0, 1.2, 0.8, 1.0, 0.1]])
     quartiles = torch.quantile(norms.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=1)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from videonsa import testing
+from videonsa.analysis.common import AnalysisModel
 from videonsa.analysis.sweeps import grid_points, summary_record
 from videonsa.cli import main
 from videonsa.evaluation.needles import make_needle_set
@@ -42,6 +43,20 @@ def asked(monkeypatch) -> list[dict]:
         return original(self, video, question, **kwargs)
 
     monkeypatch.setattr(VideoQA, "ask", ask)
+    return calls
+
+
+@pytest.fixture
+def loaded(monkeypatch) -> list[str]:
+    """The models whose weights were loaded."""
+    calls: list[str] = []
+    original = AnalysisModel.load
+
+    def load(self):
+        calls.append(self.files.name)
+        return original(self)
+
+    monkeypatch.setattr(AnalysisModel, "load", load)
     return calls
 
 
@@ -191,3 +206,31 @@ def test_the_best_point_of_a_tie_is_the_shorter_known_prefill():
                                "prefill_seconds": 0.2}}
     summary = summary_record("budget", {}, records, points, (2, 1), {})
     assert summary["best"]["id"] == points[1].key
+
+
+@pytest.mark.parametrize("sweep", ["budget", "context"])
+def test_settings_no_question_fits_are_refused_before_the_weights_load(
+    analysis_inputs, checkpoint, needle_set, tmp_path, capsys, loaded, sweep
+):
+    """A --budget too small for the prompt, a block count the official top-k cannot take (at most the block size,
+    4) or --out naming a file: one line, no weights read, no run folder left behind."""
+    out = tmp_path / "run"
+    base = ["analyze", sweep, "--out", str(out), "--model", str(checkpoint), "--attention", "nsa",
+            "--task", f"needles:{needle_set.directory}", "--min-pixels", "3136", *FAST]
+    grid = ["--block-counts", "1", "--windows", "4"] if sweep == "budget" else ["--max-frames", "4", "--pixels",
+                                                                                 "3136"]
+    assert main([*base, *grid, "--budget", "20"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--budget=20 is too small" in error
+    official = [*base, *grid[2:], "--block-counts", "8", "--budget", "4096"]
+    official[official.index(str(checkpoint))] = str(analysis_inputs.released)
+    official[official.index("nsa")] = "official"
+    if sweep == "budget":
+        official += ["--preset", "planner"]
+    assert main(official) == 2
+    assert "--block-counts 8" in capsys.readouterr().err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert main([*base, *grid, "--budget", "4096", "--out", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert not out.exists() and loaded == []

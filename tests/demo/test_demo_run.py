@@ -6,13 +6,18 @@ work."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from videonsa import testing
 from videonsa.cli import main
 from videonsa.demo import DemoSettings, DemoTask, DemoTraining, run_demo
+from videonsa.demo.run import eval_settings, load_trained
+from videonsa.demo.task import make_videos
 from videonsa.errors import UserError
+from videonsa.evaluation import run_eval
 
 # The default colour task on 60 s videos (60 video tokens), 128 training and 40 held-out videos, 200 steps:
 # about 80 s on 2 cores.
@@ -113,6 +118,33 @@ def test_unknown_task_is_refused_with_one_line(tmp_path):
     with pytest.raises(UserError, match="--task must be one of colour, before-black, got 'shapes'"):
         run_demo(tmp_path / "run", settings)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_negative_seed_is_refused_before_the_run_folder_is_made(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "run"), "--seed", "-1", "--steps", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "videonsa demo: error: --seed must be 0 or more, got -1"
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "a-file" / "run"), "--steps", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "a-file/run: cannot create the run folder (Not a directory)" in error
+
+
+def test_the_held_out_answers_resume_through_another_path_to_the_run(tmp_path, monkeypatch):
+    """A run killed during its evaluation, rerun with --out spelt otherwise (absolute, from another folder): the
+    answers already given are kept, not refused as another model's."""
+    task = DemoTask(seconds=12, train_videos=1, heldout_videos=1)
+    held_out = make_videos(tmp_path / "run" / "videos" / "heldout", task, heldout=True)
+    testing.save_tiny_checkpoint(tmp_path / "run" / "model")
+    monkeypatch.chdir(tmp_path)
+    model = load_trained(Path("run") / "model", DemoSettings(task=task))
+    first = run_eval(model, held_out.questions, Path("run") / "eval", eval_settings(task), progress=False)
+    again = run_eval(model, held_out.questions, tmp_path / "run" / "eval", eval_settings(task), progress=False)
+    assert first.questions == again.questions == 1
 
 
 def test_the_command_line_states_the_library_defaults():

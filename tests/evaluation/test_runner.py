@@ -82,6 +82,17 @@ def test_a_repeated_answer_counts_once_the_last_one():
     assert "1 earlier answer(s) of a repeated id ignored" in summary.describe()
 
 
+def test_answers_without_cost_fields_are_described():
+    """Answers written by hand or by an older version may carry only id and choice: their costs are unknown."""
+    questions = [question("a", "retrieval", 60, "A"), question("b", "retrieval", 60, "B")]
+    summary = summarize(questions, [{"id": "a", "choice": "A"}, {"id": "b", "choice": "C", "frames": 8}])
+    assert summary.frames_per_question == 8 and summary.prefill_seconds is None
+    text = summary.describe()
+    assert "accuracy 50.0% (1/2" in text
+    assert "cost        8 frames, n/a tokens (n/a video) per question; prefill n/a, frame decoding n/a; " \
+        "n/a questions/hour" in text
+
+
 def test_wilson_interval_known_values():
     assert wilson_interval(0, 0) is None
     low, high = wilson_interval(50, 100)

@@ -41,3 +41,36 @@ def test_sixteen_bit_grayscale_frames_are_scaled_not_clipped(tmp_path):
     expected = np.round(ramp / 65535 * 255).astype(np.uint8)  # Pillow's own conversion made 255 of nearly all
     for channel in range(3):
         np.testing.assert_array_equal(frames[0, :, :, channel], expected)
+
+
+def float_frames(folder, ramp: np.ndarray, count: int = 2) -> None:
+    """`count` 32-bit float grayscale TIFFs (Pillow mode F) holding `ramp`."""
+    folder.mkdir()
+    for index in range(count):
+        Image.fromarray(ramp.astype(np.float32)).save(folder / f"frame_{index}.tif")
+    assert Image.open(folder / "frame_0.tif").mode == "F"
+
+
+def decode_56(folder) -> np.ndarray:
+    plan = plan_video(probe_video(folder, frames_fps=2), SamplingSettings(
+        fps=2, pixels_per_frame=56 * 56, min_pixels_per_frame=56 * 56))
+    return decode_video(plan).frames
+
+
+def test_float_frames_in_0_1_are_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 1, 56 * 56).reshape(56, 56)
+    float_frames(tmp_path / "frames", ramp)
+    frames = decode_56(tmp_path / "frames")
+    expected = np.round(ramp.astype(np.float32) * 255).astype(np.uint8)  # Pillow's own made all of it 0 or 1
+    for channel in range(3):
+        np.testing.assert_array_equal(frames[1, :, :, channel], expected)
+
+
+@pytest.mark.parametrize("bad", [2.5, np.nan])
+def test_float_frames_outside_0_1_are_refused_naming_the_file(tmp_path, bad):
+    ramp = np.linspace(0, 1, 56 * 56).reshape(56, 56)
+    ramp[0, 0] = bad
+    float_frames(tmp_path / "frames", ramp)
+    with pytest.raises(UserError, match=r"frame_0\.tif: float image") as error:
+        decode_56(tmp_path / "frames")
+    assert "\n" not in str(error.value)

@@ -246,8 +246,9 @@ def open_analysis_model(args: argparse.Namespace) -> AnalysisModel:
 def plan_videos(opened: AnalysisModel, args: argparse.Namespace) -> list[PlannedQuestion]:
     """Check and plan every `--video` (probing it, decoding nothing) with the frame flags; `UserError` naming
     the first video or flag at fault."""
-    from videonsa.commands.ask import _settings
+    from videonsa.commands.ask import _flag_names, _settings
     from videonsa.inference.api import plan_question
+    from videonsa.video import probe_video
     from videonsa.video.paper import resolve_preset
 
     preset = resolve_preset(args.preset, opened.attention)
@@ -256,11 +257,15 @@ def plan_videos(opened: AnalysisModel, args: argparse.Namespace) -> list[Planned
     for video in args.video:
         if not Path(video).exists():
             raise UserError(f"--video {video}: no such file or folder")
-        plans.append(plan_question(
-            opened.files, video, args.question,
-            sampling=frames if preset == "planner" else None, paper=frames if preset == "paper" else None,
-            generation=generation, backend=args.backend, frames_fps=args.frames_fps, preset=preset,
-        ))
+        info = probe_video(video, backend=args.backend, frames_fps=args.frames_fps)  # its messages name the file
+        try:
+            plans.append(plan_question(
+                opened.files, video, args.question,
+                sampling=frames if preset == "planner" else None, paper=frames if preset == "paper" else None,
+                generation=generation, backend=args.backend, frames_fps=args.frames_fps, preset=preset, info=info,
+            ))
+        except UserError as error:  # a setting the plan cannot meet (a --budget below the text): name its flag
+            raise UserError(_flag_names(str(error))) from None
     return plans
 
 

@@ -74,7 +74,9 @@ class SinkStatistics:
         valid = audience > 0
         sink = (share > self.threshold) & valid
         low = low_value_norms(norms).repeat_interleave(group, dim=0).to(valid.device)
-        relative_norm = norms.double() / norms.double().median(dim=-1, keepdim=True).values.clamp_min(1e-30)
+        # The median as low_value_norms takes it (torch.median would give the lower middle value of an even count).
+        median = torch.quantile(norms.double(), 0.5, dim=-1, keepdim=True)
+        relative_norm = norms.double() / median.clamp_min(1e-30)
         relative_norm = relative_norm.repeat_interleave(group, dim=0).to(valid.device)
         at_block = (positions % block_size == 0)[None, :].expand_as(valid)
         at_frame = (positions % max(tokens_per_frame, 1) == 0)[None, :].expand_as(valid)

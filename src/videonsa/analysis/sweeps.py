@@ -463,14 +463,14 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace, preset_flag: str | None, *, sparse_only: bool):
-    """Checks that need no weights (flags, question set, model files), then the model: (questions, model,
-    preset, frames, generation); model is a `VideoQA`, as the evaluation runner takes."""
-    from videonsa.analysis.common import open_analysis_model
+    """The checks that need no weights (flags, --out, question set, model files): (questions, opened model,
+    preset, frames, generation); the weights are not loaded (`_load`, once every point has been planned)."""
+    from videonsa.analysis.common import check_out_dir, open_analysis_model
     from videonsa.commands.ask import _settings
-    from videonsa.inference.api import VideoQA
     from videonsa.video.paper import resolve_preset
 
     check_common(args)
+    check_out_dir(Path(args.out).expanduser())
     questions = load_questions_of(args.task)
     opened = open_analysis_model(args)
     if sparse_only and opened.attention == "dense":
@@ -480,13 +480,43 @@ def _prepare(args: argparse.Namespace, preset_flag: str | None, *, sparse_only: 
         )
     preset = resolve_preset(preset_flag or "auto", opened.attention)
     frames, generation = _settings(args, preset)
-    return questions, VideoQA(opened.files, opened.load()), preset, frames, generation
+    return questions, opened, preset, frames, generation
 
 
-def _check_budgets(model, pairs: Sequence[tuple[int, int]]) -> None:
-    """Every (block count, window) the sweep will set must be a valid budget for this model: checked before
-    any point runs, so a mistake costs no waiting."""
-    current = model.model.sparse_settings
+def _load(opened) -> Any:
+    """The weights, as a `VideoQA` (what the evaluation runner takes)."""
+    from videonsa.inference.api import VideoQA
+
+    return VideoQA(opened.files, opened.load())
+
+
+def _recorded_sparsity(opened) -> Any:
+    """The `SparseSettings` the model will load with (its config, in the chosen mode), read before the weights."""
+    from videonsa.models.configuration_videonsa import VideoNSAConfig
+
+    settings = VideoNSAConfig.from_dict(dict(opened.files.config)).sparse_settings()
+    return dataclasses.replace(settings, mode=opened.attention)
+
+
+def _plan_points(opened, questions, limit: int | None, point_settings: Sequence[Any]) -> None:
+    """Plan the questions every point will ask (`EvalSettings`, one per point) from the model's small files, so
+    that a point whose budget cannot hold a question is refused before the weights load (each video is probed
+    once)."""
+    from videonsa.commands.ask import _flag_names
+    from videonsa.evaluation.runner import plan_questions
+
+    probed: dict[str, Any] = {}
+    selected = questions.questions[:limit]
+    for settings in point_settings:
+        try:
+            plan_questions(opened.files, selected, settings, probed)
+        except UserError as error:
+            raise UserError(_flag_names(str(error))) from None
+
+
+def _check_budgets(current, pairs: Sequence[tuple[int, int]]) -> None:
+    """Every (block count, window) the sweep will set must be a valid budget for the model (`current`: its
+    `SparseSettings`): checked before the weights load, so a mistake costs no waiting."""
     for block_count, window in pairs:
         try:
             dataclasses.replace(current, block_count=block_count, window_size=window)
@@ -506,11 +536,13 @@ def run_budget(args: argparse.Namespace) -> int:
 
     block_counts = positive_values("--block-counts", args.block_counts)
     windows = positive_values("--windows", args.windows)
-    questions, model, preset, frames, generation = _prepare(args, args.preset, sparse_only=True)
-    _check_budgets(model, [(b, w) for b in block_counts for w in windows])
-    out_dir = prepare_out_dir(Path(args.out).expanduser())
+    questions, opened, preset, frames, generation = _prepare(args, args.preset, sparse_only=True)
+    _check_budgets(_recorded_sparsity(opened), [(b, w) for b in block_counts for w in windows])
     settings = EvalSettings(preset=preset, frames=frames, generation=generation, backend=args.backend,
                             model=args.model, task=args.task)
+    _plan_points(opened, questions, args.limit, [settings])  # the frames are the same at every point
+    model = _load(opened)
+    out_dir = prepare_out_dir(Path(args.out).expanduser())
     context = SweepContext(model, questions, settings, out_dir, "budget", args.limit, args.warmup)
     points = grid_points(("block_count", block_counts), ("window", windows), ("b", "w"))
     with restored_sparsity(model):
@@ -600,15 +632,18 @@ def run_context(args: argparse.Namespace) -> int:
     sparse = {"block_counts": args.block_counts, "window_size": args.window}
     sparse = {name: value for name, value in sparse.items() if value is not None}
     # Dense attention is a fine context sweep, unless a sparse budget was asked for.
-    questions, model, preset, frames, generation = _prepare(args, "planner", sparse_only=bool(sparse))
+    questions, opened, preset, frames, generation = _prepare(args, "planner", sparse_only=bool(sparse))
     if sparse:
-        _check_budgets(model, [(sparse.get("block_counts", model.model.sparse_settings.block_count),
-                                sparse.get("window_size", model.model.sparse_settings.window_size))])
-    out_dir = prepare_out_dir(Path(args.out).expanduser())
+        current = _recorded_sparsity(opened)
+        _check_budgets(current, [(sparse.get("block_counts", current.block_count),
+                                  sparse.get("window_size", current.window_size))])
     settings = EvalSettings(preset=preset, frames=frames, generation=generation, backend=args.backend,
                             model=args.model, task=args.task, **sparse)
-    context = SweepContext(model, questions, settings, out_dir, "context", args.limit, args.warmup)
     points = grid_points(("max_frames", frame_counts), ("pixels_per_frame", pixels), ("f", "p"))
+    _plan_points(opened, questions, args.limit, [_context_settings(settings, point) for point in points])
+    model = _load(opened)
+    out_dir = prepare_out_dir(Path(args.out).expanduser())
+    context = SweepContext(model, questions, settings, out_dir, "context", args.limit, args.warmup)
     with restored_sparsity(model):
         if sparse:
             model.model.set_sparsity(**sparse)
@@ -617,11 +652,7 @@ def run_context(args: argparse.Namespace) -> int:
         identity = sweep_identity(context, {"sparsity": _fixed_sparsity(model, swept=()), "frames": fixed_frames})
 
         def evaluate(point: GridPoint) -> Mapping[str, Any]:
-            values = point.values
-            chosen_frames = dataclasses.replace(
-                frames, max_frames=values["max_frames"], pixels_per_frame=values["pixels_per_frame"]
-            )
-            result = evaluate_point(context, point, dataclasses.replace(settings, frames=chosen_frames))
+            result = evaluate_point(context, point, _context_settings(settings, point))
             _print_point(point, result)
             return result
 
@@ -650,6 +681,13 @@ def run_context(args: argparse.Namespace) -> int:
         "cell_notes": notes,
     }
     return _finish(out_dir, "context", summary, plot_axes)
+
+
+def _context_settings(settings: Any, point: GridPoint) -> Any:
+    """The `EvalSettings` of one context point: the sweep's, with the point's frame count and pixels per frame."""
+    frames = dataclasses.replace(settings.frames, max_frames=point.values["max_frames"],
+                                 pixels_per_frame=point.values["pixels_per_frame"])
+    return dataclasses.replace(settings, frames=frames)
 
 
 def _grid_settings(args: argparse.Namespace):

@@ -83,6 +83,10 @@ class DemoSettings:
             raise UserError(f"--minutes must be a positive number, got {self.minutes}")
         if self.training.steps < 1:
             raise UserError(f"--steps must be at least 1, got {self.training.steps}")
+        # The video generator's seeds are unsigned: a negative one would fail after the run folder is made.
+        for seed in (self.task.seed, self.training.seed):
+            if seed < 0:
+                raise UserError(f"--seed must be 0 or more, got {seed}")
         return self
 
     def to_json(self) -> dict[str, Any]:
@@ -226,7 +230,10 @@ def _claim(out_dir: Path, settings: DemoSettings) -> DemoSettings:
         return settings
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir}: exists and is not an empty folder or a demo run; choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a parent that is a file, no permission: the user's --out
+        raise UserError(f"{out_dir}: cannot create the run folder ({error.strerror or error})") from None
     atomic_write_json(out_dir / SETTINGS_FILE, wanted)
     return settings
 
@@ -303,13 +310,18 @@ def _train(out_dir: Path, settings: DemoSettings, config, stages: _Stages) -> No
     logger.info("%s %d steps, mean loss %.4f", what, outcome.global_step, outcome.training_loss)
 
 
-def eval_settings(task: DemoTask, model_dir: Path):
+# The model as eval/run.json names it: the checkpoint in the run folder's model/, whatever path reaches the folder
+# (the runner refuses to resume answers recorded under another model name).
+EVAL_MODEL_NAME = "videonsa demo model/"
+
+
+def eval_settings(task: DemoTask):
     """How the held-out questions are asked: every frame at the videos' rate, at the 28 x 28 pixels trained on."""
     from videonsa.evaluation import EvalSettings
     from videonsa.video import SamplingSettings
 
     frames = SamplingSettings(fps=float(task.fps), pixels_per_frame=FRAME_PIXELS, min_pixels_per_frame=FRAME_PIXELS)
-    return EvalSettings(preset="planner", frames=frames, model=str(model_dir), task="demo held-out")
+    return EvalSettings(preset="planner", frames=frames, model=EVAL_MODEL_NAME, task="demo held-out")
 
 
 def load_trained(model_dir: Path, settings: DemoSettings):
@@ -329,7 +341,7 @@ def _evaluate(out_dir: Path, settings: DemoSettings, questions, progress: bool):
     model_dir = out_dir / "model"
     model = load_trained(model_dir, settings)
     started = time.perf_counter()
-    summary = run_eval(model, questions, out_dir / "eval", eval_settings(settings.task, model_dir), progress=progress)
+    summary = run_eval(model, questions, out_dir / "eval", eval_settings(settings.task), progress=progress)
     return summary, time.perf_counter() - started
 
 

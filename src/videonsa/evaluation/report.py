@@ -74,14 +74,28 @@ class Summary:
             f"chance {self.chance:.1%})" + ("" if self.complete else f" — {self.total_questions} in the set"),
             "per kind    " + ", ".join(f"{name} {_percent(group)}" for name, group in self.per_kind.items()),
             "per length  " + ", ".join(f"{name} {_percent(group)}" for name, group in self.per_length.items()),
-            f"cost        {self.frames_per_question:.0f} frames, {self.prompt_tokens_per_question:,.0f} tokens "
-            f"({self.video_tokens_per_question:,.0f} video) per question; prefill {self.prefill_seconds:.2f}s, "
-            f"frame decoding {self.video_decode_seconds:.2f}s; {self.questions_per_hour:,.0f} questions/hour",
+            self._cost_line(),
         ]
         if self.duplicate_answers:
             lines.append(f"note        {self.duplicate_answers} earlier answer(s) of a repeated id ignored: the last "
                          "answer of each id counts")
         return "\n".join(lines)
+
+    def _cost_line(self) -> str:
+        """The costs per question; a cost the answers do not record (answers written by hand or by an older
+        version) shows as n/a."""
+        return (
+            f"cost        {_shown(self.frames_per_question, '.0f')} frames, "
+            f"{_shown(self.prompt_tokens_per_question, ',.0f')} tokens "
+            f"({_shown(self.video_tokens_per_question, ',.0f')} video) per question; "
+            f"prefill {_shown(self.prefill_seconds, '.2f', 's')}, "
+            f"frame decoding {_shown(self.video_decode_seconds, '.2f', 's')}; "
+            f"{_shown(self.questions_per_hour, ',.0f')} questions/hour"
+        )
+
+
+def _shown(value: float | None, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{unit}"
 
 
 def _percent(group: Group) -> str:

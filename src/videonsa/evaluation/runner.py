@@ -193,15 +193,18 @@ def _frame_settings(settings: EvalSettings) -> dict[str, Any]:
     return {"paper" if settings.preset == "paper" else "sampling": settings.frames}
 
 
-def plan_questions(files, questions: Sequence[Question], settings: EvalSettings) -> None:
+def plan_questions(
+    files, questions: Sequence[Question], settings: EvalSettings, probed: dict[str, Any] | None = None
+) -> None:
     """Plan every question as `answer_question` will, from the model's small files (`open_model_files`): prompts
     tokenized, each video probed once, no frame decoded, no weights needed. A setting some question cannot run
     with (a budget below its text plus the smallest pair of frames) is then refused before minutes of loading,
-    as a `UserError` naming the question. `settings` are resolved (`resolved_settings`)."""
+    as a `UserError` naming the question. `settings` are resolved (`resolved_settings`). probed: video path ->
+    `probe_video`'s result, shared by several calls (a sweep plans every grid point with one probe per video)."""
     from videonsa.inference.api import plan_question
     from videonsa.video import probe_video
 
-    probed = {}
+    probed = {} if probed is None else probed
     for question in questions:
         try:
             if question.video_path not in probed:

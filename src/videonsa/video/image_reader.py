@@ -89,11 +89,28 @@ def probe_images(name: str, paths: Sequence[Path], *, frames_fps: float, max_sou
 def rgb_image(image: Image.Image) -> Image.Image:
     """`image` as 8-bit RGB. Integer grayscale of more than 8 bits (modes ``I;16*``, and ``I``, which Pillow also
     gives 16-bit PNGs and TIFFs) is scaled from 0-65535 to 0-255: Pillow's own conversion clips every value above
-    255, so a 16-bit frame would come out almost white."""
+    255, so a 16-bit frame would come out almost white. Float grayscale (mode ``F``, 32-bit float TIFFs) is
+    scaled from 0-1 (`float_image_as_gray`)."""
     if image.mode.startswith("I;16") or image.mode == "I":
         wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
         image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # mode L
+    elif image.mode == "F":
+        image = float_image_as_gray(image)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def float_image_as_gray(image: Image.Image) -> Image.Image:
+    """A mode ``F`` image as 8-bit grayscale, its 0-1 range scaled to 0-255. Pillow's own conversion clips to
+    0-255 instead, which turns a 0-1 frame black; and a float image has no agreed range, so values outside 0-1
+    (or not finite) are a `UserError` rather than a guess that would change brightness from frame to frame."""
+    values = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise UserError("float image holds NaN or infinite values; convert the frames to 8-bit images")
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > 1:
+        raise UserError(f"float image with values from {low:g} to {high:g}; float frames are read as 0-1 "
+                        "(convert them to 8-bit images, or scale them to 0-1)")
+    return Image.fromarray(np.round(values * 255).astype(np.uint8))  # mode L
 
 
 def _load_frame(path: Path, expected_size: tuple[int, int], height: int, width: int) -> np.ndarray:
@@ -106,7 +123,10 @@ def _load_frame(path: Path, expected_size: tuple[int, int], height: int, width: 
                     f"{path}: is {image.size[0]}x{image.size[1]} but the first frame is "
                     f"{expected_size[0]}x{expected_size[1]}; all frames must have one size"
                 )
-            rgb = rgb_image(image)
+            try:
+                rgb = rgb_image(image)
+            except UserError as error:
+                raise UserError(f"{path}: {error}") from None
             if rgb.size != (width, height):
                 rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
             return np.asarray(rgb, dtype=np.uint8)
