@@ -25,7 +25,12 @@ from videonsa.errors import UserError  # noqa: E402
 from videonsa.evaluation import lmms_model  # noqa: E402
 from videonsa.evaluation.lmms_model import VideoNSALmms, cut_at_stop, generation_settings, parse_model_args  # noqa: E402
 from videonsa.evaluation.lmms_plugin import MODEL_CLASS_PATH  # noqa: E402
-from videonsa.evaluation.lmms_run import format_model_args, install_needle_task, run_lmms_eval  # noqa: E402
+from videonsa.evaluation.lmms_run import (  # noqa: E402
+    format_model_args,
+    install_needle_task,
+    lmms_eval_command,
+    run_lmms_eval,
+)
 from videonsa.evaluation.lmms_tasks import needle_task  # noqa: E402
 from videonsa.video import synthetic  # noqa: E402
 
@@ -231,6 +236,26 @@ def test_bad_model_args_end_the_lmms_eval_run_with_one_clear_line(workspace, off
     output = done.stdout + done.stderr
     assert "videonsa model_args: unknown argument(s) window; known: pretrained, attention" in output
     assert not list((tmp_path / "out").rglob("*_results.json"))
+
+
+def test_a_second_task_folder_is_refused_as_lmms_eval_would_drop_one(workspace, tmp_path, monkeypatch):
+    """lmms-eval's CLI keeps the last --include_path only: a user's folder beside the needle task would vanish."""
+    from lmms_eval.__main__ import parse_eval_args
+
+    first, second = tmp_path / "mine", tmp_path / "needles"
+    command = lmms_eval_command({"pretrained": "d"}, ["t"], tmp_path, include_paths=[first])
+    monkeypatch.setattr(sys, "argv", ["lmms_eval", *command[3:], "--include_path", str(second)])
+    assert parse_eval_args()[1].include_path == str(second)
+    with pytest.raises(UserError, match="lmms-eval takes one task folder \\(--include_path\\), got 2"):
+        lmms_eval_command({"pretrained": "d"}, ["t"], tmp_path, include_paths=[first, second])
+    with pytest.raises(UserError, match="takes one task folder"):
+        run_lmms_eval(
+            {"pretrained": "d"},
+            ["videonsa_needles"],
+            tmp_path / "out",
+            questions=workspace / "needles",
+            include_paths=[first],
+        )
 
 
 # --- the request shapes of the paper's benchmarks, in process --------------------------------------------------
