@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,12 @@ from videonsa.errors import UserError  # noqa: E402
 from videonsa.evaluation import lmms_model  # noqa: E402
 from videonsa.evaluation.lmms_model import VideoNSALmms, cut_at_stop, generation_settings, parse_model_args  # noqa: E402
 from videonsa.evaluation.lmms_plugin import MODEL_CLASS_PATH  # noqa: E402
-from videonsa.evaluation.lmms_run import format_model_args, install_needle_task, run_lmms_eval  # noqa: E402
+from videonsa.evaluation.lmms_run import (  # noqa: E402
+    format_model_args,
+    install_needle_task,
+    lmms_eval_command,
+    run_lmms_eval,
+)
 from videonsa.evaluation.lmms_tasks import needle_task  # noqa: E402
 from videonsa.video import synthetic  # noqa: E402
 
@@ -146,6 +152,19 @@ def test_needle_task_runs_through_the_lmms_eval_cli(workspace, offline_env, qa):
     assert metrics["accuracy,none"] == pytest.approx(sum(scores) / len(scores))
 
 
+def test_a_needle_whose_video_is_gone_is_scored_wrong_and_the_run_finishes(workspace, offline_env, tmp_path):
+    rows = read_jsonl(workspace / "needles" / "questions.jsonl")[:2]
+    rows[0]["video"] = "videos/deleted.mp4"
+    rows[1]["video"] = str(workspace / "needles" / rows[1]["video"])
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    model_args = {"pretrained": str(workspace / "ckpt"), "device": "cpu", "fps": FPS, "max_new_tokens": 2}
+    run = run_lmms_eval(model_args, ["videonsa_needles"], tmp_path / "out", questions=tmp_path, env=offline_env)
+    samples = read_jsonl(next(run.results_file.parent.glob("*_samples_videonsa_needles.jsonl")))
+    records = {sample["accuracy"]["id"]: sample["accuracy"] for sample in samples}
+    assert set(records) == {"q0", "q1"}
+    assert (records["q0"]["choice"], records["q0"]["score"]) == (None, 0.0)
+
+
 def test_a_task_in_mlvu_format_runs_with_mlvu_own_functions(workspace, offline_env, qa, tmp_path):
     """MLVU-dev's YAML settings and document functions, pointed at a local JSON set (videos under HF_HOME/mlvu)."""
     videos = Path(offline_env["HF_HOME"]) / "mlvu"
@@ -233,6 +252,26 @@ def test_bad_model_args_end_the_lmms_eval_run_with_one_clear_line(workspace, off
     assert not list((tmp_path / "out").rglob("*_results.json"))
 
 
+def test_a_second_task_folder_is_refused_as_lmms_eval_would_drop_one(workspace, tmp_path, monkeypatch):
+    """lmms-eval's CLI keeps the last --include_path only: a user's folder beside the needle task would vanish."""
+    from lmms_eval.__main__ import parse_eval_args
+
+    first, second = tmp_path / "mine", tmp_path / "needles"
+    command = lmms_eval_command({"pretrained": "d"}, ["t"], tmp_path, include_paths=[first])
+    monkeypatch.setattr(sys, "argv", ["lmms_eval", *command[3:], "--include_path", str(second)])
+    assert parse_eval_args()[1].include_path == str(second)
+    with pytest.raises(UserError, match="lmms-eval takes one task folder \\(--include_path\\), got 2"):
+        lmms_eval_command({"pretrained": "d"}, ["t"], tmp_path, include_paths=[first, second])
+    with pytest.raises(UserError, match="takes one task folder"):
+        run_lmms_eval(
+            {"pretrained": "d"},
+            ["videonsa_needles"],
+            tmp_path / "out",
+            questions=workspace / "needles",
+            include_paths=[first],
+        )
+
+
 # --- the request shapes of the paper's benchmarks, in process --------------------------------------------------
 
 
@@ -301,14 +340,40 @@ def test_image_visuals_are_frames_and_a_single_image_fills_one_temporal_patch(wo
     assert replies[1] == expected_reply(qa, paths[:1] * 2, "Describe the image.", MAX_NEW_TOKENS)
 
 
-def test_requests_without_a_video_or_with_two_videos_are_refused(workspace, plugin):
+def test_a_failing_request_gets_an_empty_reply_and_an_error_line_and_the_others_are_answered(
+    workspace, plugin, qa, caplog
+):
+    """A missing or broken video, no visual, two videos: each of those requests fails alone, named in the log."""
     clip = str(workspace / "needles" / "videos" / "clip0.mp4")
-    with pytest.raises(UserError, match="task bench, doc 0 has no video or image"):
-        serve(plugin, [request("Hi", {"max_new_tokens": 2}, [])])
-    with pytest.raises(UserError, match="with a video among them; one video only"):
-        serve(plugin, [request("Hi", {"max_new_tokens": 2}, [clip, clip])])
+    broken = workspace / "broken.mp4"
+    broken.write_bytes(b"not a video" * 16)
+    gen_kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "until": ["\n\n"]}
+    visuals = [[str(workspace / "missing.mp4")], [clip], [], [clip, clip], [str(broken)]]
+    with caplog.at_level("ERROR", logger=lmms_model.__name__):
+        replies = serve(plugin, [request("Hi", gen_kwargs, shown, doc_id=i) for i, shown in enumerate(visuals)])
+    assert replies == ["", expected_reply(qa, clip, "Hi", MAX_NEW_TOKENS), "", "", ""]
+    *errors, summary = [record.getMessage() for record in caplog.records]
+    by_doc = {
+        int(re.match(r"videonsa: task bench, doc (\d+) not answered \(UserError: ", e).group(1)): e for e in errors
+    }
+    assert sorted(by_doc) == [0, 2, 3, 4]
+    assert "missing.mp4: no such file" in by_doc[0]
+    assert "doc 2 has no video or image" in by_doc[2]
+    assert "with a video among them; one video only" in by_doc[3]
+    assert "broken.mp4: cannot be opened as a video" in by_doc[4]
+    assert summary == "videonsa: 4 of 5 requests failed (errors above) and were answered with an empty reply"
     with pytest.raises(NotImplementedError, match="loglikelihood"):
         plugin.loglikelihood([])
+
+
+def test_generation_settings_no_request_can_run_stop_the_run(workspace):
+    """Settings the task gives every request are refused once, not logged as failures request after request."""
+    clip = str(workspace / "needles" / "videos" / "clip0.mp4")
+    paper = VideoNSALmms(pretrained=str(workspace / "ckpt"), device="cpu", preset="paper", fps=FPS, max_frames=8)
+    with pytest.raises(UserError, match="task bench: temperature=0.7 asks for sampling, and the paper preset"):
+        serve(paper, [request("Hi", {"max_new_tokens": 2, "temperature": 0.7, "do_sample": True}, [clip])])
+    with pytest.raises(UserError, match="task bench: num_beams=3 asks for beam search"):
+        serve(paper, [request("Hi", {"max_new_tokens": 2, "num_beams": 3}, [clip])])
 
 
 # --- settings ---------------------------------------------------------------------------------------------------

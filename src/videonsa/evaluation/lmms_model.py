@@ -254,6 +254,7 @@ class VideoNSALmms(lmms):
         self._device = next(self.qa.model.parameters()).device
         self._ignored_gen_kwargs: set[str] = set()
         self._decoded: tuple[tuple, DecodedVideo] | None = None
+        self._failures = 0
 
     # lmms-eval reads these.
     @property
@@ -272,13 +273,22 @@ class VideoNSALmms(lmms):
         """Answer each request: its context is the prompt text, its visuals the video (or images).
 
         Requests whose visuals are image objects are answered as they come; video files are answered after,
-        grouped by file so that each video is probed and decoded as few times as possible.
+        grouped by file so that each video is probed and decoded as few times as possible. A request that fails
+        on its own document (no video, an unreadable one, a question the budget cannot hold, out of memory) is
+        logged and answered with an empty reply, which the task scores as wrong: lmms-eval writes results only at
+        the end, so one bad video must not lose the run. A task's generation settings that cannot run stop it.
         """
         results: list[GenerationResult | None] = [None] * len(requests)
         deferred: list[tuple[tuple, int, _Visual]] = []
+        self._failures = 0
         with tqdm(total=len(requests), disable=self.rank != 0, desc="videonsa answering") as bar:
             for index, request in enumerate(requests):
-                visual = self._visual(request)
+                try:
+                    visual = self._visual(request)
+                except Exception as error:
+                    results[index] = self._failed(request, error)
+                    bar.update(1)
+                    continue
                 if visual.key is None:
                     results[index] = self._answer(request, visual)
                     bar.update(1)
@@ -288,6 +298,12 @@ class VideoNSALmms(lmms):
                 results[index] = self._answer(requests[index], visual)
                 bar.update(1)
         self._decoded = None
+        if self._failures:
+            logger.error(
+                "videonsa: %d of %d requests failed (errors above) and were answered with an empty reply",
+                self._failures,
+                len(requests),
+            )
         return results
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -323,10 +339,19 @@ class VideoNSALmms(lmms):
             raise UserError(f"videonsa: {where} gives {len(visuals)} visuals with a video among them; one video only")
         return _images_as_frames(visuals)
 
-    def _plan(self, request: Instance, visual: _Visual) -> PlannedQuestion:
-        context, gen_kwargs, _doc_to_visual, _doc_id, task, _split = request.args
+    def _generation(self, gen_kwargs: dict[str, Any], task: str) -> GenerationSettings:
+        """The task's generation settings, refused (`UserError`) when this model cannot run them at all."""
         self._warn_ignored(gen_kwargs)
         generation = generation_settings(gen_kwargs, self.args.max_new_tokens, task)
+        if self.preset == "paper" and generation.temperature > 0:
+            raise UserError(
+                f"task {task}: temperature={generation.temperature:g} asks for sampling, and the paper preset "
+                "decodes greedily as the paper's evaluation did (preset=planner samples)"
+            )
+        return generation
+
+    def _plan(self, request: Instance, visual: _Visual, generation: GenerationSettings) -> PlannedQuestion:
+        context, _gen_kwargs, _doc_to_visual, _doc_id, _task, _split = request.args
         # Image frames are shown at the sampling rate, so that every image is kept.
         frames_fps = (self.sampling or self.paper).fps
         return plan_question(
@@ -356,17 +381,33 @@ class VideoNSALmms(lmms):
     def _answer(self, request: Instance, visual: _Visual) -> GenerationResult:
         context, gen_kwargs, _doc_to_visual, _doc_id, task, _split = request.args
         try:
-            planned = self._plan(request, visual)
-            decoded = self._decode(planned, visual)
-            answer = generate_answer(self.qa.model, self.qa.files, planned.prompt, decoded, planned.generation)
+            # Outside the per-request net: settings the task gives every request would fail them all.
+            generation = self._generation(gen_kwargs, task)
+            stops = stop_strings(gen_kwargs, task)
+            try:
+                planned = self._plan(request, visual, generation)
+                decoded = self._decode(planned, visual)
+                answer = generate_answer(self.qa.model, self.qa.files, planned.prompt, decoded, planned.generation)
+            except Exception as error:
+                return self._failed(request, error)
         finally:
             if visual.scratch is not None:
                 visual.scratch.cleanup()
         logger.info("%s: %s; %s", task, planned.plan.describe(), answer.report.describe())
-        text = cut_at_stop(answer.text, stop_strings(gen_kwargs, task))
+        text = cut_at_stop(answer.text, stops)
         self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         counts = TokenCounts(input_tokens=answer.report.prompt_tokens, output_tokens=answer.report.generated_tokens)
         return GenerationResult(text=text, token_counts=counts)
+
+    def _failed(self, request: Instance, error: Exception) -> GenerationResult:
+        """An empty reply for a request that failed, after one error line naming its task and document."""
+        _context, _gen_kwargs, _doc_to_visual, doc_id, task, _split = request.args
+        self._failures += 1
+        reason = str(error).splitlines()[0] if str(error) else ""
+        logger.error("videonsa: task %s, doc %s not answered (%s: %s)", task, doc_id, type(error).__name__, reason)
+        if isinstance(error, torch.OutOfMemoryError) and self._device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed attempt's memory, for the next request
+        return GenerationResult(text="", token_counts=None)
 
     def _warn_ignored(self, gen_kwargs: dict[str, Any]) -> None:
         for name in sorted(set(gen_kwargs) - HONOURED_GEN_KWARGS - self._ignored_gen_kwargs):

@@ -138,6 +138,12 @@ def lmms_eval_command(
     command = [sys.executable, "-m", "lmms_eval", "--model", LMMS_MODEL_NAME]
     command += ["--model_args", format_model_args(model_args), "--tasks", ",".join(tasks)]
     command += ["--batch_size", "1", "--output_path", str(output_dir)]
+    if len(include_paths) > 1:
+        # lmms-eval's --include_path holds one folder: given twice, the last wins and the other's tasks vanish.
+        raise UserError(
+            f"lmms-eval takes one task folder (--include_path), got {len(include_paths)}: "
+            f"{', '.join(str(path) for path in include_paths)}; put the tasks under one folder"
+        )
     for include in include_paths:
         command += ["--include_path", str(include)]
     if limit is not None:
@@ -163,10 +169,11 @@ def run_lmms_eval(
 
     model_args: `--model_args` of the videonsa model (docs/lmms-eval.md), `pretrained` required.
     questions: a needle set (folder or questions.jsonl) for the `videonsa_needles` task, whose task folder
-        is written under `out_dir/lmms_tasks`. include_paths: more task folders. limit: documents per task.
+        is written under `out_dir/lmms_tasks`. include_paths: a task folder (at most one in all, the needle
+        task's counting: lmms-eval's CLI reads one `--include_path`). limit: documents per task.
     Results land under `out_dir` as lmms-eval writes them (`<model>/<time>_results.json`, and samples with
     `log_samples`). Raises `UserError` when lmms-eval is missing, when `videonsa_needles` is asked for without
-    `questions`, or when lmms-eval fails (naming its exit status).
+    `questions`, for more than one task folder, or when lmms-eval fails (naming its exit status).
     """
     if not lmms_eval_available():
         raise UserError("lmms-eval is not installed; install it with: pip install 'videonsa[eval]'")
