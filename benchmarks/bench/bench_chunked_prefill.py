@@ -37,7 +37,10 @@ from harness.models import qwen7b_config, random_model, video_inputs  # noqa: E4
 from harness.output import markdown_table  # noqa: E402
 from videonsa.inference.memory import PrefillMemory, free_memory  # noqa: E402
 from videonsa.models import VideoNSAForConditionalGeneration, set_attention_mode  # noqa: E402
-from videonsa.models.chunked_prefill import prefill_in_chunks  # noqa: E402
+from videonsa.models.chunked_prefill import (
+    CACHE_KWARG,  # noqa: E402
+    prefill_in_chunks,  # noqa: E402
+)
 from videonsa.models.kv_cache import preallocated_cache  # noqa: E402
 
 LENGTHS = [32768, 131072, 262144, 524288]
@@ -54,7 +57,7 @@ def prefill(model, inputs, chunk: int | None):
     cache = DynamicCache(config=model.config.text_config)
     started = time.perf_counter()
     with torch.no_grad(), prefill_in_chunks(model, chunk):
-        logits = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(**inputs, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1).logits
     torch.cuda.synchronize()
     return time.perf_counter() - started, torch.cuda.max_memory_allocated() / 2**30, cache, logits
 
@@ -82,7 +85,7 @@ def answer(model, inputs, chunk: int | None, tokens: int) -> dict:
     cache = preallocated_cache(model.config, inputs["input_ids"].shape[1] + tokens)  # as `ask` does
     with torch.inference_mode(), prefill_in_chunks(model, chunk):
         out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                             streamer=clock, pad_token_id=0, past_key_values=cache)
+                             streamer=clock, pad_token_id=0, **{CACHE_KWARG: cache})
     new = out.shape[1] - inputs["input_ids"].shape[1]
     first, last = clock.times[1], clock.times[-1]
     return {"answer_tokens": new, "prefill_to_first_token_s": round(first - started, 3),

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the
 from harness import describe, open_run  # noqa: E402
 from harness.models import qwen7b_config, random_model, video_inputs  # noqa: E402
 from videonsa.models import VideoNSAForConditionalGeneration  # noqa: E402
-from videonsa.models.chunked_prefill import prefill_in_chunks  # noqa: E402
+from videonsa.models.chunked_prefill import CACHE_KWARG, prefill_in_chunks  # noqa: E402
 from videonsa.models.kv_cache import preallocated_cache  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
              else DynamicCache(config=model.config.text_config))
     with torch.inference_mode(), prefill_in_chunks(model, args.chunk):
         model.generate(**inputs, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-                       streamer=streamer, pad_token_id=0, past_key_values=cache)
+                       streamer=streamer, pad_token_id=0, **{CACHE_KWARG: cache})
     steps = len(streamer.step_times) - 1
     wall = (streamer.step_times[-1] - streamer.step_times[0]) * 1e3 / max(steps, 1)
     events = streamer.torch_profile.key_averages()

@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 from videonsa import testing
 from videonsa.errors import UserError
-from videonsa.models.chunked_prefill import prefill_in_chunks
+from videonsa.models.chunked_prefill import CACHE_KWARG, prefill_in_chunks
 
 
 def _two_videos_per_sample(seed: int = 5) -> testing.TinyBatch:
@@ -26,7 +26,7 @@ def _forward(model, batch, chunk_size=None, steps=None):
     cache = DynamicCache(config=model.config.text_config)
     on_step = None if steps is None else (lambda *step: steps.append(step))
     with torch.no_grad(), prefill_in_chunks(model, chunk_size, on_step):
-        logits = model(**batch.as_kwargs(), past_key_values=cache, use_cache=True).logits
+        logits = model(**batch.as_kwargs(), **{CACHE_KWARG: cache}, use_cache=True).logits
     return logits, cache
 
 

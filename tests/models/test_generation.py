@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from videonsa import testing
 from videonsa.errors import UserError
+from videonsa.models.chunked_prefill import CACHE_KWARG
 
 
 def _generate(model, batch, **kwargs):
@@ -101,7 +102,7 @@ def _decoding_scores(model, batch):
 def _prefill(model, batch):
     cache = DynamicCache(config=model.config.text_config)
     with torch.no_grad():
-        model(**batch.as_kwargs(), past_key_values=cache, use_cache=True)
+        model(**batch.as_kwargs(), **{CACHE_KWARG: cache}, use_cache=True)
     return cache
 
 
@@ -111,7 +112,7 @@ def _second_turn(model, batch, cache):
     positions = (torch.arange(batch.input_ids.shape[1]) + length).expand(3, *batch.input_ids.shape)
     mask = torch.cat([batch.attention_mask, batch.attention_mask], dim=1)
     with torch.no_grad():
-        model(**{**batch.as_kwargs(), "attention_mask": mask}, position_ids=positions, past_key_values=cache,
+        model(**{**batch.as_kwargs(), "attention_mask": mask}, position_ids=positions, **{CACHE_KWARG: cache},
               use_cache=True)
 
 
@@ -134,10 +135,10 @@ def test_vision_tokens_in_a_later_turn_continue_the_vision_stream_of_one_pass(ba
     cache = DynamicCache(config=model.config.text_config)
     first_positions = torch.arange(batch.input_ids.shape[1]).expand(3, *batch.input_ids.shape)
     with torch.no_grad():
-        model(**batch.as_kwargs(), position_ids=first_positions, past_key_values=cache, use_cache=True)
+        model(**batch.as_kwargs(), position_ids=first_positions, **{CACHE_KWARG: cache}, use_cache=True)
         positions = first_positions + cache.get_seq_length()
         second = model(**{**batch.as_kwargs(), "attention_mask": torch.cat([batch.attention_mask] * 2, dim=1)},
-                       position_ids=positions, past_key_values=cache, use_cache=True).logits
+                       position_ids=positions, **{CACHE_KWARG: cache}, use_cache=True).logits
         both = {key: torch.cat([value, value], dim=1) for key, value in batch.as_kwargs().items()
                 if key not in ("pixel_values_videos", "video_grid_thw")}
         # Each sample's two videos in a row, sample after sample, as the placeholders come.

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from videonsa import testing
-from videonsa.models.chunked_prefill import prefill_in_chunks
+from videonsa.models.chunked_prefill import CACHE_KWARG, prefill_in_chunks
 from videonsa.models.kv_cache import PreallocatedLayer, preallocated_cache
 
 STEPS = [7, 3, 1, 1, 1, 5, 1, 1]  # tokens per update: a prefill, a chunk, decoding steps, a later turn
@@ -151,7 +151,7 @@ def test_generation_through_the_preallocated_cache_scores_as_through_a_dynamic_o
         with torch.no_grad():
             outputs.append(model.generate(**single.as_kwargs(), max_new_tokens=6, min_new_tokens=6, do_sample=False,
                                           output_scores=True, return_dict_in_generate=True, pad_token_id=0,
-                                          past_key_values=cache))
+                                          **{CACHE_KWARG: cache}))
     assert torch.equal(outputs[0].sequences, outputs[1].sequences)
     for dynamic, preallocated in zip(outputs[0].scores, outputs[1].scores, strict=True):
         torch.testing.assert_close(preallocated, dynamic, rtol=1e-5, atol=1e-5)
@@ -164,7 +164,7 @@ def test_chunked_prefill_into_the_preallocated_cache_fills_what_a_dynamic_cache_
     logits = []
     for cache in caches:
         with torch.no_grad(), prefill_in_chunks(model, 7):
-            logits.append(model(**batch.as_kwargs(), past_key_values=cache, use_cache=True).logits)
+            logits.append(model(**batch.as_kwargs(), **{CACHE_KWARG: cache}, use_cache=True).logits)
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
     for dynamic, preallocated in zip(caches[0].layers, caches[1].layers, strict=True):
         torch.testing.assert_close(preallocated.keys, dynamic.keys, rtol=1e-5, atol=1e-5)

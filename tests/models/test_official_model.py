@@ -18,6 +18,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
 from videonsa import UserError, testing
 from videonsa.models import VideoNSAForConditionalGeneration
+from videonsa.models.chunked_prefill import CACHE_KWARG
 from videonsa.models.official_mode import vision_from_positions
 from videonsa.training.config import TrainConfig
 
@@ -262,7 +263,7 @@ def test_cache_holds_the_unmasked_keys_and_values_of_the_prefill():
     recorder = record(model)
     cache = DynamicCache(config=model.config.text_config)
     with torch.no_grad():
-        model(**batch.as_kwargs(), past_key_values=cache, use_cache=True)
+        model(**batch.as_kwargs(), **{CACHE_KWARG: cache}, use_cache=True)
     recorder.remove()
     attention = model.model.language_model.layers[0].self_attn
     (call,) = recorder.calls[0]
@@ -312,11 +313,11 @@ def test_generate_runs_the_official_prefill_then_dense_decoding(monkeypatch):
     # to dense mode after the prefill gives the same steps.
     cache = DynamicCache(config=model.config.text_config)
     with torch.no_grad():
-        model(**batch.as_kwargs(), past_key_values=cache, use_cache=True)
+        model(**batch.as_kwargs(), **{CACHE_KWARG: cache}, use_cache=True)
         model.set_attention_mode("dense")
         continued = model.generate(
             input_ids=out.sequences[:, :prompt + 1], attention_mask=torch.ones(1, prompt + 1, dtype=torch.long),
-            past_key_values=cache, max_new_tokens=4, do_sample=False,
+            **{CACHE_KWARG: cache}, max_new_tokens=4, do_sample=False,
         )
     assert torch.equal(continued[0, prompt:], generated)
 
@@ -331,12 +332,12 @@ def test_vision_tokens_after_a_cached_prefix_are_refused():
                                               video_grid_thw=batch.video_grid_thw)
     cache = DynamicCache(config=model.config.text_config)
     with torch.no_grad():
-        model(input_ids=batch.input_ids[:, :3], past_key_values=cache, use_cache=True)
+        model(input_ids=batch.input_ids[:, :3], **{CACHE_KWARG: cache}, use_cache=True)
         with pytest.raises(UserError, match="KV cache already holds 3 tokens"):
             model(
                 input_ids=batch.input_ids[:, 3:], mm_token_type_ids=batch.mm_token_type_ids[:, 3:],
                 pixel_values_videos=batch.pixel_values_videos, video_grid_thw=batch.video_grid_thw,
-                position_ids=positions[:, :, 3:], past_key_values=cache, use_cache=True,
+                position_ids=positions[:, :, 3:], **{CACHE_KWARG: cache}, use_cache=True,
             )
 
 

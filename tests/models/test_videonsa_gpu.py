@@ -8,6 +8,7 @@ from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from videonsa import testing
+from videonsa.models.chunked_prefill import CACHE_KWARG
 from videonsa.ops import available_backends
 
 pytestmark = pytest.mark.gpu
@@ -83,7 +84,7 @@ def test_chunked_prefill_on_gpu_with_the_fast_operator_matches_one_pass(gpu_batc
     for chunk in (None, 23):
         cache = DynamicCache(config=model.config.text_config)
         with torch.no_grad(), prefill_in_chunks(model, chunk):
-            logits = model(**inputs, past_key_values=cache, use_cache=True).logits.float()
+            logits = model(**inputs, **{CACHE_KWARG: cache}, use_cache=True).logits.float()
             tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
         runs.append((logits, tokens))
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
