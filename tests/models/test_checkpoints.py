@@ -192,3 +192,20 @@ def test_convert_refuses_bad_folders_and_leaves_nothing_behind(tmp_path, capsys)
     assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "taken")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "taken"]
+
+
+def test_the_weights_checked_are_those_transformers_loads_when_a_stale_index_is_left(tmp_path, message_log):
+    # Saving unsharded into a folder that held shards removes the shards but leaves the old index; transformers
+    # then loads model.safetensors, so the checks must read it too rather than refuse the index's missing shards.
+    model = testing.tiny_model(seed=22)
+    model.save_pretrained(tmp_path / "resaved", max_shard_size="100KB")
+    model.save_pretrained(tmp_path / "resaved")
+    assert (tmp_path / "resaved" / "model.safetensors.index.json").is_file()
+    _assert_same_weights(VideoNSAForConditionalGeneration.from_pretrained(tmp_path / "resaved"), model)
+
+    # A plain Qwen2.5-VL model.safetensors beside a gated sharded save: the plain file is what loads, so its
+    # missing gates are announced instead of silently initialised.
+    testing.tiny_model(videonsa=False, seed=23).save_pretrained(tmp_path / "mixed")
+    model.save_pretrained(tmp_path / "mixed", max_shard_size="100KB")
+    VideoNSAForConditionalGeneration.from_pretrained(tmp_path / "mixed")
+    assert any("no VideoNSA gates for all 2 layers" in m for m in message_log.messages), message_log.messages
