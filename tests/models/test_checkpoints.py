@@ -209,3 +209,18 @@ def test_the_weights_checked_are_those_transformers_loads_when_a_stale_index_is_
     model.save_pretrained(tmp_path / "mixed", max_shard_size="100KB")
     VideoNSAForConditionalGeneration.from_pretrained(tmp_path / "mixed")
     assert any("no VideoNSA gates for all 2 layers" in m for m in message_log.messages), message_log.messages
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["current-layout", "legacy-layout"])
+def test_saving_again_into_a_folder_replaces_its_weights_whatever_the_sharding(tmp_path, legacy):
+    from videonsa.models.convert import save_current_layout, save_legacy_layout
+
+    save = save_legacy_layout if legacy else save_current_layout
+    old, new = testing.tiny_model(seed=24), testing.tiny_model(seed=25)
+    save(old, tmp_path)
+    save(new, tmp_path, max_shard_bytes=100_000)  # shards: the old model.safetensors would be loaded instead
+    assert not (tmp_path / "model.safetensors").exists()
+    _assert_same_weights(VideoNSAForConditionalGeneration.from_pretrained(tmp_path), new)
+    save(old, tmp_path)  # one file again: no shards or index left to describe other weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    _assert_same_weights(VideoNSAForConditionalGeneration.from_pretrained(tmp_path), old)
