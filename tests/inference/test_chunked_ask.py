@@ -15,7 +15,6 @@ from videonsa.inference.memory import (
     MIN_AUTO_CHUNK,
     PLANNING_CHUNK,
     PrefillMemory,
-    _parameter_count,
     choose_prefill_chunk,
     default_budget_tokens,
     planning_chunk,
@@ -168,11 +167,15 @@ def test_cli_refuses_official_chunking_before_reading_the_video(inputs, tmp_path
     assert "attention_mode 'official' prefills in one pass" in err and "missing.mp4" not in err
 
 
-def test_parameter_count_from_the_config_matches_the_model():
-    model = testing.tiny_model()
-    config = model.config.to_dict()
-    actual = sum(parameter.numel() for parameter in model.parameters())
-    assert _parameter_count(config["text_config"], config["vision_config"]) == pytest.approx(actual, rel=0.01)
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_count_from_the_config_matches_the_model(tied):
+    # transformers ties the LM head by the top-level flag, which is where a saved tied config keeps it.
+    config = testing.tiny_videonsa_config()
+    config.tie_word_embeddings = tied
+    model = testing.tiny_model(config)
+    actual = sum(parameter.numel() for parameter in model.parameters())  # a tied matrix counts once
+    memory = PrefillMemory.from_config(model.config.to_dict(), torch.float32)
+    assert memory.weight_bytes == pytest.approx(4 * actual, rel=0.01)
 
 
 def test_memory_model_picks_one_pass_when_it_fits_and_else_chunks_that_fit():

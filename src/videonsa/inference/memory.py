@@ -75,7 +75,7 @@ class PrefillMemory:
         # MLP's gate, up and product (3 I), the gate MLP's hidden (H); q and k again in float32 after the rotary.
         working = size * (4 * hidden + qkv + heads_q * head_dim + 3 * inter) + 4 * (heads_q + heads_kv) * head_dim
         return cls(
-            weight_bytes=_parameter_count(text, vision) * size,
+            weight_bytes=_parameter_count(text, vision, tied=_tied_embeddings(config)) * size,
             resident_per_token=resident,
             working_per_token=int(working * WORKING_FACTOR),
         )
@@ -104,8 +104,16 @@ class PrefillMemory:
         return max(0, room // self.resident_per_token // CHUNK_QUANTUM * CHUNK_QUANTUM)
 
 
-def _parameter_count(text: dict[str, Any], vision: dict[str, Any]) -> int:
-    """Parameters of Qwen2.5-VL (with VideoNSA's gates) from its config, biases included."""
+def _tied_embeddings(config: dict[str, Any]) -> bool:
+    """Whether the LM head shares the embedding's weights. Qwen2.5-VL keeps the flag at the top level of its
+    config (where transformers reads it; Qwen2.5-VL-3B sets it), the text config's copy counting only without one."""
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+def _parameter_count(text: dict[str, Any], vision: dict[str, Any], *, tied: bool) -> int:
+    """Parameters of Qwen2.5-VL (with VideoNSA's gates) from its config, biases included; `tied`: one matrix for
+    the embedding and the LM head."""
     hidden, inter, vocab = text["hidden_size"], text["intermediate_size"], text["vocab_size"]
     heads_q = text["num_attention_heads"]
     heads_kv = text.get("num_key_value_heads", heads_q)
@@ -114,7 +122,7 @@ def _parameter_count(text: dict[str, Any], vision: dict[str, Any]) -> int:
     attention = hidden * (q + 2 * kv) + (q + 2 * kv) + q * hidden
     gates = hidden * hidden + hidden + hidden * 3 * heads_q + 3 * heads_q
     layer = attention + gates + 3 * hidden * inter + 2 * hidden
-    heads = 1 if text.get("tie_word_embeddings") else 2
+    heads = 1 if tied else 2
     total = text["num_hidden_layers"] * layer + heads * vocab * hidden + hidden
     if vision:
         width, depth = vision.get("hidden_size", 1280), vision.get("depth", 32)
