@@ -178,6 +178,21 @@ def test_parameter_count_from_the_config_matches_the_model(tied):
     assert memory.weight_bytes == pytest.approx(4 * actual, rel=0.01)
 
 
+def test_resident_memory_counts_the_pixel_rows_as_ask_holds_them():
+    # ask keeps frames_to_patches' float32 rows on the device through a bf16 prefill: 4 merged patches of
+    # 3 x 2 x 14 x 14 values per vision token, 4 bytes each (docs/long-videos.md, "Memory model").
+    import numpy as np
+
+    from videonsa.video.patches import frames_to_patches
+
+    rows, _ = frames_to_patches(np.zeros((2, 28, 28, 3), dtype=np.uint8))
+    pixel_bytes = rows.numel() * rows.element_size()  # one merged token
+    assert pixel_bytes == 18_816
+    kv, feature, copies = 28 * 2 * 4 * 128 * 2, 3584 * 2, 5 * 2048
+    resident = PrefillMemory.from_config(QWEN_7B, torch.bfloat16).resident_per_token
+    assert resident == kv + feature + pixel_bytes + copies
+
+
 def test_memory_model_picks_one_pass_when_it_fits_and_else_chunks_that_fit():
     memory = PrefillMemory(weight_bytes=10_000, resident_per_token=10, working_per_token=100)
     free = 1_000_000
