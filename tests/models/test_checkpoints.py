@@ -224,3 +224,13 @@ def test_saving_again_into_a_folder_replaces_its_weights_whatever_the_sharding(t
     save(old, tmp_path)  # one file again: no shards or index left to describe other weights
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     _assert_same_weights(VideoNSAForConditionalGeneration.from_pretrained(tmp_path), old)
+
+
+def test_settings_changed_through_the_text_model_are_saved(tmp_path):
+    from videonsa.models import set_attention_mode, set_sparsity
+
+    model = testing.tiny_model(seed=26)
+    set_sparsity(model.model.language_model, block_counts=3, window_size=12)
+    set_attention_mode(model.model.language_model, "dense")
+    model.save_pretrained(tmp_path)
+    assert VideoNSAForConditionalGeneration.from_pretrained(tmp_path).sparse_settings == model.sparse_settings
