@@ -21,6 +21,7 @@ from videonsa.inference.memory import (
 )
 from videonsa.inference.prefill_progress import PrefillProgress
 from videonsa.inference.prompt import build_preset_prompt
+from videonsa.models import VideoNSAConfig
 from videonsa.models.chunked_prefill import CACHE_KWARG
 from videonsa.models.kv_cache import PreallocatedLayer
 from videonsa.video import SamplingSettings, decode_planned_video, plan_video, probe_video
@@ -176,6 +177,16 @@ def test_parameter_count_from_the_config_matches_the_model(tied):
     actual = sum(parameter.numel() for parameter in model.parameters())  # a tied matrix counts once
     memory = PrefillMemory.from_config(model.config.to_dict(), torch.float32)
     assert memory.weight_bytes == pytest.approx(4 * actual, rel=0.01)
+
+
+def test_a_config_tied_in_its_text_config_only_is_counted_tied():
+    # Older saves keep the flag in text_config alone; transformers forwards it to the top level and ties.
+    config = testing.tiny_videonsa_config().to_dict()
+    config["tie_word_embeddings"], config["text_config"]["tie_word_embeddings"] = False, True
+    model = testing.tiny_model(VideoNSAConfig.from_dict(config))
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    actual = sum(parameter.numel() for parameter in model.parameters())
+    assert PrefillMemory.from_config(config, torch.float32).weight_bytes == pytest.approx(4 * actual, rel=0.01)
 
 
 def test_resident_memory_counts_the_pixel_rows_as_ask_holds_them():

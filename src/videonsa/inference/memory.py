@@ -112,10 +112,10 @@ class PrefillMemory:
 
 
 def _tied_embeddings(config: dict[str, Any]) -> bool:
-    """Whether the LM head shares the embedding's weights. Qwen2.5-VL keeps the flag at the top level of its
-    config (where transformers reads it; Qwen2.5-VL-3B sets it), the text config's copy counting only without one."""
+    """Whether the LM head shares the embedding's weights: Qwen2.5-VL's config keeps the flag at its top level
+    (Qwen2.5-VL-3B sets it), and transformers also ties when only the text config says so (older saves)."""
     text = config.get("text_config") or {}
-    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    return bool(config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
 
 
 def _parameter_count(text: dict[str, Any], vision: dict[str, Any], *, tied: bool) -> int:
