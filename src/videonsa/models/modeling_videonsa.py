@@ -720,6 +720,10 @@ def token_history(cache: Any) -> TokenHistory | None:
     length = cache.get_seq_length()
     if history is not None and history.length == length:
         return history
+    if history is not None:
+        # The cache changed behind VideoNSA's back (cropped, or filled elsewhere): forget the record for good, so
+        # that a cache regrown to the recorded length is not taken for the tokens the record describes.
+        setattr(cache, _HISTORY_ATTRIBUTE, None)
     if length == 0:
         return empty_history(0, torch.device("cpu"))  # takes the batch of the first forward (TokenHistory.extended)
     return None
