@@ -15,13 +15,13 @@ from videonsa.inference.memory import (
     MIN_AUTO_CHUNK,
     PLANNING_CHUNK,
     PrefillMemory,
-    _parameter_count,
     choose_prefill_chunk,
     default_budget_tokens,
     planning_chunk,
 )
 from videonsa.inference.prefill_progress import PrefillProgress
 from videonsa.inference.prompt import build_preset_prompt
+from videonsa.models import VideoNSAConfig
 from videonsa.models.chunked_prefill import CACHE_KWARG
 from videonsa.models.kv_cache import PreallocatedLayer
 from videonsa.video import SamplingSettings, decode_planned_video, plan_video, probe_video
@@ -168,11 +168,40 @@ def test_cli_refuses_official_chunking_before_reading_the_video(inputs, tmp_path
     assert "attention_mode 'official' prefills in one pass" in err and "missing.mp4" not in err
 
 
-def test_parameter_count_from_the_config_matches_the_model():
-    model = testing.tiny_model()
-    config = model.config.to_dict()
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_count_from_the_config_matches_the_model(tied):
+    # transformers ties the LM head by the top-level flag, which is where a saved tied config keeps it.
+    config = testing.tiny_videonsa_config()
+    config.tie_word_embeddings = tied
+    model = testing.tiny_model(config)
+    actual = sum(parameter.numel() for parameter in model.parameters())  # a tied matrix counts once
+    memory = PrefillMemory.from_config(model.config.to_dict(), torch.float32)
+    assert memory.weight_bytes == pytest.approx(4 * actual, rel=0.01)
+
+
+def test_a_config_tied_in_its_text_config_only_is_counted_tied():
+    # Older saves keep the flag in text_config alone; transformers forwards it to the top level and ties.
+    config = testing.tiny_videonsa_config().to_dict()
+    config["tie_word_embeddings"], config["text_config"]["tie_word_embeddings"] = False, True
+    model = testing.tiny_model(VideoNSAConfig.from_dict(config))
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
     actual = sum(parameter.numel() for parameter in model.parameters())
-    assert _parameter_count(config["text_config"], config["vision_config"]) == pytest.approx(actual, rel=0.01)
+    assert PrefillMemory.from_config(config, torch.float32).weight_bytes == pytest.approx(4 * actual, rel=0.01)
+
+
+def test_resident_memory_counts_the_pixel_rows_as_ask_holds_them():
+    # ask keeps frames_to_patches' float32 rows on the device through a bf16 prefill: 4 merged patches of
+    # 3 x 2 x 14 x 14 values per vision token, 4 bytes each (docs/long-videos.md, "Memory model").
+    import numpy as np
+
+    from videonsa.video.patches import frames_to_patches
+
+    rows, _ = frames_to_patches(np.zeros((2, 28, 28, 3), dtype=np.uint8))
+    pixel_bytes = rows.numel() * rows.element_size()  # one merged token
+    assert pixel_bytes == 18_816
+    kv, feature, copies = 28 * 2 * 4 * 128 * 2, 3584 * 2, 5 * 2048
+    resident = PrefillMemory.from_config(QWEN_7B, torch.bfloat16).resident_per_token
+    assert resident == kv + feature + pixel_bytes + copies
 
 
 def test_memory_model_picks_one_pass_when_it_fits_and_else_chunks_that_fit():

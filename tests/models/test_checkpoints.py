@@ -192,3 +192,45 @@ def test_convert_refuses_bad_folders_and_leaves_nothing_behind(tmp_path, capsys)
     assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "taken")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "taken"]
+
+
+def test_the_weights_checked_are_those_transformers_loads_when_a_stale_index_is_left(tmp_path, message_log):
+    # Saving unsharded into a folder that held shards removes the shards but leaves the old index; transformers
+    # then loads model.safetensors, so the checks must read it too rather than refuse the index's missing shards.
+    model = testing.tiny_model(seed=22)
+    model.save_pretrained(tmp_path / "resaved", max_shard_size="100KB")
+    model.save_pretrained(tmp_path / "resaved")
+    assert (tmp_path / "resaved" / "model.safetensors.index.json").is_file()
+    _assert_same_weights(VideoNSAForConditionalGeneration.from_pretrained(tmp_path / "resaved"), model)
+
+    # A plain Qwen2.5-VL model.safetensors beside a gated sharded save: the plain file is what loads, so its
+    # missing gates are announced instead of silently initialised.
+    testing.tiny_model(videonsa=False, seed=23).save_pretrained(tmp_path / "mixed")
+    model.save_pretrained(tmp_path / "mixed", max_shard_size="100KB")
+    VideoNSAForConditionalGeneration.from_pretrained(tmp_path / "mixed")
+    assert any("no VideoNSA gates for all 2 layers" in m for m in message_log.messages), message_log.messages
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["current-layout", "legacy-layout"])
+def test_saving_again_into_a_folder_replaces_its_weights_whatever_the_sharding(tmp_path, legacy):
+    from videonsa.models.convert import save_current_layout, save_legacy_layout
+
+    save = save_legacy_layout if legacy else save_current_layout
+    old, new = testing.tiny_model(seed=24), testing.tiny_model(seed=25)
+    save(old, tmp_path)
+    save(new, tmp_path, max_shard_bytes=100_000)  # shards: the old model.safetensors would be loaded instead
+    assert not (tmp_path / "model.safetensors").exists()
+    _assert_same_weights(VideoNSAForConditionalGeneration.from_pretrained(tmp_path), new)
+    save(old, tmp_path)  # one file again: no shards or index left to describe other weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    _assert_same_weights(VideoNSAForConditionalGeneration.from_pretrained(tmp_path), old)
+
+
+def test_settings_changed_through_the_text_model_are_saved(tmp_path):
+    from videonsa.models import set_attention_mode, set_sparsity
+
+    model = testing.tiny_model(seed=26)
+    set_sparsity(model.model.language_model, block_counts=3, window_size=12)
+    set_attention_mode(model.model.language_model, "dense")
+    model.save_pretrained(tmp_path)
+    assert VideoNSAForConditionalGeneration.from_pretrained(tmp_path).sparse_settings == model.sparse_settings

@@ -156,3 +156,22 @@ def test_dense_mode_accepts_vision_tokens_in_a_later_turn(batch):
     cache = _prefill(model, batch)
     _second_turn(model, batch, cache)
     assert cache.get_seq_length() == 2 * batch.input_ids.shape[1]
+
+
+def test_a_record_outgrown_by_a_crop_stays_void_when_the_cache_regrows_to_its_length(batch):
+    # Cropped into the video and refilled with text to the old length, the cache no longer holds what the record
+    # says (its last video tokens are text now): a later turn's vision tokens are refused, not streamed with them.
+    model = testing.tiny_model(seed=24)
+    cache = _prefill(model, batch)
+    length = cache.get_seq_length()
+    video_end = int(batch.mm_token_type_ids[0].nonzero().max()) + 1
+    cache.crop(video_end - 2 - length)  # negative: tokens to drop, on every transformers 5.x
+    kept = cache.get_seq_length()
+    text = torch.full((batch.input_ids.shape[0], length - kept), 65)
+    positions = (torch.arange(text.shape[1]) + kept).expand(3, *text.shape)
+    mask = torch.cat([batch.attention_mask[:, :kept], torch.ones_like(text)], dim=1)
+    with torch.no_grad():
+        model(input_ids=text, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == length
+    with pytest.raises(UserError, match="KV cache already holds"):
+        _second_turn(model, batch, cache)

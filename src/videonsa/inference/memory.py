@@ -41,6 +41,9 @@ CHUNK_QUANTUM = 1024
 MIN_AUTO_CHUNK = 2048
 # Chunk for the planner's budget estimate (the working memory it sets aside).
 PLANNING_CHUNK = 16384
+# The pixel rows stay in the dtype the frames were turned into patches in (float32: `video.patches`, Qwen's
+# processor) on the device through the prefill, whatever the model's dtype; the tower casts a copy per call.
+PIXEL_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,8 @@ class PrefillMemory:
     """Per-token memory of a model's prefill, in bytes, and its weights' size.
 
     weight_bytes: parameters in the run's dtype. resident_per_token: KV cache of all layers, a vision token's
-    pixel rows and feature, and a chunk's copies of one layer's cache (x CACHE_PASS_COPIES). working_per_token:
-    one forward's activations per token (x WORKING_FACTOR).
+    pixel rows (float32) and feature, and a chunk's copies of one layer's cache (x CACHE_PASS_COPIES).
+    working_per_token: one forward's activations per token (x WORKING_FACTOR).
     """
 
     weight_bytes: int
@@ -57,25 +60,29 @@ class PrefillMemory:
     working_per_token: int
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], dtype: torch.dtype) -> PrefillMemory:
-        """The estimate for a checkpoint's config.json (`ModelFiles.config`) run in `dtype`."""
+    def from_config(
+        cls, config: dict[str, Any], dtype: torch.dtype, pixel_dtype: torch.dtype = PIXEL_DTYPE
+    ) -> PrefillMemory:
+        """The estimate for a checkpoint's config.json (`ModelFiles.config`) run in `dtype`, its pixel rows held
+        in `pixel_dtype` (PIXEL_DTYPE: as `ask` holds them)."""
         text = config.get("text_config") or config
         vision = config.get("vision_config") or {}
         size = torch.empty((), dtype=dtype).element_size()
+        pixel_size = torch.empty((), dtype=pixel_dtype).element_size()
         hidden, inter = text["hidden_size"], text["intermediate_size"]
         heads_q, heads_kv = text["num_attention_heads"], text.get("num_key_value_heads", text["num_attention_heads"])
         head_dim = text.get("head_dim") or hidden // heads_q
         layers = text["num_hidden_layers"]
         layer_kv = 2 * heads_kv * head_dim * size
         merge, patch = vision.get("spatial_merge_size", 2), vision.get("patch_size", 14)
-        pixels = merge**2 * 3 * vision.get("temporal_patch_size", 2) * patch**2 * size if vision else 0
+        pixels = merge**2 * 3 * vision.get("temporal_patch_size", 2) * patch**2 * pixel_size if vision else 0
         resident = layers * layer_kv + hidden * size + pixels + CACHE_PASS_COPIES * layer_kv
         qkv = (heads_q + 2 * heads_kv) * head_dim
         # A layer: residual, normed input and output (3 H), q/k/v and the attention output (qkv + HQ D), the
         # MLP's gate, up and product (3 I), the gate MLP's hidden (H); q and k again in float32 after the rotary.
         working = size * (4 * hidden + qkv + heads_q * head_dim + 3 * inter) + 4 * (heads_q + heads_kv) * head_dim
         return cls(
-            weight_bytes=_parameter_count(text, vision) * size,
+            weight_bytes=_parameter_count(text, vision, tied=_tied_embeddings(config)) * size,
             resident_per_token=resident,
             working_per_token=int(working * WORKING_FACTOR),
         )
@@ -104,8 +111,16 @@ class PrefillMemory:
         return max(0, room // self.resident_per_token // CHUNK_QUANTUM * CHUNK_QUANTUM)
 
 
-def _parameter_count(text: dict[str, Any], vision: dict[str, Any]) -> int:
-    """Parameters of Qwen2.5-VL (with VideoNSA's gates) from its config, biases included."""
+def _tied_embeddings(config: dict[str, Any]) -> bool:
+    """Whether the LM head shares the embedding's weights: Qwen2.5-VL's config keeps the flag at its top level
+    (Qwen2.5-VL-3B sets it), and transformers also ties when only the text config says so (older saves)."""
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+
+
+def _parameter_count(text: dict[str, Any], vision: dict[str, Any], *, tied: bool) -> int:
+    """Parameters of Qwen2.5-VL (with VideoNSA's gates) from its config, biases included; `tied`: one matrix for
+    the embedding and the LM head."""
     hidden, inter, vocab = text["hidden_size"], text["intermediate_size"], text["vocab_size"]
     heads_q = text["num_attention_heads"]
     heads_kv = text.get("num_key_value_heads", heads_q)
@@ -114,7 +129,7 @@ def _parameter_count(text: dict[str, Any], vision: dict[str, Any]) -> int:
     attention = hidden * (q + 2 * kv) + (q + 2 * kv) + q * hidden
     gates = hidden * hidden + hidden + hidden * 3 * heads_q + 3 * heads_q
     layer = attention + gates + 3 * hidden * inter + 2 * hidden
-    heads = 1 if text.get("tie_word_embeddings") else 2
+    heads = 1 if tied else 2
     total = text["num_hidden_layers"] * layer + heads * vocab * hidden + hidden
     if vision:
         width, depth = vision.get("hidden_size", 1280), vision.get("depth", 32)

@@ -208,11 +208,17 @@ class StoredTensor:
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files holding `directory`'s weights (the index's shards, else model.safetensors).
+    """The safetensors files holding `directory`'s weights: model.safetensors, else the index's shards.
+
+    The order is transformers' (`from_pretrained` reads model.safetensors when both are there), so the files
+    checked are the files loaded: saving a model unsharded into a folder that held shards leaves the old index
+    behind (transformers removes the shards, not the index).
 
     Raises `UserError` for a folder holding only pickle-format weights, no weights, an unreadable index or an
     index naming a missing shard or a file outside the folder.
     """
+    if (directory / SINGLE_FILE).is_file():
+        return [directory / SINGLE_FILE]
     index = directory / INDEX_FILE
     if index.is_file():
         try:
@@ -228,8 +234,6 @@ def weight_files(directory: Path) -> list[Path]:
             if not (directory / shard).is_file():
                 raise UserError(f"{index}: lists {shard}, which is missing from {directory}")
         return [directory / shard for shard in shards]
-    if (directory / SINGLE_FILE).is_file():
-        return [directory / SINGLE_FILE]
     pickled = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
     if pickled:
         raise UserError(

@@ -110,13 +110,14 @@ def checkpoint_tensor_names(path: str | os.PathLike, subfolder: str = "", **hub_
     def locate(filename: str) -> str | None:
         return _locate(path, filename, subfolder, **hub_kwargs)
 
+    # transformers' order: model.safetensors before an index (a stale index may sit beside it).
+    if single := locate("model.safetensors"):
+        with safe_open(single, framework="pt") as handle:
+            return set(handle.keys())
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if index := locate(index_name):
             with open(index) as handle:
                 return set(json.load(handle)["weight_map"])
-    if single := locate("model.safetensors"):
-        with safe_open(single, framework="pt") as handle:
-            return set(handle.keys())
     return None
 
 

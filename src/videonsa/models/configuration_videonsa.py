@@ -31,6 +31,16 @@ NSA_CONFIG_DEFAULTS: dict[str, Any] = {
 COMPATIBLE_MODEL_TYPES = ("qwen2_5_vl", "videonsa")
 
 
+def record_sparse_settings(text_config: Any, settings: SparseSettings) -> None:
+    """Store `settings` in a text config under the checkpoint's key names (NSA_CONFIG_DEFAULTS)."""
+    text = text_config
+    text.block_size, text.block_counts, text.window_size = (
+        settings.block_size, settings.block_count, settings.window_size
+    )
+    text.init_blocks, text.local_blocks = settings.init_blocks, settings.local_blocks
+    text.gate_temperature, text.attention_mode = settings.gate_temperature, settings.mode
+
+
 class VideoNSAConfig(Qwen2_5_VLConfig):
     """Qwen2.5-VL configuration plus VideoNSA's sparse-attention settings (in `text_config`).
 
@@ -66,12 +76,7 @@ class VideoNSAConfig(Qwen2_5_VLConfig):
 
     def record_sparse_settings(self, settings: SparseSettings) -> None:
         """Store `settings` in the text config (what `save_pretrained` writes)."""
-        text = self.text_config
-        text.block_size, text.block_counts, text.window_size = (
-            settings.block_size, settings.block_count, settings.window_size
-        )
-        text.init_blocks, text.local_blocks = settings.init_blocks, settings.local_blocks
-        text.gate_temperature, text.attention_mode = settings.gate_temperature, settings.mode
+        record_sparse_settings(self.text_config, settings)
 
     @classmethod
     def from_qwen2_5_vl(cls, config: Qwen2_5_VLConfig, **settings: Any) -> VideoNSAConfig:

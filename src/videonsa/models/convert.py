@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ _MODEL_FILE_NAMES = ("config.json",)
 # A training checkpoint's state and completion marker (videonsa.training): copied, they would make the converted
 # folder look like a checkpoint that `videonsa train` can resume.
 _TRAINING_STATE_NAMES = ("trainer_state.json", "videonsa-complete")
+# The shard names `_save` (and transformers) write: model-00001-of-00003.safetensors.
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 def save_legacy_layout(
@@ -38,7 +41,8 @@ def save_legacy_layout(
     """Save `model` (a Qwen2.5-VL or VideoNSA model) with legacy flat key names and a `qwen2_5_vl` config,
     as the released Enxin/VideoNSA checkpoint is stored.
 
-    Writes config.json, generation_config.json and model.safetensors (or shards plus an index) into `path`.
+    Writes config.json, generation_config.json and model.safetensors (or shards plus an index) into `path`,
+    removing the weight files of an earlier save there.
     """
     _save(model, path, legacy=True, max_shard_bytes=max_shard_bytes)
 
@@ -71,6 +75,7 @@ def _save(model: nn.Module, path: str | os.PathLike, *, legacy: bool, max_shard_
             "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key in shard},
         }
         _write_json(path / "model.safetensors.index.json", index)
+    _remove_stale_weights(path, names)
 
     config = json.loads(model.config.to_json_string(use_diff=False))
     if legacy:
@@ -80,6 +85,19 @@ def _save(model: nn.Module, path: str | os.PathLike, *, legacy: bool, max_shard_
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         _write_json(path / "generation_config.json", json.loads(generation_config.to_json_string()))
+
+
+def _remove_stale_weights(path: Path, written: list[str]) -> None:
+    """Delete the weight files of an earlier save into `path` that this one did not rewrite: transformers loads
+    model.safetensors before an index, so an old single file would shadow new shards, and an old index or shards
+    would describe weights that are not there."""
+    keep = set(written)
+    if len(written) > 1:
+        keep.add("model.safetensors.index.json")
+    for item in path.iterdir():
+        weights = item.name in ("model.safetensors", "model.safetensors.index.json") or _SHARD_NAME.fullmatch(item.name)
+        if weights and item.name not in keep and item.is_file():
+            item.unlink()
 
 
 def convert_checkpoint(

@@ -72,7 +72,7 @@ from videonsa.models.chunked_prefill import (
     passed_cache,
     wants_chunks,
 )
-from videonsa.models.configuration_videonsa import NSA_CONFIG_DEFAULTS, VideoNSAConfig
+from videonsa.models.configuration_videonsa import NSA_CONFIG_DEFAULTS, VideoNSAConfig, record_sparse_settings
 from videonsa.models.official_mode import (
     OfficialTokens,
     check_official_heads,
@@ -677,9 +677,14 @@ def _apply_settings(model: nn.Module, **changes: Any) -> None:
         check_official_heads(layers[0].num_heads, layers[0].num_key_value_heads)
     for layer in layers:
         layer.settings = settings
+    # The layers' text config is the one save_pretrained writes (model.config.text_config), also when `model` is
+    # the text model or another part of the whole model, whose own config is not a VideoNSAConfig.
+    configs = [layer.config for layer in layers]
     config = getattr(model, "config", None)
     if isinstance(config, VideoNSAConfig):
-        config.record_sparse_settings(settings)
+        configs.append(config.text_config)
+    for text_config in {id(c): c for c in configs}.values():
+        record_sparse_settings(text_config, settings)
 
 
 def _attention_layers(model: nn.Module) -> list[VideoNSAAttention]:
@@ -715,6 +720,10 @@ def token_history(cache: Any) -> TokenHistory | None:
     length = cache.get_seq_length()
     if history is not None and history.length == length:
         return history
+    if history is not None:
+        # The cache changed behind VideoNSA's back (cropped, or filled elsewhere): forget the record for good, so
+        # that a cache regrown to the recorded length is not taken for the tokens the record describes.
+        setattr(cache, _HISTORY_ATTRIBUTE, None)
     if length == 0:
         return empty_history(0, torch.device("cpu"))  # takes the batch of the first forward (TokenHistory.extended)
     return None
