@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     env = results.env
     config = qwen7b_config(args.layers, vision=args.vision)
     model = random_model(config, cls=VideoNSAForConditionalGeneration)
-    # harness.models.video_inputs makes bfloat16 pixels (ask holds float32 ones, the estimate's default).
-    memory = PrefillMemory.from_config(model.config.to_dict(), torch.bfloat16, pixel_dtype=torch.bfloat16)
+    # harness.models.video_inputs makes bfloat16 pixels, as ask holds them for a bf16 model.
+    memory = PrefillMemory.from_config(model.config.to_dict(), torch.bfloat16)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     memory = PrefillMemory(weights, memory.resident_per_token, memory.working_per_token)
     for mode in args.modes:

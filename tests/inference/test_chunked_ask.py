@@ -190,18 +190,45 @@ def test_a_config_tied_in_its_text_config_only_is_counted_tied():
 
 
 def test_resident_memory_counts_the_pixel_rows_as_ask_holds_them():
-    # ask keeps frames_to_patches' float32 rows on the device through a bf16 prefill: 4 merged patches of
-    # 3 x 2 x 14 x 14 values per vision token, 4 bytes each (docs/long-videos.md, "Memory model").
+    # ask holds frames_to_patches' rows on the device through the prefill in the model's dtype: 4 merged patches
+    # of 3 x 2 x 14 x 14 values per vision token, 2 bytes each in bf16 (docs/long-videos.md, "Memory model").
     import numpy as np
 
     from videonsa.video.patches import frames_to_patches
 
     rows, _ = frames_to_patches(np.zeros((2, 28, 28, 3), dtype=np.uint8))
-    pixel_bytes = rows.numel() * rows.element_size()  # one merged token
-    assert pixel_bytes == 18_816
+    pixel_bytes = rows.numel() * torch.bfloat16.itemsize  # one merged token
+    assert pixel_bytes == 9_408
     kv, feature, copies = 28 * 2 * 4 * 128 * 2, 3584 * 2, 5 * 2048
     resident = PrefillMemory.from_config(QWEN_7B, torch.bfloat16).resident_per_token
     assert resident == kv + feature + pixel_bytes + copies
+    float32_rows = PrefillMemory.from_config(QWEN_7B, torch.bfloat16, pixel_dtype=torch.float32).resident_per_token
+    assert float32_rows == resident + pixel_bytes
+
+
+def test_the_pixel_rows_reach_the_model_in_the_vision_towers_dtype_with_the_same_answer(inputs, monkeypatch):
+    # The tower casts its input to its dtype: rows cast before they go to the device give the same answer in half
+    # the memory of float32 rows (and without a cast copy of the whole video).
+    import videonsa.inference.generation as generation
+
+    loaded = videonsa.inference.load(str(inputs.checkpoint), device="cpu", dtype="bfloat16")
+    prompt = build_preset_prompt(loaded.files, "What moves?", preset="planner")
+    planned = loaded.plan(inputs.video, "What moves?", pixels_per_frame=3136, min_pixels_per_frame=3136)
+    video = decode_planned_video(planned)
+    settings = GenerationSettings(max_new_tokens=4)
+    seen = []
+    generate = loaded.model.generate
+
+    def noting_the_pixels(*args, **kwargs):
+        seen.append(kwargs["pixel_values_videos"].dtype)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "generate", noting_the_pixels)
+    cast = generate_answer(loaded.model, loaded.files, prompt, video, settings)
+    monkeypatch.setattr(generation, "_on_device", lambda model, tensors, device: tensors)  # float32 rows
+    uncast = generate_answer(loaded.model, loaded.files, prompt, video, settings)
+    assert seen == [torch.bfloat16, torch.float32]
+    assert cast.text == uncast.text and cast.report.generated_tokens == uncast.report.generated_tokens
 
 
 def test_memory_model_picks_one_pass_when_it_fits_and_else_chunks_that_fit():

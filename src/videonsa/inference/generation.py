@@ -206,7 +206,7 @@ def generate_answer(
     settings = settings.validate()
     multiple_choice = bool(prompt.letters)
     device = next(model.parameters()).device
-    inputs = {name: tensor.to(device) for name, tensor in model_inputs(prompt, video, files).items()}
+    inputs = _on_device(model, model_inputs(prompt, video, files), device)
     prompt_tokens = inputs["input_ids"].shape[1]
     chunk = _prefill_chunk(model, prefill_chunk_size, prompt_tokens, device)
     extra = {}
@@ -279,6 +279,19 @@ def _generate(model, inputs, config, streamer, extra, chunk: int | None, on_pref
     with torch.inference_mode(), meter, chunking:
         # The cache under the installed transformers' name for it (newer 5.x warn on `past_key_values` at every call).
         return model.generate(**inputs, generation_config=config, streamer=streamer, **{CACHE_KWARG: cache}, **extra)
+
+
+def _on_device(model, inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's inputs on `device`, the pixel rows in the vision tower's dtype. The tower casts its input to
+    that dtype anyway (the same values); cast on the host, the rows held through the prefill take half the memory
+    of float32 ones (9.4 KB a video token in bf16: 4.8 GB at 512K tokens), and no cast copy of the whole video
+    is made on the device."""
+    visual = getattr(model, "visual", None)
+    pixel_dtype = next(visual.parameters()).dtype if visual is not None else model.dtype
+    return {
+        name: tensor.to(device, pixel_dtype if name.startswith("pixel_values") else None)
+        for name, tensor in inputs.items()
+    }
 
 
 def _smaller_chunk(model, setting: int | str | None, chunk: int | None, prompt_tokens: int) -> int | None:

@@ -41,9 +41,6 @@ CHUNK_QUANTUM = 1024
 MIN_AUTO_CHUNK = 2048
 # Chunk for the planner's budget estimate (the working memory it sets aside).
 PLANNING_CHUNK = 16384
-# The pixel rows stay in the dtype the frames were turned into patches in (float32: `video.patches`, Qwen's
-# processor) on the device through the prefill, whatever the model's dtype; the tower casts a copy per call.
-PIXEL_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,7 @@ class PrefillMemory:
     """Per-token memory of a model's prefill, in bytes, and its weights' size.
 
     weight_bytes: parameters in the run's dtype. resident_per_token: KV cache of all layers, a vision token's
-    pixel rows (float32) and feature, and a chunk's copies of one layer's cache (x CACHE_PASS_COPIES).
+    pixel rows and feature, and a chunk's copies of one layer's cache (x CACHE_PASS_COPIES).
     working_per_token: one forward's activations per token (x WORKING_FACTOR).
     """
 
@@ -61,14 +58,15 @@ class PrefillMemory:
 
     @classmethod
     def from_config(
-        cls, config: dict[str, Any], dtype: torch.dtype, pixel_dtype: torch.dtype = PIXEL_DTYPE
+        cls, config: dict[str, Any], dtype: torch.dtype, pixel_dtype: torch.dtype | None = None
     ) -> PrefillMemory:
         """The estimate for a checkpoint's config.json (`ModelFiles.config`) run in `dtype`, its pixel rows held
-        in `pixel_dtype` (PIXEL_DTYPE: as `ask` holds them)."""
+        in `pixel_dtype` through the prefill (None: `dtype`, as `ask` holds them: cast to the vision tower's
+        dtype on the host)."""
         text = config.get("text_config") or config
         vision = config.get("vision_config") or {}
         size = torch.empty((), dtype=dtype).element_size()
-        pixel_size = torch.empty((), dtype=pixel_dtype).element_size()
+        pixel_size = torch.empty((), dtype=pixel_dtype or dtype).element_size()
         hidden, inter = text["hidden_size"], text["intermediate_size"]
         heads_q, heads_kv = text["num_attention_heads"], text.get("num_key_value_heads", text["num_attention_heads"])
         head_dim = text.get("head_dim") or hidden // heads_q
