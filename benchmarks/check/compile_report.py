@@ -9,8 +9,8 @@ With a Triton that is not the GPU machine's (e.g. the interpreter's 3.9 here), r
 the GPU machine's Triton (3.6) and borrow torch from another one with --site (appended to sys.path, so the
 environment's own triton still wins):
 
-    /work/scratch/venv36/bin/python benchmarks/check/compile_report.py \\
-        --site /root/.pyenv/versions/3.11.7/lib/python3.11/site-packages
+    TRITON36_VENV/bin/python benchmarks/check/compile_report.py \\
+        --site TORCH_SITE_PACKAGES      # the site-packages folder of an environment that has torch
 
 How: each launcher (`anticausal_compression_triton`, `original_topk_triton`) is called on meta tensors of the
 requested shape with its kernel replaced by a recorder, so the arguments, constexprs and launch options are

@@ -112,6 +112,14 @@ def test_read_answers_repairs_a_cut_line_and_names_a_bad_one(tmp_path):
         read_answers(path)
 
 
+def test_read_answers_takes_a_path_given_as_a_string(tmp_path):
+    # docs/evaluation.md: `summarize(questions, read_answers(path))` scores any answers file
+    path = tmp_path / ANSWERS_FILE
+    path.write_text('{"id": "a", "choice": "A"}\n')
+    assert [r["id"] for r in read_answers(str(path))] == ["a"]
+    assert read_answers(str(tmp_path / "missing.jsonl")) == []
+
+
 def test_read_answers_keeps_unicode_line_separators_inside_a_line(tmp_path):
     path = tmp_path / ANSWERS_FILE
     path.write_text(json.dumps({"id": "a\u2028b", "kind": "x\x85y"}, ensure_ascii=False) + "\n", encoding="utf-8")

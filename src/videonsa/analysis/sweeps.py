@@ -9,12 +9,13 @@ evaluation runner, `videonsa.evaluation.run_eval`) once per grid point:
   (`max_frames`, `pixels_per_frame`, `budget_tokens`); the planner trims a point that does not fit the budget
   as `--prefer` says, and the frames and tokens per frame it really used are recorded with the point.
 
-Resumable at two levels (docs/analysis.md, "Sweeps"): every grid point is one line of `DIR/<sub>.jsonl`, appended
-and flushed to disk when the point is complete, so a rerun skips the points already there; a point's own answers
-go to `DIR/<sub>/<point>/answers.jsonl` as they come (the runner's resume), so a point cut short by a kill
-continues where it stopped. The lines record the sweep's settings (model, task, attention, frames, limit);
-a rerun into the directory with other settings is refused. `DIR/<sub>.json` holds the summary (every point and
-the grids of accuracy and prefill time) and `DIR/<sub>_accuracy.png`, `DIR/<sub>_prefill.png` the heatmaps.
+Resumable at two levels (docs/analysis.md, "budget and context (sweeps)"): every grid point is one line of
+`DIR/<sub>.jsonl`, appended and flushed to disk when the point is complete, so a rerun skips the points already
+there; a point's own answers go to `DIR/<sub>/<point>/answers.jsonl` as they come (the runner's resume), so a point
+cut short by a kill continues where it stopped. The lines record the sweep's settings (model, task, attention,
+frames, limit); a rerun into the directory with other settings is refused. `DIR/<sub>.json` holds the summary (every
+point and the grids of accuracy and prefill time) and `DIR/<sub>_accuracy.png`, `DIR/<sub>_prefill.png` the
+heatmaps.
 """
 
 from __future__ import annotations

@@ -119,7 +119,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     planner.add_argument(
         "--budget",
         type=int,
-        help=f"total context in tokens: prompt + video + answer (default {DEFAULT_BUDGET_TOKENS})",
+        help="total context in tokens: prompt + video + answer (default: on a GPU what fits its free memory, "
+        f"elsewhere {DEFAULT_BUDGET_TOKENS})",
     )
     planner.add_argument(
         "--prefer",

@@ -51,7 +51,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "or an lmms-eval task name (needs lmms-eval installed)",
     )
     parser.add_argument(
-        "--out", help="results directory (default eval-results/TASK-MODEL-ATTENTION); rerunning into it resumes"
+        "--out",
+        help="results directory (default eval-results/TASK-MODEL-ATTENTION, for an lmms-eval task "
+        "eval-results/lmms-TASK-MODEL); rerunning a needles task into it resumes",
     )
     parser.add_argument("--limit", type=int, help="only the first N questions of the set (a quick look)")
     model = parser.add_argument_group("model")

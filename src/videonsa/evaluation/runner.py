@@ -129,12 +129,13 @@ def _claim_run(out_dir: Path, record: Mapping[str, Any]) -> None:
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
-def read_answers(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """The records of an answers file (none if it does not exist).
+def read_answers(path: str | os.PathLike, *, repair: bool = False) -> list[dict[str, Any]]:
+    """The records of an answers file (none if it does not exist); `path` a str or a path.
 
     A last line without its newline is what a killed run leaves: with `repair` it is cut off the file (its
     question will be asked again), else ignored. A malformed line elsewhere raises `UserError` naming it.
     """
+    path = Path(path)
     if not path.is_file():
         return []
     data = path.read_bytes()

@@ -12,7 +12,7 @@ Chunked prefill: a chunk of T tokens may follow P tokens already in the KV cache
 chunk's tokens as queries (positions 0..T-1 of the chunk) and carries `keys`, the split of all P + T tokens so far
 restricted to the samples with vision queries in the chunk, whose packed vision streams are the keys of the
 chunk's vision queries (`cu_seqlens_k` of the operator); text queries see every real token of the P + T
-(docs/layer.md, "KV cache and chunked prefill").
+(docs/layer.md, "KV cache, chunked prefill and decoding").
 
 Fast path: when each sample's vision tokens form one contiguous run (the usual prompt: text, one video, text),
 the split records the runs as Python ints and moves tokens with slices and one `torch.cat` instead of advanced
