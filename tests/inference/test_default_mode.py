@@ -48,6 +48,7 @@ def test_released_layout_loads_in_official_mode_with_one_line(released, caplog):
     assert (model.sparse_settings.block_count, model.sparse_settings.window_size) == (2, 8)
     (line,) = notices(caplog)
     assert line == (f"{released}: {RELEASED_NOTICE} (the function it was trained with); pass attention_mode='nsa' "
+                    "(--attention nsa on the command line) "
                     "for the corrected NSA")
     assert checkpoint_attention_mode(released).source == "released-layout"
 

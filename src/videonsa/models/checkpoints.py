@@ -66,7 +66,7 @@ class CheckpointAttention:
         why = "released-checkpoint layout" if self.source == "released-layout" else "config.json records it"
         return (
             f"{name}: {why}, running attention_mode='official' (the function it was trained with); "
-            "pass attention_mode='nsa' for the corrected NSA"
+            "pass attention_mode='nsa' (--attention nsa on the command line) for the corrected NSA"
         )
 
 
