@@ -171,7 +171,7 @@ def test_a_record_outgrown_by_a_crop_stays_void_when_the_cache_regrows_to_its_le
     positions = (torch.arange(text.shape[1]) + kept).expand(3, *text.shape)
     mask = torch.cat([batch.attention_mask[:, :kept], torch.ones_like(text)], dim=1)
     with torch.no_grad():
-        model(input_ids=text, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        model(input_ids=text, attention_mask=mask, position_ids=positions, **{CACHE_KWARG: cache}, use_cache=True)
     assert cache.get_seq_length() == length
     with pytest.raises(UserError, match="KV cache already holds"):
         _second_turn(model, batch, cache)
