@@ -322,6 +322,14 @@ def test_benchmark_request_shapes_get_the_api_answer_and_share_one_decode_per_vi
     assert replies == expected
 
 
+def test_a_visual_not_in_a_list_is_one_video(workspace, plugin, qa):
+    # A task whose doc_to_visual returns the video's path itself, not a list holding it.
+    clip = str(workspace / "needles" / "videos" / "clip0.mp4")
+    gen_kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0, "until": ["\n\n"]}
+    replies = serve(plugin, [request("What moves?", gen_kwargs, clip), request("What moves?", gen_kwargs, [clip])])
+    assert replies[0] == replies[1] == expected_reply(qa, clip, "What moves?", MAX_NEW_TOKENS)
+
+
 def test_image_visuals_are_frames_and_a_single_image_fills_one_temporal_patch(workspace, plugin, qa, tmp_path):
     frames = [Image.fromarray(synthetic.synthetic_frame(index, 112, 112)) for index in range(4)]
     gen_kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0, "until": ["\n\n"]}

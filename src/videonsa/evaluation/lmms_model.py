@@ -323,6 +323,8 @@ class VideoNSALmms(lmms):
         """The request's visual: one video file, or one or more images (PIL images or image files)."""
         _context, _gen_kwargs, doc_to_visual, doc_id, task, split = request.args
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
+        if isinstance(visuals, (str, os.PathLike, Image.Image)):  # one visual not in a list: not its characters
+            visuals = [visuals]
         visuals = list(visuals or [])
         where = f"task {task}, doc {doc_id}"
         if not visuals:
