@@ -499,22 +499,6 @@ def _recorded_sparsity(opened) -> Any:
     return dataclasses.replace(settings, mode=opened.attention)
 
 
-def _plan_points(opened, questions, limit: int | None, point_settings: Sequence[Any]) -> None:
-    """Plan the questions every point will ask (`EvalSettings`, one per point) from the model's small files, so
-    that a point whose budget cannot hold a question is refused before the weights load (each video is probed
-    once)."""
-    from videonsa.commands.ask import _flag_names
-    from videonsa.evaluation.runner import plan_questions
-
-    probed: dict[str, Any] = {}
-    selected = questions.questions[:limit]
-    for settings in point_settings:
-        try:
-            plan_questions(opened.files, selected, settings, probed)
-        except UserError as error:
-            raise UserError(_flag_names(str(error))) from None
-
-
 def _check_budgets(current, pairs: Sequence[tuple[int, int]]) -> None:
     """Every (block count, window) the sweep will set must be a valid budget for the model (`current`: its
     `SparseSettings`): checked before the weights load, so a mistake costs no waiting."""
@@ -533,6 +517,7 @@ def _fixed_sparsity(model, *, swept: Sequence[str]) -> dict[str, Any]:
 def run_budget(args: argparse.Namespace) -> int:
     """`videonsa analyze budget`: the grid of block counts x windows; prints where its files are."""
     from videonsa.analysis.common import prepare_out_dir
+    from videonsa.commands.ask import _plan_before_loading
     from videonsa.evaluation.runner import EvalSettings
 
     block_counts = positive_values("--block-counts", args.block_counts)
@@ -541,7 +526,7 @@ def run_budget(args: argparse.Namespace) -> int:
     _check_budgets(_recorded_sparsity(opened), [(b, w) for b in block_counts for w in windows])
     settings = EvalSettings(preset=preset, frames=frames, generation=generation, backend=args.backend,
                             model=args.model, task=args.task)
-    _plan_points(opened, questions, args.limit, [settings])  # the frames are the same at every point
+    _plan_before_loading(opened.files, questions, args.limit, [settings])  # the same frames at every point
     model = _load(opened)
     out_dir = prepare_out_dir(Path(args.out).expanduser())
     context = SweepContext(model, questions, settings, out_dir, "budget", args.limit, args.warmup)
@@ -618,6 +603,7 @@ def add_context_arguments(parser: argparse.ArgumentParser) -> None:
 def run_context(args: argparse.Namespace) -> int:
     """`videonsa analyze context`: the grid of frame counts x pixels per frame at a fixed token budget."""
     from videonsa.analysis.common import prepare_out_dir
+    from videonsa.commands.ask import _plan_before_loading
     from videonsa.evaluation.runner import EvalSettings
 
     frame_counts = positive_values("--max-frames", args.max_frames)
@@ -641,7 +627,8 @@ def run_context(args: argparse.Namespace) -> int:
     settings = EvalSettings(preset=preset, frames=frames, generation=generation, backend=args.backend,
                             model=args.model, task=args.task, **sparse)
     points = grid_points(("max_frames", frame_counts), ("pixels_per_frame", pixels), ("f", "p"))
-    _plan_points(opened, questions, args.limit, [_context_settings(settings, point) for point in points])
+    every_point = [_context_settings(settings, point) for point in points]
+    _plan_before_loading(opened.files, questions, args.limit, every_point)
     model = _load(opened)
     out_dir = prepare_out_dir(Path(args.out).expanduser())
     context = SweepContext(model, questions, settings, out_dir, "context", args.limit, args.warmup)

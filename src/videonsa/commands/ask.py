@@ -310,6 +310,22 @@ def _flag_names(message: str) -> str:
     return pattern.sub(lambda match: _FLAGS[match.group(1)], message)
 
 
+def _plan_before_loading(files, questions, limit: int | None, every_settings) -> None:
+    """Plan the questions a run will ask (the first `limit` of `questions`, a QuestionSet) under each of
+    `every_settings` (`EvalSettings`: a sweep has one per point) from the model's small files, each video probed
+    once, so that a setting some question cannot run with (a --budget below its text) is refused, naming its
+    flag, before the weights load (`videonsa eval`, `videonsa analyze budget/context`)."""
+    from videonsa.evaluation.runner import plan_questions
+
+    probed: dict = {}
+    selected = questions.questions[:limit]
+    for settings in every_settings:
+        try:
+            plan_questions(files, selected, settings, probed)
+        except UserError as error:
+            raise UserError(_flag_names(str(error))) from None
+
+
 def _decode_with_progress(plan, console):
     """Decode the planned frames (either preset) with a transient progress bar on stderr."""
     from rich.markup import escape

@@ -278,7 +278,7 @@ def run_evaluation(args: argparse.Namespace) -> int:
     _check_counts(args)
     if not args.task.startswith(NEEDLES_PREFIX):
         return _run_lmms_task(args)
-    from videonsa.commands.ask import _settings
+    from videonsa.commands.ask import _plan_before_loading, _settings
     from videonsa.evaluation.runner import EvalSettings
     from videonsa.inference.model_files import check_attention, open_model_files, resolve_attention
     from videonsa.video.paper import resolve_preset
@@ -302,19 +302,8 @@ def run_evaluation(args: argparse.Namespace) -> int:
         model=args.model,
         task=args.task,
     )
-    _plan_before_loading(files, questions, settings, args.limit)
+    _plan_before_loading(files, questions, args.limit, [settings])
     return _run_needles(args, questions, attention, settings, out)
-
-
-def _plan_before_loading(files, questions, settings, limit: int | None) -> None:
-    """Plan the questions the run will ask (e.g. a --budget too small for one) before the weights load."""
-    from videonsa.commands.ask import _flag_names
-    from videonsa.evaluation.runner import plan_questions
-
-    try:
-        plan_questions(files, questions.questions[:limit], settings)
-    except UserError as error:
-        raise UserError(_flag_names(str(error))) from None
 
 
 def _run_needles(args, questions, attention, settings, out: Path) -> int:
