@@ -30,7 +30,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
-from videonsa.errors import UserError
+from videonsa.errors import UserError, first_line
 from videonsa.inference.api import PlannedQuestion, VideoQA, load, plan_question
 from videonsa.inference.generation import GenerationSettings, generate_answer
 from videonsa.video import SamplingSettings
@@ -405,8 +405,9 @@ class VideoNSALmms(lmms):
         """An empty reply for a request that failed, after one error line naming its task and document."""
         _context, _gen_kwargs, _doc_to_visual, doc_id, task, _split = request.args
         self._failures += 1
-        reason = str(error).splitlines()[0] if str(error) else ""
-        logger.error("videonsa: task %s, doc %s not answered (%s: %s)", task, doc_id, type(error).__name__, reason)
+        logger.error(
+            "videonsa: task %s, doc %s not answered (%s: %s)", task, doc_id, type(error).__name__, first_line(error)
+        )
         if isinstance(error, torch.OutOfMemoryError) and self._device.type == "cuda":
             torch.cuda.empty_cache()  # the failed attempt's memory, for the next request
         return GenerationResult(text="", token_counts=None)

@@ -21,6 +21,7 @@ from videonsa.errors import UserError, first_line
 from videonsa.options import ATTENTION_MODES
 from videonsa.video import VisionGeometry
 from videonsa.video.patches import CLIP_MEAN, CLIP_STD
+from videonsa.video.planning import is_real
 
 # Everything a model directory holds besides its weights (config, tokenizer, processor, chat template).
 SMALL_FILE_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
@@ -155,14 +156,14 @@ def _channel_values(value: Any, name: str, where: Path) -> tuple[float, float, f
     """A per-channel statistic of a processor config as 3 floats (R, G, B); one number stands for all three, as
     transformers' processors take it. The folder is untrusted: anything else is a `UserError` naming the file,
     here rather than as a reshape error once the frames are decoded and the weights loaded."""
-    values = [value] * 3 if _is_number(value) else value
-    if not (isinstance(values, list) and len(values) == 3 and all(map(_is_number, values))):
+    values = [value] * 3 if _is_finite(value) else value
+    if not (isinstance(values, list) and len(values) == 3 and all(map(_is_finite, values))):
         raise UserError(f"{where}: {name} must be 3 finite numbers (R, G, B), got {value!r}")
     return tuple(float(v) for v in values)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _is_finite(value: Any) -> bool:
+    return is_real(value) and math.isfinite(value)
 
 
 def open_model_files(model: str | Path) -> ModelFiles:

@@ -64,6 +64,5 @@ def branch_gates(
     return gates[..., 0], gates[..., 1], gates[..., 2]
 
 
-
 def _gate_logits(x: Tensor, proj_1: nn.Linear, proj_2: nn.Linear) -> Tensor:
     return proj_2(F.gelu(proj_1(x)))
