@@ -37,10 +37,7 @@ from harness.models import qwen7b_config, random_model, video_inputs  # noqa: E4
 from harness.output import markdown_table  # noqa: E402
 from videonsa.inference.memory import PrefillMemory, free_memory  # noqa: E402
 from videonsa.models import VideoNSAForConditionalGeneration, set_attention_mode  # noqa: E402
-from videonsa.models.chunked_prefill import (
-    CACHE_KWARG,  # noqa: E402
-    prefill_in_chunks,  # noqa: E402
-)
+from videonsa.models.chunked_prefill import CACHE_KWARG, prefill_in_chunks  # noqa: E402
 from videonsa.models.kv_cache import preallocated_cache  # noqa: E402
 
 LENGTHS = [32768, 131072, 262144, 524288]
