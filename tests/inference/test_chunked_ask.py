@@ -267,7 +267,6 @@ def test_default_budget_on_the_gpu_fits_its_free_memory():
     assert budget > 0 and budget * memory.resident_per_token <= free
 
 
-
 @pytest.mark.gpu
 def test_free_memory_respects_a_per_process_cap():
     from videonsa.inference.memory import free_memory

@@ -94,7 +94,6 @@ def test_chunked_prefill_on_gpu_with_the_fast_operator_matches_one_pass(gpu_batc
         assert torch.equal(runs[0][1], runs[1][1])
 
 
-
 class _DecodingProfile:
     """A generate() streamer that profiles the GPU from the first new token (the prefill is over) to the end,
     with SDPA limited to `backends` over that span when given."""
